@@ -1,0 +1,86 @@
+"""Criterion ``clip``: the symmetric InfoNCE loss of CLIP with open_clip's ``ClipLoss`` semantics.
+
+Features of all ranks are gathered (with gradient by default, so that 2 ranks x B give exactly the gradients of
+1 rank x 2B; see the table in :mod:`unilm_vl.criterions.functional`); ``--local-loss`` computes only the local
+rows against all columns. Validation uses each rank's local batch. ``sample_size`` is 1 per rank: fairseq sums
+gradients over ranks and divides by the summed sample size, i.e. it averages the per-rank mean losses.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from fairseq import metrics
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+
+from . import functional
+
+
+def data_parallel_rank_world():
+    """(rank, world size) of the data-parallel group; (0, 1) when not distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0, 1
+    from fairseq.distributed import utils as dist_utils
+
+    return dist_utils.get_data_parallel_rank(), dist_utils.get_data_parallel_world_size()
+
+
+@dataclass
+class ClipCriterionConfig(FairseqDataclass):
+    local_loss: bool = field(default=False, metadata={
+        "help": "compute logits of local rows against all gathered columns only (B x N instead of N x N)"})
+    gather_with_grad: bool = field(default=True, metadata={
+        "help": "gather features across ranks with gradient; without it a rank back-props only through its own "
+                "rows (open_clip's default; gradients are then 1/world_size of the full-batch ones)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of both cross-entropies"})
+
+
+@register_criterion("clip", dataclass=ClipCriterionConfig)
+class ClipCriterion(FairseqCriterion):
+    def __init__(self, cfg: ClipCriterionConfig, task):
+        super().__init__(task)
+        self.cfg = cfg
+
+    def forward(self, model, sample, reduce=True):
+        out = model(**sample["net_input"])
+        rank, world = data_parallel_rank_world() if model.training else (0, 1)
+        losses = functional.clip_loss(out["image_features"], out["text_features"], out["logit_scale"], rank, world,
+                                      self.cfg.local_loss, self.cfg.gather_with_grad,
+                                      label_smoothing=self.cfg.label_smoothing)
+        loss = sum(losses.values())
+        acc = functional.contrastive_accuracy(out["image_features"], out["text_features"])
+        bsz = sample["nsentences"]
+        logging_output = {
+            "loss": loss.detach().item(),
+            "ntokens": sample["ntokens"],
+            "nsentences": bsz,
+            "sample_size": 1,
+            "logit_scale": out["logit_scale"].detach().float().item(),
+            "i2t_acc": acc["i2t_acc"].item() * bsz,
+            "t2i_acc": acc["t2i_acc"].item() * bsz,
+        }
+        for name, value in losses.items():
+            logging_output[name] = value.detach().item()
+        return loss, 1, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        reduce_contrastive_metrics(logging_outputs)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True
+
+
+def reduce_contrastive_metrics(logging_outputs) -> None:
+    """Per-rank loss terms are averaged over ranks (sample_size 1 each); accuracies are per sample."""
+    sample_size = sum(log.get("sample_size", 0) for log in logging_outputs) or 1
+    nsentences = sum(log.get("nsentences", 0) for log in logging_outputs) or 1
+    keys = set().union(*(log.keys() for log in logging_outputs)) if logging_outputs else set()
+    for key in sorted(keys):
+        if key == "loss" or key.endswith("_loss") or key == "logit_scale":
+            metrics.log_scalar(key, sum(log.get(key, 0) for log in logging_outputs) / sample_size,
+                               sample_size, round=4)
+        elif key.endswith("_acc"):
+            metrics.log_scalar(key, 100.0 * sum(log.get(key, 0) for log in logging_outputs) / nsentences,
+                               nsentences, round=2)

@@ -1,0 +1,313 @@
+"""Sources: read shards into *raw records* and decode raw records into samples.
+
+Reading and decoding are separate on purpose. Raw records are cheap (a TSV line, a tar member group, an
+annotation entry): the iterator can replay them to resume mid-epoch without decoding a single image, and a
+record that fails to decode is skipped and counted by the pipeline's one handler.
+
+Raw record: ``{"__source__": name, "__url__": shard path, "__index__": position in the shard, ...payload}``.
+Sample (after decode): ``{"__key__", "__source__", "image": PIL RGB | "frames": [PIL RGB], "caption": str,
+"meta": dict}``.
+
+Kinds:
+- ``tsv``: one sample per line under a declared :class:`~unilm_vl.data.formats.TsvSchema`.
+- ``wds``: img2dataset tar shards (``<key>.jpg|png|jpeg|webp``, ``<key>.txt``, ``<key>.json``); the caption
+  comes from ``txt`` or, with ``caption_key``, from that field of the json.
+- ``frames``: a JSON annotation list ``[{"video_id": ..., "caption"|"desc": str | [str]}]`` with frames in
+  ``<frames_root>/<video_id>/*.jpg`` (sorted by name).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional
+
+from .decode import BadSample, decode_image, load_image
+from .formats import IMG2DATASET_KEYS, TSV_SCHEMAS, TsvSchema, WdsKeys
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass
+class SourceSpec:
+    """One data source: its kind, shards and weight in a mixture."""
+
+    name: str
+    kind: str  # "tsv" | "wds" | "frames"
+    shards: List[str]
+    weight: float = 1.0
+    schema: str = "grit"  # tsv only: a name in formats.TSV_SCHEMAS
+    caption_key: str = "txt"  # wds only: "txt" or a field of the json member
+    frames_root: Optional[str] = None  # frames only: directory holding <video_id>/ folders
+    num_samples: Optional[int] = None  # known size; counted when None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in READERS:
+            raise ValueError(f"source {self.name!r}: unknown kind {self.kind!r}; choose from {sorted(READERS)}")
+        if self.kind == "tsv" and self.schema not in TSV_SCHEMAS:
+            raise ValueError(f"source {self.name!r}: unknown tsv schema {self.schema!r}; known: {sorted(TSV_SCHEMAS)}")
+        if self.kind == "frames" and not self.frames_root:
+            raise ValueError(f"source {self.name!r}: a frames source needs frames_root")
+        if self.weight <= 0:
+            raise ValueError(f"source {self.name!r}: weight must be positive, got {self.weight}")
+
+
+# ----------------------------------------------------------------------------------------------- readers
+def read_tsv(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
+    """Yield one raw record per line (bytes; decoding to text happens in :func:`decode_tsv`)."""
+    with open(path, "rb") as fh:
+        for index, line in enumerate(fh):
+            if not line.strip():
+                continue
+            yield {"__source__": spec.name, "__url__": path, "__index__": index, "line": line}
+
+
+def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
+    """Yield one raw record per sample key of a tar shard: ``{"members": {ext: bytes}}``.
+
+    Written on ``tarfile`` rather than webdataset's expanders because we need every problem counted with its
+    path (a truncated shard yields its complete samples, then one bad record naming the shard) and exact
+    replay for resume.
+    """
+    index = 0
+    current_key: Optional[str] = None
+    members: Dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                base = os.path.basename(info.name)
+                if "." not in base or base.startswith("."):
+                    continue
+                prefix = os.path.dirname(info.name)
+                stem, ext = base.split(".", 1)
+                key = os.path.join(prefix, stem) if prefix else stem
+                data = tar.extractfile(info).read()
+                if key != current_key:
+                    if current_key is not None:
+                        yield {"__source__": spec.name, "__url__": path, "__index__": index,
+                               "__key__": current_key, "members": members}
+                        index += 1
+                    current_key, members = key, {}
+                members[ext.lower()] = data
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        # Emit what was complete, then one error record so the damage is counted, not silent.
+        if current_key is not None:
+            yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": current_key,
+                   "members": members, "__error__": f"truncated shard: {exc}"}
+            return
+        yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": None, "members": {},
+               "__error__": f"unreadable tar shard: {type(exc).__name__}: {exc}"}
+        return
+    if current_key is not None:
+        yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": current_key,
+               "members": members}
+
+
+def read_frames_annotation(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
+    """Yield one raw record per entry of a JSON annotation list (one per text when a video has several)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            entries = json.load(fh)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        yield {"__source__": spec.name, "__url__": path, "__index__": 0, "__error__": f"unreadable annotation: {exc}"}
+        return
+    if not isinstance(entries, list):
+        yield {"__source__": spec.name, "__url__": path, "__index__": 0,
+               "__error__": "annotation file must hold a JSON list"}
+        return
+    for index, entry in enumerate(entries):
+        yield {"__source__": spec.name, "__url__": path, "__index__": index, "entry": entry}
+
+
+READERS = {"tsv": read_tsv, "wds": read_tar, "frames": read_frames_annotation}
+
+
+def count_records(path: str, spec: SourceSpec) -> int:
+    """Number of raw records in a shard, by scanning (used when no sizes.json declares it)."""
+    return sum(1 for _ in READERS[spec.kind](path, spec))
+
+
+# ----------------------------------------------------------------------------------------------- decoders
+def _where(raw: Dict[str, Any]) -> str:
+    return f"{raw['__url__']}#{raw.get('__key__', raw['__index__'])}"
+
+
+def decode_tsv(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
+    schema: TsvSchema = TSV_SCHEMAS[spec.schema]
+    where = f"{raw['__url__']}:{raw['__index__'] + 1}"
+    try:
+        line = raw["line"].decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadSample("line is not UTF-8", where, "line") from None
+    try:
+        row = schema.parse_row(line)
+    except (ValueError, KeyError) as exc:
+        raise BadSample(f"malformed row: {exc}", where, "row") from None
+    image_b64 = row.get(schema.image_column, "")
+    try:
+        image_bytes = base64.b64decode(image_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadSample("image column is not base64", where, schema.image_column) from None
+    image = decode_image(image_bytes, where, schema.image_column)
+    caption = row.get(schema.caption_column, "")
+    if not caption.strip():
+        raise BadSample("empty caption", where, schema.caption_column)
+    meta = {k: v for k, v in row.items() if k not in (schema.image_column, schema.caption_column)}
+    key = str(row.get("id", raw["__index__"]))
+    return {"__key__": key, "__source__": spec.name, "__where__": where, "image": image, "caption": caption,
+            "meta": meta}
+
+
+def decode_wds(raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASET_KEYS) -> Dict[str, Any]:
+    where = _where(raw)
+    if "__error__" in raw and not raw["members"]:
+        raise BadSample(raw["__error__"], raw["__url__"], "tar")
+    members = raw["members"]
+    image_ext = next((ext for ext in keys.image if ext in members), None)
+    if image_ext is None:
+        raise BadSample(f"no image member (looked for {keys.image})", where, "image")
+    meta: Dict[str, Any] = {}
+    if keys.meta in members:
+        try:
+            meta = json.loads(members[keys.meta].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise BadSample("json member is not valid UTF-8 JSON", where, keys.meta) from None
+        if not isinstance(meta, dict):
+            raise BadSample("json member is not an object", where, keys.meta)
+    if spec.caption_key == keys.caption:
+        if keys.caption not in members:
+            raise BadSample(f"missing {keys.caption!r} member", where, keys.caption)
+        try:
+            caption = members[keys.caption].decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadSample("caption is not UTF-8", where, keys.caption) from None
+    else:
+        caption = meta.get(spec.caption_key)
+        if not isinstance(caption, str):
+            raise BadSample(f"json lacks string field {spec.caption_key!r}", where, spec.caption_key)
+    if not caption.strip():
+        raise BadSample("empty caption", where, spec.caption_key)
+    image = decode_image(members[image_ext], where, image_ext)
+    if "__error__" in raw:
+        # The last sample of a truncated shard: it decoded, but count the truncation all the same.
+        logger.warning("%s", raw["__error__"] + f" in {raw['__url__']}")
+    return {"__key__": raw["__key__"], "__source__": spec.name, "__where__": where, "image": image,
+            "caption": caption.strip(), "meta": meta}
+
+
+def list_frames(video_dir: str) -> List[str]:
+    """Sorted frame image paths of one video directory."""
+    return sorted(os.path.join(video_dir, f) for f in os.listdir(video_dir)
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def decode_frames(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
+    if "__error__" in raw:
+        raise BadSample(raw["__error__"], raw["__url__"], "annotation")
+    entry = raw["entry"]
+    where = f"{raw['__url__']}[{raw['__index__']}]"
+    if not isinstance(entry, dict) or "video_id" not in entry:
+        raise BadSample("entry lacks video_id", where, "video_id")
+    caption = entry.get("caption", entry.get("desc"))
+    if isinstance(caption, list):
+        caption = caption[0] if caption else None
+    if not isinstance(caption, str) or not caption.strip():
+        raise BadSample("entry lacks a caption/desc string", where, "caption")
+    video_dir = os.path.join(spec.frames_root, str(entry["video_id"]))
+    if not os.path.isdir(video_dir):
+        raise BadSample(f"missing video directory {video_dir}", where, "video_id")
+    paths = list_frames(video_dir)
+    if not paths:
+        raise BadSample(f"empty frame directory {video_dir}", where, "video_id")
+    try:
+        frames = [load_image(p) for p in paths]
+    except FileNotFoundError as exc:
+        raise BadSample(str(exc), where, "frames") from None
+    return {"__key__": str(entry["video_id"]), "__source__": spec.name, "__where__": where, "frames": frames,
+            "caption": caption.strip(), "meta": {k: v for k, v in entry.items() if k not in ("caption", "desc")}}
+
+
+DECODERS = {"tsv": decode_tsv, "wds": decode_wds, "frames": decode_frames}
+
+
+def decode_record(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
+    """Decode a raw record of ``spec``; raises :class:`BadSample` naming the shard and field on failure."""
+    return DECODERS[spec.kind](raw, spec)
+
+
+# ----------------------------------------------------------------------------------------------- data specs
+_KIND_BY_EXT = {".tsv": "tsv", ".tar": "wds", ".json": "frames"}
+
+
+def _infer_kind(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _KIND_BY_EXT:
+        raise ValueError(f"cannot tell the source kind of {path!r} from its extension; expected one of "
+                         f"{sorted(_KIND_BY_EXT)} (or give the kind in a json config)")
+    return _KIND_BY_EXT[ext]
+
+
+def parse_data_spec(spec: str, root: Optional[str] = None, schema: str = "grit", caption_key: str = "txt",
+                    frames_root: Optional[str] = None) -> List[SourceSpec]:
+    """Sources from a data spec string.
+
+    - ``a/{00000..00009}.tar::b/*.tsv``: shard patterns (``::``-separated); all patterns must share one kind,
+      inferred from the extension (``.tsv`` -> tsv, ``.tar`` -> wds).
+    - ``config.json`` holding a list of ``{"source": [shards], "name", "weight", "kind"?, "schema"?,
+      "caption_key"?, "frames_root"?}`` (the Kosmos-2 ``generate_config`` layout; paths relative to the json):
+      a weighted mixture.
+    - ``annotations.json`` holding a list of ``{"video_id", "caption"|"desc"}``: a frames source whose frames are
+      in ``frames_root`` (default: ``frames/`` beside the json).
+
+    Relative paths resolve against ``root`` (the task's ``data`` directory).
+    """
+    from .shards import expand_urls
+
+    first = spec.split("::")[0].strip()
+    path = first if root is None or os.path.isabs(first) else os.path.join(root, first)
+    if first.endswith(".json") and "::" not in spec:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data config not found: {path}")
+        with open(path, encoding="utf-8") as fh:
+            content = json.load(fh)
+        base = os.path.dirname(path)
+        if isinstance(content, list) and content and isinstance(content[0], dict) and "source" in content[0]:
+            sources = []
+            for i, entry in enumerate(content):
+                shards = expand_urls(entry["source"], base_dir=base)
+                kind = entry.get("kind") or _infer_kind(shards[0])
+                entry_frames = entry.get("frames_root")
+                if entry_frames and not os.path.isabs(entry_frames):
+                    entry_frames = os.path.join(base, entry_frames)
+                sources.append(SourceSpec(
+                    name=entry.get("name", f"source{i}"), kind=kind, shards=shards,
+                    weight=float(entry.get("weight", 1.0)), schema=entry.get("schema", schema),
+                    caption_key=entry.get("caption_key", caption_key),
+                    frames_root=entry_frames or (os.path.join(base, "frames") if kind == "frames" else None),
+                    num_samples=entry.get("num_samples")))
+            return sources
+        if isinstance(content, list):
+            fr = frames_root or os.path.join(base, "frames")
+            if root is not None and not os.path.isabs(fr):
+                fr = os.path.join(root, fr)
+            return [SourceSpec(name=os.path.splitext(os.path.basename(path))[0], kind="frames", shards=[path],
+                               frames_root=fr)]
+        raise ValueError(f"{path}: a data json must hold a list of source entries or of annotations")
+    shards = expand_urls(spec, base_dir=root)
+    kinds = {_infer_kind(s) for s in shards}
+    if len(kinds) != 1:
+        raise ValueError(f"data spec {spec!r} mixes kinds {sorted(kinds)}; use a json config to mix sources")
+    kind = kinds.pop()
+    name = os.path.basename(os.path.dirname(shards[0])) or "data"
+    return [SourceSpec(name=name, kind=kind, shards=shards, schema=schema, caption_key=caption_key,
+                       frames_root=frames_root)]

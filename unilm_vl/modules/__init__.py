@@ -1,0 +1,1 @@
+"""Plain nn.Modules configured by dataclasses; no fairseq import here."""

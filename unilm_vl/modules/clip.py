@@ -1,0 +1,96 @@
+"""open_clip towers behind a small dataclass config.
+
+Named towers come from open_clip's model registry (``ViT-B-32``, ``ViT-L-14``, ...) plus our tiny CPU configs in
+``open_clip_configs/`` (registered with ``open_clip.add_model_config``). Pretrained weights load from a local file
+path only (no hub access at run time).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import open_clip
+import torch
+from torch import nn
+
+from ..constants import CLIP_INIT_LOGIT_SCALE, CLIP_MAX_LOGIT_SCALE
+
+_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "open_clip_configs")
+open_clip.add_model_config(_CONFIG_DIR)
+
+
+@dataclass
+class ClipTowersConfig:
+    model_name: str = "unilm-vl-clip-tiny"
+    """open_clip registry name of the towers."""
+    pretrained: Optional[str] = None
+    """Local path of an open_clip state dict / checkpoint, or None for random init."""
+    init_logit_scale: float = CLIP_INIT_LOGIT_SCALE
+    max_logit_scale: float = CLIP_MAX_LOGIT_SCALE
+    force_quick_gelu: bool = False
+
+
+def build_open_clip(cfg: ClipTowersConfig) -> nn.Module:
+    """An open_clip CLIP model returning dict outputs. Raises on unknown names or missing weight files."""
+    if cfg.model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {cfg.model_name!r}; known include "
+                         f"{[m for m in open_clip.list_models() if 'ViT' in m][:8]} and unilm-vl-clip-tiny")
+    if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
+        raise FileNotFoundError(f"pretrained weights not found: {cfg.pretrained} (only local files are supported)")
+    model = open_clip.create_model(cfg.model_name, pretrained=None, force_quick_gelu=cfg.force_quick_gelu,
+                                   output_dict=True)
+    if cfg.pretrained is not None:
+        open_clip.load_checkpoint(model, cfg.pretrained)
+    else:
+        with torch.no_grad():
+            model.logit_scale.fill_(cfg.init_logit_scale)
+    return model
+
+
+def tower_image_size(model: nn.Module) -> int:
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def tower_norm(model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The normalisation mean/std the towers were configured with (OpenAI CLIP's unless set otherwise)."""
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    return mean, std
+
+
+class ClipModule(nn.Module):
+    """Image and text towers -> L2-normalised features and the logit scale."""
+
+    def __init__(self, cfg: ClipTowersConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.clip = build_open_clip(cfg)
+
+    @property
+    def image_size(self) -> int:
+        return tower_image_size(self.clip)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.clip.context_length)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(image, normalize=True)  # B x D
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(text, normalize=True)  # B x D
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {
+            "image_features": self.encode_image(image),
+            "text_features": self.encode_text(text),
+            "logit_scale": self.clip.logit_scale.exp(),
+        }
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Clamp ``logit_scale`` to [0, ln(max_logit_scale)] (open_clip does this after every optimiser step)."""
+        self.clip.logit_scale.clamp_(0, torch.log(torch.tensor(self.cfg.max_logit_scale)).item())

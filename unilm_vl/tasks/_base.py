@@ -1,0 +1,139 @@
+"""Shared task code: the data options every image-text task has, and a FairseqTask base class that feeds the
+trainer from :mod:`unilm_vl.data` (streaming sources, exact resume) instead of indexed fairseq datasets."""
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.tasks import FairseqTask
+from omegaconf import II
+
+from ..data.iterator import CheckpointableBatchIterator
+from ..data.pipeline import StreamPlan
+from ..data.sources import SourceSpec, parse_data_spec
+
+logger = logging.getLogger(__name__)
+
+SPLIT_CHOICES = ChoiceEnum(["auto", "shard", "sample"])
+
+
+@dataclass
+class StreamDataConfig(FairseqDataclass):
+    data: str = field(default=".", metadata={
+        "help": "root directory that relative data specs resolve against (e.g. the synthetic world's directory)"})
+    train_data: str = field(default="train/wds/part-*.tar", metadata={
+        "help": "training data spec: '::'-separated shard patterns with brace ranges ({00000..00099}) or globs "
+                "(.tar = img2dataset webdataset, .tsv = TSV), a json source config with weights, or a frames "
+                "annotation json"})
+    valid_data: str = field(default="val/wds/part-*.tar", metadata={
+        "help": "validation data spec (same forms as --train-data); used for the 'valid' subset"})
+    tsv_schema: str = field(default="grit", metadata={"help": "column schema of TSV shards (grit | image_text)"})
+    caption_key: str = field(default="txt", metadata={
+        "help": "webdataset caption: 'txt' for the .txt member, or a field name of the .json member"})
+    frames_root: Optional[str] = field(default=None, metadata={
+        "help": "directory of <video_id>/ frame folders for frames annotation sources (default: frames/ beside "
+                "the annotation json)"})
+    shuffle_buffer: int = field(default=1000, metadata={
+        "help": "records held in each worker's shuffle buffer (0 or 1 disables sample shuffling)"})
+    no_shuffle: bool = field(default=False, metadata={"help": "read shards and samples in order (no shuffling)"})
+    split_by: SPLIT_CHOICES = field(default="auto", metadata={
+        "help": "how rank x worker slots share the data: whole shards, every n-th sample, or auto (shards when "
+                "there are at least as many shards as slots)"})
+    train_num_samples: Optional[int] = field(default=None, metadata={
+        "help": "samples per epoch (default: the size of the training data from sizes.json or a scan)"})
+    max_bad_fraction: float = field(default=0.1, metadata={
+        "help": "stop with an error naming the last bad file once more than this fraction of samples is bad"})
+    bad_sample_log_every: int = field(default=100, metadata={"help": "log a bad-sample summary every N skips"})
+    seed: int = II("common.seed")
+
+
+class StreamTaskBase(FairseqTask):
+    """Base class: ``load_dataset`` resolves a data spec into sources; ``get_batch_iterator`` returns a
+    :class:`~unilm_vl.data.iterator.CheckpointableBatchIterator`. Subclasses define ``build_stages(split)`` and
+    ``build_collater(split)``."""
+
+    cfg: StreamDataConfig
+
+    def __init__(self, cfg: StreamDataConfig):
+        super().__init__(cfg)
+        self._sizes: Dict[str, Dict[str, int]] = {}
+
+    # ---- data
+    def data_spec(self, split: str) -> str:
+        if split == "train":
+            return self.cfg.train_data
+        if split == "valid":
+            return self.cfg.valid_data
+        spec = getattr(self.cfg, f"{split}_data", None)
+        if spec is None:
+            raise KeyError(f"no data spec for split {split!r}; splits are 'train' and 'valid'")
+        return spec
+
+    def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
+        sources = parse_data_spec(self.data_spec(split), root=self.cfg.data, schema=self.cfg.tsv_schema,
+                                  caption_key=self.cfg.caption_key, frames_root=self.cfg.frames_root)
+        self.datasets[split] = sources
+        logger.info("%s: %s", split, ", ".join(f"{s.name} ({s.kind}, {len(s.shards)} shards, weight {s.weight})"
+                                               for s in sources))
+
+    def dataset(self, split: str) -> List[SourceSpec]:
+        if split not in self.datasets:
+            raise KeyError(f"Dataset not loaded: {split}")
+        return self.datasets[split]
+
+    def build_stages(self, split: str) -> list:
+        raise NotImplementedError
+
+    def build_collater(self, split: str):
+        raise NotImplementedError
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
+                           ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1, num_shards=1,
+                           shard_id=0, num_workers=0, epoch=1, data_buffer_size=0, disable_iterator_cache=False,
+                           skip_remainder_batch=False, grouped_shuffling=False, update_epoch_batch_itr=False):
+        if not max_sentences:
+            raise ValueError("image-text tasks batch by samples: pass --batch-size (and --batch-size-valid)")
+        split = next((name for name, value in self.datasets.items() if value is dataset), "train")
+        train = split == "train"
+        plan = StreamPlan(
+            sources=dataset, stages=self.build_stages(split), collate=self.build_collater(split),
+            batch_size=max_sentences, seed=self.cfg.seed, rank=shard_id, world_size=num_shards,
+            # validation is one small ordered pass in the main process
+            num_workers=max(1, num_workers) if train else 1,
+            shuffle=train and not self.cfg.no_shuffle, shuffle_buffer=self.cfg.shuffle_buffer,
+            split=self.cfg.split_by if train else "sample", train=train,
+            max_bad_fraction=self.cfg.max_bad_fraction, log_every=self.cfg.bad_sample_log_every, name=split,
+            sizes=self._sizes.setdefault(split, {}))
+        if train:
+            total = self.cfg.train_num_samples or plan.count()
+            num_batches = total // (max_sentences * num_shards)
+        else:
+            total = plan.count()
+            num_batches = math.ceil(math.ceil(total / num_shards) / max_sentences)
+        logger.info("%s: %d samples -> %d batches of %d per rank (%d ranks, %d loader workers)", split, total,
+                    num_batches, max_sentences, num_shards, num_workers if train else 0)
+        return CheckpointableBatchIterator(plan, num_batches, epoch=epoch,
+                                           loader_workers=num_workers if train else 0)
+
+    # ---- training hooks
+    def optimizer_step(self, optimizer, model, update_num):
+        super().optimizer_step(optimizer, model, update_num)
+        inner = model
+        while hasattr(inner, "module"):
+            inner = inner.module
+        if hasattr(inner, "after_optimizer_step"):
+            inner.after_optimizer_step(update_num)
+
+    def max_positions(self):
+        return None
+
+    @property
+    def source_dictionary(self):
+        return None
+
+    @property
+    def target_dictionary(self):
+        return None
