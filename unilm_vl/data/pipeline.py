@@ -4,7 +4,7 @@ Flow for one *slot* (a rank x loader-worker pair; ``slot = rank * W + worker``):
 
     shards --(per-pass seeded shard order)--> split by slot (whole shards, or every n-th sample)
            --> read raw records (tsv line / tar member group / annotation entry)        [cheap, replayable]
-           --> per-source shuffle buffer (seeded by seed, epoch, slot, source)
+           --> per-pass shuffle buffer (seeded by seed, epoch, pass, slot, source)
            --> weighted mix of sources (seeded)                                         = the *record stream*
            --> decode --> stages (transform, tokenise, ...) --> batch(B) --> collate
                  \\--> BadSample: skipped, counted by one BadSampleCounter, logged every N
@@ -92,30 +92,39 @@ class StreamPlan:
 
 
 # ------------------------------------------------------------------------------------------- record stream
-def _source_records(plan: StreamPlan, spec: SourceSpec, epoch: int, slot: int) -> Iterator[Dict[str, Any]]:
-    """Raw records of one source for one slot: passes over the shards (forever when training)."""
+def _pass_records(plan: StreamPlan, spec: SourceSpec, shards: List[str], split: str, slot: int
+                  ) -> Iterator[Dict[str, Any]]:
+    """Raw records of one pass over ``shards`` that belong to ``slot``."""
     read = READERS[spec.kind]
+    if split == "shard":
+        for path in shards[slot::plan.num_slots]:
+            yield from read(path, spec)
+        return
+    ordinal = 0
+    for path in shards:
+        for record in read(path, spec):
+            if ordinal % plan.num_slots == slot:
+                yield record
+            ordinal += 1
+
+
+def _source_records(plan: StreamPlan, spec: SourceSpec, epoch: int, slot: int) -> Iterator[Dict[str, Any]]:
+    """Raw records of one source for one slot: passes over the shards (forever when training), each pass with
+    its own shard order and its own shuffle buffer, so a pass is a permutation of the slot's records."""
     split = plan.split
     if split == "auto":
         split = "shard" if len(spec.shards) >= plan.num_slots else "sample"
     for pass_index in itertools.count():
         shards = list(spec.shards)
+        records = _pass_records(plan, spec, shards, split, slot)
         if plan.shuffle:
             random.Random(derive_seed(plan.seed, epoch, pass_index, spec.name, "shards")).shuffle(shards)
+            rng = random.Random(derive_seed(plan.seed, epoch, pass_index, slot, spec.name, "buffer"))
+            records = shuffle_buffer(_pass_records(plan, spec, shards, split, slot), plan.shuffle_buffer, rng)
         yielded = 0
-        if split == "shard":
-            for path in shards[slot::plan.num_slots]:
-                for record in read(path, spec):
-                    yielded += 1
-                    yield record
-        else:
-            ordinal = 0
-            for path in shards:
-                for record in read(path, spec):
-                    if ordinal % plan.num_slots == slot:
-                        yielded += 1
-                        yield record
-                    ordinal += 1
+        for record in records:
+            yielded += 1
+            yield record
         if not plan.train:
             return
         if yielded == 0:
@@ -145,13 +154,7 @@ def shuffle_buffer(records: Iterator[Any], size: int, rng: random.Random) -> Ite
 def record_stream(plan: StreamPlan, epoch: int, worker: int) -> Iterator[Tuple[SourceSpec, Dict[str, Any]]]:
     """The record stream of one (rank, worker): per-source shuffled, then mixed by weight."""
     slot = plan.slot(worker)
-    streams = []
-    for spec in plan.sources:
-        records = _source_records(plan, spec, epoch, slot)
-        if plan.shuffle:
-            rng = random.Random(derive_seed(plan.seed, epoch, slot, spec.name, "buffer"))
-            records = shuffle_buffer(records, plan.shuffle_buffer, rng)
-        streams.append((spec, records))
+    streams = [(spec, _source_records(plan, spec, epoch, slot)) for spec in plan.sources]
     if len(streams) == 1:
         spec, records = streams[0]
         for record in records:

@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from typing import Callable, List, Protocol
+from typing import Callable, List, Optional, Protocol
 
 import torch
 from PIL import Image
@@ -23,3 +23,42 @@ class ImageTextEncoder(Protocol):
 
     def encode_texts(self, texts: List[str]) -> torch.Tensor:
         """B strings -> B x D, L2-normalised."""
+
+
+class FairseqContrastiveEncoder:
+    """:class:`ImageTextEncoder` over a trained unilm_vl contrastive model and its task (tokenizer, transform)."""
+
+    def __init__(self, model, task, device: str = "cpu"):
+        self.model = model.to(device).eval()
+        self.task = task
+        self.device = torch.device(device)
+        self.image_transform = task.image_transform(train=False)
+        self.logit_scale = float(model.logit_scale_value())
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images.to(self.device)).float()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: List[str]) -> torch.Tensor:
+        tokens = self.task.tokenizer.encode_batch(list(texts), self.task.context_length)
+        return self.model.encode_text(tokens.to(self.device)).float()
+
+
+def load_checkpoint(checkpoint: str, device: str = "cpu", arg_overrides: Optional[dict] = None):
+    """(model, task, cfg) from a unilm_vl fairseq checkpoint; a missing file raises naming the path."""
+    import os
+
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    import unilm_vl  # noqa: F401  (registers tasks, models and criteria before fairseq reads the checkpoint)
+    from fairseq import checkpoint_utils
+
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides=arg_overrides)
+    return models[0].to(device).eval(), task, cfg
+
+
+def load_encoder(checkpoint: str, device: str = "cpu") -> ImageTextEncoder:
+    """An :class:`ImageTextEncoder` for a checkpoint of any contrastive unilm_vl model."""
+    model, task, _ = load_checkpoint(checkpoint, device)
+    return FairseqContrastiveEncoder(model, task, device)

@@ -62,6 +62,9 @@ class ClipModel(BaseFairseqModel):
     def encode_text(self, text):
         return self.towers.encode_text(text)
 
+    def logit_scale_value(self) -> float:
+        return float(self.towers.clip.logit_scale.detach().exp())
+
     def after_optimizer_step(self, update_num: int) -> None:
         self.towers.clamp_logit_scale()
 

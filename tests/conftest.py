@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny image-caption shards written to tmp_path, and paths of the installed tools."""
+import base64
+import io
+import json
+import os
+import random
+import sys
+
+import pytest
+from PIL import Image
+
+from unilm_vl.data.formats import GRIT_TSV, TsvShardWriter, WdsShardWriter
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+BIN = os.path.dirname(sys.executable)
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
+
+
+def jpeg_bytes(colour, size=(40, 32)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def captions(n, seed=0):
+    rng = random.Random(seed)
+    names = list(COLOURS)
+    return [rng.choice(names) for _ in range(n)]
+
+
+def write_wds(prefix, n, per_shard, seed=0):
+    """n samples keyed 000000.. with caption 'a <colour> picture'; returns the keys."""
+    keys = []
+    with WdsShardWriter(prefix, samples_per_shard=per_shard) as writer:
+        for i, colour in enumerate(captions(n, seed)):
+            key = f"{i:06d}"
+            writer.write(key, jpeg_bytes(COLOURS[colour]), "jpg", f"a {colour} picture", {"key": key})
+            keys.append(key)
+    return keys
+
+
+def tsv_row(i, colour, image_bytes=None):
+    data = image_bytes if image_bytes is not None else jpeg_bytes(COLOURS[colour])
+    return {"id": f"{i:06d}", "caption": f"a {colour} picture", "image": base64.b64encode(data).decode(),
+            "width": 40, "height": 32, "annotation": {"phrase": [], "expression_v1": []}}
+
+
+def write_tsv(prefix, n, per_shard, seed=0):
+    with TsvShardWriter(prefix, GRIT_TSV, rows_per_shard=per_shard) as writer:
+        for i, colour in enumerate(captions(n, seed)):
+            writer.write(tsv_row(i, colour))
+    return [f"{i:06d}" for i in range(n)]
+
+
+@pytest.fixture
+def wds_dir(tmp_path):
+    write_wds(str(tmp_path / "wds" / "part"), 60, 15)
+    return tmp_path / "wds"
+
+
