@@ -242,3 +242,17 @@ def test_json_config_mixture_paths_relative_to_config(tmp_path):
     ]))
     specs = parse_data_spec("json/train.json", root=str(tmp_path))
     assert [(s.name, s.kind, len(s.shards), s.weight) for s in specs] == [("a", "wds", 2, 3.0), ("b", "tsv", 2, 1.0)]
+
+
+def test_tar_cut_at_a_header_boundary_is_counted(tmp_path):
+    write_wds(str(tmp_path / "w" / "part"), 6, 6)
+    full = (tmp_path / "w" / "part-00000.tar").read_bytes()
+    with tarfile.open(tmp_path / "w" / "part-00000.tar") as tar:
+        members = tar.getmembers()
+    cut_at = members[9].offset  # the header of the 4th sample's first member: a clean block boundary
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(full[:cut_at])
+    spec = SourceSpec(name="cut", kind="wds", shards=[str(cut)])
+    records = list(read_tar(str(cut), spec))
+    assert [r["__key__"] for r in records] == ["000000", "000001", "000002"]
+    assert "truncated" in records[-1]["__error__"]

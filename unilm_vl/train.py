@@ -1,5 +1,6 @@
 """``python -m unilm_vl.train ARGS``: ``fairseq-train`` with ``--user-dir`` pointing at this package, so it works
-from any directory once unilm_vl is installed."""
+from any directory once unilm_vl is installed. Under ``torchrun ... -m unilm_vl.train ... --cpu`` it also adds the
+flags CPU multi-process training needs (see :func:`with_torchrun_cpu`)."""
 import os
 import sys
 
@@ -10,10 +11,26 @@ def with_user_dir(argv):
     return [argv[0], "--user-dir", os.path.dirname(os.path.abspath(__file__))] + list(argv[1:])
 
 
+def with_torchrun_cpu(argv, env=os.environ):
+    """Under ``torchrun`` with ``--cpu``, add the distributed flags fairseq cannot infer on CPU (its inference
+    divides by the CUDA device count): gloo, env:// init, no spawn, legacy DDP, and this process's rank."""
+    if "--cpu" not in argv or "RANK" not in env or "WORLD_SIZE" not in env or int(env["WORLD_SIZE"]) < 2:
+        return list(argv)
+    wanted = {"--distributed-backend": "gloo", "--distributed-init-method": "env://", "--ddp-backend": "legacy_ddp",
+              "--distributed-rank": env["RANK"], "--distributed-world-size": env["WORLD_SIZE"]}
+    out = list(argv)
+    for flag, value in wanted.items():
+        if not any(a == flag or a.startswith(flag + "=") for a in argv):
+            out += [flag, value]
+    if "--distributed-no-spawn" not in out:
+        out.append("--distributed-no-spawn")
+    return out
+
+
 def cli_main():
     from fairseq_cli.train import cli_main as fairseq_train
 
-    sys.argv = with_user_dir(sys.argv)
+    sys.argv = with_torchrun_cpu(with_user_dir(sys.argv))
     fairseq_train()
 
 

@@ -16,7 +16,8 @@ single pass, padded with empty batches (fairseq's dummy batches) to the same cou
 Resume: each batch carries how many records its worker has pulled from the record stream. The position of an
 epoch is (batch index, records consumed per worker). Rebuilding the stream and discarding that many records
 replays shuffle and mixing exactly without decoding an image, so training continues with the next unseen sample.
-Per-sample randomness (augmentations) is seeded from (seed, epoch, slot, record ordinal), so it replays too.
+Per-sample randomness (augmentations) is seeded from (seed, epoch, shard, position in shard): it replays on resume
+and is the same whatever the number of ranks and workers.
 """
 from __future__ import annotations
 
@@ -211,7 +212,6 @@ def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int, num_ba
     indices = [i for i in range(start, num_batches) if i % W == worker]
     if not indices:
         return
-    slot = plan.slot(worker)
     counter = BadSampleCounter(f"{plan.name}[rank {plan.rank} worker {worker}]", plan.log_every,
                                plan.max_bad_fraction)
     stream = record_stream(plan, epoch, worker)
@@ -230,7 +230,9 @@ def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int, num_ba
             spec, record = item
             consumed += 1
             try:
-                with _SampleSeed(derive_seed(plan.seed, epoch, slot, consumed, "sample"), in_main_process):
+                # seeded by the sample's identity, so its augmentation does not depend on the rank/worker layout
+                sample_seed = derive_seed(plan.seed, epoch, record["__url__"], record["__index__"], "sample")
+                with _SampleSeed(sample_seed, in_main_process):
                     sample = apply_stages(decode_record(record, spec), plan.stages)
             except BadSample as exc:
                 counter.skip(exc)

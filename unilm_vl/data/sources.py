@@ -70,6 +70,13 @@ def read_tsv(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
             yield {"__source__": spec.name, "__url__": path, "__index__": index, "line": line}
 
 
+def tar_has_end_marker(tar: tarfile.TarFile) -> bool:
+    """Whether a zero block follows the last member. ``tarfile`` stops iterating silently when a shard is cut at
+    a header boundary; a complete archive ends with two zero blocks, the first of which ends the iteration."""
+    block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
+
+
 def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
     """Yield one raw record per sample key of a tar shard: ``{"members": {ext: bytes}}``.
 
@@ -99,6 +106,8 @@ def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
                         index += 1
                     current_key, members = key, {}
                 members[ext.lower()] = data
+            if not tar_has_end_marker(tar):
+                raise tarfile.ReadError("no end-of-archive marker: the shard is truncated")
     except (tarfile.TarError, OSError, EOFError) as exc:
         # Emit what was complete, then one error record so the damage is counted, not silent.
         if current_key is not None:

@@ -1,0 +1,77 @@
+"""The contrastive loss on 2 CPU ranks (gloo) against 1 rank on the same global batch (reference 6.1.3)."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from unilm_vl.criterions.functional import clip_loss
+
+D_IN, D, B, W = 6, 4, 3, 2
+MODES = [(False, True), (True, True), (False, False), (True, False)]  # (local_loss, gather_with_grad)
+
+
+def encoders():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(D, D_IN, generator=g), torch.randn(D, D_IN, generator=g)
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(W * B, D_IN, generator=g), torch.randn(W * B, D_IN, generator=g)
+
+
+def loss_and_grads(x_img, x_txt, rank=0, world=1, local_loss=False, gather_with_grad=True):
+    wi, wt = (w.clone().requires_grad_(True) for w in encoders())
+    scale = torch.tensor(2.0, requires_grad=True)
+    img = F.normalize(x_img @ wi.T, dim=-1)
+    txt = F.normalize(x_txt @ wt.T, dim=-1)
+    loss = clip_loss(img, txt, scale, rank, world, local_loss, gather_with_grad)["clip_loss"]
+    loss.backward()
+    return loss.detach(), [wi.grad, wt.grad, scale.grad]
+
+
+def _worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+    x_img, x_txt = global_batch()
+    local = slice(rank * B, (rank + 1) * B)
+    results = {}
+    for local_loss, with_grad in MODES:
+        loss, grads = loss_and_grads(x_img[local], x_txt[local], rank, W, local_loss, with_grad)
+        dist.all_reduce(loss)
+        for g in grads:  # what DDP does: average the gradients over ranks
+            dist.all_reduce(g)
+            g /= W
+        results[(local_loss, with_grad)] = (loss / W, grads)
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "dist.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=W, join=True)
+    return torch.load(tmp / "dist.pt")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_loss_value_equals_full_batch(two_rank_results, mode):
+    full_loss, _ = loss_and_grads(*global_batch())
+    assert two_rank_results[mode][0].item() == pytest.approx(full_loss.item(), abs=1e-6)
+
+
+def test_gradient_semantics_of_each_mode(two_rank_results):
+    _, full = loss_and_grads(*global_batch())
+    for mode in [(False, True), (True, True)]:  # with-grad gathers: equal to 1-rank gradients
+        for g2, g1 in zip(two_rank_results[mode][1], full):
+            torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-5)
+    for g2, g1 in zip(two_rank_results[(False, False)][1][:2], full[:2]):  # open_clip default: exactly 1/W
+        torch.testing.assert_close(g2, g1 / W, atol=1e-6, rtol=1e-5)
+    g2 = two_rank_results[(True, False)][1][0].flatten()
+    g1 = full[0].flatten()
+    cos = torch.dot(g2, g1) / (g2.norm() * g1.norm())
+    assert cos < 0.9999  # query-side-only gradients: not proportional to the full-batch gradient
