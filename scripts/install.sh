@@ -11,7 +11,9 @@ STAMP="$VENV/.unilm_vl_install_stamp"
 WANT="$(cat "$ROOT/scripts/install.sh" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] \
-   && "$VENV/bin/python" -c "import torch, fairseq, open_clip, torchscale, webdataset, unilm_vl" 2>/dev/null; then
+   && "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
+        ('torch', 'fairseq', 'open_clip', 'torchscale', 'webdataset', 'sentencepiece', 'tiktoken', 'unilm_vl')))" \
+        2>/dev/null; then
   echo "[install] $VENV is up to date"
   exit 0
 fi

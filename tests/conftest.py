@@ -1,7 +1,6 @@
 """Shared fixtures: tiny image-caption shards written to tmp_path, and paths of the installed tools."""
 import base64
 import io
-import json
 import os
 import random
 import sys

@@ -1,5 +1,4 @@
 """Sources and decoding: every format reads, and every kind of bad input is skipped, counted and named."""
-import base64
 import io
 import json
 import os
@@ -12,9 +11,9 @@ from unilm_vl.data.decode import BadSample, BadSampleCounter, TooManyBadSamples,
 from unilm_vl.data.formats import GRIT_TSV, escape_field, parse_annotation, unescape_field
 from unilm_vl.data.pipeline import StreamPlan, worker_batches
 from unilm_vl.data.shards import expand_urls
-from unilm_vl.data.sources import SourceSpec, decode_record, parse_data_spec, read_tar, read_tsv
+from unilm_vl.data.sources import SourceSpec, parse_data_spec, read_tar
 
-from conftest import COLOURS, jpeg_bytes, tsv_row, write_tsv, write_wds
+from conftest import jpeg_bytes, tsv_row, write_tsv, write_wds
 
 
 def keys_of(plan, epoch=1, num_batches=1000):

@@ -2,7 +2,6 @@
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -54,10 +53,6 @@ def test_resume_after_interruption_matches_unbroken_run(data, tmp_path):
         torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
 
 
-def _losses(log):
-    return [float(x) for x in re.findall(r"\| loss=?\s*([0-9.]+)|loss=([0-9.]+)", log) for x in x if x]
-
-
 @pytest.mark.slow
 def test_two_cpu_ranks_equal_one_rank_with_twice_the_batch(data, tmp_path):
     common = ["--optimizer", "sgd", "--lr", "0.5", "--max-update", "1", "--no-shuffle", "--split-by", "sample",
@@ -71,8 +66,6 @@ def test_two_cpu_ranks_equal_one_rank_with_twice_the_batch(data, tmp_path):
     assert float(loss_two) == pytest.approx(float(loss_one), abs=1e-4)
     a = model_state(tmp_path / "one" / "checkpoint_last.pt")
     b = model_state(tmp_path / "two" / "checkpoint_last.pt")
-    start = model_state(tmp_path / "one" / "checkpoint_last.pt")
-    moved = sum((a[k] - b[k]).abs().max().item() > 0 for k in a)
+    assert a.keys() == b.keys()
     for key in a:  # after one SGD step the parameters agree: same loss, same gradients
         torch.testing.assert_close(b[key], a[key], atol=2e-6, rtol=1e-4, msg=key)
-    assert start.keys() == a.keys()

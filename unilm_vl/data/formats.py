@@ -206,13 +206,17 @@ class TsvShardWriter:
 
 
 class WdsShardWriter:
-    """Writes img2dataset-layout tar shards ``<prefix>-00000.tar``, ... and a ``sizes.json`` beside them."""
+    """Writes img2dataset-layout tar shards ``<prefix>-00000.tar``, ... and a ``sizes.json`` beside them.
 
-    def __init__(self, prefix: str, samples_per_shard: int = 1000, keys: WdsKeys = IMG2DATASET_KEYS):
+    ``mtime`` fixes the members' modification time (an int: tarfile adds a pax header to every member with a float
+    mtime) so identical inputs give byte-identical tars; None stamps the current time as webdataset does."""
+
+    def __init__(self, prefix: str, samples_per_shard: int = 1000, keys: WdsKeys = IMG2DATASET_KEYS,
+                 mtime: Optional[int] = None):
         import webdataset as wds
 
         self._wds = wds
-        self.prefix, self.samples_per_shard, self.keys = prefix, samples_per_shard, keys
+        self.prefix, self.samples_per_shard, self.keys, self.mtime = prefix, samples_per_shard, keys, mtime
         self.paths: List[str] = []
         self.sizes: Dict[str, int] = {}
         self._writer = None
@@ -225,7 +229,7 @@ class WdsShardWriter:
         if self._writer is None or self._count >= self.samples_per_shard:
             self._close_current()
             path = f"{self.prefix}-{len(self.paths):05d}.tar"
-            self._writer = self._wds.TarWriter(path)
+            self._writer = self._wds.TarWriter(path, mtime=self.mtime)
             self.paths.append(path)
             self.sizes[os.path.basename(path)] = 0
             self._count = 0

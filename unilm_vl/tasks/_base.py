@@ -3,9 +3,8 @@ trainer from :mod:`unilm_vl.data` (streaming sources, exact resume) instead of i
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask
@@ -47,7 +46,8 @@ class StreamDataConfig(FairseqDataclass):
     max_bad_fraction: float = field(default=0.1, metadata={
         "help": "stop with an error naming the last bad file once more than this fraction of samples is bad"})
     bad_sample_log_every: int = field(default=100, metadata={"help": "log a bad-sample summary every N skips"})
-    seed: int = II("common.seed")
+    seed: int = field(default=II("common.seed"), metadata={
+        "help": "seed of shard order, shuffle buffers, mixing and per-sample augmentation (fairseq's --seed)"})
 
 
 class StreamTaskBase(FairseqTask):
