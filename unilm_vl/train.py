@@ -30,6 +30,9 @@ def with_torchrun_cpu(argv, env=os.environ):
 def cli_main():
     from fairseq_cli.train import cli_main as fairseq_train
 
+    from .logging_utils import setup_cli_logging
+
+    setup_cli_logging()
     sys.argv = with_torchrun_cpu(with_user_dir(sys.argv))
     fairseq_train()
 

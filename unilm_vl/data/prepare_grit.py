@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from unilm_vl.data.decode import BadSample, decode_image
 from unilm_vl.data.sources import tar_has_end_marker
+from unilm_vl.logging_utils import setup_cli_logging
 from unilm_vl.data.formats import (
     GRIT_TSV,
     IMG2DATASET_KEYS,
@@ -387,8 +388,7 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point. Exit codes: 0 done, 1 nothing converted, 2 bad arguments or inputs."""
     args = get_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stderr)
+    setup_cli_logging(stream=sys.stderr)
     if args.shard_size <= 0:
         logger.error("--shard-size must be positive, got %d", args.shard_size)
         return 2

@@ -67,6 +67,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .formats import GRIT_TSV, TsvShardWriter, WdsShardWriter, relative_paths, write_source_config
+from ..logging_utils import setup_cli_logging
 
 logger = logging.getLogger(__name__)
 
@@ -1143,7 +1144,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Generate a world from the command line; logs the generation time and returns the manifest."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    setup_cli_logging()
     args = build_arg_parser().parse_args(argv)
     make = ensure_world if args.if_missing else generate_world
     return make(args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,

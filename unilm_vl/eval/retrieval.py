@@ -50,6 +50,7 @@ from PIL import Image
 from unilm_vl.data.decode import load_image
 from unilm_vl.eval.common import ImageTextEncoder
 from unilm_vl.eval.metrics import retrieval_metrics
+from unilm_vl.logging_utils import setup_cli_logging
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     args = get_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    setup_cli_logging()
     from unilm_vl.eval.common import load_encoder  # heavy (model code); only the CLI needs it
 
     encoder = load_encoder(args.checkpoint, device=args.device)

@@ -40,6 +40,7 @@ from unilm_vl.eval.common import ImageTextEncoder
 from unilm_vl.eval.metrics import (mean_per_class_accuracy, per_class_accuracy, topk_accuracy,
                                    zeroshot_classifier)
 from unilm_vl.eval.retrieval import check_files_exist, encode_image_files
+from unilm_vl.logging_utils import setup_cli_logging
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parser.parse_args(argv)
     if args.linear_probe and not args.train_root:
         parser.error("--linear-probe needs --train-root")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    setup_cli_logging()
     from unilm_vl.eval.common import load_encoder  # heavy (model code); only the CLI needs it
 
     encoder = load_encoder(args.checkpoint, device=args.device)
