@@ -23,7 +23,6 @@ convention) so that readers know the epoch length without scanning.
 from __future__ import annotations
 
 import ast
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -159,39 +158,42 @@ class WdsKeys:
 IMG2DATASET_KEYS = WdsKeys()
 
 
-class TsvShardWriter:
-    """Writes rows to ``<prefix>-00000.tsv``, ``<prefix>-00001.tsv``, ... with ``rows_per_shard`` rows each and a
-    ``sizes.json`` beside them. Use as a context manager; ``paths`` lists the shards written."""
+class _ShardWriter:
+    """Rotates ``<prefix>-00000.<ext>``, ``<prefix>-00001.<ext>``, ... every ``per_shard`` samples, counts samples
+    per shard and merges the counts into ``sizes.json`` on close. Subclasses open and close one shard."""
 
-    def __init__(self, prefix: str, schema: TsvSchema, rows_per_shard: int = 1000):
-        if rows_per_shard <= 0:
-            raise ValueError("rows_per_shard must be positive")
-        self.prefix, self.schema, self.rows_per_shard = prefix, schema, rows_per_shard
+    extension = ""
+
+    def __init__(self, prefix: str, per_shard: int):
+        if per_shard <= 0:
+            raise ValueError("samples per shard must be positive")
+        self.prefix, self.per_shard = prefix, per_shard
         self.paths: List[str] = []
         self.sizes: Dict[str, int] = {}
-        self._fh: Optional[io.TextIOBase] = None
-        self._rows_in_shard = 0
+        self._handle = None
+        self._count = 0
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
 
-    def _open_next(self):
-        self._close_current()
-        path = f"{self.prefix}-{len(self.paths):05d}.tsv"
-        self._fh = open(path, "w", encoding="utf-8", newline="\n")
-        self.paths.append(path)
-        self.sizes[os.path.basename(path)] = 0
-        self._rows_in_shard = 0
+    def _open(self, path: str):
+        raise NotImplementedError
+
+    def _next_handle(self):
+        """The open shard, rotating to a new one when the current one is full; counts the sample written."""
+        if self._handle is None or self._count >= self.per_shard:
+            self._close_current()
+            path = f"{self.prefix}-{len(self.paths):05d}.{self.extension}"
+            self._handle = self._open(path)
+            self.paths.append(path)
+            self.sizes[os.path.basename(path)] = 0
+            self._count = 0
+        self._count += 1
+        self.sizes[os.path.basename(self.paths[-1])] += 1
+        return self._handle
 
     def _close_current(self):
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        if self._fh is None or self._rows_in_shard >= self.rows_per_shard:
-            self._open_next()
-        self._fh.write(self.schema.format_row(row) + "\n")
-        self._rows_in_shard += 1
-        self.sizes[os.path.basename(self.paths[-1])] += 1
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
     def close(self) -> None:
         self._close_current()
@@ -205,58 +207,51 @@ class TsvShardWriter:
         self.close()
 
 
-class WdsShardWriter:
+class TsvShardWriter(_ShardWriter):
+    """Writes rows to ``<prefix>-00000.tsv``, ... with ``rows_per_shard`` rows each and a ``sizes.json`` beside
+    them. Use as a context manager; ``paths`` lists the shards written."""
+
+    extension = "tsv"
+
+    def __init__(self, prefix: str, schema: TsvSchema, rows_per_shard: int = 1000):
+        super().__init__(prefix, rows_per_shard)
+        self.schema = schema
+
+    def _open(self, path: str):
+        return open(path, "w", encoding="utf-8", newline="\n")
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        line = self.schema.format_row(row)  # format first: a bad row raises before anything is counted
+        self._next_handle().write(line + "\n")
+
+
+class WdsShardWriter(_ShardWriter):
     """Writes img2dataset-layout tar shards ``<prefix>-00000.tar``, ... and a ``sizes.json`` beside them.
 
     ``mtime`` fixes the members' modification time (an int: tarfile adds a pax header to every member with a float
     mtime) so identical inputs give byte-identical tars; None stamps the current time as webdataset does."""
 
+    extension = "tar"
+
     def __init__(self, prefix: str, samples_per_shard: int = 1000, keys: WdsKeys = IMG2DATASET_KEYS,
                  mtime: Optional[int] = None):
+        super().__init__(prefix, samples_per_shard)
+        self.keys, self.mtime = keys, mtime
+
+    def _open(self, path: str):
         import webdataset as wds
 
-        self._wds = wds
-        self.prefix, self.samples_per_shard, self.keys, self.mtime = prefix, samples_per_shard, keys, mtime
-        self.paths: List[str] = []
-        self.sizes: Dict[str, int] = {}
-        self._writer = None
-        self._count = 0
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        return wds.TarWriter(path, mtime=self.mtime)
 
     def write(self, key: str, image_bytes: bytes, image_ext: str, caption: str, meta: Mapping[str, Any]) -> None:
         if image_ext not in self.keys.image:
             raise ValueError(f"image extension {image_ext!r} is not one of {self.keys.image}")
-        if self._writer is None or self._count >= self.samples_per_shard:
-            self._close_current()
-            path = f"{self.prefix}-{len(self.paths):05d}.tar"
-            self._writer = self._wds.TarWriter(path, mtime=self.mtime)
-            self.paths.append(path)
-            self.sizes[os.path.basename(path)] = 0
-            self._count = 0
-        self._writer.write({
+        self._next_handle().write({
             "__key__": key,
             image_ext: image_bytes,
             self.keys.caption: caption.encode("utf-8"),
             self.keys.meta: json.dumps(dict(meta)).encode("utf-8"),
         })
-        self._count += 1
-        self.sizes[os.path.basename(self.paths[-1])] += 1
-
-    def _close_current(self):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def close(self) -> None:
-        self._close_current()
-        if self.paths:
-            update_sizes_json(os.path.dirname(os.path.abspath(self.prefix)), self.sizes)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def update_sizes_json(directory: str, sizes: Mapping[str, int]) -> str:

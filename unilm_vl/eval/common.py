@@ -62,3 +62,24 @@ def load_encoder(checkpoint: str, device: str = "cpu") -> ImageTextEncoder:
     """An :class:`ImageTextEncoder` for a checkpoint of any contrastive unilm_vl model."""
     model, task, _ = load_checkpoint(checkpoint, device)
     return FairseqContrastiveEncoder(model, task, device)
+
+
+def add_common_eval_args(parser) -> None:
+    """The options every benchmark CLI shares: the checkpoint, device, batch size, loader workers, output file."""
+    parser.add_argument("--checkpoint", required=True, help="unilm_vl fairseq checkpoint (.pt)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images / texts encoded per forward pass")
+    parser.add_argument("--device", default="cpu", help="torch device for the model, e.g. cpu or cuda")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for image decoding")
+    parser.add_argument("--output", default=None, help="write the metrics to this json file")
+
+
+def write_metrics(metrics: dict, path: Optional[str]) -> None:
+    """Write ``metrics`` as indented json when ``path`` is given."""
+    if not path:
+        return
+    import json
+    import logging
+
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(metrics, fh, indent=2)
+    logging.getLogger(__name__).info("wrote %s", path)

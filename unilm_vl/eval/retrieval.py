@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 from unilm_vl.data.decode import load_image
-from unilm_vl.eval.common import ImageTextEncoder
+from unilm_vl.eval.common import ImageTextEncoder, add_common_eval_args, write_metrics
 from unilm_vl.eval.metrics import retrieval_metrics
 from unilm_vl.logging_utils import setup_cli_logging
 
@@ -236,32 +236,25 @@ def format_retrieval_table(metrics: Dict[str, float]) -> str:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Zero-shot image-text retrieval of a unilm_vl checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="unilm_vl checkpoint of a contrastive model")
+    add_common_eval_args(parser)
     parser.add_argument("--data", required=True,
                         help="annotation json: Karpathy split file, COCO captions or Flickr list")
     parser.add_argument("--image-root", default=None,
                         help="directory the image paths are relative to (default: the directory of --data)")
     parser.add_argument("--split", default="test", help="Karpathy split to evaluate (ignored by the other formats)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images / captions encoded per forward pass")
-    parser.add_argument("--device", default="cpu", help="torch device for the model, e.g. cpu or cuda")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for image decoding")
-    parser.add_argument("--output", default=None, help="write the metrics to this json file")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     args = get_parser().parse_args(argv)
     setup_cli_logging()
-    from unilm_vl.eval.common import load_encoder  # heavy (model code); only the CLI needs it
+    from unilm_vl.eval.common import load_encoder  # loads fairseq; only the CLI needs it
 
     encoder = load_encoder(args.checkpoint, device=args.device)
     metrics = evaluate_retrieval(encoder, args.data, image_root=args.image_root, split=args.split,
                                  batch_size=args.batch_size, device=args.device, num_workers=args.workers)
     print(format_retrieval_table(metrics))
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            json.dump(metrics, fh, indent=2)
-        logger.info("wrote %s", args.output)
+    write_metrics(metrics, args.output)
     return metrics
 
 

@@ -27,7 +27,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from unilm_vl.eval.common import ImageTextEncoder
+from unilm_vl.eval.common import ImageTextEncoder, add_common_eval_args, write_metrics
 from unilm_vl.eval.metrics import (mean_per_class_accuracy, per_class_accuracy, topk_accuracy,
                                    zeroshot_classifier)
 from unilm_vl.eval.retrieval import check_files_exist, encode_image_files
@@ -176,21 +175,17 @@ def format_zeroshot_table(metrics: Dict[str, Any]) -> str:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Zero-shot classification of a unilm_vl checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="unilm_vl checkpoint of a contrastive model")
+    add_common_eval_args(parser)
     parser.add_argument("--root", required=True, help="test ImageFolder: root/<class folder>/<image>")
     parser.add_argument("--classnames", required=True,
                         help="text file with one class name per line, in sorted-folder order")
     parser.add_argument("--templates", required=True, help="text file with one prompt template per line, with {}")
-    parser.add_argument("--batch-size", type=int, default=64, help="images / prompts encoded per forward pass")
-    parser.add_argument("--device", default="cpu", help="torch device for the model, e.g. cpu or cuda")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for image decoding")
     parser.add_argument("--per-class", action="store_true", help="also report the top-1 accuracy of every class")
     parser.add_argument("--linear-probe", action="store_true",
                         help="also fit a logistic-regression probe on --train-root features and report its accuracy")
     parser.add_argument("--train-root", default=None, help="train ImageFolder for --linear-probe")
     parser.add_argument("--probe-c", type=float, default=1.0,
                         help="inverse L2 regularisation strength C of the linear probe")
-    parser.add_argument("--output", default=None, help="write the metrics to this json file")
     return parser
 
 
@@ -200,17 +195,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.linear_probe and not args.train_root:
         parser.error("--linear-probe needs --train-root")
     setup_cli_logging()
-    from unilm_vl.eval.common import load_encoder  # heavy (model code); only the CLI needs it
+    from unilm_vl.eval.common import load_encoder  # loads fairseq; only the CLI needs it
 
     encoder = load_encoder(args.checkpoint, device=args.device)
     metrics = evaluate_zeroshot(encoder, args.root, args.classnames, args.templates, batch_size=args.batch_size,
                                 per_class=args.per_class, device=args.device, num_workers=args.workers,
                                 train_root=args.train_root if args.linear_probe else None, probe_c=args.probe_c)
     print(format_zeroshot_table(metrics))
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            json.dump(metrics, fh, indent=2)
-        logger.info("wrote %s", args.output)
+    write_metrics(metrics, args.output)
     return metrics
 
 
