@@ -79,3 +79,52 @@ def compose(stages: List[Callable]) -> Callable:
         return sample
 
     return run
+
+
+@dataclass
+class MultiViewImage:
+    """``sample["image"] = global_transform(img)`` and ``sample["image_views"] = [view_transform(img)] * A``
+    (independent draws): the weak global view and A strong views of the improved CLIP recipe."""
+
+    global_transform: Callable
+    view_transform: Callable
+    num_views: int = 2
+
+    def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
+        image = sample["image"]
+        sample["image"] = self.global_transform(image)
+        sample["image_views"] = [self.view_transform(image) for _ in range(self.num_views)]
+        return sample
+
+
+@dataclass
+class TokenizeViews:
+    """``sample[out] = tokenizer.encode_batch(sample[field], context_length)``: (1 + A) x L token rows."""
+
+    tokenizer: Any
+    context_length: int
+    field: str = "captions"
+    out: str = "text_views"
+
+    def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
+        sample[self.out] = self.tokenizer.encode_batch(list(sample[self.field]), self.context_length)
+        return sample
+
+
+@dataclass
+class CollateMultiView(CollateImageText):
+    """:class:`CollateImageText` plus the augmented views, view-major (view ``a`` of sample ``b`` at ``[a, b]``)::
+
+        net_input: {"image": B x 3 x H x W (global), "text": B x L (weak caption, row 0),
+                    "image_views": A x B x 3 x H x W, "text_views": A x B x L (strong captions)}
+    """
+
+    def __call__(self, samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        rows = torch.stack([s["text_views"] for s in samples])  # B x (1+A) x L
+        for s, r in zip(samples, rows):
+            s[self.text_field] = r[0]
+        batch = super().__call__(samples)
+        batch["net_input"]["text_views"] = rows[:, 1:].transpose(0, 1).contiguous()  # A x B x L
+        batch["net_input"]["image_views"] = torch.stack(
+            [torch.stack(views) for views in zip(*(s["image_views"] for s in samples))])  # A x B x 3 x H x W
+        return batch
