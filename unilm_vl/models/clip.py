@@ -72,32 +72,34 @@ class ClipModel(BaseFairseqModel):
         return None
 
 
-def _set(args, name, value):
-    setattr(args, name, getattr(args, name, None) or value)
+def set_default_arg(args, name, value):
+    """Arch functions only fill options the user did not give."""
+    if getattr(args, name, None) is None:
+        setattr(args, name, value)
 
 
 @register_model_architecture("clip", "clip_tiny")
 def clip_tiny(args):
     """ViT 2x128 patch 8 at 64 px, text 2x128, 64-d embedding: trains on CPU in minutes."""
-    _set(args, "open_clip_model", "unilm-vl-clip-tiny")
+    set_default_arg(args, "open_clip_model", "unilm-vl-clip-tiny")
 
 
 @register_model_architecture("clip", "clip_small")
 def clip_small(args):
     """ViT 6x384 patch 8 at 96 px, text 6x256, 256-d embedding."""
-    _set(args, "open_clip_model", "unilm-vl-clip-small")
+    set_default_arg(args, "open_clip_model", "unilm-vl-clip-small")
 
 
 @register_model_architecture("clip", "clip_vit_b_32")
 def clip_vit_b_32(args):
-    _set(args, "open_clip_model", "ViT-B-32")
+    set_default_arg(args, "open_clip_model", "ViT-B-32")
 
 
 @register_model_architecture("clip", "clip_vit_b_16")
 def clip_vit_b_16(args):
-    _set(args, "open_clip_model", "ViT-B-16")
+    set_default_arg(args, "open_clip_model", "ViT-B-16")
 
 
 @register_model_architecture("clip", "clip_vit_l_14")
 def clip_vit_l_14(args):
-    _set(args, "open_clip_model", "ViT-L-14")
+    set_default_arg(args, "open_clip_model", "ViT-L-14")

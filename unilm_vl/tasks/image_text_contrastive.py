@@ -5,6 +5,11 @@ Sample format (after collation)::
     {"id": [keys], "nsentences": B, "ntokens": int,
      "net_input": {"image": B x 3 x H x W float, "text": B x L long}}
 
+With ``--num-augs A > 0`` (the improved CLIP recipe of clip-rocket) training batches also carry
+``net_input["image_views"]`` (A x B x 3 x H x W, strong augmentations) and ``net_input["text_views"]`` (A x B x L,
+EDA-augmented captions); ``text`` is then the weak global caption view (stop-words dropped with
+``--remove-stopwords-prob``). Validation batches stay plain.
+
 Any source of :mod:`unilm_vl.data` feeds it (TSV, img2dataset webdataset, frame folders via their middle frame,
 weighted json mixtures). Image size and normalisation come from the built model; captions are tokenised with the
 configured tokenizer (open_clip's BPE by default).
@@ -17,9 +22,11 @@ from typing import Optional
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 
-from ..data.stages import CollateImageText, FramesToImage, ImageTransform, Tokenize
+from ..data.stages import (CollateImageText, CollateMultiView, FramesToImage, ImageTransform, MultiViewImage,
+                           Tokenize, TokenizeViews)
+from ..data.text_augment import TextAugmentConfig, TextViews
 from ..data.tokenizers import TokenizerConfig, build_tokenizer
-from ..data.transforms import clip_image_transform
+from ..data.transforms import clip_image_transform, rocket_global_transform, rocket_view_transform
 from ._base import StreamDataConfig, StreamTaskBase
 
 logger = logging.getLogger(__name__)
@@ -40,6 +47,17 @@ class ImageTextContrastiveConfig(StreamDataConfig):
         "help": "text tokens per caption (default: the text tower's context length)"})
     train_crop_scale_min: float = field(default=0.9, metadata={
         "help": "training RandomResizedCrop scale lower bound (open_clip default 0.9); 1.0 = resize + centre crop"})
+    num_augs: int = field(default=0, metadata={
+        "help": "improved CLIP recipe (clip-rocket): A strong image and text views per training sample besides the "
+                "weak global view (the reference uses 2); 0 = plain CLIP batches"})
+    text_augment: bool = field(default=False, metadata={
+        "help": "apply one EDA op (synonym replacement / swap / deletion, weights .4/.4/.2) to each strong caption view"})
+    remove_stopwords_prob: float = field(default=0.8, metadata={
+        "help": "probability of dropping English stop-words from each caption view (with --num-augs > 0)"})
+    clean_before_augment: bool = field(default=False, metadata={
+        "help": "html-unescape, collapse whitespace and lowercase captions before augmenting them"})
+    synonym_lexicon: Optional[str] = field(default=None, metadata={
+        "help": "synonym file for EDA synonym replacement, 'word<TAB>syn1,syn2' per line (no WordNet download)"})
 
 
 @register_task("image_text_contrastive", dataclass=ImageTextContrastiveConfig)
@@ -76,9 +94,24 @@ class ImageTextContrastiveTask(StreamTaskBase):
         return clip_image_transform(self.image_size, train, self.image_mean, self.image_std,
                                     self.cfg.train_crop_scale_min)
 
+    def multiview(self, split: str) -> bool:
+        return split == "train" and self.cfg.num_augs > 0
+
     def build_stages(self, split: str):
+        if self.multiview(split):
+            size, mean, std = self.image_size, self.image_mean, self.image_std
+            text_cfg = TextAugmentConfig(
+                num_augs=self.cfg.num_augs, remove_stopwords_prob=self.cfg.remove_stopwords_prob,
+                text_augment=self.cfg.text_augment, clean_before_augment=self.cfg.clean_before_augment,
+                lexicon_path=self.cfg.synonym_lexicon)
+            return [FramesToImage(),
+                    MultiViewImage(rocket_global_transform(size, mean, std), rocket_view_transform(size, mean, std),
+                                   self.cfg.num_augs),
+                    TextViews(text_cfg), TokenizeViews(self.tokenizer, self.context_length)]
         return [FramesToImage(), ImageTransform(self.image_transform(train=split == "train")),
                 Tokenize(self.tokenizer, self.context_length)]
 
     def build_collater(self, split: str):
+        if self.multiview(split):
+            return CollateMultiView(pad_id=self.tokenizer.pad_id)
         return CollateImageText(pad_id=self.tokenizer.pad_id)
