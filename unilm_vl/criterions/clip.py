@@ -78,7 +78,7 @@ def reduce_contrastive_metrics(logging_outputs) -> None:
     nsentences = sum(log.get("nsentences", 0) for log in logging_outputs) or 1
     keys = set().union(*(log.keys() for log in logging_outputs)) if logging_outputs else set()
     for key in sorted(keys):
-        if key == "loss" or key.endswith("_loss") or key == "logit_scale":
+        if key == "loss" or key.endswith("_loss") or key.endswith("logit_scale"):
             metrics.log_scalar(key, sum(log.get(key, 0) for log in logging_outputs) / sample_size,
                                sample_size, round=4)
         elif key.endswith("_acc"):

@@ -6,18 +6,23 @@ Input: ``image`` B x 3 x H x W and ``text`` B x L (global views), optionally ``i
 ``text_views`` A x B x L (the task's ``--num-augs`` strong views). Output: see the module. Under DDP on CUDA the
 heads' BatchNorm layers are converted to SyncBatchNorm, as in the reference (CPU/gloo keeps per-rank BatchNorm:
 PyTorch's SyncBatchNorm needs CUDA).
+
+``--ssl-head siamlip|barlip`` adds the non-contrastive heads of the reference's SiamLIP/BarLIP models (and
+``--momentum`` the EMA copy of BYOLIP); the archs ``clip_rocket_{siamlip,byolip,barlip,swalip}_*`` set them.
 """
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
 
 from ..constants import CLIP_INIT_LOGIT_SCALE, CLIP_MAX_LOGIT_SCALE
 from ..modules.clip import ClipTowersConfig, tower_image_size, tower_norm
-from ..modules.clip_rocket import ClipRocketConfig, ClipRocketModule
+from ..modules.clip_rocket import ClipRocketConfig, ClipRocketModule, SslHeadsConfig
 from .clip import set_default_arg
+
+SSL_HEAD_CHOICES = ChoiceEnum(["none", "siamlip", "barlip"])
 
 
 @dataclass
@@ -34,6 +39,21 @@ class ClipRocketModelConfig(FairseqDataclass):
     l2l_hidden_dim: int = field(default=4096, metadata={"help": "hidden width of the l2l MLP projectors"})
     l2l_dim: int = field(default=256, metadata={"help": "output width of the l2l MLP projectors"})
     force_quick_gelu: bool = field(default=False, metadata={"help": "QuickGELU activations (OpenAI weights)"})
+    ssl_head: SSL_HEAD_CHOICES = field(default="none", metadata={
+        "help": "non-contrastive heads on the pooled features: siamlip (SimSiam projector + image->text and "
+                "text->image predictors, for the siamlip/byolip criteria) or barlip (Barlow Twins projector)"})
+    ssl_hidden_dim: int = field(default=2048, metadata={
+        "help": "hidden width of the non-contrastive heads (reference: 2048 SiamLIP, 3000 BarLIP)"})
+    ssl_dim: int = field(default=128, metadata={
+        "help": "output width of the non-contrastive heads (reference: 128 SiamLIP, 8192 BarLIP)"})
+    separate_proj_child: bool = field(default=False, metadata={
+        "help": "separate non-contrastive heads for the augmented views (else shared with the global views)"})
+    siamlip_no_last_bn: bool = field(default=False, metadata={
+        "help": "drop the final non-affine BatchNorm of the SiamLIP projector"})
+    momentum: bool = field(default=False, metadata={
+        "help": "BYOLIP: SiamLIP targets from an EMA copy of the whole model (saved in the checkpoint)"})
+    momentum_tau: float = field(default=0.99, metadata={
+        "help": "constant EMA rate of the momentum copy, applied after every optimiser step"})
 
 
 @register_model("clip_rocket", dataclass=ClipRocketModelConfig)
@@ -46,7 +66,11 @@ class ClipRocketModel(BaseFairseqModel):
                                     init_logit_scale=cfg.init_logit_scale, max_logit_scale=cfg.max_logit_scale,
                                     force_quick_gelu=cfg.force_quick_gelu),
             separate_proj=cfg.separate_proj, l2l_hidden_dim=cfg.l2l_hidden_dim, l2l_dim=cfg.l2l_dim,
-            max_logit_scale=cfg.max_logit_scale))
+            max_logit_scale=cfg.max_logit_scale,
+            ssl=SslHeadsConfig(kind=str(cfg.ssl_head), hidden_dim=cfg.ssl_hidden_dim, dim=cfg.ssl_dim,
+                               separate_child=cfg.separate_proj_child, siamlip_last_bn=not cfg.siamlip_no_last_bn,
+                               momentum=cfg.momentum),
+            momentum_tau=cfg.momentum_tau))
         self.image_mean, self.image_std = tower_norm(self.net.clip)
 
     @classmethod
@@ -77,6 +101,8 @@ class ClipRocketModel(BaseFairseqModel):
         return float(self.net.logit_scale.detach().exp())
 
     def after_optimizer_step(self, update_num: int) -> None:
+        """After every optimiser step, as the reference (main.py): the EMA of the momentum copy, then the clamps."""
+        self.net.update_momentum()
         self.net.clamp_logit_scales()
 
     def max_positions(self):
@@ -97,3 +123,63 @@ def clip_rocket_vit_b_16(args):
     set_default_arg(args, "open_clip_model", "ViT-B-16")
     set_default_arg(args, "l2l_hidden_dim", 4096)
     set_default_arg(args, "l2l_dim", 256)
+
+
+def _siamlip_heads(args, hidden: int, dim: int):
+    set_default_arg(args, "ssl_head", "siamlip")
+    set_default_arg(args, "ssl_hidden_dim", hidden)
+    set_default_arg(args, "ssl_dim", dim)
+
+
+def _barlip_heads(args, hidden: int, dim: int):
+    set_default_arg(args, "ssl_head", "barlip")
+    set_default_arg(args, "ssl_hidden_dim", hidden)
+    set_default_arg(args, "ssl_dim", dim)
+
+
+@register_model_architecture("clip_rocket", "clip_rocket_siamlip_tiny")
+def clip_rocket_siamlip_tiny(args):
+    """clip_rocket_tiny with SiamLIP heads 128 -> 32 (criterion siamlip)."""
+    _siamlip_heads(args, 128, 32)
+    clip_rocket_tiny(args)
+
+
+@register_model_architecture("clip_rocket", "clip_rocket_byolip_tiny")
+def clip_rocket_byolip_tiny(args):
+    """clip_rocket_siamlip_tiny with the EMA momentum copy (criterion byolip)."""
+    args.momentum = True  # a store_true flag: argparse leaves False, never None
+    clip_rocket_siamlip_tiny(args)
+
+
+@register_model_architecture("clip_rocket", "clip_rocket_barlip_tiny")
+def clip_rocket_barlip_tiny(args):
+    """clip_rocket_tiny with Barlow Twins heads 128 -> 256 (criterion barlip)."""
+    _barlip_heads(args, 128, 256)
+    clip_rocket_tiny(args)
+
+
+@register_model_architecture("clip_rocket", "clip_rocket_swalip_tiny")
+def clip_rocket_swalip_tiny(args):
+    """SwALIP reuses the l2l heads: clip_rocket_tiny (criterion swalip)."""
+    clip_rocket_tiny(args)
+
+
+@register_model_architecture("clip_rocket", "clip_rocket_siamlip_vit_b_16")
+def clip_rocket_siamlip_vit_b_16(args):
+    """The reference's SiamLIP heads (2048 -> 128) on clip_rocket_vit_b_16."""
+    _siamlip_heads(args, 2048, 128)
+    clip_rocket_vit_b_16(args)
+
+
+@register_model_architecture("clip_rocket", "clip_rocket_byolip_vit_b_16")
+def clip_rocket_byolip_vit_b_16(args):
+    """clip_rocket_siamlip_vit_b_16 with the EMA momentum copy (tau 0.99)."""
+    args.momentum = True  # a store_true flag: argparse leaves False, never None
+    clip_rocket_siamlip_vit_b_16(args)
+
+
+@register_model_architecture("clip_rocket", "clip_rocket_barlip_vit_b_16")
+def clip_rocket_barlip_vit_b_16(args):
+    """The reference's BarLIP heads (3000 -> 8192) on clip_rocket_vit_b_16."""
+    _barlip_heads(args, 3000, 8192)
+    clip_rocket_vit_b_16(args)

@@ -1,0 +1,91 @@
+"""Criterion ``clip_rocket``: the CL2L loss of the improved CLIP recipe (Fini et al. 2023, "Improved baselines for
+vision-language pre-training"; reference clip-rocket ``losses.py`` CL2LLoss, notes contrastive.md 3.4).
+
+Sample: the contrastive task with ``--num-augs A`` (global image/text plus A strong image and text views); the
+model is ``clip_rocket``. Loss: the global CLIP terms without label smoothing plus the mean over all A x A
+(image view, text view) pairs of the l2l terms with label smoothing ``--label-smoothing``, weighted
+``(Lg + A Ll) / (1 + A)``, averaged over both directions and doubled with ``--loss-avg-or-sum sum``. Without views
+(validation) only the global terms remain. Logits are local rows against the gathered columns, as the reference.
+
+Gradient semantics (``--gather-gradient``): ``full`` (default) gathers with a differentiable all-gather so that
+rank-averaged gradients equal the 1-rank full-batch gradients; ``reference`` is clip-rocket's detached
+``all_gather`` without substituting the own slot (query-side-only gradients). ``sample_size`` is 1 per rank.
+
+The non-contrastive criteria ``siamlip``, ``byolip``, ``barlip`` and ``swalip`` subclass this one and add their
+term to the CL2L loss, as the reference does.
+"""
+from dataclasses import dataclass, field
+from typing import Dict
+
+import torch
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+
+from . import functional
+from .clip import data_parallel_rank_world, reduce_contrastive_metrics
+
+GATHER_GRADIENT_CHOICES = ChoiceEnum(["full", "reference"])
+
+
+@dataclass
+class ClipRocketConfig(FairseqDataclass):
+    label_smoothing: float = field(default=0.1, metadata={
+        "help": "label smoothing of the augmented-view (l2l) terms only; the global terms have none "
+                "(CLIP-rocket recipe: 0.1, reference default and SwALIP: 0)"})
+    loss_avg_or_sum: ChoiceEnum(["avg", "sum"]) = field(default="avg", metadata={
+        "help": "avg: (L_img + L_txt) / 2; sum: L_img + L_txt (the CLIP-rocket recipe on YFCC15M)"})
+    gather_gradient: GATHER_GRADIENT_CHOICES = field(default="full", metadata={
+        "help": "full: differentiable gathers/all-reduces (rank-averaged gradients equal the 1-rank full-batch "
+                "ones); reference: clip-rocket's detached gathers (query-side-only gradients)"})
+
+
+@register_criterion("clip_rocket", dataclass=ClipRocketConfig)
+class ClipRocketCriterion(FairseqCriterion):
+    def __init__(self, cfg: ClipRocketConfig, task):
+        super().__init__(task)
+        self.cfg = cfg
+
+    def extra_losses(self, out: Dict[str, torch.Tensor], rank: int, world: int) -> Dict[str, torch.Tensor]:
+        """The term a subclass adds to the CL2L loss (``{"<name>_loss": tensor}``, already weighted)."""
+        return {}
+
+    def forward(self, model, sample, reduce=True):
+        out = model(**sample["net_input"])
+        rank, world = data_parallel_rank_world() if model.training else (0, 1)
+        cl2l = functional.cl2l_loss(out["image_features"], out["text_features"], out["logit_scale"],
+                                    out.get("image_views"), out.get("text_views"), out.get("l2l_logit_scale"),
+                                    label_smoothing=self.cfg.label_smoothing, reduction=str(self.cfg.loss_avg_or_sum),
+                                    rank=rank, world_size=world, gradient=str(self.cfg.gather_gradient))
+        extra = self.extra_losses(out, rank, world)
+        loss = cl2l["clip_loss"] + sum(extra.values())
+        acc = functional.contrastive_accuracy(out["image_features"], out["text_features"])
+        bsz = sample["nsentences"]
+        logging_output = {
+            "loss": loss.detach().item(),
+            "ntokens": sample["ntokens"],
+            "nsentences": bsz,
+            "sample_size": 1,
+            "logit_scale": out["logit_scale"].detach().float().item(),
+            "i2t_acc": acc["i2t_acc"].item() * bsz,
+            "t2i_acc": acc["t2i_acc"].item() * bsz,
+        }
+        if "l2l_logit_scale" in out:
+            logging_output["l2l_logit_scale"] = out["l2l_logit_scale"].detach().float().item()
+        for name, value in {**cl2l, **extra}.items():
+            logging_output[name] = value.detach().item()
+        return loss, 1, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        reduce_contrastive_metrics(logging_outputs)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True
+
+
+def require_outputs(criterion: str, out: Dict[str, torch.Tensor], keys, hint: str) -> None:
+    """A clear error when the model lacks the heads a criterion needs (instead of a KeyError deep in the loss)."""
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise ValueError(f"criterion {criterion} needs model outputs {missing}: {hint}")
