@@ -111,3 +111,54 @@ def test_reference_gradient_semantics(two_rank_results):
 def test_sinkhorn_with_all_reduced_sums_equals_concatenated_batch(two_rank_results):
     scores = torch.randn(W * B, 5, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(two_rank_results["sinkhorn"], fn.sinkhorn_knopp(scores), atol=1e-6, rtol=1e-5)
+
+
+def _momentum_worker(rank, init_file, out_dir):
+    """Two ranks train the BYOLIP tiny model a few steps on different data, with DDP-style gradient averaging."""
+    from argparse import Namespace
+
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    from unilm_vl.criterions.byolip import ByolipConfig, ByolipCriterion
+    from unilm_vl.models.clip_rocket import ClipRocketModel, ClipRocketModelConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+    torch.manual_seed(0)  # same initial weights on both ranks, as DDP's broadcast gives
+    args = Namespace(momentum_tau=0.5)
+    ARCH_CONFIG_REGISTRY["clip_rocket_byolip_tiny"](args)
+    model = ClipRocketModel(ClipRocketModelConfig(**vars(args))).train()
+    criterion = ByolipCriterion(ByolipConfig(), None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    g = torch.Generator().manual_seed(100 + rank)  # different local batches
+    for step in range(2):
+        sample = {"net_input": {"image": torch.randn(4, 3, 64, 64, generator=g),
+                                "text": torch.randint(1, 4000, (4, 32), generator=g),
+                                "image_views": torch.randn(2, 4, 3, 64, 64, generator=g),
+                                "text_views": torch.randint(1, 4000, (2, 4, 32), generator=g)},
+                  "nsentences": 4, "ntokens": 128}
+        optimizer.zero_grad()
+        loss, _, _ = criterion(model, sample)
+        loss.backward()
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= W
+        optimizer.step()
+        model.after_optimizer_step(step + 1)
+    flat = torch.cat([p.detach().flatten() for p in model.net.momentum_net.parameters()])
+    parts = [torch.empty_like(flat) for _ in range(W)]
+    dist.all_gather(parts, flat)
+    online = torch.cat([p.detach().flatten() for _, p in model.net.online_parameters()])
+    if rank == 0:
+        torch.save({"momentum": parts, "online": online}, os.path.join(out_dir, "momentum.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_momentum_copies_stay_identical_across_ranks(tmp_path):
+    mp.spawn(_momentum_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=W, join=True)
+    result = torch.load(tmp_path / "momentum.pt")
+    rank0, rank1 = result["momentum"]
+    torch.testing.assert_close(rank1, rank0, atol=0, rtol=0)
+    assert not torch.equal(rank0, result["online"])  # the copy lags the online model (tau 0.5, 2 steps)
