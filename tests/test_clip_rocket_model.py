@@ -114,3 +114,20 @@ def test_byolip_momentum_copy_targets_and_ema():
         torch.testing.assert_close(p, expected, msg=name)
     with pytest.raises(ValueError, match="SiamLIP heads"):
         build_arch("clip_rocket_barlip_tiny", momentum=True)
+
+
+def test_l2l_head_encoders_for_zero_shot():
+    model = build().eval()
+    image, text = batch()[:2]
+    net = model.net
+    torch.testing.assert_close(model.encode_image_l2l(image),
+                               torch.nn.functional.normalize(net.l2l_image_projector(net.image_pooled(image)), dim=-1))
+    assert model.encode_text_l2l(text).shape == (4, 64) and model.has_l2l_head
+    plain = build(separate_proj=False)
+    assert not plain.has_l2l_head
+    with pytest.raises(ValueError, match="no l2l heads"):
+        plain.encode_image_l2l(image)
+    from unilm_vl.eval.common import FairseqContrastiveEncoder
+
+    with pytest.raises(ValueError, match="no l2l head"):
+        FairseqContrastiveEncoder(plain, task=None, head="l2l")

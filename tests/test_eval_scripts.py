@@ -133,7 +133,8 @@ def test_retrieval_bad_inputs(colour_images):
 
 
 def test_retrieval_cli(colour_images, monkeypatch, capsys):
-    monkeypatch.setattr(common, "load_encoder", lambda checkpoint, device="cpu": ColourEncoder(), raising=False)
+    monkeypatch.setattr(common, "load_encoder", lambda checkpoint, device="cpu", head="clip": ColourEncoder(),
+                        raising=False)
     ann = write_karpathy(colour_images / "karpathy.json", SHUFFLED)
     out = colour_images / "metrics.json"
     retrieval.main(["--checkpoint", "unused.pt", "--data", ann, "--batch-size", "2", "--output", str(out)])
@@ -184,7 +185,8 @@ def test_zeroshot_folder_classname_mismatch(tmp_path):
 
 
 def test_zeroshot_cli_with_linear_probe(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common, "load_encoder", lambda checkpoint, device="cpu": ColourEncoder(), raising=False)
+    monkeypatch.setattr(common, "load_encoder", lambda checkpoint, device="cpu", head="clip": ColourEncoder(),
+                        raising=False)
     test_root = make_folder(tmp_path / "test", {"000": ["red", "red", "blue"], "001": ["green"], "002": ["blue"]})
     train_root = make_folder(tmp_path / "train", {"000": ["red"] * 3, "001": ["green"] * 3, "002": ["blue"] * 3})
     (tmp_path / "classnames.txt").write_text("red\ngreen\nblue\n")
@@ -200,3 +202,21 @@ def test_zeroshot_cli_with_linear_probe(tmp_path, monkeypatch, capsys):
     assert m["num_train_images"] == 9
     assert json.loads(out.read_text()) == pytest.approx(m)
     assert "linear probe top-1" in capsys.readouterr().out
+
+
+class ShiftedColourEncoder(ColourEncoder):
+    """A second 'head' whose image side sees red as green, green as blue and blue as red."""
+
+    def encode_images(self, images):
+        return torch.roll(super().encode_images(images), 1, dims=-1)
+
+
+def test_zeroshot_l2l_head_and_ensembles(tmp_path):
+    root = make_folder(tmp_path / "test", {"000": ["red", "red", "blue"], "001": ["green"], "002": ["blue"]})
+    same = evaluate_zeroshot(ColourEncoder(), root, CLASSNAMES, TEMPLATES, l2l_encoder=ColourEncoder())
+    assert same["top1_h"] == pytest.approx(80.0)
+    assert same["ensemble_top1"] == pytest.approx({f"0.{w}": 80.0 for w in range(1, 10)})
+    shifted = evaluate_zeroshot(ColourEncoder(), root, CLASSNAMES, TEMPLATES, l2l_encoder=ShiftedColourEncoder())
+    assert shifted["top1"] == pytest.approx(80.0)  # the CLIP head's numbers do not change
+    assert shifted["top1_h"] == pytest.approx(20.0)  # only the blue image filed under red is 'right'
+    assert list(shifted["ensemble_top1"]) == [f"0.{w}" for w in range(1, 10)]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from unilm_vl.eval.metrics import (mean_per_class_accuracy, mean_rank, median_rank, per_class_accuracy,
+from unilm_vl.eval.metrics import (ensemble_scores, mean_per_class_accuracy, mean_rank, median_rank, per_class_accuracy,
                                    recall_at_k, retrieval_metrics, retrieval_ranks, topk_accuracy,
                                    zeroshot_classifier)
 
@@ -160,3 +160,15 @@ def test_zeroshot_classifier_single_template_and_synonyms():
     # Synonyms: prompts of "dog" and "hound" over both templates: [1,0], [0,-1], [0,1], [0,1] -> mean [.25,.25].
     w = zeroshot_classifier(FixedTextEncoder(), [["dog", "hound"]], ["a {}", "a photo of {}"])
     torch.testing.assert_close(w[:, 0], torch.tensor([0.5 ** 0.5, 0.5 ** 0.5]))
+
+
+def test_two_head_ensemble():
+    z = torch.tensor([[0.9, 0.1], [0.2, 0.3]])
+    h = torch.tensor([[0.1, 0.5], [0.6, 0.0]])
+    torch.testing.assert_close(ensemble_scores(z, h, 1.0), z)  # w = 1 is the z branch alone
+    torch.testing.assert_close(ensemble_scores(z, h, 0.0), h)
+    torch.testing.assert_close(ensemble_scores(z, h, 0.3), torch.tensor([[0.34, 0.38], [0.48, 0.09]]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ensemble_scores(z, h, 1.5)
+    with pytest.raises(ValueError, match="shape"):
+        ensemble_scores(z, h[:1], 0.5)

@@ -28,21 +28,27 @@ class ImageTextEncoder(Protocol):
 class FairseqContrastiveEncoder:
     """:class:`ImageTextEncoder` over a trained unilm_vl contrastive model and its task (tokenizer, transform)."""
 
-    def __init__(self, model, task, device: str = "cpu"):
+    def __init__(self, model, task, device: str = "cpu", head: str = "clip"):
+        if head not in ("clip", "l2l"):
+            raise ValueError(f"head must be 'clip' or 'l2l', got {head!r}")
+        if head == "l2l" and not getattr(model, "has_l2l_head", False):
+            raise ValueError(f"{type(model).__name__} has no l2l head (a clip_rocket model with --separate-proj has)")
         self.model = model.to(device).eval()
         self.task = task
         self.device = torch.device(device)
         self.image_transform = task.image_transform(train=False)
         self.logit_scale = float(model.logit_scale_value())
+        self._encode_image = model.encode_image_l2l if head == "l2l" else model.encode_image
+        self._encode_text = model.encode_text_l2l if head == "l2l" else model.encode_text
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images.to(self.device)).float()
+        return self._encode_image(images.to(self.device)).float()
 
     @torch.no_grad()
     def encode_texts(self, texts: List[str]) -> torch.Tensor:
         tokens = self.task.tokenizer.encode_batch(list(texts), self.task.context_length)
-        return self.model.encode_text(tokens.to(self.device)).float()
+        return self._encode_text(tokens.to(self.device)).float()
 
 
 def load_checkpoint(checkpoint: str, device: str = "cpu", arg_overrides: Optional[dict] = None):
@@ -58,10 +64,11 @@ def load_checkpoint(checkpoint: str, device: str = "cpu", arg_overrides: Optiona
     return models[0].to(device).eval(), task, cfg
 
 
-def load_encoder(checkpoint: str, device: str = "cpu") -> ImageTextEncoder:
-    """An :class:`ImageTextEncoder` for a checkpoint of any contrastive unilm_vl model."""
+def load_encoder(checkpoint: str, device: str = "cpu", head: str = "clip") -> ImageTextEncoder:
+    """An :class:`ImageTextEncoder` for a checkpoint of any contrastive unilm_vl model; ``head="l2l"`` encodes
+    with a clip_rocket model's l2l heads instead of the CLIP projectors."""
     model, task, _ = load_checkpoint(checkpoint, device)
-    return FairseqContrastiveEncoder(model, task, device)
+    return FairseqContrastiveEncoder(model, task, device, head=head)
 
 
 def add_common_eval_args(parser) -> None:

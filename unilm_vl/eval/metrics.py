@@ -219,3 +219,14 @@ def zeroshot_classifier(encode_texts: Callable[[List[str]], torch.Tensor], class
         emb = F.normalize(emb, dim=-1)
         columns.append(F.normalize(emb.mean(0), dim=0))
     return torch.stack(columns, dim=1)  # D x C
+
+
+def ensemble_scores(z_scores: ArrayLike, h_scores: ArrayLike, weight: float) -> torch.Tensor:
+    """clip-rocket's two-head zero-shot ensemble ``w * z_sim + (1 - w) * h_sim`` (CLIP head z, l2l head h);
+    ``w = 1`` is the CLIP head alone."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"ensemble weight must be in [0, 1], got {weight}")
+    z, h = _as_tensor(z_scores).float(), _as_tensor(h_scores).float()
+    if z.shape != h.shape:
+        raise ValueError(f"score matrices differ in shape: {tuple(z.shape)} vs {tuple(h.shape)}")
+    return weight * z + (1.0 - weight) * h

@@ -22,7 +22,7 @@ CLI::
 
     python -m unilm_vl.eval.zeroshot_classification --checkpoint CKPT --root DIR/test
         --classnames DIR/classnames.txt --templates DIR/templates.txt [--batch-size 64] [--device cpu]
-        [--per-class] [--linear-probe --train-root DIR/train [--probe-c 1.0]] [--output out.json]
+        [--per-class] [--linear-probe --train-root DIR/train [--probe-c 1.0]] [--l2l-ensemble] [--output out.json]
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from unilm_vl.eval.common import ImageTextEncoder, add_common_eval_args, write_metrics
-from unilm_vl.eval.metrics import (mean_per_class_accuracy, per_class_accuracy, topk_accuracy,
+from unilm_vl.eval.metrics import (ensemble_scores, mean_per_class_accuracy, per_class_accuracy, topk_accuracy,
                                    zeroshot_classifier)
 from unilm_vl.eval.retrieval import check_files_exist, encode_image_files
 from unilm_vl.logging_utils import setup_cli_logging
@@ -112,13 +112,15 @@ def fit_linear_probe(train_feats: np.ndarray, train_labels: Sequence[int], test_
 def evaluate_zeroshot(encoder: ImageTextEncoder, root: str, classnames: Union[str, Sequence[str]],
                       templates: Union[str, Sequence[str]], batch_size: int = 64, per_class: bool = False,
                       device: Optional[str] = None, num_workers: int = 0, train_root: Optional[str] = None,
-                      probe_c: float = 1.0) -> Dict[str, Any]:
+                      probe_c: float = 1.0, l2l_encoder: Optional[ImageTextEncoder] = None) -> Dict[str, Any]:
     """Zero-shot classification metrics of ``encoder`` on the ImageFolder at ``root``.
 
     ``classnames`` and ``templates`` are lists, or paths of text files with one entry per line.
     Returns ``top1``, ``top5``, ``mean_per_class_accuracy`` (percent), ``num_images`` and ``num_classes``; with
     ``per_class`` also ``per_class_top1`` (class name -> percent, ``nan`` for a class without test images); with
-    ``train_root`` also ``linear_probe_top1`` and ``num_train_images`` (see :func:`fit_linear_probe`).
+    ``train_root`` also ``linear_probe_top1`` and ``num_train_images`` (see :func:`fit_linear_probe`); with
+    ``l2l_encoder`` (clip-rocket's second head) also ``top1_h``, ``top5_h`` and ``ensemble_top1`` (``"w"`` ->
+    top-1 of ``w * z_sim + (1 - w) * h_sim`` for w = 0.1 ... 0.9, :func:`ensemble_scores`).
     Raises ``ValueError`` when the number of class folders differs from the number of class names.
     """
     names = _resolve_list(classnames)
@@ -143,6 +145,13 @@ def evaluate_zeroshot(encoder: ImageTextEncoder, root: str, classnames: Union[st
     metrics["num_classes"] = len(names)
     if per_class:
         metrics["per_class_top1"] = dict(zip(names, per_class_accuracy(logits, labels, len(names))))
+    if l2l_encoder is not None:
+        h_feats = encode_image_files(l2l_encoder, data.image_paths, batch_size, device, num_workers)  # N x D_h
+        h_logits = 100.0 * h_feats @ zeroshot_classifier(l2l_encoder.encode_texts, names, prompts)  # N x C
+        h_top = topk_accuracy(h_logits, labels, ks=(1, 5))
+        metrics["top1_h"], metrics["top5_h"] = h_top["top1"], h_top["top5"]
+        metrics["ensemble_top1"] = {f"{w / 10:.1f}": topk_accuracy(ensemble_scores(logits, h_logits, w / 10), labels,
+                                                                   ks=(1,))["top1"] for w in range(1, 10)}
 
     if train_root is not None:
         train = load_image_folder(train_root)
@@ -165,6 +174,10 @@ def format_zeroshot_table(metrics: Dict[str, Any]) -> str:
              f"top-1                    {metrics['top1']:7.2f}",
              f"top-5                    {metrics['top5']:7.2f}",
              f"mean per-class accuracy  {metrics['mean_per_class_accuracy']:7.2f}"]
+    if "top1_h" in metrics:
+        lines.append(f"l2l head top-1 / top-5    {metrics['top1_h']:7.2f} {metrics['top5_h']:7.2f}")
+        lines.append("ensemble top-1 (w z + (1-w) h)  " + "  ".join(f"{w}:{acc:.1f}"
+                                                                 for w, acc in metrics["ensemble_top1"].items()))
     if "linear_probe_top1" in metrics:
         lines.append(f"linear probe top-1       {metrics['linear_probe_top1']:7.2f}"
                      f"   ({metrics['num_train_images']} train images)")
@@ -184,6 +197,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--linear-probe", action="store_true",
                         help="also fit a logistic-regression probe on --train-root features and report its accuracy")
     parser.add_argument("--train-root", default=None, help="train ImageFolder for --linear-probe")
+    parser.add_argument("--l2l-ensemble", action="store_true",
+                        help="clip_rocket models: also score the l2l head and the ensembles w*z + (1-w)*h")
     parser.add_argument("--probe-c", type=float, default=1.0,
                         help="inverse L2 regularisation strength C of the linear probe")
     return parser
@@ -198,9 +213,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from unilm_vl.eval.common import load_encoder  # loads fairseq; only the CLI needs it
 
     encoder = load_encoder(args.checkpoint, device=args.device)
+    l2l_encoder = load_encoder(args.checkpoint, device=args.device, head="l2l") if args.l2l_ensemble else None
     metrics = evaluate_zeroshot(encoder, args.root, args.classnames, args.templates, batch_size=args.batch_size,
                                 per_class=args.per_class, device=args.device, num_workers=args.workers,
-                                train_root=args.train_root if args.linear_probe else None, probe_c=args.probe_c)
+                                train_root=args.train_root if args.linear_probe else None, probe_c=args.probe_c,
+                                l2l_encoder=l2l_encoder)
     print(format_zeroshot_table(metrics))
     write_metrics(metrics, args.output)
     return metrics

@@ -97,6 +97,16 @@ class ClipRocketModel(BaseFairseqModel):
     def encode_text(self, text):
         return self.net.encode_text(text)
 
+    @property
+    def has_l2l_head(self) -> bool:
+        return self.net.cfg.separate_proj
+
+    def encode_image_l2l(self, image):
+        return self.net.encode_image_l2l(image)
+
+    def encode_text_l2l(self, text):
+        return self.net.encode_text_l2l(text)
+
     def logit_scale_value(self) -> float:
         return float(self.net.logit_scale.detach().exp())
 

@@ -172,6 +172,19 @@ class ClipRocketModule(nn.Module):
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_projector(self.text_pooled(text)), dim=-1)
 
+    def encode_image_l2l(self, image: torch.Tensor) -> torch.Tensor:
+        """The l2l head's embedding of a (global) image: clip-rocket's ``h`` branch of zero-shot evaluation."""
+        self._require_l2l()
+        return F.normalize(self.l2l_image_projector(self.image_pooled(image)), dim=-1)
+
+    def encode_text_l2l(self, text: torch.Tensor) -> torch.Tensor:
+        self._require_l2l()
+        return F.normalize(self.l2l_text_projector(self.text_pooled(text)), dim=-1)
+
+    def _require_l2l(self) -> None:
+        if not self.cfg.separate_proj:
+            raise ValueError("this model has no l2l heads (trained without --separate-proj)")
+
     def _pooled_views(self, views: torch.Tensor, pooled) -> torch.Tensor:
         A, B = views.shape[:2]
         return pooled(views.flatten(0, 1)).view(A, B, -1)  # A x B x W (towers use LayerNorm: one pass for all)
