@@ -119,7 +119,7 @@ def _momentum_worker(rank, init_file, out_dir):
 
     from fairseq.models import ARCH_CONFIG_REGISTRY
 
-    from unilm_vl.criterions.byolip import ByolipConfig, ByolipCriterion
+    from unilm_vl.criterions.byolip import ByolipCriterionConfig, ByolipCriterion
     from unilm_vl.models.clip_rocket import ClipRocketModel, ClipRocketModelConfig
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
@@ -127,7 +127,7 @@ def _momentum_worker(rank, init_file, out_dir):
     args = Namespace(momentum_tau=0.5)
     ARCH_CONFIG_REGISTRY["clip_rocket_byolip_tiny"](args)
     model = ClipRocketModel(ClipRocketModelConfig(**vars(args))).train()
-    criterion = ByolipCriterion(ByolipConfig(), None)
+    criterion = ByolipCriterion(ByolipCriterionConfig(), None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.1)
     g = torch.Generator().manual_seed(100 + rank)  # different local batches

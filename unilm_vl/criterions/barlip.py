@@ -14,16 +14,16 @@ import torch
 from fairseq.criterions import register_criterion
 
 from . import functional
-from .clip_rocket import ClipRocketConfig, ClipRocketCriterion, require_outputs
+from .clip_rocket import ClipRocketCriterionConfig, ClipRocketCriterion, require_outputs
 
 
 @dataclass
-class BarlipConfig(ClipRocketConfig):
+class BarlipCriterionConfig(ClipRocketCriterionConfig):
     barlip_lamb: float = field(default=5e-3, metadata={"help": "weight lambda of the off-diagonal terms"})
     barlip_scale_loss: float = field(default=0.025, metadata={"help": "scale of the whole Barlow Twins loss"})
 
 
-@register_criterion("barlip", dataclass=BarlipConfig)
+@register_criterion("barlip", dataclass=BarlipCriterionConfig)
 class BarlipCriterion(ClipRocketCriterion):
     def extra_losses(self, out: Dict[str, torch.Tensor], rank: int, world: int) -> Dict[str, torch.Tensor]:
         require_outputs("barlip", out, ["ssl_image", "ssl_text"],

@@ -12,15 +12,15 @@ from dataclasses import dataclass
 
 from fairseq.criterions import register_criterion
 
-from .siamlip import SiamlipConfig, SiamlipCriterion
+from .siamlip import SiamlipCriterionConfig, SiamlipCriterion
 
 
 @dataclass
-class ByolipConfig(SiamlipConfig):
+class ByolipCriterionConfig(SiamlipCriterionConfig):
     pass
 
 
-@register_criterion("byolip", dataclass=ByolipConfig)
+@register_criterion("byolip", dataclass=ByolipCriterionConfig)
 class ByolipCriterion(SiamlipCriterion):
     target_prefix = "target"
     hint = "use a clip_rocket arch with --ssl-head siamlip --momentum (e.g. clip_rocket_byolip_tiny)"

@@ -28,7 +28,7 @@ GATHER_GRADIENT_CHOICES = ChoiceEnum(["full", "reference"])
 
 
 @dataclass
-class ClipRocketConfig(FairseqDataclass):
+class ClipRocketCriterionConfig(FairseqDataclass):
     label_smoothing: float = field(default=0.1, metadata={
         "help": "label smoothing of the augmented-view (l2l) terms only; the global terms have none "
                 "(CLIP-rocket recipe: 0.1, reference default and SwALIP: 0)"})
@@ -39,9 +39,9 @@ class ClipRocketConfig(FairseqDataclass):
                 "ones); reference: clip-rocket's detached gathers (query-side-only gradients)"})
 
 
-@register_criterion("clip_rocket", dataclass=ClipRocketConfig)
+@register_criterion("clip_rocket", dataclass=ClipRocketCriterionConfig)
 class ClipRocketCriterion(FairseqCriterion):
-    def __init__(self, cfg: ClipRocketConfig, task):
+    def __init__(self, cfg: ClipRocketCriterionConfig, task):
         super().__init__(task)
         self.cfg = cfg
 

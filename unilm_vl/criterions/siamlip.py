@@ -14,15 +14,15 @@ import torch
 from fairseq.criterions import register_criterion
 
 from . import functional
-from .clip_rocket import ClipRocketConfig, ClipRocketCriterion, require_outputs
+from .clip_rocket import ClipRocketCriterionConfig, ClipRocketCriterion, require_outputs
 
 
 @dataclass
-class SiamlipConfig(ClipRocketConfig):
+class SiamlipCriterionConfig(ClipRocketCriterionConfig):
     pass
 
 
-@register_criterion("siamlip", dataclass=SiamlipConfig)
+@register_criterion("siamlip", dataclass=SiamlipCriterionConfig)
 class SiamlipCriterion(ClipRocketCriterion):
     target_prefix = "ssl"
     hint = "use a clip_rocket arch with --ssl-head siamlip (e.g. clip_rocket_siamlip_tiny)"

@@ -15,11 +15,11 @@ import torch
 from fairseq.criterions import register_criterion
 
 from . import functional
-from .clip_rocket import ClipRocketConfig, ClipRocketCriterion
+from .clip_rocket import ClipRocketCriterionConfig, ClipRocketCriterion
 
 
 @dataclass
-class SwalipConfig(ClipRocketConfig):
+class SwalipCriterionConfig(ClipRocketCriterionConfig):
     label_smoothing: float = field(default=0.0, metadata={
         "help": "label smoothing of the l2l terms (the reference's SwALIP runs use 0)"})
     swalip_weight: float = field(default=0.2, metadata={"help": "weight of the SwALIP term added to CL2L"})
@@ -27,7 +27,7 @@ class SwalipConfig(ClipRocketConfig):
     target_epsilon: float = field(default=0.05, metadata={"help": "Sinkhorn-Knopp entropy temperature epsilon"})
 
 
-@register_criterion("swalip", dataclass=SwalipConfig)
+@register_criterion("swalip", dataclass=SwalipCriterionConfig)
 class SwalipCriterion(ClipRocketCriterion):
     def extra_losses(self, out: Dict[str, torch.Tensor], rank: int, world: int) -> Dict[str, torch.Tensor]:
         if "image_views" not in out:
