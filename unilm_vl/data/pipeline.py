@@ -233,7 +233,9 @@ def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int, num_ba
                 # seeded by the sample's identity, so its augmentation does not depend on the rank/worker layout
                 sample_seed = derive_seed(plan.seed, epoch, record["__url__"], record["__index__"], "sample")
                 with _SampleSeed(sample_seed, in_main_process):
-                    sample = apply_stages(decode_record(record, spec), plan.stages)
+                    decoded = decode_record(record, spec)
+                    decoded["__seed__"] = sample_seed  # for stages that keep their own random.Random
+                    sample = apply_stages(decoded, plan.stages)
             except BadSample as exc:
                 counter.skip(exc)
                 continue

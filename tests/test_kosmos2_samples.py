@@ -1,0 +1,150 @@
+"""Kosmos-2 GRIT samples and batch layout against the reference notes (kosmos2.md 2.4, 3.4-3.5, checks 8-11)."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SHARED
+from unilm_vl.data.decode import BadSample
+from unilm_vl.data.kosmos2_samples import (CollateKosmos2, GritEntry, GritGroundedCaption, center_crop_box,
+                                           char_span_to_token_span, grounded_pieces, parse_grit_entries,
+                                           select_grounded_spans)
+
+REFERENCE = os.path.join(SHARED, "reference", "kosmos2")
+CAPTION = "a wire hanger with a paper cover that reads we heart our customers"
+BOX_COVER = (0.019644069503434333, 0.31054004033406574, 0.9622142865754519, 0.9603442351023356)
+BOX_HANGER = (0.019422357885505368, 0.027634161214033764, 0.9593302408854166, 0.969467560450236)
+# The GRIT README record (1024 x 693): noun chunks and referring expressions of the same two boxes.
+README_ANNOTATION = {
+    "phrase": [[19, 32, *BOX_COVER, 0.79298526], [0, 13, *BOX_HANGER, 0.67520964]],
+    "expression_v1": [[19, 66, *BOX_COVER, 0.79298526], [0, 66, *BOX_HANGER, 0.67520964]],
+}
+README_IDS = [64012, 64007, 10, 6454, 31772, 64008, 64009, 64013, 65036, 64010, 23, 64007, 10, 1287, 1285, 64008,
+              64009, 64301, 65004, 64010, 14, 6372, 46, 689, 84, 1158, 2]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    for name in ("sentencepiece.bpe.model", "dict.txt"):
+        if not os.path.isfile(os.path.join(REFERENCE, name)):
+            pytest.skip(f"Kosmos-2 reference file not present: {os.path.join(REFERENCE, name)} "
+                        "(the shared reference checkout is absent)")
+    from unilm_vl.data.grounding import build_kosmos2_tokenizer
+
+    return build_kosmos2_tokenizer(os.path.join(REFERENCE, "sentencepiece.bpe.model"),
+                                   os.path.join(REFERENCE, "dict.txt"))
+
+
+def readme_sample(annotation=README_ANNOTATION, caption=CAPTION):
+    return {"__key__": "155439", "__seed__": 7, "__where__": "readme.tsv:1", "caption": caption,
+            "image": Image.new("RGB", (1024, 693)), "meta": {"annotation": str(annotation)}}
+
+
+def test_center_crop_box_reference_case():
+    box = center_crop_box(BOX_COVER, (1024, 693))  # resized 330 x 224, left offset 53
+    assert box == pytest.approx((0.0, 0.31054004, 1.0, 0.96034424), abs=1e-6)
+    # a box mostly in the cropped-away left margin keeps < 20% of its area: dropped
+    assert center_crop_box((0.0, 0.0, 0.2, 1.0), (1024, 693)) is None
+    assert center_crop_box((0.0, 0.0, 0.02, 1.0), (1024, 693)) is None  # fully outside: empty
+    # a square image is only resized: the box is unchanged
+    assert center_crop_box((0.1, 0.2, 0.3, 0.4), (500, 500)) == pytest.approx((0.1, 0.2, 0.3, 0.4))
+    # portrait: the crop is vertical; offset (int(224 * 400 / 200) - 224) / 2 = 112 px
+    assert center_crop_box((0.0, 0.25, 1.0, 0.75), (200, 400)) == pytest.approx((0.0, 0.0, 1.0, 1.0))
+
+
+def test_expression_mode_keeps_outermost_spans_and_merges_identical_ones():
+    entries = [GritEntry(19, 66, (0.1, 0.1, 0.5, 0.5), 0.9), GritEntry(0, 66, (0.0, 0.0, 1.0, 1.0), 0.8),
+               GritEntry(0, 66, (0.2, 0.2, 0.4, 0.4), 0.7), GritEntry(30, 40, (0.1, 0.1, 0.2, 0.2), 0.5)]
+    spans = select_grounded_spans(entries, (224, 224), mode="expression")
+    assert [(s.start, s.end) for s in spans] == [(0, 66)]
+    assert spans[0].boxes == [(0.0, 0.0, 1.0, 1.0), (0.2, 0.2, 0.4, 0.4)]  # annotation order
+    phrase = select_grounded_spans(entries, (224, 224), mode="phrase")  # no root filter; score filter only
+    assert [(s.start, s.end) for s in phrase] == [(0, 66), (19, 66)]
+
+
+def test_parse_grit_entries_rejects_bad_boxes_and_spans():
+    assert parse_grit_entries([[0, 1, 0, 0, 1, 1, 0.9]], "a")[0] == GritEntry(0, 1, (0.0, 0.0, 1.0, 1.0), 0.9)
+    with pytest.raises(ValueError, match="outside"):
+        parse_grit_entries([[0, 1, -0.1, 0, 1, 1, 0.9]], "a")
+    with pytest.raises(ValueError, match="not inside the caption"):
+        parse_grit_entries([[0, 5, 0, 0, 1, 1, 0.9]], "a")
+    with pytest.raises(ValueError, match="start, end"):
+        parse_grit_entries([[0, 1, 0, 0, 1]], "a")
+
+
+def test_grounded_pieces_markup_order():
+    pieces = ["\u2581a", "\u2581dog", "\u2581and", "\u2581cat"]
+    out = grounded_pieces(pieces, [(0, 2, [(1, 2), (3, 4)]), (3, 4, [(5, 6)])])
+    assert out == ["<grounding>", "<phrase>", "\u2581a", "\u2581dog", "</phrase>", "<object>", "<patch_index_0001>",
+                   "<patch_index_0002>", "</delimiter_of_multi_objects/>", "<patch_index_0003>", "<patch_index_0004>",
+                   "</object>", "\u2581and", "<phrase>", "\u2581cat", "</phrase>", "<object>", "<patch_index_0005>",
+                   "<patch_index_0006>", "</object>"]
+    with pytest.raises(ValueError, match="no box"):
+        grounded_pieces(pieces, [(0, 1, [])])
+
+
+def test_readme_record_serialises_to_the_reference_ids(tokenizer):
+    stage = GritGroundedCaption(tokenizer, mode="phrase", use_object_bbox_prob=1.0)
+    sample = stage(readme_sample())
+    assert sample["grounded"] and sample["tokens"] == README_IDS
+    text = tokenizer.dictionary.string(torch.tensor(sample["tokens"]), bpe_symbol="sentencepiece")
+    assert text.startswith("<grounding><phrase> a wire hanger</phrase><object><patch_index_0000><patch_index_1023>"
+                           "</object> with<phrase> a paper cover</phrase><object><patch_index_0288>")
+
+
+def test_readme_record_expression_mode_and_plain_caption(tokenizer):
+    grounded = GritGroundedCaption(tokenizer, mode="expression", use_object_bbox_prob=1.0)(readme_sample())
+    ids = grounded["tokens"]
+    assert ids[:2] == [64012, 64007] and ids[-6:] == [64008, 64009, 64013, 65036, 64010, 2]  # one phrase, root box
+    plain = GritGroundedCaption(tokenizer, use_object_bbox_prob=0.0)(readme_sample())
+    assert not plain["grounded"] and plain["tokens"] == tokenizer.encode(CAPTION) + [2]
+
+
+def test_grounded_choice_is_seeded_by_the_sample(tokenizer):
+    stage = GritGroundedCaption(tokenizer, mode="phrase", use_object_bbox_prob=0.5)
+    draws = [stage(dict(readme_sample(), __seed__=s))["grounded"] for s in range(40)]
+    again = [stage(dict(readme_sample(), __seed__=s))["grounded"] for s in range(40)]
+    assert draws == again and 5 < sum(draws) < 35
+
+
+def test_bad_annotation_is_a_counted_skip(tokenizer):
+    stage = GritGroundedCaption(tokenizer, mode="phrase", use_object_bbox_prob=1.0)
+    bad_box = {"phrase": [[0, 13, 0.1, 0.1, 1.4, 0.9, 0.9]]}
+    with pytest.raises(BadSample, match=r"outside \[0, 1\].*readme.tsv:1"):
+        stage(readme_sample(bad_box))
+    with pytest.raises(BadSample, match="not JSON or a Python literal"):
+        stage(dict(readme_sample(), meta={"annotation": "{not a literal"}))
+
+
+def test_span_starting_inside_a_piece_and_misaligned_span(tokenizer):
+    pieces = tokenizer.encode_pieces
+    assert char_span_to_token_span(pieces, CAPTION, 0, 13) == (0, 3)  # "a wire hanger"
+    assert char_span_to_token_span(pieces, CAPTION, 19, 32) == (4, 7)  # " a paper cover" after "with"
+    assert char_span_to_token_span(pieces, CAPTION, 7, 13) == (2, 3)  # "hanger": the space is not a piece
+    # "per" of "a paper" starts inside the piece "\u2581paper": pieces("a pa") is not a prefix but its first
+    # piece is, so the span starts one piece earlier (the release's b[:-1] rule)
+    assert pieces("a pa") == ["\u2581a", "\u2581pa"] and pieces("a paper") == ["\u2581a", "\u2581paper"]
+    assert char_span_to_token_span(pieces, "a paper", 4, 7) == (1, 2)
+    with pytest.raises(ValueError, match="does not align"):  # "tomers": pieces of "cus" are not a prefix
+        char_span_to_token_span(pieces, "customers", 3, 9)
+
+
+def test_collate_masks_match_the_reference_layout():
+    collate = CollateKosmos2(bos_id=0, pad_id=1, image_id=64003, image_end_id=64004, num_image_tokens=64)
+    caption = [64012, 10, 6454, 2]
+    text_only = [5, 6, 2]
+    batch = collate([{"__key__": "a", "tokens": caption, "image": torch.zeros(3, 8, 8)},
+                     {"__key__": "b", "tokens": text_only}])
+    n = len(caption)
+    src, tgt = batch["net_input"]["src_tokens"], batch["target"]
+    assert src.shape == (2, 66 + n) and batch["ntokens"] == (67 + n) + (1 + len(text_only))
+    img_mask, loss_mask = batch["net_input"]["image_mask"], batch["loss_mask"]
+    assert img_mask[0].nonzero().flatten().tolist() == list(range(2, 66))
+    assert loss_mask[0].nonzero().flatten().tolist() == list(range(66, 66 + n))
+    assert tgt[0][loss_mask[0]].tolist() == caption
+    assert src[0, :2].tolist() == [0, 64003] and src[0, 66].item() == 64004
+    # the text-only row: <s> ids, loss on every real target, right-padded, no image rows
+    assert src[1, :3].tolist() == [0, 5, 6] and (src[1, 3:] == 1).all() and not img_mask[1].any()
+    assert tgt[1][loss_mask[1]].tolist() == text_only
+    assert batch["net_input"]["image"].shape == (1, 3, 8, 8)
