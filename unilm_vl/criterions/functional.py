@@ -289,3 +289,15 @@ def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], 
         raise ValueError(f"EMA needs as many target as online tensors, got {len(target)} and {len(online)}")
     for t, o in zip(target, online):
         t.mul_(tau).add_(o.detach().to(t.dtype), alpha=1 - tau)
+
+
+# ------------------------------------------------------------------------------------------------- language model
+def masked_token_nll(lm_logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood ``-log p(target)`` (B x T, float32 log-softmax), zero where ``mask`` is
+    False. Sum it and divide by ``mask.sum()`` for the token-mean NLL of the Kosmos-2 criterion."""
+    if lm_logits.shape[:2] != target.shape or target.shape != mask.shape:
+        raise ValueError(f"logits {tuple(lm_logits.shape)}, target {tuple(target.shape)} and mask "
+                         f"{tuple(mask.shape)} must agree on B x T")
+    lprobs = F.log_softmax(lm_logits.float(), dim=-1)  # B x T x V
+    nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # B x T
+    return nll.masked_fill(~mask, 0.0)

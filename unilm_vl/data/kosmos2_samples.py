@@ -254,7 +254,7 @@ class CollateKosmos2:
     """Batch layout of the module docstring. Samples carry ``tokens`` (caption ids ending in ``</s>``) and, when
     they hold an image, ``image`` (3 x S x S); text-only samples (no ``image``) get ``<s> ids`` and no image rows.
 
-    Output: ``{"id", "nsentences", "ntokens" (all tokens of ``full``, as the release logs), "net_input":
+    Output: ``{"id", "source" (each row's data source name), "nsentences", "ntokens" (all tokens of ``full``, as the release logs), "net_input":
     {"src_tokens": B x T, "image": B_img x 3 x S x S or None, "image_mask": B x T}, "target": B x T,
     "loss_mask": B x T}``. Images are stacked in batch order, one per image-bearing row.
     """
@@ -295,6 +295,7 @@ class CollateKosmos2:
             lmask[i, :n] = torch.tensor(lm)
         return {
             "id": [s.get("__key__") for s in samples],
+            "source": [s.get("__source__", "data") for s in samples],
             "nsentences": len(samples),
             "ntokens": sum(len(r) for r in rows),
             "net_input": {"src_tokens": src, "image": torch.stack(images) if images else None,
