@@ -1,0 +1,468 @@
+"""The Kosmos-2 network (Peng et al. 2023, "Kosmos-2: Grounding Multimodal Large Language Models to the World"):
+an open_clip ViT, the "xconnector" resampler and a torchscale sub-LN decoder, as plain modules.
+
+Data flow (B samples, K images each, T tokens, N image tokens, L latent queries)::
+
+    image      B x K x 3 x H x W  (or B x 3 x H x W, K = 1), CLIP mean/std normalised
+      -> Kosmos2VisionTower: ViT, ln_post on ALL tokens (CLS + patches), per-token L2 norm   -> BK x N x Dv
+      -> Kosmos2Connector:   dense Dv->D; L learned queries attend over [dense tokens; queries]
+                             (N + L keys/values; no residual, LayerNorm or MLP)                -> BK x L x D
+      -> written, in image order, into the token-embedding rows where ``image_mask`` is True (K * L per row)
+      -> (E[tokens] with image rows replaced) * sqrt(D) + sinusoid(positions)  (torchscale ``forward_embedding``)
+      -> torchscale ``Decoder``: pre-LN sub-LN (Magneto) layers, causal self-attention through
+         ``F.scaled_dot_product_attention`` (see the SDPA shim below), final LayerNorm, tied output projection
+      -> ``lm_logits``  B x T x V
+
+Padding: left or right padding with ``pad_idx`` both give the real tokens the logits of the unpadded sample.
+Positions count non-pad tokens only (the first real token gets sinusoid row ``pad_idx + 1`` = 2, pads get the zero
+row ``pad_idx``). Right padding needs no key mask under the causal mask, so it keeps SDPA's causal fast path;
+left padding (what batched generation uses) adds a key padding mask. Pad rows' outputs are meaningless.
+
+Incremental decoding: pass the same ``incremental_state`` dict (start with ``{}``) and the FULL prefix each call.
+The first call runs the whole prompt (image splicing included) and fills torchscale's per-layer key/value cache;
+later calls embed only the last token and return B x 1 x V logits.
+
+The image tower is frozen by default (as in the released training script; the paper's text says all parameters
+train): ``freeze_vision=False`` makes it trainable and lets it follow ``train()``/``eval()``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn import checkpoint_wrapper, wrap
+from torch import nn
+from torchscale.architecture.config import DecoderConfig
+from torchscale.architecture.decoder import Decoder, DecoderLayer
+from torchscale.component.multihead_attention import MultiheadAttention
+
+from .clip import ClipTowersConfig, build_open_clip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Kosmos2VisionConfig:
+    """The open_clip image tower."""
+
+    model_name: str = "unilm-vl-kosmos2-vision-tiny"
+    """open_clip registry name of the tower (``ViT-L-14`` for the released model)."""
+    pretrained: Optional[str] = None
+    """Local path of an open_clip checkpoint (the whole CLIP model; only the visual tower is kept), or None."""
+    force_quick_gelu: bool = False
+    """Use QuickGELU ``x * sigmoid(1.702 x)`` in the tower (True for OpenAI's ViT-L/14 weights)."""
+
+
+@dataclass
+class Kosmos2ConnectorConfig:
+    """The "xconnector": a dense projection and learned latent queries with one cross-attention."""
+
+    latent_query_num: int = 8
+    """L: number of latent queries, i.e. image placeholder rows per image in the token sequence (64 released)."""
+    attention_heads: int = 4
+    """Heads of the latent-query attention (the released model uses the decoder's 32)."""
+    attention_dropout: float = 0.0
+    """Dropout on the latent-query attention probabilities (0.1 released)."""
+
+
+@dataclass
+class Kosmos2DecoderConfig:
+    """The torchscale language decoder (causal, pre-LN, sub-LN, sinusoidal absolute positions, tied output)."""
+
+    vocab_size: int = 100
+    """V: dictionary size (65037 released, with the grounding and 1024 patch-index tokens)."""
+    embed_dim: int = 64
+    """D: model width (2048 released)."""
+    layers: int = 2
+    """Number of decoder layers (24 released)."""
+    attention_heads: int = 4
+    """Self-attention heads (32 released, head width 64)."""
+    ffn_embed_dim: int = 256
+    """Inner width of the feed-forward block (8192 released)."""
+    activation_fn: str = "gelu"
+    """Feed-forward activation as torchscale names it (``gelu`` = exact erf GELU, computed in fp32)."""
+    dropout: float = 0.0
+    """Dropout on the embedding output and on each residual branch (0.1 released)."""
+    attention_dropout: float = 0.0
+    """Dropout on the self-attention probabilities (0.1 released), applied by SDPA in training mode."""
+    activation_dropout: float = 0.0
+    """Dropout after the feed-forward activation (0.0 released)."""
+    subln: bool = True
+    """Sub-LN (Magneto): extra LayerNorms before ``out_proj`` and ``fc2``, and the sqrt(ln 2N) init scaling."""
+    pad_idx: int = 1
+    """Padding token id (fairseq dictionary: 1). Its embedding row is zero; positions start at pad_idx + 1."""
+    max_positions: int = 2048
+    """Initial size of the sinusoid table (longer inputs extend it on the fly, as fairseq does)."""
+    layernorm_eps: float = 1e-5
+    """Epsilon of every decoder LayerNorm."""
+    checkpoint_activations: bool = False
+    """Recompute each decoder layer in the backward pass (fairscale ``checkpoint_wrapper``; names unchanged)."""
+
+
+@dataclass
+class Kosmos2Config:
+    """The whole network. The defaults are the tiny CPU variant (``kosmos2_tiny_config``)."""
+
+    vision: Kosmos2VisionConfig = field(default_factory=Kosmos2VisionConfig)
+    """Image tower."""
+    connector: Kosmos2ConnectorConfig = field(default_factory=Kosmos2ConnectorConfig)
+    """Image-to-text connector."""
+    decoder: Kosmos2DecoderConfig = field(default_factory=Kosmos2DecoderConfig)
+    """Language decoder."""
+    freeze_vision: bool = True
+    """Keep the image tower frozen (no grads, always eval mode), as the released script effectively does."""
+
+
+def kosmos2_tiny_config() -> Kosmos2Config:
+    """A few-hundred-thousand-parameter variant for CPU tests (32 x 32 images -> 17 tokens, 8 queries, D = 64)."""
+    return Kosmos2Config()
+
+
+def kosmos2_xl_config() -> Kosmos2Config:
+    """The released Kosmos-2 shape: CLIP ViT-L/14 at 224 (QuickGELU), 64 queries, 24 x 2048 sub-LN decoder."""
+    return Kosmos2Config(
+        vision=Kosmos2VisionConfig(model_name="ViT-L-14", force_quick_gelu=True),
+        connector=Kosmos2ConnectorConfig(latent_query_num=64, attention_heads=32, attention_dropout=0.1),
+        decoder=Kosmos2DecoderConfig(vocab_size=65037, embed_dim=2048, layers=24, attention_heads=32,
+                                     ffn_embed_dim=8192, activation_fn="gelu", dropout=0.1, attention_dropout=0.1,
+                                     activation_dropout=0.0, subln=True, pad_idx=1, max_positions=2048),
+        freeze_vision=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SDPA shim for torchscale 0.3.0
+# ----------------------------------------------------------------------------------------------------------------
+class SdpaMultiheadAttention(MultiheadAttention):
+    """SHIM: torchscale 0.3.0's ``MultiheadAttention`` with ``softmax(q k^T / sqrt(d) + mask) v`` computed by
+    ``F.scaled_dot_product_attention`` (torchscale does it with ``bmm``/``softmax``, which never reaches the fused
+    kernels). Parameters, names, the key/value cache layout in ``incremental_state`` (``prev_key``/``prev_value``,
+    B x H x S x d) and the sub-LN ``inner_attn_ln`` are torchscale's; only the attention maths call changes.
+
+    Differences on purpose: a query row whose keys are all masked (a left-pad row under the causal mask) gives a
+    zero vector instead of torchscale's NaN, so NaNs never reach real rows through ``0 * NaN`` in later layers;
+    attention weights are not returned (None). xPos and relative-position biases are not supported (Kosmos-2 uses
+    neither). ``attn_mask`` is the decoder's causal mask (torchscale's ``Decoder`` passes nothing else); without a
+    key padding mask it is run as SDPA's ``is_causal``.
+    """
+
+    def forward(self, query, key, value, incremental_state=None, key_padding_mask=None, attn_mask=None,
+                rel_pos=None, is_first_step=False):
+        if self.xpos is not None or rel_pos is not None:
+            raise NotImplementedError("SdpaMultiheadAttention supports neither xPos nor relative-position biases")
+        bsz, tgt_len, embed_dim = query.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(bsz, tgt_len, heads, head_dim).transpose(1, 2)  # B x H x T x d
+        k = self.k_proj(key).view(bsz, key.size(1), heads, head_dim).transpose(1, 2)  # B x H x S x d
+        v = self.v_proj(value).view(bsz, value.size(1), heads, head_dim).transpose(1, 2)  # B x H x S x d
+        if incremental_state is not None:
+            if "prev_key" in incremental_state:
+                k = torch.cat([incremental_state["prev_key"], k], dim=2)
+                v = torch.cat([incremental_state["prev_value"], v], dim=2)
+            incremental_state["prev_key"], incremental_state["prev_value"] = k, v
+        src_len = k.size(2)
+
+        dropout_p = self.dropout_module.p if self.training else 0.0
+        if key_padding_mask is None and attn_mask is not None and tgt_len == src_len:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # B x H x T x d
+        else:
+            allowed = None  # B x 1 x T x S (or broadcastable), True = may attend
+            if attn_mask is not None:
+                allowed = (attn_mask > float("-inf")).view(1, 1, tgt_len, src_len)
+            if key_padding_mask is not None:
+                keep = ~key_padding_mask.to(torch.bool).view(bsz, 1, 1, src_len)
+                allowed = keep if allowed is None else allowed & keep
+            dead = None
+            if allowed is not None:
+                dead = ~allowed.any(dim=-1, keepdim=True)  # B x 1 x T x 1: rows with no key to attend to
+                allowed = allowed | dead
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+            if dead is not None:
+                out = out.masked_fill(dead, 0.0)
+        out = out.transpose(1, 2).reshape(bsz, tgt_len, embed_dim)  # B x T x D
+        if self.inner_attn_ln is not None:
+            out = self.inner_attn_ln(out)
+        return self.out_proj(out), None
+
+
+class _SdpaDecoderLayer(DecoderLayer):
+    """torchscale ``DecoderLayer`` whose self-attention is the SDPA shim."""
+
+    def build_self_attention(self, embed_dim, args):
+        return SdpaMultiheadAttention(args, embed_dim, args.decoder_attention_heads, dropout=args.attention_dropout,
+                                      self_attention=True, encoder_decoder_attention=False, subln=args.subln)
+
+
+class Kosmos2Decoder(Decoder):
+    """torchscale ``Decoder`` built from ``_SdpaDecoderLayer``s (everything else is torchscale's)."""
+
+    def build_decoder_layer(self, args, depth, is_moe_layer=False, is_encoder_decoder=False):
+        # the same wrapping as torchscale's own build_decoder_layer, around our layer class
+        layer = _SdpaDecoderLayer(args, depth, is_moe_layer=is_moe_layer, is_encoder_decoder=is_encoder_decoder)
+        if args.checkpoint_activations:
+            layer = checkpoint_wrapper(layer)
+        if args.fsdp:
+            layer = wrap(layer)
+        return layer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Positions
+# ----------------------------------------------------------------------------------------------------------------
+def sinusoid_table(num_positions: int, dim: int, pad_idx: int) -> torch.Tensor:
+    """fairseq-style sinusoids: row p = ``[sin(p w_0..w_{h-1}) | cos(p w_0..w_{h-1})]`` (concatenated, not
+    interleaved), ``h = dim // 2``, ``w_i = exp(-i ln(10000) / (h - 1))``; row ``pad_idx`` is zero, and an odd
+    ``dim`` gets a zero last column."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))  # h
+    angle = torch.arange(num_positions, dtype=torch.float32)[:, None] * freq[None, :]  # P x h
+    table = torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)  # P x 2h
+    if dim % 2 == 1:
+        table = torch.cat([table, torch.zeros(num_positions, 1)], dim=1)  # P x dim
+    table[pad_idx] = 0
+    return table
+
+
+def token_positions(tokens: torch.Tensor, pad_idx: int) -> torch.Tensor:
+    """Position ids counting non-pad tokens only: the k-th real token (0-based) gets ``pad_idx + 1 + k``, pads get
+    ``pad_idx``. Left and right padding therefore give a sample's real tokens the same positions."""
+    real = tokens.ne(pad_idx)  # B x T
+    return torch.cumsum(real, dim=1) * real + pad_idx  # B x T
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sinusoidal absolute positions (no parameters; the table is a non-persistent buffer that grows on
+    demand). Called by torchscale's ``Decoder.forward_embedding`` with the full prefix of tokens; in incremental
+    steps torchscale keeps only the last row."""
+
+    def __init__(self, dim: int, pad_idx: int, init_size: int):
+        super().__init__()
+        self.dim, self.pad_idx = dim, pad_idx
+        self.register_buffer("table", sinusoid_table(init_size + pad_idx + 1, dim, pad_idx), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, incremental_state: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+        positions = token_positions(tokens, self.pad_idx)  # B x T
+        needed = self.pad_idx + 1 + tokens.size(1)
+        if needed > self.table.size(0):
+            self.table = sinusoid_table(needed, self.dim, self.pad_idx).to(self.table)
+        return F.embedding(positions, self.table)  # B x T x D
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image tower and connector
+# ----------------------------------------------------------------------------------------------------------------
+class Kosmos2VisionTower(nn.Module):
+    """An open_clip ViT returning ALL its tokens (CLS first, then the patches) after ``ln_post``, each L2-normalised.
+    The CLIP projection ``proj`` is removed (its output is not used), so the features are ``width``-wide."""
+
+    def __init__(self, cfg: Kosmos2VisionConfig):
+        super().__init__()
+        clip = build_open_clip(ClipTowersConfig(model_name=cfg.model_name, pretrained=cfg.pretrained,
+                                                force_quick_gelu=cfg.force_quick_gelu))
+        self.visual = clip.visual
+        if getattr(self.visual, "attn_pool", None) is not None:
+            raise ValueError(f"{cfg.model_name}: towers with attentional pooling have no per-patch ln_post tokens")
+        self.visual.proj = None
+
+    @property
+    def width(self) -> int:
+        """Dv, the feature width."""
+        return int(self.visual.ln_post.normalized_shape[0])
+
+    @property
+    def image_size(self) -> int:
+        size = self.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def num_tokens(self) -> int:
+        """N = patches + 1 (CLS); 257 for ViT-L/14 at 224."""
+        grid = self.visual.grid_size
+        return int(grid[0] * grid[1] + 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        out = self.visual.forward_intermediates(image, indices=1, normalize_intermediates=True,
+                                                intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
+        tokens = torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)  # B x N x Dv
+        return F.normalize(tokens, dim=-1)  # B x N x Dv
+
+
+class Kosmos2Connector(nn.Module):
+    """The "xconnector": ``x = dense(f)``; L learned queries (N(0, 1) init) attend with one multi-head attention
+    (q/k/v/out projections with bias, q scaled by head_dim^-0.5) over ``[x; queries]`` (N + L keys/values).
+    No residual, LayerNorm or MLP. Parameter names follow the original checkpoint (``dense``, ``latent_query``,
+    ``x_attn.{q,k,v,out}_proj``)."""
+
+    def __init__(self, cfg: Kosmos2ConnectorConfig, input_dim: int, output_dim: int):
+        super().__init__()
+        if output_dim % cfg.attention_heads:
+            raise ValueError(f"connector width {output_dim} is not divisible by {cfg.attention_heads} heads")
+        self.dense = nn.Linear(input_dim, output_dim)
+        self.latent_query = nn.Parameter(torch.randn(cfg.latent_query_num, output_dim))
+        args = DecoderConfig(decoder_embed_dim=output_dim, multiway=False, xpos_rel_pos=False)
+        self.x_attn = SdpaMultiheadAttention(args, output_dim, cfg.attention_heads, dropout=cfg.attention_dropout,
+                                             self_attention=False, encoder_decoder_attention=True, subln=False)
+        self.x_attn.reset_parameters()  # xavier (gain 1/sqrt 2 for q/k/v), zero out bias: fairseq's MHA init
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.latent_query.size(0))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.dense(features)  # B x N x D
+        query = self.latent_query.unsqueeze(0).expand(x.size(0), -1, -1).to(x.dtype)  # B x L x D
+        memory = torch.cat([x, query], dim=1)  # B x (N + L) x D
+        out, _ = self.x_attn(query=query, key=memory, value=memory)  # B x L x D
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------------------------------
+class Kosmos2Module(nn.Module):
+    """Image tower + connector + torchscale decoder; ``forward`` returns ``{"lm_logits": B x T x V}``."""
+
+    def __init__(self, cfg: Kosmos2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = self.build_vision_tower(cfg.vision)
+        self.connector = self.build_connector(cfg.connector, self.vision.width, cfg.decoder.embed_dim)
+        self.decoder = self.build_decoder(cfg.decoder)
+        self.set_vision_frozen(cfg.freeze_vision)
+
+    # -- builders -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def build_vision_tower(cfg: Kosmos2VisionConfig) -> Kosmos2VisionTower:
+        return Kosmos2VisionTower(cfg)
+
+    @staticmethod
+    def build_connector(cfg: Kosmos2ConnectorConfig, input_dim: int, output_dim: int) -> Kosmos2Connector:
+        return Kosmos2Connector(cfg, input_dim, output_dim)
+
+    @staticmethod
+    def build_decoder(cfg: Kosmos2DecoderConfig) -> Kosmos2Decoder:
+        """torchscale decoder: sub-LN, no xPos / relative positions, sqrt(D)-scaled embeddings + sinusoids, tied
+        output projection. The token embedding is fairseq's: N(0, D^-0.5) with a zero pad row."""
+        args = DecoderConfig(
+            decoder_embed_dim=cfg.embed_dim, decoder_attention_heads=cfg.attention_heads,
+            decoder_ffn_embed_dim=cfg.ffn_embed_dim, decoder_layers=cfg.layers, decoder_normalize_before=True,
+            activation_fn=cfg.activation_fn, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+            activation_dropout=cfg.activation_dropout, no_scale_embedding=False, layernorm_embedding=False,
+            subln=cfg.subln, deepnorm=False, xpos_rel_pos=False, rel_pos_buckets=0, max_rel_pos=0,
+            share_decoder_input_output_embed=True, vocab_size=cfg.vocab_size, max_target_positions=cfg.max_positions,
+            layernorm_eps=cfg.layernorm_eps, checkpoint_activations=cfg.checkpoint_activations, multiway=False,
+        )
+        embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_idx)
+        nn.init.normal_(embed_tokens.weight, mean=0.0, std=cfg.embed_dim ** -0.5)
+        with torch.no_grad():
+            embed_tokens.weight[cfg.pad_idx].zero_()
+        positions = SinusoidalPositions(cfg.embed_dim, cfg.pad_idx, cfg.max_positions)
+        return Kosmos2Decoder(args, embed_tokens=embed_tokens, embed_positions=positions)
+
+    # -- freezing -------------------------------------------------------------------------------------------------
+    def set_vision_frozen(self, frozen: bool) -> None:
+        """Frozen: no ``requires_grad`` and always eval mode; unfrozen: trainable and following ``train()``."""
+        self.cfg.freeze_vision = frozen
+        self.vision.requires_grad_(not frozen)
+        self.vision.train(self.training and not frozen)
+
+    def train(self, mode: bool = True) -> "Kosmos2Module":
+        super().train(mode)
+        if self.cfg.freeze_vision:
+            self.vision.eval()
+        return self
+
+    # -- pieces ---------------------------------------------------------------------------------------------------
+    @property
+    def num_image_tokens(self) -> int:
+        """L: placeholder rows per image."""
+        return self.connector.num_queries
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Images (B x 3 x H x W) -> connector output B x L x D."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_vision):
+            features = self.vision(image)  # B x N x Dv
+        return self.connector(features)  # B x L x D
+
+    def embed_inputs(self, src_tokens: torch.Tensor, image: Optional[torch.Tensor],
+                     image_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """``E[tokens]`` with the ``image_mask`` rows replaced by the connector output, NOT yet scaled by sqrt(D)
+        (torchscale's ``forward_embedding`` scales the spliced rows together with the text rows)."""
+        embeds = self.decoder.embed_tokens(src_tokens)  # B x T x D
+        self._check_image_inputs(src_tokens, image, image_mask)
+        if image is None:
+            return embeds
+        images = image.flatten(0, 1) if image.dim() == 5 else image  # BK x 3 x H x W
+        features = self.encode_image(images).to(embeds.dtype)  # BK x L x D
+        # rows without image slots (text-only samples) take no image: fill the marked rows in batch order
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.reshape(-1, features.size(-1)))
+
+    def _check_image_inputs(self, src_tokens, image, image_mask) -> None:
+        has_rows = image_mask is not None and bool(image_mask.any())
+        if image is None:
+            if has_rows:
+                raise ValueError("image_mask marks image placeholder rows but no image was given")
+            return
+        if not has_rows:
+            raise ValueError("an image was given but image_mask marks no placeholder rows for it")
+        if image_mask.dtype != torch.bool or image_mask.shape != src_tokens.shape:
+            raise ValueError(f"image_mask must be a bool tensor shaped like src_tokens {tuple(src_tokens.shape)}, "
+                             f"got {image_mask.dtype} {tuple(image_mask.shape)}")
+        counts = image_mask.sum(dim=1)  # B
+        with_image = int((counts > 0).sum())
+        if image.dim() not in (4, 5) or image.size(0) != with_image:
+            raise ValueError(f"image must be B_img x 3 x H x W or B_img x K x 3 x H x W with B_img = {with_image} "
+                             f"(the rows whose image_mask marks slots), got {tuple(image.shape)}")
+        expected = self.num_image_tokens * (image.size(1) if image.dim() == 5 else 1)
+        bad = ((counts != expected) & (counts > 0)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"each image_mask row must mark 0 or exactly {expected} placeholder rows "
+                             f"({self.num_image_tokens} per image); rows {bad} mark {counts[bad].tolist()}")
+
+    @staticmethod
+    def _is_first_step(incremental_state: Dict[Any, Any]) -> bool:
+        return "prev_key" not in incremental_state.get(0, {})
+
+    def _padding_mask(self, src_tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """Key padding mask, or None when no pad precedes a real token (unpadded or right-padded: the causal mask
+        already hides the pads from real tokens, and SDPA keeps its causal fast path)."""
+        pad = src_tokens.eq(self.cfg.decoder.pad_idx)  # B x T
+        if not bool((pad[:, :-1] & ~pad[:, 1:]).any()):
+            return None
+        return pad
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def forward(self, src_tokens: torch.Tensor, image: Optional[torch.Tensor] = None,
+                image_mask: Optional[torch.Tensor] = None,
+                incremental_state: Optional[Dict[Any, Any]] = None) -> Dict[str, torch.Tensor]:
+        """``src_tokens`` B x T (pad = ``pad_idx``), ``image`` B_img x 3 x H x W or B_img x K x 3 x H x W for the
+        B_img rows that hold images (in batch order), ``image_mask`` B x T bool with K * L True on those rows and none
+        on text-only rows (None/absent without images). With ``incremental_state`` (a dict
+        kept by the caller, ``{}`` at the start) pass the full prefix each call; after the first call only the last
+        token is run (its ``image_mask`` entry must be False) and ``lm_logits`` is B x 1 x V."""
+        if incremental_state is None or self._is_first_step(incremental_state):
+            embeds = self.embed_inputs(src_tokens, image, image_mask)  # B x T x D
+            first_step = True
+        else:
+            if image_mask is not None and bool(image_mask[:, -1].any()):
+                raise ValueError("incremental steps after the first cannot take image placeholder rows")
+            embeds = self.decoder.embed_tokens(src_tokens[:, -1:])  # B x 1 x D
+            first_step = False
+        if incremental_state is not None:
+            incremental_state["is_first_step"] = first_step  # read by torchscale's Decoder
+        logits, _ = self.decoder(src_tokens, self_attn_padding_mask=self._padding_mask(src_tokens),
+                                 incremental_state=incremental_state, token_embeddings=embeds)
+        return {"lm_logits": logits}  # B x T x V
+
+    @staticmethod
+    def reorder_incremental_state(incremental_state: Dict[Any, Any], new_order: torch.Tensor) -> None:
+        """Reorder the cached keys/values along the batch (beam search)."""
+        for layer_state in incremental_state.values():
+            if isinstance(layer_state, dict):
+                for key in ("prev_key", "prev_value"):
+                    if key in layer_state:
+                        layer_state[key] = layer_state[key].index_select(0, new_order)
