@@ -40,3 +40,17 @@ def rocket_view_transform(image_size: int, mean: Sequence[float], std: Sequence[
         T.RandomApply([T.GaussianBlur(_odd(0.1 * image_size), sigma=(0.1, 2.0))], p=0.5),
         T.RandomHorizontalFlip(),
         T.ToTensor(), T.Normalize(mean, std)])
+
+
+def kosmos2_image_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
+                            only_resize: bool = False):
+    """Kosmos-2's image view (train and eval alike, no augmentation): ``Resize(size)`` of the short side (bicubic)
+    + ``CenterCrop(size)``, or with ``only_resize`` a squash to ``size x size`` (the release's
+    ``--training-image-only-resize``); then ToTensor and normalisation. Box maths must match the choice
+    (:func:`unilm_vl.data.kosmos2_samples.center_crop_box`)."""
+    from torchvision import transforms as T
+
+    bicubic = T.InterpolationMode.BICUBIC
+    resize = ([T.Resize((image_size, image_size), interpolation=bicubic)] if only_resize
+              else [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)])
+    return T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
