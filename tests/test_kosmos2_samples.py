@@ -148,3 +148,34 @@ def test_collate_masks_match_the_reference_layout():
     assert src[1, :3].tolist() == [0, 5, 6] and (src[1, 3:] == 1).all() and not img_mask[1].any()
     assert tgt[1][loss_mask[1]].tolist() == text_only
     assert batch["net_input"]["image"].shape == (1, 3, 8, 8)
+
+
+def test_text_only_documents_from_jsonl_and_txt(tmp_path):
+    from unilm_vl.data.build_vocab import train_vocab
+    from unilm_vl.data.grounding import build_kosmos2_tokenizer
+    from unilm_vl.data.sources import READERS, decode_record, parse_data_spec
+
+    train_vocab(["a red circle", "a blue square above a green star", "two lines of text"] * 20, str(tmp_path / "v"),
+                vocab_size=60)
+    tok = build_kosmos2_tokenizer(str(tmp_path / "v" / "sentencepiece.bpe.model"), str(tmp_path / "v" / "dict.txt"),
+                                  num_bins=4)
+    (tmp_path / "docs.jsonl").write_text('{"text": "a red circle\\ntwo lines"}\n\nnot json\n{"txt": 1}\n')
+    (tmp_path / "docs.txt").write_text("a blue square\\na green star\n")
+    spec = parse_data_spec("docs.jsonl", root=str(tmp_path))[0]
+    assert spec.kind == "text"
+    raws = list(READERS["text"](spec.shards[0], spec))
+    assert len(raws) == 3  # the empty line is not a record
+    doc = decode_record(raws[0], spec)
+    with pytest.raises(BadSample, match="not JSON"):
+        decode_record(raws[1], spec)
+    with pytest.raises(BadSample, match="string 'text'"):
+        decode_record(raws[2], spec)
+    stage = GritGroundedCaption(tok, num_bins=4)
+    ids = stage(doc)["tokens"]
+    line_end = tok.dictionary.index("</line>")
+    assert ids == tok.encode("a red circle") + [line_end] + tok.encode("two lines") + [2]
+    txt_spec = parse_data_spec("docs.txt", root=str(tmp_path))[0]
+    txt_doc = decode_record(next(READERS["text"](txt_spec.shards[0], txt_spec)), txt_spec)
+    assert txt_doc["text"] == "a blue square\na green star" and "image" not in txt_doc
+    short = GritGroundedCaption(tok, num_bins=4, max_text_tokens=3)(dict(doc))["tokens"]
+    assert short == ids[:2] + [2]

@@ -32,6 +32,8 @@ from .decode import BadSample
 from .formats import parse_annotation
 from .grounding import (BOX_DELIMITER, DEFAULT_NUM_BINS, GROUNDING, OBJECT_END, OBJECT_START, PHRASE_END,
                         PHRASE_START, Box, box_to_patch_indices, patch_index_token)
+
+LINE_END = "</line>"
 from .pipeline import derive_seed
 
 MODES = ("phrase", "expression")
@@ -200,7 +202,8 @@ def grit_entries_of(sample: Dict[str, Any], mode: str) -> Any:
 @dataclass
 class GritGroundedCaption:
     """Stage: ``sample["tokens"]`` = the caption ids of a GRIT sample (grounded or plain, ``</s>`` last) and
-    ``sample["grounded"]``. Runs before the image transform: box maths use the decoded image's size.
+    ``sample["grounded"]``. Runs before the image transform: box maths use the decoded image's size. A text-only
+    document (a ``text`` source sample) gets :meth:`document_ids`.
 
     A sample without entries of ``mode`` (or none left after filtering) trains as a plain caption. Malformed
     entries, boxes outside [0, 1] and spans that do not align with the tokens raise :class:`BadSample` (counted
@@ -217,6 +220,8 @@ class GritGroundedCaption:
     size: int = 224
     drop_threshold: float = 0.2
     box_encoder: str = "release"
+    max_text_tokens: int = 2047
+    """text-only documents are cut to this many tokens (the release packs 2048 with ``<s>``)"""
 
     def caption_pieces(self, caption: str, spans: Sequence[GroundedSpan], grounded: bool) -> List[str]:
         pieces = self.tokenizer.encode_pieces(caption)
@@ -229,7 +234,23 @@ class GritGroundedCaption:
             pieces = grounded_pieces(pieces, token_spans)
         return pieces
 
+    def document_ids(self, text: str) -> List[int]:
+        """A text-only document as the release's text loader lays it out: each line's pieces followed by
+        ``</line>``, the last ``</line>`` replaced by ``</s>``; cut to ``max_text_tokens`` (ending in ``</s>``)."""
+        index = self.tokenizer.dictionary.index
+        ids: List[int] = []
+        for line in (l for l in text.split("\n") if l.strip()):
+            ids += [index(p) for p in self.tokenizer.encode_pieces(line)] + [index(LINE_END)]
+        ids[-1] = self.tokenizer.eos_id
+        if len(ids) > self.max_text_tokens:
+            ids = ids[:self.max_text_tokens - 1] + [self.tokenizer.eos_id]
+        return ids
+
     def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
+        if "image" not in sample and "text" in sample:  # a text-only document
+            sample["tokens"] = self.document_ids(sample["text"])
+            sample["grounded"] = False
+            return sample
         caption, where = sample["caption"], sample.get("__where__", "?")
         spans: List[GroundedSpan] = []
         try:

@@ -14,6 +14,8 @@ Kinds:
   comes from ``txt`` or, with ``caption_key``, from that field of the json.
 - ``frames``: a JSON annotation list ``[{"video_id": ..., "caption"|"desc": str | [str]}]`` with frames in
   ``<frames_root>/<video_id>/*.jpg`` (sorted by name).
+- ``text``: text-only documents for language-model mixing, one per line: ``.jsonl`` lines ``{"text": str}`` or
+  plain ``.txt`` lines (with ``\n`` escaped as ``\\n`` inside a document). Samples hold ``text`` and no image.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class SourceSpec:
     """One data source: its kind, shards and weight in a mixture."""
 
     name: str
-    kind: str  # "tsv" | "wds" | "frames"
+    kind: str  # "tsv" | "wds" | "frames" | "text"
     shards: List[str]
     weight: float = 1.0
     schema: str = "grit"  # tsv only: a name in formats.TSV_SCHEMAS
@@ -137,7 +139,8 @@ def read_frames_annotation(path: str, spec: SourceSpec) -> Iterator[Dict[str, An
         yield {"__source__": spec.name, "__url__": path, "__index__": index, "entry": entry}
 
 
-READERS = {"tsv": read_tsv, "wds": read_tar, "frames": read_frames_annotation}
+READERS = {"tsv": read_tsv, "wds": read_tar, "frames": read_frames_annotation, "text": read_tsv}
+"""Line-based kinds share the line reader (one record per non-empty line)."""
 
 
 def count_records(path: str, spec: SourceSpec) -> int:
@@ -245,7 +248,30 @@ def decode_frames(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
             "caption": caption.strip(), "meta": {k: v for k, v in entry.items() if k not in ("caption", "desc")}}
 
 
-DECODERS = {"tsv": decode_tsv, "wds": decode_wds, "frames": decode_frames}
+def decode_text(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
+    """A text-only document: ``{"text": ...}`` of a ``.jsonl`` line, or a plain line with ``\\n`` for newlines."""
+    where = f"{raw['__url__']}:{raw['__index__'] + 1}"
+    try:
+        line = raw["line"].decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise BadSample("line is not UTF-8", where, "line") from None
+    if raw["__url__"].endswith(".jsonl"):
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError:
+            raise BadSample("line is not JSON", where, "line") from None
+        text = doc.get("text") if isinstance(doc, dict) else None
+        if not isinstance(text, str):
+            raise BadSample("json line lacks a string 'text'", where, "text")
+    else:
+        text = line.replace("\\n", "\n")
+    if not text.strip():
+        raise BadSample("empty document", where, "text")
+    return {"__key__": f"{os.path.basename(raw['__url__'])}:{raw['__index__']}", "__source__": spec.name,
+            "__where__": where, "text": text, "meta": {}}
+
+
+DECODERS = {"tsv": decode_tsv, "wds": decode_wds, "frames": decode_frames, "text": decode_text}
 
 
 def decode_record(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
@@ -254,7 +280,7 @@ def decode_record(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- data specs
-_KIND_BY_EXT = {".tsv": "tsv", ".tar": "wds", ".json": "frames"}
+_KIND_BY_EXT = {".tsv": "tsv", ".tar": "wds", ".json": "frames", ".jsonl": "text", ".txt": "text"}
 
 
 def _infer_kind(path: str) -> str:

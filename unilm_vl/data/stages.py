@@ -27,9 +27,13 @@ class ImageTransform:
 
     transform: Callable
     field: str = "image"
+    optional: bool = False
+    """pass samples without the field through (text-only documents mixed into image-text data)"""
 
     def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
         if self.field not in sample:
+            if self.optional:
+                return sample
             raise BadSample(f"sample has no {self.field!r}", sample.get("__where__", "?"), self.field)
         sample[self.field] = self.transform(sample[self.field])
         return sample
