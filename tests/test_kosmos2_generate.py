@@ -1,0 +1,423 @@
+"""Kosmos-2 generation: the search of unilm_vl/modules/generation.py on a tiny random Kosmos-2 and on hand-made
+bigram LMs, the prompt layout of the kosmos2 task (reference notes kosmos2.md section 6, checks 12 and 22), a
+fairseq-generate run on a saved tiny checkpoint, and the kosmos2_infer CLI."""
+import io
+import json
+import math
+import os
+import re
+from argparse import Namespace
+
+import pytest
+import torch
+from fairseq.models import ARCH_CONFIG_REGISTRY
+from PIL import Image
+
+from conftest import BIN, REPO, SHARED
+from test_train_e2e import run
+from unilm_vl.data import build_vocab
+from unilm_vl.data.grounding import parse_grounded_text
+from unilm_vl.models.kosmos2 import Kosmos2Model, Kosmos2ModelConfig
+from unilm_vl.modules.generation import SearchConfig, banned_ngram_tokens, generate, left_pad
+from unilm_vl.tasks.kosmos2 import Kosmos2Config, Kosmos2Task, parse_prompt_line, read_prompt_file
+
+CAPTIONS = ["a red dog on the grass", "two blue cats play with a ball", "a man rides a green bike",
+            "the sky is blue and the grass is green", "a yellow bus waits near the red house"] * 20
+L = 4  # image slots of the tiny model
+RELEASED = os.path.join(SHARED, "reference", "kosmos2")
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory):
+    out = tmp_path_factory.mktemp("k2vocab")
+    build_vocab.train_vocab(CAPTIONS, str(out), vocab_size=80)
+    return out
+
+
+def make_task(vocab, **overrides):
+    cfg = dict(spm_model=str(vocab / "sentencepiece.bpe.model"), dict_path=str(vocab / "dict.txt"),
+               location_bin_size=4, image_token_length=L, seed=1)
+    return Kosmos2Task(Kosmos2Config(**{**cfg, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def tiny(vocab):
+    """(task, net) with a random kosmos2_tiny model (4 latent queries), eval mode."""
+    task = make_task(vocab)
+    args = Namespace(latent_query_num=L)
+    ARCH_CONFIG_REGISTRY["kosmos2_tiny"](args)
+    torch.manual_seed(0)
+    model = Kosmos2Model.build_model(Kosmos2ModelConfig(**vars(args)), task).eval()
+    assert model.net.cfg.decoder.layers == 2 and model.net.cfg.decoder.embed_dim == 128
+    return task, model.net
+
+
+PROMPTS = ["<grounding>a red", "two", "<grounding><phrase> a man</phrase>"]
+
+
+def batch(task, prompts, seed=0):
+    """Left-padded prompts (task layout) with one random 64 x 64 image each."""
+    rows = [task.prompt_tokens(p) for p in prompts]
+    masks = [[False, False] + [True] * L + [False] * (len(r) - L - 2) for r in rows]
+    tokens, mask = left_pad(rows, task.dictionary.pad(), masks)
+    image = torch.randn(len(prompts), 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return tokens, image, mask
+
+
+@torch.no_grad()
+def naive_greedy(net, tokens, image, mask, steps, pad, eos, min_len):
+    """Greedy decoding without any cache: the whole sequence (image included) is recomputed at every step."""
+    out, scores = [], []
+    for step in range(steps + 1):
+        logits = net(tokens, image, mask)["lm_logits"][:, -1].float()  # 1 x V
+        lprobs = torch.log_softmax(logits, dim=-1)
+        lprobs[:, pad] = -math.inf
+        if step < min_len:
+            lprobs[:, eos] = -math.inf
+        if step == steps:
+            keep = lprobs[:, eos].clone()
+            lprobs[:] = -math.inf
+            lprobs[:, eos] = keep
+        token = int(lprobs.argmax())
+        out.append(token)
+        scores.append(float(lprobs[0, token].detach()))
+        if token == eos:
+            break
+        tokens = torch.cat([tokens, torch.tensor([[token]])], dim=1)
+        mask = torch.cat([mask, torch.zeros(1, 1, dtype=torch.bool)], dim=1)
+    return out, scores
+
+
+# ---- the tiny Kosmos-2 ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("min_len", [1, 12])
+def test_greedy_with_cache_equals_recomputing(tiny, min_len):
+    task, net = tiny
+    d = task.dictionary
+    for k, prompt in enumerate(PROMPTS):
+        tokens, image, mask = batch(task, [prompt], seed=k)
+        hyp, = generate(net, tokens, image, mask, SearchConfig(beam=1, max_len_b=12, min_len=min_len),
+                        pad_idx=d.pad(), eos_idx=d.eos())[0]
+        ref_tokens, ref_scores = naive_greedy(net, tokens, image, mask, 12, d.pad(), d.eos(), min_len)
+        assert hyp.tokens.tolist() == ref_tokens
+        assert hyp.tokens[-1] == d.eos() and len(hyp.tokens) == len(hyp.positional_scores)
+        torch.testing.assert_close(hyp.positional_scores, torch.tensor(ref_scores), atol=1e-4, rtol=1e-4)
+        assert hyp.score == pytest.approx(sum(ref_scores) / len(ref_scores), abs=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [dict(beam=1), dict(beam=3, nbest=3), dict(beam=2, nbest=2, lenpen=0.5),
+                                 dict(beam=1, no_repeat_ngram_size=2)])
+def test_batch_of_different_lengths_equals_each_alone(tiny, cfg):
+    task, net = tiny
+    d = task.dictionary
+    search = SearchConfig(max_len_b=10, **cfg)
+    tokens, image, mask = batch(task, PROMPTS)
+    assert tokens[:, 0].eq(d.pad()).sum() >= 1  # really left-padded
+    together = generate(net, tokens, image, mask, search, pad_idx=d.pad(), eos_idx=d.eos())
+    for i, prompt in enumerate(PROMPTS):
+        t1, _, m1 = batch(task, [prompt])
+        alone = generate(net, t1, image[i:i + 1], m1, search, pad_idx=d.pad(), eos_idx=d.eos())[0]
+        assert len(alone) == len(together[i]) == search.nbest
+        for a, b in zip(alone, together[i]):
+            assert a.tokens.tolist() == b.tokens.tolist()
+            assert a.score == pytest.approx(b.score, abs=1e-4)
+
+
+def test_beam_one_and_top1_sampling_equal_greedy(tiny):
+    task, net = tiny
+    d = task.dictionary
+    tokens, image, mask = batch(task, PROMPTS)
+    kw = dict(pad_idx=d.pad(), eos_idx=d.eos())
+    greedy = [naive_greedy(net, tokens[i:i + 1][:, tokens[i].ne(d.pad())], image[i:i + 1],
+                           mask[i:i + 1][:, tokens[i].ne(d.pad())], 8, d.pad(), d.eos(), 1)[0]
+              for i in range(len(PROMPTS))]
+    beam1 = generate(net, tokens, image, mask, SearchConfig(beam=1, max_len_b=8), **kw)
+    top1 = generate(net, tokens, image, mask, SearchConfig(sampling=True, sampling_topk=1, max_len_b=8), **kw,
+                    generator=torch.Generator().manual_seed(3))
+    assert [h[0].tokens.tolist() for h in beam1] == greedy
+    assert [h[0].tokens.tolist() for h in top1] == greedy
+
+
+def test_beam_search_returns_sorted_distinct_hypotheses(tiny):
+    task, net = tiny
+    d = task.dictionary
+    tokens, image, mask = batch(task, PROMPTS[:1])
+    hyps = generate(net, tokens, image, mask, SearchConfig(beam=4, nbest=4, max_len_b=6), pad_idx=d.pad(),
+                    eos_idx=d.eos())[0]
+    assert len(hyps) == 4 and len({tuple(h.tokens.tolist()) for h in hyps}) == 4
+    assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+    for h in hyps:
+        assert h.score == pytest.approx(float(h.positional_scores.sum()) / len(h.tokens), abs=1e-5)
+        assert len(h.tokens) <= 7 and h.tokens[-1] == d.eos()
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny):
+    task, net = tiny
+    d = task.dictionary
+    tokens, image, mask = batch(task, PROMPTS)
+    search = SearchConfig(sampling=True, beam=2, nbest=2, temperature=3.0, sampling_topp=0.95, max_len_b=10)
+
+    def draw(seed):
+        hyps = generate(net, tokens, image, mask, search, pad_idx=d.pad(), eos_idx=d.eos(),
+                        generator=torch.Generator().manual_seed(seed))
+        return [[h.tokens.tolist() for h in hs] for hs in hyps]
+
+    first = draw(7)
+    assert draw(7) == first
+    assert draw(8) != first
+    assert all(len(hs) == 2 for hs in first)
+
+
+def test_no_repeat_ngram_holds_on_the_whole_history(tiny):
+    task, net = tiny
+    d = task.dictionary
+    tokens, image, mask = batch(task, PROMPTS)
+    search = SearchConfig(beam=2, nbest=2, no_repeat_ngram_size=3, max_len_b=40, min_len=40, temperature=0.3)
+    for i, hyps in enumerate(generate(net, tokens, image, mask, search, pad_idx=d.pad(), eos_idx=d.eos())):
+        prompt = tokens[i][tokens[i].ne(d.pad())].tolist()
+        for h in hyps:
+            history = prompt + h.tokens.tolist()[:-1]
+            grams = [tuple(history[j:j + 3]) for j in range(len(history) - 2)]
+            generated = grams[len(prompt) - 2:]  # trigrams that end in a generated token
+            assert all(grams.count(g) == 1 for g in generated)
+
+
+# ---- hand-made LMs --------------------------------------------------------------------------------------------
+
+
+class BigramLM(torch.nn.Module):
+    """Follows the model contract; the next-token logits depend on the last token only (``table[token]``)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, src_tokens, image=None, image_mask=None, incremental_state=None):
+        if incremental_state is not None and incremental_state.get("started"):
+            return {"lm_logits": self.table[src_tokens[:, -1:]]}
+        if incremental_state is not None:
+            incremental_state["started"] = True
+        return {"lm_logits": self.table[src_tokens]}
+
+    @staticmethod
+    def reorder_incremental_state(state, new_order):
+        pass
+
+
+def bigram(vocab_size, transitions, default=-10.0):
+    """A table where ``transitions[a] = {b: logit}``; everything else gets ``default``."""
+    table = torch.full((vocab_size, vocab_size), default)
+    for a, row in transitions.items():
+        for b, logit in row.items():
+            table[a, b] = logit
+    return table
+
+
+BOS, PAD, EOS = 0, 1, 2
+
+
+def test_banned_ngram_tokens():
+    history = torch.tensor([5, 6, 7, 5, 6])
+    assert banned_ngram_tokens(history, 3).tolist() == [7]
+    assert banned_ngram_tokens(history, 2).tolist() == [7]  # after 6 came 7
+    assert banned_ngram_tokens(torch.tensor([5, 6]), 3).tolist() == []
+
+
+def test_no_repeat_ngram_breaks_a_cycle():
+    a, b, c, x = 4, 5, 6, 7  # the LM loops a -> b -> c -> a ...; x is its second choice everywhere
+    lm = BigramLM(bigram(8, {a: {b: 5, x: 1}, b: {c: 5, x: 1}, c: {a: 5, x: 1}, x: {a: 5, b: 4, x: 1}}))
+    tokens = torch.tensor([[BOS, a, b, c]])
+    kw = dict(pad_idx=PAD, eos_idx=EOS)
+    free = generate(lm, tokens, cfg=SearchConfig(max_len_b=6, min_len=6), **kw)[0][0].tokens.tolist()
+    assert free == [a, b, c, a, b, c, EOS]
+    blocked = generate(lm, tokens, cfg=SearchConfig(max_len_b=6, min_len=6, no_repeat_ngram_size=3),
+                       **kw)[0][0].tokens.tolist()
+    # "a b c" is in the prompt: after "... c a" the LM still wants b (c a b is new), then c would repeat a b c
+    assert blocked[:3] == [a, b, x]
+    history = [BOS, a, b, c] + blocked[:-1]
+    trigrams = [tuple(history[i:i + 3]) for i in range(len(history) - 2)]
+    assert len(trigrams) == len(set(trigrams))
+
+
+def test_check22_same_upper_left_cell_never_follows_phrase_twice(vocab):
+    """Check 22: with no_repeat_ngram_size=3, ``</phrase><object><patch_index_X>`` cannot occur twice with one X."""
+    task = make_task(vocab)
+    d = task.dictionary
+    ph, eph, ob, eob = (d.index(s) for s in ("<phrase>", "</phrase>", "<object>", "</object>"))
+    p0, p1, p5, p9 = (d.index(f"<patch_index_{k:04d}>") for k in (0, 1, 5, 9))
+    w1, w2, conj = (d.index(piece) for piece in ("\u2581a", "\u2581the", "\u2581is"))
+    assert d.unk() not in (w1, w2, conj)
+    # the LM loops "is <phrase> a </phrase> <object> <p0> <p5> </object> is ..." (second choices: "the", <p1>,
+    # </s>); the prompt already holds "is <phrase> a", so phrase 2 is "the", whose box may not start in <p0> again
+    lm = BigramLM(bigram(len(d), {conj: {ph: 5, EOS: 4}, ph: {w1: 5, w2: 3}, w1: {eph: 5}, w2: {eph: 5},
+                                  eph: {ob: 5}, ob: {p0: 5, p1: 3}, p0: {p5: 5}, p1: {p9: 5}, p5: {eob: 5},
+                                  p9: {eob: 5}, eob: {conj: 5}}))
+    tokens = torch.tensor([[BOS, conj, ph]])
+    out = generate(lm, tokens, cfg=SearchConfig(max_len_b=30, no_repeat_ngram_size=3), pad_idx=PAD,
+                   eos_idx=EOS)[0][0].tokens.tolist()
+    assert out == [w1, eph, ob, p0, p5, eob, conj, ph, w2, eph, ob, p1, p9, eob, conj, EOS]
+    history = [BOS, conj, ph] + out
+    after_phrase = [history[i + 2] for i in range(len(history) - 2) if history[i:i + 2] == [eph, ob]]
+    assert after_phrase[:2] == [p0, p1]  # the second phrase may not start its box in the same cell
+    assert len(after_phrase) == len(set(after_phrase))
+    entities = parse_grounded_text(d.string(torch.tensor(history), "sentencepiece"), 4)[1]
+    assert [(e[0], len(e[2])) for e in entities] == [("a", 1), ("the", 1)]
+
+
+def test_beam_search_beats_greedy_on_a_garden_path():
+    a, b, c, dd = 4, 5, 6, 7
+    # greedy takes a (p=.55) and then faces a flat distribution; b (p=.45) leads to a sure end
+    table = bigram(8, {BOS: {a: math.log(.55), b: math.log(.45)},
+                       a: {c: 0.0, dd: 0.0, EOS: 0.0, a: 0.0, b: 0.0}, b: {EOS: 10.0}})
+    lm = BigramLM(table)
+    tokens = torch.tensor([[BOS]])
+    greedy = generate(lm, tokens, cfg=SearchConfig(max_len_b=1, lenpen=0), pad_idx=PAD, eos_idx=EOS)[0][0]
+    beam = generate(lm, tokens, cfg=SearchConfig(beam=2, max_len_b=1, lenpen=0), pad_idx=PAD, eos_idx=EOS)[0][0]
+    assert greedy.tokens.tolist()[0] == a
+    assert beam.tokens.tolist() == [b, EOS] and beam.score > greedy.score
+
+
+def test_right_padding_is_rejected():
+    with pytest.raises(ValueError, match="LEFT-padded"):
+        generate(BigramLM(bigram(8, {})), torch.tensor([[BOS, 4, PAD]]), pad_idx=PAD, eos_idx=EOS)
+
+
+# ---- prompt layout and files ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(RELEASED, "dict.txt")),
+                    reason=f"the released vocabulary (sentencepiece.bpe.model, dict.txt) is not in {RELEASED}")
+def test_check12_prompt_layout_with_the_released_vocabulary():
+    task = Kosmos2Task(Kosmos2Config(spm_model=os.path.join(RELEASED, "sentencepiece.bpe.model"),
+                                     dict_path=os.path.join(RELEASED, "dict.txt"), location_bin_size=32,
+                                     image_token_length=64, seed=1))
+    ids = task.prompt_tokens("<grounding>An image of")
+    # the 64 slots hold <image> ids as our training batches do (the release wrote ids 4..67; only the mask matters)
+    assert ids == [0, 64003] + [64003] * 64 + [64004, 64012, 712, 1648, 9]
+    assert len(ids) == 71 and ids[-1] != task.dictionary.eos()
+
+
+def test_prompt_dataset_collates_left_padded(vocab, tmp_path):
+    task = make_task(vocab)
+    task.image_size, task.image_mean, task.image_std = 32, (0.5,) * 3, (0.5,) * 3
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
+    (tmp_path / "p.tsv").write_text("red.png\t<grounding>a red\nred.png\ttwo blue cats play\n")
+    ds = task.build_prompt_dataset(read_prompt_file(str(tmp_path / "p.tsv")))
+    sample = ds.collater([ds[0], ds[1]])
+    src, mask = sample["net_input"]["src_tokens"], sample["net_input"]["image_mask"]
+    assert sample["id"].tolist() == [0, 1] and sample["target"] is None
+    assert sample["net_input"]["image"].shape == (2, 3, 32, 32)
+    for i in range(2):
+        row = src[i][src[i].ne(task.dictionary.pad())].tolist()
+        assert row == task.prompt_tokens(["<grounding>a red", "two blue cats play"][i])
+        assert src[i, -1] != task.dictionary.pad()  # left padding: the last column is real
+        assert mask[i].sum() == L and mask[i][src[i].eq(task.dictionary.pad())].sum() == 0
+
+
+def test_prompt_file_errors_name_the_line(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "missing.tsv").write_text("ok.png\ta\nnope.png\tb\n")
+    with pytest.raises(FileNotFoundError, match=r"missing.tsv:2: image not found: .*nope.png"):
+        read_prompt_file(str(tmp_path / "missing.tsv"))
+    (tmp_path / "notab.tsv").write_text("ok.png\ta\n\nok.png an image of\n")
+    with pytest.raises(ValueError, match=r"notab.tsv:3: expected 'image_path<TAB>prompt'"):
+        read_prompt_file(str(tmp_path / "notab.tsv"))
+    with pytest.raises(ValueError, match="no image path"):
+        parse_prompt_line("\tAn image of", "x:1")
+    assert parse_prompt_line("a.png<tab><grounding>An image of", "x:1", "/d").image == "/d/a.png"
+
+
+# ---- fairseq-generate and the CLI on a saved checkpoint -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny kosmos2 checkpoint from a 1-update fairseq-train run on a small synthetic world, and 2 images."""
+    from unilm_vl.data.synthetic import generate_world
+
+    root = tmp_path_factory.mktemp("k2gen")
+    generate_world(str(root), seed=3, num_train=16, num_val=4, num_test=4, num_videos=0, workers=1)
+    build_vocab.main(["--data", "train/grit/part-*.tsv", "--root", str(root), "--out", str(root / "vocab"),
+                      "--vocab-size", "200"])
+    vocab_args = ["--spm-model", str(root / "vocab" / "sentencepiece.bpe.model"),
+                  "--dict-path", str(root / "vocab" / "dict.txt"), "--location-bin-size", "16",
+                  "--image-token-length", "16"]
+    run([f"{BIN}/fairseq-train", "--user-dir", f"{REPO}/unilm_vl", str(root), "--task", "kosmos2",
+         "--train-data", "train/grit/part-*.tsv", *vocab_args, "--arch", "kosmos2_tiny", "--criterion",
+         "kosmos2_lm", "--optimizer", "adam", "--lr", "1e-4", "--batch-size", "4", "--num-workers", "0", "--cpu",
+         "--seed", "1", "--save-dir", str(root / "ckpt"), "--max-update", "1", "--disable-validation",
+         "--no-epoch-checkpoints", "--log-format", "simple"])
+    images = root / "prompts"
+    images.mkdir()
+    Image.new("RGB", (80, 60), (220, 30, 30)).save(images / "red.png")
+    Image.new("RGB", (50, 70), (30, 30, 220)).save(images / "blue.jpg")
+    (images / "prompts.tsv").write_text("red.png\t<grounding>an image of\nblue.jpg\t<grounding><phrase> a</phrase>\n")
+    return Namespace(root=root, ckpt=root / "ckpt" / "checkpoint_last.pt", vocab_args=vocab_args,
+                     prompts=images / "prompts.tsv")
+
+
+@pytest.mark.parametrize("flags", [["--beam", "2", "--nbest", "2", "--no-repeat-ngram-size", "3", "--num-workers", "0"],
+                                   ["--sampling", "--beam", "1", "--sampling-topp", "0.9", "--temperature", "0.7"]])
+def test_fairseq_generate_prints_grounded_hypotheses(checkpoint, flags):
+    out = run([f"{BIN}/fairseq-generate", str(checkpoint.root), "--user-dir", f"{REPO}/unilm_vl", "--task",
+               "kosmos2", "--path", str(checkpoint.ckpt), *checkpoint.vocab_args, "--prompts",
+               str(checkpoint.prompts), "--gen-subset", "test", "--batch-size", "2", "--max-len-b", "6", "--cpu",
+               "--post-process", "sentencepiece", *flags])
+    hypos = re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", out, flags=re.M)
+    nbest = 2 if "--nbest" in flags else 1
+    assert sorted(int(i) for i, _, _ in hypos) == sorted([0, 1] * nbest), out[-3000:]
+    texts = {int(i): text for i, _, text in hypos}
+    assert texts[0].startswith("<grounding> an image of")  # the prompt text, then the continuation
+    assert texts[1].startswith("<grounding><phrase> a</phrase>")
+    assert all(math.isfinite(float(score)) for _, score, _ in hypos)
+    assert len(re.findall(r"^D-\d+\t", out, flags=re.M)) == len(hypos)
+    assert "Translated 2 sentences" in out
+
+
+def test_infer_cli_prints_entities_and_draws(checkpoint, tmp_path):
+    from unilm_vl import kosmos2_infer
+
+    stdout = io.StringIO()
+    out_jsonl = tmp_path / "out.jsonl"
+    kosmos2_infer.main(["--checkpoint", str(checkpoint.ckpt), "--input", str(checkpoint.prompts), "--cpu",
+                        "--max-len-b", "8", "--beam", "2", "--draw", str(tmp_path / "draw"),
+                        "--output", str(out_jsonl), "--spm-model", checkpoint.vocab_args[1],
+                        "--dict-path", checkpoint.vocab_args[3]], stdout=stdout)
+    records = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
+    assert [r["where"].rsplit(":", 1)[1] for r in records] == ["1", "2"]
+    assert records[1]["text"].startswith("<grounding><phrase> a</phrase>")
+    assert "clean:" in stdout.getvalue() and "entities:" in stdout.getvalue()
+    drawings = sorted(os.listdir(tmp_path / "draw"))
+    assert drawings == ["00000_red.png", "00001_blue.png"]
+    assert Image.open(tmp_path / "draw" / drawings[0]).size == (80, 60)
+
+
+def test_infer_cli_errors(checkpoint, tmp_path):
+    from unilm_vl import kosmos2_infer
+
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("An image of without a tab\n")
+    with pytest.raises(ValueError, match="bad.tsv:1: expected 'image_path<TAB>prompt'"):
+        kosmos2_infer.main(["--checkpoint", str(checkpoint.ckpt), "--input", str(bad), "--cpu"])
+    bad.write_text("missing.png\tAn image of\n")
+    proc = run_fail([f"{BIN}/python", "-m", "unilm_vl.kosmos2_infer", "--checkpoint", str(checkpoint.ckpt),
+                     "--input", str(bad), "--cpu"])
+    assert re.search(r"error: .*bad.tsv:1: image not found: .*missing.png", proc)
+
+
+def run_fail(cmd):
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return proc.stdout + proc.stderr
+
+
+def test_view_box_to_pixels():
+    from unilm_vl.kosmos2_infer import view_box_to_pixels
+
+    assert view_box_to_pixels((0.0, 0.0, 1.0, 1.0), 200, 100, "squash") == (0, 0, 200, 100)
+    assert view_box_to_pixels((0.0, 0.0, 1.0, 1.0), 200, 100, "crop") == (50, 0, 150, 100)  # the central square
+    assert view_box_to_pixels((0.25, 0.5, 0.75, 1.0), 100, 300, "crop") == (25, 150, 75, 200)

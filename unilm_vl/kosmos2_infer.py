@@ -1,0 +1,248 @@
+"""``python -m unilm_vl.kosmos2_infer``: grounded generation with a trained ``kosmos2`` checkpoint, one image and
+prompt per line, with the entities parsed out and optionally drawn.
+
+::
+
+    python -m unilm_vl.kosmos2_infer --checkpoint ckpt.pt [--input FILE|-] [--beam 1] [--no-repeat-ngram-size 3]
+        [--max-len-b 500] [--sampling --sampling-topp 0.9 --temperature 0.7 --seed 0] [--batch-size 8]
+        [--draw OUT_DIR] [--output out.jsonl] [--spm-model M --dict-path D] [--image-view squash|crop] [--cpu]
+
+Input lines are ``image_path<TAB>prompt`` (the released scripts' literal ``<tab>`` also separates), e.g.
+``snowman.png<TAB><grounding>An image of``; image paths are relative to the input file's directory (stdin: the
+current directory). With stdin a terminal, lines are read interactively. For each input (and each of ``--nbest``
+hypotheses) it prints the grounded text (prompt text + continuation), the clean text and the entities
+``(phrase, (start, end), [boxes])`` of :func:`unilm_vl.data.grounding.parse_grounded_text`; ``--output`` writes the
+same as json lines, ``--draw`` a PNG per input with the boxes and phrases on the original image.
+
+Boxes are normalised to the model's view of the image: the whole image with the default ``--image-view squash``
+(as the released demo), the central square with ``crop`` (the training view); :func:`view_box_to_pixels` maps them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterator, List, Optional, Sequence, TextIO, Tuple
+
+import torch
+
+import unilm_vl  # noqa: F401  (registers the kosmos2 task and model before fairseq reads the checkpoint)
+from unilm_vl.data.decode import load_image
+from unilm_vl.data.grounding import parse_grounded_text
+from unilm_vl.eval.common import load_checkpoint
+from unilm_vl.logging_utils import setup_cli_logging
+from unilm_vl.modules.generation import SearchConfig
+from unilm_vl.tasks.kosmos2 import Kosmos2Generator, parse_prompt_line, read_prompt_file
+
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m unilm_vl.kosmos2_infer", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="kosmos2 fairseq checkpoint (.pt)")
+    p.add_argument("--input", default="-", help="file of image_path<TAB>prompt lines, or - for stdin")
+    p.add_argument("--output", default=None, help="also write one json line per hypothesis to this file")
+    p.add_argument("--draw", default=None, metavar="OUT_DIR", help="write a PNG per input with its boxes drawn")
+    p.add_argument("--spm-model", default=None, help="override the checkpoint's sentencepiece model path")
+    p.add_argument("--dict-path", default=None, help="override the checkpoint's dict.txt path")
+    p.add_argument("--image-view", choices=("squash", "crop"), default="squash",
+                   help="squash the image to S x S (released inference) or resize + centre-crop (training view)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (file input)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    p.add_argument("--fp16", action="store_true", help="run the model in half precision (CUDA)")
+    g = p.add_argument_group("decoding (fairseq's flags)")
+    g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    g.add_argument("--nbest", type=int, default=1, help="hypotheses printed per input")
+    g.add_argument("--max-len-a", type=float, default=0.0, help="max new tokens = a * prompt length + b")
+    g.add_argument("--max-len-b", type=int, default=500, help="max new tokens = a * prompt length + b")
+    g.add_argument("--min-len", type=int, default=1, help="minimum new tokens before </s>")
+    g.add_argument("--lenpen", type=float, default=1.0, help="score = sum log-prob / length ** lenpen")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=3,
+                   help="never repeat an n-gram of the prompt + output (3 as released; 0 = off)")
+    g.add_argument("--sampling", action="store_true", help="sample instead of beam search")
+    g.add_argument("--sampling-topk", type=int, default=-1, help="sample from the k most likely tokens")
+    g.add_argument("--sampling-topp", type=float, default=-1.0, help="sample from the top-p nucleus")
+    g.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this")
+    g.add_argument("--seed", type=int, default=1, help="seed of the sampling generator")
+    return p
+
+
+def view_box_to_pixels(box: Sequence[float], width: int, height: int, view: str = "squash") -> Tuple[int, ...]:
+    """A normalised box of the model's view -> pixel ``(x0, y0, x1, y1)`` on the original ``width x height``
+    image. ``squash``: the view is the whole image; ``crop``: the central ``min(w, h)`` square."""
+    x0, y0, x1, y1 = box
+    if view == "squash":
+        left, top, sx, sy = 0.0, 0.0, width, height
+    elif view == "crop":
+        side = min(width, height)
+        left, top, sx, sy = (width - side) / 2, (height - side) / 2, side, side
+    else:
+        raise ValueError(f"view must be 'squash' or 'crop', got {view!r}")
+    return (int(left + x0 * sx), int(top + y0 * sy), int(left + x1 * sx), int(top + y1 * sy))
+
+
+def draw_entities(image, entities, view: str = "squash"):
+    """A copy of the PIL ``image`` with each entity's boxes outlined and labelled with its phrase."""
+    from PIL import ImageDraw, ImageFont
+
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    width, height = out.size
+    line = max(1, round(min(width, height) / 160))
+    font = ImageFont.load_default(size=max(10, round(min(width, height) / 32)))
+    for k, (phrase, _, boxes) in enumerate(entities):
+        colour = PALETTE[k % len(PALETTE)]
+        for box in boxes:
+            x0, y0, x1, y1 = view_box_to_pixels(box, width, height, view)
+            draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
+            tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), phrase, font=font)
+            label_top = max(0, y0 - ty1 - 4)
+            draw.rectangle((x0, label_top, x0 + tx1 + 4, label_top + ty1 + 4), fill=colour)
+            draw.text((x0 + 2, label_top + 2), phrase, fill=(255, 255, 255), font=font)
+    return out
+
+
+def read_stdin() -> Iterator[Tuple[str, str]]:
+    """``(where, line)`` pairs from stdin; interactive (with a prompt) when stdin is a terminal."""
+    interactive = sys.stdin.isatty()
+    number = 0
+    while True:
+        if interactive:
+            try:
+                line = input("image_path<TAB>prompt> ")
+            except EOFError:
+                return
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return
+        number += 1
+        if line.strip():
+            yield f"<stdin>:{number}", line
+
+
+def grounded_string(dictionary, tokens) -> str:
+    """Token ids -> text as fairseq's ``--post-process sentencepiece`` writes it (``<s>``/``</s>`` dropped, tags
+    verbatim): ``<grounding> An image of<phrase> a snowman</phrase><object>...</object>``."""
+    return dictionary.string(tokens, "sentencepiece")
+
+
+class Kosmos2Inference:
+    """A loaded checkpoint ready to decode prompt lines (see the module docstring)."""
+
+    def __init__(self, args):
+        overrides = {"vision_pretrained": None}  # the checkpoint holds the tower's weights
+        if args.spm_model:
+            overrides["spm_model"] = args.spm_model
+        if args.dict_path:
+            overrides["dict_path"] = args.dict_path
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+        self.model, self.task, _ = load_checkpoint(args.checkpoint, str(self.device), overrides)
+        if args.fp16:
+            self.model.half()
+        self.task.cfg.gen_image_view = args.image_view
+        self.view = args.image_view
+        self.search = SearchConfig(
+            beam=args.beam, nbest=args.nbest, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
+            min_len=args.min_len, lenpen=args.lenpen, sampling=args.sampling, sampling_topk=args.sampling_topk,
+            sampling_topp=args.sampling_topp, temperature=args.temperature,
+            no_repeat_ngram_size=args.no_repeat_ngram_size)
+        self.generator = Kosmos2Generator(self.search, self.task.dictionary, seed=args.seed)
+
+    def run(self, lines) -> List[dict]:
+        """Decode parsed :class:`~unilm_vl.tasks.kosmos2.PromptLine` s; one record per (input, hypothesis)."""
+        dataset = self.task.build_prompt_dataset(lines)
+        sample = dataset.collater([dataset[i] for i in range(len(dataset))])
+        net_input = sample["net_input"]
+        net_input["src_tokens"] = net_input["src_tokens"].to(self.device)
+        net_input["image_mask"] = net_input["image_mask"].to(self.device)
+        net_input["image"] = net_input["image"].to(self.device)
+        with torch.no_grad():
+            hypos = self.generator.generate([self.model], sample)
+        records = []
+        d = self.task.dictionary
+        for line, sample_hypos in zip(lines, hypos):
+            prompt_len = len(self.task.tokenizer.encode(line.prompt, split_symbols=True))
+            for rank, h in enumerate(sample_hypos):
+                text = grounded_string(d, h["tokens"])
+                clean, entities = parse_grounded_text(text, self.task.cfg.location_bin_size)
+                records.append({"where": line.where, "image": line.image, "prompt": line.prompt, "rank": rank,
+                                "text": text, "continuation": grounded_string(d, h["tokens"][prompt_len:]),
+                                "clean_text": clean, "entities": entities, "score": float(h["score"])})
+        return records
+
+
+def format_record(record: dict) -> str:
+    entities = ", ".join(f"({phrase!r}, {span}, [{', '.join(str(tuple(round(v, 4) for v in b)) for b in boxes)}])"
+                         for phrase, span, boxes in record["entities"])
+    return (f"[{record['where']}] {record['image']}  (hypothesis {record['rank']}, score {record['score']:.4f})\n"
+            f"  text:     {record['text']}\n  clean:    {record['clean_text']}\n  entities: [{entities}]")
+
+
+def main(argv: Optional[Sequence[str]] = None, stdout: TextIO = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_cli_logging(sys.stderr)
+    stdout = stdout or sys.stdout
+    interactive = args.input == "-" and sys.stdin.isatty()
+    # a file is checked whole (every line has a tab, every image exists) before the model loads
+    lines = read_prompt_file(args.input) if args.input != "-" else None
+    engine = Kosmos2Inference(args)
+    if args.draw:
+        os.makedirs(args.draw, exist_ok=True)
+    out = open(args.output, "w", encoding="utf-8") if args.output else None
+    batch_size = 1 if interactive else max(1, args.batch_size)
+    count = 0
+    try:
+        batch = []
+        for line in lines if lines is not None else _stdin_prompts(interactive):
+            batch.append(line)
+            if len(batch) == batch_size:
+                count = _emit(engine, batch, args, out, stdout, count)
+                batch = []
+        if batch:
+            count = _emit(engine, batch, args, out, stdout, count)
+    finally:
+        if out is not None:
+            out.close()
+    return 0
+
+
+def _stdin_prompts(interactive: bool):
+    """Parsed stdin lines (image paths relative to the current directory); in interactive mode a bad line is
+    reported and skipped, otherwise it stops the run."""
+    for where, text in read_stdin():
+        try:
+            line = parse_prompt_line(text, where, os.getcwd())
+            if not os.path.isfile(line.image):
+                raise FileNotFoundError(f"{where}: image not found: {line.image}")
+        except (ValueError, FileNotFoundError) as exc:
+            if not interactive:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        yield line
+
+
+def _emit(engine: Kosmos2Inference, lines, args, out, stdout, count: int) -> int:
+    records = engine.run(lines)
+    for record in records:
+        print(format_record(record), file=stdout, flush=True)
+        if record["rank"] == 0 and args.draw:
+            image = load_image(record["image"])
+            stem = os.path.splitext(os.path.basename(record["image"]))[0]
+            record["drawing"] = os.path.join(args.draw, f"{count:05d}_{stem}.png")
+            draw_entities(image, record["entities"], engine.view).save(record["drawing"])
+            count += 1
+        if out is not None:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return count
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
