@@ -390,7 +390,7 @@ def test_infer_cli_prints_entities_and_draws(checkpoint, tmp_path):
     assert "clean:" in stdout.getvalue() and "entities:" in stdout.getvalue()
     drawings = sorted(os.listdir(tmp_path / "draw"))
     assert drawings == ["00000_red.png", "00001_blue.png"]
-    assert Image.open(tmp_path / "draw" / drawings[0]).size == (80, 60)
+    assert Image.open(tmp_path / "draw" / drawings[0]).size == (400, 300)  # 80 x 60 enlarged x5 to a 256+ side
 
 
 def test_infer_cli_errors(checkpoint, tmp_path):

@@ -35,6 +35,8 @@ from unilm_vl.logging_utils import setup_cli_logging
 from unilm_vl.modules.generation import SearchConfig
 from unilm_vl.tasks.kosmos2 import Kosmos2Generator, parse_prompt_line, read_prompt_file
 
+MIN_DRAW_SIDE = 256
+"""Drawings of images with a shorter side below this are enlarged by an integer factor (boxes are normalised)."""
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60))
 
@@ -86,9 +88,12 @@ def view_box_to_pixels(box: Sequence[float], width: int, height: int, view: str 
 
 def draw_entities(image, entities, view: str = "squash"):
     """A copy of the PIL ``image`` with each entity's boxes outlined and labelled with its phrase."""
-    from PIL import ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont
 
     out = image.convert("RGB").copy()
+    if min(out.size) < MIN_DRAW_SIDE:  # small images (e.g. the synthetic world's) are enlarged so labels fit
+        factor = -(-MIN_DRAW_SIDE // min(out.size))
+        out = out.resize((out.width * factor, out.height * factor), Image.NEAREST)
     draw = ImageDraw.Draw(out)
     width, height = out.size
     line = max(1, round(min(width, height) / 160))
