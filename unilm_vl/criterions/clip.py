@@ -48,20 +48,7 @@ class ClipCriterion(FairseqCriterion):
                                       self.cfg.local_loss, self.cfg.gather_with_grad,
                                       label_smoothing=self.cfg.label_smoothing)
         loss = sum(losses.values())
-        acc = functional.contrastive_accuracy(out["image_features"], out["text_features"])
-        bsz = sample["nsentences"]
-        logging_output = {
-            "loss": loss.detach().item(),
-            "ntokens": sample["ntokens"],
-            "nsentences": bsz,
-            "sample_size": 1,
-            "logit_scale": out["logit_scale"].detach().float().item(),
-            "i2t_acc": acc["i2t_acc"].item() * bsz,
-            "t2i_acc": acc["t2i_acc"].item() * bsz,
-        }
-        for name, value in losses.items():
-            logging_output[name] = value.detach().item()
-        return loss, 1, logging_output
+        return loss, 1, contrastive_logging_output(loss, losses, out, sample)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -70,6 +57,27 @@ class ClipCriterion(FairseqCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def contrastive_logging_output(loss, terms, out, sample) -> dict:
+    """The logging output of a contrastive criterion (sample_size 1 per rank): the total, every loss term, the
+    logit scale(s) and the in-batch retrieval accuracies (summed per sample for :func:`reduce_contrastive_metrics`)."""
+    acc = functional.contrastive_accuracy(out["image_features"], out["text_features"])
+    bsz = sample["nsentences"]
+    logging_output = {
+        "loss": loss.detach().item(),
+        "ntokens": sample["ntokens"],
+        "nsentences": bsz,
+        "sample_size": 1,
+        "logit_scale": out["logit_scale"].detach().float().item(),
+        "i2t_acc": acc["i2t_acc"].item() * bsz,
+        "t2i_acc": acc["t2i_acc"].item() * bsz,
+    }
+    if "l2l_logit_scale" in out:
+        logging_output["l2l_logit_scale"] = out["l2l_logit_scale"].detach().float().item()
+    for name, value in terms.items():
+        logging_output[name] = value.detach().item()
+    return logging_output
 
 
 def reduce_contrastive_metrics(logging_outputs) -> None:

@@ -22,7 +22,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from . import functional
-from .clip import data_parallel_rank_world, reduce_contrastive_metrics
+from .clip import contrastive_logging_output, data_parallel_rank_world, reduce_contrastive_metrics
 
 GATHER_GRADIENT_CHOICES = ChoiceEnum(["full", "reference"])
 
@@ -58,22 +58,7 @@ class ClipRocketCriterion(FairseqCriterion):
                                     rank=rank, world_size=world, gradient=str(self.cfg.gather_gradient))
         extra = self.extra_losses(out, rank, world)
         loss = cl2l["clip_loss"] + sum(extra.values())
-        acc = functional.contrastive_accuracy(out["image_features"], out["text_features"])
-        bsz = sample["nsentences"]
-        logging_output = {
-            "loss": loss.detach().item(),
-            "ntokens": sample["ntokens"],
-            "nsentences": bsz,
-            "sample_size": 1,
-            "logit_scale": out["logit_scale"].detach().float().item(),
-            "i2t_acc": acc["i2t_acc"].item() * bsz,
-            "t2i_acc": acc["t2i_acc"].item() * bsz,
-        }
-        if "l2l_logit_scale" in out:
-            logging_output["l2l_logit_scale"] = out["l2l_logit_scale"].detach().float().item()
-        for name, value in {**cl2l, **extra}.items():
-            logging_output[name] = value.detach().item()
-        return loss, 1, logging_output
+        return loss, 1, contrastive_logging_output(loss, {**cl2l, **extra}, out, sample)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
