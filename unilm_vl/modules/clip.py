@@ -12,6 +12,8 @@ from typing import Dict, Optional, Tuple
 
 import open_clip
 import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
 from torch import nn
 
 from ..constants import CLIP_INIT_LOGIT_SCALE, CLIP_MAX_LOGIT_SCALE
@@ -82,6 +84,40 @@ class ClipModule(nn.Module):
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_text(text, normalize=True)  # B x D
+
+    def encode_image_dense(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised pooled features (B x D) and projected, un-normalised patch tokens (B x P x D).
+
+        The patch tokens are the tower's outputs after ``ln_post`` without the class token, times ``proj`` (what
+        FSC-CLIP's ``--return-dense-tokens`` and patch-level zero-shot segmentation use). Only ViT towers whose
+        ``_pool`` returns patch tokens are supported."""
+        visual = self.clip.visual
+        if not hasattr(visual, "_pool") or not hasattr(visual, "output_tokens"):
+            raise TypeError(f"dense image tokens need an open_clip VisionTransformer, got {type(visual).__name__}")
+        previous = visual.output_tokens
+        visual.output_tokens = True
+        try:
+            pooled, tokens = visual(image)  # B x D, B x P x W
+        finally:
+            visual.output_tokens = previous
+        if visual.proj is not None:
+            tokens = tokens @ visual.proj  # B x P x D
+        return F.normalize(pooled, dim=-1), tokens
+
+    def encode_text_dense(self, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised pooled features (B x D) and all projected, un-normalised token outputs (B x L x D), the
+        latter after ``ln_final`` as in FSC-CLIP's dense text tokens. Pooling is the tower's own (EOT by default),
+        so the pooled features equal :meth:`encode_text`."""
+        clip = self.clip
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding.to(cast_dtype)  # B x L x W
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))  # B x L x W
+        pooled = text_global_pool(x, text, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        projection = clip.text_projection
+        if projection is not None:
+            project = projection if isinstance(projection, nn.Linear) else (lambda t: t @ projection)
+            pooled, x = project(pooled), project(x)  # B x D, B x L x D
+        return F.normalize(pooled, dim=-1), x
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {
