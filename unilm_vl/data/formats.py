@@ -117,11 +117,11 @@ def parse_annotation(text: str, column: str = "annotation") -> Any:
         return None
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
         pass
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # TypeError: {[1]: 2}
         raise ValueError(f"column {column!r}: not JSON or a Python literal: {text[:80]!r}") from None
 
 

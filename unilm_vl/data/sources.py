@@ -83,11 +83,14 @@ def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
 
     Written on ``tarfile`` rather than webdataset's expanders because we need every problem counted with its
     path (a truncated shard yields its complete samples, then one bad record naming the shard) and exact
-    replay for resume.
+    replay for resume. When the cut falls inside a member of the pending sample, that sample is partial and the
+    bad record stands for it; when it falls in a later sample's member (or a header), the pending sample is
+    yielded first and decoded on its own merits.
     """
     index = 0
     current_key: Optional[str] = None
     members: Dict[str, bytes] = {}
+    reading: Optional[str] = None  # key of the member whose data is being read (None between members): the cut one
     try:
         with tarfile.open(path, mode="r|*") as tar:
             for info in tar:
@@ -99,7 +102,9 @@ def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
                 prefix = os.path.dirname(info.name)
                 stem, ext = base.split(".", 1)
                 key = os.path.join(prefix, stem) if prefix else stem
+                reading = key
                 data = tar.extractfile(info).read()
+                reading = None
                 if key != current_key:
                     if current_key is not None:
                         yield {"__source__": spec.name, "__url__": path, "__index__": index,
@@ -111,12 +116,16 @@ def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
                 raise tarfile.ReadError("no end-of-archive marker: the shard is truncated")
     except (tarfile.TarError, OSError, EOFError) as exc:
         # Emit what was complete, then one error record so the damage is counted, not silent.
-        if current_key is not None:
-            yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": current_key,
-                   "members": members, "__error__": f"truncated shard: {exc}"}
+        if current_key is None:
+            yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": None, "members": {},
+                   "__error__": f"unreadable tar shard: {type(exc).__name__}: {exc}"}
             return
-        yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": None, "members": {},
-               "__error__": f"unreadable tar shard: {type(exc).__name__}: {exc}"}
+        if reading != current_key:  # the pending sample's members were all read
+            yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": current_key,
+                   "members": members}
+            index += 1
+        yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": reading,
+               "members": {}, "__error__": f"truncated shard: {exc}"}
         return
     if current_key is not None:
         yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": current_key,
@@ -128,7 +137,7 @@ def read_frames_annotation(path: str, spec: SourceSpec) -> Iterator[Dict[str, An
     try:
         with open(path, encoding="utf-8") as fh:
             entries = json.load(fh)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         yield {"__source__": spec.name, "__url__": path, "__index__": 0, "__error__": f"unreadable annotation: {exc}"}
         return
     if not isinstance(entries, list):
@@ -181,7 +190,7 @@ def decode_tsv(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
 
 def decode_wds(raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASET_KEYS) -> Dict[str, Any]:
     where = _where(raw)
-    if "__error__" in raw and not raw["members"]:
+    if "__error__" in raw:  # read_tar's record for an unreadable or truncated shard
         raise BadSample(raw["__error__"], raw["__url__"], "tar")
     members = raw["members"]
     image_ext = next((ext for ext in keys.image if ext in members), None)
@@ -191,7 +200,7 @@ def decode_wds(raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASE
     if keys.meta in members:
         try:
             meta = json.loads(members[keys.meta].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
             raise BadSample("json member is not valid UTF-8 JSON", where, keys.meta) from None
         if not isinstance(meta, dict):
             raise BadSample("json member is not an object", where, keys.meta)
@@ -209,9 +218,6 @@ def decode_wds(raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASE
     if not caption.strip():
         raise BadSample("empty caption", where, spec.caption_key)
     image = decode_image(members[image_ext], where, image_ext)
-    if "__error__" in raw:
-        # The last sample of a truncated shard: it decoded, but count the truncation all the same.
-        logger.warning("%s", raw["__error__"] + f" in {raw['__url__']}")
     return {"__key__": raw["__key__"], "__source__": spec.name, "__where__": where, "image": image,
             "caption": caption.strip(), "meta": meta}
 
@@ -258,7 +264,7 @@ def decode_text(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
     if raw["__url__"].endswith(".jsonl"):
         try:
             doc = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
             raise BadSample("line is not JSON", where, "line") from None
         text = doc.get("text") if isinstance(doc, dict) else None
         if not isinstance(text, str):
@@ -275,8 +281,11 @@ DECODERS = {"tsv": decode_tsv, "wds": decode_wds, "frames": decode_frames, "text
 
 
 def decode_record(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
-    """Decode a raw record of ``spec``; raises :class:`BadSample` naming the shard and field on failure."""
-    return DECODERS[spec.kind](raw, spec)
+    """Decode a raw record of ``spec``; raises :class:`BadSample` naming the shard and field on failure.
+
+    A task may replace the decoder of its sources with a picklable callable in ``spec.extra["decoder"]`` (COSA
+    lists frame paths without decoding them: :class:`unilm_vl.data.cosa.CosaFramesDecoder`)."""
+    return (spec.extra.get("decoder") or DECODERS[spec.kind])(raw, spec)
 
 
 # ----------------------------------------------------------------------------------------------- data specs
@@ -331,9 +340,10 @@ def parse_data_spec(spec: str, root: Optional[str] = None, schema: str = "grit",
                     num_samples=entry.get("num_samples")))
             return sources
         if isinstance(content, list):
-            fr = frames_root or os.path.join(base, "frames")
-            if root is not None and not os.path.isabs(fr):
-                fr = os.path.join(root, fr)
+            if frames_root:  # a relative --frames-root resolves against root, like the data spec
+                fr = frames_root if root is None or os.path.isabs(frames_root) else os.path.join(root, frames_root)
+            else:  # base already includes root
+                fr = os.path.join(base, "frames")
             return [SourceSpec(name=os.path.splitext(os.path.basename(path))[0], kind="frames", shards=[path],
                                frames_root=fr)]
         raise ValueError(f"{path}: a data json must hold a list of source entries or of annotations")

@@ -11,8 +11,10 @@ from fairseq.tasks import FairseqTask
 from omegaconf import II
 
 from ..data.iterator import CheckpointableBatchIterator
+from ..distributed_cpu import prepare_cpu_all_gather_list
 from ..data.pipeline import StreamPlan
 from ..data.sources import SourceSpec, parse_data_spec
+from ..fault_tolerance import NonFiniteLossGuard, install_atomic_checkpoint_copy, set_collective_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,13 @@ class StreamDataConfig(FairseqDataclass):
     bad_sample_log_every: int = field(default=100, metadata={"help": "log a bad-sample summary every N skips"})
     seed: int = field(default=II("common.seed"), metadata={
         "help": "seed of shard order, shuffle buffers, mixing and per-sample augmentation (fairseq's --seed)"})
+    max_consecutive_nan_steps: int = field(default=10, metadata={
+        "help": "an update whose loss is NaN/Inf on any rank is skipped (no optimizer step, counted as "
+                "nan_skipped); stop the run once more than this many updates in a row were skipped (0: stop at the "
+                "first)"})
+    collective_timeout: int = field(default=0, metadata={
+        "help": "seconds a collective (all-reduce, all-gather) waits for the other ranks before failing, so a hung "
+                "rank stops the job instead of blocking it; 0 keeps torch's default (30 min gloo, 10 min NCCL)"})
 
 
 class StreamTaskBase(FairseqTask):
@@ -60,6 +69,10 @@ class StreamTaskBase(FairseqTask):
     def __init__(self, cfg: StreamDataConfig):
         super().__init__(cfg)
         self._sizes: Dict[str, Dict[str, int]] = {}
+        prepare_cpu_all_gather_list()  # non-summable logging outputs (kosmos2_lm) on gloo without CUDA
+        install_atomic_checkpoint_copy()  # checkpoint_last.pt is never left half-written (see fault_tolerance.py)
+        set_collective_timeout(getattr(cfg, "collective_timeout", 0))  # tasks are set up after distributed init
+        self.nan_guard = NonFiniteLossGuard(getattr(cfg, "max_consecutive_nan_steps", 10))
 
     # ---- data
     def data_spec(self, split: str) -> str:
@@ -90,6 +103,10 @@ class StreamTaskBase(FairseqTask):
     def build_collater(self, split: str):
         raise NotImplementedError
 
+    def stream_options(self, split: str, batch_size: int) -> dict:
+        """Extra :class:`~unilm_vl.data.pipeline.StreamPlan` fields of ``split`` (e.g. ``mix_block``)."""
+        return {}
+
     def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
                            ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1, num_shards=1,
                            shard_id=0, num_workers=0, epoch=1, data_buffer_size=0, disable_iterator_cache=False,
@@ -106,7 +123,7 @@ class StreamTaskBase(FairseqTask):
             shuffle=train and not self.cfg.no_shuffle, shuffle_buffer=self.cfg.shuffle_buffer,
             split=self.cfg.split_by if train else "sample", train=train,
             max_bad_fraction=self.cfg.max_bad_fraction, log_every=self.cfg.bad_sample_log_every, name=split,
-            sizes=self._sizes.setdefault(split, {}))
+            sizes=self._sizes.setdefault(split, {}), **self.stream_options(split, max_sentences))
         if train:
             total = self.cfg.train_num_samples or plan.count()
             num_batches = total // (max_sentences * num_shards)
@@ -119,11 +136,25 @@ class StreamTaskBase(FairseqTask):
                                            loader_workers=num_workers if train else 0)
 
     # ---- training hooks
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
+        """fairseq's forward/backward, then the NaN/Inf loss check. Overridden (not to pass a loss name) because
+        the check must run between backward and the trainer's gradient-norm check, which raises on NaN
+        gradients before ``optimizer_step`` could skip the update; see :mod:`unilm_vl.fault_tolerance`."""
+        loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
+                                                               ignore_grad=ignore_grad, **kwargs)
+        sample_size, logging_output = self.nan_guard.after_backward(loss, sample_size, logging_output, optimizer,
+                                                                    update_num, ignore_grad)
+        return loss, sample_size, logging_output
+
     def optimizer_step(self, optimizer, model, update_num):
-        super().optimizer_step(optimizer, model, update_num)
+        if not self.nan_guard.should_step(optimizer, update_num):
+            return  # a NaN/Inf loss on some rank: no optimizer or teacher step (fault_tolerance.py)
         inner = model
         while hasattr(inner, "module"):
             inner = inner.module
+        if hasattr(inner, "before_optimizer_step"):  # after backward and gradient clipping (COSMOS's teacher EMA)
+            inner.before_optimizer_step(update_num)
+        super().optimizer_step(optimizer, model, update_num)
         if hasattr(inner, "after_optimizer_step"):
             inner.after_optimizer_step(update_num)
 
