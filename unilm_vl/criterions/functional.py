@@ -13,10 +13,33 @@ The loss *value* averaged over ranks equals the full-batch loss in every mode.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+
+def full_precision(fn):
+    """Run ``fn`` with autocast disabled on the device of its first tensor argument.
+
+    Under ``torch.autocast`` (fairseq ``--amp``, bf16/fp16 training) matmuls are recast to the low precision even
+    when their inputs are float32, so ``s * I @ T^T`` with ``s`` up to 100 would be a bf16 matrix (8-bit mantissa:
+    steps of 0.25-0.5 near 100) before any softmax. The losses below upcast their inputs and must compute logits,
+    softmaxes, covariance matrices and Sinkhorn in float32 (or float64), so they are wrapped with this.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)),
+                      None)
+        if device is None or not torch.is_autocast_enabled(device.type):
+            return fn(*args, **kwargs)
+        with torch.autocast(device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def gather_features(image_features: torch.Tensor, text_features: torch.Tensor, rank: int, world_size: int,
@@ -30,6 +53,7 @@ def gather_features(image_features: torch.Tensor, text_features: torch.Tensor, r
                              gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
 
 
+@full_precision
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
               rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_with_grad: bool = True,
               logit_bias: Optional[torch.Tensor] = None, label_smoothing: float = 0.0) -> Dict[str, torch.Tensor]:
@@ -60,6 +84,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
 
 @torch.no_grad()
+@full_precision
 def contrastive_accuracy(image_features: torch.Tensor, text_features: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Fraction of local rows whose best match is the paired item, image->text and text->image."""
     sim = image_features.float() @ text_features.float().T
@@ -96,6 +121,7 @@ def _local_vs_global_ce(query: torch.Tensor, keys_all: torch.Tensor, scale: torc
     return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
+@full_precision
 def cl2l_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
               image_views: Optional[torch.Tensor] = None, text_views: Optional[torch.Tensor] = None,
               l2l_logit_scale: Optional[torch.Tensor] = None, label_smoothing: float = 0.0,
@@ -166,6 +192,7 @@ def all_reduce_sum(x: torch.Tensor, world_size: int, gradient: str = "full") -> 
     return out
 
 
+@full_precision
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lamb: float = 5e-3, scale: float = 0.025,
                       world_size: int = 1, gradient: str = "full") -> torch.Tensor:
     """Barlow Twins redundancy reduction between two batch-standardised embeddings (BarLIP; contrastive.md 3.5).
@@ -220,6 +247,7 @@ def barlip_loss(image: torch.Tensor, text: torch.Tensor, image_views: Optional[t
 
 
 @torch.no_grad()
+@full_precision
 def sinkhorn_knopp(scores: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, world_size: int = 1
                    ) -> torch.Tensor:
     """Sinkhorn-Knopp soft assignments of a B_local x K score matrix (SwAV; clip-rocket ``losses.py`` SK).
@@ -247,6 +275,7 @@ def _soft_cross_entropy(targets: torch.Tensor, logits: torch.Tensor) -> torch.Te
     return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
+@full_precision
 def swalip_loss(image_views: torch.Tensor, text_views: torch.Tensor, l2l_logit_scale: torch.Tensor,
                 iterations: int = 3, epsilon: float = 0.05, rank: int = 0, world_size: int = 1,
                 gradient: str = "full") -> torch.Tensor:
@@ -292,6 +321,7 @@ def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], 
 
 
 # ------------------------------------------------------------------------------------------------- language model
+@full_precision
 def masked_token_nll(lm_logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood ``-log p(target)`` (B x T, float32 log-softmax), zero where ``mask`` is
     False. Sum it and divide by ``mask.sum()`` for the token-mean NLL of the Kosmos-2 criterion."""

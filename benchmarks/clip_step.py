@@ -1,0 +1,140 @@
+"""CLIP training step: our fairseq task/model/criterion through ``fairseq.trainer.Trainer.train_step`` vs a plain
+open_clip loop (``open_clip.create_model`` + ``open_clip.loss.ClipLoss`` + ``torch.optim.AdamW``).
+
+Same open_clip tower config, same initial weights (the peer loads our towers' state dict), same pre-collated batch
+(random pixels, random token ids: the step is timed, not the data pipeline), same optimiser maths: AdamW
+(fairseq's ``adam`` has decoupled weight decay), lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on every
+parameter, no gradient clipping; both clamp the logit scale after the step. One step = forward, loss, backward,
+optimiser step (fairseq's also does its logging-output reduction and gradient-norm computation: part of our cost).
+
+    .venv/bin/python benchmarks/clip_step.py [--model unilm-vl-clip-tiny] [--batch-size 32] [--warmup 3] [--iters 10]
+
+Prints (logs) median seconds per step of each side and ``ratio = open_clip time / our time`` (>= 1.0: at least
+parity). ``--device cuda --precision fp16`` runs the GPU variant and also reports the model FLOPs utilisation
+(FLOPs counted by torch's ``FlopCounterMode`` on one forward, x3 for forward + backward). Mixed precision is
+fairseq's ``--amp`` (fp16 autocast + dynamic loss scaling) against ``torch.autocast(float16)`` + ``GradScaler``:
+fairseq 0.12 has no bf16 autocast (``--bf16`` implies ``--tpu`` and needs torch_xla, and ``--amp`` is fp16).
+"""
+import argparse
+import copy
+import math
+import os
+import sys
+
+import torch
+
+from _timing import interleaved, report, setup_logging
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEAK_16BIT_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense fp16/bf16 tensor-core peaks (SXM)
+
+
+def build_ours(args):
+    """Task, model, criterion and Trainer exactly as ``fairseq-train`` builds them from these flags."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    flags = [REPO, "--user-dir", os.path.join(REPO, "unilm_vl"), "--task", "image_text_contrastive",
+             "--arch", "clip", "--open-clip-model", args.model, "--criterion", "clip",
+             "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--adam-eps", "1e-6", "--weight-decay", "0.2",
+             "--lr", "5e-4", "--clip-norm", "0", "--batch-size", str(args.batch_size), "--seed", "1",
+             "--log-format", "none"]
+    if args.device == "cpu":
+        flags.append("--cpu")
+    if args.precision == "fp16":
+        flags.append("--amp")  # fairseq's autocast path: fp16 + dynamic loss scaling (its --bf16 needs torch_xla)
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), flags))
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return Trainer(cfg, task, model, criterion), model
+
+
+def batch(model, args):
+    g = torch.Generator().manual_seed(0)
+    size, length = model.image_size, model.context_length
+    return {"id": list(range(args.batch_size)), "nsentences": args.batch_size,
+            "ntokens": args.batch_size * length,
+            "net_input": {"image": torch.randn(args.batch_size, 3, size, size, generator=g),
+                          "text": torch.randint(1, 49000, (args.batch_size, length), generator=g)}}
+
+
+def build_peer(our_model, args):
+    """The open_clip training loop of open_clip_train (forward, ClipLoss, backward, AdamW, clamp), minus data."""
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    model = open_clip.create_model(args.model, pretrained=None, output_dict=True).to(args.device)
+    model.load_state_dict(copy.deepcopy(our_model.towers.clip.state_dict()))
+    model.train()
+    loss_fn = ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+    max_scale = math.log(100)
+    return model, loss_fn, optimizer, max_scale
+
+
+def tower_flops(model, sample) -> float:
+    """Training FLOPs of one step: 3 x (2 x multiply-adds) of the towers' forward, counted with torch's
+    FlopCounterMode on a forward pass (attention and matmuls included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(**sample["net_input"])
+    return 3.0 * counter.get_total_flops()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="unilm-vl-clip-tiny", help="open_clip registry name of the towers")
+    parser.add_argument("--batch-size", type=int, default=32, help="pairs per step")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
+    parser.add_argument("--iters", type=int, default=10, help="timed steps per side (median reported)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides run")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                        help="fp16: autocast + dynamic loss scaling on both sides (ours: fairseq --amp; GPU only)")
+    args = parser.parse_args(argv)
+    if args.precision == "fp16" and args.device != "cuda":
+        parser.error("--precision fp16 needs --device cuda: fairseq has no CPU mixed precision (see README)")
+    setup_logging()
+    torch.manual_seed(0)
+    trainer, our_model = build_ours(args)
+    sample = batch(our_model, args)
+    peer_model, loss_fn, optimizer, max_scale = build_peer(our_model, args)
+    peer_input = {k: v.to(args.device) for k, v in sample["net_input"].items()}
+    mixed = args.precision == "fp16"
+    autocast = torch.autocast(args.device, dtype=torch.float16, enabled=mixed)
+    scaler = torch.amp.GradScaler(args.device, enabled=mixed)
+
+    def ours():
+        trainer.train_step([sample])
+
+    def peer():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            out = peer_model(**peer_input)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad():
+            peer_model.logit_scale.clamp_(0, max_scale)
+
+    timing = interleaved(ours, peer, args.warmup, args.iters)
+    results = {"config": vars(args), "train_step": timing,
+               "samples_per_s": {"ours": args.batch_size / timing["ours_s"],
+                                 "peer": args.batch_size / timing["peer_s"]}}
+    if args.device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in PEAK_16BIT_TFLOPS.items() if k in name), None)
+        flops = tower_flops(peer_model, {"net_input": peer_input})
+        results["step_tflops"] = flops / 1e12
+        if peak and mixed:
+            results["mfu_ours"] = flops / timing["ours_s"] / (peak * 1e12)
+            results["mfu_peer"] = flops / timing["peer_s"] / (peak * 1e12)
+    report("clip_step", results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

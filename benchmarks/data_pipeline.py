@@ -1,0 +1,172 @@
+"""Data pipeline throughput: samples/s of one training pass over the same synthetic shards through
+
+* ours, webdataset: the ``image_text_contrastive`` task's iterator (``task.get_batch_iterator``, as fairseq-train
+  uses it) on ``train/wds/part-*.tar``;
+* ours, TSV: the same task on ``train/grit/part-*.tsv`` (the same samples in the GRIT TSV layout);
+* the peer: open_clip's training pipeline, ``open_clip_train.data.get_wds_dataset``'s stages (shard shuffle, split
+  by node/worker, tar expansion, sample shuffle, decode "pilrgb", transform, tokenise, batch, ``wds.WebLoader``)
+  rebuilt from open_clip_train's own stage objects (see :func:`open_clip_wds_loader` for the one replaced stage).
+
+Same decode + transform + batch on every side: PIL RGB decode, open_clip's training ``image_transform``
+(RandomResizedCrop scale 0.9-1, bicubic, normalise) at the tower's size, open_clip's BPE tokenizer (77 tokens),
+batches of ``--batch-size``, ``--workers`` DataLoader worker processes. Passes alternate (ours, peer, ...);
+after ``--warmup`` passes per side, the median of ``--iters`` is reported; ``ratio`` = our samples/s / peer's.
+
+    .venv/bin/python -m unilm_vl.data.synthetic --out /tmp/bench_world --seed 0 --num-train 2000 --num-val 8 \\
+        --num-test 8 --num-videos 0 --image-size 64
+    .venv/bin/python benchmarks/data_pipeline.py --data /tmp/bench_world [--batch-size 50] [--workers 2]
+
+open_clip_train 3.3.0 imports pandas at module level for its CSV dataset only; where pandas is not installed an
+empty stand-in module is registered before the import (the wds path never touches it).
+"""
+import argparse
+import gc
+import importlib.util
+import logging
+import os
+import statistics
+import sys
+import time
+import types
+from argparse import Namespace
+
+import torch
+
+from _timing import machine, report, setup_logging
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+logger = logging.getLogger("benchmarks")
+
+
+def open_clip_wds_loader(args, shards, image_size, mean, std, num_samples):
+    """open_clip_train's ``get_wds_dataset`` training pipeline, stage for stage, with its own stage objects
+    (``detshuffle2``, ``filter_no_caption_or_no_image``, ``log_and_continue``, shuffle sizes, ``with_epoch``
+    rounding, ``WebLoader``). One stage differs: open_clip_train 3.3.0's ``tarfile_to_samples_nothrow`` reads a
+    ``fname`` field that webdataset 1.0.2's ``tar_file_expander`` no longer yields (KeyError), so tar expansion is
+    webdataset's ``tarfile_to_samples(handler=log_and_continue)``, the call open_clip's own comment names as what
+    it re-implements."""
+    if importlib.util.find_spec("pandas") is None:  # see the module docstring: CSV-only import of open_clip_train
+        sys.modules["pandas"] = types.ModuleType("pandas")
+    import math
+
+    import open_clip
+    import webdataset as wds
+    from open_clip_train import data as ocd
+
+    preprocess = open_clip.image_transform(image_size, is_train=True, mean=mean, std=std,
+                                           aug_cfg=open_clip.AugmentationCfg(scale=(0.9, 1.0)))
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")  # open_clip's BPE, 77 tokens (as our default tokenizer)
+    num_shards = len(wds.shardlists.expand_urls(shards))
+    if num_shards < args.workers:
+        raise ValueError(f"open_clip needs at least as many shards ({num_shards}) as workers ({args.workers})")
+
+    def make():
+        epoch = ocd.SharedEpoch(epoch=0)
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(shards),
+            ocd.detshuffle2(bufsize=ocd._SHARD_SHUFFLE_SIZE, initial=ocd._SHARD_SHUFFLE_INITIAL, seed=0,
+                            epoch=epoch),
+            wds.split_by_node,
+            wds.split_by_worker,
+            wds.tarfile_to_samples(handler=ocd.log_and_continue),
+            wds.shuffle(bufsize=ocd._SAMPLE_SHUFFLE_SIZE, initial=ocd._SAMPLE_SHUFFLE_INITIAL),
+            wds.select(ocd.filter_no_caption_or_no_image),
+            wds.decode("pilrgb", handler=ocd.log_and_continue),
+            wds.rename(image="jpg;png;jpeg;webp", text="txt"),
+            wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
+            wds.to_tuple("image", "text"),
+            wds.batched(args.batch_size, partial=False),
+        )
+        num_batches = math.ceil(num_samples / args.batch_size)
+        worker_batches = math.ceil(num_batches / max(1, args.workers))
+        return wds.WebLoader(pipeline.with_epoch(worker_batches), batch_size=None, shuffle=False,
+                             num_workers=args.workers, persistent_workers=False)
+
+    return make
+
+
+def our_task(args, train_data):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    flags = [args.data, "--user-dir", os.path.join(REPO, "unilm_vl"), "--task", "image_text_contrastive",
+             "--arch", "clip_tiny", "--criterion", "clip", "--cpu", "--train-data", train_data,
+             "--batch-size", str(args.batch_size), "--num-workers", str(args.workers),
+             "--log-format", "none"]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), flags))
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    task.context_length = 77  # the text tower has 32 positions; the data side tokenises like open_clip (77)
+    task.load_dataset("train")
+
+    def loader():
+        itr = task.get_batch_iterator(task.dataset("train"), max_sentences=args.batch_size,
+                                      num_workers=args.workers, epoch=1, seed=1)
+        return itr.next_epoch_itr(shuffle=True)
+
+    return loader, model
+
+
+def consume(make_loader):
+    """One pass: (samples, seconds), loader construction and worker start-up included."""
+    start = time.perf_counter()
+    n = 0
+    for batch in make_loader():
+        n += batch["nsentences"] if isinstance(batch, dict) else len(batch[0])
+    seconds = time.perf_counter() - start
+    gc.collect()  # drop the finished loader now, not inside the next loader's forked workers
+    return n, seconds
+
+
+def compare(ours, peer, warmup, iters):
+    for _ in range(warmup):
+        consume(ours)
+        consume(peer)
+    rates = {"ours": [], "peer": []}
+    counts = {}
+    for _ in range(iters):
+        for name, make in (("ours", ours), ("peer", peer)):
+            n, seconds = consume(make)
+            counts[name] = n
+            rates[name].append(n / seconds)
+    ours_rate, peer_rate = statistics.median(rates["ours"]), statistics.median(rates["peer"])
+    return {"ours_samples_per_s": ours_rate, "peer_samples_per_s": peer_rate, "ratio": ours_rate / peer_rate,
+            "samples_per_pass": counts, "all_rates": rates}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="synthetic world directory (python -m unilm_vl.data.synthetic)")
+    parser.add_argument("--batch-size", type=int, default=50, help="samples per batch")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes on every side")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes per side")
+    parser.add_argument("--iters", type=int, default=3, help="timed passes per side (median reported)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    wds_dir = os.path.join(args.data, "train", "wds")
+    shards = sorted(f for f in os.listdir(wds_dir) if f.endswith(".tar"))
+    if not shards:
+        raise FileNotFoundError(f"no .tar shards in {wds_dir}")
+    first, last = os.path.splitext(shards[0])[0].split("-")[-1], os.path.splitext(shards[-1])[0].split("-")[-1]
+    brace = os.path.join(wds_dir, f"part-{{{first}..{last}}}.tar")  # open_clip's shard syntax
+
+    ours_wds, model = our_task(args, "train/wds/part-*.tar")
+    ours_tsv, _ = our_task(args, "train/grit/part-*.tsv")
+    num_samples, _ = consume(ours_wds)  # samples in one of our passes: the peer's epoch is set to the same
+    mean, std = model.image_mean, model.image_std
+    peer = open_clip_wds_loader(args, brace, model.image_size, mean, std, num_samples)
+    results = {"config": vars(args), "shards": len(shards),
+               "wds_vs_open_clip": compare(ours_wds, peer, args.warmup, args.iters),
+               "tsv_vs_open_clip": compare(ours_tsv, peer, args.warmup, args.iters)}
+    for key in ("wds_vs_open_clip", "tsv_vs_open_clip"):
+        r = results[key]
+        logger.info("%-18s ours %.1f samples/s  open_clip %.1f samples/s  ratio %.3f  (samples per pass %s)", key,
+                    r["ours_samples_per_s"], r["peer_samples_per_s"], r["ratio"], r["samples_per_pass"])
+    report("data_pipeline", results)
+    logger.info("machine %s", machine())
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # decode/transform work happens in the loader workers
+    sys.exit(main())
