@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from unilm_vl.criterions import functional as fn
+from unilm_vl.criterions import functional_cosa
 from unilm_vl.criterions.clip import ClipCriterion, ClipCriterionConfig
 from unilm_vl.criterions.kosmos2_lm import Kosmos2LmCriterion, Kosmos2LmCriterionConfig
 from unilm_vl.models.clip import ClipConfig, ClipModel
@@ -74,10 +75,11 @@ def loss_cases():
                                           label_smoothing=0.1)["clip_loss"],
         "swalip": lambda i, t: fn.swalip_loss(views_i.to(i.dtype), views_t.to(i.dtype), torch.tensor(10.0)),
         "barlow_twins": lambda i, t: fn.barlow_twins_loss(4 * i, 4 * t),
+        "cosa_itc": lambda i, t: functional_cosa.itc_loss(i, t, torch.tensor(0.07)),  # 1/0.07: like CLIP's scale
     }, img, txt
 
 
-@pytest.mark.parametrize("name", ["clip", "cl2l", "swalip", "barlow_twins"])
+@pytest.mark.parametrize("name", ["clip", "cl2l", "swalip", "barlow_twins", "cosa_itc"])
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
 def test_contrastive_losses_compute_in_fp32_under_bf16_autocast(name, input_dtype):
     cases, img, txt = loss_cases()
