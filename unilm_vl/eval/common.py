@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Protocol
+from typing import Callable, List, Optional, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -23,6 +23,21 @@ class ImageTextEncoder(Protocol):
 
     def encode_texts(self, texts: List[str]) -> torch.Tensor:
         """B strings -> B x D, L2-normalised."""
+
+
+class DenseImageTextEncoder(ImageTextEncoder, Protocol):
+    """An :class:`ImageTextEncoder` that also returns patch tokens (zero-shot segmentation needs them)."""
+
+    image_size: int
+    """Side of the square input the image tower takes."""
+
+    image_mean: Sequence[float]
+    image_std: Sequence[float]
+    """Per-channel normalisation of the image tower's input (applied to RGB values in [0, 1])."""
+
+    def encode_image_dense(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x S x S (S = ``image_size``) -> projected, un-normalised patch tokens B x P x D, row-major over a
+        square grid of sqrt(P) x sqrt(P) patches, in the space of the text embeddings."""
 
 
 class FairseqContrastiveEncoder:
@@ -49,6 +64,29 @@ class FairseqContrastiveEncoder:
     def encode_texts(self, texts: List[str]) -> torch.Tensor:
         tokens = self.task.tokenizer.encode_batch(list(texts), self.task.context_length)
         return self._encode_text(tokens.to(self.device)).float()
+
+    @property
+    def image_size(self) -> int:
+        return int(self.task.image_size)
+
+    @property
+    def image_mean(self) -> Sequence[float]:
+        return tuple(self.task.image_mean)
+
+    @property
+    def image_std(self) -> Sequence[float]:
+        return tuple(self.task.image_std)
+
+    @torch.no_grad()
+    def encode_image_dense(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens B x P x D of the model's ``encode_image_dense`` (which returns (pooled, tokens)); raises
+        ``TypeError`` naming the model class when the model has no dense image output."""
+        dense = getattr(self.model, "encode_image_dense", None)
+        if dense is None:
+            raise TypeError(f"{type(self.model).__name__} has no dense image output (encode_image_dense); zero-shot "
+                            "segmentation needs patch tokens, e.g. from a clip or cosmos model")
+        _, tokens = dense(images.to(self.device))  # B x D, B x P x D
+        return tokens.float()
 
 
 def load_checkpoint(checkpoint: str, device: str = "cpu", arg_overrides: Optional[dict] = None):

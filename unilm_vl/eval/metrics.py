@@ -2,7 +2,8 @@
 expressions, captioning and VQA.
 
 Tensors or arrays in, plain floats / dicts (or a weight matrix) out; no files, no model, no global state.
-Every score is a percentage (0-100), except CIDEr-D whose coco-caption value (0-10) is also scaled by 100.
+Every score is a percentage (0-100), except CIDEr-D whose coco-caption value (0-10) is also scaled by 100, and
+the segmentation IoUs of :func:`mean_iou`, which lie in [0, 1].
 
 One ranking convention is used everywhere (retrieval ranks, top-k accuracy, per-class accuracy):
 
@@ -235,6 +236,100 @@ def ensemble_scores(z_scores: ArrayLike, h_scores: ArrayLike, weight: float) -> 
     if z.shape != h.shape:
         raise ValueError(f"score matrices differ in shape: {tuple(z.shape)} vs {tuple(h.shape)}")
     return weight * z + (1.0 - weight) * h
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compositionality (SugarCrepe / ARO) and zero-shot semantic segmentation (mIoU).
+# Reference notes contrastive.md 2.7 and 1.8.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def compositional_correct(scores_pos: ArrayLike, scores_neg: ArrayLike) -> torch.Tensor:
+    """Per-item correctness of a positive-vs-hard-negatives benchmark: ``s_pos[n] > max_j s_neg[n, j]``.
+
+    ``scores_pos`` has N scores (image n with its positive caption), ``scores_neg`` is N x K (image n with its K
+    negatives; 1-D means K = 1). The comparison is strict: a negative tied with the positive makes the item wrong.
+    Items with fewer than K negatives pad their row with ``-inf`` (never greater than a finite positive score).
+    Returns a bool tensor of length N. Raises ``ValueError`` for mismatched shapes, K = 0 or a NaN score.
+    """
+    pos = _as_tensor(scores_pos).double().reshape(-1)  # N
+    neg = _as_tensor(scores_neg).double()
+    if neg.dim() == 1:
+        neg = neg[:, None]  # N x 1
+    if neg.dim() != 2 or neg.shape[0] != pos.numel():
+        raise ValueError(f"scores_neg must be N x K with N = {pos.numel()} (the number of positive scores), "
+                         f"got shape {tuple(neg.shape)}")
+    if neg.shape[1] == 0:
+        raise ValueError("every item needs at least one negative score (scores_neg has K = 0 columns)")
+    if bool(torch.isnan(pos).any()) or bool(torch.isnan(neg).any()):
+        raise ValueError("compositional scores hold NaN; correctness would be meaningless")
+    if pos.numel() and not bool(torch.isfinite(pos).all()):
+        raise ValueError("positive scores must be finite")
+    return pos > neg.max(dim=1).values  # N
+
+
+def compositional_accuracy(scores_pos: ArrayLike, scores_neg: ArrayLike) -> float:
+    """Accuracy in percent: ``100 * mean_n [s_pos[n] > max_j s_neg[n, j]]`` (:func:`compositional_correct`;
+    ties count as wrong). Raises ``ValueError`` when there is no item."""
+    correct = compositional_correct(scores_pos, scores_neg)
+    if correct.numel() == 0:
+        raise ValueError("compositional_accuracy needs at least one item")
+    return float(100.0 * correct.double().mean())
+
+
+def confusion_matrix(pred: ArrayLike, target: ArrayLike, num_classes: int, ignore_index: Optional[int] = 255
+                     ) -> np.ndarray:
+    """Pixel confusion matrix ``conf[t, p]`` = number of pixels of true class t predicted as class p.
+
+    ``pred`` and ``target`` are integer label maps of the same shape (any number of dimensions). Pixels whose
+    target equals ``ignore_index`` are left out. Every other target and every prediction must lie in
+    ``[0, num_classes)``. Returns a ``num_classes x num_classes`` int64 array; confusion matrices of several images
+    add up to the dataset's.
+    """
+    p = np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred)
+    t = np.asarray(target.cpu() if isinstance(target, torch.Tensor) else target)
+    if p.shape != t.shape:
+        raise ValueError(f"pred and target differ in shape: {p.shape} vs {t.shape}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    p, t = p.reshape(-1).astype(np.int64), t.reshape(-1).astype(np.int64)
+    if ignore_index is not None:
+        keep = t != ignore_index
+        p, t = p[keep], t[keep]
+    for name, labels in (("target", t), ("pred", p)):
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"{name} labels must lie in [0, {num_classes}) (or be ignore_index={ignore_index} in "
+                             f"target), got values in [{labels.min()}, {labels.max()}]")
+    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def mean_iou(conf: ArrayLike) -> Dict[str, Any]:
+    """Semantic segmentation scores from an accumulated confusion matrix (rows = truth, columns = prediction).
+
+    Per class c (the PASCAL VOC / mmseg ``IoUMetric`` definition, accumulated over the whole dataset, not averaged
+    per image)::
+
+        IoU_c = TP_c / (TP_c + FP_c + FN_c) = conf[c, c] / (sum_p conf[c, p] + sum_t conf[t, c] - conf[c, c])
+
+    A class with zero union (absent from both the truth and the prediction) has no defined IoU: its entry is
+    ``nan`` and it is excluded from the mean. A class predicted but never present (or present but never predicted)
+    has IoU 0 and is included. Returns ``mIoU`` (mean over classes with a defined IoU, in [0, 1]),
+    ``per_class_iou`` (list, ``nan`` where undefined), ``pixel_accuracy`` (correct / counted pixels, in [0, 1]),
+    ``num_valid_classes`` and ``num_pixels``. Raises ``ValueError`` for a non-square matrix or when every class
+    has zero union (no counted pixel).
+    """
+    c = np.asarray(conf.cpu() if isinstance(conf, torch.Tensor) else conf, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError(f"confusion matrix must be square, got shape {c.shape}")
+    tp = np.diag(c)  # C
+    union = c.sum(1) + c.sum(0) - tp  # C
+    valid = union > 0
+    if not valid.any():
+        raise ValueError("empty confusion matrix: no counted pixel, mIoU is undefined")
+    iou = np.full(c.shape[0], np.nan)
+    iou[valid] = tp[valid] / union[valid]
+    return {"mIoU": float(iou[valid].mean()), "per_class_iou": [float(v) for v in iou],
+            "pixel_accuracy": float(tp.sum() / c.sum()), "num_valid_classes": int(valid.sum()),
+            "num_pixels": int(c.sum())}
 
 
 logger = logging.getLogger(__name__)
