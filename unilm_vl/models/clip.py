@@ -15,6 +15,8 @@ from fairseq.models import BaseFairseqModel, register_model, register_model_arch
 
 from ..constants import CLIP_INIT_LOGIT_SCALE, CLIP_MAX_LOGIT_SCALE
 from ..modules.clip import ClipModule, ClipTowersConfig, tower_norm
+from ..modules.clip_negatives import forward_with_negatives
+from ..modules.lora import LoraConfig, apply_lora, mark_only_lora_as_trainable
 
 
 @dataclass
@@ -29,6 +31,14 @@ class ClipConfig(FairseqDataclass):
         "help": "exp(logit_scale) is clamped to at most this after each optimiser step"})
     force_quick_gelu: bool = field(default=False, metadata={
         "help": "use QuickGELU activations (needed for OpenAI-trained weights)"})
+    lora_rank: int = field(default=-1, metadata={
+        "help": "LoRA rank r of FSC-CLIP's LoRA fine-tuning (reference: 4): adapts every MLP Linear, the patch "
+                "Conv2d and every attention block of both towers after loading --pretrained and freezes all other "
+                "weights (logit_scale included); -1 = off"})
+    lora_alpha: float = field(default=1.0, metadata={"help": "LoRA updates are scaled by lora_alpha / lora_rank"})
+    lora_zero_init: bool = field(default=False, metadata={
+        "help": "zero-initialise the LoRA B of the attention in-projections too; the reference draws it "
+                "xavier-uniform, so that the LoRA model differs from the pretrained one at initialisation"})
 
 
 @register_model("clip", dataclass=ClipConfig)
@@ -40,6 +50,10 @@ class ClipModel(BaseFairseqModel):
             model_name=cfg.open_clip_model, pretrained=cfg.pretrained, init_logit_scale=cfg.init_logit_scale,
             max_logit_scale=cfg.max_logit_scale, force_quick_gelu=cfg.force_quick_gelu))
         self.image_mean, self.image_std = tower_norm(self.towers.clip)
+        if getattr(cfg, "lora_rank", -1) > 0:
+            lora_cfg = LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, zero_init=cfg.lora_zero_init)
+            apply_lora(self.towers.clip, lora_cfg)
+            mark_only_lora_as_trainable(self)
 
     @classmethod
     def build_model(cls, cfg: ClipConfig, task):
@@ -53,14 +67,23 @@ class ClipModel(BaseFairseqModel):
     def context_length(self) -> int:
         return self.towers.context_length
 
-    def forward(self, image, text):
-        return self.towers(image, text)
+    def forward(self, image, text, neg_text=None, neg_mask=None, return_dense_tokens: bool = False):
+        """Hard-negative captions (``neg_text``/``neg_mask``, type-major) and dense tokens are optional extras of
+        the NegCLIP / FSC-CLIP criteria; see :mod:`unilm_vl.modules.clip_negatives`."""
+        if neg_text is None and not return_dense_tokens:
+            return self.towers(image, text)
+        return forward_with_negatives(self.towers, image, text, neg_text, neg_mask, return_dense_tokens)
 
     def encode_image(self, image):
         return self.towers.encode_image(image)
 
     def encode_text(self, text):
         return self.towers.encode_text(text)
+
+    def encode_image_dense(self, image):
+        """(L2-normalised pooled B x D, projected un-normalised patch tokens B x P x D); see
+        :meth:`unilm_vl.modules.clip.ClipModule.encode_image_dense`."""
+        return self.towers.encode_image_dense(image)
 
     def logit_scale_value(self) -> float:
         return float(self.towers.clip.logit_scale.detach().exp())
