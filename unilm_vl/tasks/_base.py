@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask
 from omegaconf import II
@@ -54,6 +55,10 @@ class StreamDataConfig(FairseqDataclass):
         "help": "an update whose loss is NaN/Inf on any rank is skipped (no optimizer step, counted as "
                 "nan_skipped); stop the run once more than this many updates in a row were skipped (0: stop at the "
                 "first)"})
+    bf16_autocast: bool = field(default=False, metadata={
+        "help": "run forward passes under torch.autocast(bfloat16) on the model's device (CPU or GPU) with fp32 "
+                "weights and optimizer state, no loss scaling; losses still compute in fp32. fairseq 0.12's own "
+                "--bf16 needs torch_xla and --amp is fp16 only"})
     collective_timeout: int = field(default=0, metadata={
         "help": "seconds a collective (all-reduce, all-gather) waits for the other ranks before failing, so a hung "
                 "rank stops the job instead of blocking it; 0 keeps torch's default (30 min gloo, 10 min NCCL)"})
@@ -140,11 +145,32 @@ class StreamTaskBase(FairseqTask):
         """fairseq's forward/backward, then the NaN/Inf loss check. Overridden (not to pass a loss name) because
         the check must run between backward and the trainer's gradient-norm check, which raises on NaN
         gradients before ``optimizer_step`` could skip the update; see :mod:`unilm_vl.fault_tolerance`."""
-        loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
-                                                               ignore_grad=ignore_grad, **kwargs)
+        if getattr(self.cfg, "bf16_autocast", False):
+            # fairseq's train_step opens torch.cuda.amp.autocast(enabled=False) around the forward, which would
+            # switch a surrounding bf16 autocast off on GPU, so its four steps are spelled out here.
+            model.train()
+            model.set_num_updates(update_num)
+            with self.autocast(model):
+                loss, sample_size, logging_output = criterion(model, sample)
+            if ignore_grad:
+                loss *= 0
+            optimizer.backward(loss)  # outside autocast: backward ops follow the dtypes of their forward ops
+        else:
+            loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
+                                                                   ignore_grad=ignore_grad, **kwargs)
         sample_size, logging_output = self.nan_guard.after_backward(loss, sample_size, logging_output, optimizer,
                                                                     update_num, ignore_grad)
         return loss, sample_size, logging_output
+
+    def autocast(self, model):
+        """bf16 autocast on the model's device when ``--bf16-autocast`` is set (a no-op context otherwise)."""
+        device = next(model.parameters()).device.type
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=bool(getattr(self.cfg, "bf16_autocast", False)))
+
+    def valid_step(self, sample, model, criterion):
+        model.eval()
+        with torch.no_grad(), self.autocast(model):
+            return criterion(model, sample)
 
     def optimizer_step(self, optimizer, model, update_num):
         if not self.nan_guard.should_step(optimizer, update_num):
