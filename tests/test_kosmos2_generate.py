@@ -193,8 +193,10 @@ class BigramLM(torch.nn.Module):
         super().__init__()
         self.table = table
 
-    def forward(self, src_tokens, image=None, image_mask=None, incremental_state=None):
-        if incremental_state is not None and incremental_state.get("started"):
+    def forward(self, src_tokens, image=None, image_mask=None, incremental_state=None, last_only=False):
+        if last_only or (incremental_state is not None and incremental_state.get("started")):
+            if incremental_state is not None:
+                incremental_state["started"] = True
             return {"lm_logits": self.table[src_tokens[:, -1:]]}
         if incremental_state is not None:
             incremental_state["started"] = True

@@ -355,12 +355,13 @@ def convert_release_state(state: Dict[str, torch.Tensor], net: CosaModule) -> Di
 class _MaskedCausalStep:
     """The contract of :func:`unilm_vl.modules.generation.generate` over COSA's masked-causal captioning: every call
     gets the full prefix, appends ``[MASK]``, runs the causal fused pass (no cache, as released) and returns the
-    logits at the ``[MASK]`` position. The video tokens ride in the incremental state."""
+    logits at the ``[MASK]`` position (N x 1 x V whatever ``last_only`` says: there are no prompt logits). The video
+    tokens ride in the incremental state."""
 
     def __init__(self, model: CosaModel):
         self.model = model
 
-    def __call__(self, tokens, image=None, image_mask=None, incremental_state=None):
+    def __call__(self, tokens, image=None, image_mask=None, incremental_state=None, last_only=True):
         if image is not None:
             incremental_state["video"] = image
         video = incremental_state["video"]  # N x Nv x D

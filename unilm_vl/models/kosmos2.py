@@ -88,8 +88,8 @@ class Kosmos2Model(BaseFairseqModel):
     def num_image_tokens(self) -> int:
         return self.net.num_image_tokens
 
-    def forward(self, src_tokens, image=None, image_mask=None, incremental_state=None):
-        return self.net(src_tokens, image, image_mask, incremental_state)
+    def forward(self, src_tokens, image=None, image_mask=None, incremental_state=None, last_only=False):
+        return self.net(src_tokens, image, image_mask, incremental_state, last_only=last_only)
 
     def max_positions(self):
         return None

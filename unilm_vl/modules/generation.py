@@ -3,12 +3,14 @@ greedy, beam search and sampling with a KV cache, in plain PyTorch (no fairseq i
 
 The model contract (what :class:`~unilm_vl.modules.kosmos2.Kosmos2Module` provides)::
 
-    model(src_tokens B x T, image, image_mask B x T, incremental_state=dict) -> {"lm_logits": B x T' x V}
+    model(src_tokens B x T, image, image_mask B x T, incremental_state=dict, last_only=bool)
+        -> {"lm_logits": B x T' x V}   (T' = 1 with last_only: only the last position's logits)
     model.reorder_incremental_state(incremental_state, new_order)       # index_select of the cache rows
 
 The caller's ``incremental_state`` dict starts empty; every call passes the FULL token prefix. The first call runs
 the whole prompt (image features spliced in; this is the only call that sees the image) and returns logits for
-every prompt position; later calls run only the last token and return B x 1 x V.
+every prompt position (only the last one with ``last_only``); later calls run only the last token and return
+B x 1 x V.
 
 Flow of :func:`generate` (B prompts, beam k)::
 
@@ -169,7 +171,9 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
         return F.log_softmax(logits.float() / cfg.temperature, dim=-1)
 
     state: Dict[Any, Any] = {}
-    logits = model(src_tokens, image, image_mask, incremental_state=state)["lm_logits"]  # B x T x V
+    # without prompt scores only the last position needs vocabulary logits (B x 1 x V)
+    logits = model(src_tokens, image, image_mask, incremental_state=state,
+                   last_only=not return_prompt_scores)["lm_logits"]  # B x T x V or B x 1 x V
     prompt_scores: List[Optional[torch.Tensor]] = [None] * bsz
     if return_prompt_scores:
         lp = log_probs(logits[:, :-1]).gather(-1, src_tokens[:, 1:, None]).squeeze(-1)  # B x T-1

@@ -438,12 +438,14 @@ class Kosmos2Module(nn.Module):
     # -- forward --------------------------------------------------------------------------------------------------
     def forward(self, src_tokens: torch.Tensor, image: Optional[torch.Tensor] = None,
                 image_mask: Optional[torch.Tensor] = None,
-                incremental_state: Optional[Dict[Any, Any]] = None) -> Dict[str, torch.Tensor]:
+                incremental_state: Optional[Dict[Any, Any]] = None, last_only: bool = False) -> Dict[str, torch.Tensor]:
         """``src_tokens`` B x T (pad = ``pad_idx``), ``image`` B_img x 3 x H x W or B_img x K x 3 x H x W for the
         B_img rows that hold images (in batch order), ``image_mask`` B x T bool with K * L True on those rows and none
         on text-only rows (None/absent without images). With ``incremental_state`` (a dict
         kept by the caller, ``{}`` at the start) pass the full prefix each call; after the first call only the last
-        token is run (its ``image_mask`` entry must be False) and ``lm_logits`` is B x 1 x V."""
+        token is run (its ``image_mask`` entry must be False) and ``lm_logits`` is B x 1 x V. ``last_only`` projects
+        only the last position onto the vocabulary (B x 1 x V): a generator's first step needs no prompt logits, and
+        the T x V projection dominates its cost at large vocabularies."""
         if incremental_state is None or self._is_first_step(incremental_state):
             embeds = self.embed_inputs(src_tokens, image, image_mask)  # B x T x D
             first_step = True
@@ -454,9 +456,11 @@ class Kosmos2Module(nn.Module):
             first_step = False
         if incremental_state is not None:
             incremental_state["is_first_step"] = first_step  # read by torchscale's Decoder
-        logits, _ = self.decoder(src_tokens, self_attn_padding_mask=self._padding_mask(src_tokens),
-                                 incremental_state=incremental_state, token_embeddings=embeds)
-        return {"lm_logits": logits}  # B x T x V
+        hidden, _ = self.decoder(src_tokens, self_attn_padding_mask=self._padding_mask(src_tokens),
+                                 incremental_state=incremental_state, token_embeddings=embeds, features_only=True)
+        if last_only:
+            hidden = hidden[:, -1:]  # B x 1 x D
+        return {"lm_logits": self.decoder.output_layer(hidden)}  # B x T x V (B x 1 x V with last_only)
 
     @staticmethod
     def reorder_incremental_state(incremental_state: Dict[Any, Any], new_order: torch.Tensor) -> None:
