@@ -35,20 +35,13 @@ class ClipCriterionConfig(FairseqDataclass):
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of both cross-entropies"})
 
 
-@register_criterion("clip", dataclass=ClipCriterionConfig)
-class ClipCriterion(FairseqCriterion):
-    def __init__(self, cfg: ClipCriterionConfig, task):
+class ContrastiveCriterion(FairseqCriterion):
+    """Shared plumbing of the contrastive criteria (clip, clip_rocket family, negclip, fsc_clip, cosmos): the config
+    kept as ``self.cfg``, sample_size 1 per rank and :func:`reduce_contrastive_metrics`. Not registered itself."""
+
+    def __init__(self, cfg, task):
         super().__init__(task)
         self.cfg = cfg
-
-    def forward(self, model, sample, reduce=True):
-        out = model(**sample["net_input"])
-        rank, world = data_parallel_rank_world() if model.training else (0, 1)
-        losses = functional.clip_loss(out["image_features"], out["text_features"], out["logit_scale"], rank, world,
-                                      self.cfg.local_loss, self.cfg.gather_with_grad,
-                                      label_smoothing=self.cfg.label_smoothing)
-        loss = sum(losses.values())
-        return loss, 1, contrastive_logging_output(loss, losses, out, sample)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -57,6 +50,18 @@ class ClipCriterion(FairseqCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+@register_criterion("clip", dataclass=ClipCriterionConfig)
+class ClipCriterion(ContrastiveCriterion):
+    def forward(self, model, sample, reduce=True):
+        out = model(**sample["net_input"])
+        rank, world = data_parallel_rank_world() if model.training else (0, 1)
+        losses = functional.clip_loss(out["image_features"], out["text_features"], out["logit_scale"], rank, world,
+                                      self.cfg.local_loss, self.cfg.gather_with_grad,
+                                      label_smoothing=self.cfg.label_smoothing)
+        loss = sum(losses.values())
+        return loss, 1, contrastive_logging_output(loss, losses, out, sample)
 
 
 def contrastive_logging_output(loss, terms, out, sample) -> dict:

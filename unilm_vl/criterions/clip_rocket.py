@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 import torch
-from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from . import functional
-from .clip import contrastive_logging_output, data_parallel_rank_world, reduce_contrastive_metrics
+from .clip import ContrastiveCriterion, contrastive_logging_output, data_parallel_rank_world
 
 GATHER_GRADIENT_CHOICES = ChoiceEnum(["full", "reference"])
 
@@ -40,11 +40,7 @@ class ClipRocketCriterionConfig(FairseqDataclass):
 
 
 @register_criterion("clip_rocket", dataclass=ClipRocketCriterionConfig)
-class ClipRocketCriterion(FairseqCriterion):
-    def __init__(self, cfg: ClipRocketCriterionConfig, task):
-        super().__init__(task)
-        self.cfg = cfg
-
+class ClipRocketCriterion(ContrastiveCriterion):
     def extra_losses(self, out: Dict[str, torch.Tensor], rank: int, world: int) -> Dict[str, torch.Tensor]:
         """The term a subclass adds to the CL2L loss (``{"<name>_loss": tensor}``, already weighted)."""
         return {}
@@ -59,14 +55,6 @@ class ClipRocketCriterion(FairseqCriterion):
         extra = self.extra_losses(out, rank, world)
         loss = cl2l["clip_loss"] + sum(extra.values())
         return loss, 1, contrastive_logging_output(loss, {**cl2l, **extra}, out, sample)
-
-    @staticmethod
-    def reduce_metrics(logging_outputs) -> None:
-        reduce_contrastive_metrics(logging_outputs)
-
-    @staticmethod
-    def logging_outputs_can_be_summed() -> bool:
-        return True
 
 
 def require_outputs(criterion: str, out: Dict[str, torch.Tensor], keys, hint: str) -> None:

@@ -15,11 +15,11 @@ each rank's local batch. ``sample_size`` is 1 per rank.
 """
 from dataclasses import dataclass, field
 
-from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
 
 from . import functional_cosmos
-from .clip import contrastive_logging_output, data_parallel_rank_world, reduce_contrastive_metrics
+from .clip import ContrastiveCriterion, contrastive_logging_output, data_parallel_rank_world
 
 
 @dataclass
@@ -32,11 +32,7 @@ class CosmosCriterionConfig(FairseqDataclass):
 
 
 @register_criterion("cosmos", dataclass=CosmosCriterionConfig)
-class CosmosCriterion(FairseqCriterion):
-    def __init__(self, cfg: CosmosCriterionConfig, task):
-        super().__init__(task)
-        self.cfg = cfg
-
+class CosmosCriterion(ContrastiveCriterion):
     def forward(self, model, sample, reduce=True):
         out = model(**sample["net_input"])
         for key in ("image_cross", "teacher_image_features", "distill_logit_scale"):
@@ -53,11 +49,3 @@ class CosmosCriterion(FairseqCriterion):
         logging_output = contrastive_logging_output(loss, losses, first, sample)
         logging_output["distill_logit_scale"] = out["distill_logit_scale"].detach().float().item()
         return loss, 1, logging_output
-
-    @staticmethod
-    def reduce_metrics(logging_outputs) -> None:
-        reduce_contrastive_metrics(logging_outputs)
-
-    @staticmethod
-    def logging_outputs_can_be_summed() -> bool:
-        return True

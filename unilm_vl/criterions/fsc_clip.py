@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 import torch
-from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 
 from . import functional, functional_negatives
-from .clip import ClipCriterionConfig, contrastive_logging_output, data_parallel_rank_world, reduce_contrastive_metrics
+from .clip import ClipCriterionConfig, ContrastiveCriterion, contrastive_logging_output, data_parallel_rank_world
 from .negclip import check_gather_mode
 
 
@@ -79,10 +79,9 @@ class FscClipCriterionConfig(ClipCriterionConfig):
 
 
 @register_criterion("fsc_clip", dataclass=FscClipCriterionConfig)
-class FscClipCriterion(FairseqCriterion):
+class FscClipCriterion(ContrastiveCriterion):
     def __init__(self, cfg: FscClipCriterionConfig, task):
-        super().__init__(task)
-        self.cfg = cfg
+        super().__init__(cfg, task)
         check_gather_mode(cfg, "fsc_clip")
         if cfg.apply_local_neg_loss and not cfg.return_dense_tokens:
             raise ValueError("criterion fsc_clip: --apply-local-neg-loss needs --return-dense-tokens (the local loss "
@@ -132,11 +131,3 @@ class FscClipCriterion(FairseqCriterion):
                 losses["local_neg_loss"] = zero
         loss = sum(losses.values())
         return loss, 1, contrastive_logging_output(loss, losses, out, sample)
-
-    @staticmethod
-    def reduce_metrics(logging_outputs) -> None:
-        reduce_contrastive_metrics(logging_outputs)
-
-    @staticmethod
-    def logging_outputs_can_be_summed() -> bool:
-        return True

@@ -18,10 +18,10 @@ exact (local rows against all columns, labels offset by ``B * rank``).
 """
 from dataclasses import dataclass, field
 
-from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.criterions import register_criterion
 
 from . import functional_negatives
-from .clip import ClipCriterionConfig, contrastive_logging_output, data_parallel_rank_world, reduce_contrastive_metrics
+from .clip import ClipCriterionConfig, ContrastiveCriterion, contrastive_logging_output, data_parallel_rank_world
 
 
 @dataclass
@@ -39,10 +39,9 @@ def check_gather_mode(cfg: ClipCriterionConfig, criterion: str) -> None:
 
 
 @register_criterion("negclip", dataclass=NegclipCriterionConfig)
-class NegclipCriterion(FairseqCriterion):
+class NegclipCriterion(ContrastiveCriterion):
     def __init__(self, cfg: NegclipCriterionConfig, task):
-        super().__init__(task)
-        self.cfg = cfg
+        super().__init__(cfg, task)
         check_gather_mode(cfg, "negclip")
 
     def forward(self, model, sample, reduce=True):
@@ -57,11 +56,3 @@ class NegclipCriterion(FairseqCriterion):
             self.cfg.mask_missing_negatives)
         loss = sum(losses.values())
         return loss, 1, contrastive_logging_output(loss, losses, out, sample)
-
-    @staticmethod
-    def reduce_metrics(logging_outputs) -> None:
-        reduce_contrastive_metrics(logging_outputs)
-
-    @staticmethod
-    def logging_outputs_can_be_summed() -> bool:
-        return True
