@@ -3,7 +3,11 @@
 #
 # Installs the environment if needed, generates the synthetic world if missing, trains the recipe on it and
 # prints its evaluation on the held-out split.
-# Recipes: clip (default), clip_rocket, siamlip, byolip, barlip, swalip (the clip-rocket family).
+# Recipes: clip (default), clip_rocket, siamlip, byolip, barlip, swalip (the clip-rocket family), negclip and
+# fsc_clip (hard-negative fine-tuning of the clip recipe's checkpoint, which they train first if it is missing;
+# clip_ft is their control: the same fine-tuning without negatives),
+# cosmos (cross-modality self-distillation with an EMA teacher), cosa (concatenated-sample pretraining on images +
+# clips, then retrieval and captioning finetuning; FT_UPDATE sets the finetuning length).
 # Environment overrides: DATA_DIR (default data/synthetic), SAVE_DIR (default checkpoints/<recipe>),
 # MAX_UPDATE (training length), NUM_WORKERS (loader workers, default 1).
 set -euo pipefail
@@ -82,6 +86,64 @@ case "$RECIPE" in
       --criterion swalip --label-smoothing 0.0  # CL2L + 0.2 x swapped Sinkhorn-Knopp prediction (3 iters, eps .05)
     )
     ;;
+  cosmos)
+    # COSMOS: cross-modality self-distillation over multi-crop image views and text crops of the long caption.
+    recipe_args=(
+      --use-imagecrop-aug                       # multi-crop batches (view-major): global + local crops, caption views
+      --global-crops-number 2                   # 2 global crops at the model's 64 px (reference: 224 px)
+      --local-crops-number 6                    # 6 local crops per sample, as the reference
+      --local-crop-size 32                      # local side: half the global one (reference 96 at 224; 4 x 4 patches)
+      --crop-scale 0.4                          # global RandomResizedCrop scale (0.4, 1), local (0.05, 0.4)
+      --caption-sampling-mode textcrop          # caption views from [caption] + sentences of the long caption
+      --num-sampled-captions 8                  # 2 global (1-5 joined sentences) + 6 local (one sentence) crops
+      --long-caption-key long_caption           # the synthetic world's multi-sentence description (wds json field)
+      --arch cosmos_tiny                        # clip_tiny towers + 2 cross poolers (4 heads) + EMA teacher
+      --momentum-teacher 0.99                   # EMA rate: the reference's large-data value (0.999 on CC3M is too
+                                                # slow for a few hundred updates)
+      --momentum-schedule fixed                 # constant rate (the reference's --fix-momentum)
+      --ema-order before_step                   # the reference's order: EMA of the pre-step student weights
+      --criterion cosmos                        # distill (student cross views vs teacher globals) + CLIP (globals)
+      --batch-size 64 --batch-size-valid 64     # 8 image + 8 caption views per sample: half the clip batch
+    )
+    ;;
+  clip_ft|negclip|fsc_clip)
+    # clip_ft is the control: the same fine-tuning with the plain CLIP loss and no hard negatives.
+    # Fine-tuning from the clip recipe (CLIP_DIR, default checkpoints/clip; trained here first when missing),
+    # exported as a plain open_clip state dict for --pretrained. Extra flags override, e.g. FSC-CLIP with LoRA:
+    # `bash train.sh fsc_clip --lora-rank 4 --lr 1e-3` (the reference's LoRA recipe: rank 4, 10x the LR).
+    MAX_UPDATE="${MAX_UPDATE:-200}"
+    CLIP_DIR="${CLIP_DIR:-$ROOT/checkpoints/clip}"
+    if [[ ! -f "$CLIP_DIR/checkpoint_last.pt" ]]; then
+      SAVE_DIR="$CLIP_DIR" MAX_UPDATE="${CLIP_MAX_UPDATE:-500}" bash "$ROOT/train.sh" clip
+    fi
+    mkdir -p "$SAVE_DIR"
+    "$PY" -m unilm_vl.export_open_clip --checkpoint "$CLIP_DIR/checkpoint_last.pt" --out "$SAVE_DIR/init_open_clip.pt"
+    recipe_args=(
+      --arch clip_tiny                          # the clip recipe's towers
+      --pretrained "$SAVE_DIR/init_open_clip.pt"   # ... and its trained weights (logit scale included)
+      --lr 1e-4                                 # fine-tuning LR (reference 5e-6 for OpenAI ViT-B/32; raised for
+                                                # a tiny model trained 500 steps at 1e-3)
+      --weight-decay 0.1                        # the reference's fine-tuning weight decay
+    )
+    if [[ "$RECIPE" == clip_ft ]]; then
+      recipe_args+=(--criterion clip)           # symmetric InfoNCE on the positives only
+    elif [[ "$RECIPE" == negclip ]]; then
+      recipe_args+=(
+        --hard-negatives negclip                # 1 span-swap negative per caption (neg_text / neg_mask, type-major)
+        --criterion negclip                     # negatives join the image->text softmax (missing ones: logit-0 columns)
+      )
+    else
+      recipe_args+=(
+        --hard-negatives fsc-clip               # up to 3 negatives per caption: span swap, replace, bigram shuffle
+        --criterion fsc_clip                    # CLIP loss on positives + global and local hard-negative losses
+        --apply-global-neg-loss                 # (1+T)-way image->[positive; negatives] loss per sample
+        --apply-local-neg-loss --return-dense-tokens   # same over token-grouped patch scores (needs dense tokens)
+        --neg-loss-name focal_loss --focal-gamma 2.0   # selective: focal modulation of the hard-negative losses
+        --neg-label-smoothing 0.02              # calibrated: negative-side label smoothing eps / K per row
+        --neg-loss-weight 0.5 --local-neg-weight 0.2   # lambda_g, lambda_l of the README's B/32 recipes
+      )
+    fi
+    ;;
   kosmos2)
     MAX_UPDATE="${MAX_UPDATE:-1500}"
     VOCAB="$DATA_DIR/vocab"
@@ -123,8 +185,81 @@ case "$RECIPE" in
       --max-len-b 60
     exit 0
     ;;
+  cosa)
+    # From scratch (no BERT/CLIP weights) ITC first collapses (all features alike, loss = ln B) and escapes only
+    # after ~50 updates at a high lr (measured: ITC alone on the clips, batch 16, lr 1e-3); the former 5e-4 / 2e-4
+    # recipe never escaped (retrieval at chance). With lr 1e-3 the 80 pretraining updates still end in the collapse,
+    # but the 60 retrieval finetuning updates escape it: held-out t2v R@1/5/10 6.2/21.9/41.2 (chance 1.25/6.25/12.5);
+    # 32 min on a loaded 2-core CPU. Numbers of both ablation arms: README "COSA".
+    PRE_UPDATE="${MAX_UPDATE:-80}"                  # pretraining updates
+    FT_UPDATE="${FT_UPDATE:-60}"                    # updates of each finetuning run (retrieval, captioning)
+    # COSA_PRETRAIN_TASKS=ret_cap_mlm gives the same budget without concatenation (the ablation of README "COSA").
+    PRE_TASKS="${COSA_PRETRAIN_TASKS:-ret_cret_ccap_cmlm}"
+    VOCAB="$DATA_DIR/cosa_vocab.txt"
+    # A WordPiece vocab.txt of the synthetic training texts (specials, characters, ##characters, words); the release
+    # uses bert-base-uncased's, which works here from a local path: --vocab-file PATH/vocab.txt.
+    "$PY" -m unilm_vl.data.cosa_vocab --data "videos/train.json::train/wds/part-*.tar" --root "$DATA_DIR" \
+      --out "$VOCAB" --if-missing
+    # Image-text and video-text sources mixed 1:1 per step (the release's 5m mixture: cc3m + webvid, p = 0.5 each).
+    cat > "$DATA_DIR/cosa_pretrain.json" <<'JSON'
+[{"name": "images", "source": "train/wds/part-*.tar", "weight": 1.0},
+ {"name": "videos", "source": "videos/train.json", "kind": "frames", "frames_root": "videos/frames", "weight": 1.0}]
+JSON
+    cosa_common=(
+      "$DATA_DIR"
+      --vocab-file "$VOCAB"
+      --max-text-tokens 24                          # caption row length (released: 40); paragraphs 24 * ceil(K/2)
+      --arch cosa_tiny                              # 64 px open_clip ViT 2x128 per frame + 2-layer 128-wide BERT
+      --criterion cosa                              # the released objectives, each logged as <term>_loss_<pass>
+      --optimizer adam --adam-betas "(0.9,0.98)" --adam-eps 1e-6 --weight-decay 0.01   # the release's AdamW
+      --clip-norm 5.0                               # released grad_norm
+      --lr-scheduler polynomial_decay               # = the release's warmup_linear: 10% linear warm-up, linear to 0
+      --num-workers "$NUM_WORKERS"                  # loader processes (frame decoding, transforms, WordPiece)
+      --cpu                                         # drop on a GPU machine
+      --no-epoch-checkpoints --disable-validation   # the benchmarks below evaluate the held-out clips
+      --log-format simple --log-interval 25
+    )
+    pretrain=(
+      --task cosa_pretrain --train-data cosa_pretrain.json
+      --num-frames 1                                # one random frame per clip, as the release pretrains on WebVid
+      --cosa-tasks "$PRE_TASKS"                     # ITC+ITM on samples; ITC+ITM, captioning, MLM on concatenations
+      --concatenated-nums 4                         # K = 4: each sample + 3 partners from the batch (released)
+      --num-frame-embeddings 4                      # 1 frame x K pseudo-video frames
+      --lr 1e-3 --warmup-updates $(( PRE_UPDATE / 10 )) --total-num-update "$PRE_UPDATE" --max-update "$PRE_UPDATE"
+      --batch-size 16                               # pairs per rank and step, one source per batch
+      --save-dir "$SAVE_DIR/pretrain"
+    )
+    "$PY" -m unilm_vl.train "${cosa_common[@]}" "${pretrain[@]}" "$@"
+    finetune=(
+      --task cosa_finetune --train-data videos/train.json --valid-data videos/test.json
+      --num-frames 4 --num-frames-test 4            # segments per clip (released: 8 train / 16 test; clips have 6-12)
+      --num-frame-embeddings 4                      # the pretrained frame embedding, nearest-resized if it differs
+      --finetune-from-model "$SAVE_DIR/pretrain/checkpoint_last.pt"   # weights only: fresh optimiser and schedule
+      --lr 1e-3 --warmup-updates $(( FT_UPDATE / 10 )) --total-num-update "$FT_UPDATE" --max-update "$FT_UPDATE"
+      --batch-size 16                               # clips per rank and step
+    )
+    retrieval=(
+      --finetune-task retrieval --cosa-tasks ret    # ITC + ITM with ITC-guided hard negatives
+      --itm-ratio 0.1                               # released retrieval finetuning weight of ITM
+      --save-dir "$SAVE_DIR/retrieval"
+    )
+    "$PY" -m unilm_vl.train "${cosa_common[@]}" "${finetune[@]}" "${retrieval[@]}" "$@"
+    caption=(
+      --finetune-task caption --cosa-tasks cap      # masked-causal captioning (60% masked, predicted in place)
+      --save-dir "$SAVE_DIR/caption"
+    )
+    "$PY" -m unilm_vl.train "${cosa_common[@]}" "${finetune[@]}" "${caption[@]}" "$@"
+    echo "== held-out clip retrieval (80 test clips x 2 descriptions, each clip holds an unseen combo; chance R@1 1.25%)"
+    "$PY" -m unilm_vl.eval.cosa_retrieval --checkpoint "$SAVE_DIR/retrieval/checkpoint_last.pt" \
+      --data "$DATA_DIR/videos/test.json" --itm-k 16 --output "$SAVE_DIR/eval_retrieval.json"
+    echo "== held-out clip captioning (beam 3; BLEU-4, METEOR, ROUGE-L, CIDEr)"
+    "$PY" -m unilm_vl.eval.cosa_caption --checkpoint "$SAVE_DIR/caption/checkpoint_last.pt" \
+      --data "$DATA_DIR/videos/test.json" --predictions "$SAVE_DIR/captions_test.json" \
+      --output "$SAVE_DIR/eval_caption.json"
+    exit 0
+    ;;
   *)
-    echo "unknown recipe '$RECIPE'; available: kosmos2 clip clip_rocket siamlip byolip barlip swalip" >&2
+    echo "unknown recipe '$RECIPE'; available: kosmos2 clip clip_rocket siamlip byolip barlip swalip negclip fsc_clip cosmos cosa" >&2
     exit 2
     ;;
 esac
@@ -139,3 +274,11 @@ echo "== held-out zero-shot classification (48 colour-shape classes, chance top-
 "$PY" -m unilm_vl.eval.zeroshot_classification --checkpoint "$CKPT" --root "$DATA_DIR/eval/zeroshot/test" \
   --classnames "$DATA_DIR/eval/zeroshot/classnames.txt" --templates "$DATA_DIR/eval/zeroshot/templates.txt" \
   --output "$SAVE_DIR/eval_zeroshot.json"
+if [[ "$RECIPE" == clip_ft || "$RECIPE" == negclip || "$RECIPE" == fsc_clip ]]; then
+  echo "== compositionality (synthetic SugarCrepe: swapped / replaced attributes, objects, relations; chance 50%)"
+  for model in "$CLIP_DIR" "$SAVE_DIR"; do          # the starting clip checkpoint, then the fine-tuned one
+    "$PY" -m unilm_vl.eval.compositionality --checkpoint "$model/checkpoint_last.pt" \
+      --data "$DATA_DIR/eval/sugarcrepe" --image-root "$DATA_DIR/eval/images" \
+      --output "$model/eval_compositionality.json"
+  done
+fi
