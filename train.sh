@@ -187,11 +187,11 @@ case "$RECIPE" in
     ;;
   cosa)
     # From scratch (no BERT/CLIP weights) ITC first collapses (all features alike, loss = ln B) and escapes only
-    # after ~50 updates at a high lr (measured: ITC alone on the clips, batch 16, lr 1e-3); the former 5e-4 / 2e-4
-    # recipe never escaped (retrieval at chance). With lr 1e-3 the 80 pretraining updates still end in the collapse,
-    # but the 60 retrieval finetuning updates escape it: held-out t2v R@1/5/10 6.2/21.9/41.2 (chance 1.25/6.25/12.5);
-    # 32 min on a loaded 2-core CPU. Numbers of both ablation arms: README "COSA".
-    PRE_UPDATE="${MAX_UPDATE:-80}"                  # pretraining updates
+    # after tens of updates at a high lr; the former 5e-4 / 2e-4 recipe never escaped (retrieval at chance), and
+    # 80 updates x 16 pairs at lr 1e-3 still ended collapsed (only finetuning escaped). 150 updates x 64 pairs at
+    # lr 1e-3 leave the collapse during pretraining (concatenated arm: ITC 4.16 = ln 64 -> 3.28 by update 120).
+    # Numbers of both ablation arms: README "COSA".
+    PRE_UPDATE="${MAX_UPDATE:-150}"                 # pretraining updates
     FT_UPDATE="${FT_UPDATE:-60}"                    # updates of each finetuning run (retrieval, captioning)
     # COSA_PRETRAIN_TASKS=ret_cap_mlm gives the same budget without concatenation (the ablation of README "COSA").
     PRE_TASKS="${COSA_PRETRAIN_TASKS:-ret_cret_ccap_cmlm}"
@@ -226,7 +226,8 @@ JSON
       --concatenated-nums 4                         # K = 4: each sample + 3 partners from the batch (released)
       --num-frame-embeddings 4                      # 1 frame x K pseudo-video frames
       --lr 1e-3 --warmup-updates $(( PRE_UPDATE / 10 )) --total-num-update "$PRE_UPDATE" --max-update "$PRE_UPDATE"
-      --batch-size 16                               # pairs per rank and step, one source per batch
+      --batch-size 64                               # pairs per rank and step, one source per batch (16 stays
+                                                    # collapsed at ln B; 64 leaves it after ~60 updates)
       --save-dir "$SAVE_DIR/pretrain"
     )
     "$PY" -m unilm_vl.train "${cosa_common[@]}" "${pretrain[@]}" "$@"
