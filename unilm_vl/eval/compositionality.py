@@ -71,7 +71,7 @@ from PIL import Image
 from unilm_vl.data.decode import load_image
 from unilm_vl.eval.common import ImageTextEncoder, add_common_eval_args, write_metrics
 from unilm_vl.eval.metrics import compositional_correct
-from unilm_vl.eval.retrieval import encode_captions
+from unilm_vl.eval.retrieval import encode_captions, encode_image_dataset
 from unilm_vl.logging_utils import setup_cli_logging
 
 logger = logging.getLogger(__name__)
@@ -261,17 +261,10 @@ class _CroppedImages(torch.utils.data.Dataset):
         return self.transform(image)
 
 
-@torch.no_grad()
 def _encode_images(encoder: ImageTextEncoder, keys: Sequence[Tuple[str, Optional[Box]]], batch_size: int,
                    device: Optional[str], num_workers: int) -> torch.Tensor:
-    loader = torch.utils.data.DataLoader(_CroppedImages(keys, encoder.image_transform), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers)
-    feats = []
-    for images in loader:  # B x 3 x H x W
-        if device is not None:
-            images = images.to(device)
-        feats.append(encoder.encode_images(images).float().cpu())  # B x D
-    return F.normalize(torch.cat(feats), dim=-1)  # N x D
+    images = _CroppedImages(keys, encoder.image_transform)
+    return F.normalize(encode_image_dataset(encoder, images, batch_size, device, num_workers), dim=-1)  # N x D
 
 
 def score_items(items: Sequence[CompositionalItem], image_feats: torch.Tensor, image_index: Dict[Any, int],

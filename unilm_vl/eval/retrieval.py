@@ -183,8 +183,16 @@ def encode_image_files(encoder: ImageTextEncoder, paths: Sequence[str], batch_si
 
     Batches are moved to ``device`` when it is given. Returns N x D float32 on the CPU.
     """
-    loader = torch.utils.data.DataLoader(_ImageFiles(paths, encoder.image_transform), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers)
+    return encode_image_dataset(encoder, _ImageFiles(paths, encoder.image_transform), batch_size, device,
+                                num_workers)
+
+
+@torch.no_grad()
+def encode_image_dataset(encoder: ImageTextEncoder, dataset: torch.utils.data.Dataset, batch_size: int = 64,
+                         device: Optional[str] = None, num_workers: int = 0) -> torch.Tensor:
+    """Encode a map-style dataset of transformed image tensors in order with ``encoder.encode_images``; batches
+    are moved to ``device`` when it is given. Returns N x D float32 on the CPU."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     feats = []
     for images in loader:  # B x 3 x H x W
         if device is not None:
