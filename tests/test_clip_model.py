@@ -1,10 +1,10 @@
-"""Tiny-config forwards of the clip model, local pretrained weights, and clear errors."""
+"""Tiny-config forwards of the clip model, local pretrained weights, clear errors, and correlative self-attention."""
 import pytest
 import torch
 from fairseq.models import ARCH_CONFIG_REGISTRY
 
 from unilm_vl.models.clip import ClipConfig, ClipModel
-from unilm_vl.modules.clip import ClipModule, ClipTowersConfig
+from unilm_vl.modules.clip import ClipModule, ClipTowersConfig, correlative_self_attention, csa_last_block
 
 
 def build(arch, **overrides):
@@ -46,3 +46,46 @@ def test_clear_errors():
         build("clip_tiny", pretrained="/nowhere/missing.pt")
     with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Nope'"):
         ClipModule(ClipTowersConfig(model_name="ViT-Nope"))
+
+
+def test_correlative_self_attention_equals_twice_attention_when_q_equals_k():
+    # with W_q = W_k (and equal biases) q q^T = q k^T, so CSA's weights are 2 x softmax(q k^T / sqrt d):
+    # CSA(x) = out_proj(2 A v) = 2 MHA(x) - out_proj.bias
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    with torch.no_grad():
+        attn.in_proj_weight[16:32] = attn.in_proj_weight[:16]
+        attn.in_proj_bias.normal_()
+        attn.in_proj_bias[16:32] = attn.in_proj_bias[:16]
+        attn.out_proj.bias.normal_()
+    x = torch.randn(2, 5, 16)
+    expected = 2 * attn(x, x, x, need_weights=False)[0] - attn.out_proj.bias
+    torch.testing.assert_close(correlative_self_attention(x, attn), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_csa_last_block_changes_only_inside_the_context():
+    torch.manual_seed(0)
+    model = ClipModule(ClipTowersConfig()).eval()
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _, plain = model.encode_image_dense(image)
+        with csa_last_block(model):
+            _, csa = model.encode_image_dense(image)
+        _, after = model.encode_image_dense(image)
+        # by hand: the first block as is, the last with x + CSA(ln_1 x) then its MLP residual
+        visual = model.clip.visual
+        blocks = visual.transformer.resblocks
+        hook = {}
+        handle = blocks[-1].register_forward_pre_hook(lambda m, a: hook.setdefault("x", a[0]))
+        model.encode_image_dense(image)
+        handle.remove()
+        x = hook["x"]
+        x = x + correlative_self_attention(blocks[-1].ln_1(x), blocks[-1].attn)
+        x = x + blocks[-1].mlp(blocks[-1].ln_2(x))
+        by_hand = visual.ln_post(x)[:, 1:] @ visual.proj
+    torch.testing.assert_close(after, plain)
+    torch.testing.assert_close(csa, by_hand, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(csa, plain, atol=1e-3)
+    with pytest.raises(TypeError, match="no open_clip VisionTransformer"):
+        with csa_last_block(torch.nn.Linear(2, 2)):
+            pass

@@ -207,3 +207,11 @@ def test_both_clis_on_a_one_update_clip_tiny_checkpoint(tmp_path):
     assert math.isclose(seg["mIoU"], sum(valid) / len(valid), rel_tol=1e-9)
     assert seg["foreground_mIoU"] is None or 0.0 <= seg["foreground_mIoU"] <= 1.0
     assert os.path.getsize(seg_out) > 0
+    # the reference's "without background" setting with the CSA last block: class 0 is neither queried nor scored
+    segmentation.main(["--checkpoint", ckpt, "--data", str(seg_root), "--templates",
+                       str(world / "eval" / "zeroshot" / "templates.txt"), "--output", str(seg_out),
+                       "--background", "ignore", "--prob-thd", "0", "--area-thd", "0", "--use-csa"])
+    seg = json.loads(seg_out.read_text())
+    assert seg["per_class_iou"]["background"] is None and seg["settings"]["csa"] is True
+    valid = [v for v in seg["per_class_iou"].values() if v is not None]
+    assert math.isclose(seg["mIoU"], sum(valid) / len(valid), rel_tol=1e-9) and seg["mIoU"] == seg["foreground_mIoU"]

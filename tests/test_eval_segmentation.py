@@ -187,6 +187,23 @@ def test_threshold_background_and_wrong_answers_are_scored(tmp_path):
     assert m["mIoU"] == pytest.approx((iou["red, crimson"] + iou["green"]) / 3)
 
 
+def test_ignore_background_scores_object_pixels_only(tmp_path):
+    # VOC-20 style: black (label 0) pixels are neither queried nor counted; red / green pixels are classified by the
+    # colour queries alone, so the oracle is perfect and background has no IoU
+    root = write_voc(tmp_path / "voc")
+    m = evaluate_segmentation(PixelColourEncoder(), str(root), templates=["{}"], background="ignore",
+                              short_side=8, stride=4, prob_thd=0.0, area_thd=0.0)
+    assert m["mIoU"] == 1.0 and m["foreground_mIoU"] == 1.0 and m["pixel_accuracy"] == 1.0
+    assert m["per_class_iou"] == {"background": None, "red, crimson": 1.0, "green": 1.0, "blue": None}
+    assert m["num_valid_classes"] == 2
+    assert m["num_pixels"] == 2 * (3 * 4 + 3 * 3)  # the red and green blocks of both images only
+    # a threshold that sends every (two-way split, ~.5) red pixel to 0 makes them misses: red IoU 0
+    m = evaluate_segmentation(PixelColourEncoder(), str(root), templates=["{}"], background="ignore",
+                              short_side=8, stride=4, prob_thd=0.6, area_thd=0.0)
+    assert m["per_class_iou"]["red, crimson"] == 0.0 and m["per_class_iou"]["background"] is None
+    assert m["mIoU"] == pytest.approx(0.5)  # (red 0 + green 1) / 2
+
+
 def test_resize_and_default_templates_keep_a_clean_answer(tmp_path):
     # short side 16: images are upsampled x2, windows see half the picture, logits go back to the mask size.
     # Interpolation blurs block edges, so only the interiors are guaranteed; mIoU stays high, not exactly 1.

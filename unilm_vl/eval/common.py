@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, List, Optional, Protocol, Sequence
 
 import torch
@@ -77,6 +78,10 @@ class FairseqContrastiveEncoder:
     def image_std(self) -> Sequence[float]:
         return tuple(self.task.image_std)
 
+    dense_csa: bool = False
+    """With True, :meth:`encode_image_dense` runs the towers' last block with correlative self-attention
+    (:func:`unilm_vl.modules.clip.csa_last_block`, the reference's ``--use-csa``)."""
+
     @torch.no_grad()
     def encode_image_dense(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens B x P x D of the model's ``encode_image_dense`` (which returns (pooled, tokens)); raises
@@ -85,7 +90,10 @@ class FairseqContrastiveEncoder:
         if dense is None:
             raise TypeError(f"{type(self.model).__name__} has no dense image output (encode_image_dense); zero-shot "
                             "segmentation needs patch tokens, e.g. from a clip or cosmos model")
-        _, tokens = dense(images.to(self.device))  # B x D, B x P x D
+        from unilm_vl.modules.clip import csa_last_block
+
+        with csa_last_block(self.model) if self.dense_csa else contextlib.nullcontext():
+            _, tokens = dense(images.to(self.device))  # B x D, B x P x D
         return tokens.float()
 
 

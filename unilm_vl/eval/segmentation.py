@@ -27,12 +27,17 @@ Background (label 0): ``--background query`` (default; the reference's VOC-21 se
 other class with its own name(s) from the class-name file (the synthetic world writes ``background``; SCLIP-style
 lists of stuff names such as ``"sky, wall, floor"`` work too), and ``prob_thd`` additionally sends low-confidence
 pixels to 0. ``--background threshold`` does not query class 0 at all: the softmax runs over the other classes
-and only ``prob_thd`` produces background. Defaults are the reference's VOC-21 settings: ``logit_scale 65``,
+and only ``prob_thd`` produces background. ``--background ignore`` is the reference's "without background" setting
+(VOC-20, Context-59: mmseg's ``reduce_zero_label``): class 0 is not queried, its pixels are left out of the metric
+(like 255), and ``mIoU`` is the mean over the other classes, so it measures only which class each object pixel
+gets; use it with ``--prob-thd 0 --area-thd 0`` (the reference's settings there; a pixel sent to 0 by a threshold
+counts as wrong). Defaults are the reference's VOC-21 settings: ``logit_scale 65``,
 ``prob_thd 0.1``, ``area_thd 0.1``; the reference's short side is 1.5x its 224 window (336), so the default
 ``short_side`` is ``round(1.5 * S)``.
 
-Not implemented: the reference's optional SCLIP correlative self-attention last block (``--use-csa``, off by
-default there) and PAMR (off there). COSMOS evaluates its EMA *teacher*; which tower a model's
+``--use-csa`` runs the towers' last block with SCLIP's correlative self-attention
+(:func:`unilm_vl.modules.clip.csa_last_block`; off by default, as in the reference). Not implemented: PAMR (off
+there). COSMOS evaluates its EMA *teacher*; which tower a model's
 ``encode_image_dense`` uses is that model's choice.
 
 Data layout (PASCAL VOC)::
@@ -45,7 +50,7 @@ Data layout (PASCAL VOC)::
 CLI::
 
     python -m unilm_vl.eval.segmentation --checkpoint CKPT --data DIR/eval/segmentation [--split val]
-        [--classnames FILE] [--templates FILE] [--background query|threshold] [--logit-scale 65]
+        [--classnames FILE] [--templates FILE] [--background query|threshold|ignore] [--use-csa] [--logit-scale 65]
         [--prob-thd 0.1] [--area-thd 0.1] [--short-side N] [--stride N] [--batch-size 64] [--device cpu]
         [--workers 0] [--output metrics.json]
 """
@@ -70,7 +75,7 @@ from unilm_vl.logging_utils import setup_cli_logging
 
 logger = logging.getLogger(__name__)
 
-BACKGROUND_MODES = ("query", "threshold")
+BACKGROUND_MODES = ("query", "threshold", "ignore")
 IGNORE_INDEX = 255
 
 
@@ -230,14 +235,14 @@ def logits_to_labels(logits: torch.Tensor, query_class: Sequence[int], num_class
 
 def build_queries(encoder: DenseImageTextEncoder, classnames: Sequence[Sequence[str]], templates: Sequence[str],
                   background: str) -> Tuple[torch.Tensor, List[int]]:
-    """Query embeddings (Q x D, one per name) and the label of each; class 0 is skipped with ``threshold``."""
+    """Query embeddings (Q x D, one per name) and the label of each; class 0 is skipped unless ``query``."""
     if background not in BACKGROUND_MODES:
         raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {background!r}")
-    first = 1 if background == "threshold" else 0
+    first = 0 if background == "query" else 1
     names = [n for c in range(first, len(classnames)) for n in classnames[c]]
     query_class = [c for c in range(first, len(classnames)) for _ in classnames[c]]
     if not names:
-        raise ValueError("no class to query (threshold background mode needs classes besides 0)")
+        raise ValueError(f"no class to query ({background} background mode needs classes besides 0)")
     return zeroshot_classifier(encoder.encode_texts, names, templates).T.contiguous(), query_class  # Q x D
 
 
@@ -298,10 +303,16 @@ def evaluate_segmentation(encoder: DenseImageTextEncoder, root: str, split: str 
         if bad.any():
             raise ValueError(f"{mask_path}: labels {sorted(set(target[bad].tolist()))[:5]} are not below the "
                              f"{num_classes} classes of the class-name file")
+        if background == "ignore":
+            target = np.where(target == 0, IGNORE_INDEX, target)
         conf += confusion_matrix(pred.numpy(), target, num_classes, IGNORE_INDEX)
     scores = mean_iou(conf)
     names = [", ".join(c) for c in data.classnames]
     foreground = [v for v in scores["per_class_iou"][1:] if not math.isnan(v)]
+    if background == "ignore":  # class 0 has no truth pixels: it is no class of the metric (predicted 0 = a miss)
+        scores["per_class_iou"][0] = float("nan")
+        scores["mIoU"] = float(np.mean(foreground)) if foreground else float("nan")
+        scores["num_valid_classes"] = len(foreground)
     return {"mIoU": scores["mIoU"],
             "foreground_mIoU": float(np.mean(foreground)) if foreground else None,
             "per_class_iou": {n: (None if math.isnan(v) else v) for n, v in zip(names, scores["per_class_iou"])},
@@ -309,7 +320,7 @@ def evaluate_segmentation(encoder: DenseImageTextEncoder, root: str, split: str 
             "num_valid_classes": scores["num_valid_classes"], "num_pixels": scores["num_pixels"],
             "settings": {"background": background, "logit_scale": logit_scale, "prob_thd": prob_thd,
                          "area_thd": area_thd, "window": crop, "stride": stride, "short_side": short_side,
-                         "num_templates": len(prompts)}}
+                         "num_templates": len(prompts), "csa": bool(getattr(encoder, "dense_csa", False))}}
 
 
 def format_segmentation_table(metrics: Dict[str, Any]) -> str:
@@ -335,7 +346,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--templates", default=None,
                         help="prompt templates with {}, one per line (default: OpenAI's 80 ImageNet templates)")
     parser.add_argument("--background", default="query", choices=BACKGROUND_MODES,
-                        help="query: class 0 is queried by its name(s); threshold: class 0 only from --prob-thd")
+                        help="query: class 0 is queried by its name(s); threshold: class 0 only from --prob-thd; "
+                             "ignore: class 0 neither queried nor scored (the reference's VOC-20 setting; use "
+                             "--prob-thd 0 --area-thd 0)")
     parser.add_argument("--logit-scale", type=float, default=65.0,
                         help="temperature multiplying the cosine logits before the softmax (reference VOC-21: 65)")
     parser.add_argument("--prob-thd", type=float, default=0.1,
@@ -344,6 +357,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="drop foreground classes covering at most this fraction of the foreground; 0 = off")
     parser.add_argument("--short-side", type=int, default=None,
                         help="resize the image's short side to this (default: 1.5 x the model's input size)")
+    parser.add_argument("--use-csa", action="store_true",
+                        help="last image block with correlative self-attention (SCLIP; the reference's --use-csa)")
     parser.add_argument("--stride", type=int, default=None,
                         help="sliding-window stride in pixels (default: half the model's input size)")
     return parser
@@ -355,6 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from unilm_vl.eval import common  # loads fairseq on use; only the CLI needs it
 
     encoder = common.load_encoder(args.checkpoint, device=args.device)
+    encoder.dense_csa = args.use_csa
     metrics = evaluate_segmentation(encoder, args.data, split=args.split, classnames=args.classnames,
                                     templates=args.templates, background=args.background,
                                     logit_scale=args.logit_scale, prob_thd=args.prob_thd, area_thd=args.area_thd,

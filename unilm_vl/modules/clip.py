@@ -7,8 +7,9 @@ path only (no hub access at run time).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import open_clip
 import torch
@@ -61,6 +62,43 @@ def tower_norm(model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
     return mean, std
+
+
+def correlative_self_attention(x: torch.Tensor, attn: nn.MultiheadAttention) -> torch.Tensor:
+    """SCLIP's correlative self-attention (CSA) with the weights of ``attn`` (reference notes contrastive.md 1.5):
+    per head ``(softmax(q q^T / sqrt(d)) + softmax(k k^T / sqrt(d))) v``, then ``out_proj``. ``x`` is the block's
+    normalised input, B x N x W (batch-first, as open_clip's towers run ``nn.MultiheadAttention``). Written here
+    because open_clip has no CSA (the reference patches its own copy of the tower)."""
+    if not attn.batch_first:
+        raise ValueError("correlative_self_attention expects a batch-first nn.MultiheadAttention")
+    b, n, w = x.shape
+    heads = attn.num_heads
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).reshape(b, n, 3, heads, w // heads).permute(
+        2, 0, 3, 1, 4)  # 3 x (B x H x N x d)
+    scale = (w // heads) ** -0.5
+    weights = (torch.softmax(q @ q.transpose(-1, -2) * scale, dim=-1)
+               + torch.softmax(k @ k.transpose(-1, -2) * scale, dim=-1))  # B x H x N x N
+    return attn.out_proj((weights @ v).transpose(1, 2).reshape(b, n, w))  # B x N x W
+
+
+@contextmanager
+def csa_last_block(model: nn.Module) -> Iterator[None]:
+    """Within the block, the LAST residual block of every open_clip ``VisionTransformer`` inside ``model`` attends
+    with :func:`correlative_self_attention` (both residuals and the MLP kept, as the reference's segmentation-only
+    ``--use-csa`` path). For zero-shot segmentation; the pooled features change too."""
+    from open_clip.transformer import VisionTransformer
+
+    blocks = [m.transformer.resblocks[-1] for m in model.modules() if isinstance(m, VisionTransformer)]
+    if not blocks:
+        raise TypeError(f"{type(model).__name__} has no open_clip VisionTransformer for correlative self-attention")
+    for block in blocks:
+        block.attention = (lambda blk: lambda q_x, k_x=None, v_x=None, attn_mask=None:
+                           correlative_self_attention(q_x, blk.attn))(block)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.attention  # back to the class's attention
 
 
 class ClipModule(nn.Module):
