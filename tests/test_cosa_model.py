@@ -317,3 +317,37 @@ def test_every_parameter_gets_a_gradient_in_pretraining():
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """--checkpoint-activations recomputes every ViT block and BERT layer in the backward pass: with dropout on
+    (train mode), the RNG state is replayed, so loss and every gradient equal the stored-activation run; the blocks
+    really are recomputed (each checkpointed BERT layer runs twice per step)."""
+    from unilm_vl.criterions.cosa import CosaCriterion, CosaCriterionConfig
+
+    criterion = CosaCriterion(CosaCriterionConfig(cosa_tasks="ret_cret_ccap_cmlm"), None)
+    sample = random_batch(4, seed=3)
+    partners = torch.tensor([[1, 2, 3], [0, 0, 2], [3, 1, 1], [2, 0, 1]])
+    runs = []
+    for checkpointing in (False, True):
+        model = tiny_model(seed=0, bert_dropout=0.1, checkpoint_activations=checkpointing).train()
+        calls = []
+        handles = [m.register_forward_hook(lambda *a: calls.append(1))
+                   for m in (model.net.multimodal_encoder.bert.encoder.layer[0].attention,
+                             model.net.vision.visual.transformer.resblocks[0].attn)]
+        torch.manual_seed(5)
+        losses = criterion.compute_losses(model(**sample["net_input"], tasks="ret_cret_ccap_cmlm",
+                                                partners=partners))
+        sum(losses.values()).backward()
+        for handle in handles:
+            handle.remove()
+        runs.append(({k: v.item() for k, v in losses.items()}, {n: p.grad.clone() for n, p in
+                                                                  model.named_parameters() if p.grad is not None},
+                     len(calls)))
+    (plain_loss, plain_grad, plain_calls), (ckpt_loss, ckpt_grad, ckpt_calls) = runs
+    for key in plain_loss:
+        assert ckpt_loss[key] == pytest.approx(plain_loss[key], abs=1e-6), key
+    assert plain_grad.keys() == ckpt_grad.keys() and len(plain_grad) > 50
+    for name in plain_grad:
+        torch.testing.assert_close(ckpt_grad[name], plain_grad[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert ckpt_calls == 2 * plain_calls  # each forward of the layer is run again in the backward

@@ -89,6 +89,9 @@ class CosaModelConfig(FairseqDataclass):
     frozen_vision: bool = field(default=False, metadata={
         "help": "freeze the vision tower; the concatenated pass then reuses the origin pass's vision tokens "
                 "(all-gathered, no gradient) instead of re-encoding the partner pixels, as released"})
+    checkpoint_activations: bool = field(default=False, metadata={
+        "help": "recompute every ViT block and BERT layer in the backward pass instead of storing its activations "
+                "(less memory for the large shapes, about one more forward of compute; same gradients)"})
     pretrained_cosa: Optional[str] = field(default=None, metadata={
         "help": "local released COSA checkpoint (model_step_*.pt) to start from; keys are mapped, the frame "
                 "embedding is resized"})
@@ -147,6 +150,8 @@ class CosaModel(BaseFairseqModel):
             self.load_release_checkpoint(cfg.pretrained_cosa)
         if cfg.frozen_vision:
             self.net.vision.requires_grad_(False)
+        if getattr(cfg, "checkpoint_activations", False):
+            self.net.set_activation_checkpointing(True)
 
     @classmethod
     def build_model(cls, cfg: CosaModelConfig, task):

@@ -504,6 +504,18 @@ class CosaModule(nn.Module):
         self.contra_temp = nn.Parameter(torch.tensor(float(cfg.init_contra_temp)))
         self.itm_head = ItmHead(dim)
 
+    def set_activation_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each tower block and BERT layer during backward (training only): open_clip's / timm's
+        ``set_grad_checkpointing`` and HF's non-reentrant gradient checkpointing, which keep the RNG state, so
+        dropout masks and gradients equal the stored-activation run."""
+        tower = self.vision.visual if isinstance(self.vision, OpenClipFrameTower) else self.vision.backbone
+        tower.set_grad_checkpointing(enable)
+        bert = self.multimodal_encoder.bert
+        if enable:
+            bert.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            bert.activation_checkpointing_disable()
+
     # -- vision
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """B x n x 3 x H x W -> B x n x x x C, every frame encoded independently."""
