@@ -423,3 +423,21 @@ def test_view_box_to_pixels():
     assert view_box_to_pixels((0.0, 0.0, 1.0, 1.0), 200, 100, "squash") == (0, 0, 200, 100)
     assert view_box_to_pixels((0.0, 0.0, 1.0, 1.0), 200, 100, "crop") == (50, 0, 150, 100)  # the central square
     assert view_box_to_pixels((0.25, 0.5, 0.75, 1.0), 100, 300, "crop") == (25, 150, 75, 200)
+
+
+def test_greedy_picks_equal_the_beam_step_at_beam_one():
+    """The arg-max fast path keeps what fairseq's beam step keeps at beam 1: the best token of every row, and a
+    row whose best token is </s> finishes (the beam step also keeps a continuation, dropped because the input is
+    done); scores are the chosen log-probs."""
+    from unilm_vl.modules.generation import _beam_picks, _greedy_picks
+
+    torch.manual_seed(0)
+    lprobs = torch.log_softmax(torch.randn(5, 11), dim=-1)
+    lprobs[2, 2] = 0.0  # row 2: </s> (id 2) is the best token
+    greedy = _greedy_picks(lprobs)
+    beam = _beam_picks(lprobs, torch.zeros(5), [0, 1, 2, 3, 4], 1, 1, 2)
+    finished_or_first = {}
+    for row, token, lp in beam:
+        finished_or_first.setdefault(row, (row, token, lp))  # the first pick of an input is its best
+    assert greedy == [finished_or_first[r] for r in range(5)]
+    assert greedy[2][1] == 2 and [t for _, t, _ in greedy] == lprobs.argmax(-1).tolist()

@@ -197,6 +197,8 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
             probs = _truncate_for_sampling(lprobs, cfg.sampling_topk, cfg.sampling_topp)  # N x V
             drawn = torch.multinomial(probs, 1, generator=generator)  # N x 1
             picks = _sampling_picks(drawn.squeeze(1), lprobs)
+        elif cfg.beam == 1:
+            picks = _greedy_picks(lprobs)
         else:
             picks = _beam_picks(lprobs, row_score, row_input, step, cfg.beam, eos_idx)
         keep_rows, keep_tokens, keep_lp = [], [], []
@@ -261,6 +263,14 @@ def _sampling_picks(drawn: torch.Tensor, lprobs: torch.Tensor):
     """Each row continues with its own draw: ``(row, token, log_prob)`` per row."""
     lp = lprobs.gather(1, drawn[:, None]).squeeze(1).tolist()
     return [(row, tok, lp[row]) for row, tok in enumerate(drawn.tolist())]
+
+
+def _greedy_picks(lprobs: torch.Tensor):
+    """Beam 1 without sampling: every row continues with (or ends on) its arg-max, which is what
+    :func:`_beam_picks` keeps at beam 1 (a finishing ``</s>`` also ends the input there), in one reduction instead
+    of a top-k per input. ``(row, token, log_prob)`` per row."""
+    lp, tok = lprobs.max(dim=-1)  # N, N
+    return [(row, t, v) for row, (t, v) in enumerate(zip(tok.tolist(), lp.tolist()))]
 
 
 def _beam_picks(lprobs, row_score, row_input, step, beam, eos_idx):
