@@ -69,3 +69,22 @@ def test_two_cpu_ranks_equal_one_rank_with_twice_the_batch(data, tmp_path):
     assert a.keys() == b.keys()
     for key in a:  # after one SGD step the parameters agree: same loss, same gradients
         torch.testing.assert_close(b[key], a[key], atol=2e-6, rtol=1e-4, msg=key)
+
+
+def test_fully_sharded_on_cpu_stops_with_a_clear_message():
+    from unilm_vl.train import check_cpu_backend, with_torchrun_cpu
+
+    for argv in (["train", "--cpu", "--ddp-backend", "fully_sharded"],
+                 ["train", "--ddp-backend=fully_sharded", "--cpu"]):
+        with pytest.raises(SystemExit, match="fully_sharded .*needs CUDA GPUs"):
+            check_cpu_backend(argv)
+    check_cpu_backend(["train", "--cpu", "--ddp-backend", "legacy_ddp"])  # fine
+    check_cpu_backend(["train", "--ddp-backend", "fully_sharded"])  # GPUs: fairscale's business
+    # the torchrun-on-CPU flags: added when missing, an explicit choice wins
+    env = {"RANK": "1", "WORLD_SIZE": "2"}
+    out = with_torchrun_cpu(["train", "--cpu"], env)
+    assert out[out.index("--ddp-backend") + 1] == "legacy_ddp" and out[out.index("--distributed-rank") + 1] == "1"
+    assert "--distributed-no-spawn" in out and out[out.index("--distributed-backend") + 1] == "gloo"
+    out = with_torchrun_cpu(["train", "--cpu", "--ddp-backend", "pytorch_ddp"], env)
+    assert out.count("--ddp-backend") == 1 and out[out.index("--ddp-backend") + 1] == "pytorch_ddp"
+    assert with_torchrun_cpu(["train", "--cpu"], {"RANK": "0", "WORLD_SIZE": "1"}) == ["train", "--cpu"]

@@ -27,12 +27,23 @@ def with_torchrun_cpu(argv, env=os.environ):
     return out
 
 
+def check_cpu_backend(argv):
+    """``--ddp-backend fully_sharded`` (fairscale FSDP) computes on CUDA only: with ``--cpu`` it would fail inside
+    fairscale with "Found no NVIDIA driver"; stop first with what to use instead."""
+    backend = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--ddp-backend"),
+                   next((a.split("=", 1)[1] for a in argv if a.startswith("--ddp-backend=")), None))
+    if "--cpu" in argv and backend == "fully_sharded":
+        raise SystemExit("--ddp-backend fully_sharded (fairscale FSDP) needs CUDA GPUs; on CPU use legacy_ddp (the "
+                         "default under torchrun --cpu) or pytorch_ddp")
+
+
 def cli_main():
     from fairseq_cli.train import cli_main as fairseq_train
 
     from .logging_utils import setup_cli_logging
 
     setup_cli_logging()
+    check_cpu_backend(sys.argv)
     sys.argv = with_torchrun_cpu(with_user_dir(sys.argv))
     fairseq_train()
 
