@@ -4,7 +4,8 @@ open_clip loop (``open_clip.create_model`` + ``open_clip.loss.ClipLoss`` + ``tor
 Same open_clip tower config, same initial weights (the peer loads our towers' state dict), same pre-collated batch
 (random pixels, random token ids: the step is timed, not the data pipeline), same optimiser maths: AdamW
 (fairseq's ``adam`` has decoupled weight decay), lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on every
-parameter, no gradient clipping; both clamp the logit scale after the step. One step = forward, loss, backward,
+parameter (with ``--optimizer open_clip_adamw``: ours is torch AdamW with open_clip's weight-decay exclusion, and the
+peer excludes the same tensors, as open_clip_train does), no gradient clipping; both clamp the logit scale after the step. One step = forward, loss, backward,
 optimiser step (fairseq's also does its logging-output reduction and gradient-norm computation: part of our cost).
 
     .venv/bin/python benchmarks/clip_step.py [--model unilm-vl-clip-tiny] [--batch-size 32] [--warmup 3] [--iters 10]
@@ -37,7 +38,7 @@ def build_ours(args):
 
     flags = [REPO, "--user-dir", os.path.join(REPO, "unilm_vl"), "--task", "image_text_contrastive",
              "--arch", "clip", "--open-clip-model", args.model, "--criterion", "clip",
-             "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--adam-eps", "1e-6", "--weight-decay", "0.2",
+             "--optimizer", args.optimizer, "--adam-betas", "(0.9, 0.98)", "--adam-eps", "1e-6", "--weight-decay", "0.2",
              "--lr", "5e-4", "--clip-norm", "0", "--batch-size", str(args.batch_size), "--seed", "1",
              "--log-format", "none"]
     if args.device == "cpu":
@@ -69,7 +70,14 @@ def build_peer(our_model, args):
     model.load_state_dict(copy.deepcopy(our_model.towers.clip.state_dict()))
     model.train()
     loss_fn = ClipLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+    # the same decay as our side: every tensor (fairseq adam), or open_clip_train's exclusion (open_clip_adamw)
+    params = list(model.parameters())
+    if args.optimizer == "open_clip_adamw":
+        from unilm_vl.optim.open_clip_adamw import tag_parameter_names, weight_decay_groups
+
+        tag_parameter_names(model)
+        params = weight_decay_groups(params)
+    optimizer = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
     max_scale = math.log(100)
     return model, loss_fn, optimizer, max_scale
 
@@ -88,6 +96,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="unilm-vl-clip-tiny", help="open_clip registry name of the towers")
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per step")
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "open_clip_adamw"],
+                        help="our optimizer: fairseq's adam (decays every tensor) or open_clip_adamw (torch AdamW "
+                             "with open_clip's weight-decay exclusion); the peer decays the same tensors")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
     parser.add_argument("--iters", type=int, default=10, help="timed steps per side (median reported)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides run")

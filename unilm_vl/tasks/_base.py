@@ -16,6 +16,7 @@ from ..distributed_cpu import prepare_cpu_all_gather_list
 from ..data.pipeline import StreamPlan
 from ..data.sources import SourceSpec, parse_data_spec
 from ..fault_tolerance import NonFiniteLossGuard, install_atomic_checkpoint_copy, set_collective_timeout
+from ..optim.open_clip_adamw import tag_parameter_names
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,16 @@ class StreamTaskBase(FairseqTask):
         self.nan_guard = NonFiniteLossGuard(getattr(cfg, "max_consecutive_nan_steps", 10))
 
     # ---- data
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        tag_parameter_names(model)  # names for open_clip_adamw's weight-decay exclusion
+        return model
+
+    def build_criterion(self, cfg):
+        criterion = super().build_criterion(cfg)
+        tag_parameter_names(criterion, prefix="criterion.")
+        return criterion
+
     def data_spec(self, split: str) -> str:
         if split == "train":
             return self.cfg.train_data
