@@ -1,9 +1,11 @@
-"""Every config field of every registered unilm_vl task, model and criterion has a help string (STYLE.md 2)."""
+"""Every config field of every registered unilm_vl task, model, criterion and optimizer has a help string
+(STYLE.md 2)."""
 import dataclasses
 
 import pytest
 from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
 from fairseq.models import MODEL_DATACLASS_REGISTRY
+from fairseq.optim import OPTIMIZER_DATACLASS_REGISTRY
 from fairseq.tasks import TASK_DATACLASS_REGISTRY
 
 import unilm_vl  # noqa: F401
@@ -11,7 +13,8 @@ import unilm_vl  # noqa: F401
 
 def ours():
     for kind, registry in (("task", TASK_DATACLASS_REGISTRY), ("model", MODEL_DATACLASS_REGISTRY),
-                           ("criterion", CRITERION_DATACLASS_REGISTRY)):
+                           ("criterion", CRITERION_DATACLASS_REGISTRY),
+                           ("optimizer", OPTIMIZER_DATACLASS_REGISTRY)):
         for key, dc in registry.items():
             if dc.__module__.startswith("unilm_vl."):
                 yield f"{kind}:{key}", dc
@@ -19,7 +22,7 @@ def ours():
 
 def test_the_foundation_is_registered():
     keys = {name for name, _ in ours()}
-    assert {"task:image_text_contrastive", "model:clip", "criterion:clip"} <= keys
+    assert {"task:image_text_contrastive", "model:clip", "criterion:clip", "optimizer:open_clip_adamw"} <= keys
 
 
 @pytest.mark.parametrize("name, dc", list(ours()), ids=[n for n, _ in ours()])

@@ -56,7 +56,7 @@ class OpenClipAdamWConfig(FairseqDataclass):
     wd_exclude: ChoiceEnum(["open_clip", "none"]) = field(default="open_clip", metadata={
         "help": "open_clip: no weight decay for ndim<2 / bn / ln / bias / logit_scale parameters; none: decay all "
                 "(fairseq adam's behaviour)"})
-    lr: List[float] = II("optimization.lr")
+    lr: List[float] = field(default=II("optimization.lr"), metadata={"help": "learning rate (fairseq's --lr)"})
 
 
 @register_optimizer("open_clip_adamw", dataclass=OpenClipAdamWConfig)
