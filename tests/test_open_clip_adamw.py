@@ -2,7 +2,6 @@
 torch.optim.AdamW with the same groups, and a fairseq-train run that keeps the groups through save and resume."""
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from test_train_e2e import BIN, data, run, train_args  # noqa: F401  (data: the module's wds fixture)
@@ -67,6 +66,8 @@ def test_one_step_equals_torch_adamw_with_the_same_groups():
                                before["clip.visual.conv1.weight"] * (1 - 1e-2 * 0.5))
     none = weight_decay_groups(params, exclude=False)
     assert len(none) == 1 and len(none[0]["params"]) == len(params)
+    # one flattened 1-D vector (fairseq --fp16's flat fp32 copy) would escape decay entirely: not accepted
+    assert not ours.supports_flat_params
 
 
 def test_fairseq_train_keeps_the_groups_through_resume(data, tmp_path):  # noqa: F811

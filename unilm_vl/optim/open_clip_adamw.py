@@ -7,7 +7,9 @@ fairseq's ``adam`` decays every parameter, so ``--weight-decay 0.5`` there also 
 LayerNorm gains towards 0. Parameter names come from the tasks, which tag every parameter of the model and the
 criterion with its name when they build them (:func:`tag_parameter_names`); an untagged parameter falls back to
 the ``ndim < 2`` part of the rule. Written here because fairseq's optimizers take a flat parameter list without
-names.
+names. Flat parameters are not supported (one flattened 1-D vector would fall entirely under ``ndim < 2``): with
+``--fp16`` fairseq then asks for ``--fp16-no-flatten-grads``, whose fp32 copies carry no names, so only the
+``ndim < 2`` part applies there; ``--amp`` and ``--memory-efficient-fp16`` keep the named parameters.
 """
 import logging
 from collections.abc import Collection
@@ -78,7 +80,3 @@ class OpenClipAdamW(FairseqOptimizer):
         betas = (eval(self.cfg.adam_betas) if isinstance(self.cfg.adam_betas, str)
                  else OmegaConf.to_container(self.cfg.adam_betas))
         return {"lr": lr, "betas": tuple(betas), "eps": self.cfg.adam_eps, "weight_decay": self.cfg.weight_decay}
-
-    @property
-    def supports_flat_params(self):
-        return True
