@@ -30,7 +30,7 @@ logger = logging.getLogger("benchmarks")
 MiB = 2 ** 20
 
 
-def kosmos2_step(arch: str, batch_size: int, text_len: int, checkpointing: bool):
+def build_kosmos2(arch: str, batch_size: int, text_len: int, checkpointing: bool):
     """(model, forward returning the loss) for a Kosmos-2 shape: frozen tower, token-mean NLL over the text positions."""
     import torch.nn.functional as F
 
@@ -51,7 +51,7 @@ def kosmos2_step(arch: str, batch_size: int, text_len: int, checkpointing: bool)
     return model, forward
 
 
-def cosa_step(arch: str, batch_size: int, text_len: int, checkpointing: bool):
+def build_cosa(arch: str, batch_size: int, text_len: int, checkpointing: bool):
     """(model, forward returning the loss) for a COSA shape: one pretraining step (ret_cret_ccap_cmlm, K = 4 partners)."""
     from argparse import Namespace
 
@@ -81,7 +81,7 @@ def cosa_step(arch: str, batch_size: int, text_len: int, checkpointing: bool):
 def measure(model_kind: str, arch: str, batch_size: int, text_len: int, checkpointing: bool) -> dict:
     """Parameters and the bytes saved for the backward by one forward (one backward checks the step runs)."""
     torch.manual_seed(0)
-    build = kosmos2_step if model_kind == "kosmos2" else cosa_step
+    build = build_kosmos2 if model_kind == "kosmos2" else build_cosa
     model, forward = build(arch, batch_size, text_len, checkpointing)
     storages = {}
 

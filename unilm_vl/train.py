@@ -30,8 +30,12 @@ def with_torchrun_cpu(argv, env=os.environ):
 def check_cpu_backend(argv):
     """``--ddp-backend fully_sharded`` (fairscale FSDP) computes on CUDA only: with ``--cpu`` it would fail inside
     fairscale with "Found no NVIDIA driver"; stop first with what to use instead."""
-    backend = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--ddp-backend"),
-                   next((a.split("=", 1)[1] for a in argv if a.startswith("--ddp-backend=")), None))
+    backend = None
+    for i, arg in enumerate(argv):  # the last occurrence wins, as in argparse
+        if arg == "--ddp-backend" and i + 1 < len(argv):
+            backend = argv[i + 1]
+        elif arg.startswith("--ddp-backend="):
+            backend = arg.split("=", 1)[1]
     if "--cpu" in argv and backend == "fully_sharded":
         raise SystemExit("--ddp-backend fully_sharded (fairscale FSDP) needs CUDA GPUs; on CPU use legacy_ddp (the "
                          "default under torchrun --cpu) or pytorch_ddp")

@@ -6,6 +6,7 @@ path only (no hub access at run time).
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,6 +82,11 @@ def correlative_self_attention(x: torch.Tensor, attn: nn.MultiheadAttention) -> 
     return attn.out_proj((weights @ v).transpose(1, 2).reshape(b, n, w))  # B x N x W
 
 
+def _csa_block_attention(attn: nn.MultiheadAttention, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask=None):
+    """``ResidualAttentionBlock.attention``'s signature, computed with :func:`correlative_self_attention`."""
+    return correlative_self_attention(q_x, attn)
+
+
 @contextmanager
 def csa_last_block(model: nn.Module) -> Iterator[None]:
     """Within the block, the LAST residual block of every open_clip ``VisionTransformer`` inside ``model`` attends
@@ -92,8 +98,7 @@ def csa_last_block(model: nn.Module) -> Iterator[None]:
     if not blocks:
         raise TypeError(f"{type(model).__name__} has no open_clip VisionTransformer for correlative self-attention")
     for block in blocks:
-        block.attention = (lambda blk: lambda q_x, k_x=None, v_x=None, attn_mask=None:
-                           correlative_self_attention(q_x, blk.attn))(block)
+        block.attention = functools.partial(_csa_block_attention, block.attn)  # instance attribute over the method
     try:
         yield
     finally:
