@@ -1,5 +1,6 @@
 """The checkpointable iterator: fairseq's contract, exact resume, rank/worker splits, padding, mixing."""
 import collections
+import multiprocessing
 
 import pytest
 
@@ -161,3 +162,21 @@ def test_changed_layout_warns_and_restarts_streams(wds_dir, caplog):
 def test_first_batch_is_real(wds_dir):
     itr = make_iterator(parse_data_spec(str(wds_dir / "part-*.tar")))
     assert len(itr.first_batch) == 4
+
+
+def test_next_epoch_shuts_the_finished_epochs_loader_workers(wds_dir):
+    """fairseq stops at ``total`` without exhausting the source, so the finished epoch's DataLoader (2 workers) must
+    be ended when the next epoch starts: its worker processes are gone before the new ones fork (otherwise the new
+    workers inherit the old loader and print "can only test a child process" when they collect it)."""
+    sources = parse_data_spec(str(wds_dir / "part-*.tar"))
+    itr = make_iterator(sources, workers=2)
+    before = set(multiprocessing.active_children())  # loaders that earlier tests left behind
+    first = itr.next_epoch_itr()
+    assert len(list(first)) == 15
+    workers = set(multiprocessing.active_children()) - before  # the epoch-1 loader's, still alive after `total`
+    assert len(workers) == 2
+    itr.next_epoch_itr()  # the epoch-2 loader starts its workers only on its first batch
+    assert first.unilm_source.gi_frame is None  # the epoch-1 source generator is closed
+    for w in workers:
+        w.join(timeout=10)
+    assert not any(w.is_alive() for w in workers)

@@ -80,6 +80,7 @@ class CheckpointableBatchIterator(EpochBatchIterating):
 
     def next_epoch_itr(self, shuffle=True, fix_batches_to_gpus=False, set_dataset_epoch=True):
         self.epoch = self.next_epoch_idx
+        self._close(self._cur_epoch_itr)
         if self._next_epoch_itr is not None:
             self._cur_epoch_itr, self._next_epoch_itr = self._next_epoch_itr, None
         else:
@@ -157,7 +158,19 @@ class CheckpointableBatchIterator(EpochBatchIterating):
                 prefetch_factor=self.prefetch_factor, persistent_workers=False)
         else:
             loader = dataset
-        return CountingIterator(self._track(loader), start=offset, total=self.num_batches)
+        source = self._track(loader)
+        itr = CountingIterator(source, start=offset, total=self.num_batches)
+        itr.unilm_source = source
+        return itr
+
+    @staticmethod
+    def _close(itr: Optional[CountingIterator]) -> None:
+        """End a finished (or abandoned) epoch's loader now. fairseq stops at ``total`` without exhausting the
+        source, so its DataLoader workers would live on; workers forked for the next epoch would then inherit the
+        old loader iterator and print "AssertionError: can only test a child process" when they collect it."""
+        source = getattr(itr, "unilm_source", None)
+        if source is not None:
+            source.close()  # GeneratorExit in _track drops the DataLoader iterator, which shuts its workers down
 
     def _track(self, loader):
         for batch, meta in loader:
