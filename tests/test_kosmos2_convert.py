@@ -128,7 +128,19 @@ def test_hf_config_rejects_what_hf_cannot_express():
     cfg.decoder.subln = False
     with pytest.raises(C.ConversionError, match="sub-LN"):
         C.hf_config_dict(cfg)
+    for field, value in (("position_embedding", "sincos2d"), ("locality_sigma", 0.5)):
+        cfg = tiny_cfg()
+        setattr(cfg.connector, field, value)
+        with pytest.raises(C.ConversionError, match="neither position embeddings nor a locality prior"):
+            C.hf_config_dict(cfg)
     assert C.hf_config_dict(tiny_cfg(quick_gelu=False))["vision_config"]["hidden_act"] == "gelu"
+
+
+def test_fairseq_config_round_trip_keeps_the_connector_options():
+    cfg = tiny_cfg()
+    cfg.connector.position_embedding, cfg.connector.locality_sigma = "sincos2d", 0.5
+    back = C.config_from_fairseq(C.fairseq_model_cfg(cfg), cfg.decoder.vocab_size)
+    assert (back.connector.position_embedding, back.connector.locality_sigma) == ("sincos2d", 0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

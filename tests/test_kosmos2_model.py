@@ -342,3 +342,70 @@ def test_mixed_batch_of_image_and_text_only_rows(model):
         alone_image = model(with_image[0][None], image, with_image[1][None])["lm_logits"]
     torch.testing.assert_close(both[0, :5], alone_text[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(both[1], alone_image[0], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Connector options beyond the release: 2-D positions (Qwen-VL style) and the locality prior
+# ---------------------------------------------------------------------------------------------------------------
+def test_locality_bias_values():
+    """16 queries on a 4 x 4 grid over 8 x 8 patches: patch (0, 0)'s centre sits at (-0.25, -0.25) query-cell units
+    from query (0, 0), so -d^2 / (2 sigma^2) = -0.125 / 0.5 = -0.25 at sigma 0.5; patch (0, 3) at (-0.25, 1.25):
+    -(0.0625 + 1.5625) / 0.5 = -3.25. CLS and the 16 query keys get 0."""
+    bias = k2.locality_bias(65, 16, 0.5, "cpu", torch.float32)
+    assert bias.shape == (16, 65 + 16)
+    assert bias[0, 1].item() == pytest.approx(-0.25) and bias[0, 4].item() == pytest.approx(-3.25)
+    assert bias[:, 0].abs().max() == 0 and bias[:, 65:].abs().max() == 0
+    # every query's least-penalised patches are the 4 it covers: query (r, c) covers patch rows 2r..2r+1
+    for j in range(16):
+        r, c = divmod(j, 4)
+        covered = {1 + (2 * r + dr) * 8 + 2 * c + dc for dr in (0, 1) for dc in (0, 1)}
+        top4 = set((bias[j, 1:65].topk(4).indices + 1).tolist())
+        assert top4 == covered
+
+
+def test_sincos_2d_values_and_query_patch_matching():
+    pos = k2.sincos_2d(torch.tensor([2.0]), torch.tensor([3.0]), 8)  # omega = [1, 0.01]
+    expect = [math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02),
+              math.sin(3), math.sin(0.03), math.cos(3), math.cos(0.03)]
+    assert pos[0].tolist() == pytest.approx(expect, abs=1e-6)
+    assert float(pos[0] @ pos[0]) == pytest.approx(4.0)  # dim / 2: one sin^2 + cos^2 per frequency and axis
+    pos_k, pos_q = k2.connector_positions(65, 16, 128, "cpu", torch.float32)
+    assert pos_k.shape == (65, 128) and pos_q.shape == (16, 128) and pos_k[0].abs().max() == 0  # CLS: no position
+    best = (pos_q @ pos_k[1:].T).argmax(1)  # each query's most similar patch lies in the cell it covers
+    for j, i in enumerate(best.tolist()):
+        assert (i // 8) // 2 == j // 4 and (i % 8) // 2 == j % 4
+    with pytest.raises(ValueError, match="square"):
+        k2.connector_positions(65, 12, 128, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("position_embedding,sigma", [("none", 0.5), ("sincos2d", 0.0), ("sincos2d", 0.5)])
+def test_connector_options_match_explicit_attention(position_embedding, sigma):
+    """The connector's output equals softmax((Wq q')(Wk k')^T / sqrt(d) + bias) (Wv v) then out_proj, with
+    q' = queries (+ their positions), k' = [dense(f); queries] (+ positions), v = [dense(f); queries]."""
+    torch.manual_seed(0)
+    cfg = k2.Kosmos2ConnectorConfig(latent_query_num=16, attention_heads=4, position_embedding=position_embedding,
+                                    locality_sigma=sigma)
+    conn = Kosmos2Connector(cfg, 32, 64).eval()
+    feats = torch.randn(2, 65, 32)
+    x = conn.dense(feats)
+    q = conn.latent_query.expand(2, -1, -1)
+    mem = torch.cat([x, q], 1)
+    qin, kin = q, mem
+    if position_embedding == "sincos2d":
+        pk, pq = k2.connector_positions(65, 16, 64, "cpu", torch.float32)
+        qin, kin = q + pq, mem + torch.cat([pk, pq])
+    a = conn.x_attn
+
+    def heads(t):
+        return t.view(2, -1, 4, 16).transpose(1, 2)
+
+    logits = heads(a.q_proj(qin)) @ heads(a.k_proj(kin)).transpose(-1, -2) / 4.0
+    if sigma > 0:
+        logits = logits + k2.locality_bias(65, 16, sigma, "cpu", torch.float32)
+    out = (logits.softmax(-1) @ heads(a.v_proj(mem))).transpose(1, 2).reshape(2, 16, 64)
+    torch.testing.assert_close(conn(feats), a.out_proj(out), atol=1e-5, rtol=1e-5)
+
+
+def test_connector_rejects_unknown_position_embedding():
+    with pytest.raises(ValueError, match="'none' or 'sincos2d'"):
+        Kosmos2Connector(k2.Kosmos2ConnectorConfig(position_embedding="rope"), 32, 64)

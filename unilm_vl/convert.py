@@ -379,6 +379,9 @@ def hf_config_dict(cfg: Kosmos2Config) -> Dict[str, Any]:
     """Keyword arguments of HF ``Kosmos2Config`` (``text_config``/``vision_config`` as dicts) for ``cfg``. Raises
     for what HF's Kosmos-2 cannot express."""
     d, c, g = cfg.decoder, cfg.connector, vision_geometry(cfg.vision)
+    if c.position_embedding != "none" or c.locality_sigma > 0:
+        raise ConversionError(f"HF's Kosmos-2 connector has neither position embeddings nor a locality prior; this "
+                              f"model's are {c.position_embedding!r} and sigma {c.locality_sigma}")
     if not d.subln:
         raise ConversionError("HF Kosmos-2 text blocks always have the sub-LN norms; a subln=False decoder has none")
     if c.attention_heads != d.attention_heads:
@@ -536,7 +539,9 @@ def config_from_fairseq(model_cfg: Mapping[str, Any], vocab_size: int, pad_idx: 
                                    force_quick_gelu=bool(m["vision_quick_gelu"])),
         connector=Kosmos2ConnectorConfig(latent_query_num=m["latent_query_num"],
                                          attention_heads=m["connector_attention_heads"],
-                                         attention_dropout=m["connector_attention_dropout"]),
+                                         attention_dropout=m["connector_attention_dropout"],
+                                         position_embedding=str(m["connector_position_embedding"]),
+                                         locality_sigma=float(m["connector_locality_sigma"])),
         decoder=Kosmos2DecoderConfig(
             vocab_size=vocab_size, embed_dim=m["decoder_embed_dim"], layers=m["decoder_layers"],
             attention_heads=m["decoder_attention_heads"], ffn_embed_dim=m["decoder_ffn_embed_dim"],
@@ -556,7 +561,9 @@ def fairseq_model_cfg(cfg: Kosmos2Config) -> Dict[str, Any]:
     return dict(vision_model=cfg.vision.model_name, vision_pretrained=None,
                 vision_quick_gelu=bool(cfg.vision.force_quick_gelu), train_vision=not cfg.freeze_vision,
                 latent_query_num=c.latent_query_num, connector_attention_heads=c.attention_heads,
-                connector_attention_dropout=c.attention_dropout, decoder_embed_dim=d.embed_dim,
+                connector_attention_dropout=c.attention_dropout,
+                connector_position_embedding=c.position_embedding, connector_locality_sigma=c.locality_sigma,
+                decoder_embed_dim=d.embed_dim,
                 decoder_layers=d.layers, decoder_attention_heads=d.attention_heads,
                 decoder_ffn_embed_dim=d.ffn_embed_dim, activation_fn=d.activation_fn, dropout=d.dropout,
                 attention_dropout=d.attention_dropout, activation_dropout=d.activation_dropout,

@@ -14,7 +14,7 @@ QuickGELU, 64 queries, 24 x 2048 sub-LN decoder, 32 heads, FFN 8192).
 from dataclasses import dataclass, field
 from typing import Optional
 
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
 
 from ..modules.clip import tower_norm
@@ -38,6 +38,12 @@ class Kosmos2ModelConfig(FairseqDataclass):
     connector_attention_heads: int = field(default=32, metadata={"help": "heads of the connector's attention"})
     connector_attention_dropout: float = field(default=0.1, metadata={
         "help": "dropout on the connector's attention probabilities"})
+    connector_position_embedding: ChoiceEnum(["none", "sincos2d"]) = field(default="none", metadata={
+        "help": "none (released) or sincos2d: fixed 2-D sin-cos positions on the connector's queries (a sqrt(L) grid) "
+                "and patch keys, Qwen-VL style, so each image slot summarises its own region (not HF-convertible)"})
+    connector_locality_sigma: float = field(default=0.0, metadata={
+        "help": "> 0: locality prior -d^2/(2 sigma^2) on the connector's attention logits between each query's cell "
+                "(queries on a sqrt(L) grid) and each patch, in query-cell units; 0 = off, as released"})
     decoder_embed_dim: int = field(default=2048, metadata={"help": "D: decoder width"})
     decoder_layers: int = field(default=24, metadata={"help": "decoder layers"})
     decoder_attention_heads: int = field(default=32, metadata={"help": "decoder self-attention heads"})
@@ -63,7 +69,9 @@ class Kosmos2Model(BaseFairseqModel):
                                        force_quick_gelu=cfg.vision_quick_gelu),
             connector=Kosmos2ConnectorConfig(latent_query_num=cfg.latent_query_num,
                                              attention_heads=cfg.connector_attention_heads,
-                                             attention_dropout=cfg.connector_attention_dropout),
+                                             attention_dropout=cfg.connector_attention_dropout,
+                                             position_embedding=str(cfg.connector_position_embedding),
+                                             locality_sigma=cfg.connector_locality_sigma),
             decoder=Kosmos2DecoderConfig(
                 vocab_size=vocab_size, embed_dim=cfg.decoder_embed_dim, layers=cfg.decoder_layers,
                 attention_heads=cfg.decoder_attention_heads, ffn_embed_dim=cfg.decoder_ffn_embed_dim,

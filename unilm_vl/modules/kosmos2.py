@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,14 @@ class Kosmos2ConnectorConfig:
     """Heads of the latent-query attention (the released model uses the decoder's 32)."""
     attention_dropout: float = 0.0
     """Dropout on the latent-query attention probabilities (0.1 released)."""
+    position_embedding: str = "none"
+    """``none`` (released) or ``sincos2d``: fixed 2-D sin-cos positions added to the attention's queries and to the
+    patch keys (not the values), the queries laid out on a sqrt(L) x sqrt(L) grid over the image (Qwen-VL's
+    resampler). Not in the release or HF; keeps the slots tied to image regions (README "Kosmos-2")."""
+    locality_sigma: float = 0.0
+    """> 0: add ``-d^2 / (2 sigma^2)`` to the attention logits of query j and patch i, d the distance between
+    query j's cell centre (queries on a sqrt(L) grid) and patch i's centre in query-cell units; CLS and query keys
+    get 0. A locality prior each query starts from and may learn past. 0 (off) as released."""
 
 
 @dataclass
@@ -151,7 +159,9 @@ class SdpaMultiheadAttention(MultiheadAttention):
     """
 
     def forward(self, query, key, value, incremental_state=None, key_padding_mask=None, attn_mask=None,
-                rel_pos=None, is_first_step=False):
+                rel_pos=None, is_first_step=False, attn_bias=None):
+        if attn_bias is not None and (attn_mask is not None or key_padding_mask is not None):
+            raise ValueError("attn_bias (additive T x S logits) cannot be combined with attn_mask/key_padding_mask")
         if self.xpos is not None or rel_pos is not None:
             raise NotImplementedError("SdpaMultiheadAttention supports neither xPos nor relative-position biases")
         bsz, tgt_len, embed_dim = query.shape
@@ -167,7 +177,9 @@ class SdpaMultiheadAttention(MultiheadAttention):
         src_len = k.size(2)
 
         dropout_p = self.dropout_module.p if self.training else 0.0
-        if key_padding_mask is None and attn_mask is not None and tgt_len == src_len:
+        if attn_bias is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=dropout_p)
+        elif key_padding_mask is None and attn_mask is not None and tgt_len == src_len:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # B x H x T x d
         else:
             allowed = None  # B x 1 x T x S (or broadcastable), True = may attend
@@ -307,6 +319,10 @@ class Kosmos2Connector(nn.Module):
         self.x_attn = SdpaMultiheadAttention(args, output_dim, cfg.attention_heads, dropout=cfg.attention_dropout,
                                              self_attention=False, encoder_decoder_attention=True, subln=False)
         self.x_attn.reset_parameters()  # xavier (gain 1/sqrt 2 for q/k/v), zero out bias: fairseq's MHA init
+        if cfg.position_embedding not in ("none", "sincos2d"):
+            raise ValueError(f"connector position_embedding must be 'none' or 'sincos2d', got {cfg.position_embedding!r}")
+        self.position_embedding = cfg.position_embedding
+        self.locality_sigma = float(cfg.locality_sigma)
 
     @property
     def num_queries(self) -> int:
@@ -316,8 +332,63 @@ class Kosmos2Connector(nn.Module):
         x = self.dense(features)  # B x N x D
         query = self.latent_query.unsqueeze(0).expand(x.size(0), -1, -1).to(x.dtype)  # B x L x D
         memory = torch.cat([x, query], dim=1)  # B x (N + L) x D
-        out, _ = self.x_attn(query=query, key=memory, value=memory)  # B x L x D
+        bias = None
+        if self.locality_sigma > 0:
+            bias = locality_bias(x.size(1), query.size(1), self.locality_sigma, x.device, x.dtype)  # L x (N + L)
+        if self.position_embedding == "none":
+            out, _ = self.x_attn(query=query, key=memory, value=memory, attn_bias=bias)  # B x L x D
+            return out
+        pos_keys, pos_queries = connector_positions(x.size(1), query.size(1), x.size(-1), x.device, x.dtype)
+        pos_memory = torch.cat([pos_keys, pos_queries], dim=0)  # (N + L) x D
+        out, _ = self.x_attn(query=query + pos_queries, key=memory + pos_memory, value=memory,
+                             attn_bias=bias)  # B x L x D
         return out
+
+
+def _grids(num_tokens: int, num_queries: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Query coordinates (integers of a sqrt(L) grid) and patch-centre coordinates of the sqrt(N - 1) patch grid
+    in the same units, ``(r + 0.5) * sqrt(L) / sqrt(N - 1) - 0.5``: L x 2 and (N - 1) x 2 (row, column)."""
+    grid_q, grid_p = math.isqrt(num_queries), math.isqrt(num_tokens - 1)
+    if grid_q * grid_q != num_queries or grid_p * grid_p != num_tokens - 1:
+        raise ValueError(f"connector positions need a square number of queries ({num_queries}) and "
+                         f"[CLS] + a square patch grid ({num_tokens} tokens)")
+    q = torch.arange(grid_q, dtype=torch.float64)
+    p = (torch.arange(grid_p, dtype=torch.float64) + 0.5) * grid_q / grid_p - 0.5
+    coords_q = torch.stack([q.repeat_interleave(grid_q), q.repeat(grid_q)], dim=1)  # L x 2 (row-major)
+    coords_p = torch.stack([p.repeat_interleave(grid_p), p.repeat(grid_p)], dim=1)  # (N - 1) x 2
+    return coords_q, coords_p
+
+
+def locality_bias(num_tokens: int, num_queries: int, sigma: float, device, dtype) -> torch.Tensor:
+    """L x (N + L) additive logits: ``-d^2 / (2 sigma^2)`` from query j to patch i, 0 to CLS and to the queries."""
+    coords_q, coords_p = _grids(num_tokens, num_queries)
+    dist2 = (coords_q[:, None] - coords_p[None]).pow(2).sum(-1)  # L x (N - 1)
+    bias = torch.cat([torch.zeros(num_queries, 1, dtype=torch.float64), -dist2 / (2 * sigma ** 2),
+                      torch.zeros(num_queries, num_queries, dtype=torch.float64)], dim=1)  # L x (N + L)
+    return bias.to(device=device, dtype=dtype)
+
+
+def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """2-D sin-cos embedding of continuous grid coordinates (M each) -> M x dim: the first half encodes the row,
+    the second the column, each as [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k / (dim / 4)) (MAE / Qwen-VL)."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # dim/4
+
+    def axis(p):
+        angles = p.double()[:, None] * omega[None]  # M x dim/4
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # M x dim/2
+
+    return torch.cat([axis(rows), axis(cols)], dim=1).float()  # M x dim
+
+
+def connector_positions(num_tokens: int, num_queries: int, dim: int, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the ``sincos2d`` connector: (N x D for [CLS; patches], L x D for the queries), from
+    :func:`_grids`' coordinates, so each query matches the patches it covers; CLS takes a zero row."""
+    coords_q, coords_p = _grids(num_tokens, num_queries)
+    pos_q = sincos_2d(coords_q[:, 0], coords_q[:, 1], dim)  # L x D
+    pos_k = torch.cat([torch.zeros(1, dim), sincos_2d(coords_p[:, 0], coords_p[:, 1], dim)], dim=0)  # N x D
+    return pos_k.to(device=device, dtype=dtype), pos_q.to(device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
