@@ -1,4 +1,4 @@
-"""The default recipe learns: a short tiny-CLIP run on a small synthetic world retrieves held-out scenes (unseen
+"""The CLIP recipe learns: a short tiny-CLIP run on a small synthetic world retrieves held-out scenes (unseen
 colour-shape combinations) far above chance. The full recipe's numbers are in the README."""
 import os
 
