@@ -323,6 +323,7 @@ class Kosmos2Connector(nn.Module):
             raise ValueError(f"connector position_embedding must be 'none' or 'sincos2d', got {cfg.position_embedding!r}")
         self.position_embedding = cfg.position_embedding
         self.locality_sigma = float(cfg.locality_sigma)
+        self._geometry_cache: Dict[Tuple[int, torch.device, torch.dtype], Tuple[Optional[torch.Tensor], ...]] = {}
 
     @property
     def num_queries(self) -> int:
@@ -332,17 +333,29 @@ class Kosmos2Connector(nn.Module):
         x = self.dense(features)  # B x N x D
         query = self.latent_query.unsqueeze(0).expand(x.size(0), -1, -1).to(x.dtype)  # B x L x D
         memory = torch.cat([x, query], dim=1)  # B x (N + L) x D
-        bias = None
-        if self.locality_sigma > 0:
-            bias = locality_bias(x.size(1), query.size(1), self.locality_sigma, x.device, x.dtype)  # L x (N + L)
-        if self.position_embedding == "none":
-            out, _ = self.x_attn(query=query, key=memory, value=memory, attn_bias=bias)  # B x L x D
-            return out
-        pos_keys, pos_queries = connector_positions(x.size(1), query.size(1), x.size(-1), x.device, x.dtype)
-        pos_memory = torch.cat([pos_keys, pos_queries], dim=0)  # (N + L) x D
-        out, _ = self.x_attn(query=query + pos_queries, key=memory + pos_memory, value=memory,
-                             attn_bias=bias)  # B x L x D
+        bias, pos_queries, pos_memory = self._geometry(x.size(1), x.device, x.dtype)
+        if pos_queries is not None:
+            query, keys = query + pos_queries, memory + pos_memory
+        else:
+            keys = memory
+        out, _ = self.x_attn(query=query, key=keys, value=memory, attn_bias=bias)  # B x L x D
         return out
+
+    def _geometry(self, num_tokens: int, device, dtype):
+        """(locality bias L x (N + L) or None, query positions L x D or None, key positions (N + L) x D or None)
+        for N input tokens, built once per (N, device, dtype): the forward pass then neither recomputes them nor
+        copies them from the host at every step."""
+        key = (num_tokens, device, dtype)
+        if key not in self._geometry_cache:
+            bias = pos_queries = pos_memory = None
+            if self.locality_sigma > 0:
+                bias = locality_bias(num_tokens, self.num_queries, self.locality_sigma, device, dtype)
+            if self.position_embedding == "sincos2d":
+                pos_keys, pos_queries = connector_positions(num_tokens, self.num_queries, self.dense.out_features,
+                                                            device, dtype)
+                pos_memory = torch.cat([pos_keys, pos_queries], dim=0)  # (N + L) x D
+            self._geometry_cache[key] = (bias, pos_queries, pos_memory)
+        return self._geometry_cache[key]
 
 
 def _grids(num_tokens: int, num_queries: int) -> Tuple[torch.Tensor, torch.Tensor]:
