@@ -89,6 +89,7 @@ case "$RECIPE" in
     ;;
   cosmos)
     # COSMOS: cross-modality self-distillation over multi-crop image views and text crops of the long caption.
+    MAX_UPDATE="${MAX_UPDATE:-1000}"              # 1000 x 64 samples: the clip recipe's 500 x 128 (~23 min on CPU)
     recipe_args=(
       --use-imagecrop-aug                       # multi-crop batches (view-major): global + local crops, caption views
       --global-crops-number 2                   # 2 global crops at the model's 64 px (reference: 224 px)
@@ -278,6 +279,15 @@ echo "== held-out zero-shot classification (48 colour-shape classes, chance top-
 "$PY" -m unilm_vl.eval.zeroshot_classification --checkpoint "$CKPT" --root "$DATA_DIR/eval/zeroshot/test" \
   --classnames "$DATA_DIR/eval/zeroshot/classnames.txt" --templates "$DATA_DIR/eval/zeroshot/templates.txt" \
   --output "$SAVE_DIR/eval_zeroshot.json"
+if [[ "$RECIPE" == clip || "$RECIPE" == cosmos ]]; then
+  # Patch tokens @ proj scored against class prompts on object pixels only (the reference's without-background
+  # setting); the shape masks, then the same images labelled by colour, the attribute these tiny models learn.
+  echo "== held-out zero-shot segmentation, object pixels (shape masks: 6 classes; colour masks: 8 classes)"
+  for set in segmentation segmentation_colour; do
+    "$PY" -m unilm_vl.eval.segmentation --checkpoint "$CKPT" --data "$DATA_DIR/eval/$set" \
+      --background ignore --prob-thd 0 --area-thd 0 --logit-scale 40 --output "$SAVE_DIR/eval_$set.json"
+  done
+fi
 if [[ "$RECIPE" == clip_ft || "$RECIPE" == negclip || "$RECIPE" == fsc_clip ]]; then
   echo "== compositionality (synthetic SugarCrepe: swapped / replaced attributes, objects, relations; chance 50%)"
   for model in "$CLIP_DIR" "$SAVE_DIR"; do          # the starting clip checkpoint, then the fine-tuned one

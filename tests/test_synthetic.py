@@ -323,6 +323,40 @@ def test_segmentation(world):
     assert len(seen) >= 5
 
 
+def test_segmentation_colour_set_labels_the_same_pixels_by_colour(world):
+    """eval/segmentation_colour: the same images, the same object / background / boundary pixels as the shape set,
+    each object's pixels labelled 1 + its colour's index; checked against the objects the test split records."""
+    root, manifest = world
+    shape_root, colour_root = (os.path.join(root, "eval", f) for f in ("segmentation", "segmentation_colour"))
+    assert manifest["paths"]["eval"]["segmentation_colour"] == "eval/segmentation_colour"
+    with open(os.path.join(colour_root, "classnames.txt"), encoding="utf-8") as fh:
+        assert fh.read().splitlines() == ["background", *S.COLOURS]
+    with open(os.path.join(colour_root, "ImageSets/Segmentation/val.txt"), encoding="utf-8") as fh:
+        ids = fh.read().splitlines()
+    assert len(ids) == SMALL["num_test"]
+    for image_id in ids:
+        assert filecmp.cmp(os.path.join(shape_root, "JPEGImages", f"{image_id}.jpg"),
+                           os.path.join(colour_root, "JPEGImages", f"{image_id}.jpg"), shallow=False)
+        shape = np.asarray(Image.open(os.path.join(shape_root, "SegmentationClass", f"{image_id}.png")))
+        colour = np.asarray(Image.open(os.path.join(colour_root, "SegmentationClass", f"{image_id}.png")))
+        assert ((shape == 0) == (colour == 0)).all() and ((shape == 255) == (colour == 255)).all()
+        rgb = np.asarray(Image.open(os.path.join(colour_root, "JPEGImages", f"{image_id}.jpg")).convert("RGB"))
+        for label in set(np.unique(colour).tolist()) - {0, 255}:
+            name = list(S.COLOURS)[label - 1]
+            inside = rgb[colour == label].astype(int)  # JPEG q90 without chroma subsampling keeps flat colours
+            assert np.abs(np.median(inside, axis=0) - S.COLOURS[name]).max() < 25, (image_id, name)
+
+
+def test_segmentation_mask_by_colour_and_bad_attribute():
+    labels = np.zeros((6, 6), dtype=np.uint8)
+    labels[1:5, 1:5] = 1
+    obj = S.SceneObject("star", "purple", "small", (0.1, 0.1, 0.8, 0.8), (1, 1, 5, 5), 16)
+    assert S.segmentation_mask(labels, [obj], "colour")[2, 2] == 1 + list(S.COLOURS).index("purple")
+    assert S.segmentation_mask(labels, [obj])[2, 2] == 1 + S.SHAPES.index("star")
+    with pytest.raises(ValueError, match="'shape' or 'colour'"):
+        S.segmentation_mask(labels, [obj], "size")
+
+
 def test_segmentation_boundary_is_one_pixel():
     labels = np.zeros((10, 10), dtype=np.uint8)
     labels[2:7, 3:8] = 1
