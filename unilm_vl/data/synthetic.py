@@ -465,7 +465,7 @@ def segmentation_mask(labels: np.ndarray, objects: Sequence[SceneObject], by: st
         raise ValueError(f"segmentation masks label 'shape' or 'colour', not {by!r}")
     lut = np.zeros(256, dtype=np.uint8)
     for k, obj in enumerate(objects):
-        lut[k + 1] = 1 + list(names[by]).index(getattr(obj, by))
+        lut[k + 1] = 1 + names[by].index(getattr(obj, by))
     classes = lut[labels]
     edge = np.zeros(labels.shape, dtype=bool)
     edge[1:, :] |= labels[1:, :] != labels[:-1, :]
