@@ -220,6 +220,57 @@ def test_negclip_adds_negatives_to_image_to_text_only():
     assert masked.item() == pytest.approx((0.5 * (i2t_masked + t2i)).item(), abs=1e-6)
 
 
+def _negclip_by_hand(img, txt, s, neg, label_smoothing=0.0):
+    """1 process: image->text CE over [positives; every negative row, zero rows included], text->image over the
+    positives (the reference's ``ClipLoss`` with zero-filled negatives)."""
+    labels = torch.arange(img.shape[0])
+    i2t = F.cross_entropy(s * img @ torch.cat([txt, neg]).T, labels, label_smoothing=label_smoothing)
+    t2i = F.cross_entropy(s * txt @ img.T, labels, label_smoothing=label_smoothing)
+    return 0.5 * (i2t + t2i)
+
+
+@pytest.mark.parametrize("b,t,d,seed,scale,smoothing", [(2, 1, 3, 0, 1.0, 0.0), (5, 3, 8, 1, 14.3, 0.0),
+                                                          (7, 2, 16, 2, 100.0, 0.1)])
+def test_negclip_batch_without_any_valid_negative_is_exactly_clip(b, t, d, seed, scale, smoothing):
+    """The reference appends no column when the batch holds no valid negative: plain CLIP, not CLIP plus T*B
+    logit-0 columns."""
+    img = features(seed, b, d).requires_grad_(True)
+    txt = features(seed + 10, b, d).requires_grad_(True)
+    s = torch.tensor(scale)
+    ref = clip_loss(img, txt, s, label_smoothing=smoothing)["clip_loss"]
+    ref_grads = torch.autograd.grad(ref, [img, txt])
+    none = torch.zeros(t * b, dtype=torch.long)
+    for neg, mask_missing in ((torch.zeros(t * b, d), False), (torch.zeros(t * b, d), True),
+                              (features(seed + 20, t * b, d), False)):  # rows the mask calls missing are ignored
+        got = fn.negclip_loss(img, txt, s, neg, none, label_smoothing=smoothing, mask_missing=mask_missing)
+        assert got["clip_loss"].item() == ref.item()
+        for g, r in zip(torch.autograd.grad(got["clip_loss"], [img, txt]), ref_grads):
+            assert torch.equal(g, r)
+    zero_columns = _negclip_by_hand(img, txt, s, torch.zeros(t * b, d), smoothing)  # the behaviour replaced
+    assert abs(zero_columns.item() - ref.item()) > 1e-4
+
+
+@pytest.mark.parametrize("b,t,d,seed,valid", [(3, 1, 4, 3, [0, 1, 0]), (4, 2, 6, 4, [1, 0, 0, 0, 0, 0, 0, 1]),
+                                              (2, 3, 5, 5, [0, 0, 0, 0, 1, 0])])
+def test_negclip_partial_batch_keeps_the_zero_columns(b, t, d, seed, valid):
+    """Some valid negative in the batch: every missing one stays a logit-0 column (the documented default), or is
+    dropped with ``mask_missing``."""
+    img, txt, s = features(seed, b, d), features(seed + 10, b, d), torch.tensor(5.0)
+    mask = torch.tensor(valid)
+    neg = fn.fill_missing(features(seed + 20, int(mask.sum()), d), mask)  # (T*B) x D, zero rows where missing
+    got = fn.negclip_loss(img, txt, s, neg, mask)["clip_loss"]
+    assert got.item() == pytest.approx(_negclip_by_hand(img, txt, s, neg).item(), abs=1e-6)
+    masked = fn.negclip_loss(img, txt, s, neg, mask, mask_missing=True)["clip_loss"]
+    assert masked.item() == pytest.approx(_negclip_by_hand(img, txt, s, neg[mask > 0]).item(), abs=1e-6)
+    assert abs(got.item() - clip_loss(img, txt, s)["clip_loss"].item()) > 1e-4
+
+
+def test_negclip_refuses_a_mask_of_another_length():
+    img, txt = features(0, 2), features(1, 2)
+    with pytest.raises(ValueError, match="neg_mask has 3 entries for 4 negative rows"):
+        fn.negclip_loss(img, txt, ONE, torch.zeros(4, 4), torch.zeros(3, dtype=torch.long))
+
+
 def test_fill_missing_scatters_type_major():
     values = torch.tensor([[1.0], [2.0], [3.0]])
     out = fn.fill_missing(values, torch.tensor([1, 0, 1, 1]))
@@ -311,3 +362,131 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path):
         for g2, g1 in zip(two[name][1], one[name][1]):
             torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-4, msg=name)
     assert math.isfinite(one["fsc"][0].item())
+
+
+# ------------------------------------------------------------------- 2 ranks: no valid negative on one or all ranks
+# (B, T, D, seed) per configuration; rank r holds samples r*B .. r*B + B - 1 of the global batch
+EMPTY_CONFIGS = [(3, 2, 4, 7), (2, 1, 5, 8)]
+NEGCLIP_MODES = {"default": {}, "local": {"local_loss": True}, "masked": {"mask_missing": True},
+                 "no_grad_gather": {"gather_with_grad": False}}
+
+
+def empty_batch(b, t, d, seed, scenario):
+    """Global batch of W*b samples; ``scenario`` "all_empty": no valid negative anywhere, "one_empty": rank 0's
+    half has some, rank 1's none."""
+    g = torch.Generator().manual_seed(seed)
+    n = W * b
+    mask = torch.zeros(t, n, dtype=torch.long)
+    if scenario == "one_empty":
+        mask[0, 0] = mask[t - 1, b - 1] = 1
+    return {"img": torch.randn(n, D_IN, generator=g), "txt": torch.randn(n, D_IN, generator=g),
+            "neg": torch.randn(t, n, D_IN, generator=g), "mask": mask, "d": d}
+
+
+def negclip_modes(data, rank=0, world=1, clip_too=False):
+    """{mode: (loss, grads wrt the two encoders and the scale)} of :func:`fn.negclip_loss` (and of the plain
+    :func:`clip_loss` with the same gathering, ``clip_too``) on this rank's part of ``data``."""
+    d, (t, b) = data["d"], data["mask"].shape
+    g = torch.Generator().manual_seed(0)
+    wi, wt = (torch.randn(d, D_IN, generator=g).requires_grad_(True) for _ in range(2))
+    scale = torch.tensor(3.0, requires_grad=True)
+    img, txt = F.normalize(data["img"] @ wi.T, dim=-1), F.normalize(data["txt"] @ wt.T, dim=-1)
+    mask = data["mask"].reshape(-1)  # (T*B,) type-major
+    neg = F.normalize(data["neg"].reshape(t * b, D_IN) @ wt.T, dim=-1) * mask[:, None]  # zero rows where missing
+    results = {}
+    for mode, kwargs in NEGCLIP_MODES.items():
+        loss = fn.negclip_loss(img, txt, scale, neg, mask, rank, world, **kwargs)["clip_loss"]
+        results[mode] = (loss.detach(), list(torch.autograd.grad(loss, [wi, wt, scale], retain_graph=True)))
+        if clip_too:
+            gather = {k: v for k, v in kwargs.items() if k != "mask_missing"}
+            loss = clip_loss(img, txt, scale, rank, world, **gather)["clip_loss"]
+            results["clip_" + mode] = (loss.detach(), list(torch.autograd.grad(loss, [wi, wt, scale],
+                                                                                retain_graph=True)))
+    return results
+
+
+def _identical(a, b):
+    """Same loss and same gradients, bit for bit."""
+    return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+def _empty_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+    torch.set_num_threads(1)
+    results = {}
+    for config in EMPTY_CONFIGS:
+        b = config[0]
+        for scenario in ("all_empty", "one_empty"):
+            data = empty_batch(*config, scenario)
+            local = {k: (v[:, rank * b:(rank + 1) * b] if k in ("neg", "mask") else v[rank * b:(rank + 1) * b]
+                         if torch.is_tensor(v) else v) for k, v in data.items()}
+            per_rank = negclip_modes(local, rank, W, clip_too=True)
+            # this rank's own values, before averaging: negclip == clip, bit for bit, when no rank has a negative
+            exact = torch.tensor([float(all(_identical(per_rank[m], per_rank["clip_" + m]) for m in NEGCLIP_MODES))])
+            dist.all_reduce(exact, op=dist.ReduceOp.MIN)
+            for loss, grads in per_rank.values():  # DDP: average over ranks
+                for x in [loss] + grads:
+                    dist.all_reduce(x)
+                    x /= W
+            results[(config, scenario)] = (per_rank, bool(exact.item()))
+    # a rank without negative rows while the other has T*B: refused on both ranks, nobody left waiting
+    img, txt = features(rank, B), features(rank + 2, B)
+    neg, mask = (torch.zeros(T * B, 4), torch.zeros(T * B, dtype=torch.long)) if rank == 0 else (None, None)
+    try:
+        fn.negclip_loss(img, txt, ONE, neg, mask, rank, W)
+        errors = ["none"]
+    except ValueError as error:
+        errors = [str(error)]
+    gathered = [None] * W
+    dist.all_gather_object(gathered, errors[0])
+    results["mismatch"] = gathered
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "empty.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def empty_two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("negclip_empty")
+    # fork: the children inherit the imported modules instead of re-importing them
+    mp.start_processes(_empty_worker, args=(str(tmp / "init"), str(tmp)), nprocs=W, join=True, start_method="fork")
+    return torch.load(tmp / "empty.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", EMPTY_CONFIGS)
+def test_negclip_two_ranks_without_any_negative_is_clip(empty_two_ranks, config):
+    """No rank has a valid negative: every rank takes the plain CLIP branch (same value and gradients as the clip
+    loss on each rank), and 2 ranks x B equal 1 process x 2B, which is plain CLIP too."""
+    two, exact = empty_two_ranks[(config, "all_empty")]
+    assert exact
+    one = negclip_modes(empty_batch(*config, "all_empty"), clip_too=True)
+    for mode in NEGCLIP_MODES:
+        assert one[mode][0].item() == one["clip_" + mode][0].item(), mode
+        assert two[mode][0].item() == pytest.approx(one[mode][0].item(), abs=1e-6), mode
+        if mode != "no_grad_gather":  # the gradient-free gather gives 1/W of the gradient (documented)
+            for g2, g1 in zip(two[mode][1], one[mode][1]):
+                torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-5, msg=mode)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", EMPTY_CONFIGS)
+def test_negclip_two_ranks_one_without_negatives_equal_one_rank(empty_two_ranks, config):
+    """Rank 1 has no valid negative, rank 0 has some: the ranks agree (gathered counts) to append every rank's
+    T*B rows, zero rows included, as one process does with the concatenated (partially filled) batch."""
+    two, exact = empty_two_ranks[(config, "one_empty")]
+    assert not exact
+    one = negclip_modes(empty_batch(*config, "one_empty"), clip_too=True)
+    for mode in NEGCLIP_MODES:
+        assert two[mode][0].item() == pytest.approx(one[mode][0].item(), abs=1e-6), mode
+        assert abs(one[mode][0].item() - one["clip_" + mode][0].item()) > 1e-4, mode  # the negatives count
+        if mode != "no_grad_gather":
+            for g2, g1 in zip(two[mode][1], one[mode][1]):
+                torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-5, msg=mode)
+
+
+@pytest.mark.slow
+def test_negclip_ranks_with_different_negative_rows_fail_together(empty_two_ranks):
+    first, second = empty_two_ranks["mismatch"]
+    assert first == second and first.startswith(f"negative rows per rank [{T * B}, 0]")

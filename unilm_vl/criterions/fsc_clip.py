@@ -1,6 +1,6 @@
 """Criterion ``fsc_clip``: Fine-grained Selective Calibrated CLIP (Oh et al., EMNLP 2024, "Preserving Multi-Modal
 Capabilities of Pre-trained VLMs for Improving Vision-Linguistic Compositionality"; reference ``Local_HNLoss`` /
-``Global_HNLoss`` in ``src/training/losses/loss.py``, notes contrastive.md 2.4-2.5).
+``Global_HNLoss`` in ``ytaek-oh/fsc-clip`` ``src/training/losses/loss.py``).
 
 Sample: the contrastive task's batch plus, from ``--hard-negatives fsc-clip``, ``net_input["neg_text"]`` ((T*B) x L,
 type-major: row ``t*B + b`` = negative type t of sample b; the fsc-clip style has T = 3) and ``net_input["neg_mask"]``

@@ -1,6 +1,7 @@
 """Pure loss maths of hard-negative fine-tuning: NegCLIP and FSC-CLIP (Oh et al., EMNLP 2024, "Preserving
-Multi-Modal Capabilities of Pre-trained VLMs for Improving Vision-Linguistic Compositionality"; reference notes
-contrastive.md section 2.4). Tensors in, tensors out, rank and world size passed in, no fairseq import.
+Multi-Modal Capabilities of Pre-trained VLMs for Improving Vision-Linguistic Compositionality"; reference
+``ytaek-oh/fsc-clip`` ``src/training/losses/loss.py``). Tensors in, tensors out, rank and world size passed in, no
+fairseq import.
 
 Layout of the hard negatives (the batch contract of ``--hard-negatives``): ``T`` negative types per sample,
 stored **type-major**, row ``t * B + b`` = negative of type ``t`` for sample ``b``; ``neg_mask`` ((T*B,) 0/1) marks
@@ -14,8 +15,15 @@ Reference quirks and what these functions do (``mask_missing`` / ``sim_eps`` are
 - the min-max token->patch normalisation divides by ``max - min``: NaN when a token's similarities to all
   patches are equal. ``sim_eps > 0`` clamps the range to at least ``sim_eps`` and gives such a token uniform weights
   over the patches.
-- a batch where no sample has a valid negative: the reference averages an empty set (NaN); here the HN losses are
-  0 (with a graph, so that backward works).
+- NegCLIP on a batch where no sample of any rank has a valid negative: the reference appends no negative column
+  (its text batch holds only the B positives) and computes plain CLIP; so does :func:`negclip_loss` (it returns
+  :func:`unilm_vl.criterions.functional.clip_loss`). When one rank has negatives and another has none, the
+  reference's ``all_gather`` receives text tensors of different sizes (B + T*B rows against B; with gloo the rank
+  without negatives aborts on the size mismatch). Here the ranks gather their counts first, so that every rank
+  takes the same branch: the empty rank contributes T*B zero columns, as a partially filled batch does.
+- FSC-CLIP on a batch without any valid negative: the reference's HN losses read a variable it never assigned
+  (``neg_text_features``, set only when the text batch holds negatives) and fail; here the HN losses are 0 (with a
+  graph, so that backward works).
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .functional import full_precision, gather_features, gather_rows
+from .functional import clip_loss, full_precision, gather_features, gather_rows
 
 
 def split_type_major(x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -46,6 +54,27 @@ def fill_missing(values: torch.Tensor, neg_mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _negatives_anywhere(neg_text_features: Optional[torch.Tensor], neg_mask: Optional[torch.Tensor], rank: int,
+                        world_size: int, device: torch.device) -> bool:
+    """Whether any rank holds a valid negative; the same answer on every rank.
+
+    Each rank contributes ``(negative rows, valid negatives)`` (``neg_mask = None``: every row valid; no negatives:
+    ``(0, 0)``); with ``world_size > 1`` these are all-gathered (one collective, called by every rank whatever its
+    batch holds, so that no rank waits alone). Ranks with different row counts cannot gather their negatives:
+    refused on every rank with the same error.
+    """
+    rows = 0 if neg_text_features is None else int(neg_text_features.shape[0])
+    if rows and neg_mask is not None and neg_mask.shape[0] != rows:
+        raise ValueError(f"neg_mask has {neg_mask.shape[0]} entries for {rows} negative rows")
+    valid = rows if neg_mask is None or rows == 0 else int((neg_mask > 0).sum())
+    counts = torch.tensor([[rows, valid]], dtype=torch.long, device=device)  # 1 x 2
+    counts = gather_rows(counts, rank, world_size, "reference").tolist()  # W x 2
+    if len({r for r, _ in counts}) > 1:
+        raise ValueError(f"negative rows per rank {[r for r, _ in counts]}: every rank must hold T*B rows with the "
+                         "same T and B (zero rows where a negative is missing), or no rank any")
+    return sum(v for _, v in counts) > 0
+
+
 def _gather_negatives(x: torch.Tensor, rank: int, world_size: int, local_loss: bool, gather_with_grad: bool
                       ) -> torch.Tensor:
     """All ranks' rows of ``x`` in rank order, with the same gradient semantics as :func:`gather_features`."""
@@ -65,15 +94,20 @@ def negclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
                  rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_with_grad: bool = True,
                  label_smoothing: float = 0.0, mask_missing: bool = False) -> Dict[str, torch.Tensor]:
     """CLIP loss with hard-negative captions added to the image->text softmax (NegCLIP; reference ``ClipLoss``
-    under ``--loss-name clip`` with negatives, contrastive.md 2.4).
+    under ``--loss-name clip`` with negatives, ``ytaek-oh/fsc-clip`` ``src/training/losses/loss.py``).
 
     ``logits_per_image = s I_all [T_pos_all; T_neg_all]^T`` (N x (N + T*N): every image against all positives and
     all negatives of every rank), ``logits_per_text = s T_pos_all I_all^T`` (positives only), labels ``arange(N)``;
     ``0.5 * [CE(image->text) + CE(text->image)]``. ``neg_text_features``: (T*B) x D, L2-normalised, zero rows for
-    missing negatives (they stay in the softmax as logit-0 columns unless ``mask_missing``). Without negatives
-    (None or 0 rows) it is exactly :func:`unilm_vl.criterions.functional.clip_loss`. Gathering follows
-    :func:`gather_features`; with ``local_loss`` only the local rows are scored (B x (N + T*N)).
+    missing negatives (they stay in the softmax as logit-0 columns unless ``mask_missing``, as long as some rank
+    has a valid negative). Without a valid negative on any rank (None, 0 rows, or ``neg_mask`` all 0 everywhere) it
+    returns :func:`unilm_vl.criterions.functional.clip_loss`, as the reference does: no zero column is appended.
+    That decision gathers the per-rank counts (every rank must call this function at every step). Gathering
+    follows :func:`gather_features`; with ``local_loss`` only the local rows are scored (B x (N + T*N)).
     """
+    if not _negatives_anywhere(neg_text_features, neg_mask, rank, world_size, image_features.device):
+        return clip_loss(image_features, text_features, logit_scale, rank, world_size, local_loss, gather_with_grad,
+                         label_smoothing=label_smoothing)
     image_features, text_features, scale = image_features.float(), text_features.float(), logit_scale.float()
     all_image, all_text = gather_features(image_features, text_features, rank, world_size, local_loss,
                                           gather_with_grad)
@@ -83,7 +117,7 @@ def negclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     labels = torch.arange(rows_image.shape[0], device=image_features.device) + offset
     columns = all_text  # N x D
     column_valid = None
-    if neg_text_features is not None and neg_text_features.shape[0] > 0:
+    if neg_text_features is not None and neg_text_features.shape[0] > 0:  # this rank's T*B rows (zeros if none valid)
         negatives = _gather_negatives(neg_text_features.float(), rank, world_size, local_loss, gather_with_grad)
         columns = torch.cat([all_text, negatives], dim=0)  # (N + T*N) x D
         if mask_missing:
