@@ -47,6 +47,50 @@ def test_itc_matches_the_hand_written_formula():
                                                                                           abs=1e-6)
 
 
+def _smoothed_ce_logit_grad(logits, eps):
+    """d/d logits of ``F.cross_entropy(logits, arange(B), label_smoothing=eps)`` (mean over B rows):
+    ``(softmax - y) / B`` with ``y = (1 - eps) onehot + eps / N``."""
+    b, n = logits.shape
+    target = (1 - eps) * torch.eye(b, n) + eps / n
+    return (logits.softmax(dim=1) - target) / b
+
+
+@pytest.mark.parametrize("b,e,temp,eps,seed", [(2, 3, 0.07, 0.1, 0), (5, 8, 0.2, 0.1, 1), (7, 4, 1.0, 0.0, 2)])
+def test_itc_reference_mode_in_one_process_detaches_the_gathered_side(b, e, temp, eps, seed):
+    """World size 1, ``gradient="reference"``: the release's ``ddp_allgather`` runs even on one rank and returns
+    detached copies, so only the query side gets a gradient:
+    ``dL/dv = 0.5/temp G_i2t t``, ``dL/dt = 0.5/temp G_t2i v`` with ``G = (softmax - y) / B`` of each direction.
+    ``full`` adds the key side (``+ 0.5/temp G_t2i^T t`` and ``+ 0.5/temp G_i2t^T v``); the value is the same."""
+    g = torch.Generator().manual_seed(seed)
+    v0, t0 = F.normalize(torch.randn(b, e, generator=g), dim=-1), F.normalize(torch.randn(b, e, generator=g), dim=-1)
+    grads, values = {}, {}
+    for gradient in ("reference", "full"):
+        v, t = v0.clone().requires_grad_(True), t0.clone().requires_grad_(True)
+        tau = torch.tensor(temp, requires_grad=True)
+        loss = fc.itc_loss(v, t, tau, 0, 1, eps, gradient)
+        loss.backward()
+        grads[gradient], values[gradient] = (v.grad, t.grad, tau.grad), loss.detach()
+    g_i2t = _smoothed_ce_logit_grad(v0 @ t0.T / temp, eps)  # B x B
+    g_t2i = _smoothed_ce_logit_grad(t0 @ v0.T / temp, eps)
+    query_v, query_t = 0.5 / temp * g_i2t @ t0, 0.5 / temp * g_t2i @ v0
+    torch.testing.assert_close(grads["reference"][0], query_v, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads["reference"][1], query_t, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads["full"][0], query_v + 0.5 / temp * g_t2i.T @ t0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads["full"][1], query_t + 0.5 / temp * g_i2t.T @ v0, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(grads["reference"][0], grads["full"][0], atol=1e-4)
+    assert torch.equal(values["reference"], values["full"])
+    torch.testing.assert_close(grads["reference"][2], grads["full"][2])  # the temperature sees both sides' values
+
+
+def test_gather_uneven_rows_in_one_process():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert fc.gather_uneven_rows(x, 0, 1, gradient="full") is x
+    detached = fc.gather_uneven_rows(x, 0, 1, gradient="reference")
+    assert not detached.requires_grad and torch.equal(detached, x.detach())
+    with pytest.raises(ValueError, match="gradient must be 'full' or 'reference'"):
+        fc.gather_uneven_rows(x, 0, 1, gradient="detached")
+
+
 # ------------------------------------------------------------------------------------------------------- ITM
 def test_hard_negative_weights_and_draws():
     sim = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))  # 3 local rows of rank 1 (offset 3), N = 8
@@ -322,6 +366,19 @@ def test_itc_reference_gather_keeps_the_value_but_not_the_gradient(two_ranks):
     loss2, grads2 = two_ranks[("itc", "reference")]
     assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
     assert not torch.allclose(grads2[0], grads[0], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_itc_reference_mode_means_the_same_at_every_world_size(two_ranks):
+    """Query-side-only gradients: 2 ranks x B (rank-averaged) equal 1 process x 2B in ``reference`` mode too, now
+    that one process also detaches the gathered side."""
+    params, v, t = _itc_setup(*_itc_global())
+    loss = fc.itc_loss(v, t, params[2], 0, 1, 0.1, "reference")
+    loss.backward()
+    loss2, grads2 = two_ranks[("itc", "reference")]
+    assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
+    for a, p in zip(grads2, params):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.slow

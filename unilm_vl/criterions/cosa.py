@@ -1,5 +1,5 @@
 """Criterion ``cosa``: the objectives of COSA (Chen et al. 2023, "COSA: Concatenated Sample Pretrained
-Vision-Language Foundation Model"; reference notes ``shared/reference/cosa.md`` sections 1.2 and 3).
+Vision-Language Foundation Model"; release ``TXH-mercury/COSA``, ``model/pretrain.py``).
 
 Sample: the batches of the ``cosa_pretrain`` / ``cosa_finetune`` tasks (``net_input`` with ``frames`` B x T x 3 x
 H x W, ``text_ids``/``text_mask`` B x L, for QA the question/answer ids and masks); model ``cosa``.
@@ -19,7 +19,8 @@ samples joined, see the model). Terms, each logged with its pass suffix (``itc_l
 The loss is the plain sum of the logged terms (ITM already weighted). ``sample_size`` is 1 per rank: fairseq sums
 the gradients over ranks and divides by the summed sample size, so the applied gradient is the mean over ranks
 (the release sums over ranks under ``--checkpointing``); with ``--itc-gather-gradient full`` the ITC gradient then
-equals that of one rank holding the whole global batch.
+equals that of one rank holding the whole global batch. ``--itc-gather-gradient reference`` detaches the gathered
+side at every world size, one process included, as the release (always under torch.distributed) does.
 """
 from dataclasses import dataclass, field
 
@@ -43,7 +44,8 @@ class CosaCriterionConfig(FairseqDataclass):
     itc_label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of both ITC cross-entropies"})
     itc_gather_gradient: ChoiceEnum(["full", "reference"]) = field(default="full", metadata={
         "help": "full: differentiable gather of the ITC features (rank-averaged gradients equal the 1-rank "
-                "global-batch ones); reference: the release's detached gather (query-side-only gradients)"})
+                "global-batch ones); reference: the release's detached gather (query-side-only gradients, at every "
+                "world size, one process included)"})
 
 
 @register_criterion("cosa", dataclass=CosaCriterionConfig)

@@ -1,10 +1,13 @@
-"""Pure loss maths of COSA (reference notes ``shared/reference/cosa.md`` section 3): tensors in, tensors out, rank
-and world size passed in, no fairseq import.
+"""Pure loss maths of COSA (Chen et al. 2023; release ``TXH-mercury/COSA``, ``model/pretrain.py``): tensors in,
+tensors out, rank and world size passed in, no fairseq import.
 
 Gradient semantics of the ITC term (W ranks, local rows against the gathered columns, labels = global index):
 ``gradient="full"`` gathers with a differentiable all-gather, so that the rank-averaged gradients (what fairseq's
 DDP applies with sample_size 1 per rank) equal those of one rank holding the whole global batch;
-``gradient="reference"`` is the release's detached ``ddp_allgather`` (query-side-only gradients).
+``gradient="reference"`` is the release's detached ``ddp_allgather`` (query-side-only gradients). The release
+always runs under torch.distributed, so its gathered copies are detached at every world size, one process
+included; here too: with ``"reference"`` the gathered side is detached at world size 1 as well, so that a mode
+means the same thing whatever the number of ranks (``"full"`` at world size 1 is the plain single-batch loss).
 """
 from __future__ import annotations
 
@@ -22,8 +25,14 @@ def gather_uneven_rows(x: torch.Tensor, rank: int, world_size: int, sizes: Optio
                        gradient: str = "full") -> torch.Tensor:
     """All ranks' rows of ``x`` in rank order when ranks hold different row counts ``sizes`` (None: all equal):
     padded to the largest, gathered (see :func:`unilm_vl.criterions.functional.gather_rows` for ``gradient``) and
-    cropped back."""
-    if world_size == 1 or sizes is None or len(set(sizes)) == 1:
+    cropped back. ``gradient="reference"`` returns detached rows at every world size, 1 included (the release's
+    ``ddp_allgather``, ``utils/distributed.py`` of ``TXH-mercury/COSA``, is a plain ``all_gather`` even on one
+    rank)."""
+    if gradient not in ("full", "reference"):
+        raise ValueError(f"gradient must be 'full' or 'reference', got {gradient!r}")
+    if world_size == 1:
+        return x.detach() if gradient == "reference" else x
+    if sizes is None or len(set(sizes)) == 1:
         return gather_rows(x, rank, world_size, gradient)
     largest = max(sizes)
     padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, largest - x.shape[0]))  # largest x ...
@@ -38,7 +47,9 @@ def itc_loss(video_features: torch.Tensor, text_features: torch.Tensor, temp: to
              sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
     """COSA's ITC (reference 3.1): ``0.5 * [CE_ls(v T_all^T / temp, y) + CE_ls(t V_all^T / temp, y)]`` over the
     local rows (B x N logits), ``y`` = global index of the local sample, label smoothing ``label_smoothing``, mean
-    over the local rows. Features L2-normalised, B x E; ``temp`` is the raw learnable temperature."""
+    over the local rows. Features L2-normalised, B x E; ``temp`` is the raw learnable temperature.
+    ``gradient="reference"``: ``T_all`` and ``V_all`` carry no gradient (at every world size), so only the query
+    side ``v`` / ``t`` of each matrix (and ``temp``) receives one; the value is the same in both modes."""
     v, t = video_features.float(), text_features.float()
     b = v.shape[0]
     offset = sum(sizes[:rank]) if sizes is not None else rank * b
