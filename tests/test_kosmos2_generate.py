@@ -295,8 +295,8 @@ def test_check12_prompt_layout_with_the_released_vocabulary():
                                      dict_path=os.path.join(RELEASED, "dict.txt"), location_bin_size=32,
                                      image_token_length=64, seed=1))
     ids = task.prompt_tokens("<grounding>An image of")
-    # the 64 slots hold <image> ids as our training batches do (the release wrote ids 4..67; only the mask matters)
-    assert ids == [0, 64003] + [64003] * 64 + [64004, 64012, 712, 1648, 9]
+    # check 12: the 64 slots hold the ids 4..67, as the released inference and HF's processor write them
+    assert ids == [0, 64003] + list(range(4, 68)) + [64004, 64012, 712, 1648, 9]
     assert len(ids) == 71 and ids[-1] != task.dictionary.eos()
 
 
@@ -441,3 +441,91 @@ def test_greedy_picks_equal_the_beam_step_at_beam_one():
         finished_or_first.setdefault(row, (row, token, lp))  # the first pick of an input is its best
     assert greedy == [finished_or_first[r] for r in range(5)]
     assert greedy[2][1] == 2 and [t for _, t, _ in greedy] == lprobs.argmax(-1).tolist()
+
+
+# ---- image slot ids and n-gram bans: the released inference and HF --------------------------------------------
+
+
+def test_prompt_slots_hold_4_to_L_plus_3_and_training_slots_hold_image(vocab):
+    """Generation prompts write 4 .. L+3 into the image slots (the release's inference, HF's processor); training
+    batches keep <image> in every slot (the release's training loader)."""
+    task = make_task(vocab)
+    d = task.dictionary
+    ids = task.prompt_tokens("<grounding>a red")
+    assert ids[:2] == [d.bos(), d.index("<image>")] and ids[L + 2] == d.index("</image>")
+    assert ids[2:L + 2] == [4, 5, 6, 7]
+    train = task.build_collater("train")([{"tokens": [d.index("<grounding>"), d.eos()], "image": torch.zeros(3)}])
+    assert train["net_input"]["src_tokens"][0, :L + 3].tolist() == [d.bos()] + [d.index("<image>")] * (L + 1) + \
+        [d.index("</image>")]
+    from unilm_vl.tasks.kosmos2 import generation_slot_ids
+
+    with pytest.raises(ValueError, match=r"2000 image slots need the ids 4\.\.2003"):
+        generation_slot_ids(d, 2000)
+
+
+def test_banned_ngrams_equal_hf_on_the_image_slots(vocab):
+    """The tokens our blocker bans after a generated "4 5" are HF's NoRepeatNGramLogitsProcessor's on the same
+    prompt (both ban 6, which follows 4 5 in the slots); with <image> in every slot (our former prompts) nothing
+    would be banned."""
+    transformers = pytest.importorskip("transformers", reason="transformers (test-only: HF parity) is not installed")
+    task = make_task(vocab)
+    d = task.dictionary
+    history = task.prompt_tokens("<grounding>a red") + [4, 5]
+    hf = transformers.NoRepeatNGramLogitsProcessor(3)(torch.tensor([history]), torch.zeros(1, len(d)))
+    hf_banned = torch.isinf(hf[0]).nonzero().flatten().tolist()
+    assert hf_banned == [6]
+    assert banned_ngram_tokens(torch.tensor(history), 3).tolist() == hf_banned
+    former = [t if not 4 <= t < 4 + L or i > L + 2 else d.index("<image>") for i, t in enumerate(history)]
+    assert banned_ngram_tokens(torch.tensor(former), 3).tolist() == []
+
+
+def test_no_repeat_ngram_generation_equals_hf(vocab, tmp_path):
+    """Greedy decoding with no_repeat_ngram_size=3 gives HF's tokens on a tiny model converted to HF, on a prompt
+    whose text ends in the pieces 4 5. The model prefers the same tokens at every step (final LayerNorm weight 0,
+    bias e_0, so the logits are column 0 of the embedding): 6 first, which the slots' trigram 4 5 6 bans at the
+    first step. With <image> in the slots our output would start with 6 and differ from HF's."""
+    pytest.importorskip("transformers", reason="transformers (test-only: HF parity) is not installed")
+    from transformers import Kosmos2ForConditionalGeneration
+
+    from unilm_vl import convert as C
+    from unilm_vl.modules.kosmos2 import Kosmos2Module, kosmos2_tiny_config
+
+    task = make_task(vocab)
+    d = task.dictionary
+    cfg = kosmos2_tiny_config()  # an HF-expressible tower (32 px), decoder heads = connector heads
+    cfg.vision.force_quick_gelu = True
+    cfg.decoder.vocab_size, cfg.connector.latent_query_num = len(d), L
+    torch.manual_seed(0)
+    net = Kosmos2Module(cfg).eval()
+    preference = {6: 9.0, 9: 8.0, 10: 7.0, 11: 6.0}  # logit of each preferred token; every other token -5
+    with torch.no_grad():
+        net.decoder.layer_norm.weight.zero_()
+        net.decoder.layer_norm.bias.zero_()
+        net.decoder.layer_norm.bias[0] = 1.0
+        column = torch.full((len(d),), -5.0)
+        for token, logit in preference.items():
+            column[token] = logit
+        net.decoder.embed_tokens.weight[:, 0] = column
+    C.save_our_checkpoint(str(tmp_path / "ours.pt"), net.state_dict(), cfg)
+    assert C.main(["kosmos2", "--to-hf", "--checkpoint", str(tmp_path / "ours.pt"), "--out", str(tmp_path / "hf")]) == 0
+    hf_model = Kosmos2ForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+
+    prompt = task.prompt_tokens("<grounding>a red") + [4, 5]
+    tokens = torch.tensor([prompt])
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[0, 2:L + 2] = True
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    steps = 12
+    with torch.no_grad():
+        theirs = hf_model.generate(pixel_values=image, input_ids=tokens, image_embeds_position_mask=mask.long(),
+                                   attention_mask=torch.ones_like(tokens), max_new_tokens=steps, do_sample=False,
+                                   num_beams=1, no_repeat_ngram_size=3, eos_token_id=d.eos(), pad_token_id=d.pad())
+    search = SearchConfig(beam=1, max_len_b=steps, min_len=steps, no_repeat_ngram_size=3)
+    ours = generate(net, tokens, image, mask, search, pad_idx=d.pad(), eos_idx=d.eos())[0][0].tokens.tolist()
+    hf_new = theirs[0, len(prompt):].tolist()
+    assert ours[:steps] == hf_new
+    assert hf_new[0] == 9 and 6 in hf_new  # 6 is banned only where its trigram already occurred
+    former = tokens.clone()
+    former[mask] = d.index("<image>")
+    before = generate(net, former, image, mask, search, pad_idx=d.pad(), eos_idx=d.eos())[0][0].tokens.tolist()
+    assert before[0] == 6 and before[:steps] != hf_new

@@ -4,9 +4,10 @@ the GRIT loader, notes kosmos2.md sections 2-5).
 
 Data: GRIT-style samples from any source of the data layer (the GRIT TSV layout with its annotation column,
 img2dataset webdataset shards whose json holds ``noun_chunks``/``ref_exps``, the synthetic world), mixed by weight
-through a json source config. Each sample becomes ``<s> <image> [L image slots] </image> caption </s>`` where the
-caption is grounded (``<grounding> ... <phrase> ..</phrase><object><patch_index_UL><patch_index_LR></object>``)
-with probability ``--use-object-bbox-prob`` when it has boxes (:mod:`unilm_vl.data.kosmos2_samples`).
+through a json source config. Each sample becomes ``<s> <image> [L image slots] </image> caption </s>`` (every
+slot holds the ``<image>`` id, as in the released training loader) where the caption is grounded
+(``<grounding> ... <phrase> ..</phrase><object><patch_index_UL><patch_index_LR></object>``) with probability
+``--use-object-bbox-prob`` when it has boxes (:mod:`unilm_vl.data.kosmos2_samples`).
 Vocabulary: sentencepiece + fairseq ``dict.txt`` (``--spm-model``, ``--dict-path``: the released files, or those
 of ``python -m unilm_vl.data.build_vocab``) plus the grounding symbols for a ``--location-bin-size`` grid.
 
@@ -16,10 +17,12 @@ criterion ``kosmos2_lm``; model ``kosmos2``.
 Generation (``fairseq-generate``, :mod:`unilm_vl.kosmos2_infer`): ``--prompts FILE`` is a TSV of
 ``image_path<TAB>prompt`` lines (image paths relative to the file's directory), read as any ``--gen-subset`` other
 than ``train``/``valid``. Each line becomes ``<s> <image> [L image slots] </image> prompt_ids`` (no ``</s>``; the
-prompt may hold tags: ``<grounding>An image of``), batches are LEFT-padded, and ``build_generator`` returns a
-:class:`Kosmos2Generator` (greedy / beam / sampling with a KV cache, :mod:`unilm_vl.modules.generation`). A missing
-image is an error naming the file and line; so is a line without a tab or without an image path (no text-only
-generation). Images are squashed to S x S by default as the released inference does (``--gen-image-view``)::
+prompt may hold tags: ``<grounding>An image of``); the slots hold the ids 4 .. L+3 as in the released inference
+and HF's processor (:func:`generation_slot_ids`), which only ``--no-repeat-ngram-size`` sees. Batches are
+LEFT-padded, and ``build_generator`` returns a :class:`Kosmos2Generator` (greedy / beam / sampling with a KV
+cache, :mod:`unilm_vl.modules.generation`). A missing image is an error naming the file and line; so is a line
+without a tab or without an image path (no text-only generation). Images are squashed to S x S by default as the
+released inference does (``--gen-image-view``)::
 
     fairseq-generate DIR --user-dir unilm_vl --task kosmos2 --path ckpt.pt --spm-model M --dict-path D \
         --prompts prompts.tsv --gen-subset test --batch-size 8 --beam 1 --no-repeat-ngram-size 3 \
@@ -152,12 +155,11 @@ class Kosmos2Task(StreamTaskBase):
 
     def prompt_tokens(self, prompt: str) -> List[int]:
         """``<s> <image> [L image slots] </image> prompt_ids`` for a prompt text that may hold tags (kept whole:
-        ``<grounding>An image of`` -> ``... 64012, 712, 1648, 9``); the slots are ``<image>`` ids as in training;
-        no ``</s>``."""
+        ``<grounding>An image of`` -> ``... 64012, 712, 1648, 9``); the slots hold :func:`generation_slot_ids`
+        (4 .. L+3, as the released inference); no ``</s>``."""
         d = self.dictionary
-        image_id = d.index("<image>")
-        return [d.bos(), image_id] + [image_id] * self.cfg.image_token_length + [d.index(IMAGE_END)] + \
-            self.tokenizer.encode(prompt, split_symbols=True)
+        return [d.bos(), d.index("<image>")] + generation_slot_ids(d, self.cfg.image_token_length) + \
+            [d.index(IMAGE_END)] + self.tokenizer.encode(prompt, split_symbols=True)
 
     def build_prompt_dataset(self, lines: Sequence["PromptLine"]) -> "Kosmos2PromptDataset":
         """The generation dataset of parsed prompt lines (images are read when items are accessed)."""
@@ -224,6 +226,24 @@ class SequenceLength:
 
 
 # ---- generation data -------------------------------------------------------------------------------------------
+
+
+def generation_slot_ids(dictionary, num_slots: int) -> List[int]:
+    """The ids written into the ``num_slots`` image slots of a generation prompt: ``unk + 1 .. unk + num_slots``
+    (4 .. 67 for the released L = 64), as the released inference (``list(range(4, image_feature_length + 4))`` in
+    microsoft/unilm ``kosmos-2/evaluation/caption_obj_few_shot.py`` and ``kosmos-2/demo/gradio_app.py``) and HF's
+    ``Kosmos2Processor`` (``first_image_token_id = unk_id + 1``) write them.
+
+    The model never reads these ids (the slots' embedding rows are replaced by the image features), but
+    ``--no-repeat-ngram-size`` counts them as history, so with the same ids as the release and HF the same
+    continuations are banned. Training batches hold ``<image>`` in every slot, as the released training loader
+    does (``_prepare`` in ``kosmos-2/unilm/data/vl/laion2b_obj_loader.py``); nothing is banned there. Raises
+    ``ValueError`` when the dictionary is too small to hold them as ordinary symbols."""
+    first = dictionary.unk() + 1
+    if first + num_slots > len(dictionary):
+        raise ValueError(f"{num_slots} image slots need the ids {first}..{first + num_slots - 1}, but the dictionary "
+                         f"has only {len(dictionary)} symbols")
+    return list(range(first, first + num_slots))
 
 
 class PromptLine(NamedTuple):
