@@ -101,15 +101,24 @@ def test_release_loading_is_strict(tiny):
         C.from_release_state_dict(untied, cfg)
 
 
+def write_dict(path, lines):
+    """A fairseq dict.txt of ``lines`` made-up pieces: 4 specials + ``lines`` symbols, before the grounding ones."""
+    path.write_text("".join(f"piece{i} 1\n" for i in range(lines)))
+    return str(path)
+
+
 def test_release_cli_writes_a_loadable_checkpoint(tiny, tmp_path, monkeypatch):
     net, cfg = tiny
     torch.save({"model": C.to_release_state_dict(net.state_dict(), cfg)}, tmp_path / "kosmos-2.pt")
     monkeypatch.setattr(C, "kosmos2_xl_config", lambda: copy.deepcopy(cfg))  # the tiny stand-in for the 1.6B shape
-    C.main(["kosmos2", "--from-release", str(tmp_path / "kosmos-2.pt"), "--out", str(tmp_path / "ours.pt"),
-            "--spm-model", "sp.model", "--dict-path", "dict.txt"])
-    state = torch.load(tmp_path / "ours.pt", weights_only=False)
+    # vocabulary 100 = 4 specials + 80 dict.txt lines + <mask> + 11 tags + 2 x 2 patch tokens
+    dict_path = write_dict(tmp_path / "dict.txt", 80)
+    assert C.main(["kosmos2", "--from-release", str(tmp_path / "kosmos-2.pt"), "--out", str(tmp_path / "ours.pt"),
+                   "--spm-model", "sp.model", "--dict-path", dict_path, "--location-bin-size", "2"]) == 0
+    state = torch.load(tmp_path / "ours.pt", weights_only=True)  # our converted checkpoints need no other global
     assert state["cfg"]["model"]["_name"] == "kosmos2" and state["cfg"]["task"]["_name"] == "kosmos2"
-    assert state["cfg"]["task"]["image_token_length"] == L and state["cfg"]["task"]["dict_path"] == "dict.txt"
+    assert state["cfg"]["task"]["image_token_length"] == L and state["cfg"]["task"]["dict_path"] == dict_path
+    assert state["cfg"]["task"]["location_bin_size"] == 2
     model_cfg = Kosmos2ModelConfig(**{k: v for k, v in state["cfg"]["model"].items() if k != "_name"})
     model = Kosmos2Model(model_cfg, vocab_size=cfg.decoder.vocab_size, pad_idx=1)  # what fairseq builds
     model.load_state_dict(state["model"], strict=True)
@@ -117,6 +126,37 @@ def test_release_cli_writes_a_loadable_checkpoint(tiny, tmp_path, monkeypatch):
     loaded, loaded_cfg = C.load_our_checkpoint(str(tmp_path / "ours.pt"))
     same_tensors(loaded, net.state_dict())
     assert loaded_cfg == cfg
+
+
+def test_vocab_rows_message_names_both_sizes_the_file_and_the_fitting_grid():
+    from unilm_vl.models.kosmos2 import VocabularyMismatchError, check_vocab_rows
+
+    check_vocab_rows(100, 100, "d.txt", 2)  # equal: nothing to say
+    # dictionary 88 = 72 (4 specials + 68 lines) + <mask> + 11 tags + 2 x 2 patch tokens; 100 = 72 + 12 + 4 x 4
+    with pytest.raises(VocabularyMismatchError) as err:
+        check_vocab_rows(100, 88, "d.txt", 2, "x.pt")
+    assert str(err.value) == (
+        "x.pt has 100 token embeddings but the kosmos2 dictionary has 88 symbols (d.txt: 72, + <mask>, 11 tags and "
+        "4 patch tokens of --location-bin-size 2); 100 is what --location-bin-size 4 gives with this dict.txt: pass "
+        "the dict.txt and --location-bin-size it was made with")
+    with pytest.raises(VocabularyMismatchError) as err:  # 99 - 72 - 12 = 15 cells: no square grid fits
+        check_vocab_rows(99, 88, "d.txt", 2, "x.pt")
+    assert "gives with this dict.txt" not in str(err.value) and "has 99 token embeddings" in str(err.value)
+
+
+def test_release_cli_refuses_a_vocabulary_that_is_not_the_dictionary(tiny, tmp_path, monkeypatch, capsys):
+    net, cfg = tiny
+    release = tmp_path / "kosmos-2.pt"
+    torch.save({"model": C.to_release_state_dict(net.state_dict(), cfg)}, release)
+    monkeypatch.setattr(C, "kosmos2_xl_config", lambda: copy.deepcopy(cfg))
+    dict_path = write_dict(tmp_path / "dict.txt", 79)  # 83 + 12 + 4 = 99 symbols for a 100-row model
+    assert C.main(["kosmos2", "--from-release", str(release), "--out", str(tmp_path / "ours.pt"),
+                   "--dict-path", dict_path, "--location-bin-size", "2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {release} has 100 token embeddings but the kosmos2 dictionary has 99 symbols "
+                      f"({dict_path}: 83, + <mask>, 11 tags and 4 patch tokens of --location-bin-size 2): pass the "
+                      "dict.txt and --location-bin-size it was made with"]
+    assert not (tmp_path / "ours.pt").exists()
 
 
 def test_hf_config_rejects_what_hf_cannot_express():
@@ -220,6 +260,20 @@ def test_hf_round_trip_is_exact(tiny, hf_dir):
     same_tensors(ours, net.state_dict())
     assert back_cfg.vision == cfg.vision and back_cfg.decoder == cfg.decoder
     assert back_cfg.connector == cfg.connector
+
+
+def test_from_hf_cli_checks_the_vocabulary(hf_dir, tmp_path, capsys):
+    """The HF model has 100 token embeddings: 68 dict.txt lines fit a 4 x 4 grid, not the 2 x 2 one asked for."""
+    dict_path = write_dict(tmp_path / "dict.txt", 68)
+    argv = ["kosmos2", "--from-hf", str(hf_dir), "--out", str(tmp_path / "back.pt"), "--dict-path", dict_path]
+    assert C.main(argv + ["--location-bin-size", "2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {hf_dir} has 100 token embeddings but the kosmos2 "
+                                                     f"dictionary has 88 symbols ({dict_path}: 72,")
+    assert "100 is what --location-bin-size 4 gives with this dict.txt" in errors[0]
+    assert not (tmp_path / "back.pt").exists()
+    assert C.main(argv + ["--location-bin-size", "4"]) == 0
+    assert torch.load(tmp_path / "back.pt", weights_only=True)["cfg"]["task"]["location_bin_size"] == 4
 
 
 def test_from_hf_cli(tiny, hf_dir, tmp_path):

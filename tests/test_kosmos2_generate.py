@@ -529,3 +529,59 @@ def test_no_repeat_ngram_generation_equals_hf(vocab, tmp_path):
     former[mask] = d.index("<image>")
     before = generate(net, former, image, mask, search, pad_idx=d.pad(), eos_idx=d.eos())[0][0].tokens.tolist()
     assert before[0] == 6 and before[:steps] != hf_new
+
+
+# ---- vocabulary checks and safe loading of our own checkpoints ---------------------------------------------------
+
+
+def _tiny_args():
+    args = Namespace(latent_query_num=L)
+    ARCH_CONFIG_REGISTRY["kosmos2_tiny"](args)
+    return args
+
+
+def test_model_load_refuses_another_vocabulary_with_both_sizes(tiny, vocab):
+    """fairseq's load path (model.load_state_dict) stops with one line naming both sizes and the dict.txt, not
+    torch's size-mismatch report."""
+    from unilm_vl.models.kosmos2 import VocabularyMismatchError
+
+    task, _ = tiny
+    model = Kosmos2Model.build_model(Kosmos2ModelConfig(**vars(_tiny_args())), task)
+    state = model.state_dict()
+    rows = len(task.dictionary)
+    for key in ("net.decoder.embed_tokens.weight", "net.decoder.output_projection.weight"):
+        state[key] = torch.zeros(rows + 3, state[key].shape[1])
+    with pytest.raises(VocabularyMismatchError) as err:
+        model.load_state_dict(state)
+    assert str(err.value).startswith(f"the checkpoint has {rows + 3} token embeddings but the kosmos2 dictionary "
+                                     f"has {rows} symbols ({vocab / 'dict.txt'}: {rows - 12 - 16},")
+    assert "--location-bin-size 4" in str(err.value)
+
+
+def test_fairseq_train_checkpoint_loads_without_running_code(checkpoint):
+    """What fairseq-train saves for our models is all weights-only loadable: no global beyond torch's defaults."""
+    from unilm_vl.checkpoint import load_checkpoint_file, load_fairseq_checkpoint
+
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(checkpoint.ckpt)) == []
+    state = load_checkpoint_file(str(checkpoint.ckpt))
+    trusted = torch.load(checkpoint.ckpt, map_location="cpu", weights_only=False)
+    assert state["model"].keys() == trusted["model"].keys()
+    assert all(torch.equal(state["model"][k], trusted["model"][k]) for k in state["model"])
+    prepared = load_fairseq_checkpoint(str(checkpoint.ckpt), {"vision_pretrained": None})
+    assert prepared["cfg"].task._name == "kosmos2" and prepared["cfg"].model.vision_pretrained is None
+
+
+def test_infer_names_the_checkpoint_when_its_vocabulary_is_not_the_dictionary(checkpoint, tmp_path):
+    from unilm_vl import kosmos2_infer
+    from unilm_vl.models.kosmos2 import VocabularyMismatchError
+
+    dict_path = checkpoint.vocab_args[3]
+    lines = open(dict_path).read()
+    bigger = tmp_path / "dict.txt"
+    bigger.write_text(lines + "extra_a 1\nextra_b 1\n")
+    rows = 4 + len(lines.splitlines()) + 12 + 16 * 16  # the training dictionary, --location-bin-size 16
+    with pytest.raises(VocabularyMismatchError) as err:
+        kosmos2_infer.main(["--checkpoint", str(checkpoint.ckpt), "--input", str(checkpoint.prompts), "--cpu",
+                            "--dict-path", str(bigger)])
+    assert str(err.value).startswith(f"{checkpoint.ckpt}: the checkpoint has {rows} token embeddings but the "
+                                     f"kosmos2 dictionary has {rows + 2} symbols ({bigger}: ")

@@ -5,6 +5,12 @@ transformers' ``Kosmos2ForConditionalGeneration`` (reference notes kosmos2.md se
     python -m unilm_vl.convert kosmos2 --to-hf --checkpoint OURS.pt --out HF_DIR
     python -m unilm_vl.convert kosmos2 --from-hf HF_DIR --out OURS.pt [--spm-model M --dict-path D]
 
+With ``--dict-path`` the written checkpoint's vocabulary must be that ``dict.txt`` plus the grounding tokens of
+``--location-bin-size`` (default 32, the release's): a model with another number of token embeddings is refused
+(:func:`unilm_vl.models.kosmos2.check_vocab_rows`) instead of failing later inside torch's ``load_state_dict``.
+Input files are read without running code from them (:func:`unilm_vl.checkpoint.load_checkpoint_file`); any
+refused or unconvertible input stops the command with one ``error:`` line and exit code 2.
+
 Three key layouts of the same weights (``{i}`` = layer index, ``=`` = the same name as ours under the prefix)::
 
     ours (Kosmos2Module)               released kosmos-2.pt             HF Kosmos2ForConditionalGeneration
@@ -54,6 +60,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .checkpoint import load_checkpoint_file
+from .data.grounding import DEFAULT_NUM_BINS, build_kosmos2_dictionary
 from .modules.kosmos2 import (Kosmos2Config, Kosmos2ConnectorConfig, Kosmos2DecoderConfig, Kosmos2VisionConfig,
                               kosmos2_xl_config)
 
@@ -511,7 +519,7 @@ def read_hf_dir(hf_dir: str) -> Tuple[Dict[str, Any], StateDict]:
         return config, state
     binary = os.path.join(hf_dir, "pytorch_model.bin")
     if os.path.isfile(binary):
-        return config, torch.load(binary, map_location="cpu", weights_only=True)
+        return config, load_checkpoint_file(binary)
     raise FileNotFoundError(f"no model.safetensors, safetensors index or pytorch_model.bin in {hf_dir}")
 
 
@@ -585,7 +593,9 @@ def _plain(obj):
 
 def load_our_checkpoint(path: str) -> Tuple[StateDict, Kosmos2Config]:
     """(Kosmos2Module state dict, config) of a unilm_vl ``kosmos2`` fairseq checkpoint."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(path)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ConversionError(f"{path} is not a fairseq checkpoint (no 'model' state dict)")
     model_state = state["model"]
     stray = [k for k in model_state if not k.startswith("net.")]
     if stray:
@@ -604,9 +614,12 @@ def load_our_checkpoint(path: str) -> Tuple[StateDict, Kosmos2Config]:
 
 
 def our_checkpoint_state(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, spm_model: Optional[str] = None,
-                         dict_path: Optional[str] = None) -> Dict[str, Any]:
-    """A fairseq checkpoint dict of the ``kosmos2`` model (``--task kosmos2``; ``spm_model``/``dict_path`` go into
-    the task config, which needs them to load) holding ``state``, with no optimizer state."""
+                         dict_path: Optional[str] = None, location_bin_size: int = DEFAULT_NUM_BINS,
+                         what: str = "the converted model") -> Dict[str, Any]:
+    """A fairseq checkpoint dict of the ``kosmos2`` model (``--task kosmos2``; ``spm_model``/``dict_path``/
+    ``location_bin_size`` go into the task config, which needs them to load) holding ``state``, with no optimizer
+    state. With ``dict_path``, the token embedding must have one row per symbol of that vocabulary (else
+    :class:`ConversionError` naming ``what``, both sizes and the file)."""
     from fairseq.dataclass.configs import FairseqConfig
     from omegaconf import OmegaConf
 
@@ -614,9 +627,11 @@ def our_checkpoint_state(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, 
     from .tasks.kosmos2 import Kosmos2Config as Kosmos2TaskConfig
 
     check_state_dict(state, cfg, "our state dict")
+    if dict_path is not None:
+        check_vocabulary(cfg.decoder.vocab_size, dict_path, location_bin_size, what)
     model_cfg = Kosmos2ModelConfig(**fairseq_model_cfg(cfg))
     model_cfg._name = "kosmos2"
-    task_cfg = Kosmos2TaskConfig(spm_model=spm_model, dict_path=dict_path,
+    task_cfg = Kosmos2TaskConfig(spm_model=spm_model, dict_path=dict_path, location_bin_size=location_bin_size,
                                  image_token_length=cfg.connector.latent_query_num)
     task_cfg._name = "kosmos2"
     root = OmegaConf.structured(FairseqConfig())
@@ -631,16 +646,32 @@ def our_checkpoint_state(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, 
 
 
 def save_our_checkpoint(path: str, state: Mapping[str, torch.Tensor], cfg: Kosmos2Config,
-                        spm_model: Optional[str] = None, dict_path: Optional[str] = None) -> None:
+                        spm_model: Optional[str] = None, dict_path: Optional[str] = None,
+                        location_bin_size: int = DEFAULT_NUM_BINS, what: str = "the converted model") -> None:
+    checkpoint = our_checkpoint_state(state, cfg, spm_model, dict_path, location_bin_size, what)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(our_checkpoint_state(state, cfg, spm_model, dict_path), path)
+    torch.save(checkpoint, path)
+
+
+def check_vocabulary(vocab_size: int, dict_path: str, location_bin_size: int, what: str) -> None:
+    """Raise :class:`ConversionError` unless ``vocab_size`` token embeddings are the kosmos2 dictionary of
+    ``dict_path`` and ``location_bin_size`` (message of :func:`unilm_vl.models.kosmos2.check_vocab_rows`)."""
+    from .models.kosmos2 import VocabularyMismatchError, check_vocab_rows
+
+    dictionary_size = len(build_kosmos2_dictionary(dict_path, location_bin_size))
+    try:
+        check_vocab_rows(vocab_size, dictionary_size, dict_path, location_bin_size, what)
+    except VocabularyMismatchError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 def load_release(path: str, cfg: Optional[Kosmos2Config] = None) -> Tuple[StateDict, Kosmos2Config]:
     """(our state dict, config) of the released ``kosmos-2.pt`` (``state["model"]``, or a bare state dict)."""
     cfg = cfg or kosmos2_xl_config()
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(path)
     release = state["model"] if isinstance(state, dict) and "model" in state else state
+    if not isinstance(release, dict):
+        raise ConversionError(f"{path} holds a {type(release).__name__}, not a state dict")
     return from_release_state_dict(release, cfg), cfg
 
 
@@ -661,7 +692,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--spm-model", default=None,
                    help="sentencepiece model recorded in the written checkpoint's task config (needed to load it)")
     k.add_argument("--dict-path", default=None,
-                   help="fairseq dict.txt recorded in the written checkpoint's task config (needed to load it)")
+                   help="fairseq dict.txt recorded in the written checkpoint's task config (needed to load it); "
+                        "the model's vocabulary size is checked against it")
+    k.add_argument("--location-bin-size", type=int, default=DEFAULT_NUM_BINS,
+                   help="P of the P x P box grid recorded in the written checkpoint's task config (the released "
+                        "model: 32); with --dict-path, the vocabulary must be dict.txt + <mask> + 11 tags + P*P")
     k.add_argument("--vision-model", default=None,
                    help="open_clip name for the vision tower with --from-hf (default: the first registry config "
                         "with the HF geometry)")
@@ -669,22 +704,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """CLI entry point. Exit codes: 0 written, 2 bad arguments or inputs (one ``error:`` line on stderr)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    try:
+        convert_kosmos2(args)
+    except (ValueError, FileNotFoundError) as exc:  # ConversionError and refused checkpoints are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def convert_kosmos2(args: argparse.Namespace) -> None:
     if args.to_hf:
         if not args.checkpoint:
-            raise SystemExit("--to-hf needs --checkpoint OURS.pt")
+            raise ValueError("--to-hf needs --checkpoint OURS.pt")
         state, cfg = load_our_checkpoint(args.checkpoint)
         save_hf(state, cfg, args.out)
         logger.info("wrote HF Kosmos2ForConditionalGeneration to %s", args.out)
-        return 0
+        return
+    source = args.from_hf or args.from_release
     if args.from_hf:
         state, cfg = load_hf(args.from_hf, args.vision_model)
     else:
         state, cfg = load_release(args.from_release)
-    save_our_checkpoint(args.out, state, cfg, args.spm_model, args.dict_path)
+    if args.dict_path is None:
+        logger.warning("no --dict-path: the vocabulary size (%d) is not checked and the written checkpoint needs "
+                       "--dict-path and --spm-model when it is loaded", cfg.decoder.vocab_size)
+    save_our_checkpoint(args.out, state, cfg, args.spm_model, args.dict_path, args.location_bin_size, what=source)
     logger.info("wrote %s (%d tensors, vision tower %s)", args.out, len(state), cfg.vision.model_name)
-    return 0
 
 
 if __name__ == "__main__":

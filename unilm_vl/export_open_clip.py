@@ -6,17 +6,21 @@ The output loads with ``open_clip.create_model(NAME).load_state_dict(torch.load(
 checkpoint (``--lora-rank > 0``), gives the LoRA model's outputs (the ``lora_*`` tensors are folded into their base
 weights with the checkpoint's ``--lora-alpha``, see :func:`unilm_vl.modules.lora.merge_lora_state_dict`). It is
 also what ``--pretrained`` takes, which is how the ``negclip`` / ``fsc_clip`` recipes fine-tune the ``clip``
-recipe's checkpoint.
+recipe's checkpoint. The checkpoint is read without running code from it
+(:func:`unilm_vl.checkpoint.load_checkpoint_file`); a refused or unusable file stops with one ``error:`` line and
+exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import sys
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
+from .checkpoint import load_checkpoint_file
 from .modules.lora import is_lora_state_dict, merge_lora_state_dict
 
 logger = logging.getLogger(__name__)
@@ -26,9 +30,8 @@ TOWERS_PREFIX = "towers.clip."
 
 
 def read_fairseq_checkpoint(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """A fairseq checkpoint dict, read without running code from the file; raises naming ``path``."""
+    state = load_checkpoint_file(path)
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' entry)")
     return state
@@ -73,14 +76,20 @@ def export(checkpoint: str, out: str) -> Tuple[str, Optional[str]]:
     return out, name
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """CLI entry point. Exit codes: 0 written, 2 bad arguments or inputs (one ``error:`` line on stderr)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="fairseq checkpoint of a clip model (LoRA or not)")
     parser.add_argument("--out", required=True, help="output .pt: a plain open_clip state dict")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
-    export(args.checkpoint, args.out)
+    try:
+        export(args.checkpoint, args.out)
+    except (ValueError, FileNotFoundError) as exc:  # refused checkpoints are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

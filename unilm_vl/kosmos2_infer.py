@@ -16,6 +16,10 @@ same as json lines, ``--draw`` a PNG per input with the boxes and phrases on the
 
 Boxes are normalised to the model's view of the image: the whole image with the default ``--image-view squash``
 (as the released demo), the central square with ``crop`` (the training view); :func:`view_box_to_pixels` maps them.
+
+The checkpoint is read without running code from it (:mod:`unilm_vl.checkpoint`). Bad input (a prompt file line,
+a missing image, a checkpoint that is refused or whose vocabulary is not the dictionary's) stops with one
+``error:`` line and exit code 2.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from unilm_vl.data.decode import load_image
 from unilm_vl.data.grounding import parse_grounded_text
 from unilm_vl.eval.common import load_checkpoint
 from unilm_vl.logging_utils import setup_cli_logging
+from unilm_vl.models.kosmos2 import VocabularyMismatchError
 from unilm_vl.modules.generation import SearchConfig
 from unilm_vl.tasks.kosmos2 import Kosmos2Generator, parse_prompt_line, read_prompt_file
 
@@ -145,7 +150,10 @@ class Kosmos2Inference:
         if args.dict_path:
             overrides["dict_path"] = args.dict_path
         self.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-        self.model, self.task, _ = load_checkpoint(args.checkpoint, str(self.device), overrides)
+        try:
+            self.model, self.task, _ = load_checkpoint(args.checkpoint, str(self.device), overrides)
+        except VocabularyMismatchError as exc:
+            raise VocabularyMismatchError(f"{args.checkpoint}: {exc}") from None
         if args.fp16:
             self.model.half()
         self.task.cfg.gen_image_view = args.image_view
@@ -250,4 +258,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (ValueError, FileNotFoundError) as exc:
-        sys.exit(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -11,17 +11,21 @@ checkpoint (``--lora-rank > 0``) only the ``lora_*`` tensors are interpolated, t
 the base weights were frozen and are kept, ``--pretrained`` is not needed, and since both A and B are scaled the
 merged delta scales by ``alpha^2``; ``alpha = 0`` zeroes every delta (the pretrained weights), ``alpha = 1`` keeps
 the fine-tuned model. The output is the fine-tuned checkpoint with the interpolated weights, without optimiser state
-and with ``--pretrained`` cleared (the weights are all in the file), so every eval command loads it.
+and with ``--pretrained`` cleared (the weights are all in the file), so every eval command loads it. Both inputs
+are read without running code from them (:func:`unilm_vl.checkpoint.load_checkpoint_file`); a refused or unusable
+file stops with one ``error:`` line and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import sys
 from typing import Dict, Mapping, Optional
 
 import torch
 
+from .checkpoint import load_checkpoint_file
 from .export_open_clip import TOWERS_PREFIX, read_fairseq_checkpoint
 from .modules.lora import is_lora_state_dict, scale_lora_state_dict
 
@@ -33,7 +37,7 @@ def load_pretrained_model_state(path: str) -> Dict[str, torch.Tensor]:
     (bare, under ``state_dict``, with or without DDP's ``module.`` prefix)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained weights not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(path)
     if isinstance(state, dict) and "model" in state and "cfg" in state:
         return dict(state["model"])
     if isinstance(state, dict) and "state_dict" in state:
@@ -88,7 +92,8 @@ def wise_ft(finetuned: str, pretrained: Optional[str], alpha: float, out: str) -
     return out
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """CLI entry point. Exit codes: 0 written, 2 bad arguments or inputs (one ``error:`` line on stderr)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--finetuned", required=True, help="fine-tuned fairseq checkpoint of a clip model")
     parser.add_argument("--pretrained", default=None, help="its starting point: a fairseq clip checkpoint or an "
@@ -97,8 +102,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="output fairseq checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
-    wise_ft(args.finetuned, args.pretrained, args.alpha, args.out)
+    try:
+        wise_ft(args.finetuned, args.pretrained, args.alpha, args.out)
+    except (ValueError, FileNotFoundError) as exc:  # refused checkpoints are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -98,15 +98,16 @@ class FairseqContrastiveEncoder:
 
 
 def load_checkpoint(checkpoint: str, device: str = "cpu", arg_overrides: Optional[dict] = None):
-    """(model, task, cfg) from a unilm_vl fairseq checkpoint; a missing file raises naming the path."""
-    import os
-
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    """(model, task, cfg) from a unilm_vl fairseq checkpoint; a missing file raises naming the path. The file is
+    read without running code from it (:func:`unilm_vl.checkpoint.load_fairseq_checkpoint`)."""
     import unilm_vl  # noqa: F401  (registers tasks, models and criteria before fairseq reads the checkpoint)
     from fairseq import checkpoint_utils
 
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides=arg_overrides)
+    from unilm_vl.checkpoint import load_fairseq_checkpoint
+
+    state = load_fairseq_checkpoint(checkpoint, arg_overrides)
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides=arg_overrides,
+                                                                      state=state)
     return models[0].to(device).eval(), task, cfg
 
 

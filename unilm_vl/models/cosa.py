@@ -31,6 +31,7 @@ import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
 
+from ..checkpoint import load_checkpoint_file
 from ..criterions.clip import data_parallel_rank_world
 from ..modules.cosa import (CosaBertConfig, CosaConfig, CosaModule, CosaVisionConfig, PassContext, causal_mask,
                             concatenate_samples, draw_partners, gather_batch, paragraph_length, parse_cosa_tasks,
@@ -318,7 +319,7 @@ class CosaModel(BaseFairseqModel):
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--pretrained-cosa not found: {path} (only local files are supported)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint_file(path)  # runs no code from the file
         converted = convert_release_state(state, self.net)
         missing, unexpected = self.net.load_state_dict(converted, strict=False)
         if unexpected or missing:

@@ -4,19 +4,23 @@ sub-LN decoder; reference notes kosmos2.md section 1).
 
 Input: ``src_tokens`` B x T, ``image`` B_img x 3 x S x S (one per row that holds image slots), ``image_mask`` B x T
 (the ``kosmos2`` task's batch). Output: ``{"lm_logits": B x T x V}``. The vocabulary size comes from the task's
-dictionary. The image tower is frozen (no gradient, eval mode) unless ``--train-vision`` is given; the released
-script's flag for this had no effect.
+dictionary; loading a checkpoint whose token embedding has another number of rows raises
+:class:`VocabularyMismatchError` naming both numbers and the ``dict.txt`` (:func:`check_vocab_rows`). The image
+tower is frozen (no gradient, eval mode) unless ``--train-vision`` is given; the released script's flag for this had
+no effect.
 
 Archs: ``kosmos2_tiny`` (CPU: open_clip ``unilm-vl-clip-tiny`` tower at 64 px, 16 queries, 2 x 128 decoder),
 ``kosmos2_base`` (ViT-B/16, 64 queries, 12 x 768), ``kosmos2_xl`` (the released 1.6B shape: ViT-L/14 at 224 with
 QuickGELU, 64 queries, 24 x 2048 sub-LN decoder, 32 heads, FFN 8192).
 """
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
 
+from ..data.grounding import kosmos2_added_symbols
 from ..modules.clip import tower_norm
 from ..modules.kosmos2 import (Kosmos2Config, Kosmos2ConnectorConfig, Kosmos2DecoderConfig, Kosmos2Module,
                                Kosmos2VisionConfig)
@@ -59,6 +63,34 @@ class Kosmos2ModelConfig(FairseqDataclass):
         "help": "recompute decoder layers in the backward pass to save memory"})
 
 
+class VocabularyMismatchError(ValueError):
+    """A checkpoint's token embedding does not have one row per symbol of the task's dictionary."""
+
+
+def check_vocab_rows(rows: int, vocab_size: int, dict_path: Optional[str], num_bins: Optional[int],
+                     what: str = "the checkpoint") -> None:
+    """Raise :class:`VocabularyMismatchError` unless ``rows`` (token embeddings of ``what``) equals ``vocab_size``,
+    the kosmos2 dictionary built from ``dict_path`` plus ``<mask>``, the 11 tags and ``num_bins * num_bins``
+    patch tokens. The message names both numbers and the file, and the ``--location-bin-size`` that ``rows``
+    would fit with this ``dict.txt`` when there is one."""
+    if rows == vocab_size:
+        return
+    if dict_path is None or num_bins is None:
+        raise VocabularyMismatchError(f"{what} has {rows} token embeddings but the task's dictionary has "
+                                      f"{vocab_size} symbols")
+    added = len(kosmos2_added_symbols(num_bins))
+    base = vocab_size - added  # fairseq's 4 specials + the lines of dict.txt
+    hint = ""
+    cells = rows - base - (added - num_bins * num_bins)
+    side = math.isqrt(cells) if cells > 0 else 0
+    if side > 0 and side * side == cells:
+        hint = f"; {rows} is what --location-bin-size {side} gives with this dict.txt"
+    raise VocabularyMismatchError(
+        f"{what} has {rows} token embeddings but the kosmos2 dictionary has {vocab_size} symbols ({dict_path}: "
+        f"{base}, + <mask>, {added - num_bins * num_bins - 1} tags and {num_bins * num_bins} patch tokens of "
+        f"--location-bin-size {num_bins}){hint}: pass the dict.txt and --location-bin-size it was made with")
+
+
 @register_model("kosmos2", dataclass=Kosmos2ModelConfig)
 class Kosmos2Model(BaseFairseqModel):
     def __init__(self, cfg: Kosmos2ModelConfig, vocab_size: int, pad_idx: int):
@@ -80,13 +112,29 @@ class Kosmos2Model(BaseFairseqModel):
                 max_positions=cfg.max_target_positions, checkpoint_activations=cfg.checkpoint_activations),
             freeze_vision=not cfg.train_vision))
         self.image_mean, self.image_std = tower_norm(self.net.vision)
+        self.vocab_size = vocab_size
+        self.dict_path: Optional[str] = None
+        self.location_bin_size: Optional[int] = None
+        """Where the vocabulary came from (the task's ``--dict-path`` and ``--location-bin-size``), for errors."""
 
     @classmethod
     def build_model(cls, cfg: Kosmos2ModelConfig, task):
         dictionary = task.target_dictionary
         if dictionary is None:
             raise ValueError("the kosmos2 model needs a task with a dictionary (--task kosmos2)")
-        return cls(cfg, len(dictionary), dictionary.pad())
+        model = cls(cfg, len(dictionary), dictionary.pad())
+        task_cfg = getattr(task, "cfg", None)
+        model.dict_path = getattr(task_cfg, "dict_path", None)
+        model.location_bin_size = getattr(task_cfg, "location_bin_size", None)
+        return model
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's load, after checking that the checkpoint's vocabulary is the task's (torch would stop with a
+        size-mismatch traceback over two tensors)."""
+        embed = state_dict.get("net.decoder.embed_tokens.weight")
+        if embed is not None:
+            check_vocab_rows(int(embed.shape[0]), self.vocab_size, self.dict_path, self.location_bin_size)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     @property
     def image_size(self) -> int:

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import load_checkpoint_file
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -247,7 +249,7 @@ def read_hf_bert_state(path: str) -> Dict[str, torch.Tensor]:
 
         state = load_file(safetensors_file)
     elif os.path.isfile(bin_file):
-        state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        state = load_checkpoint_file(bin_file)  # runs no code from the file
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
     renamed = {}

@@ -1,0 +1,98 @@
+"""Reading the checkpoint files that users hand to our tools, without running code from them.
+
+``torch.load(path, weights_only=False)`` unpickles whatever the file holds, and unpickling may call any function
+the file names: a crafted ``.pt`` runs code as it loads. Every tool of this package reads a user-supplied
+``.pt``/``.bin`` through :func:`load_checkpoint_file` (``python -m unilm_vl.convert``, ``export_open_clip``,
+``wise_ft``, ``kosmos2_infer`` and the ``eval`` modules through :func:`load_fairseq_checkpoint`, the COSA release
+weights and HF BERT ``pytorch_model.bin``). It uses torch's restricted unpickler (``weights_only=True``), which
+builds tensors, numbers, strings, lists, tuples, dicts and OrderedDicts, plus the classes of :data:`SAFE_GLOBALS`,
+and nothing else. A file that needs another global is refused with :class:`UnsafeCheckpointError`, naming the file
+and the globals, before anything in it has run.
+
+What our own checkpoints hold (tests/test_checkpoint.py loads one written by ``fairseq-train``): fairseq 0.12's
+trainer stores ``cfg`` as a plain dict (``OmegaConf.to_container``) and ``args`` as None, its metrics as
+OrderedDicts of numbers, our iterator's position as a dict of ints; ``convert`` and ``wise_ft`` write the same
+kinds. fairseq before 0.10 (and checkpoints released with it) stored ``args`` as an ``argparse.Namespace``, which
+is allowed: rebuilding one only sets attributes.
+
+``fairseq-train --restore-file`` and ``fairseq-generate --path`` read checkpoints with fairseq's own
+``torch.load(f)``, which is restricted too since torch 2.6 made ``weights_only=True`` the default (the pinned
+torch is newer); a refused file then stops with torch's message instead of our one-line error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import zipfile
+from typing import Any, Dict, List, Optional
+
+import torch
+
+SAFE_GLOBALS = (argparse.Namespace,)
+"""Classes allowed on top of torch's weights-only defaults: fairseq's legacy ``state["args"]``."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that names globals the weights-only unpickler does not build (it could run code)."""
+
+
+def _unsafe_globals(path: str, message: str) -> List[str]:
+    """Every global of ``path`` that is not allowed (zip checkpoints: all of them; legacy files: the first one,
+    from torch's ``message``)."""
+    if zipfile.is_zipfile(path):
+        try:
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            if found:
+                return list(found)
+        except Exception:  # only the complete list is lost: torch's message below names the first global
+            pass
+    return re.findall(r"Unsupported global: GLOBAL (\S+)", message)
+
+
+def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of a user-supplied file that runs no code from it (see the module docstring).
+
+    Raises ``FileNotFoundError`` naming a missing ``path``, :class:`UnsafeCheckpointError` (a ``ValueError``)
+    naming the file and the globals it would need, and ``ValueError`` for a file torch cannot read at all."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        names = _unsafe_globals(path, str(exc))
+        if names:
+            raise UnsafeCheckpointError(
+                f"{path}: refused: it needs the global(s) {', '.join(names)}, which loading without running code "
+                "(torch.load weights_only=True) does not build; checkpoints written by unilm_vl or fairseq-train "
+                "never need them") from None
+        reason = re.search(r"WeightsUnpickler error: (.*)", str(exc))
+        raise ValueError(f"{path}: not a readable torch checkpoint: "
+                         f"{reason.group(1) if reason else type(exc).__name__}") from exc
+    except Exception as exc:  # a truncated or foreign file fails in many ways; each is reported, chained
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def load_fairseq_checkpoint(path: str, arg_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """A fairseq checkpoint read by :func:`load_checkpoint_file` and prepared as fairseq's
+    ``checkpoint_utils.load_checkpoint_to_cpu`` prepares it (``cfg`` as an OmegaConf config with ``arg_overrides``
+    applied, old layouts upgraded), for ``load_model_ensemble_and_task([path], state=...)``."""
+    from fairseq import checkpoint_utils
+    from fairseq.dataclass.utils import overwrite_args_by_name
+    from omegaconf import OmegaConf
+
+    state = load_checkpoint_file(path)
+    if not isinstance(state, dict) or not ("cfg" in state or "args" in state) or "model" not in state:
+        raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' and 'cfg' or 'args' entries)")
+    if state.get("args") is not None and arg_overrides:
+        for name, value in arg_overrides.items():
+            setattr(state["args"], name, value)
+    if state.get("cfg") is not None:
+        state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
+        if arg_overrides:
+            overwrite_args_by_name(state["cfg"], arg_overrides)
+    # fairseq's own upgrade of old checkpoint layouts (the last step of load_checkpoint_to_cpu)
+    return checkpoint_utils._upgrade_state_dict(state)
