@@ -32,6 +32,9 @@ class BadSample(Exception):
         super().__init__(f"{reason} ({source}, field {field!r})")
         self.reason, self.source, self.field = reason, source, field
 
+    def __reduce__(self):  # keep reason, source and field when a loader worker sends it to the main process
+        return type(self), (self.reason, self.source, self.field)
+
 
 class TooManyBadSamples(RuntimeError):
     pass
@@ -83,11 +86,12 @@ def load_image(path: str) -> Image.Image:
 
 
 class BadSampleCounter:
-    """Counts good and bad samples of one stream; see the module docstring."""
+    """Counts good and bad samples of one stream; see the module docstring. ``quiet`` counts without logging (a
+    look-ahead such as the iterator's first batch, whose skips the real stream logs again)."""
 
     def __init__(self, name: str = "data", log_every: int = 100, max_bad_fraction: float = 0.1,
-                 min_samples: int = 100):
-        self.name, self.log_every = name, log_every
+                 min_samples: int = 100, quiet: bool = False):
+        self.name, self.log_every, self.quiet = name, log_every, quiet
         self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
         self.good = 0
         self.bad = 0
@@ -101,7 +105,7 @@ class BadSampleCounter:
         self.bad += 1
         self.reasons[exc.reason.split(":")[0]] += 1
         self.last = exc
-        if self.bad == 1 or self.bad % self.log_every == 0:
+        if not self.quiet and (self.bad == 1 or self.bad % self.log_every == 0):
             logger.warning("%s: skipped %d bad samples of %d seen (%s); last: %s", self.name, self.bad,
                            self.seen, dict(self.reasons), exc)
         self.check()
@@ -119,3 +123,8 @@ class BadSampleCounter:
 
     def state(self) -> dict:
         return {"good": self.good, "bad": self.bad, "reasons": dict(self.reasons)}
+
+    def load_state(self, state: dict) -> None:
+        """Continue the counts of :meth:`state` (a resumed epoch keeps its bad fraction)."""
+        self.good, self.bad = int(state.get("good", 0)), int(state.get("bad", 0))
+        self.reasons = Counter(state.get("reasons", {}))

@@ -1,23 +1,35 @@
 """The one data pipeline every task uses, as small picklable stages.
 
-Flow for one *slot* (a rank x loader-worker pair; ``slot = rank * W + worker``)::
+Flow for one rank (``--num-workers`` loader processes only decode; the batches do not depend on their number)::
 
-    shards --(per-pass seeded shard order)--> split by slot (whole shards, or every n-th sample)
+    shards --(per-pass seeded shard order)--> split by rank (whole shards, or every n-th sample)
            --> read raw records (tsv line / tar member group / annotation entry)        [cheap, replayable]
-           --> per-pass shuffle buffer (seeded by seed, epoch, pass, slot, source)
+           --> per-pass shuffle buffer (seeded by seed, epoch, pass, rank, source)
            --> weighted mix of sources (seeded)                                         = the *record stream*
-           --> decode --> stages (transform, tokenise, ...) --> batch(B) --> collate
-                 \\--> BadSample: skipped, counted by one BadSampleCounter, logged every N
+           --> chunks of B records --> decode + stages (transform, tokenise, ...)      [loader workers, in order]
+           --> the next B good samples, in stream order --> collate                     = batch i
+                 \\--> BadSample: skipped, counted by the rank's one BadSampleCounter, logged every N
 
-Training streams are infinite (passes repeat with fresh shard orders) and cut to a fixed number of batches per
-epoch, so every rank yields the same count and DDP never waits on a rank that ran dry. Validation streams are a
-single pass, padded with empty batches (fairseq's dummy batches) to the same count on every rank.
+The main process reads the record stream and assembles the batches; loader workers decode chunks of records and
+return the samples (or the :class:`~unilm_vl.data.decode.BadSample` of each bad record) in order. Batch ``i`` is
+therefore the same sequence of good samples whatever the number of workers, and one counter sees every bad sample
+of the rank.
 
-Resume: each batch carries how many records its worker has pulled from the record stream. The position of an
-epoch is (batch index, records consumed per worker). Rebuilding the stream and discarding that many records
-replays shuffle and mixing exactly without decoding an image, so training continues with the next unseen sample.
-Per-sample randomness (augmentations) is seeded from (seed, epoch, shard, position in shard): it replays on resume
-and is the same whatever the number of ranks and workers.
+Epoch contents: training streams are infinite (passes repeat with fresh shard orders and shuffles) and cut to a
+fixed number of batches per epoch, the same on every rank, so DDP never waits on a rank that ran dry. That length
+is counted in raw records, bad ones included (which records are bad is known only after decoding). A rank's epoch
+therefore holds every good sample of its first pass once, in the pass's shuffled order, and then repeats samples of
+the next pass only to fill the fixed length: with ``n`` bad records a single-source epoch repeats ``n`` good samples
+(plus the padding of its last batch). With several ranks this holds per rank when each rank's share of the records
+fits its ``num_batches x B`` samples (always with ``--split-by sample``; with whole-shard splits when the shards
+divide evenly); a weighted mixture draws sources by weight, not pass by pass. Validation streams are a single pass,
+padded with empty batches (fairseq's dummy batches) to the same count on every rank.
+
+Resume: the position of an epoch is (batch index, records of the rank's stream consumed). Rebuilding the stream and
+discarding that many records replays shuffle and mixing exactly without decoding an image, so training continues
+with the next unseen sample, with any number of loader workers. Per-sample randomness (augmentations) is seeded from
+(seed, epoch, shard, position in shard): it replays on resume and is the same whatever the number of ranks and
+workers.
 """
 from __future__ import annotations
 
@@ -26,7 +38,7 @@ import itertools
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,6 +49,8 @@ from .sources import READERS, SourceSpec, count_records, decode_record
 logger = logging.getLogger(__name__)
 
 Stage = Callable[[Dict[str, Any]], Dict[str, Any]]
+Record = Tuple[int, Dict[str, Any]]
+"""``(index of the source in plan.sources, raw record)``: what the record stream yields."""
 
 
 def derive_seed(*parts: Any) -> int:
@@ -47,7 +61,7 @@ def derive_seed(*parts: Any) -> int:
 
 @dataclass
 class StreamPlan:
-    """Everything a loader worker needs to rebuild its stream; picklable."""
+    """Everything needed to rebuild a rank's stream; picklable."""
 
     sources: List[SourceSpec]
     stages: List[Stage]
@@ -56,7 +70,7 @@ class StreamPlan:
     seed: int = 1
     rank: int = 0
     world_size: int = 1
-    num_workers: int = 1  # logical workers per rank (>= 1; 1 when loading in the main process)
+    num_workers: int = 1  # loader processes decoding for this rank (>= 1); the batches do not depend on it
     shuffle: bool = True
     shuffle_buffer: int = 1000
     split: str = "auto"  # "auto" | "shard" | "sample"
@@ -77,10 +91,8 @@ class StreamPlan:
 
     @property
     def num_slots(self) -> int:
-        return self.world_size * self.num_workers
-
-    def slot(self, worker: int) -> int:
-        return self.rank * self.num_workers + worker
+        """Ways the records are split: one part per rank (loader workers share their rank's part)."""
+        return self.world_size
 
     def count(self) -> int:
         """Total samples over all sources (declared sizes, else a scan of raw records)."""
@@ -94,35 +106,34 @@ class StreamPlan:
 
 
 # ------------------------------------------------------------------------------------------- record stream
-def _pass_records(plan: StreamPlan, spec: SourceSpec, shards: List[str], split: str, slot: int
-                  ) -> Iterator[Dict[str, Any]]:
-    """Raw records of one pass over ``shards`` that belong to ``slot``."""
+def _pass_records(plan: StreamPlan, spec: SourceSpec, shards: List[str], split: str) -> Iterator[Dict[str, Any]]:
+    """Raw records of one pass over ``shards`` that belong to this rank."""
     read = READERS[spec.kind]
     if split == "shard":
-        for path in shards[slot::plan.num_slots]:
+        for path in shards[plan.rank::plan.num_slots]:
             yield from read(path, spec)
         return
     ordinal = 0
     for path in shards:
         for record in read(path, spec):
-            if ordinal % plan.num_slots == slot:
+            if ordinal % plan.num_slots == plan.rank:
                 yield record
             ordinal += 1
 
 
-def _source_records(plan: StreamPlan, spec: SourceSpec, epoch: int, slot: int) -> Iterator[Dict[str, Any]]:
-    """Raw records of one source for one slot: passes over the shards (forever when training), each pass with
-    its own shard order and its own shuffle buffer, so a pass is a permutation of the slot's records."""
+def _source_records(plan: StreamPlan, spec: SourceSpec, epoch: int) -> Iterator[Dict[str, Any]]:
+    """Raw records of one source for this rank: passes over the shards (forever when training), each pass with
+    its own shard order and its own shuffle buffer, so a pass is a permutation of the rank's records."""
     split = plan.split
     if split == "auto":
         split = "shard" if len(spec.shards) >= plan.num_slots else "sample"
     for pass_index in itertools.count():
         shards = list(spec.shards)
-        records = _pass_records(plan, spec, shards, split, slot)
+        records = _pass_records(plan, spec, shards, split)
         if plan.shuffle:
             random.Random(derive_seed(plan.seed, epoch, pass_index, spec.name, "shards")).shuffle(shards)
-            rng = random.Random(derive_seed(plan.seed, epoch, pass_index, slot, spec.name, "buffer"))
-            records = shuffle_buffer(_pass_records(plan, spec, shards, split, slot), plan.shuffle_buffer, rng)
+            rng = random.Random(derive_seed(plan.seed, epoch, pass_index, plan.rank, spec.name, "buffer"))
+            records = shuffle_buffer(_pass_records(plan, spec, shards, split), plan.shuffle_buffer, rng)
         yielded = 0
         for record in records:
             yielded += 1
@@ -131,8 +142,8 @@ def _source_records(plan: StreamPlan, spec: SourceSpec, epoch: int, slot: int) -
             return
         if yielded == 0:
             raise RuntimeError(
-                f"source {spec.name!r}: slot {slot} of {plan.num_slots} received no records from shards "
-                f"{spec.shards[:3]}{'...' if len(spec.shards) > 3 else ''}; check the paths or use fewer workers"
+                f"source {spec.name!r}: rank {plan.rank} of {plan.num_slots} received no records from shards "
+                f"{spec.shards[:3]}{'...' if len(spec.shards) > 3 else ''}; check the paths or use fewer ranks"
             )
 
 
@@ -153,26 +164,25 @@ def shuffle_buffer(records: Iterator[Any], size: int, rng: random.Random) -> Ite
     yield from buffer
 
 
-def record_stream(plan: StreamPlan, epoch: int, worker: int) -> Iterator[Tuple[SourceSpec, Dict[str, Any]]]:
-    """The record stream of one (rank, worker): per-source shuffled, then mixed by weight."""
-    slot = plan.slot(worker)
-    streams = [(spec, _source_records(plan, spec, epoch, slot)) for spec in plan.sources]
+def record_stream(plan: StreamPlan, epoch: int) -> Iterator[Record]:
+    """The record stream of this rank: per-source shuffled, then mixed by weight; ``(source index, record)``."""
+    streams = [(i, _source_records(plan, spec, epoch)) for i, spec in enumerate(plan.sources)]
     if len(streams) == 1:
-        spec, records = streams[0]
+        i, records = streams[0]
         for record in records:
-            yield spec, record
+            yield i, record
         return
     if not plan.train:  # validation: sources one after another
-        for spec, records in streams:
+        for i, records in streams:
             for record in records:
-                yield spec, record
+                yield i, record
         return
-    mix_rng = random.Random(derive_seed(plan.seed, epoch, slot, "mix"))
-    weights = [spec.weight for spec, _ in streams]
+    mix_rng = random.Random(derive_seed(plan.seed, epoch, plan.rank, "mix"))
+    weights = [spec.weight for spec in plan.sources]
     while True:
-        spec, records = mix_rng.choices(streams, weights=weights)[0]
+        i, records = mix_rng.choices(streams, weights=weights)[0]
         for _ in range(plan.mix_block):
-            yield spec, next(records)
+            yield i, next(records)
 
 
 # ------------------------------------------------------------------------------------------- samples, batches
@@ -204,64 +214,156 @@ def apply_stages(sample: Dict[str, Any], stages: Sequence[Stage]) -> Dict[str, A
     return sample
 
 
-def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int, num_batches: int,
-                   skip_records: int = 0, in_main_process: bool = True
-                   ) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]:
-    """Yield ``(batch, meta)`` for batch indices ``i`` with ``i % W == worker`` and ``start <= i < num_batches``.
+def decode_sample(plan: StreamPlan, epoch: int, source: int, record: Dict[str, Any], in_main_process: bool = True):
+    """Decode one raw record and run the stages: the sample, or the :class:`BadSample` that rejected it."""
+    # seeded by the sample's identity, so its augmentation does not depend on the rank/worker layout
+    sample_seed = derive_seed(plan.seed, epoch, record["__url__"], record["__index__"], "sample")
+    try:
+        with _SampleSeed(sample_seed, in_main_process):
+            decoded = decode_record(record, plan.sources[source])
+            decoded["__seed__"] = sample_seed  # for stages that keep their own random.Random
+            return apply_stages(decoded, plan.stages)
+    except BadSample as exc:
+        return exc
 
-    ``skip_records`` records of the stream are discarded first (resume). ``meta`` holds the worker, the batch
-    index, the records consumed so far and the bad-sample counts. A validation stream that runs out yields
-    ``({}, meta)`` for its remaining indices (fairseq treats an empty sample as a dummy batch).
+
+class DecodeChunks(torch.utils.data.Dataset):
+    """Loader dataset of the worker processes: item = a chunk of ``(source, record)``; value = their decoded samples
+    or :class:`BadSample` s, in order. The main process reads the records and assembles batches
+    (:class:`EpochStream`)."""
+
+    def __init__(self, plan: StreamPlan, epoch: int):
+        self.plan, self.epoch = plan, epoch
+
+    def __getitem__(self, chunk: List[Record]) -> List[Any]:
+        return [decode_sample(self.plan, self.epoch, source, record, in_main_process=False)
+                for source, record in chunk]
+
+
+def _as_is(outcomes: List[Any]) -> List[Any]:
+    """The loader's collate function: keep the worker's list (batches are collated by :class:`EpochStream`)."""
+    return outcomes
+
+
+def _chunks(records: Iterator[Record], size: int) -> Iterator[List[Record]]:
+    while True:
+        chunk = list(itertools.islice(records, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+class EpochStream:
+    """Batches ``start .. num_batches - 1`` of one rank's epoch: batch ``i`` collates the next ``batch_size`` good
+    samples of the record stream, after ``skip_records`` records were discarded (resume).
+
+    With ``loader_workers > 0`` the records go in chunks of ``batch_size`` to a ``DataLoader`` whose workers decode
+    them; the batches are the same as with none. After the last batch the loader's workers are shut down at once
+    (fairseq stops at the epoch's length without exhausting its iterator; workers that lived on would be inherited by
+    the next epoch's forked workers, which then print "can only test a child process" when they collect them).
+    ``close()`` does the same for an epoch abandoned early. The stream keeps no reference to its owner, so a dropped
+    stream is freed at once rather than by the cyclic garbage collector.
+
+    Position (for ``state_dict``): ``index`` (next batch), ``consumed`` (records taken from the stream) and
+    ``counter`` (this rank's good/bad counts, every worker's samples included). ``gather``, when given, all-gathers
+    ``[consumed, good, bad]`` from every rank after each batch into ``ranks``. A validation stream that runs out
+    yields ``{}`` (fairseq's dummy batch) for its remaining indices.
     """
-    W = plan.num_workers
-    indices = [i for i in range(start, num_batches) if i % W == worker]
-    if not indices:
-        return
-    counter = BadSampleCounter(f"{plan.name}[rank {plan.rank} worker {worker}]", plan.log_every,
-                               plan.max_bad_fraction)
-    stream = record_stream(plan, epoch, worker)
-    for _ in range(skip_records):
-        if next(stream, None) is None:
-            break
-    consumed = skip_records
-    exhausted = False
-    for index in indices:
-        samples: List[Dict[str, Any]] = []
-        while len(samples) < plan.batch_size and not exhausted:
-            item = next(stream, None)
-            if item is None:
-                exhausted = True
+
+    def __init__(self, plan: StreamPlan, epoch: int, start: int, num_batches: int, skip_records: int = 0,
+                 counts: Optional[Dict[str, Any]] = None, loader_workers: int = 0, prefetch_factor: int = 2,
+                 gather: Optional[Callable[[List[int]], List[List[int]]]] = None, quiet: bool = False):
+        self.plan, self.epoch, self.index, self.num_batches = plan, epoch, start, num_batches
+        self.consumed = skip_records
+        self.counter = BadSampleCounter(f"{plan.name}[rank {plan.rank}]", plan.log_every, plan.max_bad_fraction,
+                                        quiet=quiet)
+        if counts:
+            self.counter.load_state(counts)
+        self.gather = gather
+        self.ranks: Optional[List[List[int]]] = None
+        self.loader_workers, self.prefetch_factor = loader_workers, prefetch_factor
+        self._records: Optional[Iterator[Record]] = None
+        self._outcomes: Optional[Iterator[Any]] = None
+        self._loader_iter = None
+
+    def _start(self) -> None:
+        """Open the record stream, skip the consumed records and start the loader (on the first batch, so no
+        worker forks before the previous epoch is closed)."""
+        plan = self.plan
+        self._records = record_stream(plan, self.epoch)
+        for _ in range(self.consumed):
+            if next(self._records, None) is None:
                 break
-            spec, record = item
-            consumed += 1
-            try:
-                # seeded by the sample's identity, so its augmentation does not depend on the rank/worker layout
-                sample_seed = derive_seed(plan.seed, epoch, record["__url__"], record["__index__"], "sample")
-                with _SampleSeed(sample_seed, in_main_process):
-                    decoded = decode_record(record, spec)
-                    decoded["__seed__"] = sample_seed  # for stages that keep their own random.Random
-                    sample = apply_stages(decoded, plan.stages)
-            except BadSample as exc:
-                counter.skip(exc)
-                continue
-            counter.ok()
-            samples.append(sample)
-        meta = {"worker": worker, "index": index, "consumed": consumed, **counter.state()}
-        yield (plan.collate(samples) if samples else {}), meta
-
-
-class WorkerStream(torch.utils.data.IterableDataset):
-    """DataLoader dataset: physical worker ``j`` plays logical worker ``(j + start) % W`` so that the loader's
-    round-robin order starts with batch index ``start`` (see :func:`worker_batches`)."""
-
-    def __init__(self, plan: StreamPlan, epoch: int, start: int, num_batches: int, skip: Sequence[int]):
-        super().__init__()
-        self.plan, self.epoch, self.start, self.num_batches = plan, epoch, start, num_batches
-        self.skip = list(skip)
+        if self.loader_workers > 0:
+            loader = torch.utils.data.DataLoader(
+                DecodeChunks(plan, self.epoch), sampler=_chunks(self._records, plan.batch_size), batch_size=None,
+                collate_fn=_as_is, num_workers=self.loader_workers, prefetch_factor=self.prefetch_factor,
+                persistent_workers=False)
+            self._loader_iter = iter(loader)
+            self._outcomes = itertools.chain.from_iterable(self._loader_iter)
+        else:
+            self._outcomes = (decode_sample(plan, self.epoch, source, record) for source, record in self._records)
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        physical = info.id if info is not None else 0
-        worker = (physical + self.start) % self.plan.num_workers
-        return worker_batches(self.plan, self.epoch, worker, self.start, self.num_batches,
-                              self.skip[worker], in_main_process=info is None)
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        if self.index >= self.num_batches:
+            self.close()
+            raise StopIteration
+        if self._outcomes is None:
+            self._start()
+        samples: List[Dict[str, Any]] = []
+        while len(samples) < self.plan.batch_size:
+            outcome = next(self._outcomes, None)
+            if outcome is None:  # a validation pass ran out
+                break
+            self.consumed += 1
+            if isinstance(outcome, BadSample):
+                self.counter.skip(outcome)
+                continue
+            self.counter.ok()
+            samples.append(outcome)
+        self.index += 1
+        if self.index >= self.num_batches:
+            self.close()
+        if self.gather is not None:
+            self.ranks = self.gather([self.consumed, self.counter.good, self.counter.bad])
+        return self.plan.collate(samples) if samples else {}
+
+    def take(self, n: int) -> None:
+        """Stop after ``n`` more batches (fairseq's ``CountingIterator.take``)."""
+        self.num_batches = min(self.num_batches, self.index + n)
+        if self.index >= self.num_batches:
+            self.close()
+
+    def close(self) -> None:
+        """Shut the loader's workers down and close the shards; idempotent."""
+        if self._loader_iter is not None:
+            shutdown = getattr(self._loader_iter, "_shutdown_workers", None)  # what the loader's __del__ calls
+            if shutdown is not None:
+                shutdown()
+            self._loader_iter = None
+        self._outcomes = iter(())
+        if self._records is not None:
+            self._records.close()
+
+    def state(self) -> Dict[str, Any]:
+        return {"index": self.index, "consumed": self.consumed, **self.counter.state()}
+
+
+def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int, num_batches: int,
+                   skip_records: int = 0) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    """``(batch, meta)`` for the batch indices ``i`` of :class:`EpochStream` with ``i % plan.num_workers == worker``,
+    decoded in this process (tests and tools: the batches of all ``worker`` values together are the epoch).
+
+    ``meta`` holds the worker, the batch index, the records consumed and the rank's bad-sample counts so far."""
+    stream = EpochStream(plan, epoch, start, num_batches, skip_records)
+    try:
+        while stream.index < stream.num_batches:
+            index = stream.index
+            batch = next(stream)
+            if index % plan.num_workers == worker:
+                yield batch, {"worker": worker, **stream.state(), "index": index}
+    finally:
+        stream.close()
