@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from unilm_vl.data.cosa import (ChooseText, ClipTransformFn, CollateCosa, CosaFramesDecoder, cosa_stages,
-                                parse_entry, sample_frame_indices, split_segments, stack_clips)
+                                list_video_frames, parse_entry, sample_frame_indices, split_segments, stack_clips)
 from unilm_vl.data.cosa_vocab import SPECIAL_TOKENS, build_wordpiece_vocab, write_vocab
 from unilm_vl.data.decode import BadSample
 from unilm_vl.data.pipeline import StreamPlan, worker_batches
@@ -300,3 +300,22 @@ def test_mixture_per_batch_is_homogeneous(world):
             assert set(kinds) == {frozenset({"video"}), frozenset({"image"})}
         else:
             assert frozenset({"video", "image"}) in kinds
+
+
+@pytest.mark.parametrize("video_id", ["../outside", "v0/../../outside", "/absolute"])
+def test_video_id_leaving_the_frames_root_is_a_counted_skip(tmp_path, video_id):
+    """COSA's decoder lists frames of ``<frames_root>/<video_id>``: a video_id that climbs out of the frames root
+    (or is absolute) is refused as a bad sample, although the folder it names holds frames."""
+    write_clip(str(tmp_path / "frames"), "v0", 4, 20)
+    write_clip(str(tmp_path), "outside", 4, 200)
+    if video_id == "/absolute":
+        video_id = str(tmp_path / "outside")
+    (tmp_path / "train.json").write_text(json.dumps([{"video_id": video_id, "desc": CAPTIONS[0]},
+                                                     {"video_id": "v0", "desc": CAPTIONS[1]}]))
+    write_vocab(build_wordpiece_vocab(CAPTIONS), str(tmp_path / "vocab.txt"))
+    plan, _ = make_plan(tmp_path, 2, train=False, batch_size=2)
+    batch, meta = next(worker_batches(plan, 1, 0, 0, 1))
+    assert batch["id"] == ["v0"]
+    assert meta["bad"] == 1 and meta["reasons"] == {"unsafe video_id": 1}
+    with pytest.raises(BadSample, match="unsafe video_id"):
+        list_video_frames(str(tmp_path / "frames"), video_id)

@@ -11,7 +11,7 @@ from unilm_vl.data.decode import BadSample, BadSampleCounter, TooManyBadSamples,
 from unilm_vl.data.formats import GRIT_TSV, escape_field, parse_annotation, unescape_field
 from unilm_vl.data.pipeline import StreamPlan, worker_batches
 from unilm_vl.data.shards import expand_urls
-from unilm_vl.data.sources import SourceSpec, parse_data_spec, read_tar
+from unilm_vl.data.sources import SourceSpec, decode_record, parse_data_spec, read_tar
 
 from conftest import jpeg_bytes, tsv_row, write_tsv, write_wds
 
@@ -256,3 +256,87 @@ def test_tar_cut_at_a_header_boundary_is_counted(tmp_path):
     # the third sample is complete; the cut itself is one more record, counted as bad when decoded
     assert [r["__key__"] for r in records] == ["000000", "000001", "000002", None]
     assert "truncated" in records[-1]["__error__"] and "__error__" not in records[2]
+
+
+def write_members(path, names):
+    """A tar of ``names`` (``key.ext``): ``jpg`` members hold a JPEG, ``txt`` members the caption 'a <key>'."""
+    with tarfile.open(path, "w") as tar:
+        for name in names:
+            key, ext = name.split(".")
+            data = jpeg_bytes((200, 10, 10)) if ext == "jpg" else f"a {key}".encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_sample_repeated_back_to_back_is_a_counted_duplicate(tmp_path):
+    """x written twice in a row is not one merged sample: the first copy is good, the repeat one bad record."""
+    path = tmp_path / "dup.tar"
+    write_members(path, ["x.jpg", "x.txt", "x.jpg", "x.txt", "y.jpg", "y.txt"])
+    spec = SourceSpec(name="d", kind="wds", shards=[str(path)])
+    assert [r["__key__"] for r in read_tar(str(path), spec)] == ["x", "x", "y"]
+    keys, meta = keys_of(plan_for([spec], max_bad_fraction=1.0))
+    assert keys == ["x", "y"] and meta["bad"] == 1 and meta["reasons"] == {"duplicate sample key": 1}
+    bad = []
+    for record in read_tar(str(path), spec):
+        try:
+            decode_record(record, spec)
+        except BadSample as exc:
+            bad.append(exc)
+    assert [exc.source for exc in bad] == [f"{path}#x"]  # named by shard and key
+
+
+def test_empty_shards_are_one_counted_bad_record_each(tmp_path):
+    """A valid but empty tar, an empty TSV and an empty annotation list: one "empty shard" record each, so the
+    shard is counted and logged (and a rank whose only shard is empty does not stop the run at start-up)."""
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    (tmp_path / "empty.tsv").write_bytes(b"\n\n")
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "empty.json").write_text("[]")
+    specs = [SourceSpec(name="w", kind="wds", shards=[str(tmp_path / "empty.tar")]),
+             SourceSpec(name="t", kind="tsv", shards=[str(tmp_path / "empty.tsv")]),
+             SourceSpec(name="f", kind="frames", shards=[str(tmp_path / "empty.json")],
+                        frames_root=str(tmp_path / "frames"))]
+    for spec in specs:
+        keys, meta = keys_of(plan_for([spec], max_bad_fraction=1.0))
+        assert keys == [] and meta["bad"] == 1 and meta["reasons"] == {"empty shard": 1}, spec.kind
+
+
+@pytest.mark.parametrize("video_id, reason", [
+    ("../outside", "unsafe video_id"), ("a/../../outside", "unsafe video_id"), ("..", "unsafe video_id"),
+    (".", "unsafe video_id"), ("", "unsafe video_id"), ("/abs/outside", "unsafe video_id"),
+    (["v0"], "video_id must be a string or an integer"), (True, "video_id must be a string or an integer")])
+def test_video_ids_outside_the_frames_root_are_refused(tmp_path, video_id, reason):
+    """The frames of ``../outside`` exist, but a video_id may only name a folder inside the frames root."""
+    for vid in ("frames/v0", "outside"):
+        (tmp_path / vid).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / vid / "frame_0001.jpg")
+    if video_id == "/abs/outside":
+        video_id = str(tmp_path / "outside")
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps([{"video_id": video_id, "desc": "escape"}, {"video_id": "v0", "desc": "a clip"}]))
+    plan = plan_for(parse_data_spec(str(ann)), max_bad_fraction=1.0)
+    keys, meta = keys_of(plan)
+    assert keys == ["v0"] and meta["bad"] == 1 and meta["reasons"] == {reason: 1}
+
+
+def test_a_megabyte_caption_is_cut_before_tokenising():
+    """encode_batch tokenises at most context_length * MAX_CHARS_PER_TOKEN characters, and the tokens of natural
+    text are those of the uncut text."""
+    from unilm_vl.data.stages import Tokenize
+    from unilm_vl.data.tokenizers import MAX_CHARS_PER_TOKEN, OpenClipTokenizer
+
+    class Recording(OpenClipTokenizer):
+        lengths = []
+
+        def encode(self, text):
+            self.lengths.append(len(text))
+            return super().encode(text)
+
+    caption = "a photo of a small dog running on the green grass. " * 20_000  # ~1 MB
+    tokenizer = Recording(context_length=77)
+    sample = Tokenize(tokenizer, 77)({"caption": caption})
+    assert Recording.lengths == [77 * MAX_CHARS_PER_TOKEN]
+    uncut = tokenizer.encode(caption[:20_000])  # far more than 77 tokens, nothing of them cut
+    assert sample["text"].tolist() == [tokenizer.bos_id] + uncut[:75] + [tokenizer.eos_id]

@@ -3,6 +3,7 @@ ways, through every source kind (tsv, wds, frames annotation, text) and the real
 the Kosmos-2 grounding stage that validates GRIT boxes, the image transform). The pass must finish, yield exactly
 the good samples, and count exactly the bad ones."""
 import base64
+import collections
 import io
 import json
 import os
@@ -17,7 +18,7 @@ from PIL import Image
 from unilm_vl.data.decode import BadSample
 from unilm_vl.data.formats import parse_annotation
 from unilm_vl.data.kosmos2_samples import GritGroundedCaption
-from unilm_vl.data.pipeline import StreamPlan, worker_batches
+from unilm_vl.data.pipeline import EpochStream, StreamPlan
 from unilm_vl.data.sources import SourceSpec, decode_record, read_tar
 from unilm_vl.data.stages import FramesToImage, ImageTransform
 
@@ -75,6 +76,8 @@ def _tsv_bad(key, seed, kind):
         cells[5] = json.dumps({"phrase": [[0, len(CAPTION), 0.8, 0.2, 0.1, 0.9, 0.9]]})
     elif kind == "span_outside_caption":
         cells[5] = json.dumps({"phrase": [[0, 99, 0.1, 0.2, 0.8, 0.9, 0.9]]})
+    elif kind in ABSURD_BOXES:
+        cells[5] = '{"phrase": [[0, %d, %s]]}' % (len(CAPTION), ABSURD_BOXES[kind])
     elif kind == "empty_caption":
         cells[1] = " "
     else:
@@ -82,12 +85,23 @@ def _tsv_bad(key, seed, kind):
     return tsv_line(cells)
 
 
+ABSURD_BOXES = {  # valid JSON where numbers go: x0, y0, x1, y1, score of a grounding entry
+    "huge_int_box": "1" + "0" * 400 + ", 0.2, 0.8, 0.9, 0.9",  # float() of it raises OverflowError
+    "nan_box": "NaN, 0.2, 0.8, 0.9, 0.9",
+    "infinite_score": "0.1, 0.2, 0.8, 0.9, Infinity",
+    "nan_score": "0.1, 0.2, 0.8, 0.9, NaN",
+    "string_box": '"0.1", 0.2, 0.8, 0.9, 0.9',
+    "nested_box": "[0.1], 0.2, 0.8, 0.9, 0.9",
+    "bool_box": "true, 0.2, 0.8, 0.9, 0.9",
+}
+
 TSV_BAD = ["truncated_image", "zero_length_image", "garbage_image", "not_base64", "too_few_columns",
            "too_many_columns", "non_utf8_caption", "bad_int", "unparsable_annotation", "unhashable_annotation",
-           "box_out_of_range", "inverted_box", "span_outside_caption", "empty_caption"]
+           "box_out_of_range", "inverted_box", "span_outside_caption", "empty_caption", *ABSURD_BOXES]
 
 WDS_BAD = ["truncated_image", "zero_length_image", "missing_image", "missing_caption", "non_utf8_caption",
-           "invalid_json", "deep_json", "box_out_of_range", "empty_caption"]
+           "invalid_json", "deep_json", "box_out_of_range", "empty_caption", "huge_int_json", "huge_int_box",
+           "duplicate_key"]
 
 
 def wds_members(key, seed, kind=None):
@@ -110,6 +124,12 @@ def wds_members(key, seed, kind=None):
         members["json"] = json.dumps({"noun_chunks": [[0, len(CAPTION), -0.2, 0.2, 0.8, 0.9, 0.9]]}).encode()
     elif kind == "empty_caption":
         members["txt"] = b""
+    elif kind == "huge_int_json":  # more digits than Python's int parsing allows: json raises ValueError
+        members["json"] = b'{"noun_chunks": [], "width": ' + b"9" * 5000 + b"}"
+    elif kind == "huge_int_box":
+        members["json"] = b'{"noun_chunks": [[0, %d, 0.1, 0.2, 0.8, 0.9, 1%s]]}' % (len(CAPTION), b"0" * 400)
+    elif kind == "duplicate_key":  # the sample written twice back to back: the first copy is good, the repeat bad
+        return [(f"{key}.{ext}", data) for ext, data in members.items()] * 2
     elif kind is not None:
         raise AssertionError(kind)
     return [(f"{key}.{ext}", data) for ext, data in members.items()]
@@ -132,7 +152,7 @@ def tar_bytes(samples) -> bytes:
 
 
 FRAMES_BAD = ["missing_video", "empty_video_dir", "zero_length_frame", "truncated_frame", "no_caption",
-              "not_an_object", "empty_caption_list"]
+              "not_an_object", "empty_caption_list", "parent_video_id", "absolute_video_id", "list_video_id"]
 TEXT_BAD = ["not_json", "non_utf8", "no_text_field", "empty_text", "json_list", "deep_json"]
 
 
@@ -143,11 +163,13 @@ class World:
     def __init__(self, root, n_per_source=500, bad_fraction=0.3, seed=0):
         self.root, self.rng = str(root), random.Random(seed)
         self.n, self.bad_fraction = n_per_source, bad_fraction
-        self.good, self.bad = set(), 0
+        self.good, self.bad, self.kinds = set(), 0, collections.Counter()
         self.sources = [self.tsv(), self.wds(), self.frames(), self.text()]
 
     def pick(self, kinds):
-        return self.rng.choice(kinds) if self.rng.random() < self.bad_fraction else None
+        kind = self.rng.choice(kinds) if self.rng.random() < self.bad_fraction else None
+        self.kinds[kind] += 1
+        return kind
 
     def path(self, *parts):
         path = os.path.join(self.root, *parts)
@@ -169,7 +191,8 @@ class World:
             with open(shards[-1], "wb") as fh:
                 fh.writelines(lines)
         shards.append(self.path("tsv", "part-00004.tsv"))
-        open(shards[-1], "wb").close()  # zero-length shard: no records, nothing bad
+        open(shards[-1], "wb").close()  # zero-length shard: one bad record (empty shard)
+        self.bad += 1
         return SourceSpec("tsv", "tsv", shards, schema="grit")
 
     def wds(self):
@@ -179,9 +202,9 @@ class World:
             for i in range(self.n // 4):
                 key, kind = f"wds-{s}-{i:04d}", self.pick(WDS_BAD)
                 samples += wds_members(key, i, kind)
-                if kind is None:
+                if kind in (None, "duplicate_key"):
                     self.good.add(key)
-                else:
+                if kind is not None:
                     self.bad += 1
             shards.append(self.path("wds", f"part-{s:05d}.tar"))
             with open(shards[-1], "wb") as fh:
@@ -200,11 +223,16 @@ class World:
         self.bad += 1
         shards.append(self.path("wds", "part-00006.tar"))
         with open(shards[-1], "wb") as fh:
-            fh.write(tar_bytes([]))  # an empty but valid tar: no records, nothing bad
+            fh.write(tar_bytes([]))  # an empty but valid tar: one bad record (empty shard)
+        self.bad += 1
         return SourceSpec("wds", "wds", shards)
 
     def frames(self):
         frames_root, entries = os.path.join(self.root, "videos", "frames"), []
+        outside = os.path.join(self.root, "videos", "outside")  # frames a video_id must not reach
+        os.makedirs(outside)
+        with open(os.path.join(outside, "frame_0000.jpg"), "wb") as fh:
+            fh.write(jpeg(0))
         for i in range(self.n):
             vid, kind = f"vid-{i:04d}", self.pick(FRAMES_BAD)
             entry = {"video_id": vid, "caption": CAPTION}
@@ -224,6 +252,12 @@ class World:
                 entry = [vid, CAPTION]
             elif kind == "empty_caption_list":
                 entry = {"video_id": vid, "caption": []}
+            elif kind == "parent_video_id":
+                entry = {"video_id": "../outside", "caption": CAPTION}
+            elif kind == "absolute_video_id":
+                entry = {"video_id": outside, "caption": CAPTION}
+            elif kind == "list_video_id":
+                entry = {"video_id": [vid], "caption": CAPTION}
             entries.append(entry)
             if kind is None:
                 self.good.add(vid)
@@ -233,7 +267,8 @@ class World:
         with open(shards[0], "w") as fh:
             json.dump(entries, fh)
         for name, data in (("broken.json", b'[{"video_id": "x"'), ("latin1.json", b'[{"caption": "caf\xe9"}]'),
-                           ("empty.json", b""), ("object.json", b'{"video_id": "x"}')):
+                           ("empty.json", b""), ("object.json", b'{"video_id": "x"}'), ("empty_list.json", b"[]"),
+                           ("huge_int.json", b"[" + b"7" * 5000 + b"]")):
             shards.append(self.path("videos", name))
             with open(shards[-1], "wb") as fh:
                 fh.write(data)
@@ -265,7 +300,8 @@ class World:
                 self.good.add(f"docs.txt:{i}")
         with open(shards[1], "wb") as fh:
             fh.writelines(lines)
-        open(shards[2], "wb").close()
+        open(shards[2], "wb").close()  # one bad record (empty shard)
+        self.bad += 1
         return SourceSpec("text", "text", shards)
 
 
@@ -298,15 +334,16 @@ def test_fuzzed_sources_yield_exactly_the_good_samples_and_count_every_bad_one(t
                       num_workers=2, shuffle=False, split="sample", train=False, max_bad_fraction=0.99, log_every=500,
                       name="fuzz")
     num_batches = plan.count() // 16 + 2  # a single pass; the stream runs out before the last batch indices
-    seen, bad, good = [], 0, 0
-    for worker in range(plan.num_workers):
-        meta = None
-        for batch, meta in worker_batches(plan, 1, worker, 0, num_batches):
-            seen += batch.get("keys", [])
-        bad, good = bad + meta["bad"], good + meta["good"]
-    assert len(seen) == len(set(seen)) == good
+    # two loader processes decode; their samples and BadSamples come back to one counter in this process
+    stream = EpochStream(plan, 1, 0, num_batches, loader_workers=2)
+    seen = [key for batch in stream for key in batch.get("keys", [])]
+    assert len(seen) == len(set(seen)) == stream.counter.good
     assert set(seen) == world.good
-    assert bad == world.bad
+    assert stream.counter.bad == world.bad
+    # reasons survive the trip from the worker processes
+    assert stream.counter.reasons["duplicate sample key"] == world.kinds["duplicate_key"] > 0
+    assert stream.counter.reasons["unsafe video_id"] == world.kinds["parent_video_id"] + world.kinds[
+        "absolute_video_id"] > 0
 
 
 # ------------------------------------------------------------------------------------------- regression tests

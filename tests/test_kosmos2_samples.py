@@ -179,3 +179,77 @@ def test_text_only_documents_from_jsonl_and_txt(tmp_path):
     assert txt_doc["text"] == "a blue square\na green star" and "image" not in txt_doc
     short = GritGroundedCaption(tok, num_bins=4, max_text_tokens=3)(dict(doc))["tokens"]
     assert short == ids[:2] + [2]
+
+
+@pytest.mark.parametrize("entry", [
+    [0, 1, 10 ** 400, 0, 1, 1, 0.9],  # float() of it raises OverflowError
+    [0, 1, float("nan"), 0, 1, 1, 0.9],
+    [0, 1, 0, 0, 1, 1, float("nan")],  # a NaN score would pass any threshold test as False and be kept by others
+    [0, 1, 0, 0, 1, 1, float("inf")],
+    [0, 1, "0.1", 0, 1, 1, 0.9],  # a string where a number goes
+    [0, 1, [0.1], 0, 1, 1, 0.9],
+    [0, 1, True, 0, 1, 1, 0.9],
+    [False, True, 0, 0, 1, 1, 0.9],  # booleans are not character offsets
+    [0, 10 ** 400, 0, 0, 1, 1, 0.9],
+    [0.0, 1, 0, 0, 1, 1, 0.9],
+])
+def test_parse_grit_entries_rejects_absurd_values(entry):
+    with pytest.raises(ValueError):
+        parse_grit_entries([entry], "a")
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    from unilm_vl.data.build_vocab import train_vocab
+    from unilm_vl.data.grounding import build_kosmos2_tokenizer
+
+    root = tmp_path_factory.mktemp("vocab")
+    train_vocab(["a red circle", "a blue square above a green star", "two lines of text"] * 20, str(root),
+                vocab_size=60)
+    return build_kosmos2_tokenizer(str(root / "sentencepiece.bpe.model"), str(root / "dict.txt"), num_bins=4)
+
+
+def test_absurd_annotation_json_is_a_bad_sample_not_a_crash(tiny_tokenizer):
+    """Valid JSON, absurd values: a 400-digit box coordinate (OverflowError before), NaN, a string."""
+    stage = GritGroundedCaption(tiny_tokenizer, mode="phrase", num_bins=4, use_object_bbox_prob=1.0)
+    for box in ("1" + "0" * 400 + ", 0, 1, 1", "NaN, 0, 1, 1", '"0.1", 0, 1, 1'):
+        sample = {"__key__": "k", "__seed__": 1, "__where__": "x.tsv:3", "caption": "a red circle",
+                  "image": Image.new("RGB", (8, 8)), "meta": {"annotation": '{"phrase": [[0, 5, %s, 0.9]]}' % box}}
+        with pytest.raises(BadSample, match=r"grounding: bad box or score.*x\.tsv:3"):
+            stage(sample)
+
+
+class RecordingTokenizer:
+    """Passes through to a tokenizer and records the longest text it was asked to cut into pieces."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def encode_pieces(self, text):
+        self.longest = max(self.longest, len(text))
+        return self.tokenizer.encode_pieces(text)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_long_captions_and_documents_are_cut_before_tokenising(tiny_tokenizer):
+    """A 1.3 MB caption with max_text_tokens=20 is tokenised as its first 20 * MAX_CHARS_PER_TOKEN characters;
+    a span inside them stays grounded, a span past the cut is dropped; documents are cut the same way."""
+    from unilm_vl.data.tokenizers import MAX_CHARS_PER_TOKEN
+
+    tok = RecordingTokenizer(tiny_tokenizer)
+    stage = GritGroundedCaption(tok, mode="phrase", num_bins=4, use_object_bbox_prob=1.0, center_crop=False,
+                                max_text_tokens=20)
+    caption = "a red circle " * 100_000
+    cut = caption[:20 * MAX_CHARS_PER_TOKEN]
+    entries = [[0, 12, 0.0, 0.0, 0.5, 0.5, 0.9], [len(caption) - 7, len(caption) - 1, 0.5, 0.5, 1.0, 1.0, 0.9]]
+    sample = stage({"__key__": "k", "__seed__": 1, "caption": caption, "image": Image.new("RGB", (8, 8)),
+                    "meta": {"annotation": str({"phrase": entries})}})
+    assert tok.longest == len(cut)
+    short = stage({"__key__": "k", "__seed__": 1, "caption": cut, "image": Image.new("RGB", (8, 8)),
+                   "meta": {"annotation": str({"phrase": entries[:1]})}})
+    assert sample["grounded"] and sample["tokens"] == short["tokens"]
+    tok.longest = 0
+    doc = stage({"__key__": "d", "text": caption})["tokens"]
+    assert tok.longest <= len(cut) and len(doc) == 20 and doc[-1] == tiny_tokenizer.eos_id

@@ -11,7 +11,8 @@ Annotations (cosa.md 4.1): a JSON list of entries in the layout of the COSA rele
 
 Frames of ``video_id`` are the image files of ``<frames_root>/<video_id>/`` sorted by name (the release's
 ``frame_%04d.jpg`` from ffmpeg). :class:`CosaFramesDecoder` lists them without decoding any (a clip of hundreds of
-frames is read only at the sampled positions); a missing video directory or an empty one is a
+frames is read only at the sampled positions); a missing video directory or an empty one, and a ``video_id`` that
+would leave the frames root (absolute, or with a ``..`` component), is a
 :class:`~unilm_vl.data.decode.BadSample` naming the path, i.e. a counted, logged skip of the pipeline's one
 handler. Image sources (webdataset, TSV) are 1-frame clips, as in the release (``train_utils.py:427``).
 
@@ -54,7 +55,7 @@ import torch
 
 from ..constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .decode import BadSample, load_image
-from .sources import IMAGE_EXTENSIONS, SourceSpec
+from .sources import IMAGE_EXTENSIONS, SourceSpec, video_directory
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +94,11 @@ def sample_frame_indices(num_items: int, num_segments: int, train: bool,
     return [seg[(len(seg) + 1) // 2 - 1] for seg in segments]
 
 
-def list_video_frames(frames_root: str, video_id: str) -> List[str]:
-    """Sorted frame files of ``<frames_root>/<video_id>/``; a missing or empty directory raises
+def list_video_frames(frames_root: str, video_id: str, where: str = "?") -> List[str]:
+    """Sorted frame files of ``<frames_root>/<video_id>/``; a missing or empty directory, or a ``video_id`` that
+    leaves the frames root (absolute, ``..``; :func:`~unilm_vl.data.sources.video_directory`), raises
     :class:`BadSample` naming it."""
-    video_dir = os.path.join(frames_root, str(video_id))
+    video_dir = video_directory(frames_root, video_id, where)
     if not os.path.isdir(video_dir):
         raise BadSample(f"missing video directory {video_dir}", video_dir, "video_id")
     paths = sorted(os.path.join(video_dir, f) for f in os.listdir(video_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -196,6 +198,9 @@ def parse_entry(entry: Any, where: str) -> Dict[str, Any]:
     one of ``captions`` / ``qa`` is non-empty. Raises :class:`BadSample` naming the field."""
     if not isinstance(entry, dict) or "video_id" not in entry:
         raise BadSample("entry lacks video_id", where, "video_id")
+    if isinstance(entry["video_id"], bool) or not isinstance(entry["video_id"], (str, int)):
+        raise BadSample(f"video_id must be a string or an integer: got {type(entry['video_id']).__name__}", where,
+                        "video_id")
     text = entry.get("desc", entry.get("caption"))
     captions = _text_list(text, where, "desc") if text is not None else []
     qa = parse_qa(entry, where) if ("question" in entry or "answer" in entry) else []
@@ -214,7 +219,7 @@ class CosaFramesDecoder:
             raise BadSample(raw["__error__"], raw["__url__"], "annotation")
         where = f"{raw['__url__']}[{raw['__index__']}]"
         parsed = parse_entry(raw["entry"], where)
-        paths = list_video_frames(spec.frames_root, parsed["video_id"])
+        paths = list_video_frames(spec.frames_root, parsed["video_id"], where)
         return {"__key__": parsed["video_id"], "__source__": spec.name, "__where__": where, "frame_paths": paths,
                 "captions": parsed["captions"], "qa": parsed["qa"], "meta": {}}
 
@@ -227,8 +232,8 @@ def read_annotation(path: str) -> List[Dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:
         try:
             entries = json.load(fh)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"annotation file {path} is not valid json: {err}") from err
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, a > 4300-digit integer; nested too deeply
+            raise ValueError(f"annotation file {path} is not valid json: {type(err).__name__}: {err}") from None
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"annotation file {path} must hold a non-empty JSON list")
     out = []

@@ -117,7 +117,7 @@ def parse_annotation(text: str, column: str = "annotation") -> Any:
         return None
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
+    except (ValueError, RecursionError):  # JSONDecodeError, a > 4300-digit integer; nested too deeply
         pass
     try:
         return ast.literal_eval(text)
@@ -273,8 +273,10 @@ def write_source_config(path: str, sources: Sequence[Mapping[str, Any]]) -> None
     """Write a Kosmos-2 style data config: a JSON list of ``{"source": [shard paths relative to the config's
     directory], "source_lang": ..., "weight": w, "name": ...}``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(list(sources), fh, indent=1)
+    os.replace(tmp, path)  # a reader never sees a half-written config
 
 
 def relative_paths(paths: Iterable[str], start: str) -> List[str]:

@@ -22,7 +22,9 @@ pipeline from the run seed, the epoch and the record's position), so a resumed r
 """
 from __future__ import annotations
 
+import math
 import random
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -35,6 +37,7 @@ from .grounding import (BOX_DELIMITER, DEFAULT_NUM_BINS, GROUNDING, OBJECT_END, 
 
 LINE_END = "</line>"
 from .pipeline import derive_seed
+from .tokenizers import truncate_for_tokens
 
 MODES = ("phrase", "expression")
 ANNOTATION_KEYS = {"phrase": ("phrase", "noun_chunks"), "expression": ("expression_v1", "ref_exps")}
@@ -54,23 +57,45 @@ class GroundedSpan(NamedTuple):
     boxes: List[Box]
 
 
+def _short(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters (an entry may hold a 400-digit integer or a huge nested list)."""
+    text = reprlib.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _finite_number(value: Any) -> float:
+    """``float(value)`` for an int or float that is finite as a float; ``ValueError`` for anything else (strings,
+    booleans, lists, NaN, infinities, integers too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{type(value).__name__} is not a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError("integer too large for a float") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{number} is not finite")
+    return number
+
+
 def parse_grit_entries(entries: Any, caption: str) -> List[GritEntry]:
     """Validate ``[[start, end, x0, y0, x1, y1, score], ...]`` against ``caption``; raises ``ValueError`` naming the
-    bad entry (a span outside the caption, a box outside [0, 1] or inverted, a wrong length)."""
+    bad entry (a span outside the caption or not of integers, a box or score that is not a finite int/float, a box
+    outside [0, 1] or inverted, a wrong length)."""
     if not isinstance(entries, (list, tuple)):
         raise ValueError(f"grounding entries must be a list, got {type(entries).__name__}")
     out = []
     for entry in entries:
         if not isinstance(entry, (list, tuple)) or len(entry) != 7:
-            raise ValueError(f"a grounding entry is [start, end, x0, y0, x1, y1, score], got {entry!r}")
+            raise ValueError(f"a grounding entry is [start, end, x0, y0, x1, y1, score], got {_short(entry)}")
         start, end = entry[0], entry[1]
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(caption)):
-            raise ValueError(f"span [{start}, {end}] is not inside the caption of {len(caption)} characters")
+        if not (type(start) is int and type(end) is int and 0 <= start < end <= len(caption)):
+            raise ValueError(f"span [{_short(start)}, {_short(end)}] is not inside the caption of {len(caption)} "
+                             "characters")
         try:
-            box = tuple(float(v) for v in entry[2:6])
-            score = float(entry[6])
-        except (TypeError, ValueError):
-            raise ValueError(f"non-numeric box or score in {entry!r}") from None
+            box = tuple(_finite_number(v) for v in entry[2:6])
+            score = _finite_number(entry[6])
+        except ValueError as exc:
+            raise ValueError(f"bad box or score in {_short(entry)}: {exc}") from None
         if not all(0.0 <= v <= 1.0 for v in box) or box[2] < box[0] or box[3] < box[1]:
             raise ValueError(f"box {box} of span [{start}, {end}] is outside [0, 1] or inverted")
         out.append(GritEntry(start, end, box, score))
@@ -221,7 +246,9 @@ class GritGroundedCaption:
     drop_threshold: float = 0.2
     box_encoder: str = "release"
     max_text_tokens: int = 2047
-    """text-only documents are cut to this many tokens (the release packs 2048 with ``<s>``)"""
+    """text-only documents are cut to this many tokens (the release packs 2048 with ``<s>``); captions and documents
+    are first cut to ``max_text_tokens * MAX_CHARS_PER_TOKEN`` characters (:func:`truncate_for_tokens`), dropping
+    the grounded spans that end past the cut"""
 
     def caption_pieces(self, caption: str, spans: Sequence[GroundedSpan], grounded: bool) -> List[str]:
         pieces = self.tokenizer.encode_pieces(caption)
@@ -239,6 +266,7 @@ class GritGroundedCaption:
         ``</line>``, the last ``</line>`` replaced by ``</s>``; cut to ``max_text_tokens`` (ending in ``</s>``)."""
         index = self.tokenizer.dictionary.index
         ids: List[int] = []
+        text = truncate_for_tokens(text, self.max_text_tokens)
         for line in (l for l in text.split("\n") if l.strip()):
             ids += [index(p) for p in self.tokenizer.encode_pieces(line)] + [index(LINE_END)]
         ids[-1] = self.tokenizer.eos_id
@@ -256,7 +284,10 @@ class GritGroundedCaption:
         try:
             raw = grit_entries_of(sample, self.mode)
             if raw:
-                entries = parse_grit_entries(raw, caption)
+                entries = parse_grit_entries(raw, caption)  # validated against the whole caption
+            caption = truncate_for_tokens(caption, self.max_text_tokens)
+            if raw:
+                entries = [e for e in entries if e.end <= len(caption)]
                 spans = select_grounded_spans(entries, sample["image"].size, self.mode, self.score_threshold,
                                               self.center_crop, self.size, self.drop_threshold)
             rng = random.Random(derive_seed(sample.get("__seed__", sample.get("__key__")), "grounding"))

@@ -13,9 +13,15 @@ Kinds:
 - ``wds``: img2dataset tar shards (``<key>.jpg|png|jpeg|webp``, ``<key>.txt``, ``<key>.json``); the caption
   comes from ``txt`` or, with ``caption_key``, from that field of the json.
 - ``frames``: a JSON annotation list ``[{"video_id": ..., "caption"|"desc": str | [str]}]`` with frames in
-  ``<frames_root>/<video_id>/*.jpg`` (sorted by name).
+  ``<frames_root>/<video_id>/*.jpg`` (sorted by name). A ``video_id`` must name a folder inside ``frames_root``
+  (:func:`video_directory`): an absolute path or a ``..`` component is a bad sample, never read.
 - ``text``: text-only documents for language-model mixing, one per line: ``.jsonl`` lines ``{"text": str}`` or
   plain ``.txt`` lines (with ``\n`` escaped as ``\\n`` inside a document). Samples hold ``text`` and no image.
+
+A shard that holds no record at all (a valid but empty tar, an empty TSV, an empty annotation list) yields one
+error record, so it is counted and logged as a bad sample like an unreadable one instead of passing unnoticed. A
+tar sample whose members repeat (``a.jpg a.txt a.jpg a.txt``: the same key written twice back to back) is two
+records, the second an error record ("duplicate sample key"), instead of one silently merged sample.
 """
 from __future__ import annotations
 
@@ -62,13 +68,23 @@ class SourceSpec:
 
 
 # ----------------------------------------------------------------------------------------------- readers
+def _empty_shard(path: str, spec: SourceSpec) -> Dict[str, Any]:
+    """The error record standing for a shard without any record (counted like any bad sample)."""
+    return {"__source__": spec.name, "__url__": path, "__index__": 0, "__key__": None, "members": {},
+            "__error__": "empty shard: no record in it"}
+
+
 def read_tsv(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
     """Yield one raw record per line (bytes; decoding to text happens in :func:`decode_tsv`)."""
+    empty = True
     with open(path, "rb") as fh:
         for index, line in enumerate(fh):
             if not line.strip():
                 continue
+            empty = False
             yield {"__source__": spec.name, "__url__": path, "__index__": index, "line": line}
+    if empty:
+        yield _empty_shard(path, spec)
 
 
 def tar_has_end_marker(tar: tarfile.TarFile) -> bool:
@@ -85,12 +101,21 @@ def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
     path (a truncated shard yields its complete samples, then one bad record naming the shard) and exact
     replay for resume. When the cut falls inside a member of the pending sample, that sample is partial and the
     bad record stands for it; when it falls in a later sample's member (or a header), the pending sample is
-    yielded first and decoded on its own merits.
+    yielded first and decoded on its own merits. A member extension that repeats within a key starts a new record
+    flagged as a duplicate (an error record); a tar without any sample yields one error record.
     """
     index = 0
     current_key: Optional[str] = None
     members: Dict[str, bytes] = {}
+    duplicate = False  # the pending record repeats the key of the record before it
     reading: Optional[str] = None  # key of the member whose data is being read (None between members): the cut one
+
+    def record(key, members, duplicate):
+        out = {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": key, "members": members}
+        if duplicate:
+            out["__error__"] = f"duplicate sample key: {key!r} repeats its members right after its first copy"
+        return out
+
     try:
         with tarfile.open(path, mode="r|*") as tar:
             for info in tar:
@@ -105,13 +130,14 @@ def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
                 reading = key
                 data = tar.extractfile(info).read()
                 reading = None
-                if key != current_key:
+                ext = ext.lower()
+                if key != current_key or ext in members:
                     if current_key is not None:
-                        yield {"__source__": spec.name, "__url__": path, "__index__": index,
-                               "__key__": current_key, "members": members}
+                        yield record(current_key, members, duplicate)
                         index += 1
+                    duplicate = key == current_key
                     current_key, members = key, {}
-                members[ext.lower()] = data
+                members[ext] = data
             if not tar_has_end_marker(tar):
                 raise tarfile.ReadError("no end-of-archive marker: the shard is truncated")
     except (tarfile.TarError, OSError, EOFError) as exc:
@@ -121,15 +147,15 @@ def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
                    "__error__": f"unreadable tar shard: {type(exc).__name__}: {exc}"}
             return
         if reading != current_key:  # the pending sample's members were all read
-            yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": current_key,
-                   "members": members}
+            yield record(current_key, members, duplicate)
             index += 1
         yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": reading,
                "members": {}, "__error__": f"truncated shard: {exc}"}
         return
     if current_key is not None:
-        yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": current_key,
-               "members": members}
+        yield record(current_key, members, duplicate)
+    else:
+        yield _empty_shard(path, spec)
 
 
 def read_frames_annotation(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
@@ -137,13 +163,15 @@ def read_frames_annotation(path: str, spec: SourceSpec) -> Iterator[Dict[str, An
     try:
         with open(path, encoding="utf-8") as fh:
             entries = json.load(fh)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an integer of > 4300 digits
         yield {"__source__": spec.name, "__url__": path, "__index__": 0, "__error__": f"unreadable annotation: {exc}"}
         return
     if not isinstance(entries, list):
         yield {"__source__": spec.name, "__url__": path, "__index__": 0,
                "__error__": "annotation file must hold a JSON list"}
         return
+    if not entries:
+        yield _empty_shard(path, spec)
     for index, entry in enumerate(entries):
         yield {"__source__": spec.name, "__url__": path, "__index__": index, "entry": entry}
 
@@ -163,6 +191,8 @@ def _where(raw: Dict[str, Any]) -> str:
 
 
 def decode_tsv(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
+    if "__error__" in raw:  # an empty shard
+        raise BadSample(raw["__error__"], raw["__url__"], "shard")
     schema: TsvSchema = TSV_SCHEMAS[spec.schema]
     where = f"{raw['__url__']}:{raw['__index__'] + 1}"
     try:
@@ -190,8 +220,8 @@ def decode_tsv(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
 
 def decode_wds(raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASET_KEYS) -> Dict[str, Any]:
     where = _where(raw)
-    if "__error__" in raw:  # read_tar's record for an unreadable or truncated shard
-        raise BadSample(raw["__error__"], raw["__url__"], "tar")
+    if "__error__" in raw:  # read_tar's record for an unreadable, truncated or empty shard, or a duplicate key
+        raise BadSample(raw["__error__"], where if raw.get("__key__") else raw["__url__"], "tar")
     members = raw["members"]
     image_ext = next((ext for ext in keys.image if ext in members), None)
     if image_ext is None:
@@ -200,7 +230,7 @@ def decode_wds(raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASE
     if keys.meta in members:
         try:
             meta = json.loads(members[keys.meta].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
+        except (ValueError, RecursionError):  # UnicodeDecodeError / JSONDecodeError / a > 4300-digit integer
             raise BadSample("json member is not valid UTF-8 JSON", where, keys.meta) from None
         if not isinstance(meta, dict):
             raise BadSample("json member is not an object", where, keys.meta)
@@ -222,6 +252,21 @@ def decode_wds(raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASE
             "caption": caption.strip(), "meta": meta}
 
 
+def video_directory(frames_root: str, video_id: Any, where: str = "?") -> str:
+    """``<frames_root>/<video_id>``, for a ``video_id`` (a string or an integer) that names a folder inside
+    ``frames_root``: relative, without ``..`` components or NUL. Anything else raises :class:`BadSample`, so an
+    annotation cannot make the loader read files outside the frames root (``"../../etc"``, ``"/data/other"``)."""
+    if isinstance(video_id, bool) or not isinstance(video_id, (str, int)):
+        raise BadSample(f"video_id must be a string or an integer: got {type(video_id).__name__}", where, "video_id")
+    name = str(video_id)
+    parts = name.replace("\\", "/").split("/")
+    if (not name.strip() or "\0" in name or os.path.isabs(name) or ".." in parts
+            or os.path.normpath(name) == "."):
+        raise BadSample(f"unsafe video_id: {name[:200]!r} must name a folder inside the frames root", where,
+                        "video_id")
+    return os.path.join(frames_root, name)
+
+
 def list_frames(video_dir: str) -> List[str]:
     """Sorted frame image paths of one video directory."""
     return sorted(os.path.join(video_dir, f) for f in os.listdir(video_dir)
@@ -240,7 +285,7 @@ def decode_frames(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
         caption = caption[0] if caption else None
     if not isinstance(caption, str) or not caption.strip():
         raise BadSample("entry lacks a caption/desc string", where, "caption")
-    video_dir = os.path.join(spec.frames_root, str(entry["video_id"]))
+    video_dir = video_directory(spec.frames_root, entry["video_id"], where)
     if not os.path.isdir(video_dir):
         raise BadSample(f"missing video directory {video_dir}", where, "video_id")
     paths = list_frames(video_dir)
@@ -256,6 +301,8 @@ def decode_frames(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
 
 def decode_text(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
     """A text-only document: ``{"text": ...}`` of a ``.jsonl`` line, or a plain line with ``\\n`` for newlines."""
+    if "__error__" in raw:  # an empty shard
+        raise BadSample(raw["__error__"], raw["__url__"], "shard")
     where = f"{raw['__url__']}:{raw['__index__'] + 1}"
     try:
         line = raw["line"].decode("utf-8").rstrip("\r\n")
@@ -264,7 +311,7 @@ def decode_text(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
     if raw["__url__"].endswith(".jsonl"):
         try:
             doc = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
+        except (ValueError, RecursionError):  # JSONDecodeError, a > 4300-digit integer; nested too deeply
             raise BadSample("line is not JSON", where, "line") from None
         text = doc.get("text") if isinstance(doc, dict) else None
         if not isinstance(text, str):

@@ -12,6 +12,8 @@ Every task tokenises through this interface, so a model can swap its text side b
 
 ``encode(text)`` returns ids without begin/end tokens; ``encode_batch(texts, context_length)`` adds them, truncates
 (keeping the end token last, as CLIP does) and right-pads with ``pad_id``; ``decode(ids)`` drops begin/end/pad ids.
+``encode_batch`` first cuts each text to ``context_length * MAX_CHARS_PER_TOKEN`` characters
+(:func:`truncate_for_tokens`), so a megabyte caption costs what a normal one does instead of seconds.
 
 All tokenisers are picklable and cheap to pickle: they keep only file paths and names and load their vocabularies
 on first use, so DataLoader workers each load their own copy.
@@ -33,6 +35,19 @@ logger = logging.getLogger(__name__)
 
 SPM_SPACE = "\u2581"
 """The sentencepiece word-boundary marker (``▁``)."""
+
+MAX_CHARS_PER_TOKEN = 64
+"""Characters of text kept per token wanted before tokenising (:func:`truncate_for_tokens`). The longest token of
+the CLIP BPE vocabulary spans 32 byte-level characters, natural text averages about 4 characters per token, so
+``n * 64`` characters hold far more than ``n`` tokens and the cut never changes the first ``n`` tokens of such text;
+only text made of very long runs (whitespace that the tokeniser drops, words longer than 64 characters) can lose
+tokens it would have had within the first ``n``."""
+
+
+def truncate_for_tokens(text: str, max_tokens: int) -> str:
+    """``text`` cut to ``max_tokens * MAX_CHARS_PER_TOKEN`` characters: the part that can give its first
+    ``max_tokens`` tokens. Tokenising costs time linear (or worse) in the length of the text; this bounds it."""
+    return text[: max(max_tokens, 0) * MAX_CHARS_PER_TOKEN]
 
 
 def _require_file(path: Optional[str], what: str) -> str:
@@ -130,7 +145,8 @@ class TextTokenizer(abc.ABC):
 
         Each row is ``add_begin_end(encode(text))``; a row longer than ``context_length`` is cut to
         ``context_length`` tokens and its last token is set to the end token (the CLIP convention); shorter rows
-        are right-padded with ``pad_id``. ``context_length`` defaults to the one given at construction.
+        are right-padded with ``pad_id``. ``context_length`` defaults to the one given at construction. Texts are
+        cut to ``context_length * MAX_CHARS_PER_TOKEN`` characters first (:func:`truncate_for_tokens`).
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -139,7 +155,7 @@ class TextTokenizer(abc.ABC):
             raise ValueError(f"encode_batch needs a positive context_length, got {context_length!r}")
         result = torch.full((len(texts), context_length), self.pad_id, dtype=torch.long)  # B x L
         for row, text in enumerate(texts):
-            tokens = self.add_begin_end(self.encode(text))
+            tokens = self.add_begin_end(self.encode(truncate_for_tokens(text, context_length)))
             if len(tokens) > context_length:
                 tokens = tokens[:context_length]
                 if self.add_eos:
