@@ -254,3 +254,71 @@ def test_module_cli(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "converted 3, skipped 5" in proc.stderr
+
+
+def test_deeply_nested_json_is_a_counted_skip(tmp_path):
+    """json that the parser cannot nest into (RecursionError) or an integer of more digits than Python parses is
+    a bad sample like any other; the rest converts."""
+    folder = tmp_path / "download" / "00000"
+    folder.mkdir(parents=True)
+    for key, meta in (("000000000", json.dumps(grit_record("a good one", "000000000")).encode()),
+                      ("000000001", b"[" * 100_000 + b"]" * 100_000),
+                      ("000000002", b'{"caption": "x", "width": ' + b"9" * 5000 + b"}")):
+        (folder / f"{key}.jpg").write_bytes(image_bytes())
+        (folder / f"{key}.json").write_bytes(meta)
+    summary = convert([str(tmp_path / "download")], str(tmp_path / "out"))
+    assert (summary.converted, dict(summary.skipped)) == (1, {"bad json": 2})
+
+
+def test_a_failed_conversion_leaves_no_partial_output(tmp_path, monkeypatch):
+    """A conversion that dies after writing rows (here: an unexpected error on the 3rd sample) leaves the output
+    folder as it was: first empty, then, with --overwrite over an earlier run, with the earlier shards and config."""
+    from unilm_vl.data import prepare_grit
+
+    src = write_files_layout(tmp_path / "download")
+    out = tmp_path / "out"
+    real_build_row, calls = prepare_grit.build_row, []
+
+    def failing_build_row(sample, reencode_jpeg=False):
+        calls.append(sample.source)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return real_build_row(sample, reencode_jpeg)
+
+    monkeypatch.setattr(prepare_grit, "build_row", failing_build_row)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        convert([str(src)], str(out), shard_size=1)
+    assert os.listdir(out / "tsv") == [] and not (out / "json").exists()
+
+    monkeypatch.setattr(prepare_grit, "build_row", real_build_row)
+    convert([str(src)], str(out), shard_size=2)
+    before = {p: (out / p).read_bytes() for p in ("tsv/grit-00000.tsv", "tsv/grit-00001.tsv", "tsv/sizes.json",
+                                                  "json/train.json")}
+    calls.clear()
+    monkeypatch.setattr(prepare_grit, "build_row", failing_build_row)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        convert([str(src)], str(out), shard_size=1, overwrite=True)
+    assert sorted(os.listdir(out / "tsv")) == ["grit-00000.tsv", "grit-00001.tsv", "sizes.json"]
+    assert {p: (out / p).read_bytes() for p in before} == before
+
+
+def test_overwrite_with_fewer_shards_removes_the_older_ones(tmp_path):
+    src = write_files_layout(tmp_path / "download")
+    out = tmp_path / "out"
+    convert([str(src)], str(out), shard_size=1)
+    convert([str(src)], str(out), shard_size=2, overwrite=True)
+    assert sorted(os.listdir(out / "tsv")) == ["grit-00000.tsv", "grit-00001.tsv", "sizes.json"]
+    assert json.loads((out / "tsv" / "sizes.json").read_text()) == {"grit-00000.tsv": 2, "grit-00001.tsv": 1}
+
+
+def test_repeated_tar_member_is_a_counted_skip(tmp_path):
+    """A tar that holds a sample's members twice: the first copy converts, the repeats are counted."""
+    members = [(f"000000000.{ext}", _member_bytes(ext, value))
+               for ext, value in dict(build_samples())["000000000"].items() if ext != "txt"]
+    with tarfile.open(tmp_path / "dup.tar", "w") as tar:
+        for name, data in members * 2:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    summary = convert([str(tmp_path / "dup.tar")], str(tmp_path / "out"))
+    assert (summary.converted, dict(summary.skipped)) == (1, {"duplicate tar member": 2})

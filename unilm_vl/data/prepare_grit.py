@@ -26,9 +26,14 @@ of a JPEG re-encode at PIL's default quality, as the release did); ``width``/``h
 decoded size; ``annotation`` = ``{"phrase": noun_chunks, "expression_v1": ref_exps}``. Captions holding tabs or
 newlines are escaped by the schema instead of corrupting the row.
 
-Bad samples (a missing json or image, an undecodable image, unreadable json, no ``caption``, an unreadable tar) are
-skipped, logged with their path and counted; the run ends with ``converted N, skipped M (reason: count, ...)``.
-Samples are written in a deterministic order: inputs in the order given, and within an input by sorted path/key.
+Bad samples (a missing json or image, an undecodable image, unreadable json, json nested too deeply for the parser,
+no ``caption``, a member repeated in a tar, an unreadable tar) are skipped, logged with their path and counted; the
+run ends with ``converted N, skipped M (reason: count, ...)``. Samples are written in a deterministic order: inputs in
+the order given, and within an input by sorted path/key.
+
+No partial output: shards are written into a hidden staging folder inside ``OUTDIR/tsv`` and moved into place
+(with ``sizes.json`` and ``train.json``) only when the whole conversion has finished; a run that fails or is
+interrupted leaves ``OUTDIR`` as it was (with ``--overwrite``, the old shards too).
 """
 from __future__ import annotations
 
@@ -40,8 +45,10 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
 import tarfile
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -55,6 +62,7 @@ from unilm_vl.data.formats import (
     TsvShardWriter,
     parse_annotation,
     relative_paths,
+    update_sizes_json,
     write_source_config,
 )
 
@@ -148,7 +156,12 @@ def _iter_tar(path: str, summary: ConversionSummary) -> Iterator[RawSample]:
                     continue
                 key, ext = split_member_name(member.name)
                 if _is_sample_member(os.path.basename(member.name), ext):
-                    groups.setdefault(key, {})[ext] = member
+                    group = groups.setdefault(key, {})
+                    if ext in group:  # the first copy is converted
+                        summary.skip(BadSample("duplicate tar member: a later copy is ignored",
+                                               f"{path}:{member.name}", "tar"))
+                        continue
+                    group[ext] = member
             if not tar_has_end_marker(tar):
                 raise tarfile.ReadError("no end-of-archive marker where the members stop")
         except (tarfile.TarError, OSError, EOFError) as exc:
@@ -255,8 +268,8 @@ def build_row(sample: RawSample, reencode_jpeg: bool = False) -> Dict[str, Any]:
         raise BadSample("missing image", sample.source, "image")
     try:
         meta = json.loads(sample.read_meta().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadSample(f"bad json: {exc}", sample.source, "json") from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8 / JSON, a > 4300-digit integer, nested too deeply
+        raise BadSample(f"bad json: {type(exc).__name__}: {exc}", sample.source, "json") from None
     if not isinstance(meta, dict):
         raise BadSample("bad json: not an object", sample.source, "json")
     caption = meta.get("caption")
@@ -332,7 +345,8 @@ def convert(inputs: Sequence[str], out_dir: str, shard_size: int = 1000, name: s
     """Convert ``inputs`` into ``out_dir``; see the module docstring. Returns the counts.
 
     Raises ``FileNotFoundError`` for an input that does not exist and ``FileExistsError`` when shards of ``name``
-    are already in ``out_dir/tsv`` and ``overwrite`` is off. Bad samples never raise.
+    are already in ``out_dir/tsv`` and ``overwrite`` is off. Bad samples never raise. Shards are staged and published
+    only at the end (:func:`publish_shards`); with ``overwrite``, the old shards go only then.
     """
     if not name or os.sep in name or name != name.strip():
         raise ValueError(f"--name must be a plain file-name prefix, got {name!r}")
@@ -341,29 +355,47 @@ def convert(inputs: Sequence[str], out_dir: str, shard_size: int = 1000, name: s
             raise FileNotFoundError(f"input not found: {path}")
     tsv_dir = os.path.join(out_dir, "tsv")
     stale = existing_shards(tsv_dir, name)
-    if stale:
-        if not overwrite:
-            raise FileExistsError(f"{len(stale)} shards named {name!r} already exist in {tsv_dir} "
-                                  "(pass --overwrite to replace them)")
-        logger.info("removing %d existing shards of %r in %s", len(stale), name, tsv_dir)
-        remove_shards(stale)
+    if stale and not overwrite:
+        raise FileExistsError(f"{len(stale)} shards named {name!r} already exist in {tsv_dir} "
+                              "(pass --overwrite to replace them)")
 
     summary = ConversionSummary()
-    with TsvShardWriter(os.path.join(tsv_dir, name), GRIT_TSV, rows_per_shard=shard_size) as writer:
-        for sample in iter_raw_samples(inputs, summary):
-            try:
-                row = build_row(sample, reencode_jpeg=reencode_jpeg)
-            except BadSample as exc:
-                summary.skip(exc)
-                continue
-            writer.write(row)
-            summary.converted += 1
-            if summary.converted % LOG_PROGRESS_EVERY == 0:
-                logger.info("%s so far", summary.line())
-    summary.shards = list(writer.paths)
-    if summary.shards:
-        write_train_config(os.path.join(out_dir, "json", "train.json"), summary.shards, name)
+    os.makedirs(tsv_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}-partial-", dir=tsv_dir)
+    try:
+        with TsvShardWriter(os.path.join(staging, name), GRIT_TSV, rows_per_shard=shard_size) as writer:
+            for sample in iter_raw_samples(inputs, summary):
+                try:
+                    writer.write(build_row(sample, reencode_jpeg=reencode_jpeg))
+                except BadSample as exc:
+                    summary.skip(exc)
+                    continue
+                except (ValueError, RecursionError) as exc:  # the row cannot be written as TSV (format_row)
+                    summary.skip(BadSample(f"unwritable row: {type(exc).__name__}: {exc}", sample.source, "row"))
+                    continue
+                summary.converted += 1
+                if summary.converted % LOG_PROGRESS_EVERY == 0:
+                    logger.info("%s so far", summary.line())
+        if writer.paths:
+            summary.shards = publish_shards(writer.paths, writer.sizes, tsv_dir, stale)
+            write_train_config(os.path.join(out_dir, "json", "train.json"), summary.shards, name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return summary
+
+
+def publish_shards(staged: Sequence[str], sizes: Dict[str, int], tsv_dir: str, stale: Sequence[str]) -> List[str]:
+    """Move the finished shards ``staged`` into ``tsv_dir`` (``os.replace``: same file system), after removing the
+    ``stale`` shards of the same name that they do not replace, and merge their ``sizes``; returns their paths."""
+    published = [os.path.join(tsv_dir, os.path.basename(path)) for path in staged]
+    leftover = sorted(set(stale) - set(published))
+    if leftover:
+        logger.info("removing %d older shards of the same name in %s", len(leftover), tsv_dir)
+        remove_shards(leftover)
+    for src, dst in zip(staged, published):
+        os.replace(src, dst)
+    update_sizes_json(tsv_dir, sizes)
+    return published
 
 
 def get_parser() -> argparse.ArgumentParser:
