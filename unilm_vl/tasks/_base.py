@@ -40,13 +40,14 @@ class StreamDataConfig(FairseqDataclass):
         "help": "directory of <video_id>/ frame folders for frames annotation sources (default: frames/ beside "
                 "the annotation json)"})
     shuffle_buffer: int = field(default=1000, metadata={
-        "help": "records held in each worker's shuffle buffer (0 or 1 disables sample shuffling)"})
+        "help": "records held in each rank's shuffle buffer, per source (0 or 1 disables sample shuffling)"})
     no_shuffle: bool = field(default=False, metadata={"help": "read shards and samples in order (no shuffling)"})
     split_by: SPLIT_CHOICES = field(default="auto", metadata={
-        "help": "how rank x worker slots share the data: whole shards, every n-th sample, or auto (shards when "
-                "there are at least as many shards as slots)"})
+        "help": "how ranks share the data (their loader workers only decode): whole shards, every n-th sample, or "
+                "auto (shards when there are at least as many shards as ranks)"})
     train_num_samples: Optional[int] = field(default=None, metadata={
-        "help": "samples per epoch (default: the size of the training data from sizes.json or a scan)"})
+        "help": "samples per epoch (default: the size of the training data from sizes.json or a scan, bad records "
+                "included); an epoch is ceil(samples / (batch size x ranks)) batches"})
     max_bad_fraction: float = field(default=0.1, metadata={
         "help": "stop with an error naming the last bad file once more than this fraction of samples is bad"})
     bad_sample_log_every: int = field(default=100, metadata={"help": "log a bad-sample summary every N skips"})
@@ -142,7 +143,7 @@ class StreamTaskBase(FairseqTask):
             sizes=self._sizes.setdefault(split, {}), **self.stream_options(split, max_sentences))
         if train:
             total = self.cfg.train_num_samples or plan.count()
-            num_batches = total // (max_sentences * num_shards)
+            num_batches = math.ceil(total / (max_sentences * num_shards))  # no sample of a pass left out
         else:
             total = plan.count()
             num_batches = math.ceil(math.ceil(total / num_shards) / max_sentences)
