@@ -8,6 +8,7 @@ from typing import Dict, List, Optional
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask
 from omegaconf import II
 
@@ -17,10 +18,12 @@ from ..data.pipeline import StreamPlan
 from ..data.sources import SourceSpec, parse_data_spec
 from ..fault_tolerance import NonFiniteLossGuard, install_atomic_checkpoint_copy, set_collective_timeout
 from ..optim.open_clip_adamw import tag_parameter_names
+from ..trainer import install as install_trainer
 
 logger = logging.getLogger(__name__)
 
 SPLIT_CHOICES = ChoiceEnum(["auto", "shard", "sample"])
+FSDP2_PRECISION_CHOICES = ChoiceEnum(["fp32", "bf16", "fp16"])
 
 
 @dataclass
@@ -61,6 +64,21 @@ class StreamDataConfig(FairseqDataclass):
         "help": "run forward passes under torch.autocast(bfloat16) on the model's device (CPU or GPU) with fp32 "
                 "weights and optimizer state, no loss scaling; losses still compute in fp32. fairseq 0.12's own "
                 "--bf16 needs torch_xla and --amp is fp16 only"})
+    fsdp2: bool = field(default=False, metadata={
+        "help": "shard weights, gradients and optimizer state over the data-parallel ranks with PyTorch FSDP2 "
+                "(fully_shard per transformer block, then the root) instead of DDP; checkpoints are sharded "
+                "(torch.distributed.checkpoint; python -m unilm_vl.consolidate makes one file). Works on CPU (gloo) "
+                "and GPUs (NCCL), also on one rank"})
+    fsdp2_precision: FSDP2_PRECISION_CHOICES = field(default="fp32", metadata={
+        "help": "--fsdp2 compute precision: bf16 or fp16 weights are gathered for forward/backward while the "
+                "sharded master weights, optimizer state and gradient reduction stay fp32 (fp16 adds fairseq's "
+                "dynamic loss scaling, --fp16-init-scale / --fp16-scale-window); use it instead of --fp16/--amp"})
+    fsdp2_keep_unsharded: bool = field(default=False, metadata={
+        "help": "--fsdp2: keep each block's gathered weights from its forward to its backward (one all-gather "
+                "less per block, more memory; the default reshards after forward)"})
+    fsdp2_full_checkpoint: bool = field(default=False, metadata={
+        "help": "--fsdp2: gather full weights and optimizer state to rank 0 and write one regular checkpoint "
+                "file instead of per-rank shards"})
     collective_timeout: int = field(default=0, metadata={
         "help": "seconds a collective (all-reduce, all-gather) waits for the other ranks before failing, so a hung "
                 "rank stops the job instead of blocking it; 0 keeps torch's default (30 min gloo, 10 min NCCL)"})
@@ -80,6 +98,7 @@ class StreamTaskBase(FairseqTask):
         install_atomic_checkpoint_copy()  # checkpoint_last.pt is never left half-written (see fault_tolerance.py)
         set_collective_timeout(getattr(cfg, "collective_timeout", 0))  # tasks are set up after distributed init
         self.nan_guard = NonFiniteLossGuard(getattr(cfg, "max_consecutive_nan_steps", 10))
+        install_trainer()  # fairseq-train builds UnilmTrainer (--fsdp2, fp16/AMP on CPU); see unilm_vl/trainer.py
 
     # ---- data
     def build_model(self, cfg, from_checkpoint=False):
@@ -157,12 +176,13 @@ class StreamTaskBase(FairseqTask):
         """fairseq's forward/backward, then the NaN/Inf loss check. Overridden (not to pass a loss name) because
         the check must run between backward and the trainer's gradient-norm check, which raises on NaN
         gradients before ``optimizer_step`` could skip the update; see :mod:`unilm_vl.fault_tolerance`."""
-        if getattr(self.cfg, "bf16_autocast", False):
-            # fairseq's train_step opens torch.cuda.amp.autocast(enabled=False) around the forward, which would
-            # switch a surrounding bf16 autocast off on GPU, so its four steps are spelled out here.
+        if getattr(self.cfg, "bf16_autocast", False) or isinstance(optimizer, AMPOptimizer):
+            # fairseq's train_step opens torch.cuda.amp.autocast around the forward, which would switch a
+            # surrounding bf16 autocast off on GPU and does nothing on CPU (--amp), so its four steps are spelled
+            # out here with an autocast on the model's own device.
             model.train()
             model.set_num_updates(update_num)
-            with self.autocast(model):
+            with self.autocast(model, optimizer):
                 loss, sample_size, logging_output = criterion(model, sample)
             if ignore_grad:
                 loss *= 0
@@ -174,9 +194,13 @@ class StreamTaskBase(FairseqTask):
                                                                     update_num, ignore_grad)
         return loss, sample_size, logging_output
 
-    def autocast(self, model):
-        """bf16 autocast on the model's device when ``--bf16-autocast`` is set (a no-op context otherwise)."""
+    def autocast(self, model, optimizer=None):
+        """Autocast on the model's device: bf16 with ``--bf16-autocast``, fp16 with ``--amp`` (fairseq's AMP
+        optimizer; on GPU what fairseq's own train step does, on CPU what it would do if its autocast were not
+        CUDA-only); a no-op context otherwise."""
         device = next(model.parameters()).device.type
+        if isinstance(optimizer, AMPOptimizer):
+            return torch.autocast(device, dtype=torch.float16)
         return torch.autocast(device, dtype=torch.bfloat16, enabled=bool(getattr(self.cfg, "bf16_autocast", False)))
 
     def valid_step(self, sample, model, criterion):
