@@ -17,10 +17,11 @@ of the rank.
 
 Epoch contents: training streams are infinite (passes repeat with fresh shard orders and shuffles) and cut to a
 fixed number of batches per epoch, the same on every rank, so DDP never waits on a rank that ran dry. That length
-is counted in raw records, bad ones included (which records are bad is known only after decoding). A rank's epoch
-therefore holds every good sample of its first pass once, in the pass's shuffled order, and then repeats samples of
-the next pass only to fill the fixed length: with ``n`` bad records a single-source epoch repeats ``n`` good samples
-(plus the padding of its last batch). With several ranks this holds per rank when each rank's share of the records
+(``ceil(samples / (B x ranks))``, set by the task) comes from the declared sizes or a scan of raw records, bad ones
+included (which records are bad is known only after decoding). A rank's epoch therefore holds every good sample of
+its first pass once, in the pass's shuffled order, and then repeats samples of the next pass only to fill the fixed
+length: with ``n`` bad records a single-source epoch repeats ``n`` good samples (plus the padding of its last
+batch). With several ranks this holds per rank when each rank's share of the records
 fits its ``num_batches x B`` samples (always with ``--split-by sample``; with whole-shard splits when the shards
 divide evenly); a weighted mixture draws sources by weight, not pass by pass. Validation streams are a single pass,
 padded with empty batches (fairseq's dummy batches) to the same count on every rank.
