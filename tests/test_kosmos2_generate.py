@@ -417,14 +417,6 @@ def run_fail(cmd):
     return proc.stdout + proc.stderr
 
 
-def test_view_box_to_pixels():
-    from unilm_vl.kosmos2_infer import view_box_to_pixels
-
-    assert view_box_to_pixels((0.0, 0.0, 1.0, 1.0), 200, 100, "squash") == (0, 0, 200, 100)
-    assert view_box_to_pixels((0.0, 0.0, 1.0, 1.0), 200, 100, "crop") == (50, 0, 150, 100)  # the central square
-    assert view_box_to_pixels((0.25, 0.5, 0.75, 1.0), 100, 300, "crop") == (25, 150, 75, 200)
-
-
 def test_greedy_picks_equal_the_beam_step_at_beam_one():
     """The arg-max fast path keeps what fairseq's beam step keeps at beam 1: the best token of every row, and a
     row whose best token is </s> finishes (the beam step also keeps a continuation, dropped because the input is

@@ -11,6 +11,7 @@ from conftest import SHARED
 from unilm_vl.data.grounding import (
     GROUNDING_SPECIALS,
     box_to_patch_indices,
+    box_to_pixels,
     build_kosmos2_dictionary,
     build_kosmos2_tokenizer,
     decode_bbox_from_caption,
@@ -158,6 +159,17 @@ def test_decoder_other_grid_size():
     assert patch_indices_to_box(5, 5, num_bins=4) == (0.25, 0.25, 0.5, 0.5)
 
 
+def test_box_to_pixels_is_float():
+    """The one pixel conversion of every evaluation: ``x * W`` without truncation (a 0.29 x 10 px edge stays 2.9)."""
+    assert box_to_pixels((0.05, 0.05, 0.29, 0.29), 10, 10) == pytest.approx((0.5, 0.5, 2.9, 2.9))
+    assert box_to_pixels((0.0, 0.0, 1.0, 1.0), 200, 100, "squash") == (0.0, 0.0, 200.0, 100.0)
+    assert box_to_pixels((0.0, 0.0, 1.0, 1.0), 200, 100, "crop") == (50.0, 0.0, 150.0, 100.0)  # central square
+    assert box_to_pixels((0.25, 0.5, 0.75, 1.0), 100, 300, "crop") == (25.0, 150.0, 75.0, 200.0)
+    assert box_to_pixels((0.1, 0.1, 0.2, 0.2), 7, 5, "crop") == pytest.approx((1.5, 0.5, 2.0, 1.0))
+    with pytest.raises(ValueError, match="view must be one of"):
+        box_to_pixels((0, 0, 1, 1), 10, 10, "pad")
+
+
 def test_box_token_box_round_trip():
     """Check 6: release encoder + decoder, 10^5 random boxes."""
     rng = random.Random(1)
@@ -176,10 +188,16 @@ def test_box_token_box_round_trip():
     assert worst_edge < 1 / 32
 
 
+def ordered_pairs(num_bins):
+    """Every ``(ul, lr)`` whose lower-right cell is neither left of nor above the upper-left one."""
+    p = num_bins
+    return [(uy * p + ux, ly * p + lx) for uy in range(p) for ly in range(uy, p) for ux in range(p)
+            for lx in range(ux, p)]
+
+
 def test_token_box_token_round_trip():
     """Check 7: the hf encoder inverts the decoder on all 278,784 ordered pairs; the release one fails on 32,705."""
-    pairs = [(uy * 32 + ux, ly * 32 + lx)
-             for uy in range(32) for ly in range(uy, 32) for ux in range(32) for lx in range(ux, 32)]
+    pairs = ordered_pairs(32)
     assert len(pairs) == 278_784
     release_failures = 0
     for ul, lr in pairs:
@@ -188,6 +206,46 @@ def test_token_box_token_round_trip():
         release_failures += box_to_patch_indices(box, mode="release") != (ul, lr)
     assert release_failures == 32_705
     assert box_to_patch_indices(patch_indices_to_box(0, 0)) == (0, 33)
+
+
+@pytest.mark.parametrize("num_bins", [20, 24, 40])
+def test_hf_encoder_inverts_the_decoder_on_every_grid(num_bins):
+    """The documented claim of box_to_patch_indices: decode-then-encode is the identity on every ordered pair of a
+    grid that is not a power of two too, where HF's uncorrected float formula is not (test_hf_codec_bit_for_bit)."""
+    pairs = ordered_pairs(num_bins)
+    assert len(pairs) == (num_bins * (num_bins + 1) // 2) ** 2
+    wrong = [(ul, lr) for ul, lr in pairs
+             if box_to_patch_indices(patch_indices_to_box(ul, lr, num_bins), num_bins, mode="hf") != (ul, lr)]
+    assert wrong == []
+
+
+def test_hf_codec_bit_for_bit():
+    """Against HF transformers' own ``patch_index_to_coordinate`` / ``coordinate_to_patch_index``: the decoder is
+    theirs bit for bit on every grid; the hf encoder is theirs bit for bit at the released P = 32 (every decoded
+    pair, random boxes, boxes on grid lines); on P = 24 their encoder does not invert their decoder, ours does."""
+    hf = pytest.importorskip("transformers.models.kosmos2.processing_kosmos2",
+                             reason="transformers (test-only: HF parity of the box codec) is not installed")
+    for num_bins in (24, 32):
+        for ul, lr in ordered_pairs(num_bins):
+            box = patch_indices_to_box(ul, lr, num_bins)
+            assert box == hf.patch_index_to_coordinate(ul, lr, num_bins), (num_bins, ul, lr)
+            if num_bins == 32:
+                assert box_to_patch_indices(box, 32, mode="hf") == hf.coordinate_to_patch_index(box, 32) == (ul, lr)
+    rng = random.Random(2)
+    grid = [k / 32 for k in range(33)]
+    for _ in range(20_000):
+        x0, x1 = sorted(rng.sample(grid, 2) if rng.random() < 0.3 else (rng.random(), rng.random()))
+        y0, y1 = sorted(rng.sample(grid, 2) if rng.random() < 0.3 else (rng.random(), rng.random()))
+        if x1 > x0 and y1 > y0:
+            box = (x0, y0, x1, y1)
+            assert box_to_patch_indices(box, 32, mode="hf") == hf.coordinate_to_patch_index(box, 32), box
+    # HF's own formula at P = 24: the left edge of column 7 decodes to 7 * (1 / 24) = 0.29166666666666663, and
+    # floor(0.29166666666666663 * 24) = floor(6.999999999999999) = 6, so the pair (7, 7) comes back as (6, 7)
+    assert hf.coordinate_to_patch_index(hf.patch_index_to_coordinate(7, 7, 24), 24) == (6, 7)
+    assert box_to_patch_indices(patch_indices_to_box(7, 7, 24), 24, mode="hf") == (7, 7)
+    hf_wrong = [(ul, lr) for ul, lr in ordered_pairs(24)
+                if hf.coordinate_to_patch_index(hf.patch_index_to_coordinate(ul, lr, 24), 24) != (ul, lr)]
+    assert len(hf_wrong) == 2296
 
 
 def test_release_encoder_accepts_degenerate_boxes():

@@ -15,7 +15,8 @@ hypotheses) it prints the grounded text (prompt text + continuation), the clean 
 same as json lines, ``--draw`` a PNG per input with the boxes and phrases on the original image.
 
 Boxes are normalised to the model's view of the image: the whole image with the default ``--image-view squash``
-(as the released demo), the central square with ``crop`` (the training view); :func:`view_box_to_pixels` maps them.
+(as the released demo), the central square with ``crop`` (the training view); they are drawn on the original image
+through :func:`unilm_vl.data.grounding.box_to_pixels`, the float mapping the evaluations score with.
 
 The checkpoint is read without running code from it (:mod:`unilm_vl.checkpoint`). Bad input (a prompt file line,
 a missing image, a checkpoint that is refused or whose vocabulary is not the dictionary's) stops with one
@@ -33,7 +34,7 @@ import torch
 
 import unilm_vl  # noqa: F401  (registers the kosmos2 task and model before fairseq reads the checkpoint)
 from unilm_vl.data.decode import load_image
-from unilm_vl.data.grounding import parse_grounded_text
+from unilm_vl.data.grounding import box_to_pixels, parse_grounded_text
 from unilm_vl.eval.common import load_checkpoint
 from unilm_vl.logging_utils import setup_cli_logging
 from unilm_vl.models.kosmos2 import VocabularyMismatchError
@@ -77,20 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def view_box_to_pixels(box: Sequence[float], width: int, height: int, view: str = "squash") -> Tuple[int, ...]:
-    """A normalised box of the model's view -> pixel ``(x0, y0, x1, y1)`` on the original ``width x height``
-    image. ``squash``: the view is the whole image; ``crop``: the central ``min(w, h)`` square."""
-    x0, y0, x1, y1 = box
-    if view == "squash":
-        left, top, sx, sy = 0.0, 0.0, width, height
-    elif view == "crop":
-        side = min(width, height)
-        left, top, sx, sy = (width - side) / 2, (height - side) / 2, side, side
-    else:
-        raise ValueError(f"view must be 'squash' or 'crop', got {view!r}")
-    return (int(left + x0 * sx), int(top + y0 * sy), int(left + x1 * sx), int(top + y1 * sy))
-
-
 def draw_entities(image, entities, view: str = "squash"):
     """A copy of the PIL ``image`` with each entity's boxes outlined and labelled with its phrase."""
     from PIL import Image, ImageDraw, ImageFont
@@ -106,7 +93,7 @@ def draw_entities(image, entities, view: str = "squash"):
     for k, (phrase, _, boxes) in enumerate(entities):
         colour = PALETTE[k % len(PALETTE)]
         for box in boxes:
-            x0, y0, x1, y1 = view_box_to_pixels(box, width, height, view)
+            x0, y0, x1, y1 = box_to_pixels(box, width, height, view)
             draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
             tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), phrase, font=font)
             label_top = max(0, y0 - ty1 - 4)

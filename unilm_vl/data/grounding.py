@@ -16,9 +16,10 @@ Vocabulary (``build_kosmos2_dictionary``; ids for the released ``dict.txt`` and 
     GROUNDING_SPECIALS              64002 .. 64012   (<image> 64003, <phrase> 64007, <object> 64009, <grounding> 64012)
     <patch_index_0000> .. _1023>    64013 .. 65036   (total 65037, never padded to a multiple)
 
-Codec: :func:`box_to_patch_indices` (``mode="release"``: the released training encoder; ``mode="hf"``: the HF
-transformers encoder, the exact inverse of the decoder) and :func:`patch_indices_to_box` (the decoder shared by the
-release demo, its evaluations and HF). Parsing: :func:`parse_grounded_text` (the output of HF
+Codec: :func:`box_to_patch_indices` (``mode="release"``: the released training encoder; ``mode="hf"``: HF
+transformers' encoder, made the exact inverse of the decoder on every grid) and :func:`patch_indices_to_box` (the
+decoder shared by the release demo, its evaluations and HF). :func:`box_to_pixels` maps a decoded box to pixels of
+the original image, in float, for every evaluation and drawing. Parsing: :func:`parse_grounded_text` (the output of HF
 ``Kosmos2Processor.post_process_generation``) and :func:`decode_bbox_from_caption` (the flat rows of the release
 ``decode_string.py``); both find ``<object>`` chunks with :func:`find_grounded_objects`.
 
@@ -139,21 +140,69 @@ def _check_box(box: Sequence[float], strict: bool) -> Box:
     return x0, y0, x1, y1
 
 
+def _cell_start(k: int, cell: float) -> float:
+    """Left/top edge of cell ``k`` as the decoder computes it (``k * cell``)."""
+    return k * cell
+
+
+def _cell_end(k: int, cell: float) -> float:
+    """Right/bottom edge of cell ``k`` as the decoder computes it (``k * cell + cell``)."""
+    return k * cell + cell
+
+
+def _hf_first_cell(x0: float, num_bins: int) -> int:
+    """HF's ``floor(x0 * P)``, corrected to the decoder's float grid: the last cell whose start is ``<= x0``."""
+    cell = 1.0 / num_bins
+    k = math.floor(x0 * num_bins)
+    while k > 0 and _cell_start(k, cell) > x0:
+        k -= 1
+    while _cell_start(k + 1, cell) <= x0:
+        k += 1
+    return k
+
+
+def _hf_last_cell(x1: float, num_bins: int) -> int:
+    """HF's ``ceil(x1 * P - 1)``, corrected to the decoder's float grid: the first cell whose end is ``>= x1``
+    (at most the last cell)."""
+    cell = 1.0 / num_bins
+    k = math.ceil(x1 * num_bins - 1)
+    while k > 0 and _cell_end(k - 1, cell) >= x1:
+        k -= 1
+    while k < num_bins - 1 and _cell_end(k, cell) < x1:
+        k += 1
+    return k
+
+
 def box_to_patch_indices(box: Sequence[float], num_bins: int = DEFAULT_NUM_BINS,
                          mode: str = "release") -> Tuple[int, int]:
-    """``(ul, lr)`` cell indices of the normalised box ``(x0, y0, x1, y1)`` on a ``P x P`` grid, row-major.
+    """``(ul, lr)`` cell indices of the normalised box ``(x0, y0, x1, y1)`` on a ``P x P`` grid, row-major
+    (``index = row * P + col``; the row comes from the y coordinates, the column from the x ones).
 
-    Upper-left cell, both modes: ``col = floor(x0 * P)``, ``row = floor(y0 * P)``, ``ul = row * P + col``.
-    Lower-right cell:
+    * ``mode="release"`` (the released training encoder ``get_box_coords_index``, verbatim in float):
+      ``col = floor(x0 / c)`` for the upper-left cell and ``col = floor(min(x1, 0.99999) / c)`` for the lower-right
+      one, ``c = 1.0 / P``, same for the rows. Accepts degenerate boxes (``x1 == x0``). Training data of the
+      released checkpoint used it. It is not the inverse of the decoder (``(0, 0) -> (0, 0, 1/32, 1/32) -> (0, 33)``).
+    * ``mode="hf"`` (HF transformers ``coordinate_to_patch_index``): ``col = floor(x0 * P)`` and
+      ``col = ceil(x1 * P - 1)``, same for the rows, each corrected to the decoder's own float grid: the upper-left
+      column is the last one whose start ``k * c`` is ``<= x0``, the lower-right column the first one whose end
+      ``k * c + c`` is ``>= x1`` (clamped to the grid). Needs ``x1 > x0`` and ``y1 > y0``.
 
-    * ``mode="release"`` (the released training encoder): ``col = floor(min(x1, 0.99999) * P)``, same for the row.
-      Accepts degenerate boxes (``x1 == x0``). Training data of the released checkpoint used it.
-    * ``mode="hf"`` (HF transformers ``coordinate_to_patch_index``): ``col = ceil(x1 * P - 1)``, same for the row.
-      Needs ``x1 > x0`` and ``y1 > y0``. It is the exact inverse of :func:`patch_indices_to_box`.
+    What ``hf`` mode guarantees:
 
-    The two disagree only when ``x1 * P`` or ``y1 * P`` is an integer below ``P``, i.e. the right or bottom edge lies
-    exactly on a grid line: ``release`` puts that edge in the cell to its right/below, ``hf`` in the cell it closes.
-    Example (P=32): ``(0.25, 0.25, 0.5, 0.5)`` -> ``release (264, 528)``, ``hf (264, 495)``
+    1. **Inverse of the decoder on every grid**: ``box_to_patch_indices(patch_indices_to_box(ul, lr, P), P, "hf")
+       == (ul, lr)`` for every ``P`` and every pair whose lower-right cell is not left of or above the upper-left
+       one (tested on every such pair for P = 20, 24, 32, 40). HF's uncorrected formula fails this for some cells
+       when ``P`` is not a power of two (its float ``x * P`` lands a hair above or below the integer), e.g. on
+       P = 24.
+    2. **Bit-for-bit HF when P is a power of two** (the released 32): there ``x * P`` and the grid values
+       ``k / P`` are exact in binary, so the correction never moves a cell and the result is HF's for every box
+       (tested on all decoded pairs and random boxes at P = 32). The one exception is a box with ``x1 * P`` or
+       ``y1 * P`` at most 2^-54, for which HF's float ``x1 * P - 1`` rounds to -1, a column outside the grid; here
+       it is column 0.
+
+    The two modes disagree when ``x1 * P`` or ``y1 * P`` is an integer below ``P``, i.e. the right or bottom edge
+    lies exactly on a grid line: ``release`` puts that edge in the cell to its right/below, ``hf`` in the cell it
+    closes. Example (P=32): ``(0.25, 0.25, 0.5, 0.5)`` -> ``release (264, 528)``, ``hf (264, 495)``
     (``0.5 * 32 = 16``: release column/row 16, hf column/row 15). Both give ``(195, 784)`` / ``(195, 751)`` for
     ``(0.1, 0.2, 0.5, 0.75)`` and ``(0, 1023)`` for ``(0, 0, 1, 1)``.
 
@@ -165,26 +214,29 @@ def box_to_patch_indices(box: Sequence[float], num_bins: int = DEFAULT_NUM_BINS,
     if mode not in BOX_ENCODER_MODES:
         raise ValueError(f"mode must be one of {BOX_ENCODER_MODES}, got {mode!r}")
     x0, y0, x1, y1 = _check_box(box, strict=mode == "hf")
-    ul_col, ul_row = math.floor(x0 * num_bins), math.floor(y0 * num_bins)
+    if mode == "release":
+        cell = 1.0 / num_bins
+        ul_col, ul_row = math.floor(x0 / cell), math.floor(y0 / cell)
+        lr_col = math.floor(min(x1, RELEASE_X1_CLAMP) / cell)
+        lr_row = math.floor(min(y1, RELEASE_X1_CLAMP) / cell)
+    else:
+        ul_col, ul_row = _hf_first_cell(x0, num_bins), _hf_first_cell(y0, num_bins)
+        lr_col, lr_row = _hf_last_cell(x1, num_bins), _hf_last_cell(y1, num_bins)
     if ul_col >= num_bins or ul_row >= num_bins:
         raise ValueError(f"box {box!r} has its upper-left corner on the right or bottom border, outside every cell")
-    if mode == "release":
-        lr_col = math.floor(min(x1, RELEASE_X1_CLAMP) * num_bins)
-        lr_row = math.floor(min(y1, RELEASE_X1_CLAMP) * num_bins)
-    else:
-        lr_col = math.ceil(x1 * num_bins - 1)
-        lr_row = math.ceil(y1 * num_bins - 1)
     return ul_row * num_bins + ul_col, lr_row * num_bins + lr_col
 
 
 def patch_indices_to_box(ul: int, lr: int, num_bins: int = DEFAULT_NUM_BINS) -> Box:
     """Normalised box decoded from the cell pair ``(ul, lr)`` (the decoder of the release and of HF).
 
-    With ``c = 1/P``: in general the box joins the cell centres,
-    ``((ul_col + .5) c, (ul_row + .5) c, (lr_col + .5) c, (lr_row + .5) c)``; when the two cells are the same, or
-    share a column or a row, it spans the cell edges instead, ``(ul_col c, ul_row c, (lr_col + 1) c, (lr_row + 1) c)``,
-    so the box never has zero width or height. Examples (P=32): ``(44, 863)`` -> ``(0.390625, 0.046875, 0.984375,
-    0.828125)``; ``(33, 33)`` -> ``(1/32, 1/32, 1/16, 1/16)``; ``(0, 31)`` -> ``(0, 0, 1, 1/32)``.
+    With ``c = 1.0 / P``: in general the box joins the cell centres,
+    ``(ul_col c + c/2, ul_row c + c/2, lr_col c + c/2, lr_row c + c/2)``; when the two cells are the same, or
+    share a column or a row, it spans the cell edges instead, ``(ul_col c, ul_row c, lr_col c + c, lr_row c + c)``,
+    so the box never has zero width or height. The float expressions are the release's and HF's
+    (``get_box_coords_from_index`` / ``patch_index_to_coordinate``), so the result is theirs bit for bit on every
+    grid. Examples (P=32): ``(44, 863)`` -> ``(0.390625, 0.046875, 0.984375, 0.828125)``; ``(33, 33)`` ->
+    ``(1/32, 1/32, 1/16, 1/16)``; ``(0, 31)`` -> ``(0, 0, 1, 1/32)``.
 
     Raises ``ValueError`` when an index is outside ``[0, P*P)``. A pair with ``lr`` left of or above ``ul`` is
     decoded as is (``x1 < x0``), as the release does.
@@ -197,8 +249,35 @@ def patch_indices_to_box(ul: int, lr: int, num_bins: int = DEFAULT_NUM_BINS) -> 
     ul_row, ul_col = divmod(int(ul), num_bins)
     lr_row, lr_col = divmod(int(lr), num_bins)
     if ul == lr or ul_col == lr_col or ul_row == lr_row:
-        return ul_col * cell, ul_row * cell, (lr_col + 1) * cell, (lr_row + 1) * cell
-    return (ul_col + 0.5) * cell, (ul_row + 0.5) * cell, (lr_col + 0.5) * cell, (lr_row + 0.5) * cell
+        return (_cell_start(ul_col, cell), _cell_start(ul_row, cell), _cell_end(lr_col, cell),
+                _cell_end(lr_row, cell))
+    half = cell / 2
+    return ul_col * cell + half, ul_row * cell + half, lr_col * cell + half, lr_row * cell + half
+
+
+IMAGE_VIEWS = ("squash", "crop")
+"""How the model saw the image: ``squash`` = the whole image resized to a square (the release's inference),
+``crop`` = the central ``min(W, H)`` square (resize + centre crop, the training view)."""
+
+
+def box_to_pixels(box: Sequence[float], width: float, height: float, view: str = "squash") -> Box:
+    """A normalised box of the model's view -> pixel ``(x0, y0, x1, y1)`` on the original ``width x height`` image,
+    in float: ``squash``: ``(x0 W, y0 H, x1 W, y1 H)``, as the Kosmos-2 evaluation scripts scale
+    (``refexp_evaluate.py``, ``flickr_entities_evaluate.py``); ``crop``: through the central ``min(W, H)`` square.
+
+    The one conversion used wherever a box goes to pixels (RefCOCO and Flickr30k Entities scoring, drawing), never
+    truncated to int: truncation shrinks and shifts small boxes by up to a pixel, enough to move an IoU across 0.5.
+    Raises ``ValueError`` for another ``view``.
+    """
+    x0, y0, x1, y1 = box
+    if view == "squash":
+        left, top, sx, sy = 0.0, 0.0, float(width), float(height)
+    elif view == "crop":
+        side = float(min(width, height))
+        left, top, sx, sy = (width - side) / 2, (height - side) / 2, side, side
+    else:
+        raise ValueError(f"view must be one of {IMAGE_VIEWS}, got {view!r}")
+    return left + x0 * sx, top + y0 * sy, left + x1 * sx, top + y1 * sy
 
 
 # ---- serialising and parsing ---------------------------------------------------------------------------------

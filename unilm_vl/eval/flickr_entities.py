@@ -21,8 +21,9 @@ Protocol (as the release's ``cook_data.py`` + ``flickr_entities_evaluate.py``):
    phrase of the sentence at all raises ``ValueError`` (the release raises too: wrong files).
 3. Predictions: every entity of the generated text (:func:`unilm_vl.data.grounding.parse_grounded_text`) whose
    name ``.strip()`` equals ``phrase.strip()``, all its boxes, in generation order, scaled to pixels of the original
-   image with the json's ``width`` / ``height`` (continuous coordinates, ``x * W``, as the release; with
-   ``--image-view crop`` through the central square instead). None -> a miss at every k.
+   image with the json's ``width`` / ``height`` by :func:`unilm_vl.data.grounding.box_to_pixels` (continuous
+   coordinates, ``x * W``, as the release; with ``--image-view crop`` through the central square instead). None -> a
+   miss at every k.
 4. :func:`unilm_vl.eval.metrics.phrase_grounding_recall` (hit at k: max IoU of ``pred[:k]`` with any GT box
    >= 0.5; k = -1 -> all predictions = upper bound). A phrase with several types counts once in each.
 
@@ -269,29 +270,14 @@ def load_flickr_entities(data: str, flickr_root: str, image_root: Optional[str] 
 # Generations -> predicted boxes -> recall
 # ---------------------------------------------------------------------------------------------------------------------
 
-def box_to_pixels(box: Sequence[float], width: float, height: float, view: str = "squash") -> List[float]:
-    """A normalised box of the model's view -> continuous pixel ``[x0, y0, x1, y1]`` on the original image
-    (``squash``: ``x * W, y * H`` as the release scores; ``crop``: through the central ``min(W, H)`` square).
-    Same mapping as :func:`unilm_vl.kosmos2_infer.view_box_to_pixels`, without its truncation to int."""
-    x0, y0, x1, y1 = box
-    if view == "squash":
-        left, top, sx, sy = 0.0, 0.0, float(width), float(height)
-    elif view == "crop":
-        side = float(min(width, height))
-        left, top, sx, sy = (width - side) / 2, (height - side) / 2, side, side
-    else:
-        raise ValueError(f"view must be 'squash' or 'crop', got {view!r}")
-    return [left + x0 * sx, top + y0 * sy, left + x1 * sx, top + y1 * sy]
-
-
 def predicted_boxes(text: str, item: Dict[str, Any], view: str = "squash", num_bins: int = 32) -> List[List[float]]:
     """Pixel boxes of every entity of ``text`` named like the item's phrase (``strip()`` on both), in generation
     order."""
-    from unilm_vl.data.grounding import parse_grounded_text
+    from unilm_vl.data.grounding import box_to_pixels, parse_grounded_text
 
     _, entities = parse_grounded_text(text, num_bins)
     name = item["phrase"].strip()
-    return [box_to_pixels(box, item["width"], item["height"], view)
+    return [list(box_to_pixels(box, item["width"], item["height"], view))
             for phrase, _, boxes in entities if phrase.strip() == name for box in boxes]
 
 

@@ -6,7 +6,8 @@ Input: an MDETR-style json (``finetune_refcoco{,+,g}_<split>.json``): ``images[i
 pixels, aligned 1:1 with ``images`` (matched by ``image_id`` == image ``id`` when present). One prompt per
 expression, as the release's ``cook_data.py``: ``<grounding><phrase> {expression}</phrase>``. The model continues
 with ``<object>...``; the boxes of the entities whose phrase equals the expression are the predictions (scaled to
-pixels of the original image for the ``--image-view``), in generation order; none -> a miss.
+pixels of the original image for the ``--image-view`` in float, as the release scores: no truncation to int), in
+generation order; none -> a miss.
 
 Baseline ``centre``: every expression gets the box centred in the image with the mean relative width and height of
 the split's GT boxes (what a model that learned only the size prior would score).
@@ -25,6 +26,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from unilm_vl.data.grounding import box_to_pixels
 from unilm_vl.eval.metrics import rec_accuracy, xywh_to_xyxy
 from unilm_vl.logging_utils import setup_cli_logging
 
@@ -75,11 +77,10 @@ def centre_baseline(items: Sequence[Dict[str, Any]]) -> Dict[Any, List[float]]:
 
 
 def predicted_boxes(record: Dict[str, Any], item: Dict[str, Any], view: str) -> List[List[float]]:
-    """Pixel boxes of the entities named like the expression, in generation order."""
-    from unilm_vl.kosmos2_infer import view_box_to_pixels
-
+    """Pixel boxes of the entities named like the expression, in generation order, in float
+    (:func:`unilm_vl.data.grounding.box_to_pixels`, ``x * W`` as the release's ``refexp_evaluate.py``)."""
     name = item["expression"].strip()
-    return [list(view_box_to_pixels(box, item["width"], item["height"], view))
+    return [list(box_to_pixels(box, item["width"], item["height"], view))
             for phrase, _, boxes in record["entities"] if phrase.strip() == name for box in boxes]
 
 
