@@ -57,8 +57,27 @@ def test_itm_rerank_layout():
 
 def test_itm_probability_forms():
     two = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
-    assert torch.allclose(itm_probability(two), torch.softmax(two, 1)[:, 1])
-    assert torch.allclose(itm_probability(two[:, 1] - two[:, 0]), torch.softmax(two, 1)[:, 1])
+    expected = torch.softmax(two.double(), 1)[:, 1]
+    assert torch.allclose(itm_probability(two), expected)
+    assert torch.allclose(itm_probability(two[:, 1] - two[:, 0]), expected)
+    # float64: match logits 20 and 30 stay ordered (float32 rounds both to 1.0, a tie the GT would lose)
+    confident = itm_probability(torch.tensor([20.0, 30.0]))
+    assert confident.dtype == torch.float64 and bool(confident[1] > confident[0])
+    assert torch.tensor([20.0, 30.0]).sigmoid().unique().tolist() == [1.0]
+
+
+def test_constant_scores_score_at_most_chance():
+    """A collapsed model: ITC and ITM constant, 4 videos, 8 texts (2 a video). Ties count against the ground truth:
+    t2v rank 3 and v2t rank 6 for every query, so R@1 = 0 (chance: 25% both ways), before and after re-ranking."""
+    t2v = [0, 0, 1, 1, 2, 2, 3, 3]
+    sim = torch.full((8, 4), 0.3)
+    m = cosa_retrieval_metrics(sim, t2v)
+    assert (m["t2v_R@1"], m["t2v_R@5"], m["v2t_R@1"], m["v2t_R@5"], m["v2t_R@10"]) == (0.0, 100.0, 0.0, 0.0, 100.0)
+    assert (m["t2v_mean_rank"], m["v2t_median_rank"], m["video_r1"], m["txt_r1"]) == (4.0, 7.0, 0.0, 0.0)
+    itm = itm_rerank(sim, 2, lambda t, v: torch.full((len(t),), 0.5))
+    inside = itm > 0
+    m = cosa_retrieval_metrics(rerank_key(sim, itm, inside), t2v)
+    assert m["t2v_R@1"] == 0.0 and m["v2t_R@1"] == 0.0
 
 
 @pytest.mark.parametrize("pred, answers, em, vqa", [
@@ -170,7 +189,7 @@ def test_retrieval_runner_itc_then_itm(clips, cache_gb):
     itc, itm = m["itc"], m["itm"]
     assert (itc["t2v_R@1"], itc["t2v_R@5"]) == (40.0, 100.0)       # ITC t2v ranks [1, 0, 1, 0, 2]
     assert itc["t2v_mean_rank"] == pytest.approx(1.8) and itc["t2v_median_rank"] == 2.0
-    assert (itc["v2t_R@1"], itc["v2t_R@5"]) == (75.0, 100.0)       # v2t ranks [0, 1, 0, 0]
+    assert (itc["v2t_R@1"], itc["v2t_R@5"]) == (50.0, 100.0)       # v2t ranks [0, 1, 0, 1]: t3 ties t4 at .2
     assert (itm["t2v_R@1"], itm["t2v_R@5"]) == (80.0, 100.0)       # ITM lifts t0, t2; t4 stays outside (rank 2)
     assert itm["t2v_mean_rank"] == pytest.approx(1.4) and itm["t2v_median_rank"] == 1.0
     assert itm["v2t_R@1"] == 100.0                                 # each video's top-2 texts hold its best GT

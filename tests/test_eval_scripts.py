@@ -57,15 +57,16 @@ PERFECT = {"red": ["a red square", "a red patch"], "green": ["a green square", "
 #   red   [1, 0, 0, 1]
 #   green [0, 0, 1, 0]
 #   blue  [0, 1, 0, 0]
-# i2t ranks: red 0 (best GT 1), green 0, blue 1 (its GT t3 scores 0, t1 scores 1)      -> R@1 = 200/3
-# t2i ranks: t0 0, t1 1 (blue image scores 1 > 0), t2 0, t3 1 (red image scores 1 > 0)  -> R@1 = 50
+# Ties count against the ground truth (unilm_vl.eval.metrics):
+# i2t ranks: red 1 (best GT 1, tied by t3), green 0, blue 3 (its GT t3 scores 0: t1 above, t0 and t2 tie) -> R@1 = 100/3
+# t2i ranks: t0 0, t1 2 (blue image 1 above, green ties at 0), t2 0, t3 2 (red 1 above, green ties) -> R@1 = 50
 SHUFFLED = {"red": ["a red square", "a blue square"], "green": ["a green square"], "blue": ["a red thing"]}
 SHUFFLED_EXPECTED = {
-    "i2t_R@1": 200 / 3, "i2t_R@5": 100.0, "i2t_R@10": 100.0,
+    "i2t_R@1": 100 / 3, "i2t_R@5": 100.0, "i2t_R@10": 100.0,
     "t2i_R@1": 50.0, "t2i_R@5": 100.0, "t2i_R@10": 100.0,
-    "i2t_mean_rank": 4 / 3, "i2t_median_rank": 1.0,  # 1-based [1, 1, 2]
-    "t2i_mean_rank": 1.5, "t2i_median_rank": 1.0,  # 1-based [1, 2, 1, 2], lower median
-    "rsum": 200 / 3 + 450.0,
+    "i2t_mean_rank": 7 / 3, "i2t_median_rank": 2.0,  # 1-based [2, 1, 4]
+    "t2i_mean_rank": 2.0, "t2i_median_rank": 1.0,  # 1-based [1, 3, 1, 3], lower median
+    "rsum": 100 / 3 + 450.0,
     "num_images": 3, "num_texts": 4,
 }
 
@@ -140,7 +141,7 @@ def test_retrieval_cli(colour_images, monkeypatch, capsys):
     retrieval.main(["--checkpoint", "unused.pt", "--data", ann, "--batch-size", "2", "--output", str(out)])
     assert json.loads(out.read_text()) == pytest.approx(SHUFFLED_EXPECTED)
     printed = capsys.readouterr().out
-    assert "image->text" in printed and "text->image" in printed and "rsum 516.67" in printed
+    assert "image->text" in printed and "text->image" in printed and "rsum 483.33" in printed
 
 
 def make_folder(root, layout):

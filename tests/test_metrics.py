@@ -14,12 +14,13 @@ SIM = [
     [0.3, 0.1, 0.2, 0.9, 0.0, 0.5],
 ]
 T2I = [0, 0, 1, 1, 2, 2]
-# i2t, by hand (best GT score of the row, then count strictly greater entries of the row):
+# No ties at any ground truth here, so the ranks are those of every sort-based protocol.
+# i2t, by hand (best GT score of the row, then count the non-GT entries of the row >= it):
 #   image 0: GT scores .9, .2 -> best .9; nothing above            -> 0
 #   image 1: GT scores .4, .5 -> best .5; .8 and .6 above          -> 2
 #   image 2: GT scores .0, .5 -> best .5; .9 above                 -> 1
 I2T_RANKS = [0, 2, 1]
-# t2i, by hand (GT score of the column, count strictly greater entries of the column):
+# t2i, by hand (GT score of the column, count the other entries of the column >= it):
 #   t0 [.9,.8,.3] GT .9 -> 0;  t1 [.2,.6,.1] GT .2 -> 1;  t2 [.8,.4,.2] GT .4 -> 1
 #   t3 [.1,.5,.9] GT .5 -> 1;  t4 [.3,.1,.0] GT .0 -> 2;  t5 [.4,.2,.5] GT .5 -> 0
 T2I_RANKS = [0, 1, 1, 1, 2, 0]
@@ -42,19 +43,65 @@ def test_retrieval_ranks_accepts_numpy_and_is_permutation_invariant():
     assert t2i_p.tolist() == [T2I_RANKS[p] for p in perm]
 
 
-def test_retrieval_ranks_ties_count_only_strictly_greater():
-    # Column of text 0: image 0 (GT) .5 ties with image 1 .5, image 2 has .7 -> rank 1 (the tie is not counted).
+def test_retrieval_ranks_ties_count_against_the_ground_truth():
+    # Column of text 0: image 0 (GT) .5 ties with image 1 .5, image 2 has .7 -> rank 2 (the tie counts above it).
     # Column of text 1: image 1 (GT) .5, the others .2 and .3 -> 0.  Column of text 2: image 2 (GT) .1 is the top -> 0.
-    # Row of image 1 (GT text 1 at .5): text 0 .5 ties -> rank 0.  Row of image 2 (GT text 2 .1): .7, .3 above -> 2.
+    # Row of image 1 (GT text 1 at .5): text 0 .5 ties -> rank 1.  Row of image 2 (GT text 2 .1): .7, .3 above -> 2.
     sim = [[0.5, 0.2, 0.0],
            [0.5, 0.5, 0.0],
            [0.7, 0.3, 0.1]]
     i2t, t2i = retrieval_ranks(sim, [0, 1, 2])
-    assert t2i.tolist() == [1, 0, 0]
-    assert i2t.tolist() == [0, 0, 2]
-    # All scores equal: everything is rank 0, whatever the order.
-    i2t, t2i = retrieval_ranks(torch.zeros(2, 4), [1, 0, 1, 0])
-    assert i2t.tolist() == [0, 0] and t2i.tolist() == [0, 0, 0, 0]
+    assert t2i.tolist() == [2, 0, 0]
+    assert i2t.tolist() == [0, 1, 2]
+    # An image's other GT caption tied with its best one does not count against it (image 0: texts 0 and 1 both
+    # at .4); a non-GT caption does (image 1, GT text 2 at .4: rank 0, then 1 once text 0 also scores .4).
+    i2t, _ = retrieval_ranks([[0.4, 0.4, 0.1], [0.0, 0.0, 0.4]], [0, 0, 1])
+    assert i2t.tolist() == [0, 0]
+    i2t, _ = retrieval_ranks([[0.4, 0.4, 0.1], [0.4, 0.0, 0.4]], [0, 0, 1])
+    assert i2t.tolist() == [0, 1]
+
+
+def test_constant_scores_score_at_most_chance():
+    """A collapsed model (every score equal), 4 images x 2 captions. Chance (a uniformly random order) is
+    R@1 = 1/4 for text->image and 1 - C(6,1)/C(8,1) = 2/8 for image->text. Under the rule every other image ranks
+    above a text's GT (rank 3) and every non-GT caption above an image's (rank 8 - 2 = 6): R@1 = 0 both ways,
+    R@5 = 100 / 0, R@10 = 100 / 100, mean = median rank 4 and 7, whatever the order of the items."""
+    t2i_gt = [0, 0, 1, 1, 2, 2, 3, 3]
+    for sim in (torch.zeros(4, 8), torch.full((4, 8), 0.37, dtype=torch.float16), np.ones((4, 8), dtype=np.int64)):
+        i2t, t2i = retrieval_ranks(sim, t2i_gt)
+        assert i2t.tolist() == [6] * 4 and t2i.tolist() == [3] * 8
+        m = retrieval_metrics(sim, t2i_gt)
+        assert m == pytest.approx({"i2t_R@1": 0.0, "i2t_R@5": 0.0, "i2t_R@10": 100.0,
+                                   "t2i_R@1": 0.0, "t2i_R@5": 100.0, "t2i_R@10": 100.0,
+                                   "i2t_mean_rank": 7.0, "i2t_median_rank": 7.0,
+                                   "t2i_mean_rank": 4.0, "t2i_median_rank": 4.0, "rsum": 300.0})
+        assert m["t2i_R@1"] <= 100 / 4 and m["i2t_R@1"] <= 100 * 2 / 8  # at most chance
+    # constant logits: top-1 = 0 of chance 1/3, top-3 = 100 (k >= C), per-class 0
+    assert topk_accuracy(torch.zeros(6, 3), [0, 1, 2, 0, 1, 2], ks=(1, 2, 3)) == {"top1": 0.0, "top2": 0.0,
+                                                                                   "top3": 100.0}
+    assert mean_per_class_accuracy(torch.zeros(6, 3), [0, 1, 2, 0, 1, 2], 3) == 0.0
+
+
+def test_ranks_equal_the_sort_based_rank_without_ties_and_are_its_worst_case_with_them():
+    """Distinct random scores: the rank is the GT's position in a descending sort (the usual protocol), for both
+    directions. Integer scores with many ties: it is the position in a sort that puts the GT after everything tied
+    with it, i.e. the largest position any tie-breaking order gives it."""
+    gen = torch.Generator().manual_seed(0)
+    t2i_gt = torch.arange(12) % 5  # 5 images, 12 texts
+    for sim, gt_last in ((torch.rand(5, 12, generator=gen, dtype=torch.float64), False),
+                         (torch.randint(0, 3, (5, 12), generator=gen).double(), True)):
+        i2t, t2i = retrieval_ranks(sim, t2i_gt)
+        for j in range(12):
+            col = sim[:, j].tolist()
+            key = [(-col[i], i == int(t2i_gt[j]) if gt_last else 0) for i in range(5)]  # GT after its ties
+            order = sorted(range(5), key=lambda i: key[i])
+            assert t2i[j] == order.index(int(t2i_gt[j]))
+        for i in range(5):
+            row = sim[i].tolist()
+            gt_texts = [j for j in range(12) if int(t2i_gt[j]) == i]
+            key = [(-row[j], j in gt_texts if gt_last else 0) for j in range(12)]
+            order = sorted(range(12), key=lambda j: key[j])
+            assert i2t[i] == min(order.index(j) for j in gt_texts)
 
 
 def test_retrieval_ranks_input_checks():
@@ -106,15 +153,16 @@ LOGITS = [
     [0.1, 0.9, 0.0, 0.0, 0.0, 0.0],  # label 1: best                               -> rank 0
     [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],  # label 5: five classes above                 -> rank 5
     [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],  # label 4: four above                         -> rank 4
-    [0.2, 0.2, 0.9, 0.1, 0.0, 0.0],  # label 0: .9 above, class 1 tied (not above) -> rank 1
+    [0.2, 0.2, 0.9, 0.1, 0.0, 0.0],  # label 0: .9 above, class 1 tied (counts above) -> rank 2
 ]
 LABELS = [1, 5, 4, 0]
 
 
 def test_topk_accuracy_hand_case():
     assert topk_accuracy(torch.tensor(LOGITS), LABELS) == pytest.approx({"top1": 25.0, "top5": 75.0})
-    assert topk_accuracy(np.array(LOGITS), np.array(LABELS), ks=(2, 6)) == pytest.approx({"top2": 50.0,
-                                                                                          "top6": 100.0})
+    assert topk_accuracy(np.array(LOGITS), np.array(LABELS), ks=(2, 3, 6)) == pytest.approx({"top2": 25.0,
+                                                                                             "top3": 50.0,
+                                                                                             "top6": 100.0})
 
 
 def test_mean_per_class_accuracy_imbalanced():

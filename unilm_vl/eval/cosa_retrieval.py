@@ -23,7 +23,18 @@ ALBEF / BLIP protocol); the release reuses the text->video matrix, whose column 
 top-k is all zeros, which ranks its ground truth first by tie (an untrained model then scores ~80% video->text
 R@1 on the synthetic clips). With ``k >= N`` the ITM scores alone rank, in both directions.
 
-Ties otherwise: an item tied with the ground truth does not push it down (:mod:`unilm_vl.eval.metrics`).
+Ties count against the ground truth (:mod:`unilm_vl.eval.metrics`): every video (text) scoring the same as the
+ground truth ranks above it, so a model with constant scores gets R@1 = 0 both ways, never more than chance.
+Where they can occur here:
+
+- ITC scores: cosines of different items tie only when embeddings coincide (a collapsed model, duplicate texts).
+- ITM re-ranking: P(match) is computed in float64 (``itm_probability``), which saturates to 1 only beyond a
+  log-odds of ~37 (float32: ~17), so confident matches stay ordered instead of tying at 1.0; the ranking key
+  (:func:`rerank_key`) is float64 too.
+- Entries outside the top-k never tie with re-ranked ones (they sit in (-2, -1), below every P(match)).
+- Which videos enter a text's top-k when several tie at the k-th ITC score is ``torch.topk``'s choice; a video
+  left out ranks below every re-ranked one, so this can only lower a ground truth, except with ``--itm-k 1``
+  on tied ITC scores, where the single re-ranked entry is rank 0 if it happens to be the ground truth.
 
 Videos are encoded twice when their tokens do not fit ``--token-cache-gb`` (the second pass feeds ITM).
 
@@ -62,16 +73,18 @@ def topk_pairs(sim: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def itm_probability(logits: torch.Tensor) -> torch.Tensor:
-    """P(match) of ITM outputs: ``softmax(.)[:, 1]`` of B x 2 logits, ``sigmoid`` of B match logits."""
+    """P(match) of ITM outputs in float64: ``softmax(.)[:, 1]`` of B x 2 logits, ``sigmoid`` of B match logits.
+    float64, so that two confident matches do not both round to 1.0 and tie (module docstring)."""
     if logits.dim() == 2 and logits.shape[1] == 2:
-        return logits.float().softmax(dim=1)[:, 1]
-    return logits.float().reshape(-1).sigmoid()
+        return logits.double().softmax(dim=1)[:, 1]
+    return logits.double().reshape(-1).sigmoid()
 
 
 def scatter_scores(shape: Sequence[int], pairs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """A zero matrix of ``shape`` holding ``scores[p]`` at ``pairs[p]`` (the re-ranked matrix)."""
-    out = torch.zeros(tuple(shape), dtype=torch.float32)
-    out[pairs[:, 0], pairs[:, 1]] = scores.float()
+    """A zero matrix of ``shape`` (dtype of ``scores``) holding ``scores[p]`` at ``pairs[p]`` (the re-ranked
+    matrix)."""
+    out = torch.zeros(tuple(shape), dtype=scores.dtype)
+    out[pairs[:, 0], pairs[:, 1]] = scores
     return out
 
 
@@ -84,9 +97,9 @@ def itm_rerank(sim: torch.Tensor, k: int,
 
 
 def rerank_key(sim: torch.Tensor, itm: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """Ranking key after re-ranking: ``P(match)`` (in (0, 1)) inside the top-k, ``sigmoid(S_itc) - 2`` (in
-    (-2, -1), ITC order) outside (module docstring)."""
-    return torch.where(inside, itm.float(), sim.float().sigmoid() - 2)
+    """Ranking key after re-ranking, float64: ``P(match)`` (in (0, 1)) inside the top-k, ``sigmoid(S_itc) - 2``
+    (in (-2, -1), ITC order) outside (module docstring)."""
+    return torch.where(inside, itm.double(), sim.double().sigmoid() - 2)
 
 
 def _released_keys(prefix: str, ranks) -> Dict[str, Any]:
@@ -158,7 +171,7 @@ def evaluate_cosa_retrieval(model: CosaEvalModel, tokenizer, transform: Callable
     inside_t2v = scatter_scores(sim.shape, t2v_pairs, torch.ones(len(t2v_pairs))).bool()
     inside_v2t = scatter_scores(sim.shape, v2t_pairs, torch.ones(len(v2t_pairs))).bool()
     pairs = (inside_t2v | inside_v2t).nonzero()  # P x 2, each pair scored once
-    probs = torch.zeros(len(pairs))
+    probs = torch.zeros(len(pairs), dtype=torch.float64)
     batches = (enumerate_cached(cached) if cached is not None else
                ((start, model.encode_video(maybe_device(frames, device))["video_tokens"])
                 for start, frames in clip_batches(frames_root, eval_set.video_ids, num_frames, transform,

@@ -5,14 +5,30 @@ Tensors or arrays in, plain floats / dicts (or a weight matrix) out; no files, n
 Every score is a percentage (0-100), except CIDEr-D whose coco-caption value (0-10) is also scaled by 100, and
 the segmentation IoUs of :func:`mean_iou`, which lie in [0, 1].
 
-One ranking convention is used everywhere (retrieval ranks, top-k accuracy, per-class accuracy):
+One ranking convention is used everywhere (retrieval ranks, top-k accuracy, per-class accuracy, and the
+positive-vs-negatives test of compositionality):
 
-    rank(gt) = #{ items whose score is strictly greater than the score of gt }      (0-based)
+    rank(gt) = #{ other items whose score is greater than OR EQUAL to the score of gt }      (0-based)
 
-A tie with the ground truth therefore never pushes it down: tied items are not counted. The rank depends only on
-the scores, never on the order in which the items are stored, so it is deterministic and invariant to permuting
-the gallery. (A sort-based rank, ``argsort(-scores).index(gt)``, would instead break ties by storage order.)
-With this convention, ``top-k correct <=> rank < k``; for distinct scores it equals the usual sort-based rank.
+so ``top-k correct <=> rank < k``. **Ties count against the ground truth**: every item tied with it is placed
+above it, the worst position any tie-breaking order could give it. Why this rule:
+
+- A tie never favours the ground truth. A collapsed model whose scores are all equal ranks every ground truth
+  last (R@1 = 0, top-1 = 0): at most chance, never above it. (Counting only strictly greater scores, as the
+  code did before, gave such a model R@1 = top-1 = 100.)
+- It depends only on the scores, never on the order in which the items are stored, so it is deterministic and
+  invariant to permuting the gallery. The usual protocols rank by a sort (``argsort(-scores)``, ``topk``) and
+  take the GT's position in it, which breaks ties by storage order: a constant model then scores whatever share
+  of the queries have their GT stored first (1/N on a balanced, grouped file; more when image 0 has more
+  captions than the others).
+- Where the ground truth ties with nothing, which for real-valued similarities of a trained model is almost
+  every query, it equals the sort-based rank of those protocols, whatever their tie-breaking; where it does
+  tie, it is the lowest of their possible answers, so a reported R@k is one that every tie-breaking order
+  reaches or beats.
+
+The price: items that are exact duplicates (two identical caption strings of different images embed to the same
+vector) tie and count against each other. :func:`retrieval_ranks` logs how many queries had a tie at their
+ground truth, so such cases are visible.
 
 Protocols follow CLIP / OpenCLIP and the COSMOS / COSA evaluation code (reference notes, contrastive.md 1.8,
 3.6; cosa.md 6.1): i2t ranks an image by its best-ranked caption, t2i ranks a caption's single GT image; mean and
@@ -47,17 +63,15 @@ def retrieval_ranks(sim: ArrayLike, text_to_image: ArrayLike) -> Tuple[np.ndarra
     ``sim`` is N_img x N_txt (``sim[i, j]`` = score of image ``i`` with text ``j``); ``text_to_image[j]`` is the
     index of the single GT image of text ``j``. An image may have several GT texts and must have at least one.
 
-    With ``g(j) = text_to_image[j]`` and ``T(i) = {j : g(j) = i}``:
+    With ``g(j) = text_to_image[j]`` and ``T(i) = {j : g(j) = i}``, ties counting against the ground truth
+    (module docstring):
 
-    - text->image:  ``t2i[j] = #{ i' : sim[i', j] > sim[g(j), j] }``
-    - image->text:  ``i2t[i] = min_{j in T(i)} #{ j' : sim[i, j'] > sim[i, j] }
-      = #{ j' : sim[i, j'] > max_{j in T(i)} sim[i, j] }``
+    - text->image:  ``t2i[j] = #{ i' != g(j) : sim[i', j] >= sim[g(j), j] }``
+    - image->text:  ``i2t[i] = #{ j' not in T(i) : sim[i, j'] >= max_{j in T(i)} sim[i, j] }``
 
-    (the rank of an image is the best rank over its GT captions; the two forms agree because the rank is
-    non-increasing in the score).
-
-    Ties: only items with a strictly greater score count, so an item tied with the GT is not placed above it.
-    The result does not depend on the storage order of images or texts.
+    (the rank of an image is that of its best-ranked GT caption; its other GT captions never count against it).
+    The result does not depend on the storage order of images or texts. The number of queries whose GT ties with
+    another item is logged (INFO).
 
     Returns ``(i2t_ranks, t2i_ranks)``: int64 arrays of length N_img and N_txt.
     Raises ``ValueError`` for a malformed input, a non-finite score, or an image without any GT text.
@@ -85,14 +99,31 @@ def retrieval_ranks(sim: ArrayLike, text_to_image: ArrayLike) -> Tuple[np.ndarra
     gt_score = s[gt, torch.arange(n_txt)]  # N_txt: score of each text with its GT image
     best_gt = torch.full((n_img,), float("-inf"), dtype=s.dtype)
     best_gt.scatter_reduce_(0, gt, gt_score, reduce="amax")  # N_img: best score over each image's GT texts
+    # N_img: GT texts of each image scoring its best; they are among the ">=" counts of its row but never above it
+    gt_at_best = torch.bincount(gt, weights=(gt_score == best_gt[gt]).double(), minlength=n_img).long()
 
-    t2i = torch.zeros(n_txt, dtype=torch.long)
-    i2t = torch.empty(n_img, dtype=torch.long)
+    t2i_ge = torch.zeros(n_txt, dtype=torch.long)  # images scoring >= the GT image, the GT included
+    t2i_gt = torch.zeros(n_txt, dtype=torch.long)  # images scoring > the GT image
+    i2t_ge = torch.empty(n_img, dtype=torch.long)
+    i2t_gt = torch.empty(n_img, dtype=torch.long)
     for r0 in range(0, n_img, _CHUNK_ROWS):
         block = s[r0:r0 + _CHUNK_ROWS]  # R x N_txt
-        t2i += (block > gt_score[None, :]).sum(0)
-        i2t[r0:r0 + _CHUNK_ROWS] = (block > best_gt[r0:r0 + _CHUNK_ROWS, None]).sum(1)
+        t2i_ge += (block >= gt_score[None, :]).sum(0)
+        t2i_gt += (block > gt_score[None, :]).sum(0)
+        best = best_gt[r0:r0 + _CHUNK_ROWS, None]  # R x 1
+        i2t_ge[r0:r0 + _CHUNK_ROWS] = (block >= best).sum(1)
+        i2t_gt[r0:r0 + _CHUNK_ROWS] = (block > best).sum(1)
+    t2i = t2i_ge - 1  # the GT image itself
+    i2t = i2t_ge - gt_at_best
+    _log_ties("text->image", int((t2i > t2i_gt).sum()), n_txt)
+    _log_ties("image->text", int((i2t > i2t_gt).sum()), n_img)
     return i2t.numpy(), t2i.numpy()
+
+
+def _log_ties(direction: str, tied: int, total: int) -> None:
+    if tied:
+        logger.info("%s: %d of %d queries have another item tied with their ground truth; the ties count "
+                    "against it (unilm_vl.eval.metrics)", direction, tied, total)
 
 
 def recall_at_k(ranks: ArrayLike, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
@@ -145,7 +176,8 @@ def retrieval_metrics(sim: ArrayLike, text_to_image: ArrayLike, ks: Sequence[int
 
 
 def _label_ranks(logits: ArrayLike, labels: ArrayLike) -> Tuple[torch.Tensor, torch.Tensor]:
-    """0-based rank of the true class in each row: ``#{c : logits[n, c] > logits[n, y_n]}``; and the labels."""
+    """0-based rank of the true class in each row, ties counting against it (module docstring):
+    ``#{c != y_n : logits[n, c] >= logits[n, y_n]}``; and the labels."""
     z = _as_tensor(logits)
     if not z.is_floating_point():
         z = z.double()
@@ -159,14 +191,14 @@ def _label_ranks(logits: ArrayLike, labels: ArrayLike) -> Tuple[torch.Tensor, to
     if not bool(torch.isfinite(z).all()):
         raise ValueError("logits hold NaN or inf")
     true = z.gather(1, y[:, None])  # N x 1
-    return (z > true).sum(1), y
+    return (z >= true).sum(1) - 1, y  # - 1: the true class itself
 
 
 def topk_accuracy(logits: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
-    """Top-k accuracy in percent: ``top{k} = 100 * mean_n [ #{c : z[n, c] > z[n, y_n]} < k ]``.
+    """Top-k accuracy in percent: ``top{k} = 100 * mean_n [ #{c != y_n : z[n, c] >= z[n, y_n]} < k ]``.
 
-    ``logits`` is N x C, ``labels`` N class indices. A class tied with the true class does not push it out of the
-    top k (module ranking convention); for k >= C every sample counts as correct.
+    ``logits`` is N x C, ``labels`` N class indices. A class tied with the true class counts above it (module
+    ranking convention: a constant classifier scores 0, not 100); for k >= C every sample counts as correct.
     Returns ``{"top1": ..., "top5": ...}`` for the default ``ks``.
     """
     ranks, _ = _label_ranks(logits, labels)
@@ -247,7 +279,8 @@ def compositional_correct(scores_pos: ArrayLike, scores_neg: ArrayLike) -> torch
     """Per-item correctness of a positive-vs-hard-negatives benchmark: ``s_pos[n] > max_j s_neg[n, j]``.
 
     ``scores_pos`` has N scores (image n with its positive caption), ``scores_neg`` is N x K (image n with its K
-    negatives; 1-D means K = 1). The comparison is strict: a negative tied with the positive makes the item wrong.
+    negatives; 1-D means K = 1). The comparison is strict: a negative tied with the positive makes the item wrong
+    (the module's ranking convention with the positive as the ground truth among 1 + K items: correct <=> rank 0).
     Items with fewer than K negatives pad their row with ``-inf`` (never greater than a finite positive score).
     Returns a bool tensor of length N. Raises ``ValueError`` for mismatched shapes, K = 0 or a NaN score.
     """
