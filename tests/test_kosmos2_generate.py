@@ -577,3 +577,124 @@ def test_infer_names_the_checkpoint_when_its_vocabulary_is_not_the_dictionary(ch
                             "--dict-path", str(bigger)])
     assert str(err.value).startswith(f"{checkpoint.ckpt}: the checkpoint has {rows} token embeddings but the "
                                      f"kosmos2 dictionary has {rows + 2} symbols ({bigger}: ")
+
+
+# ---- beam rules: fairseq's (default) and HF transformers' -------------------------------------------------------
+
+BEAM_V = 40  # vocabulary of the beam-rule model; the prompt's text ids are drawn from 10 .. 39
+
+
+def beam_rule_net(eos_bias=0.0):
+    """A random Kosmos-2 module of the HF-expressible tiny config (32 px tower, 8 image slots, vocabulary 40) with
+    its decoder matrices x4, so the next-token distributions are peaked enough for beams to part. ``eos_bias`` is
+    added to the </s> logit through the final LayerNorm's bias (logits = h . E[v], tied): more hypotheses end."""
+    from unilm_vl.modules.kosmos2 import Kosmos2Module, kosmos2_tiny_config
+
+    cfg = kosmos2_tiny_config()
+    cfg.vision.force_quick_gelu = True  # HF's Kosmos-2 vision activation
+    cfg.decoder.vocab_size = BEAM_V
+    torch.manual_seed(0)
+    net = Kosmos2Module(cfg).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith("decoder.layers.") and p.dim() == 2:
+                p.mul_(4.0)
+        e = net.decoder.embed_tokens.weight[EOS]
+        net.decoder.layer_norm.bias.add_(eos_bias * e / e.dot(e))
+    return net, cfg
+
+
+def beam_rule_prompt(seed, slots):
+    """``<s> <image> [slots] </image>`` + 3 random text ids, with a random 32 x 32 image."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(10, BEAM_V, (3,), generator=g).tolist()
+    tokens = torch.tensor([[BOS, 5] + list(range(10, 10 + slots)) + [6] + text])
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[0, 2:2 + slots] = True
+    return tokens, torch.randn(1, 3, 32, 32, generator=g), mask
+
+
+def test_beam_rules_order_the_same_beams_differently():
+    """Three beams that reach the length limit: fairseq's rule forces </s> after max_len = 3 tokens and ranks by
+    (sum + log p(</s>)) / 4; HF's rule with max_len = 2 ends the same three beams at their third token and ranks
+    by sum / 3. Same beams, another order (for at least one of the prompts tried)."""
+    net, cfg = beam_rule_net()
+    found = []
+    for seed in range(8):
+        tokens, image, mask = beam_rule_prompt(seed, cfg.connector.latent_query_num)
+        fs = generate(net, tokens, image, mask, SearchConfig(beam=3, nbest=3, max_len_b=3), pad_idx=PAD,
+                      eos_idx=EOS)[0]
+        hf = generate(net, tokens, image, mask, SearchConfig(beam=3, nbest=3, max_len_b=2, beam_rule="hf"),
+                      pad_idx=PAD, eos_idx=EOS)[0]
+        for h in fs + hf:  # both: sum of the positional scores / their number (lenpen 1)
+            assert h.score == pytest.approx(float(h.positional_scores.sum()) / len(h.tokens), abs=1e-5)
+        assert [h.score for h in fs] == sorted((h.score for h in fs), reverse=True)
+        assert [h.score for h in hf] == sorted((h.score for h in hf), reverse=True)
+        assert all(h.tokens[-1] == EOS for h in fs)  # fairseq: </s> at the end of every hypothesis
+        cut = [h.tokens.tolist() for h in hf if len(h.tokens) == 3 and h.tokens[-1] != EOS]
+        if len(cut) == 3 and sorted(h.tokens.tolist()[:-1] for h in fs) == sorted(cut):
+            found.append((seed, [h.tokens.tolist()[:-1] for h in fs], cut))
+    assert any(fs_order != hf_order for _, fs_order, hf_order in found), found
+
+
+def test_beam_rule_rejects_unknown_values():
+    with pytest.raises(ValueError, match="beam_rule must be one of"):
+        SearchConfig(beam=2, beam_rule="huggingface")
+
+
+def test_beam_rule_hf_reproduces_hf_generate(tmp_path):
+    """beam_rule="hf" gives HF transformers' generate(num_beams=3, num_return_sequences=3) on the same weights:
+    the same hypotheses in the same order with the same scores, max_new_tokens = max_len_b + 1. The cases cover
+    hypotheses cut at the limit, ended by </s>, both mixed, searches that stop before the limit (HF's
+    early-stopping heuristic), and a length penalty; fairseq's rule differs from HF on some of them."""
+    pytest.importorskip("transformers", reason="transformers (test-only: HF parity) is not installed")
+    from transformers import Kosmos2ForConditionalGeneration
+
+    from unilm_vl import convert as C
+
+    seen = {"cut": 0, "eos": 0, "mixed": 0, "early": 0, "fairseq_differs": 0}
+    for eos_bias in (0.0, 2.0, 3.0):
+        net, cfg = beam_rule_net(eos_bias)
+        out_dir = tmp_path / f"bias{eos_bias}"
+        C.save_our_checkpoint(str(out_dir / "ours.pt"), net.state_dict(), cfg)
+        assert C.main(["kosmos2", "--to-hf", "--checkpoint", str(out_dir / "ours.pt"),
+                       "--out", str(out_dir / "hf")]) == 0
+        hf_model = Kosmos2ForConditionalGeneration.from_pretrained(str(out_dir / "hf")).eval()
+        for seed, max_new, lenpen in ((0, 4, 1.0), (1, 7, 1.0), (2, 7, 0.6)):
+            tokens, image, mask = beam_rule_prompt(seed, cfg.connector.latent_query_num)
+            with torch.no_grad():
+                theirs = hf_model.generate(
+                    pixel_values=image, input_ids=tokens, image_embeds_position_mask=mask.long(),
+                    attention_mask=torch.ones_like(tokens), max_new_tokens=max_new, do_sample=False, num_beams=3,
+                    num_return_sequences=3, length_penalty=lenpen, early_stopping=False, min_new_tokens=1,
+                    eos_token_id=EOS, pad_token_id=PAD, output_scores=True, return_dict_in_generate=True)
+            hf_hyps = []
+            for row in theirs.sequences[:, tokens.size(1):].tolist():
+                hf_hyps.append(row[:row.index(EOS) + 1] if EOS in row else row)  # drop the padding after </s>
+            search = dict(beam=3, nbest=3, max_len_b=max_new - 1, lenpen=lenpen)
+            ours = generate(net, tokens, image, mask, SearchConfig(**search, beam_rule="hf"), pad_idx=PAD,
+                            eos_idx=EOS)[0]
+            assert [h.tokens.tolist() for h in ours] == hf_hyps, (eos_bias, seed)
+            torch.testing.assert_close(torch.tensor([h.score for h in ours]), theirs.sequences_scores,
+                                       atol=1e-4, rtol=0)
+            ends = [h[-1] == EOS for h in hf_hyps]
+            seen["cut"] += not any(ends)
+            seen["eos"] += all(ends)
+            seen["mixed"] += any(ends) and not all(ends)
+            seen["early"] += theirs.sequences.size(1) - tokens.size(1) < max_new
+            fairseq = generate(net, tokens, image, mask, SearchConfig(**search), pad_idx=PAD, eos_idx=EOS)[0]
+            seen["fairseq_differs"] += [h.tokens.tolist() for h in fairseq] != hf_hyps
+    assert all(seen.values()), seen
+
+
+def test_beam_rule_reaches_the_generators(vocab):
+    """--gen-beam-rule (fairseq-generate, the task's option) and --beam-rule (kosmos2_infer) set the search's rule;
+    both default to fairseq's."""
+    from unilm_vl.kosmos2_infer import build_parser
+
+    gen_args = Namespace(beam=3, nbest=1, max_len_a=0, max_len_b=5, min_len=1, lenpen=1.0, sampling=False,
+                         sampling_topk=-1, sampling_topp=-1.0, temperature=1.0, no_repeat_ngram_size=0)
+    assert make_task(vocab).build_generator([], gen_args).search.beam_rule == "fairseq"
+    assert make_task(vocab, gen_beam_rule="hf").build_generator([], gen_args).search.beam_rule == "hf"
+    assert build_parser().parse_args(["--checkpoint", "c.pt"]).beam_rule == "fairseq"
+    assert build_parser().parse_args(["--checkpoint", "c.pt", "--beam-rule", "hf"]).beam_rule == "hf"

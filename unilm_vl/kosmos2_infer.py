@@ -3,7 +3,8 @@ prompt per line, with the entities parsed out and optionally drawn.
 
 ::
 
-    python -m unilm_vl.kosmos2_infer --checkpoint ckpt.pt [--input FILE|-] [--beam 1] [--no-repeat-ngram-size 3]
+    python -m unilm_vl.kosmos2_infer --checkpoint ckpt.pt [--input FILE|-] [--beam 1] [--beam-rule fairseq|hf]
+        [--no-repeat-ngram-size 3]
         [--max-len-b 500] [--sampling --sampling-topp 0.9 --temperature 0.7 --seed 0] [--batch-size 8]
         [--draw OUT_DIR] [--output out.jsonl] [--spm-model M --dict-path D] [--image-view squash|crop] [--cpu]
 
@@ -38,7 +39,7 @@ from unilm_vl.data.grounding import box_to_pixels, parse_grounded_text
 from unilm_vl.eval.common import load_checkpoint
 from unilm_vl.logging_utils import setup_cli_logging
 from unilm_vl.models.kosmos2 import VocabularyMismatchError
-from unilm_vl.modules.generation import SearchConfig
+from unilm_vl.modules.generation import BEAM_RULES, SearchConfig
 from unilm_vl.tasks.kosmos2 import Kosmos2Generator, parse_prompt_line, read_prompt_file
 
 MIN_DRAW_SIDE = 256
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lenpen", type=float, default=1.0, help="score = sum log-prob / length ** lenpen")
     g.add_argument("--no-repeat-ngram-size", type=int, default=3,
                    help="never repeat an n-gram of the prompt + output (3 as released; 0 = off)")
+    g.add_argument("--beam-rule", choices=BEAM_RULES, default="fairseq",
+                   help="how beam search ends and ranks its hypotheses: fairseq's (</s> forced and scored at the "
+                        "length limit, as released) or HF transformers' generate (HF max_new_tokens = "
+                        "--max-len-b + 1); see unilm_vl.modules.generation")
     g.add_argument("--sampling", action="store_true", help="sample instead of beam search")
     g.add_argument("--sampling-topk", type=int, default=-1, help="sample from the k most likely tokens")
     g.add_argument("--sampling-topp", type=float, default=-1.0, help="sample from the top-p nucleus")
@@ -149,7 +154,7 @@ class Kosmos2Inference:
             beam=args.beam, nbest=args.nbest, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
             min_len=args.min_len, lenpen=args.lenpen, sampling=args.sampling, sampling_topk=args.sampling_topk,
             sampling_topp=args.sampling_topp, temperature=args.temperature,
-            no_repeat_ngram_size=args.no_repeat_ngram_size)
+            no_repeat_ngram_size=args.no_repeat_ngram_size, beam_rule=args.beam_rule)
         self.generator = Kosmos2Generator(self.search, self.task.dictionary, seed=args.seed)
 
     def run(self, lines) -> List[dict]:

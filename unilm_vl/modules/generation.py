@@ -30,6 +30,26 @@ score is ``sum(positional scores) / len ** lenpen`` with ``len`` the generated t
 candidates are ranked by the unnormalised sum. ``no_repeat_ngram_size`` looks at the whole history, prompt
 included (as the Kosmos-2 release does), so with n = 3 a trigram such as ``</phrase> <object> <patch_index_X>``
 can never occur twice in one output.
+
+How the search ends and which finished hypotheses it returns (``SearchConfig.beam_rule``). Both rules take, at
+each step and for each input, the best ``2k`` of its ``rows x V`` extensions by cumulative log-prob; a ``</s>``
+among the first ``k`` finishes with score ``sum / len ** lenpen``, the first ``k`` others continue. They differ
+at the length limit (the token after ``max_len`` generated ones) and in when an input stops:
+
+- ``"fairseq"`` (default; fairseq's ``SequenceGenerator``, which the Kosmos-2 release decodes with): at the length
+  limit every live row is forced to ``</s>``, and that ``</s>`` is scored like any token (its log-prob is in the
+  sum, it counts in ``len``); an input stops as soon as it holds ``k`` finished hypotheses, which are returned
+  best first.
+- ``"hf"`` (HF transformers' ``generate(num_beams=k)`` with its default ``early_stopping=False``, v4.50+): at the
+  length limit nothing is forced: the first ``k`` extensions finish as they are (a hypothesis may then end
+  without ``</s>``, scored over the tokens it has); the input keeps the best ``k`` finished hypotheses seen so far
+  and keeps searching until all ``k`` are filled and its best live row's ``sum / step ** lenpen`` no longer
+  beats the worst of them (HF's heuristic). The same weights then give HF's hypotheses in HF's order. HF's
+  ``max_new_tokens`` counts the last token, so it equals ``max_len + 1`` here. At beam 1 (greedy, sampling)
+  the rule only changes the length limit: the last token is the model's choice, not ``</s>``.
+
+The two rules return different hypotheses, or the same ones in another order, when beams reach the length
+limit: there fairseq adds ``log p(</s>)`` to them while HF ranks them by what they have.
 """
 from __future__ import annotations
 
@@ -39,6 +59,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+
+BEAM_RULES = ("fairseq", "hf")
+"""Values of :attr:`SearchConfig.beam_rule`."""
 
 
 @dataclass
@@ -69,6 +93,10 @@ class SearchConfig:
     """Logits are divided by this before the log-softmax (beam search and sampling alike)."""
     no_repeat_ngram_size: int = 0
     """Ban any token that would repeat an n-gram of the history (prompt included); 0 = off."""
+    beam_rule: str = "fairseq"
+    """How the search ends and ranks its finished hypotheses: ``"fairseq"`` (``</s>`` forced and scored at the
+    length limit; an input stops at ``beam`` finished hypotheses) or ``"hf"`` (HF transformers' beam search); see
+    the module docstring."""
 
     def __post_init__(self):
         if self.beam < 1 or not 1 <= self.nbest <= self.beam:
@@ -81,6 +109,8 @@ class SearchConfig:
             raise ValueError("sampling_topk / sampling_topp need sampling=True")
         if self.sampling_topp > 1:
             raise ValueError(f"sampling_topp must be in (0, 1], got {self.sampling_topp}")
+        if self.beam_rule not in BEAM_RULES:
+            raise ValueError(f"beam_rule must be one of {BEAM_RULES}, got {self.beam_rule!r}")
 
 
 @dataclass
@@ -88,7 +118,8 @@ class Hypothesis:
     """One finished output."""
 
     tokens: torch.Tensor
-    """The generated tokens after the prompt (LongTensor), ending with ``</s>``."""
+    """The generated tokens after the prompt (LongTensor), ending with ``</s>`` (with ``beam_rule="hf"``, a
+    hypothesis cut at the length limit ends with its last token instead)."""
     score: float
     """``positional_scores.sum() / len(tokens) ** lenpen``."""
     positional_scores: torch.Tensor
@@ -190,9 +221,13 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
     row_pos = torch.zeros(len(row_input), 0, device=device)  # N x step
     finalized: List[List[Hypothesis]] = [[] for _ in range(bsz)]
 
+    hf_rule = cfg.beam_rule == "hf"
+    taking = [True] * bsz  # "hf": the input still takes finished hypotheses (HF's early-stopping heuristic)
     step = 0
     while row_input:
-        lprobs = _apply_bans(lprobs, tokens, row_input, step, max_lens, cfg, pad_idx, eos_idx, unk_idx)
+        lprobs = _apply_bans(lprobs, tokens, row_input, step, max_lens, cfg, pad_idx, eos_idx, unk_idx,
+                             force_eos_at_limit=not hf_rule)
+        at_limit = {b for b in row_input if step >= max_lens[b]}  # inputs whose next token is their last
         if cfg.sampling:
             probs = _truncate_for_sampling(lprobs, cfg.sampling_topk, cfg.sampling_topp)  # N x V
             drawn = torch.multinomial(probs, 1, generator=generator)  # N x 1
@@ -200,22 +235,27 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
         elif cfg.beam == 1:
             picks = _greedy_picks(lprobs)
         else:
-            picks = _beam_picks(lprobs, row_score, row_input, step, cfg.beam, eos_idx)
+            picks = _beam_picks(lprobs, row_score, row_input, step, cfg.beam, eos_idx, at_limit)
         keep_rows, keep_tokens, keep_lp = [], [], []
         for row, token, lp in picks:
             b = row_input[row]
             score = float(row_score[row]) + lp
-            if token == eos_idx:
-                if len(finalized[b]) < cfg.beam:
+            if token == eos_idx or b in at_limit:  # fairseq: only </s> is left at the limit; hf: any token ends
+                if taking[b] if hf_rule else len(finalized[b]) < cfg.beam:
                     pos = torch.cat([row_pos[row], row_pos.new_tensor([lp])]).cpu()
-                    toks = torch.cat([tokens[row, src_tokens.size(1):], tokens.new_tensor([eos_idx])]).cpu()
+                    toks = torch.cat([tokens[row, src_tokens.size(1):], tokens.new_tensor([token])]).cpu()
                     finalized[b].append(Hypothesis(toks, score / (step + 1) ** cfg.lenpen, pos, prompt_scores[b]))
+                    if hf_rule:  # HF keeps the best `beam` finished hypotheses seen so far
+                        finalized[b] = sorted(finalized[b], key=lambda h: -h.score)[:cfg.beam]
             else:
                 keep_rows.append(row)
                 keep_tokens.append(token)
                 keep_lp.append(lp)
-        # an input is done once it holds `beam` finished hypotheses (fairseq's stopping rule) or has no live row
-        live = [i for i, row in enumerate(keep_rows) if len(finalized[row_input[row]]) < cfg.beam]
+        if hf_rule:
+            _update_taking(taking, finalized, keep_rows, keep_lp, row_input, row_score, step, cfg)
+            live = [i for i, row in enumerate(keep_rows) if taking[row_input[row]]]
+        else:  # an input is done once it holds `beam` finished hypotheses (fairseq's stopping rule)
+            live = [i for i, row in enumerate(keep_rows) if len(finalized[row_input[row]]) < cfg.beam]
         if not live:
             break
         new_order = torch.tensor([keep_rows[i] for i in live], device=device)
@@ -231,9 +271,28 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
     return [sorted(hyps, key=lambda h: -h.score)[:cfg.nbest] for hyps in finalized]
 
 
-def _apply_bans(lprobs, tokens, row_input, step, max_lens, cfg: SearchConfig, pad_idx, eos_idx, unk_idx):
+def _update_taking(taking, finalized, keep_rows, keep_lp, row_input, row_score, step, cfg: SearchConfig):
+    """HF's early-stopping heuristic (``early_stopping=False``), after a step: an input stops taking finished
+    hypotheses once it holds ``beam`` of them and its best continuing row's ``sum / (step + 1) ** lenpen`` is not
+    above the worst of them, or when no row of it continues."""
+    best: Dict[int, float] = {}
+    for row, lp in zip(keep_rows, keep_lp):
+        b = row_input[row]
+        best[b] = max(best.get(b, -math.inf), float(row_score[row]) + lp)
+    for b in set(row_input):
+        if not taking[b]:
+            continue
+        if b not in best:
+            taking[b] = False
+        elif len(finalized[b]) == cfg.beam:
+            taking[b] = best[b] / (step + 1) ** cfg.lenpen > min(h.score for h in finalized[b])
+
+
+def _apply_bans(lprobs, tokens, row_input, step, max_lens, cfg: SearchConfig, pad_idx, eos_idx, unk_idx,
+                force_eos_at_limit: bool = True):
     """The log-probs with forbidden choices at -inf: pad always; ``</s>`` before ``min_len``; anything but ``</s>``
-    at an input's length limit; repeated n-grams. A row left with no allowed token may still end (``</s>``)."""
+    at an input's length limit (``force_eos_at_limit``, fairseq's rule); repeated n-grams. A row left with no
+    allowed token may still end (``</s>``)."""
     raw = lprobs
     lprobs = lprobs.clone()
     lprobs[:, pad_idx] = -math.inf
@@ -241,7 +300,7 @@ def _apply_bans(lprobs, tokens, row_input, step, max_lens, cfg: SearchConfig, pa
         lprobs[:, unk_idx] -= cfg.unkpen
     if step < cfg.min_len:
         lprobs[:, eos_idx] = -math.inf
-    at_limit = [i for i, b in enumerate(row_input) if step >= max_lens[b]]
+    at_limit = [i for i, b in enumerate(row_input) if step >= max_lens[b]] if force_eos_at_limit else []
     if at_limit:
         rows = torch.tensor(at_limit, device=lprobs.device)
         eos = raw[rows, eos_idx].clone()
@@ -273,10 +332,11 @@ def _greedy_picks(lprobs: torch.Tensor):
     return [(row, t, v) for row, (t, v) in enumerate(zip(tok.tolist(), lp.tolist()))]
 
 
-def _beam_picks(lprobs, row_score, row_input, step, beam, eos_idx):
-    """fairseq's beam step for each input: the best ``2 * rows`` of its ``rows x V`` extensions by cumulative score;
-    ``</s>`` candidates among the first ``beam`` finish, the first ``beam`` other candidates continue. Returns
-    ``(row, token, log_prob)`` triples."""
+def _beam_picks(lprobs, row_score, row_input, step, beam, eos_idx, last=frozenset()):
+    """fairseq's beam step for each input: the best ``2 * beam`` of its ``rows x V`` extensions by cumulative
+    score; ``</s>`` candidates among the first ``beam`` finish, the first ``beam`` other candidates continue. For an
+    input in ``last`` (at its length limit, HF's rule) the first ``beam`` candidates are returned, whatever their
+    token: they all finish. Returns ``(row, token, log_prob)`` triples."""
     groups: Dict[int, List[int]] = {}
     for row, b in enumerate(row_input):
         groups.setdefault(b, []).append(row)
@@ -290,7 +350,7 @@ def _beam_picks(lprobs, row_score, row_input, step, beam, eos_idx):
         top_scores, top_idx = cand.topk(min(2 * beam, cand.numel()))
         kept = 0
         for rank, (s, j) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
-            if s == -math.inf or kept == beam:
+            if s == -math.inf or kept == beam or (rank == beam and row_input[rows[0]] in last):
                 break
             row, token = rows[j // vocab], j % vocab
             lp = float(lprobs[row, token])

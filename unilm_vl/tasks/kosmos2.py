@@ -83,6 +83,11 @@ class Kosmos2Config(StreamDataConfig):
     gen_continuation_only: bool = field(default=False, metadata={
         "help": "generation: hypotheses hold only the generated tokens (default: the prompt text after </image> "
                 "followed by them, so phrases given in the prompt stay attached to their boxes)"})
+    gen_beam_rule: ChoiceEnum(["fairseq", "hf"]) = field(default="fairseq", metadata={
+        "help": "generation: how beam search ends and ranks its hypotheses: fairseq's (</s> forced and scored at "
+                "the length limit; the release decodes with it) or HF transformers' generate (no forced </s>, its "
+                "early-stopping heuristic; HF's max_new_tokens = --max-len-b + 1); see "
+                "unilm_vl.modules.generation"})
 
 
 @register_task("kosmos2", dataclass=Kosmos2Config)
@@ -177,8 +182,8 @@ class Kosmos2Task(StreamTaskBase):
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
                         prefix_allowed_tokens_fn=None):
         """A :class:`Kosmos2Generator` from fairseq's generation options (beam, nbest, max_len_a/b, min_len,
-        lenpen, unnormalized, unkpen, sampling, sampling_topk/topp, temperature, no_repeat_ngram_size); options
-        it cannot honour raise ``NotImplementedError``."""
+        lenpen, unnormalized, unkpen, sampling, sampling_topk/topp, temperature, no_repeat_ngram_size) and the
+        task's ``--gen-beam-rule``; options it cannot honour raise ``NotImplementedError``."""
         unsupported = {
             "score_reference": getattr(args, "score_reference", False),
             "diverse_beam_groups": getattr(args, "diverse_beam_groups", -1) > 0,
@@ -197,7 +202,7 @@ class Kosmos2Task(StreamTaskBase):
             min_len=args.min_len, lenpen=0.0 if getattr(args, "unnormalized", False) else args.lenpen,
             unkpen=getattr(args, "unkpen", 0.0), sampling=args.sampling, sampling_topk=args.sampling_topk,
             sampling_topp=args.sampling_topp, temperature=args.temperature,
-            no_repeat_ngram_size=args.no_repeat_ngram_size)
+            no_repeat_ngram_size=args.no_repeat_ngram_size, beam_rule=str(self.cfg.gen_beam_rule))
         return Kosmos2Generator(search, self.dictionary, continuation_only=self.cfg.gen_continuation_only,
                                 seed=self.cfg.seed)
 
@@ -333,7 +338,8 @@ class Kosmos2Generator:
     """fairseq-style generator over :func:`unilm_vl.modules.generation.generate`: ``generate(models, sample)``
     returns, per sample, a list of ``{"tokens", "score", "positional_scores", "alignment": None}`` best first.
 
-    ``tokens`` are the prompt text (after ``</image>``) followed by the generated tokens ending in ``</s>``, with
+    ``tokens`` are the prompt text (after ``</image>``) followed by the generated tokens ending in ``</s>`` (no
+    ``</s>`` on a hypothesis cut at the length limit under ``--gen-beam-rule hf``), with
     ``positional_scores`` of the same length (the prompt text's own log-probs, then the generated tokens'); with
     ``continuation_only`` just the generated part. ``score`` is the search score of the generated part. Sampling
     draws from a ``torch.Generator`` seeded once with ``seed``.
