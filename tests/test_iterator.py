@@ -335,3 +335,25 @@ def test_no_stray_traceback_from_an_earlier_epochs_loader(wds_dir, tmp_path):
     assert "epochs done" in run.stdout
     assert "can only test a child process" not in run.stderr
     assert "Exception ignored" not in run.stderr
+
+
+def test_pack_samples_round_trip():
+    """Worker results travel as one stacked tensor per field that all samples share in shape and dtype."""
+    import torch
+
+    from unilm_vl.data.decode import BadSample
+    from unilm_vl.data.pipeline import pack_samples, unpack_samples
+
+    def samples():
+        return [{"__key__": "a", "image": torch.full((3, 2, 2), 1.0), "tokens": torch.tensor([1, 2])},
+                BadSample("undecodable image", "x.tar#b", "jpg"),
+                {"__key__": "c", "image": torch.full((3, 2, 2), 3.0), "tokens": torch.tensor([3, 4, 5])}]
+
+    outcomes, stacked = pack_samples(samples())
+    assert list(stacked) == ["image"] and stacked["image"].shape == (2, 3, 2, 2)  # token rows differ in length
+    assert "image" not in outcomes[0] and isinstance(outcomes[1], BadSample)
+    for got, want in zip(unpack_samples((outcomes, stacked)), samples()):
+        if isinstance(want, BadSample):
+            assert (got.reason, got.source, got.field) == (want.reason, want.source, want.field)
+            continue
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in ("image", "tokens"))

@@ -230,20 +230,47 @@ def decode_sample(plan: StreamPlan, epoch: int, source: int, record: Dict[str, A
 
 class DecodeChunks(torch.utils.data.Dataset):
     """Loader dataset of the worker processes: item = a chunk of ``(source, record)``; value = their decoded samples
-    or :class:`BadSample` s, in order. The main process reads the records and assembles batches
-    (:class:`EpochStream`)."""
+    or :class:`BadSample` s, in order, packed by :func:`pack_samples`. The main process reads the records and
+    assembles batches (:class:`EpochStream`)."""
 
     def __init__(self, plan: StreamPlan, epoch: int):
         self.plan, self.epoch = plan, epoch
 
-    def __getitem__(self, chunk: List[Record]) -> List[Any]:
-        return [decode_sample(self.plan, self.epoch, source, record, in_main_process=False)
-                for source, record in chunk]
+    def __getitem__(self, chunk: List[Record]) -> Tuple[List[Any], Dict[str, torch.Tensor]]:
+        return pack_samples([decode_sample(self.plan, self.epoch, source, record, in_main_process=False)
+                             for source, record in chunk])
 
 
-def _as_is(outcomes: List[Any]) -> List[Any]:
-    """The loader's collate function: keep the worker's list (batches are collated by :class:`EpochStream`)."""
+def pack_samples(outcomes: List[Any]) -> Tuple[List[Any], Dict[str, torch.Tensor]]:
+    """Move each top-level tensor field that all samples of ``outcomes`` hold with one shape and dtype into one
+    stacked tensor: ``(outcomes without those fields, {field: N x ...})``. A worker hands tensors to the main process
+    through shared memory, one segment and file descriptor per tensor; one per field instead of one per sample and
+    field makes that cost per chunk, not per sample. :func:`unpack_samples` undoes it (rows are views)."""
+    samples = [o for o in outcomes if not isinstance(o, BadSample)]
+    stacked: Dict[str, torch.Tensor] = {}
+    if samples:
+        for key, value in list(samples[0].items()):
+            if torch.is_tensor(value) and all(
+                    torch.is_tensor(s.get(key)) and s[key].shape == value.shape and s[key].dtype == value.dtype
+                    for s in samples):
+                stacked[key] = torch.stack([s.pop(key) for s in samples])  # N x ...
+    return outcomes, stacked
+
+
+def unpack_samples(packed: Tuple[List[Any], Dict[str, torch.Tensor]]) -> List[Any]:
+    """The outcomes of :func:`pack_samples` with their tensor fields back (row ``i`` of the ``i``-th sample)."""
+    outcomes, stacked = packed
+    if stacked:
+        samples = [o for o in outcomes if not isinstance(o, BadSample)]
+        for key, rows in stacked.items():
+            for sample, row in zip(samples, rows):
+                sample[key] = row
     return outcomes
+
+
+def _as_is(packed: Any) -> Any:
+    """The loader's collate function: keep the worker's value (batches are collated by :class:`EpochStream`)."""
+    return packed
 
 
 def _chunks(records: Iterator[Record], size: int) -> Iterator[List[Record]]:
@@ -301,7 +328,7 @@ class EpochStream:
                 collate_fn=_as_is, num_workers=self.loader_workers, prefetch_factor=self.prefetch_factor,
                 persistent_workers=False)
             self._loader_iter = iter(loader)
-            self._outcomes = itertools.chain.from_iterable(self._loader_iter)
+            self._outcomes = itertools.chain.from_iterable(map(unpack_samples, self._loader_iter))
         else:
             self._outcomes = (decode_sample(plan, self.epoch, source, record) for source, record in self._records)
 
