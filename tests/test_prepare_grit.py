@@ -261,13 +261,16 @@ def test_deeply_nested_json_is_a_counted_skip(tmp_path):
     a bad sample like any other; the rest converts."""
     folder = tmp_path / "download" / "00000"
     folder.mkdir(parents=True)
-    for key, meta in (("000000000", json.dumps(grit_record("a good one", "000000000")).encode()),
+    for key, meta in (("000000000", json.dumps(grit_record("a good one", "000000000", width=float("inf"),
+                                                             height=float("nan"))).encode()),
                       ("000000001", b"[" * 100_000 + b"]" * 100_000),
                       ("000000002", b'{"caption": "x", "width": ' + b"9" * 5000 + b"}")):
         (folder / f"{key}.jpg").write_bytes(image_bytes())
         (folder / f"{key}.json").write_bytes(meta)
     summary = convert([str(tmp_path / "download")], str(tmp_path / "out"))
     assert (summary.converted, dict(summary.skipped)) == (1, {"bad json": 2})
+    _, rows = read_rows(tmp_path / "out")
+    assert (rows[0]["width"], rows[0]["height"]) == (40, 30)  # Infinity / NaN sizes: the decoded image's
 
 
 def test_a_failed_conversion_leaves_no_partial_output(tmp_path, monkeypatch):

@@ -255,7 +255,7 @@ def _dimension(meta: Dict[str, Any], name: str, fallback: int) -> int:
         return fallback
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf")), JSON's Infinity
         return fallback
     return number if number > 0 else fallback
 
