@@ -357,3 +357,22 @@ def test_pack_samples_round_trip():
             assert (got.reason, got.source, got.field) == (want.reason, want.source, want.field)
             continue
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in ("image", "tokens"))
+
+
+def test_saved_reasons_are_capped(tmp_path):
+    """Reasons that name a file (one per missing video) must not grow the checkpoint: the 31 most common are kept,
+    the rest summed."""
+    from unilm_vl.data.decode import BadSample
+    from unilm_vl.data.iterator import MAX_SAVED_REASONS, OTHER_REASONS
+
+    write_tsv_with_bad_rows(tmp_path)
+    itr = make_iterator(parse_data_spec(str(tmp_path / "part-*.tsv")), num_batches=12, max_bad_fraction=0.5,
+                        shuffle=False)
+    run_epoch(itr, limit=1)  # rows 0-3 of shard 0: no bad one
+    counter = itr._cur_epoch_itr.unilm_stream.counter
+    counter.quiet = True
+    for i in range(40):
+        counter.skip(BadSample(f"reason {i:02d}", "x", "y"))
+    reasons = itr.state_dict()["stream"]["bad_samples"]["reasons"]
+    assert counter.bad == 40 and len(reasons) == MAX_SAVED_REASONS == 32
+    assert reasons[OTHER_REASONS] == 40 - 31 and sum(reasons.values()) == 40

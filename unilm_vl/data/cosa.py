@@ -100,10 +100,10 @@ def list_video_frames(frames_root: str, video_id: str, where: str = "?") -> List
     :class:`BadSample` naming it."""
     video_dir = video_directory(frames_root, video_id, where)
     if not os.path.isdir(video_dir):
-        raise BadSample(f"missing video directory {video_dir}", video_dir, "video_id")
+        raise BadSample(f"missing video directory: {video_dir}", video_dir, "video_id")
     paths = sorted(os.path.join(video_dir, f) for f in os.listdir(video_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
-        raise BadSample(f"empty frame directory {video_dir}", video_dir, "video_id")
+        raise BadSample(f"empty frame directory: {video_dir}", video_dir, "video_id")
     return paths
 
 

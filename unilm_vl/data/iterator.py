@@ -9,8 +9,9 @@ Contract (the one fairseq's trainer and ``checkpoint_utils`` rely on):
 - ``end_of_epoch()``, ``iterations_in_epoch``, ``epoch``, ``next_epoch_idx``: as in ``EpochBatchIterator``.
 - ``state_dict()``: ``{"version": 3, "epoch", "iterations_in_epoch", "shuffle", "stream": {"world_size",
   "num_workers", "consumed": [records of its stream each rank consumed], "bad_samples": {"good", "bad" (summed over
-  ranks and loader workers), "per_rank": [[good, bad], ...], "reasons" (this rank's)}}}``. fairseq saves it from
-  rank 0 only, so ranks all-gather these few integers after each batch (they iterate in lockstep).
+  ranks and loader workers), "per_rank": [[good, bad], ...], "reasons" (this rank's, the 32 most common)}}}``.
+  fairseq saves it from rank 0 only, so ranks all-gather these few integers after each batch (they iterate in
+  lockstep).
 - ``load_state_dict(state)``: the next ``next_epoch_itr`` resumes at the first unseen sample of every rank, with
   the bad-sample counts where they were; any number of loader workers replays exactly (batches do not depend on
   it). If the world size changed, exact replay is impossible: the epoch restarts its streams at the saved batch
@@ -30,6 +31,10 @@ from fairseq.data.iterators import CountingIterator, EpochBatchIterating
 from .pipeline import EpochStream, StreamPlan
 
 logger = logging.getLogger(__name__)
+
+MAX_SAVED_REASONS = 32
+"""Bad-sample reasons kept in the state; rarer ones are summed under :data:`OTHER_REASONS`."""
+OTHER_REASONS = "(other reasons)"
 
 
 def _all_gather_ints(values: List[int], world_size: int) -> List[List[int]]:
@@ -110,7 +115,10 @@ class CheckpointableBatchIterator(EpochBatchIterating):
             epoch, offset, consumed = self.epoch + 1, 0, [0] * self.plan.world_size
         else:
             epoch, offset, consumed = self.epoch, self.iterations_in_epoch, [r[0] for r in ranks]
-        counts = stream.counter.state() if stream is not None else {"reasons": {}}
+        reasons = stream.counter.reasons.most_common() if stream is not None else []
+        if len(reasons) > MAX_SAVED_REASONS:  # a reason that names a file would grow the checkpoint without bound
+            rest = sum(n for _, n in reasons[MAX_SAVED_REASONS - 1:])
+            reasons = reasons[:MAX_SAVED_REASONS - 1] + [(OTHER_REASONS, rest)]
         return {
             "version": 3,
             "epoch": epoch,
@@ -119,7 +127,7 @@ class CheckpointableBatchIterator(EpochBatchIterating):
             "stream": {"world_size": self.plan.world_size, "num_workers": self.plan.num_workers,
                        "consumed": consumed,
                        "bad_samples": {"good": sum(r[1] for r in ranks), "bad": sum(r[2] for r in ranks),
-                                       "per_rank": [r[1:] for r in ranks], "reasons": counts["reasons"]}},
+                                       "per_rank": [r[1:] for r in ranks], "reasons": dict(reasons)}},
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:

@@ -287,10 +287,10 @@ def decode_frames(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
         raise BadSample("entry lacks a caption/desc string", where, "caption")
     video_dir = video_directory(spec.frames_root, entry["video_id"], where)
     if not os.path.isdir(video_dir):
-        raise BadSample(f"missing video directory {video_dir}", where, "video_id")
+        raise BadSample(f"missing video directory: {video_dir}", where, "video_id")
     paths = list_frames(video_dir)
     if not paths:
-        raise BadSample(f"empty frame directory {video_dir}", where, "video_id")
+        raise BadSample(f"empty frame directory: {video_dir}", where, "video_id")
     try:
         frames = [load_image(p) for p in paths]
     except FileNotFoundError as exc:
