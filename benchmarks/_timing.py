@@ -4,6 +4,9 @@ Both sides run in the same process, alternating call by call (ours, peer, ours, 
 processes on a shared machine hits both alike; each side gets ``warmup`` untimed calls, then ``iters`` timed
 calls, and the median is reported. ``ratio`` is always "ours over peer" in throughput terms (peer time / our time
 for the same work): above 1.0 we are faster.
+
+Model FLOPs utilisation (MFU) = training FLOPs of one step / median step seconds / the device's dense peak; the peak
+is ``--peak-tflops`` when given, else looked up by GPU name in :data:`PEAK_16BIT_TFLOPS`.
 """
 import json
 import logging
@@ -12,11 +15,13 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 logger = logging.getLogger("benchmarks")
+PEAK_16BIT_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense fp16/bf16 tensor-core peaks (SXM)
+RESULTS: List[Dict[str, object]] = []  # every report() of this process, for drivers that run benchmarks in-process
 
 
 def setup_logging() -> None:
@@ -65,11 +70,31 @@ def interleaved(ours: Callable[[], object], peer: Callable[[], object], warmup: 
             "ours_spread": max(times["ours"]) / min(times["ours"]), "peer_spread": max(times["peer"]) / min(times["peer"])}
 
 
-def report(name: str, results: Dict[str, object]) -> None:
-    """Log a human line per measurement and one machine-readable json line (``RESULT {...}``)."""
+def peak_tflops(device: str, given: Optional[float]) -> Optional[float]:
+    """The dense 16-bit peak (TFLOP/s) MFU divides by: ``given`` (a flag), else the table entry of the GPU's name,
+    else None (CPU, or an unknown GPU: no MFU)."""
+    if given is not None:
+        return given
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_16BIT_TFLOPS.items() if k in name), None)
+
+
+def mfu(step_flops: float, step_seconds: float, peak: float) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s of a step over the peak (TFLOP/s)."""
+    return step_flops / step_seconds / (peak * 1e12)
+
+
+def report(name: str, results: Dict[str, object]) -> Dict[str, object]:
+    """Log a human line per measurement and one machine-readable json line (``RESULT {...}``); the same payload is
+    appended to :data:`RESULTS` and returned."""
     logger.info("%s on %s", name, machine())
     for key, value in results.items():
         if isinstance(value, dict) and "ours_s" in value:
             logger.info("%-28s ours %.4f s  peer %.4f s  ratio %.3f", key, value["ours_s"], value["peer_s"],
                         value["ratio"])
-    logger.info("RESULT %s", json.dumps({"benchmark": name, "machine": machine(), **results}, default=float))
+    payload = json.loads(json.dumps({"benchmark": name, "machine": machine(), **results}, default=float))
+    logger.info("RESULT %s", json.dumps(payload))
+    RESULTS.append(payload)
+    return payload

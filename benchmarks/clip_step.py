@@ -12,9 +12,11 @@ optimiser step (fairseq's also does its logging-output reduction and gradient-no
 
 Prints (logs) median seconds per step of each side and ``ratio = open_clip time / our time`` (>= 1.0: at least
 parity). ``--device cuda --precision fp16`` runs the GPU variant and also reports the model FLOPs utilisation
-(FLOPs counted by torch's ``FlopCounterMode`` on one forward, x3 for forward + backward). Mixed precision is
-fairseq's ``--amp`` (fp16 autocast + dynamic loss scaling) against ``torch.autocast(float16)`` + ``GradScaler``:
-fairseq 0.12 has no bf16 autocast (``--bf16`` implies ``--tpu`` and needs torch_xla, and ``--amp`` is fp16).
+(FLOPs counted by torch's ``FlopCounterMode`` on one forward, x3 for forward + backward, over the dense 16-bit peak
+of the GPU or ``--peak-tflops``). Mixed precision is fairseq's ``--amp`` (fp16 autocast + dynamic loss scaling)
+against ``torch.autocast(float16)`` + ``GradScaler``: fairseq 0.12 has no bf16 autocast (``--bf16`` implies
+``--tpu`` and needs torch_xla, and ``--amp`` is fp16). ``--precision fp16`` on CPU runs the same code paths
+(``benchmarks/gpu_check.sh --smoke``); its timings say nothing about a GPU.
 """
 import argparse
 import copy
@@ -24,17 +26,18 @@ import sys
 
 import torch
 
-from _timing import interleaved, report, setup_logging
+from _timing import interleaved, mfu, peak_tflops, report, setup_logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEAK_16BIT_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense fp16/bf16 tensor-core peaks (SXM)
 
 
 def build_ours(args):
-    """Task, model, criterion and Trainer exactly as ``fairseq-train`` builds them from these flags."""
+    """Task, model, criterion and Trainer exactly as ``fairseq-train --user-dir unilm_vl`` builds them from these
+    flags (its trainer is :class:`unilm_vl.trainer.UnilmTrainer`, fairseq's own on a GPU without ``--fsdp2``)."""
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq.trainer import Trainer
+
+    from unilm_vl.trainer import UnilmTrainer
 
     flags = [REPO, "--user-dir", os.path.join(REPO, "unilm_vl"), "--task", "image_text_contrastive",
              "--arch", "clip", "--open-clip-model", args.model, "--criterion", "clip",
@@ -49,7 +52,7 @@ def build_ours(args):
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
     criterion = task.build_criterion(cfg.criterion)
-    return Trainer(cfg, task, model, criterion), model
+    return UnilmTrainer(cfg, task, model, criterion), model
 
 
 def batch(model, args):
@@ -103,16 +106,17 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=10, help="timed steps per side (median reported)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides run")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
-                        help="fp16: autocast + dynamic loss scaling on both sides (ours: fairseq --amp; GPU only)")
+                        help="fp16: autocast + dynamic loss scaling on both sides (ours: fairseq --amp)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense peak TFLOP/s for the MFU (default: the GPU's 16-bit peak from its name, "
+                             "989 on H100/H200; no MFU on CPU unless given)")
     args = parser.parse_args(argv)
-    if args.precision == "fp16" and args.device != "cuda":
-        parser.error("--precision fp16 needs --device cuda: fairseq has no CPU mixed precision (see README)")
     setup_logging()
     torch.manual_seed(0)
     trainer, our_model = build_ours(args)
     sample = batch(our_model, args)
     peer_model, loss_fn, optimizer, max_scale = build_peer(our_model, args)
-    peer_input = {k: v.to(args.device) for k, v in sample["net_input"].items()}
+    peer_input = {k: v.to(args.device) for k, v in sample["net_input"].items()}  # for the FLOP count
     mixed = args.precision == "fp16"
     autocast = torch.autocast(args.device, dtype=torch.float16, enabled=mixed)
     scaler = torch.amp.GradScaler(args.device, enabled=mixed)
@@ -122,8 +126,11 @@ def main(argv=None):
 
     def peer():
         optimizer.zero_grad(set_to_none=True)
+        # the batch comes from host memory every step on both sides (fairseq's train_step moves it; so does
+        # open_clip_train's loop, non_blocking); a no-op on CPU
+        batch_input = {k: v.to(args.device, non_blocking=True) for k, v in sample["net_input"].items()}
         with autocast:
-            out = peer_model(**peer_input)
+            out = peer_model(**batch_input)
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -135,14 +142,14 @@ def main(argv=None):
     results = {"config": vars(args), "train_step": timing,
                "samples_per_s": {"ours": args.batch_size / timing["ours_s"],
                                  "peer": args.batch_size / timing["peer_s"]}}
-    if args.device == "cuda":
-        name = torch.cuda.get_device_name(0)
-        peak = next((v for k, v in PEAK_16BIT_TFLOPS.items() if k in name), None)
+    peak = peak_tflops(args.device, args.peak_tflops)
+    if args.device == "cuda" or peak:
         flops = tower_flops(peer_model, {"net_input": peer_input})
         results["step_tflops"] = flops / 1e12
-        if peak and mixed:
-            results["mfu_ours"] = flops / timing["ours_s"] / (peak * 1e12)
-            results["mfu_peer"] = flops / timing["peer_s"] / (peak * 1e12)
+        if peak and (mixed or args.peak_tflops is not None):  # the table holds 16-bit peaks
+            results["peak_tflops"] = peak
+            results["mfu_ours"] = mfu(flops, timing["ours_s"], peak)
+            results["mfu_peer"] = mfu(flops, timing["peer_s"], peak)
     report("clip_step", results)
     return 0
 

@@ -45,7 +45,7 @@ def open_clip_wds_loader(args, shards, image_size, mean, std, num_samples):
     ``fname`` field that webdataset 1.0.2's ``tar_file_expander`` no longer yields (KeyError), so tar expansion is
     webdataset's ``tarfile_to_samples(handler=log_and_continue)``, the call open_clip's own comment names as what
     it re-implements."""
-    if importlib.util.find_spec("pandas") is None:  # see the module docstring: CSV-only import of open_clip_train
+    if "pandas" not in sys.modules and importlib.util.find_spec("pandas") is None:  # CSV-only import: docstring
         sys.modules["pandas"] = types.ModuleType("pandas")
     import math
 
