@@ -87,6 +87,9 @@ def load_fairseq_checkpoint(path: str, arg_overrides: Optional[Dict[str, Any]] =
     state = load_checkpoint_file(path)
     if not isinstance(state, dict) or not ("cfg" in state or "args" in state) or "model" not in state:
         raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' and 'cfg' or 'args' entries)")
+    if isinstance(state.get("sharded"), dict) and state["model"] is None:
+        raise ValueError(f"{path} is a sharded --fsdp2 checkpoint (its weights are in {state['sharded'].get('dir')}/ "
+                         f"beside it); make one file first: python -m unilm_vl.consolidate {path} --out FULL.pt")
     if state.get("args") is not None and arg_overrides:
         for name, value in arg_overrides.items():
             setattr(state["args"], name, value)

@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import SAFE_GLOBALS
+
 logger = logging.getLogger(__name__)
 
 SHARDED_KEY = "sharded"
@@ -113,6 +115,18 @@ def shard_module(module: nn.Module, mesh, precision: str = "fp32", reshard_after
     policy = mixed_precision_policy(precision)
     replicated = [p for p in module.parameters() if p.ndim == 0]
     ignored = set(replicated)
+    if precision != "fp32":
+        # BatchNorm keeps fp32 running statistics, which a half-precision weight cannot be combined with: each
+        # BatchNorm is its own unit computing in fp32 and handing its output back in the compute precision
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        low = policy.param_dtype
+        norm_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=low,
+                                           cast_forward_inputs=True)
+        for norm in [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+            if any(True for _ in norm.parameters(recurse=False)):
+                fully_shard(norm, mesh=mesh, mp_policy=norm_policy, reshard_after_forward=reshard_after_forward,
+                            ignored_params=ignored)
     units = sharding_units(module)
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
@@ -220,11 +234,14 @@ def save_sharded(save_dir: str, num_updates: int, model: nn.Module, criterion: O
     """Collective: every rank writes its shards into a new directory of ``save_dir``; returns the ``"sharded"``
     entry of the small checkpoint file."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultSavePlanner
 
     name = new_shard_dir_name(num_updates)
     path = os.path.join(save_dir, name)
     state = sharded_state(model, criterion, optimizer, with_optimizer)
-    dcp.save(state, checkpoint_id=path)
+    # replicated tensors (buffers such as BatchNorm statistics, which no backend synchronises, and the 0-dim
+    # parameters) are saved from rank 0, as fairseq saves rank 0's state under DDP
+    dcp.save(state, checkpoint_id=path, planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
     return {"format": "torch.distributed.checkpoint", "dir": name, "world_size": dist.get_world_size(),
             "optimizer": with_optimizer and optimizer is not None}
 
@@ -261,7 +278,8 @@ def referenced_shard_dirs(save_dir: str) -> set:
         if not fn.endswith(".pt"):
             continue
         try:
-            state = torch.load(os.path.join(save_dir, fn), map_location="cpu", weights_only=False, mmap=True)
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                state = torch.load(os.path.join(save_dir, fn), map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # a foreign or truncated file: keep every directory rather than guess
             logger.warning("cannot read %s to find its shards (%s); keeping all shard directories", fn, exc)
             return {d for d in os.listdir(save_dir) if d.startswith(SHARD_DIR_PREFIX)}
@@ -297,7 +315,7 @@ def _fairseq_optimizer_state(optim_state: Dict[str, Any]) -> Dict[str, Any]:
             index.setdefault(name, len(index))
             ids.append(index[name])
         groups.append({**group, "params": ids})
-    for name, value in optim_state["state"].items():
+    for name, value in optim_state.get("state", {}).items():  # SGD without momentum keeps none
         state[index[name]] = value
     return {"state": state, "param_groups": groups}
 
@@ -308,12 +326,16 @@ def _split_names(flat: Dict[str, Any], prefix: str) -> Dict[str, Any]:
 
 def consolidated_state(checkpoint_path: str, with_optimizer: bool = True) -> Dict[str, Any]:
     """A regular fairseq checkpoint dict (full fp32 ``model``/``criterion`` state, fairseq-form optimizer state)
-    from a sharded one, in this process alone (no process group)."""
+    from a sharded one, in this process alone (no process group). The small file is read without running code
+    from it; the shards' ``.metadata`` is a pickle that ``torch.distributed.checkpoint`` loads as such, so consolidate
+    only checkpoints you trust."""
     import tempfile
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    from .checkpoint import load_checkpoint_file
+
+    state = load_checkpoint_file(checkpoint_path)
     entry = state.get(SHARDED_KEY) if isinstance(state, dict) else None
     if not entry:
         raise ValueError(f"{checkpoint_path} is not a sharded checkpoint (no {SHARDED_KEY!r} entry)")

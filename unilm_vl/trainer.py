@@ -31,6 +31,7 @@ from fairseq import checkpoint_utils, optim
 from fairseq.trainer import Trainer
 
 from . import fsdp2
+from .checkpoint import SAFE_GLOBALS
 from .optim.open_clip_adamw import tag_parameter_names
 
 logger = logging.getLogger(__name__)
@@ -263,11 +264,15 @@ class UnilmTrainer(Trainer):
 
     def load_checkpoint(self, filename, reset_optimizer=False, reset_lr_scheduler=False, optimizer_overrides=None,
                         reset_meters=False):
-        if self.sharding is None:
-            return super().load_checkpoint(filename, reset_optimizer, reset_lr_scheduler, optimizer_overrides,
-                                           reset_meters)
-        return self._load_sharded_checkpoint(filename, reset_optimizer, reset_lr_scheduler, optimizer_overrides,
-                                             reset_meters)
+        # fairseq reads with torch.load's weights-only default, which refuses the argparse.Namespace that fairseq
+        # itself stores for components configured without a dataclass (``cfg.optimizer`` of --optimizer sgd):
+        # allow exactly the classes unilm_vl.checkpoint allows, so such runs resume
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            if self.sharding is None:
+                return super().load_checkpoint(filename, reset_optimizer, reset_lr_scheduler, optimizer_overrides,
+                                               reset_meters)
+            return self._load_sharded_checkpoint(filename, reset_optimizer, reset_lr_scheduler, optimizer_overrides,
+                                                 reset_meters)
 
     def _load_sharded_checkpoint(self, filename, reset_optimizer, reset_lr_scheduler, optimizer_overrides,
                                  reset_meters):
