@@ -124,8 +124,10 @@ class UnilmTrainer(Trainer):
                 torch.cuda.current_device = original
         else:
             super()._build_optimizer()
-        if self.cfg.common.amp and not torch.cuda.is_available():
-            self._cpu_grad_scaler()
+        if self.cfg.common.amp:
+            if not torch.cuda.is_available():
+                self._cpu_grad_scaler()
+            _step_the_unscaled_optimizer(self._optimizer)
         if self.sharding is not None:
             self._sharded_gradient_hooks()
 
@@ -344,6 +346,22 @@ class UnilmTrainer(Trainer):
                     meter.reset()
         logger.info("Loaded checkpoint {} (epoch {} @ {} updates)".format(filename, epoch, self.get_num_updates()))
         return extra_state
+
+
+def _step_the_unscaled_optimizer(amp_optimizer) -> None:
+    """FIX of fairseq 0.12's ``AMPOptimizer`` (on GPUs too): its ``clip_grad_norm`` unscales the gradients through
+    ``GradScaler.unscale_(torch_optimizer)``, but its ``step`` passes the fairseq wrapper to ``GradScaler.step``,
+    which keeps its "already unscaled" mark per optimizer object, finds none for the wrapper and unscales a second
+    time: every update used gradients divided by the loss scale (invisible with Adam's scale invariance except
+    through epsilon, fatal with SGD). Stepping the same torch optimizer that was unscaled is what fairseq intended
+    (the wrapper's own step only forwards to it)."""
+    scaler_owner = amp_optimizer
+
+    def step():
+        scaler_owner.scaler.step(scaler_owner.optimizer)
+        scaler_owner.scaler.update()
+
+    amp_optimizer.step = step
 
 
 def _named_optimizer_state(osd, container, optimizer):
