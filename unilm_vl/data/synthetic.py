@@ -924,9 +924,28 @@ def _map_tasks(tasks: List[Tuple], workers: int) -> Iterator[Tuple[str, List]]:
     if workers <= 1 or len(tasks) <= 1:
         yield from map(_run_task, tasks)
         return
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(min(workers, len(tasks))) as pool:
+    with _pool_context().Pool(min(workers, len(tasks))) as pool:
         yield from pool.imap(_run_task, tasks)
+
+
+def _pool_context():
+    """``fork`` from a single-threaded process (the CLI: workers start at once); from a process that runs other
+    threads (a test runner, a training job: OpenMP pools, gloo, timers) a forked child can inherit a lock some other
+    thread held and block forever, so workers then come from a fork server that has imported this module once."""
+    methods = mp.get_all_start_methods()
+    try:
+        single_threaded = len(os.listdir("/proc/self/task")) == 1
+    except OSError:  # no procfs: count Python threads only
+        import threading
+
+        single_threaded = threading.active_count() == 1
+    if "fork" in methods and single_threaded:
+        return mp.get_context("fork")
+    if "forkserver" in methods:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return mp.get_context("spawn")
 
 
 # ---------------------------------------------------------------------------------------------------- writers
