@@ -1,11 +1,15 @@
-"""Tests of the synthetic world (unilm_vl/data/synthetic.py): determinism, annotation correctness, layout."""
+"""Tests of the synthetic world (package unilm_vl/data/synthetic): determinism, annotation correctness, layout."""
+import ast
 import base64
 import filecmp
+import importlib
 import io
 import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import tarfile
 import time
 
@@ -450,3 +454,73 @@ def test_ten_thousand_train_images(tmp_path):
     logger.info("10k train images (+ default val/test/videos): %.1f s", seconds)
     assert manifest["counts"]["train"] == 10000
     assert sum(load_json(str(tmp_path), "train/grit/sizes.json").values()) == 10000
+
+
+# ----------------------------------------------------------------------------------------------- the package
+def _imported_modules(path, package):
+    """Absolute names of the modules a source file imports (relative imports resolved against ``package``)."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            yield base
+            yield from (f"{base}.{alias.name}" for alias in node.names)  # ``from . import synthetic``
+
+
+def test_the_data_layer_imports_only_the_world_vocabulary():
+    """Modules of unilm_vl/data outside the synthetic package import nothing of it but ``vocabulary``, and the
+    vocabulary imports nothing of the project (static check of every import statement)."""
+    data_dir = os.path.dirname(os.path.dirname(S.__file__))
+    offenders = []
+    for name in sorted(os.listdir(data_dir)):
+        if name.endswith(".py"):
+            for mod in _imported_modules(os.path.join(data_dir, name), "unilm_vl.data"):
+                if mod.startswith("unilm_vl.data.synthetic") and not mod.startswith(
+                        "unilm_vl.data.synthetic.vocabulary"):
+                    offenders.append((name, mod))
+    assert offenders == []
+    vocab = os.path.join(os.path.dirname(S.__file__), "vocabulary.py")
+    assert {m.split(".")[0] for m in _imported_modules(vocab, "unilm_vl.data.synthetic")} <= {"typing"}
+
+
+def test_importing_the_plugin_loads_no_generator_module():
+    """A fresh interpreter that imports unilm_vl (every task, model, criterion, hence data.hard_negatives) has loaded
+    the synthetic package and its vocabulary only."""
+    code = ("import json, sys, unilm_vl, unilm_vl.data.hard_negatives; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('unilm_vl.data.synthetic'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["unilm_vl.data.synthetic",
+                                                                "unilm_vl.data.synthetic.vocabulary"]
+
+
+def test_package_reexports_its_public_names_from_their_modules():
+    for name in S.__all__:
+        module = importlib.import_module(f"unilm_vl.data.synthetic.{S._MODULE_OF[name]}")
+        assert getattr(S, name) is getattr(module, name), name
+    assert {"generate_world", "ensure_world", "main", "COLOURS", "SceneObject", "sample_clip"} <= set(dir(S))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        S.no_such_name
+
+
+@pytest.mark.slow
+def test_python_dash_m_writes_the_same_world_and_no_runpy_warning(tmp_path):
+    """``python -m unilm_vl.data.synthetic`` with two worker processes writes the bytes the in-process generator
+    writes with one, and neither it nor its workers warn that the module ran twice (runpy's RuntimeWarning)."""
+    args = dict(seed=5, num_train=6, num_val=2, num_test=3, num_videos=2)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+    out, ref = tmp_path / "cli", tmp_path / "ref"
+    proc = subprocess.run([sys.executable, "-m", "unilm_vl.data.synthetic", "--out", str(out), "--workers", "2",
+                           *flags], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "RuntimeWarning" not in proc.stderr and "found in sys.modules" not in proc.stderr
+    S.generate_world(str(ref), workers=1, **args)
+    files = all_files(str(out))
+    assert files == all_files(str(ref)) and len(files) > 20
+    assert [f for f in files if f != "world.json" and not filecmp.cmp(out / f, ref / f, shallow=False)] == []
+    assert load_json(str(out), "world.json")["workers"] == 2

@@ -76,7 +76,7 @@ from .decode import BadSample
 from .formats import parse_annotation
 from .pipeline import derive_seed
 from .stages import CollateImageText
-from .synthetic import COLOURS, MOTIONS, RELATIONS, SHAPES, SIZES
+from .synthetic.vocabulary import COLOURS, MOTIONS, RELATIONS, SHAPES, SIZES
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +141,8 @@ def _motion_verbs() -> Tuple[str, ...]:
 
 def _builtin_groups() -> List[Tuple[str, Tuple[str, ...]]]:
     """Built-in interchangeable-word groups ``(category, words)``: the synthetic world's vocabulary (imported from
-    :mod:`unilm_vl.data.synthetic`), COCO object nouns by super-category, and common attributes and actions.
-    Size groups pair antonyms so that no group holds synonyms (``small``/``tiny`` never swap)."""
+    :mod:`unilm_vl.data.synthetic.vocabulary`), COCO object nouns by super-category, and common attributes and
+    actions. Size groups pair antonyms so that no group holds synonyms (``small``/``tiny`` never swap)."""
     groups: List[Tuple[str, Tuple[str, ...]]] = [
         ("colour", tuple(COLOURS) + ("brown", "pink", "grey", "gold", "silver")),
         ("size", tuple(SIZES)), ("size", ("big", "small")), ("size", ("big", "little")), ("size", ("tiny", "huge")),
