@@ -4,7 +4,7 @@ trainer from :mod:`unilm_vl.data` (streaming sources, exact resume) instead of i
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -84,33 +84,78 @@ class StreamDataConfig(FairseqDataclass):
                 "rank stops the job instead of blocking it; 0 keeps torch's default (30 min gloo, 10 min NCCL)"})
 
 
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What a task's data transforms need from the model they feed, read once by
+    :meth:`StreamTaskBase.build_model` (:meth:`of`). Every model of this package exposes it as attributes:
+    ``image_size`` (side of the square input of its image tower), ``image_mean`` / ``image_std`` (per-channel
+    normalisation of RGB values in [0, 1]) and, where it has them, ``context_length`` (positions of a CLIP-style
+    text tower) and ``num_image_tokens`` (image slots of a sequence model such as Kosmos-2)."""
+
+    image_size: int
+    image_mean: Tuple[float, ...]
+    image_std: Tuple[float, ...]
+    context_length: Optional[int] = None
+    num_image_tokens: Optional[int] = None
+
+    @classmethod
+    def of(cls, model) -> "ModelGeometry":
+        """The geometry of ``model``; ``TypeError`` naming the model class when it lacks an image attribute."""
+        missing = [name for name in ("image_size", "image_mean", "image_std") if not hasattr(model, name)]
+        if missing:
+            raise TypeError(f"{type(model).__name__} does not expose {', '.join(missing)}: the image-text tasks "
+                            "build their transforms from the model's image geometry")
+        optional = {name: getattr(model, name, None) for name in ("context_length", "num_image_tokens")}
+        return cls(int(model.image_size), tuple(model.image_mean), tuple(model.image_std),
+                   **{name: None if value is None else int(value) for name, value in optional.items()})
+
+
 class StreamTaskBase(FairseqTask):
     """Base class: ``load_dataset`` resolves a data spec into sources; ``get_batch_iterator`` returns a
     :class:`~unilm_vl.data.iterator.CheckpointableBatchIterator`. Subclasses define ``build_stages(split)`` and
-    ``build_collater(split)``."""
+    ``build_collater(split)``.
+
+    Geometry handshake: transforms depend on the model (image size, normalisation), so :meth:`build_model` reads
+    the built model's :class:`ModelGeometry` and hands it to :meth:`set_geometry`, which stores ``image_size``,
+    ``image_mean`` and ``image_std`` for ``build_stages``; subclasses extend :meth:`set_geometry` to check or
+    adopt further fields (context length, image slots)."""
 
     cfg: StreamDataConfig
 
     def __init__(self, cfg: StreamDataConfig):
         super().__init__(cfg)
         self._sizes: Dict[str, Dict[str, int]] = {}
+        self.image_size: Optional[int] = None  # set from the model by set_geometry
+        self.image_mean: Optional[Tuple[float, ...]] = None
+        self.image_std: Optional[Tuple[float, ...]] = None
         prepare_cpu_all_gather_list()  # non-summable logging outputs (kosmos2_lm) on gloo without CUDA
         install_atomic_checkpoint_copy()  # checkpoint_last.pt is never left half-written (see fault_tolerance.py)
         set_collective_timeout(getattr(cfg, "collective_timeout", 0))  # tasks are set up after distributed init
         self.nan_guard = NonFiniteLossGuard(getattr(cfg, "max_consecutive_nan_steps", 10))
         install_trainer()  # fairseq-train builds UnilmTrainer (--fsdp2, fp16/AMP on CPU); see unilm_vl/trainer.py
 
-    # ---- data
+    # ---- model and criterion; the geometry handshake
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         tag_parameter_names(model)  # names for open_clip_adamw's weight-decay exclusion
+        self.set_geometry(ModelGeometry.of(model))
         return model
+
+    def set_geometry(self, geometry: ModelGeometry) -> None:
+        """Store the image geometry the data transforms are built with (called by :meth:`build_model`)."""
+        self.image_size, self.image_mean, self.image_std = geometry.image_size, geometry.image_mean, geometry.image_std
+
+    def require_geometry(self, before: str = "loading data") -> None:
+        """``RuntimeError`` unless :meth:`set_geometry` ran (transforms need the model's image size)."""
+        if self.image_size is None:
+            raise RuntimeError(f"build the model before {before}: the image size comes from the model")
 
     def build_criterion(self, cfg):
         criterion = super().build_criterion(cfg)
         tag_parameter_names(criterion, prefix="criterion.")
         return criterion
 
+    # ---- data
     def data_spec(self, split: str) -> str:
         if split == "train":
             return self.cfg.train_data

@@ -68,7 +68,7 @@ class CosaPretrainConfig(StreamDataConfig):
 @register_task("cosa_pretrain", dataclass=CosaPretrainConfig)
 class CosaPretrainTask(StreamTaskBase):
     """COSA pretraining data (module docstring). ``tokenizer`` is a :class:`WordPieceTokenizer`; ``image_size``,
-    ``image_mean`` and ``image_std`` come from the model in :meth:`build_model`."""
+    ``image_mean`` and ``image_std`` come from the model (:meth:`StreamTaskBase.set_geometry`)."""
 
     cfg: CosaPretrainConfig
     qa = False
@@ -84,8 +84,6 @@ class CosaPretrainTask(StreamTaskBase):
             raise ValueError("--num-frames and --num-frames-test must be positive")
         self.tokenizer = WordPieceTokenizer(cfg.vocab_file, lowercase=not cfg.cased,
                                             context_length=cfg.max_text_tokens)
-        self.image_size: Optional[int] = None
-        self.image_mean = self.image_std = None
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
@@ -99,12 +97,6 @@ class CosaPretrainTask(StreamTaskBase):
     def max_answer_tokens(self) -> int:
         return MAX_ANSWER_TOKENS
 
-    def build_model(self, cfg, from_checkpoint=False):
-        model = super().build_model(cfg, from_checkpoint)
-        self.image_size = int(model.image_size)
-        self.image_mean, self.image_std = tuple(model.image_mean), tuple(model.image_std)
-        return model
-
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
         super().load_dataset(split, combine, epoch, **kwargs)
         for spec in self.datasets[split]:
@@ -112,8 +104,7 @@ class CosaPretrainTask(StreamTaskBase):
                 spec.extra["decoder"] = CosaFramesDecoder()
 
     def clip_transform(self, train: bool) -> ClipTransformFn:
-        if self.image_size is None:
-            raise RuntimeError("build the model before loading data: the image size comes from the model")
+        self.require_geometry()
         return ClipTransformFn(self.image_size, self.image_mean, self.image_std, str(self.cfg.video_transforms),
                                train)
 

@@ -38,7 +38,7 @@ from ..data.stages import (CollateImageText, CollateMultiView, FramesToImage, Im
 from ..data.text_augment import TextAugmentConfig, TextViews
 from ..data.tokenizers import TokenizerConfig, build_tokenizer
 from ..data.transforms import clip_image_transform, rocket_global_transform, rocket_view_transform
-from ._base import StreamDataConfig, StreamTaskBase
+from ._base import ModelGeometry, StreamDataConfig, StreamTaskBase
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +109,6 @@ class ImageTextContrastiveTask(StreamTaskBase):
         self.tokenizer = build_tokenizer(TokenizerConfig(
             kind=cfg.text_tokenizer, spm_model=cfg.spm_model, dict_path=cfg.dict_path, vocab_file=cfg.vocab_file,
             tiktoken_encoding=cfg.tiktoken_encoding, context_length=cfg.context_length or 77))
-        self.image_size: Optional[int] = None
-        self.image_mean = self.image_std = None
         self.context_length: Optional[int] = cfg.context_length
         self.hard_negative_lexicon: Optional[Lexicon] = None
         if cfg.hard_negatives:
@@ -126,20 +124,17 @@ class ImageTextContrastiveTask(StreamTaskBase):
     def setup_task(cls, cfg: ImageTextContrastiveConfig, **kwargs):
         return cls(cfg)
 
-    def build_model(self, cfg, from_checkpoint=False):
-        model = super().build_model(cfg, from_checkpoint)
-        self.image_size = model.image_size
-        self.image_mean, self.image_std = model.image_mean, model.image_std
+    def set_geometry(self, geometry: ModelGeometry) -> None:
+        """The image geometry, and the text tower's context length unless ``--context-length`` sets a shorter one."""
+        super().set_geometry(geometry)
         if self.context_length is None:
-            self.context_length = model.context_length
-        elif self.context_length > model.context_length:
+            self.context_length = geometry.context_length
+        elif self.context_length > geometry.context_length:
             raise ValueError(f"--context-length {self.context_length} exceeds the text tower's "
-                             f"{model.context_length} positions")
-        return model
+                             f"{geometry.context_length} positions")
 
     def image_transform(self, train: bool):
-        if self.image_size is None:
-            raise RuntimeError("build the model before loading data: the image size comes from the model")
+        self.require_geometry()
         return clip_image_transform(self.image_size, train, self.image_mean, self.image_std,
                                     self.cfg.train_crop_scale_min)
 

@@ -45,7 +45,7 @@ from ..data.kosmos2_samples import CollateKosmos2, GritGroundedCaption
 from ..data.stages import FramesToImage, ImageTransform
 from ..data.transforms import kosmos2_image_transform
 from ..modules.generation import SearchConfig, generate, left_pad
-from ._base import StreamDataConfig, StreamTaskBase
+from ._base import ModelGeometry, StreamDataConfig, StreamTaskBase
 
 logger = logging.getLogger(__name__)
 
@@ -101,25 +101,20 @@ class Kosmos2Task(StreamTaskBase):
                              "or those written by `python -m unilm_vl.data.build_vocab`)")
         self.tokenizer = build_kosmos2_tokenizer(cfg.spm_model, cfg.dict_path, cfg.location_bin_size)
         self.dictionary = self.tokenizer.dictionary
-        self.image_size: Optional[int] = None
-        self.image_mean = self.image_std = None
 
     @classmethod
     def setup_task(cls, cfg: Kosmos2Config, **kwargs):
         return cls(cfg)
 
-    def build_model(self, cfg, from_checkpoint=False):
-        model = super().build_model(cfg, from_checkpoint)
-        if model.num_image_tokens != self.cfg.image_token_length:
+    def set_geometry(self, geometry: ModelGeometry) -> None:
+        """The image geometry, once the model's latent queries match ``--image-token-length``."""
+        if geometry.num_image_tokens != self.cfg.image_token_length:
             raise ValueError(f"--image-token-length {self.cfg.image_token_length} must equal the model's "
-                             f"{model.num_image_tokens} latent queries")
-        self.image_size = model.image_size
-        self.image_mean, self.image_std = model.image_mean, model.image_std
-        return model
+                             f"{geometry.num_image_tokens} latent queries")
+        super().set_geometry(geometry)
 
     def image_transform(self, train: bool = True):
-        if self.image_size is None:
-            raise RuntimeError("build the model before loading data: the image size comes from the model")
+        self.require_geometry()
         return kosmos2_image_transform(self.image_size, self.image_mean, self.image_std,
                                        self.cfg.training_image_only_resize)
 
@@ -174,8 +169,7 @@ class Kosmos2Task(StreamTaskBase):
                                     self.cfg.image_token_length)
 
     def generation_image_transform(self):
-        if self.image_size is None:
-            raise RuntimeError("build the model before loading prompts: the image size comes from the model")
+        self.require_geometry("loading prompts")
         return kosmos2_image_transform(self.image_size, self.image_mean, self.image_std,
                                        only_resize=str(self.cfg.gen_image_view) == "squash")
 
