@@ -213,7 +213,7 @@ def test_generation_count_mismatch_names_file(tmp_path):
     with pytest.raises(ValueError, match=r"gen\.jsonl holds 5 generations but there are 6 prompts"):
         evaluate_generations(data, root, gen)
     (tmp_path / "gen.jsonl").write_text('{"text": "a"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"gen\.jsonl:2: not a json line"):
+    with pytest.raises(ValueError, match=r"gen\.jsonl:2: not valid JSON"):
         read_generations(str(tmp_path / "gen.jsonl"))
 
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import logging
 import os
 import re
@@ -62,6 +61,7 @@ import torch
 
 from .checkpoint import load_checkpoint_file
 from .data.grounding import DEFAULT_NUM_BINS, build_kosmos2_dictionary
+from .data.jsonio import read_json
 from .modules.kosmos2 import (Kosmos2Config, Kosmos2ConnectorConfig, Kosmos2DecoderConfig, Kosmos2VisionConfig,
                               kosmos2_xl_config)
 
@@ -505,14 +505,13 @@ def save_hf(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, out_dir: str)
 def read_hf_dir(hf_dir: str) -> Tuple[Dict[str, Any], StateDict]:
     """(config.json dict, weights) of a saved HF model directory: ``model.safetensors``, a sharded safetensors
     index, or ``pytorch_model.bin``. transformers is not needed."""
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        config = json.load(f)
+    config = read_json(os.path.join(hf_dir, "config.json"), "HF config")
     single, index = os.path.join(hf_dir, "model.safetensors"), os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.isfile(single) or os.path.isfile(index):
         from safetensors.torch import load_file
 
         files = [single] if os.path.isfile(single) else sorted(
-            {os.path.join(hf_dir, f) for f in json.load(open(index))["weight_map"].values()})
+            {os.path.join(hf_dir, f) for f in read_json(index, "safetensors index")["weight_map"].values()})
         state: StateDict = {}
         for path in files:
             state.update(load_file(path))

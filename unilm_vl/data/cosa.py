@@ -44,7 +44,6 @@ works with ``--vocab-file``. For the synthetic world, :mod:`unilm_vl.data.cosa_v
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -55,6 +54,7 @@ import torch
 
 from ..constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .decode import BadSample, load_image
+from .jsonio import read_json
 from .sources import IMAGE_EXTENSIONS, SourceSpec, video_directory
 
 logger = logging.getLogger(__name__)
@@ -227,13 +227,7 @@ class CosaFramesDecoder:
 def read_annotation(path: str) -> List[Dict[str, Any]]:
     """Parsed entries of an annotation file (evaluation: every entry must be valid; errors name the file and the
     entry)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            entries = json.load(fh)
-        except (ValueError, RecursionError) as err:  # JSONDecodeError, a > 4300-digit integer; nested too deeply
-            raise ValueError(f"annotation file {path} is not valid json: {type(err).__name__}: {err}") from None
+    entries = read_json(path, "annotation")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"annotation file {path} must hold a non-empty JSON list")
     out = []

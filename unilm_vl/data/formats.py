@@ -28,6 +28,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from .jsonio import JsonError, parse_json, read_json
+
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
 
@@ -116,8 +118,8 @@ def parse_annotation(text: str, column: str = "annotation") -> Any:
     if text == "":
         return None
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError):  # JSONDecodeError, a > 4300-digit integer; nested too deeply
+        return parse_json(text)
+    except JsonError:
         pass
     try:
         return ast.literal_eval(text)
@@ -259,8 +261,7 @@ def update_sizes_json(directory: str, sizes: Mapping[str, int]) -> str:
     path = os.path.join(directory, "sizes.json")
     merged: Dict[str, int] = {}
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            merged = json.load(fh)
+        merged = read_json(path, "shard sizes")
     merged.update(sizes)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:

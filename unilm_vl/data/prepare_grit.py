@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from unilm_vl.data.decode import BadSample, decode_image
+from unilm_vl.data.jsonio import JsonError, parse_json, read_json
 from unilm_vl.data.sources import tar_has_end_marker
 from unilm_vl.logging_utils import setup_cli_logging
 from unilm_vl.data.formats import (
@@ -267,9 +268,9 @@ def build_row(sample: RawSample, reencode_jpeg: bool = False) -> Dict[str, Any]:
     if sample.read_image is None:
         raise BadSample("missing image", sample.source, "image")
     try:
-        meta = json.loads(sample.read_meta().decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # not UTF-8 / JSON, a > 4300-digit integer, nested too deeply
-        raise BadSample(f"bad json: {type(exc).__name__}: {exc}", sample.source, "json") from None
+        meta = parse_json(sample.read_meta())
+    except JsonError as exc:  # not UTF-8, invalid JSON, a too long integer, nested too deeply
+        raise BadSample(f"bad json: {exc.problem}", sample.source, "json") from None
     if not isinstance(meta, dict):
         raise BadSample("bad json: not an object", sample.source, "json")
     caption = meta.get("caption")
@@ -313,8 +314,7 @@ def remove_shards(paths: Sequence[str]) -> None:
         sizes_path = os.path.join(directory, SIZES_JSON)
         if not os.path.exists(sizes_path):
             continue
-        with open(sizes_path, encoding="utf-8") as fh:
-            sizes = json.load(fh)
+        sizes = read_json(sizes_path, "shard sizes")
         for shard in names:
             sizes.pop(shard, None)
         tmp = sizes_path + ".tmp"
@@ -327,8 +327,7 @@ def write_train_config(config_path: str, shards: Sequence[str], name: str) -> No
     """Write ``config_path`` with this dataset's entry; entries of other names already there are kept."""
     entries: List[Dict[str, Any]] = []
     if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as fh:
-            entries = [e for e in json.load(fh) if e.get("name") != name]
+        entries = [e for e in read_json(config_path, "data config") if e.get("name") != name]
         if entries:
             logger.info("%s: keeping the entries %s", config_path, [e.get("name") for e in entries])
     entries.append({

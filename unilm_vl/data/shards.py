@@ -6,12 +6,13 @@ nothing raises ``FileNotFoundError`` naming it, so a typo never trains on an emp
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 from typing import Dict, List, Optional, Sequence
 
 import braceexpand
+
+from .jsonio import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +51,12 @@ def _sizes_from_json(path: str) -> Optional[int]:
     directory, name = os.path.split(path)
     sizes_file = os.path.join(directory, "sizes.json")
     if os.path.exists(sizes_file):
-        with open(sizes_file, encoding="utf-8") as fh:
-            sizes: Dict[str, int] = json.load(fh)
+        sizes: Dict[str, int] = read_json(sizes_file, "shard sizes")
         if name in sizes:
             return int(sizes[name])
     stats = os.path.join(directory, os.path.splitext(name)[0] + "_stats.json")
     if os.path.exists(stats):
-        with open(stats, encoding="utf-8") as fh:
-            return int(json.load(fh).get("successes", 0))
+        return int(read_json(stats, "img2dataset stats").get("successes", 0))
     return None
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import os
 import tarfile
@@ -36,6 +35,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from .decode import BadSample, decode_image, load_image
 from .formats import IMG2DATASET_KEYS, TSV_SCHEMAS, TsvSchema, WdsKeys
+from .jsonio import JsonError, parse_json, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -161,9 +161,8 @@ def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
 def read_frames_annotation(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
     """Yield one raw record per entry of a JSON annotation list (one per text when a video has several)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            entries = json.load(fh)
-    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an integer of > 4300 digits
+        entries = read_json(path, "annotation")
+    except JsonError as exc:  # missing, unreadable, not UTF-8, invalid JSON, a too long integer, nested too deeply
         yield {"__source__": spec.name, "__url__": path, "__index__": 0, "__error__": f"unreadable annotation: {exc}"}
         return
     if not isinstance(entries, list):
@@ -229,8 +228,8 @@ def decode_wds(raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASE
     meta: Dict[str, Any] = {}
     if keys.meta in members:
         try:
-            meta = json.loads(members[keys.meta].decode("utf-8"))
-        except (ValueError, RecursionError):  # UnicodeDecodeError / JSONDecodeError / a > 4300-digit integer
+            meta = parse_json(members[keys.meta])
+        except JsonError:  # not UTF-8, invalid JSON, a too long integer, nested too deeply
             raise BadSample("json member is not valid UTF-8 JSON", where, keys.meta) from None
         if not isinstance(meta, dict):
             raise BadSample("json member is not an object", where, keys.meta)
@@ -310,8 +309,8 @@ def decode_text(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
         raise BadSample("line is not UTF-8", where, "line") from None
     if raw["__url__"].endswith(".jsonl"):
         try:
-            doc = json.loads(line)
-        except (ValueError, RecursionError):  # JSONDecodeError, a > 4300-digit integer; nested too deeply
+            doc = parse_json(line)
+        except JsonError:
             raise BadSample("line is not JSON", where, "line") from None
         text = doc.get("text") if isinstance(doc, dict) else None
         if not isinstance(text, str):
@@ -366,10 +365,7 @@ def parse_data_spec(spec: str, root: Optional[str] = None, schema: str = "grit",
     first = spec.split("::")[0].strip()
     path = first if root is None or os.path.isabs(first) else os.path.join(root, first)
     if first.endswith(".json") and "::" not in spec:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"data config not found: {path}")
-        with open(path, encoding="utf-8") as fh:
-            content = json.load(fh)
+        content = read_json(path, "data config")
         base = os.path.dirname(path)
         if isinstance(content, list) and content and isinstance(content[0], dict) and "source" in content[0]:
             sources = []

@@ -30,11 +30,11 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from unilm_vl.data.jsonio import read_json
 from unilm_vl.eval.common import write_metrics
 from unilm_vl.eval.metrics import caption_metrics, preview_ids
 from unilm_vl.logging_utils import setup_cli_logging
@@ -43,17 +43,6 @@ logger = logging.getLogger(__name__)
 
 # Karpathy id fields tried in order; the file-name stem and file name are derived from "filename".
 _KARPATHY_ID_KINDS = ("cocoid", "filename_stem", "filename", "imgid")
-
-
-def read_json(path: str, what: str) -> Any:
-    """Parsed json of ``path``; a missing file or invalid json raises naming the file and its role."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    with open(path, "r", encoding="utf-8") as fh:
-        try:
-            return json.load(fh)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{what} file {path} is not valid json: {err}") from err
 
 
 def load_caption_predictions(path: str) -> Dict[str, str]:

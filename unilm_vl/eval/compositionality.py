@@ -57,7 +57,6 @@ A directory given to ``--data`` stands for all its ``*.json`` files (sorted).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -69,6 +68,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unilm_vl.data.decode import load_image
+from unilm_vl.data.jsonio import read_json
 from unilm_vl.eval.common import ImageTextEncoder, add_common_eval_args, write_metrics
 from unilm_vl.eval.metrics import compositional_correct
 from unilm_vl.eval.retrieval import encode_captions, encode_image_dataset
@@ -184,8 +184,7 @@ def load_compositional_set(path: str, image_root: Optional[str] = None, fmt: str
     """Read one SugarCrepe or ARO annotation file (see the module docstring) as a category named after the file."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    with open(path, "r", encoding="utf-8") as fh:
-        data = json.load(fh)
+    data = read_json(path, "compositionality annotation")
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
     if _is_sugarcrepe(data):
         found, items = "sugarcrepe", _sugarcrepe_items(data, root, path)

@@ -211,13 +211,7 @@ def load_flickr_entities(data: str, flickr_root: str, image_root: Optional[str] 
     (``gt_boxes`` is ``[]`` for a phrase without boxes). ``limit`` keeps the first N image entries (sentences).
     Image paths resolve against ``image_root`` (default: the json's directory) and are not checked here.
     """
-    if not os.path.isfile(data):
-        raise FileNotFoundError(f"Flickr30k Entities MDETR json not found: {data}")
-    with open(data, encoding="utf-8") as fh:
-        try:
-            content = json.load(fh)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{data}: not valid json: {err}") from err
+    content = read_json(data, "Flickr30k Entities MDETR")
     if not isinstance(content, dict) or not isinstance(content.get("images"), list):
         raise ValueError(f"{data}: expected an MDETR-style json with an 'images' list")
     root = image_root or os.path.dirname(data)
@@ -274,6 +268,7 @@ def predicted_boxes(text: str, item: Dict[str, Any], view: str = "squash", num_b
     """Pixel boxes of every entity of ``text`` named like the item's phrase (``strip()`` on both), in generation
     order."""
     from unilm_vl.data.grounding import box_to_pixels, parse_grounded_text
+from unilm_vl.data.jsonio import parse_json, read_json
 
     _, entities = parse_grounded_text(text, num_bins)
     name = item["phrase"].strip()
@@ -291,10 +286,7 @@ def read_generations(path: str) -> List[str]:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not a json line: {err}") from err
+            record = parse_json(line, f"{path}:{number}")
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f"{path}:{number}: expected a json object with a string 'text'")
             if record.get("rank", 0) != 0:

@@ -27,6 +27,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from unilm_vl.data.grounding import box_to_pixels
+from unilm_vl.data.jsonio import read_json
 from unilm_vl.eval.metrics import rec_accuracy, xywh_to_xyxy
 from unilm_vl.logging_utils import setup_cli_logging
 
@@ -36,10 +37,7 @@ logger = logging.getLogger(__name__)
 def load_refexp(path: str, image_root: Optional[str] = None, limit: Optional[int] = None) -> List[Dict[str, Any]]:
     """Expressions of an MDETR-style json: ``{"id", "image", "expression", "width", "height", "group",
     "gt_xyxy"}``; image paths resolve against ``image_root`` (default: the json's directory)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"referring-expression json not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
+    data = read_json(path, "referring-expression")
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise ValueError(f"{path}: expected an MDETR-style json with 'images' and 'annotations'")
     root = image_root or os.path.dirname(path)

@@ -39,7 +39,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ import torch
 from PIL import Image
 
 from unilm_vl.data.decode import load_image
+from unilm_vl.data.jsonio import read_json
 from unilm_vl.eval.common import ImageTextEncoder, add_common_eval_args, write_metrics
 from unilm_vl.eval.metrics import retrieval_metrics
 from unilm_vl.logging_utils import setup_cli_logging
@@ -119,8 +119,7 @@ def _from_flickr_list(data: List[Dict[str, Any]], root: str, where: str):
 
 def load_retrieval_set(annotation_path: str, image_root: Optional[str] = None, split: str = "test") -> RetrievalSet:
     """Read a Karpathy, COCO-captions or Flickr-list annotation file (see the module docstring)."""
-    with open(annotation_path, "r", encoding="utf-8") as fh:
-        data = json.load(fh)
+    data = read_json(annotation_path, "retrieval annotation")
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(annotation_path))
     if _is_coco_captions(data):
         fmt, items = "coco_captions", _from_coco_captions(data, root, annotation_path)

@@ -29,7 +29,7 @@ import argparse
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from unilm_vl.eval.caption import read_json
+from unilm_vl.data.jsonio import read_json
 from unilm_vl.eval.common import write_metrics
 from unilm_vl.eval.metrics import preview_ids, vqa_accuracy
 from unilm_vl.logging_utils import setup_cli_logging

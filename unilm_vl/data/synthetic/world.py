@@ -2,7 +2,6 @@
 :func:`generate_world` and :func:`ensure_world` (see :mod:`unilm_vl.data.synthetic` for the world and its layout)."""
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -14,6 +13,7 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from ..jsonio import JsonError, read_json
 from .language import (caption_for, eval_captions, long_caption_for, referring_expressions, sugarcrepe_pairs,
                        vqa_questions)
 from .scenes import (SceneSpec, ShapeSpec, encode_image, heldout_combos, render_layers, render_scene, sample_background,
@@ -297,9 +297,8 @@ def ensure_world(out_dir: str, **kwargs: Any) -> Dict[str, Any]:
     path = os.path.join(out_dir, "world.json")
     if os.path.exists(path):
         try:
-            with open(path, encoding="utf-8") as fh:
-                manifest = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
+            manifest = read_json(path, "world manifest")
+        except JsonError as exc:
             logger.warning("unreadable %s (%s); regenerating", path, exc)
         else:
             same = manifest.get("format_version") == FORMAT_VERSION and manifest.get("args") == wanted
