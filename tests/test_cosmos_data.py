@@ -111,7 +111,7 @@ def test_multicrop_shapes_and_replay():
 
 
 def test_collater_is_view_major():
-    tokenizer = build_tokenizer(TokenizerConfig(kind="open_clip", context_length=16))
+    tokenizer = build_tokenizer(TokenizerConfig(text_tokenizer="open_clip", context_length=16))
     image_stage = MultiCropImage(MultiCropTransform(64, 32, MEAN, STD, crop_scale=0.4, num_local=2))
     text_stage = TextCrops("textcrop", 4)
     tok = TokenizeViews(tokenizer, 16, field="captions", out="text_views")

