@@ -488,6 +488,7 @@ def test_the_data_layer_imports_only_the_world_vocabulary():
     assert {m.split(".")[0] for m in _imported_modules(vocab, "unilm_vl.data.synthetic")} <= {"typing"}
 
 
+@pytest.mark.slow
 def test_importing_the_plugin_loads_no_generator_module():
     """A fresh interpreter that imports unilm_vl (every task, model, criterion, hence data.hard_negatives) has loaded
     the synthetic package and its vocabulary only."""
