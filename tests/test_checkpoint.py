@@ -123,3 +123,66 @@ def test_cli_exit_code_and_kosmos2_infer(evil, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="builtins.exec"):
         kosmos2_infer.main(["--checkpoint", str(path), "--input", str(tmp_path / "p.tsv"), "--cpu"])
     assert not marker.exists()
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    """A sharded --fsdp2 checkpoint file as the trainer writes it: config, no weights, the shards directory named."""
+    path = tmp_path / "checkpoint_last.pt"
+    torch.save({"model": None, "cfg": {"model": {}, "task": {}}, "args": None,
+                "sharded": {"dir": "checkpoint_last.pt.shards", "world_size": 2}}, path)
+    return path
+
+
+def sharded_error(path):
+    return (f"{path} is a sharded --fsdp2 checkpoint (its weights are in checkpoint_last.pt.shards/ beside it); "
+            f"make one file first: python -m unilm_vl.consolidate {path} --out FULL.pt")
+
+
+@pytest.mark.parametrize("tool,argv", [
+    ("convert", ["kosmos2", "--to-hf", "--checkpoint", "{sharded}", "--out", "{tmp}/hf"]),
+    ("export_open_clip", ["--checkpoint", "{sharded}", "--out", "{tmp}/out.pt"]),
+    ("wise_ft", ["--finetuned", "{sharded}", "--alpha", "0.5", "--out", "{tmp}/out.pt"]),
+    ("wise_ft", ["--finetuned", "{good}", "--pretrained", "{sharded}", "--alpha", "0.5", "--out", "{tmp}/out.pt"]),
+])
+def test_every_tool_names_the_consolidate_command_for_a_sharded_checkpoint(sharded, tmp_path, capsys, tool, argv):
+    """convert, export_open_clip and wise_ft read fairseq checkpoints through unilm_vl.checkpoint.read_fairseq_state:
+    a sharded file stops with the one line the eval loaders print, not an error about a None state dict."""
+    import importlib
+
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"towers.clip.w": torch.ones(2)}, "cfg": {"model": {}}}, good)
+    module = importlib.import_module(f"unilm_vl.{tool}")
+    assert module.main([a.format(sharded=sharded, good=good, tmp=tmp_path) for a in argv]) == 2
+    assert error_lines(capsys.readouterr().err) == [f"error: {sharded_error(sharded)}"]
+    assert not (tmp_path / "out.pt").exists() and not (tmp_path / "hf").exists()
+
+
+def test_load_model_refuses_a_sharded_checkpoint_before_building(sharded):
+    from unilm_vl.checkpoint import load_model, read_fairseq_state
+
+    for load in (read_fairseq_state, load_fairseq_checkpoint, load_model):
+        with pytest.raises(ValueError) as err:
+            load(str(sharded))
+        assert str(err.value) == sharded_error(sharded)
+
+
+def test_generate_reads_checkpoints_through_the_safe_loader(evil, sharded, tmp_path, monkeypatch):
+    """``python -m unilm_vl.generate`` (fairseq-generate with this package) reads --path with
+    load_fairseq_checkpoint: the payload never runs, a sharded file names the consolidate command, and fairseq's
+    own reader is back after the run."""
+    from fairseq import checkpoint_utils
+
+    from unilm_vl import generate
+
+    path, marker = evil
+    fairseq_reader = checkpoint_utils.load_checkpoint_to_cpu
+    for ckpt, error, message in [(path, UnsafeCheckpointError, f"{path}: refused: it needs the global(s) "
+                                  "builtins.exec,"), (sharded, ValueError, sharded_error(sharded))]:
+        monkeypatch.setattr("sys.argv", ["unilm_vl.generate", str(tmp_path), "--task", "image_text_contrastive",
+                                         "--path", str(ckpt), "--batch-size", "1", "--cpu"])
+        with pytest.raises(error) as err:
+            generate.cli_main()
+        assert str(err.value).startswith(message)
+        assert checkpoint_utils.load_checkpoint_to_cpu is fairseq_reader
+    assert not marker.exists()

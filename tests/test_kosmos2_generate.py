@@ -17,9 +17,10 @@ from conftest import BIN, REPO, SHARED
 from test_train_e2e import run
 from unilm_vl.data import build_vocab
 from unilm_vl.data.grounding import parse_grounded_text
+from unilm_vl.inference.kosmos2 import parse_prompt_line, read_prompt_file
 from unilm_vl.models.kosmos2 import Kosmos2Model, Kosmos2ModelConfig
 from unilm_vl.modules.generation import SearchConfig, banned_ngram_tokens, generate, left_pad
-from unilm_vl.tasks.kosmos2 import Kosmos2Config, Kosmos2Task, parse_prompt_line, read_prompt_file
+from unilm_vl.tasks.kosmos2 import Kosmos2Config, Kosmos2Task
 
 CAPTIONS = ["a red dog on the grass", "two blue cats play with a ball", "a man rides a green bike",
             "the sky is blue and the grass is green", "a yellow bus waits near the red house"] * 20
@@ -408,6 +409,28 @@ def test_infer_cli_errors(checkpoint, tmp_path):
     assert re.search(r"error: .*bad.tsv:1: image not found: .*missing.png", proc)
 
 
+def test_inference_engine_decodes_as_the_fairseq_generate_path(checkpoint):
+    """Kosmos2Inference (kosmos2_infer and the grounding evaluations) gives the hypotheses of the task's own
+    fairseq-generate path (prompt dataset + build_generator) on the same model, prompts and options."""
+    from unilm_vl.inference.kosmos2 import Kosmos2Inference, grounded_string
+
+    engine = Kosmos2Inference.from_checkpoint(str(checkpoint.ckpt), SearchConfig(beam=2, nbest=2, max_len_b=6,
+                                                                                 no_repeat_ngram_size=3), cpu=True)
+    lines = read_prompt_file(str(checkpoint.prompts))
+    records = engine.run(lines)
+    task = engine.task
+    dataset = task.build_prompt_dataset(lines)
+    gen_args = Namespace(beam=2, nbest=2, max_len_a=0, max_len_b=6, min_len=1, lenpen=1.0, sampling=False,
+                         sampling_topk=-1, sampling_topp=-1.0, temperature=1.0, no_repeat_ngram_size=3)
+    with torch.no_grad():
+        hypos = task.build_generator([engine.model], gen_args).generate([engine.model], dataset.collater(
+            [dataset[i] for i in range(len(dataset))]))
+    assert [(r["where"], r["rank"]) for r in records] == [(line.where, k) for line in lines for k in range(2)]
+    assert [r["text"] for r in records] == [grounded_string(task.dictionary, h["tokens"]) for hs in hypos for h in hs]
+    assert [r["score"] for r in records] == [float(h["score"]) for hs in hypos for h in hs]
+    assert engine.num_bins == 16 and records[0]["text"].startswith("<grounding> an image of")
+
+
 def run_fail(cmd):
     import subprocess
 
@@ -449,7 +472,7 @@ def test_prompt_slots_hold_4_to_L_plus_3_and_training_slots_hold_image(vocab):
     train = task.build_collater("train")([{"tokens": [d.index("<grounding>"), d.eos()], "image": torch.zeros(3)}])
     assert train["net_input"]["src_tokens"][0, :L + 3].tolist() == [d.bos()] + [d.index("<image>")] * (L + 1) + \
         [d.index("</image>")]
-    from unilm_vl.tasks.kosmos2 import generation_slot_ids
+    from unilm_vl.inference.kosmos2 import generation_slot_ids
 
     with pytest.raises(ValueError, match=r"2000 image slots need the ids 4\.\.2003"):
         generation_slot_ids(d, 2000)

@@ -182,14 +182,14 @@ def test_train_fsc_clip_lora_resume_export_and_wise_ft(world, tmp_path):
         torch.testing.assert_close(state_a["towers.clip." + key], value, atol=0, rtol=0, msg=key)
 
     from unilm_vl import export_open_clip, wise_ft
-    from unilm_vl.eval.common import load_checkpoint
+    from unilm_vl.checkpoint import load_model
 
     ckpt = str(tmp_path / "a" / "checkpoint_last.pt")
     exported = str(tmp_path / "merged.pt")
     export_open_clip.main(["--checkpoint", ckpt, "--out", exported])
     plain = open_clip.create_model("unilm-vl-clip-tiny", pretrained=None).eval()
     plain.load_state_dict(torch.load(exported))  # strict: a plain open_clip state dict
-    fine, _, _ = load_checkpoint(ckpt)
+    fine, _, _ = load_model(ckpt)
     g = torch.Generator().manual_seed(1)
     image, text = torch.randn(2, 3, 64, 64, generator=g), torch.randint(1, 400, (2, 32), generator=g)
     with torch.no_grad():
@@ -203,7 +203,7 @@ def test_train_fsc_clip_lora_resume_export_and_wise_ft(world, tmp_path):
         out = str(tmp_path / f"wise_{alpha}.pt")
         wise_ft.main(["--finetuned", ckpt, "--alpha", alpha, "--out", out])
         assert torch.load(out, weights_only=False)["cfg"]["model"]["pretrained"] is None
-        wise, _, _ = load_checkpoint(out)
+        wise, _, _ = load_model(out)
         with torch.no_grad():
             torch.testing.assert_close(wise.encode_image(image), ref.encode_image(image, normalize=True), atol=1e-5,
                                        rtol=1e-4)

@@ -1,4 +1,15 @@
-"""Reading the checkpoint files that users hand to our tools, without running code from them.
+"""Loading checkpoints for every tool: the one place where a user-supplied file becomes a state dict or a model.
+
+Three levels, each built on the one before:
+
+- :func:`load_checkpoint_file`: any ``.pt``/``.bin`` -> the object it holds, read without running code from it
+  (also used by ``modules/`` and ``models/`` for released weights, so this module imports only torch at load
+  time; the fairseq side is imported by the functions that need it);
+- :func:`read_fairseq_state`: a fairseq checkpoint as saved (``model``, ``cfg``/``args``, ...), with one clear
+  error for a file that is not one and for a sharded ``--fsdp2`` checkpoint (``convert``, ``export_open_clip``,
+  ``wise_ft``); :func:`load_fairseq_checkpoint` prepares it as fairseq's ``load_checkpoint_to_cpu`` does;
+- :func:`load_model`: a checkpoint -> ``(model, cfg, task)`` in eval mode (the ``eval`` modules, ``kosmos2_infer``;
+  ``python -m unilm_vl.generate`` reads through :func:`fairseq_reads_safely`).
 
 ``torch.load(path, weights_only=False)`` unpickles whatever the file holds, and unpickling may call any function
 the file names: a crafted ``.pt`` runs code as it loads. Every tool of this package reads a user-supplied
@@ -15,18 +26,20 @@ OrderedDicts of numbers, our iterator's position as a dict of ints; ``convert`` 
 kinds. fairseq before 0.10 (and checkpoints released with it) stored ``args`` as an ``argparse.Namespace``, which
 is allowed: rebuilding one only sets attributes.
 
-``fairseq-train --restore-file`` and ``fairseq-generate --path`` read checkpoints with fairseq's own
+``fairseq-train --restore-file`` and the plain ``fairseq-generate --path`` read checkpoints with fairseq's own
 ``torch.load(f)``, which is restricted too since torch 2.6 made ``weights_only=True`` the default (the pinned
 torch is newer); a refused file then stops with torch's message instead of our one-line error.
+``python -m unilm_vl.generate`` (fairseq-generate with this package) reads through :func:`load_fairseq_checkpoint`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import re
 import zipfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -76,20 +89,33 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
+def check_fairseq_state(state: Any, path: str) -> Dict[str, Any]:
+    """``state`` (read from ``path``) if it is a complete fairseq checkpoint: a dict with ``model`` and ``cfg`` or
+    ``args``. Raises ``ValueError`` naming ``path`` otherwise, and for a sharded ``--fsdp2`` checkpoint (whose
+    weights are in a directory beside it) with the command that makes one file of it."""
+    if not isinstance(state, dict) or not ("cfg" in state or "args" in state) or "model" not in state:
+        raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' and 'cfg' or 'args' entries)")
+    if isinstance(state.get("sharded"), dict) and state["model"] is None:
+        raise ValueError(f"{path} is a sharded --fsdp2 checkpoint (its weights are in {state['sharded'].get('dir')}/ "
+                         f"beside it); make one file first: python -m unilm_vl.consolidate {path} --out FULL.pt")
+    return state
+
+
+def read_fairseq_state(path: str) -> Dict[str, Any]:
+    """The fairseq checkpoint at ``path`` as saved (``cfg`` a plain dict), read by :func:`load_checkpoint_file` and
+    checked by :func:`check_fairseq_state`; for tools that edit or convert its tensors without building a model."""
+    return check_fairseq_state(load_checkpoint_file(path), path)
+
+
 def load_fairseq_checkpoint(path: str, arg_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """A fairseq checkpoint read by :func:`load_checkpoint_file` and prepared as fairseq's
+    """A fairseq checkpoint read by :func:`read_fairseq_state` and prepared as fairseq's
     ``checkpoint_utils.load_checkpoint_to_cpu`` prepares it (``cfg`` as an OmegaConf config with ``arg_overrides``
     applied, old layouts upgraded), for ``load_model_ensemble_and_task([path], state=...)``."""
     from fairseq import checkpoint_utils
     from fairseq.dataclass.utils import overwrite_args_by_name
     from omegaconf import OmegaConf
 
-    state = load_checkpoint_file(path)
-    if not isinstance(state, dict) or not ("cfg" in state or "args" in state) or "model" not in state:
-        raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' and 'cfg' or 'args' entries)")
-    if isinstance(state.get("sharded"), dict) and state["model"] is None:
-        raise ValueError(f"{path} is a sharded --fsdp2 checkpoint (its weights are in {state['sharded'].get('dir')}/ "
-                         f"beside it); make one file first: python -m unilm_vl.consolidate {path} --out FULL.pt")
+    state = read_fairseq_state(path)
     if state.get("args") is not None and arg_overrides:
         for name, value in arg_overrides.items():
             setattr(state["args"], name, value)
@@ -99,3 +125,60 @@ def load_fairseq_checkpoint(path: str, arg_overrides: Optional[Dict[str, Any]] =
             overwrite_args_by_name(state["cfg"], arg_overrides)
     # fairseq's own upgrade of old checkpoint layouts (the last step of load_checkpoint_to_cpu)
     return checkpoint_utils._upgrade_state_dict(state)
+
+
+def load_model(path: str, overrides: Optional[Mapping[str, Any]] = None,
+               device: str = "cpu") -> Tuple[Any, Any, Any]:
+    """``(model, cfg, task)`` of the unilm_vl checkpoint at ``path``: the task and model that fairseq builds from
+    its config (``overrides`` replace config fields by name, e.g. ``{"vision_pretrained": None}``), the weights
+    loaded, the model on ``device`` in eval mode.
+
+    The file is read by :func:`load_fairseq_checkpoint` (no code from it runs; a missing file, a file that is not
+    a fairseq checkpoint and a sharded ``--fsdp2`` checkpoint raise naming it). A ``ValueError`` raised while
+    the task or model is built from it (e.g. a vocabulary that is not the checkpoint's) is re-raised with the
+    same type and ``path`` in front of its message."""
+    from fairseq import checkpoint_utils
+
+    overrides = dict(overrides) if overrides else None
+    state = load_fairseq_checkpoint(path, overrides)
+    try:
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides=overrides,
+                                                                          state=state)
+    except ValueError as exc:
+        named = _naming(exc, path)
+        if named is exc:
+            raise
+        raise named from exc
+    return models[0].to(device).eval(), cfg, task
+
+
+def _naming(exc: ValueError, path: str) -> ValueError:
+    """A new exception of ``exc``'s type with ``path`` in front of its message, or ``exc`` itself when the message
+    already starts with the path or the type cannot be rebuilt from one message."""
+    if str(exc).startswith(str(path)):
+        return exc
+    try:
+        return type(exc)(f"{path}: {exc}")
+    except TypeError:
+        return exc
+
+
+@contextlib.contextmanager
+def fairseq_reads_safely() -> Iterator[None]:
+    """Within the block, fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` (what ``fairseq-generate`` and
+    ``load_model_ensemble`` call) is :func:`load_fairseq_checkpoint`, so a fairseq command line run by this
+    package reads checkpoints as every other tool does: no code from the file runs, and a refused, foreign or
+    sharded file raises one ``ValueError`` naming it. A shim because fairseq has no hook for its checkpoint
+    reader; only local files are read (fairseq's ``PathManager`` URLs are not)."""
+    from fairseq import checkpoint_utils
+
+    original = checkpoint_utils.load_checkpoint_to_cpu
+
+    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+        return load_fairseq_checkpoint(path, arg_overrides)
+
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    try:
+        yield
+    finally:
+        checkpoint_utils.load_checkpoint_to_cpu = original

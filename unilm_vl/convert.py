@@ -1,5 +1,6 @@
 """Checkpoint conversion for Kosmos-2: the released ``kosmos-2.pt`` layout, our fairseq checkpoints and HF
-transformers' ``Kosmos2ForConditionalGeneration`` (reference notes kosmos2.md sections 1.7 and 8).
+transformers' ``Kosmos2ForConditionalGeneration`` (the ``kosmos-2.pt`` of microsoft/unilm ``kosmos-2/README.md``;
+HF ``transformers/models/kosmos2/modeling_kosmos2.py``).
 
     python -m unilm_vl.convert kosmos2 --from-release kosmos-2.pt --out OURS.pt [--spm-model M --dict-path D]
     python -m unilm_vl.convert kosmos2 --to-hf --checkpoint OURS.pt --out HF_DIR
@@ -8,8 +9,10 @@ transformers' ``Kosmos2ForConditionalGeneration`` (reference notes kosmos2.md se
 With ``--dict-path`` the written checkpoint's vocabulary must be that ``dict.txt`` plus the grounding tokens of
 ``--location-bin-size`` (default 32, the release's): a model with another number of token embeddings is refused
 (:func:`unilm_vl.models.kosmos2.check_vocab_rows`) instead of failing later inside torch's ``load_state_dict``.
-Input files are read without running code from them (:func:`unilm_vl.checkpoint.load_checkpoint_file`); any
-refused or unconvertible input stops the command with one ``error:`` line and exit code 2.
+Input files are read without running code from them (:func:`unilm_vl.checkpoint.load_checkpoint_file`; our
+checkpoints through :func:`unilm_vl.checkpoint.read_fairseq_state`, which also refuses a sharded ``--fsdp2`` file
+with the command that consolidates it); any refused or unconvertible input stops the command with one ``error:``
+line and exit code 2.
 
 Three key layouts of the same weights (``{i}`` = layer index, ``=`` = the same name as ours under the prefix)::
 
@@ -59,7 +62,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpoint import load_checkpoint_file
+from .checkpoint import load_checkpoint_file, read_fairseq_state
 from .data.grounding import DEFAULT_NUM_BINS, build_kosmos2_dictionary
 from .data.jsonio import read_json
 from .modules.kosmos2 import (Kosmos2Config, Kosmos2ConnectorConfig, Kosmos2DecoderConfig, Kosmos2VisionConfig,
@@ -592,8 +595,8 @@ def _plain(obj):
 
 def load_our_checkpoint(path: str) -> Tuple[StateDict, Kosmos2Config]:
     """(Kosmos2Module state dict, config) of a unilm_vl ``kosmos2`` fairseq checkpoint."""
-    state = load_checkpoint_file(path)
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+    state = read_fairseq_state(path)
+    if not isinstance(state.get("model"), dict):
         raise ConversionError(f"{path} is not a fairseq checkpoint (no 'model' state dict)")
     model_state = state["model"]
     stray = [k for k in model_state if not k.startswith("net.")]

@@ -7,8 +7,8 @@ checkpoint (``--lora-rank > 0``), gives the LoRA model's outputs (the ``lora_*``
 weights with the checkpoint's ``--lora-alpha``, see :func:`unilm_vl.modules.lora.merge_lora_state_dict`). It is
 also what ``--pretrained`` takes, which is how the ``negclip`` / ``fsc_clip`` recipes fine-tune the ``clip``
 recipe's checkpoint. The checkpoint is read without running code from it
-(:func:`unilm_vl.checkpoint.load_checkpoint_file`); a refused or unusable file stops with one ``error:`` line and
-exit code 2.
+(:func:`unilm_vl.checkpoint.read_fairseq_state`); a refused or unusable file (a sharded ``--fsdp2`` one included)
+stops with one ``error:`` line and exit code 2.
 """
 from __future__ import annotations
 
@@ -20,21 +20,13 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .checkpoint import load_checkpoint_file
+from .checkpoint import read_fairseq_state
 from .modules.lora import is_lora_state_dict, merge_lora_state_dict
 
 logger = logging.getLogger(__name__)
 
 TOWERS_PREFIX = "towers.clip."
 """Where the open_clip model sits in the ``clip`` model's state dict."""
-
-
-def read_fairseq_checkpoint(path: str) -> dict:
-    """A fairseq checkpoint dict, read without running code from the file; raises naming ``path``."""
-    state = load_checkpoint_file(path)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' entry)")
-    return state
 
 
 def checkpoint_model_cfg(state: dict) -> Mapping:
@@ -65,7 +57,7 @@ def open_clip_state_dict(model_state: Mapping[str, torch.Tensor], lora_alpha: fl
 
 def export(checkpoint: str, out: str) -> Tuple[str, Optional[str]]:
     """Write the open_clip state dict of ``checkpoint`` to ``out``; returns (out, open_clip model name)."""
-    state = read_fairseq_checkpoint(checkpoint)
+    state = read_fairseq_state(checkpoint)
     model_cfg = checkpoint_model_cfg(state)
     alpha = float(model_cfg.get("lora_alpha", 1.0) or 1.0)
     weights = open_clip_state_dict(state["model"], alpha, checkpoint)

@@ -1,6 +1,9 @@
-"""``python -m unilm_vl.generate ARGS``: ``fairseq-generate`` with ``--user-dir`` pointing at this package."""
+"""``python -m unilm_vl.generate ARGS``: ``fairseq-generate`` with ``--user-dir`` pointing at this package, reading
+``--path`` checkpoints through :mod:`unilm_vl.checkpoint` (no code from the file runs; a refused, foreign or sharded
+``--fsdp2`` file stops with one ``error:`` line and exit code 2)."""
 import sys
 
+from .checkpoint import fairseq_reads_safely
 from .train import with_user_dir
 
 
@@ -11,8 +14,13 @@ def cli_main():
 
     setup_cli_logging()
     sys.argv = with_user_dir(sys.argv)
-    fairseq_generate()
+    with fairseq_reads_safely():
+        fairseq_generate()
 
 
 if __name__ == "__main__":
-    cli_main()
+    try:
+        cli_main()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

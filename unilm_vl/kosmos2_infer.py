@@ -19,7 +19,8 @@ Boxes are normalised to the model's view of the image: the whole image with the 
 (as the released demo), the central square with ``crop`` (the training view); they are drawn on the original image
 through :func:`unilm_vl.data.grounding.box_to_pixels`, the float mapping the evaluations score with.
 
-The checkpoint is read without running code from it (:mod:`unilm_vl.checkpoint`). Bad input (a prompt file line,
+Decoding is :class:`unilm_vl.inference.kosmos2.Kosmos2Inference` (shared with the grounding evaluations); the
+checkpoint is read without running code from it (:func:`unilm_vl.checkpoint.load_model`). Bad input (a prompt file line,
 a missing image, a checkpoint that is refused or whose vocabulary is not the dictionary's) stops with one
 ``error:`` line and exit code 2.
 """
@@ -29,18 +30,13 @@ import argparse
 import json
 import os
 import sys
-from typing import Iterator, List, Optional, Sequence, TextIO, Tuple
+from typing import Iterator, Optional, Sequence, TextIO, Tuple
 
-import torch
-
-import unilm_vl  # noqa: F401  (registers the kosmos2 task and model before fairseq reads the checkpoint)
 from unilm_vl.data.decode import load_image
-from unilm_vl.data.grounding import box_to_pixels, parse_grounded_text
-from unilm_vl.eval.common import load_checkpoint
+from unilm_vl.data.grounding import box_to_pixels
+from unilm_vl.inference.kosmos2 import IMAGE_VIEWS, Kosmos2Inference, parse_prompt_line, read_prompt_file
 from unilm_vl.logging_utils import setup_cli_logging
-from unilm_vl.models.kosmos2 import VocabularyMismatchError
 from unilm_vl.modules.generation import BEAM_RULES, SearchConfig
-from unilm_vl.tasks.kosmos2 import Kosmos2Generator, parse_prompt_line, read_prompt_file
 
 MIN_DRAW_SIDE = 256
 """Drawings of images with a shorter side below this are enlarged by an integer factor (boxes are normalised)."""
@@ -57,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw", default=None, metavar="OUT_DIR", help="write a PNG per input with its boxes drawn")
     p.add_argument("--spm-model", default=None, help="override the checkpoint's sentencepiece model path")
     p.add_argument("--dict-path", default=None, help="override the checkpoint's dict.txt path")
-    p.add_argument("--image-view", choices=("squash", "crop"), default="squash",
+    p.add_argument("--image-view", choices=IMAGE_VIEWS, default="squash",
                    help="squash the image to S x S (released inference) or resize + centre-crop (training view)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (file input)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
@@ -126,58 +122,20 @@ def read_stdin() -> Iterator[Tuple[str, str]]:
             yield f"<stdin>:{number}", line
 
 
-def grounded_string(dictionary, tokens) -> str:
-    """Token ids -> text as fairseq's ``--post-process sentencepiece`` writes it (``<s>``/``</s>`` dropped, tags
-    verbatim): ``<grounding> An image of<phrase> a snowman</phrase><object>...</object>``."""
-    return dictionary.string(tokens, "sentencepiece")
+def search_config(args) -> SearchConfig:
+    """The decoding options of the parsed command line."""
+    return SearchConfig(
+        beam=args.beam, nbest=args.nbest, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
+        min_len=args.min_len, lenpen=args.lenpen, sampling=args.sampling, sampling_topk=args.sampling_topk,
+        sampling_topp=args.sampling_topp, temperature=args.temperature,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, beam_rule=args.beam_rule)
 
 
-class Kosmos2Inference:
-    """A loaded checkpoint ready to decode prompt lines (see the module docstring)."""
-
-    def __init__(self, args):
-        overrides = {"vision_pretrained": None}  # the checkpoint holds the tower's weights
-        if args.spm_model:
-            overrides["spm_model"] = args.spm_model
-        if args.dict_path:
-            overrides["dict_path"] = args.dict_path
-        self.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-        try:
-            self.model, self.task, _ = load_checkpoint(args.checkpoint, str(self.device), overrides)
-        except VocabularyMismatchError as exc:
-            raise VocabularyMismatchError(f"{args.checkpoint}: {exc}") from None
-        if args.fp16:
-            self.model.half()
-        self.task.cfg.gen_image_view = args.image_view
-        self.view = args.image_view
-        self.search = SearchConfig(
-            beam=args.beam, nbest=args.nbest, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
-            min_len=args.min_len, lenpen=args.lenpen, sampling=args.sampling, sampling_topk=args.sampling_topk,
-            sampling_topp=args.sampling_topp, temperature=args.temperature,
-            no_repeat_ngram_size=args.no_repeat_ngram_size, beam_rule=args.beam_rule)
-        self.generator = Kosmos2Generator(self.search, self.task.dictionary, seed=args.seed)
-
-    def run(self, lines) -> List[dict]:
-        """Decode parsed :class:`~unilm_vl.tasks.kosmos2.PromptLine` s; one record per (input, hypothesis)."""
-        dataset = self.task.build_prompt_dataset(lines)
-        sample = dataset.collater([dataset[i] for i in range(len(dataset))])
-        net_input = sample["net_input"]
-        net_input["src_tokens"] = net_input["src_tokens"].to(self.device)
-        net_input["image_mask"] = net_input["image_mask"].to(self.device)
-        net_input["image"] = net_input["image"].to(self.device)
-        with torch.no_grad():
-            hypos = self.generator.generate([self.model], sample)
-        records = []
-        d = self.task.dictionary
-        for line, sample_hypos in zip(lines, hypos):
-            prompt_len = len(self.task.tokenizer.encode(line.prompt, split_symbols=True))
-            for rank, h in enumerate(sample_hypos):
-                text = grounded_string(d, h["tokens"])
-                clean, entities = parse_grounded_text(text, self.task.cfg.location_bin_size)
-                records.append({"where": line.where, "image": line.image, "prompt": line.prompt, "rank": rank,
-                                "text": text, "continuation": grounded_string(d, h["tokens"][prompt_len:]),
-                                "clean_text": clean, "entities": entities, "score": float(h["score"])})
-        return records
+def load_engine(args) -> Kosmos2Inference:
+    """The decoding engine of the parsed command line's checkpoint and options."""
+    return Kosmos2Inference.from_checkpoint(args.checkpoint, search_config(args), image_view=args.image_view,
+                                            seed=args.seed, cpu=args.cpu, fp16=args.fp16,
+                                            spm_model=args.spm_model, dict_path=args.dict_path)
 
 
 def format_record(record: dict) -> str:
@@ -194,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None, stdout: TextIO = None) -> int:
     interactive = args.input == "-" and sys.stdin.isatty()
     # a file is checked whole (every line has a tab, every image exists) before the model loads
     lines = read_prompt_file(args.input) if args.input != "-" else None
-    engine = Kosmos2Inference(args)
+    engine = load_engine(args)
     if args.draw:
         os.makedirs(args.draw, exist_ok=True)
     out = open(args.output, "w", encoding="utf-8") if args.output else None

@@ -1,5 +1,5 @@
 """WiSE-FT weight-space ensembling of a fine-tuned ``clip`` checkpoint with its starting point (Wortsman et al.,
-CVPR 2022, "Robust fine-tuning of zero-shot models"; FSC-CLIP ``patch_wise_ft``, notes contrastive.md 2.6).
+CVPR 2022, "Robust fine-tuning of zero-shot models"; ``patch_wise_ft`` of FSC-CLIP, ``ytaek-oh/fsc-clip``).
 
     python -m unilm_vl.wise_ft --finetuned checkpoints/negclip/checkpoint_last.pt --pretrained clip_init.pt \
         --alpha 0.5 --out checkpoints/negclip/wise_ft_0.5.pt
@@ -12,8 +12,9 @@ the base weights were frozen and are kept, ``--pretrained`` is not needed, and s
 merged delta scales by ``alpha^2``; ``alpha = 0`` zeroes every delta (the pretrained weights), ``alpha = 1`` keeps
 the fine-tuned model. The output is the fine-tuned checkpoint with the interpolated weights, without optimiser state
 and with ``--pretrained`` cleared (the weights are all in the file), so every eval command loads it. Both inputs
-are read without running code from them (:func:`unilm_vl.checkpoint.load_checkpoint_file`); a refused or unusable
-file stops with one ``error:`` line and exit code 2.
+are read without running code from them (:func:`unilm_vl.checkpoint.read_fairseq_state` /
+:func:`~unilm_vl.checkpoint.load_checkpoint_file`); a refused or unusable file (a sharded ``--fsdp2`` one included)
+stops with one ``error:`` line and exit code 2.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
-from .checkpoint import load_checkpoint_file
-from .export_open_clip import TOWERS_PREFIX, read_fairseq_checkpoint
+from .checkpoint import check_fairseq_state, load_checkpoint_file, read_fairseq_state
+from .export_open_clip import TOWERS_PREFIX
 from .modules.lora import is_lora_state_dict, scale_lora_state_dict
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def load_pretrained_model_state(path: str) -> Dict[str, torch.Tensor]:
         raise FileNotFoundError(f"pretrained weights not found: {path}")
     state = load_checkpoint_file(path)
     if isinstance(state, dict) and "model" in state and "cfg" in state:
-        return dict(state["model"])
+        return dict(check_fairseq_state(state, path)["model"])
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -74,7 +75,7 @@ def wise_ft_state_dict(finetuned: Mapping[str, torch.Tensor], pretrained: Option
 
 def wise_ft(finetuned: str, pretrained: Optional[str], alpha: float, out: str) -> str:
     """Write the WiSE-FT checkpoint of ``finetuned`` at ``alpha`` to ``out``."""
-    state = read_fairseq_checkpoint(finetuned)
+    state = read_fairseq_state(finetuned)
     if is_lora_state_dict(state["model"]):
         if pretrained:
             logger.info("%s is a LoRA checkpoint: only its lora_* tensors are scaled, --pretrained is not read",

@@ -1,7 +1,8 @@
 """What every image-text benchmark needs from a model: an encoder with a fixed small interface.
 
 ``load_encoder(checkpoint)`` restores a trained unilm_vl checkpoint (any contrastive model) as an
-:class:`ImageTextEncoder`; benchmark code depends only on this protocol, so it can be tested with a fake encoder.
+:class:`ImageTextEncoder` (through :func:`unilm_vl.checkpoint.load_model`, the loader of every tool); benchmark
+code depends only on this protocol, so it can be tested with a fake encoder.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Callable, List, Optional, Protocol, Sequence
 
 import torch
 from PIL import Image
+
+from unilm_vl.checkpoint import load_model
 
 
 class ImageTextEncoder(Protocol):
@@ -97,24 +100,10 @@ class FairseqContrastiveEncoder:
         return tokens.float()
 
 
-def load_checkpoint(checkpoint: str, device: str = "cpu", arg_overrides: Optional[dict] = None):
-    """(model, task, cfg) from a unilm_vl fairseq checkpoint; a missing file raises naming the path. The file is
-    read without running code from it (:func:`unilm_vl.checkpoint.load_fairseq_checkpoint`)."""
-    import unilm_vl  # noqa: F401  (registers tasks, models and criteria before fairseq reads the checkpoint)
-    from fairseq import checkpoint_utils
-
-    from unilm_vl.checkpoint import load_fairseq_checkpoint
-
-    state = load_fairseq_checkpoint(checkpoint, arg_overrides)
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides=arg_overrides,
-                                                                      state=state)
-    return models[0].to(device).eval(), task, cfg
-
-
 def load_encoder(checkpoint: str, device: str = "cpu", head: str = "clip") -> ImageTextEncoder:
     """An :class:`ImageTextEncoder` for a checkpoint of any contrastive unilm_vl model; ``head="l2l"`` encodes
     with a clip_rocket model's l2l heads instead of the CLIP projectors."""
-    model, task, _ = load_checkpoint(checkpoint, device)
+    model, _, task = load_model(checkpoint, device=device)
     return FairseqContrastiveEncoder(model, task, device, head=head)
 
 

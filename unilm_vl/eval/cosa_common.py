@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequ
 
 import torch
 
+from unilm_vl.checkpoint import load_model
 from unilm_vl.data.cosa import EvalClips, read_annotation
 
 
@@ -91,10 +92,9 @@ def tokenize(tokenizer, texts: Sequence[str], length: int) -> Tuple[torch.Tensor
 
 
 def load_cosa(checkpoint: str, device: str = "cpu"):
-    """``(model, task)`` of a ``cosa`` checkpoint (any ``cosa_pretrain`` / ``cosa_finetune`` task)."""
-    from unilm_vl.eval.common import load_checkpoint
-
-    model, task, _ = load_checkpoint(checkpoint, device)
+    """``(model, task)`` of a ``cosa`` checkpoint (any ``cosa_pretrain`` / ``cosa_finetune`` task), loaded by
+    :func:`unilm_vl.checkpoint.load_model`."""
+    model, _, task = load_model(checkpoint, device=device)
     for name in ("encode_video", "encode_text"):
         if not hasattr(model, name):
             raise TypeError(f"{checkpoint}: {type(model).__name__} has no {name}; a cosa model is needed")

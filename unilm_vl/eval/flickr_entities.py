@@ -1,5 +1,5 @@
 """Flickr30k Entities phrase grounding of a ``kosmos2`` model: any-box Recall@1/5/10 and the upper bound, overall and
-per phrase type (reference notes kosmos2.md 7.1, check 21).
+per phrase type (as microsoft/unilm ``kosmos-2/evaluation/flickr_entities/flickr_entities_evaluate.py``).
 
 Inputs:
 
@@ -46,8 +46,17 @@ import argparse
 import json
 import logging
 import os
+import sys
 import xml.etree.ElementTree as ET
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+from unilm_vl.data.grounding import box_to_pixels, parse_grounded_text
+from unilm_vl.data.jsonio import parse_json, read_json
+from unilm_vl.eval.common import write_metrics
+from unilm_vl.eval.metrics import phrase_grounding_recall
+from unilm_vl.inference.kosmos2 import IMAGE_VIEWS, Kosmos2Inference, PromptLine
+from unilm_vl.logging_utils import setup_cli_logging
+from unilm_vl.modules.generation import SearchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -267,9 +276,6 @@ def load_flickr_entities(data: str, flickr_root: str, image_root: Optional[str] 
 def predicted_boxes(text: str, item: Dict[str, Any], view: str = "squash", num_bins: int = 32) -> List[List[float]]:
     """Pixel boxes of every entity of ``text`` named like the item's phrase (``strip()`` on both), in generation
     order."""
-    from unilm_vl.data.grounding import box_to_pixels, parse_grounded_text
-from unilm_vl.data.jsonio import parse_json, read_json
-
     _, entities = parse_grounded_text(text, num_bins)
     name = item["phrase"].strip()
     return [list(box_to_pixels(box, item["width"], item["height"], view))
@@ -299,8 +305,6 @@ def score_generations(items: Sequence[Dict[str, Any]], texts: Sequence[str], vie
                       num_bins: int = 32, source: str = "generations") -> Dict[str, Any]:
     """Recall of one generated text per item (same order): :func:`phrase_grounding_recall` plus ``num_prompts``.
     ``source`` names the texts in errors."""
-    from unilm_vl.eval.metrics import phrase_grounding_recall
-
     if len(texts) != len(items):
         raise ValueError(f"{source} holds {len(texts)} generations but there are {len(items)} prompts; "
                          "expected one per prompt, in prompt order")
@@ -328,21 +332,16 @@ def evaluate_checkpoint(checkpoint: str, data: str, flickr_root: str, image_root
                         beam: int = 1, batch_size: int = 16, image_view: str = "squash", max_len_b: int = 500,
                         no_repeat_ngram_size: int = 3, limit: Optional[int] = None,
                         save_generations: Optional[str] = None, cpu: bool = False) -> Dict[str, Any]:
-    """Generate for every prompt with :class:`unilm_vl.kosmos2_infer.Kosmos2Inference` and score."""
+    """Generate for every prompt with :class:`unilm_vl.inference.kosmos2.Kosmos2Inference` and score."""
     items = load_flickr_entities(data, flickr_root, image_root, limit)
     missing = sorted({it["image"] for it in items if not os.path.isfile(it["image"])})
     if missing:
         raise FileNotFoundError(f"{len(missing)} images of {data} not found, e.g. {missing[0]}")
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    from unilm_vl.kosmos2_infer import Kosmos2Inference, build_parser
-    from unilm_vl.tasks.kosmos2 import PromptLine
-
-    args = build_parser().parse_args(
-        ["--checkpoint", checkpoint, "--beam", str(beam), "--image-view", image_view, "--max-len-b", str(max_len_b),
-         "--no-repeat-ngram-size", str(no_repeat_ngram_size)] + (["--cpu"] if cpu else []))
-    engine = Kosmos2Inference(args)
-    num_bins = int(getattr(engine.task.cfg, "location_bin_size", 32))
+    search = SearchConfig(beam=beam, max_len_b=max_len_b, no_repeat_ngram_size=no_repeat_ngram_size)
+    engine = Kosmos2Inference.from_checkpoint(checkpoint, search, image_view=image_view, cpu=cpu)
+    num_bins = engine.num_bins
     texts: List[str] = []
     out = open(save_generations, "w", encoding="utf-8") if save_generations else None
     try:
@@ -385,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", default=None, help="kosmos2 checkpoint: generate, then score")
     source.add_argument("--generations", default=None,
                         help="score these generations (json lines with 'text', one per prompt, in order)")
-    parser.add_argument("--image-view", choices=("squash", "crop"), default="squash",
+    parser.add_argument("--image-view", choices=IMAGE_VIEWS, default="squash",
                         help="the model's view of the image that the boxes are normalised to (squash as released)")
     parser.add_argument("--num-bins", type=int, default=32, help="patch grid side of --generations (32 as released)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N sentences (image entries)")
@@ -403,8 +402,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
-    from unilm_vl.logging_utils import setup_cli_logging
-
     setup_cli_logging()
     if args.generations:
         metrics = evaluate_generations(args.data, args.flickr_root, args.generations, args.image_view,
@@ -415,15 +412,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                       args.limit, args.save_generations, args.cpu)
     print(format_metrics(metrics))
     if args.output:
-        from unilm_vl.eval.common import write_metrics
-
         write_metrics(metrics, args.output)
     return metrics
 
 
 if __name__ == "__main__":
-    import sys
-
     try:
         main()
     except (ValueError, FileNotFoundError) as exc:

@@ -1,5 +1,6 @@
 """Referring-expression comprehension (RefCOCO / RefCOCO+ / RefCOCOg) of a ``kosmos2`` checkpoint: acc@0.5 of the
-first predicted box (reference notes kosmos2.md 7.2), with the centre-box baseline beside it.
+first predicted box (as microsoft/unilm ``kosmos-2/evaluation/refcoco/refexp_evaluate.py``), with the centre-box
+baseline beside it.
 
 Input: an MDETR-style json (``finetune_refcoco{,+,g}_<split>.json``): ``images[i]`` with ``file_name``,
 ``caption`` (the expression), ``width``, ``height``, ``dataset_name``; ``annotations[i].bbox`` ``[x, y, w, h]`` in
@@ -28,8 +29,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from unilm_vl.data.grounding import box_to_pixels
 from unilm_vl.data.jsonio import read_json
+from unilm_vl.eval.common import write_metrics
 from unilm_vl.eval.metrics import rec_accuracy, xywh_to_xyxy
+from unilm_vl.inference.kosmos2 import IMAGE_VIEWS, Kosmos2Inference, PromptLine
 from unilm_vl.logging_utils import setup_cli_logging
+from unilm_vl.modules.generation import SearchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +90,9 @@ def evaluate_refcoco(checkpoint: str, data: str, image_root: Optional[str] = Non
                      batch_size: int = 16, image_view: str = "squash", limit: Optional[int] = None,
                      generations: Optional[str] = None, cpu: bool = False) -> Dict[str, Any]:
     """Generate for every expression and score; returns ``{"model": rec_accuracy(...), "centre_baseline": ...}``."""
-    from unilm_vl.kosmos2_infer import Kosmos2Inference, build_parser
-    from unilm_vl.tasks.kosmos2 import PromptLine
-
     items = load_refexp(data, image_root, limit)
-    args = build_parser().parse_args(["--checkpoint", checkpoint, "--beam", str(beam), "--image-view", image_view,
-                                      "--max-len-b", "12", "--no-repeat-ngram-size", "0"] + (["--cpu"] if cpu else []))
-    engine = Kosmos2Inference(args)
+    search = SearchConfig(beam=beam, max_len_b=12, no_repeat_ngram_size=0)
+    engine = Kosmos2Inference.from_checkpoint(checkpoint, search, image_view=image_view, cpu=cpu)
     predictions: Dict[Any, List[List[float]]] = {}
     out = open(generations, "w", encoding="utf-8") if generations else None
     try:
@@ -121,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--image-root", default=None, help="directory of the images (default: the json's)")
     parser.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
-    parser.add_argument("--image-view", choices=("squash", "crop"), default="squash",
+    parser.add_argument("--image-view", choices=IMAGE_VIEWS, default="squash",
                         help="the model's view of the image (squash as released; use what the model trained with)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N expressions")
     parser.add_argument("--generations", default=None, help="write the generations as json lines")
@@ -136,8 +136,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           f"any box {model['acc@upper_bound']:6.2f}   no box {model['num_missing_predictions']}")
     print(f"centre-box baseline         acc@0.5 {base['acc@1']:6.2f}")
     if args.output:
-        from unilm_vl.eval.common import write_metrics
-
         write_metrics(metrics, args.output)
     return metrics
 

@@ -1,6 +1,7 @@
 """Task ``kosmos2``: grounded image-caption language modelling of Kosmos-2 (Peng et al. 2023, "Kosmos-2:
 Grounding Multimodal Large Language Models to the World"; reference task ``image_gpt_interleaved_laion_obj`` with
-the GRIT loader, notes kosmos2.md sections 2-5).
+the GRIT loader: microsoft/unilm ``kosmos-2/unilm/tasks/gpt_interleaved_laion_obj.py`` and
+``kosmos-2/unilm/data/vl/laion2b_obj_loader.py``).
 
 Data: GRIT-style samples from any source of the data layer (the GRIT TSV layout with its annotation column,
 img2dataset webdataset shards whose json holds ``noun_chunks``/``ref_exps``, the synthetic world), mixed by weight
@@ -14,15 +15,17 @@ of ``python -m unilm_vl.data.build_vocab``) plus the grounding symbols for a ``-
 Batch: ``net_input = {src_tokens B x T, image B_img x 3 x S x S, image_mask B x T}``, ``target``, ``loss_mask``;
 criterion ``kosmos2_lm``; model ``kosmos2``.
 
-Generation (``fairseq-generate``, :mod:`unilm_vl.kosmos2_infer`): ``--prompts FILE`` is a TSV of
+Generation (``fairseq-generate``; the prompt reading, prompt dataset and generator are
+:mod:`unilm_vl.inference.kosmos2`, shared with :mod:`unilm_vl.kosmos2_infer`): ``--prompts FILE`` is a TSV of
 ``image_path<TAB>prompt`` lines (image paths relative to the file's directory), read as any ``--gen-subset`` other
 than ``train``/``valid``. Each line becomes ``<s> <image> [L image slots] </image> prompt_ids`` (no ``</s>``; the
 prompt may hold tags: ``<grounding>An image of``); the slots hold the ids 4 .. L+3 as in the released inference
-and HF's processor (:func:`generation_slot_ids`), which only ``--no-repeat-ngram-size`` sees. Batches are
-LEFT-padded, and ``build_generator`` returns a :class:`Kosmos2Generator` (greedy / beam / sampling with a KV
-cache, :mod:`unilm_vl.modules.generation`). A missing image is an error naming the file and line; so is a line
-without a tab or without an image path (no text-only generation). Images are squashed to S x S by default as the
-released inference does (``--gen-image-view``)::
+and HF's processor (:func:`~unilm_vl.inference.kosmos2.generation_slot_ids`), which only
+``--no-repeat-ngram-size`` sees. Batches are LEFT-padded, and ``build_generator`` returns a
+:class:`~unilm_vl.inference.kosmos2.Kosmos2Generator` (greedy / beam / sampling with a KV cache,
+:mod:`unilm_vl.modules.generation`). A missing image is an error naming the file and line; so is a line without a
+tab or without an image path (no text-only generation). Images are squashed to S x S by default as the released
+inference does (``--gen-image-view``)::
 
     fairseq-generate DIR --user-dir unilm_vl --task kosmos2 --path ckpt.pt --spm-model M --dict-path D \
         --prompts prompts.tsv --gen-subset test --batch-size 8 --beam 1 --no-repeat-ngram-size 3 \
@@ -32,19 +35,19 @@ released inference does (``--gen-image-view``)::
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import List, Optional, Sequence
 
-import torch
-from fairseq.data import FairseqDataset
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import FairseqTask, register_task
 
-from ..data.decode import BadSample, load_image
-from ..data.grounding import DEFAULT_NUM_BINS, IMAGE_END, build_kosmos2_tokenizer
+from ..data.decode import BadSample
+from ..data.grounding import DEFAULT_NUM_BINS, build_kosmos2_tokenizer
 from ..data.kosmos2_samples import CollateKosmos2, GritGroundedCaption
 from ..data.stages import FramesToImage, ImageTransform
 from ..data.transforms import kosmos2_image_transform
-from ..modules.generation import SearchConfig, generate, left_pad
+from ..inference import kosmos2 as inference
+from ..inference.kosmos2 import Kosmos2Generator, Kosmos2PromptDataset, PromptLine, read_prompt_file
+from ..modules.generation import SearchConfig
 from ._base import ModelGeometry, StreamDataConfig, StreamTaskBase
 
 logger = logging.getLogger(__name__)
@@ -154,19 +157,14 @@ class Kosmos2Task(StreamTaskBase):
         return super().get_batch_iterator(dataset, **kwargs)
 
     def prompt_tokens(self, prompt: str) -> List[int]:
-        """``<s> <image> [L image slots] </image> prompt_ids`` for a prompt text that may hold tags (kept whole:
-        ``<grounding>An image of`` -> ``... 64012, 712, 1648, 9``); the slots hold :func:`generation_slot_ids`
-        (4 .. L+3, as the released inference); no ``</s>``."""
-        d = self.dictionary
-        return [d.bos(), d.index("<image>")] + generation_slot_ids(d, self.cfg.image_token_length) + \
-            [d.index(IMAGE_END)] + self.tokenizer.encode(prompt, split_symbols=True)
+        """The generation prompt of ``prompt`` with this task's vocabulary and image slots
+        (:func:`unilm_vl.inference.kosmos2.prompt_tokens`)."""
+        return inference.prompt_tokens(self.tokenizer, self.cfg.image_token_length, prompt)
 
-    def build_prompt_dataset(self, lines: Sequence["PromptLine"]) -> "Kosmos2PromptDataset":
+    def build_prompt_dataset(self, lines: Sequence[PromptLine]) -> Kosmos2PromptDataset:
         """The generation dataset of parsed prompt lines (images are read when items are accessed)."""
-        return Kosmos2PromptDataset([self.prompt_tokens(line.prompt) for line in lines],
-                                    [line.image for line in lines], [line.where for line in lines],
-                                    self.generation_image_transform(), self.dictionary.pad(),
-                                    self.cfg.image_token_length)
+        return inference.build_prompt_dataset(lines, self.tokenizer, self.cfg.image_token_length,
+                                              self.generation_image_transform())
 
     def generation_image_transform(self):
         self.require_geometry("loading prompts")
@@ -222,175 +220,3 @@ class SequenceLength:
             raise BadSample(f"sequence of {n} tokens exceeds --tokens-per-sample {self.max_tokens}",
                             sample.get("__where__", "?"), "caption")
         return sample
-
-
-# ---- generation data -------------------------------------------------------------------------------------------
-
-
-def generation_slot_ids(dictionary, num_slots: int) -> List[int]:
-    """The ids written into the ``num_slots`` image slots of a generation prompt: ``unk + 1 .. unk + num_slots``
-    (4 .. 67 for the released L = 64), as the released inference (``list(range(4, image_feature_length + 4))`` in
-    microsoft/unilm ``kosmos-2/evaluation/caption_obj_few_shot.py`` and ``kosmos-2/demo/gradio_app.py``) and HF's
-    ``Kosmos2Processor`` (``first_image_token_id = unk_id + 1``) write them.
-
-    The model never reads these ids (the slots' embedding rows are replaced by the image features), but
-    ``--no-repeat-ngram-size`` counts them as history, so with the same ids as the release and HF the same
-    continuations are banned. Training batches hold ``<image>`` in every slot, as the released training loader
-    does (``_prepare`` in ``kosmos-2/unilm/data/vl/laion2b_obj_loader.py``); nothing is banned there. Raises
-    ``ValueError`` when the dictionary is too small to hold them as ordinary symbols."""
-    first = dictionary.unk() + 1
-    if first + num_slots > len(dictionary):
-        raise ValueError(f"{num_slots} image slots need the ids {first}..{first + num_slots - 1}, but the dictionary "
-                         f"has only {len(dictionary)} symbols")
-    return list(range(first, first + num_slots))
-
-
-class PromptLine(NamedTuple):
-    image: str
-    """Image path (made absolute against the prompt file's directory)."""
-    prompt: str
-    where: str
-    """``file:line`` for error messages."""
-
-
-def parse_prompt_line(line: str, where: str, base_dir: str = ".") -> PromptLine:
-    """``image_path<TAB>prompt`` (the literal ``<tab>`` of the released scripts also separates). Raises
-    ``ValueError`` naming ``where`` for a line without a separator or without an image path."""
-    line = line.rstrip("\r\n")
-    sep = "\t" if "\t" in line else "<tab>" if "<tab>" in line else None
-    if sep is None:
-        raise ValueError(f"{where}: expected 'image_path<TAB>prompt', found no tab in {line!r}")
-    image, prompt = line.split(sep, 1)
-    image = image.strip()
-    if not image:
-        raise ValueError(f"{where}: no image path before the tab (kosmos2 generation needs an image per prompt)")
-    return PromptLine(os.path.join(base_dir, os.path.expanduser(image)), prompt, where)
-
-
-def read_prompt_file(path: str) -> List[PromptLine]:
-    """All non-empty lines of a prompt TSV; every image must exist (``FileNotFoundError`` naming file, line and
-    image path)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    base = os.path.dirname(os.path.abspath(path))
-    lines = []
-    with open(path, encoding="utf-8") as fh:
-        for number, text in enumerate(fh, 1):
-            if not text.strip():
-                continue
-            line = parse_prompt_line(text, f"{path}:{number}", base)
-            if not os.path.isfile(line.image):
-                raise FileNotFoundError(f"{line.where}: image not found: {line.image}")
-            lines.append(line)
-    if not lines:
-        raise ValueError(f"{path}: no prompts")
-    return lines
-
-
-class Kosmos2PromptDataset(FairseqDataset):
-    """Generation inputs: item ``i`` = its tokens ``<s> <image> [L slots] </image> prompt_ids``
-    (:meth:`Kosmos2Task.prompt_tokens`) and its image, loaded and transformed on access (an unreadable image raises
-    ``ValueError`` naming the file line and the path). The collater LEFT-pads: ``{"id", "nsentences", "ntokens",
-    "net_input": {"src_tokens" B x T, "image" B x 3 x S x S, "image_mask" B x T}, "target": None}``."""
-
-    def __init__(self, tokens: Sequence[Sequence[int]], images: Sequence[str], wheres: Sequence[str], transform,
-                 pad_idx: int, num_image_tokens: int):
-        self.tokens = [list(t) for t in tokens]
-        self.images, self.wheres, self.transform = list(images), list(wheres), transform
-        self.pad, self.num_image_tokens = pad_idx, num_image_tokens
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def __getitem__(self, index: int) -> Dict[str, Any]:
-        try:
-            image = load_image(self.images[index])
-        except (BadSample, OSError) as exc:
-            raise ValueError(f"{self.wheres[index]}: cannot read image {self.images[index]}: {exc}") from exc
-        return {"id": index, "tokens": self.tokens[index], "image": self.transform(image)}
-
-    def num_tokens(self, index: int) -> int:
-        return len(self.tokens[index])
-
-    def size(self, index: int) -> int:
-        return self.num_tokens(index)
-
-    def collater(self, samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-        if not samples:
-            return {}
-        L = self.num_image_tokens
-        masks = [[False, False] + [True] * L + [False] * (len(s["tokens"]) - L - 2) for s in samples]
-        src_tokens, image_mask = left_pad([s["tokens"] for s in samples], self.pad, masks)
-        return {"id": torch.tensor([s["id"] for s in samples], dtype=torch.long), "nsentences": len(samples),
-                "ntokens": sum(len(s["tokens"]) for s in samples),
-                "net_input": {"src_tokens": src_tokens, "image": torch.stack([s["image"] for s in samples]),
-                              "image_mask": image_mask},
-                "target": None}
-
-
-class Kosmos2Generator:
-    """fairseq-style generator over :func:`unilm_vl.modules.generation.generate`: ``generate(models, sample)``
-    returns, per sample, a list of ``{"tokens", "score", "positional_scores", "alignment": None}`` best first.
-
-    ``tokens`` are the prompt text (after ``</image>``) followed by the generated tokens ending in ``</s>`` (no
-    ``</s>`` on a hypothesis cut at the length limit under ``--gen-beam-rule hf``), with
-    ``positional_scores`` of the same length (the prompt text's own log-probs, then the generated tokens'); with
-    ``continuation_only`` just the generated part. ``score`` is the search score of the generated part. Sampling
-    draws from a ``torch.Generator`` seeded once with ``seed``.
-    """
-
-    def __init__(self, search: SearchConfig, dictionary, continuation_only: bool = False, seed: int = 1):
-        self.search, self.dictionary = search, dictionary
-        self.continuation_only, self.seed = continuation_only, seed
-        self.image_end_id = dictionary.index(IMAGE_END)
-        self._rng: Optional[torch.Generator] = None
-
-    @property
-    def eos(self) -> int:
-        return self.dictionary.eos()
-
-    @property
-    def symbols_to_strip_from_output(self) -> set:
-        return {self.dictionary.eos(), self.dictionary.bos()}
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self._rng is None or self._rng.device != device:
-            self._rng = torch.Generator(device=device).manual_seed(self.seed)
-        return self._rng
-
-    def generate(self, models, sample, prefix_tokens=None, constraints=None, **kwargs) -> List[List[Dict]]:
-        if len(models) != 1:
-            raise NotImplementedError(f"the kosmos2 generator takes one model, not an ensemble of {len(models)}")
-        if prefix_tokens is not None or constraints is not None:
-            raise NotImplementedError("the kosmos2 generator takes no --prefix-size / --constraints: put the "
-                                      "prefix in the prompt")
-        model = models[0]
-        net = getattr(model, "net", model)
-        net_input = sample["net_input"]
-        src_tokens = net_input["src_tokens"]
-        d = self.dictionary
-        image = net_input.get("image")
-        if image is not None:  # fairseq-generate --fp16 halves the model, not the batch
-            image = image.to(next(net.parameters()).dtype)
-        hyps = generate(net, src_tokens, image, net_input.get("image_mask"), self.search,
-                        pad_idx=d.pad(), eos_idx=d.eos(), unk_idx=d.unk(),
-                        generator=self._generator(src_tokens.device) if self.search.sampling else None,
-                        return_prompt_scores=not self.continuation_only)
-        out = []
-        for i, sample_hyps in enumerate(hyps):
-            prompt = self.prompt_text_tokens(src_tokens[i]).cpu()
-            rows = []
-            for h in sample_hyps:
-                tokens, scores = h.tokens, h.positional_scores
-                if not self.continuation_only and len(prompt):
-                    tokens = torch.cat([prompt, tokens])
-                    scores = torch.cat([h.prompt_scores[-len(prompt):], scores])
-                rows.append({"tokens": tokens, "score": h.score, "positional_scores": scores, "alignment": None})
-            out.append(rows)
-        return out
-
-    def prompt_text_tokens(self, row: torch.Tensor) -> torch.Tensor:
-        """The prompt ids after the last ``</image>`` of one (left-padded) row."""
-        ends = (row == self.image_end_id).nonzero().flatten()
-        start = int(ends[-1]) + 1 if len(ends) else int((row == self.dictionary.bos()).nonzero().flatten()[0]) + 1
-        return row[start:]

@@ -1,0 +1,308 @@
+"""Kosmos-2 inference (Peng et al. 2023, "Kosmos-2: Grounding Multimodal Large Language Models to the World"):
+prompt files, the prompt dataset, the fairseq-style generator and a decoding engine over a loaded checkpoint.
+
+Prompts are ``image_path<TAB>prompt`` lines (the released scripts' literal ``<tab>`` also separates; image paths
+relative to the prompt file's directory; :func:`read_prompt_file`). Each becomes
+``<s> <image> [L image slots] </image> prompt_ids`` (no ``</s>``; the prompt may hold tags:
+``<grounding>An image of``) where the slots hold the ids 4 .. L+3 as in the released inference and HF's processor
+(:func:`generation_slot_ids`), which only ``no_repeat_ngram_size`` sees. Batches are LEFT-padded
+(:class:`Kosmos2PromptDataset`); :class:`Kosmos2Generator` decodes them (greedy / beam / sampling with a KV cache,
+:mod:`unilm_vl.modules.generation`). Images are squashed to S x S by default as the released inference does
+(``image_view="squash"``; ``"crop"`` = resize + centre crop, the training view).
+
+Users: the ``kosmos2`` task's ``fairseq-generate`` path (``--prompts``, ``build_generator``), and through
+:class:`Kosmos2Inference` the CLI :mod:`unilm_vl.kosmos2_infer` and the grounding evaluations
+(:mod:`unilm_vl.eval.refcoco`, :mod:`unilm_vl.eval.flickr_entities`). The dictionary, tokenizer and image geometry
+are passed in; nothing here imports a task.
+"""
+import os
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+from fairseq.data import FairseqDataset
+
+from ..checkpoint import load_model
+from ..data.decode import BadSample, load_image
+from ..data.grounding import IMAGE_END, parse_grounded_text
+from ..data.transforms import kosmos2_image_transform
+from ..modules.generation import SearchConfig, generate, left_pad
+
+IMAGE_VIEWS = ("squash", "crop")
+"""The model's view of a generation image: squashed to S x S (the released inference; boxes cover the whole
+image) or resized + centre-cropped as in training (boxes refer to the central square)."""
+
+
+# ---- prompts -------------------------------------------------------------------------------------------------------
+
+
+class PromptLine(NamedTuple):
+    image: str
+    """Image path (made absolute against the prompt file's directory)."""
+    prompt: str
+    where: str
+    """``file:line`` for error messages."""
+
+
+def parse_prompt_line(line: str, where: str, base_dir: str = ".") -> PromptLine:
+    """``image_path<TAB>prompt`` (the literal ``<tab>`` of the released scripts also separates). Raises
+    ``ValueError`` naming ``where`` for a line without a separator or without an image path."""
+    line = line.rstrip("\r\n")
+    sep = "\t" if "\t" in line else "<tab>" if "<tab>" in line else None
+    if sep is None:
+        raise ValueError(f"{where}: expected 'image_path<TAB>prompt', found no tab in {line!r}")
+    image, prompt = line.split(sep, 1)
+    image = image.strip()
+    if not image:
+        raise ValueError(f"{where}: no image path before the tab (kosmos2 generation needs an image per prompt)")
+    return PromptLine(os.path.join(base_dir, os.path.expanduser(image)), prompt, where)
+
+
+def read_prompt_file(path: str) -> List[PromptLine]:
+    """All non-empty lines of a prompt TSV; every image must exist (``FileNotFoundError`` naming file, line and
+    image path)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    base = os.path.dirname(os.path.abspath(path))
+    lines = []
+    with open(path, encoding="utf-8") as fh:
+        for number, text in enumerate(fh, 1):
+            if not text.strip():
+                continue
+            line = parse_prompt_line(text, f"{path}:{number}", base)
+            if not os.path.isfile(line.image):
+                raise FileNotFoundError(f"{line.where}: image not found: {line.image}")
+            lines.append(line)
+    if not lines:
+        raise ValueError(f"{path}: no prompts")
+    return lines
+
+
+def generation_slot_ids(dictionary, num_slots: int) -> List[int]:
+    """The ids written into the ``num_slots`` image slots of a generation prompt: ``unk + 1 .. unk + num_slots``
+    (4 .. 67 for the released L = 64), as the released inference (``list(range(4, image_feature_length + 4))`` in
+    microsoft/unilm ``kosmos-2/evaluation/caption_obj_few_shot.py`` and ``kosmos-2/demo/gradio_app.py``) and HF's
+    ``Kosmos2Processor`` (``first_image_token_id = unk_id + 1``) write them.
+
+    The model never reads these ids (the slots' embedding rows are replaced by the image features), but
+    ``--no-repeat-ngram-size`` counts them as history, so with the same ids as the release and HF the same
+    continuations are banned. Training batches hold ``<image>`` in every slot, as the released training loader
+    does (``_prepare`` in ``kosmos-2/unilm/data/vl/laion2b_obj_loader.py``); nothing is banned there. Raises
+    ``ValueError`` when the dictionary is too small to hold them as ordinary symbols."""
+    first = dictionary.unk() + 1
+    if first + num_slots > len(dictionary):
+        raise ValueError(f"{num_slots} image slots need the ids {first}..{first + num_slots - 1}, but the dictionary "
+                         f"has only {len(dictionary)} symbols")
+    return list(range(first, first + num_slots))
+
+
+def prompt_tokens(tokenizer, num_image_tokens: int, prompt: str) -> List[int]:
+    """``<s> <image> [L image slots] </image> prompt_ids`` for a prompt text that may hold tags (kept whole:
+    ``<grounding>An image of`` -> ``... 64012, 712, 1648, 9`` with the released vocabulary); the slots hold
+    :func:`generation_slot_ids`; no ``</s>``. ``tokenizer`` is the kosmos2 tokenizer
+    (:func:`unilm_vl.data.grounding.build_kosmos2_tokenizer`), ``num_image_tokens`` = L."""
+    d = tokenizer.dictionary
+    return [d.bos(), d.index("<image>")] + generation_slot_ids(d, num_image_tokens) + \
+        [d.index(IMAGE_END)] + tokenizer.encode(prompt, split_symbols=True)
+
+
+def generation_image_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
+                               view: str = "squash"):
+    """The image transform of generation prompts for ``view`` (one of :data:`IMAGE_VIEWS`)."""
+    if view not in IMAGE_VIEWS:
+        raise ValueError(f"image view must be one of {', '.join(IMAGE_VIEWS)}, got {view!r}")
+    return kosmos2_image_transform(image_size, mean, std, only_resize=view == "squash")
+
+
+# ---- the prompt dataset ------------------------------------------------------------------------------------------
+
+
+class Kosmos2PromptDataset(FairseqDataset):
+    """Generation inputs: item ``i`` = its tokens ``<s> <image> [L slots] </image> prompt_ids``
+    (:func:`prompt_tokens`) and its image, loaded and transformed on access (an unreadable image raises
+    ``ValueError`` naming the file line and the path). The collater LEFT-pads: ``{"id", "nsentences", "ntokens",
+    "net_input": {"src_tokens" B x T, "image" B x 3 x S x S, "image_mask" B x T}, "target": None}``."""
+
+    def __init__(self, tokens: Sequence[Sequence[int]], images: Sequence[str], wheres: Sequence[str], transform,
+                 pad_idx: int, num_image_tokens: int):
+        self.tokens = [list(t) for t in tokens]
+        self.images, self.wheres, self.transform = list(images), list(wheres), transform
+        self.pad, self.num_image_tokens = pad_idx, num_image_tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        try:
+            image = load_image(self.images[index])
+        except (BadSample, OSError) as exc:
+            raise ValueError(f"{self.wheres[index]}: cannot read image {self.images[index]}: {exc}") from exc
+        return {"id": index, "tokens": self.tokens[index], "image": self.transform(image)}
+
+    def num_tokens(self, index: int) -> int:
+        return len(self.tokens[index])
+
+    def size(self, index: int) -> int:
+        return self.num_tokens(index)
+
+    def collater(self, samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        if not samples:
+            return {}
+        L = self.num_image_tokens
+        masks = [[False, False] + [True] * L + [False] * (len(s["tokens"]) - L - 2) for s in samples]
+        src_tokens, image_mask = left_pad([s["tokens"] for s in samples], self.pad, masks)
+        return {"id": torch.tensor([s["id"] for s in samples], dtype=torch.long), "nsentences": len(samples),
+                "ntokens": sum(len(s["tokens"]) for s in samples),
+                "net_input": {"src_tokens": src_tokens, "image": torch.stack([s["image"] for s in samples]),
+                              "image_mask": image_mask},
+                "target": None}
+
+
+def build_prompt_dataset(lines: Sequence[PromptLine], tokenizer, num_image_tokens: int,
+                         transform) -> Kosmos2PromptDataset:
+    """The generation dataset of parsed prompt lines (images are read when items are accessed)."""
+    return Kosmos2PromptDataset([prompt_tokens(tokenizer, num_image_tokens, line.prompt) for line in lines],
+                                [line.image for line in lines], [line.where for line in lines], transform,
+                                tokenizer.dictionary.pad(), num_image_tokens)
+
+
+# ---- the generator -----------------------------------------------------------------------------------------------
+
+
+class Kosmos2Generator:
+    """fairseq-style generator over :func:`unilm_vl.modules.generation.generate`: ``generate(models, sample)``
+    returns, per sample, a list of ``{"tokens", "score", "positional_scores", "alignment": None}`` best first.
+
+    ``tokens`` are the prompt text (after ``</image>``) followed by the generated tokens ending in ``</s>`` (no
+    ``</s>`` on a hypothesis cut at the length limit under ``--gen-beam-rule hf``), with
+    ``positional_scores`` of the same length (the prompt text's own log-probs, then the generated tokens'); with
+    ``continuation_only`` just the generated part. ``score`` is the search score of the generated part. Sampling
+    draws from a ``torch.Generator`` seeded once with ``seed``.
+    """
+
+    def __init__(self, search: SearchConfig, dictionary, continuation_only: bool = False, seed: int = 1):
+        self.search, self.dictionary = search, dictionary
+        self.continuation_only, self.seed = continuation_only, seed
+        self.image_end_id = dictionary.index(IMAGE_END)
+        self._rng: Optional[torch.Generator] = None
+
+    @property
+    def eos(self) -> int:
+        return self.dictionary.eos()
+
+    @property
+    def symbols_to_strip_from_output(self) -> set:
+        return {self.dictionary.eos(), self.dictionary.bos()}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._rng is None or self._rng.device != device:
+            self._rng = torch.Generator(device=device).manual_seed(self.seed)
+        return self._rng
+
+    def generate(self, models, sample, prefix_tokens=None, constraints=None, **kwargs) -> List[List[Dict]]:
+        if len(models) != 1:
+            raise NotImplementedError(f"the kosmos2 generator takes one model, not an ensemble of {len(models)}")
+        if prefix_tokens is not None or constraints is not None:
+            raise NotImplementedError("the kosmos2 generator takes no --prefix-size / --constraints: put the "
+                                      "prefix in the prompt")
+        model = models[0]
+        net = getattr(model, "net", model)
+        net_input = sample["net_input"]
+        src_tokens = net_input["src_tokens"]
+        d = self.dictionary
+        image = net_input.get("image")
+        if image is not None:  # fairseq-generate --fp16 halves the model, not the batch
+            image = image.to(next(net.parameters()).dtype)
+        hyps = generate(net, src_tokens, image, net_input.get("image_mask"), self.search,
+                        pad_idx=d.pad(), eos_idx=d.eos(), unk_idx=d.unk(),
+                        generator=self._generator(src_tokens.device) if self.search.sampling else None,
+                        return_prompt_scores=not self.continuation_only)
+        out = []
+        for i, sample_hyps in enumerate(hyps):
+            prompt = self.prompt_text_tokens(src_tokens[i]).cpu()
+            rows = []
+            for h in sample_hyps:
+                tokens, scores = h.tokens, h.positional_scores
+                if not self.continuation_only and len(prompt):
+                    tokens = torch.cat([prompt, tokens])
+                    scores = torch.cat([h.prompt_scores[-len(prompt):], scores])
+                rows.append({"tokens": tokens, "score": h.score, "positional_scores": scores, "alignment": None})
+            out.append(rows)
+        return out
+
+    def prompt_text_tokens(self, row: torch.Tensor) -> torch.Tensor:
+        """The prompt ids after the last ``</image>`` of one (left-padded) row."""
+        ends = (row == self.image_end_id).nonzero().flatten()
+        start = int(ends[-1]) + 1 if len(ends) else int((row == self.dictionary.bos()).nonzero().flatten()[0]) + 1
+        return row[start:]
+
+
+# ---- decoding a loaded checkpoint ----------------------------------------------------------------------------------
+
+
+def grounded_string(dictionary, tokens) -> str:
+    """Token ids -> text as fairseq's ``--post-process sentencepiece`` writes it (``<s>``/``</s>`` dropped, tags
+    verbatim): ``<grounding> An image of<phrase> a snowman</phrase><object>...</object>``."""
+    return dictionary.string(tokens, "sentencepiece")
+
+
+class Kosmos2Inference:
+    """A loaded ``kosmos2`` model ready to decode :class:`PromptLine` s into records with the entities parsed out
+    (:meth:`run`). ``task`` is the task the checkpoint was loaded with; its ``tokenizer``, ``dictionary``,
+    ``cfg.image_token_length``, ``cfg.location_bin_size`` and image geometry (``image_size``, ``image_mean``,
+    ``image_std``) are read. :meth:`from_checkpoint` loads one through :func:`unilm_vl.checkpoint.load_model`."""
+
+    def __init__(self, model, task, search: SearchConfig, image_view: str = "squash", seed: int = 1,
+                 device: Optional[torch.device] = None):
+        self.model, self.task, self.search, self.view = model, task, search, image_view
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.transform = generation_image_transform(task.image_size, task.image_mean, task.image_std, image_view)
+        self.generator = Kosmos2Generator(search, task.dictionary, seed=seed)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str, search: SearchConfig, image_view: str = "squash", seed: int = 1,
+                        cpu: bool = False, fp16: bool = False, spm_model: Optional[str] = None,
+                        dict_path: Optional[str] = None) -> "Kosmos2Inference":
+        """The engine of a ``kosmos2`` checkpoint on CUDA when available (unless ``cpu``), in half precision with
+        ``fp16``; ``spm_model`` / ``dict_path`` replace the vocabulary files the checkpoint names. The vision
+        tower's pretrained weights are not fetched (the checkpoint holds them). A vocabulary that does not fit the
+        checkpoint raises :class:`unilm_vl.models.kosmos2.VocabularyMismatchError` naming the checkpoint."""
+        overrides = {"vision_pretrained": None}  # the checkpoint holds the tower's weights
+        if spm_model:
+            overrides["spm_model"] = spm_model
+        if dict_path:
+            overrides["dict_path"] = dict_path
+        device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+        model, _, task = load_model(checkpoint, overrides, str(device))
+        if fp16:
+            model.half()
+        return cls(model, task, search, image_view, seed, device)
+
+    @property
+    def num_bins(self) -> int:
+        """P of the P x P box grid of the model's ``<patch_index_k>`` tokens."""
+        return int(self.task.cfg.location_bin_size)
+
+    def run(self, lines: Sequence[PromptLine]) -> List[dict]:
+        """Decode parsed prompt lines together; one record per (input, hypothesis): ``where``, ``image``,
+        ``prompt``, ``rank``, ``text`` (prompt text + continuation), ``continuation``, ``clean_text``, ``entities``
+        (:func:`unilm_vl.data.grounding.parse_grounded_text`) and ``score``."""
+        tokenizer = self.task.tokenizer
+        dataset = build_prompt_dataset(lines, tokenizer, self.task.cfg.image_token_length, self.transform)
+        sample = dataset.collater([dataset[i] for i in range(len(dataset))])
+        net_input = sample["net_input"]
+        net_input["src_tokens"] = net_input["src_tokens"].to(self.device)
+        net_input["image_mask"] = net_input["image_mask"].to(self.device)
+        net_input["image"] = net_input["image"].to(self.device)
+        with torch.no_grad():
+            hypos = self.generator.generate([self.model], sample)
+        records = []
+        d = self.task.dictionary
+        for line, sample_hypos in zip(lines, hypos):
+            prompt_len = len(tokenizer.encode(line.prompt, split_symbols=True))
+            for rank, h in enumerate(sample_hypos):
+                text = grounded_string(d, h["tokens"])
+                clean, entities = parse_grounded_text(text, self.num_bins)
+                records.append({"where": line.where, "image": line.image, "prompt": line.prompt, "rank": rank,
+                                "text": text, "continuation": grounded_string(d, h["tokens"][prompt_len:]),
+                                "clean_text": clean, "entities": entities, "score": float(h["score"])})
+        return records
