@@ -1,11 +1,12 @@
-"""CLIP loss against the reference numbers (shared/reference/contrastive.md section 6.1) and its invariances."""
+"""CLIP loss against values computed with open_clip's ``ClipLoss`` (``mlfoundations/open_clip``
+``src/open_clip/loss.py``) and by hand, and its invariances."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from unilm_vl.criterions.functional import clip_loss, contrastive_accuracy
+from unilm_vl.losses.clip import clip_loss, contrastive_accuracy
 
 I = torch.eye(2)
 T = torch.tensor([[0.6, 0.8], [0.8, 0.6]])

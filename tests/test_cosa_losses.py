@@ -1,4 +1,4 @@
-"""COSA losses and their inputs (reference cosa.md 3, checks 11.4-11.6, 11.12): ITC values with label smoothing,
+"""COSA losses and their inputs (release ``TXH-mercury/COSA`` ``model/pretrain.py``): ITC values with label smoothing,
 the ITM batch layout and hard-negative draw, the token maskers, the loss bookkeeping of task strings, and the
 2-rank = 1-rank-with-twice-the-batch equivalence of the ITC term and of a whole ``ret_cret`` step."""
 import math
@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from cosa_testlib import CLS, MASK, PAD, SEP, VOCAB, random_batch, tiny_model
-from unilm_vl.criterions import functional_cosa as fc
+from unilm_vl.losses import cosa as fc
+from unilm_vl.losses.distributed import gather_uneven_rows
 from unilm_vl.modules import cosa as mc
 
 
@@ -56,15 +57,15 @@ def _smoothed_ce_logit_grad(logits, eps):
 
 
 @pytest.mark.parametrize("b,e,temp,eps,seed", [(2, 3, 0.07, 0.1, 0), (5, 8, 0.2, 0.1, 1), (7, 4, 1.0, 0.0, 2)])
-def test_itc_reference_mode_in_one_process_detaches_the_gathered_side(b, e, temp, eps, seed):
-    """World size 1, ``gradient="reference"``: the release's ``ddp_allgather`` runs even on one rank and returns
+def test_itc_query_mode_in_one_process_detaches_the_gathered_side(b, e, temp, eps, seed):
+    """World size 1, ``gradient="query"``: the release's ``ddp_allgather`` runs even on one rank and returns
     detached copies, so only the query side gets a gradient:
     ``dL/dv = 0.5/temp G_i2t t``, ``dL/dt = 0.5/temp G_t2i v`` with ``G = (softmax - y) / B`` of each direction.
     ``full`` adds the key side (``+ 0.5/temp G_t2i^T t`` and ``+ 0.5/temp G_i2t^T v``); the value is the same."""
     g = torch.Generator().manual_seed(seed)
     v0, t0 = F.normalize(torch.randn(b, e, generator=g), dim=-1), F.normalize(torch.randn(b, e, generator=g), dim=-1)
     grads, values = {}, {}
-    for gradient in ("reference", "full"):
+    for gradient in ("query", "full"):
         v, t = v0.clone().requires_grad_(True), t0.clone().requires_grad_(True)
         tau = torch.tensor(temp, requires_grad=True)
         loss = fc.itc_loss(v, t, tau, 0, 1, eps, gradient)
@@ -73,22 +74,23 @@ def test_itc_reference_mode_in_one_process_detaches_the_gathered_side(b, e, temp
     g_i2t = _smoothed_ce_logit_grad(v0 @ t0.T / temp, eps)  # B x B
     g_t2i = _smoothed_ce_logit_grad(t0 @ v0.T / temp, eps)
     query_v, query_t = 0.5 / temp * g_i2t @ t0, 0.5 / temp * g_t2i @ v0
-    torch.testing.assert_close(grads["reference"][0], query_v, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(grads["reference"][1], query_t, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads["query"][0], query_v, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads["query"][1], query_t, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grads["full"][0], query_v + 0.5 / temp * g_t2i.T @ t0, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grads["full"][1], query_t + 0.5 / temp * g_i2t.T @ v0, atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(grads["reference"][0], grads["full"][0], atol=1e-4)
-    assert torch.equal(values["reference"], values["full"])
-    torch.testing.assert_close(grads["reference"][2], grads["full"][2])  # the temperature sees both sides' values
+    assert not torch.allclose(grads["query"][0], grads["full"][0], atol=1e-4)
+    assert torch.equal(values["query"], values["full"])
+    torch.testing.assert_close(grads["query"][2], grads["full"][2])  # the temperature sees both sides' values
 
 
 def test_gather_uneven_rows_in_one_process():
     x = torch.randn(3, 2, requires_grad=True)
-    assert fc.gather_uneven_rows(x, 0, 1, gradient="full") is x
-    detached = fc.gather_uneven_rows(x, 0, 1, gradient="reference")
+    assert gather_uneven_rows(x, 0, 1, gradient="full") is x
+    assert gather_uneven_rows(x, 0, 1, gradient="own") is x
+    detached = gather_uneven_rows(x, 0, 1, gradient="query")
     assert not detached.requires_grad and torch.equal(detached, x.detach())
-    with pytest.raises(ValueError, match="gradient must be 'full' or 'reference'"):
-        fc.gather_uneven_rows(x, 0, 1, gradient="detached")
+    with pytest.raises(ValueError, match="gradient must be one of full, own, query"):
+        gather_uneven_rows(x, 0, 1, gradient="reference")
 
 
 # ------------------------------------------------------------------------------------------------------- ITM
@@ -211,10 +213,10 @@ def _criterion(tasks, itm_ratio=1.0):
 
 
 def test_task_string_grammar():
-    assert mc.parse_cosa_tasks("ret_cret_ccap_cmlm") == (["ret"], ["ret", "cap", "mlm"])
-    assert mc.parse_cosa_tasks("qa") == (["qa"], [])
+    assert fc.parse_cosa_tasks("ret_cret_ccap_cmlm") == (["ret"], ["ret", "cap", "mlm"])
+    assert fc.parse_cosa_tasks("qa") == (["qa"], [])
     with pytest.raises(ValueError, match="unknown COSA task"):
-        mc.parse_cosa_tasks("ret_titc")
+        fc.parse_cosa_tasks("ret_titc")
 
 
 def test_pretraining_terms_and_total(model):
@@ -287,7 +289,7 @@ def _worker(rank, init_file, out_dir):
     results = {}
     x_v, x_t = _itc_global()
     local = slice(rank * B, (rank + 1) * B)
-    for gradient in ("full", "reference"):
+    for gradient in ("full", "query"):
         params, v, t = _itc_setup(x_v[local], x_t[local])
         loss = fc.itc_loss(v, t, params[2], rank, W, 0.1, gradient)
         loss.backward()
@@ -361,21 +363,21 @@ def test_itc_two_ranks_equal_one_rank_with_the_global_batch(two_ranks):
 
 
 @pytest.mark.slow
-def test_itc_reference_gather_keeps_the_value_but_not_the_gradient(two_ranks):
+def test_itc_query_gather_keeps_the_value_but_not_the_gradient(two_ranks):
     loss, grads = _one_rank_itc()
-    loss2, grads2 = two_ranks[("itc", "reference")]
+    loss2, grads2 = two_ranks[("itc", "query")]
     assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
     assert not torch.allclose(grads2[0], grads[0], atol=1e-4)
 
 
 @pytest.mark.slow
-def test_itc_reference_mode_means_the_same_at_every_world_size(two_ranks):
-    """Query-side-only gradients: 2 ranks x B (rank-averaged) equal 1 process x 2B in ``reference`` mode too, now
+def test_itc_query_mode_means_the_same_at_every_world_size(two_ranks):
+    """Query-side-only gradients: 2 ranks x B (rank-averaged) equal 1 process x 2B in ``query`` mode too, now
     that one process also detaches the gathered side."""
     params, v, t = _itc_setup(*_itc_global())
-    loss = fc.itc_loss(v, t, params[2], 0, 1, 0.1, "reference")
+    loss = fc.itc_loss(v, t, params[2], 0, 1, 0.1, "query")
     loss.backward()
-    loss2, grads2 = two_ranks[("itc", "reference")]
+    loss2, grads2 = two_ranks[("itc", "query")]
     assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
     for a, p in zip(grads2, params):
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""COSMOS maths and model wiring against the reference checks (shared/reference/contrastive.md 1.5-1.7, 6.3):
+"""COSMOS maths and model wiring against the reference (``ExplainableML/cosmos``, values computed by hand):
 loss wiring with hand values, teacher gradient and EMA, cosine momentum, cross-attention invariances, the
 multi-resolution tower, and the 2-rank equivalence of the loss."""
 import math
@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from unilm_vl.criterions import functional_cosmos as fc
+from unilm_vl.losses import cosmos as fc
+from unilm_vl.losses.ema import cosine_momentum, teacher_momentum
 from unilm_vl.modules.clip import ClipTowersConfig
 from unilm_vl.modules.cosmos import (AttentionalCrossPooler, CosmosConfig, CosmosModule, interpolate_pos_embed,
                                      vision_forward)
@@ -27,7 +28,7 @@ def views(*mats):
 
 
 def reference_case(num_global_crops=2):
-    """contrastive.md 1.7 / 6.3 item 14: B=2, both scales 1."""
+    """The reference's ``COSMOSLoss`` on B=2, both scales 1."""
     return fc.cosmos_loss(image_features=views(I, I, T), text_features=views(I, T, I), image_cross=views(I, T, T),
                           text_cross=views(I, I, T), teacher_image=views(I, I), teacher_text=views(I, I),
                           logit_scale=ONE, distill_logit_scale=ONE, num_global_crops=num_global_crops)
@@ -74,9 +75,9 @@ def test_teacher_side_carries_no_gradient():
 
 @pytest.mark.parametrize("step,expected", [(0, 0.99), (500, 0.995), (999, 1.0), (1000, 1.0)])
 def test_cosine_momentum_schedule(step, expected):
-    assert round(fc.cosine_momentum(step, 0.99, 1000), 6) == pytest.approx(expected, abs=1e-9)
-    assert fc.teacher_momentum(step, 0.99, 1000, "fixed") == 0.99
-    assert fc.teacher_momentum(step, 0.99, 1000, "cosine") == fc.cosine_momentum(step, 0.99, 1000)
+    assert round(cosine_momentum(step, 0.99, 1000), 6) == pytest.approx(expected, abs=1e-9)
+    assert teacher_momentum(step, 0.99, 1000, "fixed") == 0.99
+    assert teacher_momentum(step, 0.99, 1000, "cosine") == cosine_momentum(step, 0.99, 1000)
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -242,7 +243,7 @@ def test_model_ema_order_and_clamp(order):
     net.student.clip.visual.proj.grad = torch.ones_like(pre_step)
     net.student.distill_logit_scale.grad = torch.tensor(-100.0)
     optimizer = torch.optim.SGD(net.student.parameters(), lr=1.0)
-    m = fc.cosine_momentum(2, 0.5, 4)  # 0.75
+    m = cosine_momentum(2, 0.5, 4)  # 0.75
     model.before_optimizer_step(2)
     optimizer.step()
     model.after_optimizer_step(2)
@@ -257,7 +258,7 @@ def test_model_ema_order_and_clamp(order):
 
 # ------------------------------------------------------------------------------------------------- 2 ranks
 W, BL, D_IN, D = 2, 3, 6, 4
-MODES = [(False, True), (True, True), (False, False), (True, False)]
+MODES = [(False, "full"), (True, "full"), (False, "own"), (True, "query")]  # (local_loss, gradient)
 
 
 def _weights():
@@ -270,7 +271,7 @@ def _global_batch():
     return [torch.randn(v, W * BL, D_IN, generator=g) for v in (3, 4, 3, 4, 2, 2)]
 
 
-def loss_and_grads(xs, rank=0, world=1, local_loss=False, gather_with_grad=True):
+def loss_and_grads(xs, rank=0, world=1, local_loss=False, gradient="full"):
     """Student features are linear maps of the inputs (so parameter gradients can be compared)."""
     params = [w.clone().requires_grad_(True) for w in _weights()]
     scale = torch.tensor(2.0, requires_grad=True)
@@ -280,7 +281,7 @@ def loss_and_grads(xs, rank=0, world=1, local_loss=False, gather_with_grad=True)
     norm = lambda x, w: F.normalize(x @ w.T, dim=-1)
     out = fc.cosmos_loss(norm(x_img, w_img), norm(x_txt, w_txt), norm(x_ic, w_ic), norm(x_tc, w_tc),
                          norm(t_img, _weights()[0]), norm(t_txt, _weights()[1]), scale, distill_scale,
-                         rank=rank, world_size=world, local_loss=local_loss, gather_with_grad=gather_with_grad)
+                         rank=rank, world_size=world, local_loss=local_loss, gradient=gradient)
     loss = sum(out.values())
     loss.backward()
     return loss.detach(), [p.grad for p in params + [scale, distill_scale]]
@@ -317,12 +318,17 @@ def test_two_rank_loss_equals_full_batch(two_ranks, mode):
     full_loss, full_grads = loss_and_grads(_global_batch())
     loss, grads = two_ranks[mode]
     assert loss.item() == pytest.approx(full_loss.item(), abs=1e-5)
-    local_loss, gather_with_grad = mode
-    if gather_with_grad:  # rank-averaged gradients equal the 1-process full-batch gradients
+    local_loss, gradient = mode
+    if gradient == "full":  # rank-averaged gradients equal the 1-process full-batch gradients
         for g2, g1 in zip(grads, full_grads):
             torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-4)
-    elif not local_loss:  # open_clip's gather without grad: each rank back-props its own rows, 1/W of the
+    elif gradient == "own":  # open_clip's gather without grad: each rank back-props its own rows, 1/W of the
         for g2, g1 in zip(grads[:4], full_grads[:4]):  # feature gradients; the scales see the full loss on each rank
             torch.testing.assert_close(g2, g1 / W, atol=1e-5, rtol=1e-4)
         for g2, g1 in zip(grads[4:], full_grads[4:]):
             torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-4)
+    else:  # query side only, at every world size: equal to one process in the same mode, not to the full gradient
+        _, query_grads = loss_and_grads(_global_batch(), gradient="query")
+        for g2, g1 in zip(grads, query_grads):
+            torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(grads[0], full_grads[0], atol=1e-4)

@@ -1,4 +1,6 @@
-"""The contrastive loss on 2 CPU ranks (gloo) against 1 rank on the same global batch (reference 6.1.3)."""
+"""The contrastive loss on 2 CPU ranks (gloo) against 1 rank on the same global batch, in every
+``--gather-gradient`` mode (the table of :mod:`unilm_vl.losses.distributed`), and the data-parallel rank helper
+against fairseq's."""
 import os
 
 import pytest
@@ -7,10 +9,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from unilm_vl.criterions.functional import clip_loss
+from unilm_vl.losses.clip import clip_loss
+from unilm_vl.losses.distributed import data_parallel_rank_world
 
 D_IN, D, B, W = 6, 4, 3, 2
-MODES = [(False, True), (True, True), (False, False), (True, False)]  # (local_loss, gather_with_grad)
+MODES = [(False, "full"), (True, "full"), (False, "own"), (True, "own"), (True, "query")]  # (local_loss, gradient)
 
 
 def encoders():
@@ -23,12 +26,12 @@ def global_batch():
     return torch.randn(W * B, D_IN, generator=g), torch.randn(W * B, D_IN, generator=g)
 
 
-def loss_and_grads(x_img, x_txt, rank=0, world=1, local_loss=False, gather_with_grad=True):
+def loss_and_grads(x_img, x_txt, rank=0, world=1, local_loss=False, gradient="full"):
     wi, wt = (w.clone().requires_grad_(True) for w in encoders())
     scale = torch.tensor(2.0, requires_grad=True)
     img = F.normalize(x_img @ wi.T, dim=-1)
     txt = F.normalize(x_txt @ wt.T, dim=-1)
-    loss = clip_loss(img, txt, scale, rank, world, local_loss, gather_with_grad)["clip_loss"]
+    loss = clip_loss(img, txt, scale, rank, world, local_loss, gradient)["clip_loss"]
     loss.backward()
     return loss.detach(), [wi.grad, wt.grad, scale.grad]
 
@@ -38,13 +41,20 @@ def _worker(rank, init_file, out_dir):
     x_img, x_txt = global_batch()
     local = slice(rank * B, (rank + 1) * B)
     results = {}
-    for local_loss, with_grad in MODES:
-        loss, grads = loss_and_grads(x_img[local], x_txt[local], rank, W, local_loss, with_grad)
+    for local_loss, gradient in MODES:
+        loss, grads = loss_and_grads(x_img[local], x_txt[local], rank, W, local_loss, gradient)
         dist.all_reduce(loss)
         for g in grads:  # what DDP does: average the gradients over ranks
             dist.all_reduce(g)
             g /= W
-        results[(local_loss, with_grad)] = (loss / W, grads)
+        results[(local_loss, gradient)] = (loss / W, grads)
+    from fairseq.distributed import utils as fairseq_dist
+
+    both = torch.tensor([*data_parallel_rank_world(), fairseq_dist.get_data_parallel_rank(),
+                         fairseq_dist.get_data_parallel_world_size()])  # ours, then fairseq's
+    parts = [torch.empty_like(both) for _ in range(W)]
+    dist.all_gather(parts, both)
+    results["rank_world"] = [p.tolist() for p in parts]
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "dist.pt"))
     dist.barrier()
@@ -66,12 +76,20 @@ def test_loss_value_equals_full_batch(two_rank_results, mode):
 
 def test_gradient_semantics_of_each_mode(two_rank_results):
     _, full = loss_and_grads(*global_batch())
-    for mode in [(False, True), (True, True)]:  # with-grad gathers: equal to 1-rank gradients
+    for mode in [(False, "full"), (True, "full")]:  # with-grad gathers: equal to 1-rank gradients
         for g2, g1 in zip(two_rank_results[mode][1], full):
             torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-5)
-    for g2, g1 in zip(two_rank_results[(False, False)][1][:2], full[:2]):  # open_clip default: exactly 1/W
+    for g2, g1 in zip(two_rank_results[(False, "own")][1][:2], full[:2]):  # open_clip default: exactly 1/W
         torch.testing.assert_close(g2, g1 / W, atol=1e-6, rtol=1e-5)
-    g2 = two_rank_results[(True, False)][1][0].flatten()
-    g1 = full[0].flatten()
-    cos = torch.dot(g2, g1) / (g2.norm() * g1.norm())
-    assert cos < 0.9999  # query-side-only gradients: not proportional to the full-batch gradient
+    for mode in [(True, "own"), (True, "query")]:  # local rows without the gathered gradient: not proportional
+        g2 = two_rank_results[mode][1][0].flatten()
+        g1 = full[0].flatten()
+        assert torch.dot(g2, g1) / (g2.norm() * g1.norm()) < 0.9999, mode
+    _, query = loss_and_grads(*global_batch(), gradient="query")  # query side only, at every world size
+    for g2, g1 in zip(two_rank_results[(True, "query")][1], query):
+        torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-5)
+
+
+def test_rank_helper_equals_fairseqs(two_rank_results):
+    """The torch.distributed rank / world size the criteria and models use are fairseq's data-parallel ones."""
+    assert two_rank_results["rank_world"] == [[0, 2, 0, 2], [1, 2, 1, 2]]

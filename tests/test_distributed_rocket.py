@@ -1,8 +1,9 @@
-"""clip-rocket losses on 2 CPU ranks (gloo) against 1 rank on the same global batch (reference 6.4).
+"""clip-rocket losses on 2 CPU ranks (gloo) against 1 rank on the same global batch.
 
 Each loss is computed from the outputs of small linear encoders so that gradients can be compared: with the
 default ``gradient="full"`` the rank-averaged gradients (what DDP and fairseq apply) equal the 1-rank full-batch
-gradients; the reference's detached gathers/all-reduces are kept behind ``gradient="reference"``.
+gradients; the reference's detached gathers are ``gradient="query"`` (query-side gradients, equal to one process in
+the same mode) and its in-place all-reduce ``own`` (1/W of the full gradient; ``query`` keeps it).
 """
 import os
 
@@ -12,10 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from unilm_vl.criterions import functional as fn
+from unilm_vl.losses import rocket as fn
 
 D_IN, D, B, W, A = 6, 4, 3, 2, 2
 LOSSES = ["cl2l", "barlip", "siamlip", "swalip"]
+GRADIENTS = ["full", "own", "query"]
 
 
 def weights():
@@ -57,7 +59,7 @@ def _worker(rank, init_file, out_dir):
     local = slice(rank * B, (rank + 1) * B)
     results = {}
     for name in LOSSES:
-        for gradient in ("full", "reference"):
+        for gradient in GRADIENTS:
             loss, grads = loss_and_grads(name, x_img[local], x_txt[local], x_iv[:, local], x_tv[:, local], rank, W,
                                          gradient)
             dist.all_reduce(loss)
@@ -84,7 +86,7 @@ def two_rank_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", LOSSES)
-@pytest.mark.parametrize("gradient", ["full", "reference"])
+@pytest.mark.parametrize("gradient", GRADIENTS)
 def test_loss_value_equals_full_batch(two_rank_results, name, gradient):
     full_loss, _ = loss_and_grads(name, *global_batch())
     assert two_rank_results[(name, gradient)][0].item() == pytest.approx(full_loss.item(), abs=1e-5)
@@ -97,15 +99,25 @@ def test_full_gradient_mode_equals_one_rank_gradients(two_rank_results, name):
         torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-4)
 
 
-def test_reference_gradient_semantics(two_rank_results):
+@pytest.mark.parametrize("gradient", ["own", "query"])
+def test_in_place_all_reduce_gives_one_over_w_of_the_gradient(two_rank_results, gradient):
     _, full = loss_and_grads("barlip", *global_batch())
-    for g2, g1 in zip(two_rank_results[("barlip", "reference")][1][:2], full[:2]):  # in-place all_reduce: 1/W
+    for g2, g1 in zip(two_rank_results[("barlip", gradient)][1][:2], full[:2]):
         torch.testing.assert_close(g2, g1 / W, atol=1e-6, rtol=1e-4)
-    for name in ("cl2l", "swalip"):  # detached gathers: query-side-only, not proportional to the full gradient
-        _, full = loss_and_grads(name, *global_batch())
-        g2 = two_rank_results[(name, "reference")][1][0].flatten()
+
+
+@pytest.mark.parametrize("name", ["cl2l", "swalip"])
+def test_detached_gathers_give_query_side_gradients(two_rank_results, name):
+    """``query``: equal to one process on the global batch in the same mode; ``own`` and ``query`` are not
+    proportional to the full gradient."""
+    _, full = loss_and_grads(name, *global_batch())
+    _, query = loss_and_grads(name, *global_batch(), gradient="query")
+    for g2, g1 in zip(two_rank_results[(name, "query")][1], query):
+        torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-4)
+    for gradient in ("own", "query"):
+        g2 = two_rank_results[(name, gradient)][1][0].flatten()
         g1 = full[0].flatten()
-        assert torch.dot(g2, g1) / (g2.norm() * g1.norm()) < 0.9999
+        assert torch.dot(g2, g1) / (g2.norm() * g1.norm()) < 0.9999, gradient
 
 
 def test_sinkhorn_with_all_reduced_sums_equals_concatenated_batch(two_rank_results):

@@ -323,7 +323,8 @@ NAN_PLUGIN = textwrap.dedent('''
     from fairseq.criterions import register_criterion
 
     import unilm_vl  # noqa: F401  (registers the tasks, models and criteria)
-    from unilm_vl.criterions.clip import ClipCriterion, ClipCriterionConfig, data_parallel_rank_world
+    from unilm_vl.criterions.clip import ClipCriterion, ClipCriterionConfig
+    from unilm_vl.losses.distributed import data_parallel_rank_world
 
 
     @dataclass

@@ -3,7 +3,7 @@ model runs in bf16 but the loss-critical tensors (contrastive logits, log-softma
 Barlow Twins covariance, Sinkhorn's exponentials, the LM log-probabilities) are float32 (float64 for Sinkhorn).
 
 Autocast recasts every matmul to bf16 even when its inputs are float32, so a loss that merely upcasts its inputs
-still builds bf16 logits; :func:`unilm_vl.criterions.functional.full_precision` turns autocast off inside the loss
+still builds bf16 logits; :func:`unilm_vl.losses.precision.full_precision` turns autocast off inside the loss
 functions. The dtypes are recorded with a ``TorchFunctionMode`` on the Python-level calls the losses make.
 
 Tolerances: a loss computed under autocast on given features equals the loss computed without autocast on the same
@@ -22,8 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from unilm_vl.criterions import functional as fn
-from unilm_vl.criterions import functional_cosa, functional_negatives
+from unilm_vl.losses import rocket
+from unilm_vl.losses.clip import clip_loss
+from unilm_vl.losses.cosa import itc_loss
+from unilm_vl.losses.kosmos2 import masked_token_nll
+from unilm_vl.losses.negatives import negclip_loss
 from unilm_vl.criterions.clip import ClipCriterion, ClipCriterionConfig
 from unilm_vl.criterions.kosmos2_lm import Kosmos2LmCriterion, Kosmos2LmCriterionConfig
 from unilm_vl.models.clip import ClipConfig, ClipModel
@@ -71,13 +74,13 @@ def loss_cases():
     views_i, views_t = features(2, 32, 64, seed=1)
     scale = torch.tensor(100.0)  # CLIP's maximum: bf16 logits would step by 0.5 near it
     return {
-        "clip": lambda i, t: fn.clip_loss(i, t, scale, label_smoothing=0.1)["clip_loss"],
-        "cl2l": lambda i, t: fn.cl2l_loss(i, t, scale, views_i.to(i.dtype), views_t.to(i.dtype), scale,
-                                          label_smoothing=0.1)["clip_loss"],
-        "swalip": lambda i, t: fn.swalip_loss(views_i.to(i.dtype), views_t.to(i.dtype), torch.tensor(10.0)),
-        "barlow_twins": lambda i, t: fn.barlow_twins_loss(4 * i, 4 * t),
-        "cosa_itc": lambda i, t: functional_cosa.itc_loss(i, t, torch.tensor(0.07)),  # 1/0.07: like CLIP's scale
-        "negclip": lambda i, t: functional_negatives.negclip_loss(i, t, scale, t.roll(1, 0))["clip_loss"],
+        "clip": lambda i, t: clip_loss(i, t, scale, label_smoothing=0.1)["clip_loss"],
+        "cl2l": lambda i, t: rocket.cl2l_loss(i, t, scale, views_i.to(i.dtype), views_t.to(i.dtype), scale,
+                                              label_smoothing=0.1)["clip_loss"],
+        "swalip": lambda i, t: rocket.swalip_loss(views_i.to(i.dtype), views_t.to(i.dtype), torch.tensor(10.0)),
+        "barlow_twins": lambda i, t: rocket.barlow_twins_loss(4 * i, 4 * t),
+        "cosa_itc": lambda i, t: itc_loss(i, t, torch.tensor(0.07)),  # 1/0.07: like CLIP's scale
+        "negclip": lambda i, t: negclip_loss(i, t, scale, t.roll(1, 0))["clip_loss"],
     }, img, txt
 
 
@@ -98,9 +101,9 @@ def test_contrastive_losses_compute_in_fp32_under_bf16_autocast(name, input_dtyp
 
 def test_sinkhorn_exponentials_in_float64_under_autocast():
     scores = torch.randn(16, 8, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)
-    reference = fn.sinkhorn_knopp(scores)
+    reference = rocket.sinkhorn_knopp(scores)
     with bf16_autocast(), DtypeRecorder() as rec:
-        q = fn.sinkhorn_knopp(scores)
+        q = rocket.sinkhorn_knopp(scores)
     assert ("exp", torch.float64) in rec.seen and rec.low_precision() == []
     assert q.dtype == torch.float32
     torch.testing.assert_close(q, reference, atol=0, rtol=0)
@@ -113,7 +116,7 @@ def test_masked_token_nll_log_softmax_in_fp32_for_bf16_logits():
     target = torch.randint(0, 50, (2, 5), generator=g)
     mask = torch.rand(2, 5, generator=g) > 0.3
     with bf16_autocast(), DtypeRecorder() as rec:
-        nll = fn.masked_token_nll(logits, target, mask)
+        nll = masked_token_nll(logits, target, mask)
     assert nll.dtype == torch.float32 and ("log_softmax", torch.float32) in rec.seen
     expected = -torch.log_softmax(logits.double(), -1).gather(-1, target[..., None])[..., 0] * mask
     torch.testing.assert_close(nll.double(), expected, atol=1e-5, rtol=0)
@@ -138,7 +141,7 @@ def test_clip_criterion_under_bf16_autocast():
     assert loss.dtype == torch.float32 and sample_size == 1
     ce_inputs = [dtype for name, dtype in rec.seen if name == "cross_entropy(input)"]
     assert ce_inputs == [torch.float32, torch.float32]
-    same_features = fn.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])["clip_loss"]
+    same_features = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])["clip_loss"]
     assert loss.item() == pytest.approx(same_features.item(), abs=1e-5)
     assert loss.item() == pytest.approx(fp32_loss.item(), rel=3e-2)
     loss.backward()

@@ -1,5 +1,6 @@
-"""NegCLIP / FSC-CLIP loss maths against the reference's computed values (contrastive.md 2.4 and checks 6.2.7-11),
-NegCLIP == CLIP without negatives, and 2 gloo ranks x B == 1 rank x 2B (loss and gradients)."""
+"""NegCLIP / FSC-CLIP loss maths against values computed with the reference's ``src/training/losses/loss.py``
+(``ytaek-oh/fsc-clip``), NegCLIP == CLIP without negatives, and 2 gloo ranks x B == 1 rank x 2B (loss and
+gradients)."""
 import math
 import os
 
@@ -9,13 +10,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from unilm_vl.criterions import functional_negatives as fn
-from unilm_vl.criterions.functional import clip_loss
+from unilm_vl.losses import negatives as fn
+from unilm_vl.losses.clip import clip_loss
 
 ONE = torch.tensor(1.0)
 
 
-# ------------------------------------------------------------------------------------------------ SCR (check 7, 8)
+# ---------------------------------------------------------------------------------------------------------- SCR
 @pytest.mark.parametrize("gamma,eps,expected", [(0, None, 0.493812), (0, 0.02, 0.513812), (2, None, 0.074995),
                                                 (2, 0.02, 0.093976), (2, 0.0, 0.074995)])
 def test_scr_hand_case_keeps_the_missing_column_in_the_softmax(gamma, eps, expected):
@@ -60,7 +61,7 @@ def test_no_valid_negative_gives_zero_with_a_graph():
     assert (logits.grad == 0).all()
 
 
-# ------------------------------------------------------------------------------------- worked example (check 9, 10)
+# ----------------------------------------------------------------------------------------------- worked example
 IMG, TXT, NEG = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.8, 0.6]]), torch.tensor([[0.6, 0.8]])
 PATCHES = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]])
 POS_TOKENS = torch.tensor([[[3.0, 1.0], [1.0, 0.0], [0.0, 1.0]]])
@@ -325,6 +326,7 @@ def losses_and_grads(data, rank=0, world=1):
     out = {
         "negclip": fn.negclip_loss(img, txt, scale, neg, mask, rank, world)["clip_loss"],
         "negclip_local": fn.negclip_loss(img, txt, scale, neg, mask, rank, world, local_loss=True)["clip_loss"],
+        "negclip_query": fn.negclip_loss(img, txt, scale, neg, mask, rank, world, gradient="query")["clip_loss"],
         "negclip_masked": fn.negclip_loss(img, txt, scale, neg, mask, rank, world, mask_missing=True)["clip_loss"],
         "fsc": clip_loss(img, txt, scale, rank, world)["clip_loss"]
         + 0.5 * fn.global_hn_loss(img, txt, neg, mask, scale, 2.0, 0.02)
@@ -357,7 +359,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=W, join=True)
     two = torch.load(tmp_path / "dist.pt")
     one = losses_and_grads(global_batch())
-    for name in ("negclip", "negclip_local", "negclip_masked", "fsc"):
+    for name in ("negclip", "negclip_local", "negclip_query", "negclip_masked", "fsc"):
         assert two[name][0].item() == pytest.approx(one[name][0].item(), abs=1e-5), name
         for g2, g1 in zip(two[name][1], one[name][1]):
             torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-4, msg=name)
@@ -368,7 +370,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path):
 # (B, T, D, seed) per configuration; rank r holds samples r*B .. r*B + B - 1 of the global batch
 EMPTY_CONFIGS = [(3, 2, 4, 7), (2, 1, 5, 8)]
 NEGCLIP_MODES = {"default": {}, "local": {"local_loss": True}, "masked": {"mask_missing": True},
-                 "no_grad_gather": {"gather_with_grad": False}}
+                 "own": {"gradient": "own"}, "query": {"gradient": "query"}}
 
 
 def empty_batch(b, t, d, seed, scenario):
@@ -465,7 +467,7 @@ def test_negclip_two_ranks_without_any_negative_is_clip(empty_two_ranks, config)
     for mode in NEGCLIP_MODES:
         assert one[mode][0].item() == one["clip_" + mode][0].item(), mode
         assert two[mode][0].item() == pytest.approx(one[mode][0].item(), abs=1e-6), mode
-        if mode != "no_grad_gather":  # the gradient-free gather gives 1/W of the gradient (documented)
+        if mode != "own":  # the own-rows gather gives 1/W of the gradient (documented)
             for g2, g1 in zip(two[mode][1], one[mode][1]):
                 torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-5, msg=mode)
 
@@ -481,7 +483,7 @@ def test_negclip_two_ranks_one_without_negatives_equal_one_rank(empty_two_ranks,
     for mode in NEGCLIP_MODES:
         assert two[mode][0].item() == pytest.approx(one[mode][0].item(), abs=1e-6), mode
         assert abs(one[mode][0].item() - one["clip_" + mode][0].item()) > 1e-4, mode  # the negatives count
-        if mode != "no_grad_gather":
+        if mode != "own":
             for g2, g1 in zip(two[mode][1], one[mode][1]):
                 torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-5, msg=mode)
 

@@ -10,11 +10,11 @@ import torch
 
 from conftest import BIN, COLOURS, jpeg_bytes
 from test_train_e2e import model_state, run, train_args
-from unilm_vl.criterions import functional_negatives as fn
 from unilm_vl.criterions.clip import ClipCriterion, ClipCriterionConfig
 from unilm_vl.criterions.fsc_clip import FscClipCriterion, FscClipCriterionConfig
 from unilm_vl.criterions.negclip import NegclipCriterion, NegclipCriterionConfig
 from unilm_vl.data.formats import WdsShardWriter
+from unilm_vl.losses import negatives as fn
 from unilm_vl.models.clip import ClipConfig, ClipModel
 
 TASK = SimpleNamespace(tokenizer=SimpleNamespace(pad_id=0))
@@ -99,10 +99,10 @@ def test_fsc_clip_without_negatives_logs_zero_hn_terms():
 def test_flag_errors():
     with pytest.raises(ValueError, match="--return-dense-tokens"):
         fsc_criterion(return_dense_tokens=False)
-    with pytest.raises(ValueError, match="--local-loss"):
-        fsc_criterion(local_loss=True, gather_with_grad=False)
-    with pytest.raises(ValueError, match="--local-loss"):
-        NegclipCriterion(NegclipCriterionConfig(local_loss=True, gather_with_grad=False), TASK)
+    with pytest.raises(ValueError, match="--gather-with-grad means --gather-gradient own, which contradicts"):
+        fsc_criterion(gather_with_grad=False, gather_gradient="query")
+    with pytest.raises(ValueError, match="--gather-with-grad means --gather-gradient query, which contradicts"):
+        NegclipCriterion(NegclipCriterionConfig(local_loss=True, gather_with_grad=False, gather_gradient="own"), TASK)
     with pytest.raises(ValueError, match="minmax"):
         fsc_criterion(sim_normalizer="softmax", sim_sparsify=True)
 

@@ -1,5 +1,5 @@
 """Criterion ``byolip``: SiamLIP whose targets come from an EMA momentum copy of the whole model (BYOLIP; Fini
-et al. 2023, reference clip-rocket ``--momentum``, notes contrastive.md 3.5).
+et al. 2023, reference ``facebookresearch/clip-rocket`` ``--momentum``, ``main.py``).
 
 Model: ``clip_rocket`` with ``--ssl-head siamlip --momentum`` (arch ``clip_rocket_byolip_*``). The momentum copy
 runs in train mode without gradient on the same inputs; its projector outputs are the targets ``v``. After every

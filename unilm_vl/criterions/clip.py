@@ -1,47 +1,36 @@
 """Criterion ``clip``: the symmetric InfoNCE loss of CLIP with open_clip's ``ClipLoss`` semantics.
 
-Features of all ranks are gathered (with gradient by default, so that 2 ranks x B give exactly the gradients of
-1 rank x 2B; see the table in :mod:`unilm_vl.criterions.functional`); ``--local-loss`` computes only the local
-rows against all columns. Validation uses each rank's local batch. ``sample_size`` is 1 per rank: fairseq sums
-gradients over ranks and divides by the summed sample size, i.e. it averages the per-rank mean losses.
+Features of all ranks are gathered as ``--gather-gradient`` says (``full`` by default, so that 2 ranks x B give
+exactly the gradients of 1 rank x 2B; ``own`` is open_clip's default; table in :mod:`unilm_vl.losses.distributed`);
+``--local-loss`` computes only the local rows against all columns. Validation uses each rank's local batch.
+``sample_size`` is 1 per rank: fairseq sums gradients over ranks and divides by the summed sample size, i.e. it
+averages the per-rank mean losses. Maths: :func:`unilm_vl.losses.clip.clip_loss`.
 """
 
 from dataclasses import dataclass, field
 
-import torch
 from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
-from fairseq.dataclass import FairseqDataclass
 
-from . import functional
-
-
-def data_parallel_rank_world():
-    """(rank, world size) of the data-parallel group; (0, 1) when not distributed."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return 0, 1
-    from fairseq.distributed import utils as dist_utils
-
-    return dist_utils.get_data_parallel_rank(), dist_utils.get_data_parallel_world_size()
+from ..losses.clip import clip_loss, contrastive_accuracy
+from ..losses.distributed import data_parallel_rank_world
+from ._gathering import GatherConfig, resolve_gather_gradient
 
 
 @dataclass
-class ClipCriterionConfig(FairseqDataclass):
-    local_loss: bool = field(default=False, metadata={
-        "help": "compute logits of local rows against all gathered columns only (B x N instead of N x N)"})
-    gather_with_grad: bool = field(default=True, metadata={
-        "help": "gather features across ranks with gradient; without it a rank back-props only through its own "
-                "rows (open_clip's default; gradients are then 1/world_size of the full-batch ones)"})
+class ClipCriterionConfig(GatherConfig):
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of both cross-entropies"})
 
 
 class ContrastiveCriterion(FairseqCriterion):
     """Shared plumbing of the contrastive criteria (clip, clip_rocket family, negclip, fsc_clip, cosmos): the config
-    kept as ``self.cfg``, sample_size 1 per rank and :func:`reduce_contrastive_metrics`. Not registered itself."""
+    kept as ``self.cfg``, the resolved ``--gather-gradient`` as ``self.gather_gradient``, sample_size 1 per rank and
+    :func:`reduce_contrastive_metrics`. Not registered itself."""
 
     def __init__(self, cfg, task):
         super().__init__(task)
         self.cfg = cfg
+        self.gather_gradient = resolve_gather_gradient(cfg, type(self).__name__)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -57,9 +46,8 @@ class ClipCriterion(ContrastiveCriterion):
     def forward(self, model, sample, reduce=True):
         out = model(**sample["net_input"])
         rank, world = data_parallel_rank_world() if model.training else (0, 1)
-        losses = functional.clip_loss(out["image_features"], out["text_features"], out["logit_scale"], rank, world,
-                                      self.cfg.local_loss, self.cfg.gather_with_grad,
-                                      label_smoothing=self.cfg.label_smoothing)
+        losses = clip_loss(out["image_features"], out["text_features"], out["logit_scale"], rank, world,
+                           self.cfg.local_loss, self.gather_gradient, label_smoothing=self.cfg.label_smoothing)
         loss = sum(losses.values())
         return loss, 1, contrastive_logging_output(loss, losses, out, sample)
 
@@ -67,7 +55,7 @@ class ClipCriterion(ContrastiveCriterion):
 def contrastive_logging_output(loss, terms, out, sample) -> dict:
     """The logging output of a contrastive criterion (sample_size 1 per rank): the total, every loss term, the
     logit scale(s) and the in-batch retrieval accuracies (summed per sample for :func:`reduce_contrastive_metrics`)."""
-    acc = functional.contrastive_accuracy(out["image_features"], out["text_features"])
+    acc = contrastive_accuracy(out["image_features"], out["text_features"])
     bsz = sample["nsentences"]
     logging_output = {
         "loss": loss.detach().item(),

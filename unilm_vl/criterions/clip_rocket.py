@@ -1,5 +1,5 @@
 """Criterion ``clip_rocket``: the CL2L loss of the improved CLIP recipe (Fini et al. 2023, "Improved baselines for
-vision-language pre-training"; reference clip-rocket ``losses.py`` CL2LLoss, notes contrastive.md 3.4).
+vision-language pre-training"; reference ``facebookresearch/clip-rocket`` ``losses.py`` ``CL2LLoss``).
 
 Sample: the contrastive task with ``--num-augs A`` (global image/text plus A strong image and text views); the
 model is ``clip_rocket``. Loss: the global CLIP terms without label smoothing plus the mean over all A x A
@@ -7,9 +7,11 @@ model is ``clip_rocket``. Loss: the global CLIP terms without label smoothing pl
 ``(Lg + A Ll) / (1 + A)``, averaged over both directions and doubled with ``--loss-avg-or-sum sum``. Without views
 (validation) only the global terms remain. Logits are local rows against the gathered columns, as the reference.
 
-Gradient semantics (``--gather-gradient``): ``full`` (default) gathers with a differentiable all-gather so that
-rank-averaged gradients equal the 1-rank full-batch gradients; ``reference`` is clip-rocket's detached
-``all_gather`` without substituting the own slot (query-side-only gradients). ``sample_size`` is 1 per rank.
+Gradient semantics (``--gather-gradient``, table in :mod:`unilm_vl.losses.distributed`): ``full`` (default)
+gathers with a differentiable all-gather so that rank-averaged gradients equal the 1-rank full-batch gradients;
+``query`` is clip-rocket's detached ``all_gather`` without substituting the own slot (query-side-only gradients;
+clip-rocket skips the gather on one process, where it trains as ``full``); ``own`` substitutes the own slot.
+``sample_size`` is 1 per rank. Maths: :mod:`unilm_vl.losses.rocket`.
 
 The non-contrastive criteria ``siamlip``, ``byolip``, ``barlip`` and ``swalip`` subclass this one and add their
 term to the CL2L loss, as the reference does.
@@ -21,10 +23,10 @@ import torch
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
-from . import functional
-from .clip import ContrastiveCriterion, contrastive_logging_output, data_parallel_rank_world
-
-GATHER_GRADIENT_CHOICES = ChoiceEnum(["full", "reference"])
+from ..losses.distributed import GATHER_GRADIENTS, data_parallel_rank_world
+from ..losses.rocket import cl2l_loss
+from ._gathering import GATHER_GRADIENT_HELP
+from .clip import ContrastiveCriterion, contrastive_logging_output
 
 
 @dataclass
@@ -34,9 +36,9 @@ class ClipRocketCriterionConfig(FairseqDataclass):
                 "(CLIP-rocket recipe: 0.1, reference default and SwALIP: 0)"})
     loss_avg_or_sum: ChoiceEnum(["avg", "sum"]) = field(default="avg", metadata={
         "help": "avg: (L_img + L_txt) / 2; sum: L_img + L_txt (the CLIP-rocket recipe on YFCC15M)"})
-    gather_gradient: GATHER_GRADIENT_CHOICES = field(default="full", metadata={
-        "help": "full: differentiable gathers/all-reduces (rank-averaged gradients equal the 1-rank full-batch "
-                "ones); reference: clip-rocket's detached gathers (query-side-only gradients)"})
+    gather_gradient: ChoiceEnum([*GATHER_GRADIENTS, "reference"]) = field(default="full", metadata={
+        "help": GATHER_GRADIENT_HELP + "; an all-reduced statistic (BarLIP's C) keeps its own summand live under "
+                "own and query; reference: deprecated, use query"})
 
 
 @register_criterion("clip_rocket", dataclass=ClipRocketCriterionConfig)
@@ -48,10 +50,10 @@ class ClipRocketCriterion(ContrastiveCriterion):
     def forward(self, model, sample, reduce=True):
         out = model(**sample["net_input"])
         rank, world = data_parallel_rank_world() if model.training else (0, 1)
-        cl2l = functional.cl2l_loss(out["image_features"], out["text_features"], out["logit_scale"],
-                                    out.get("image_views"), out.get("text_views"), out.get("l2l_logit_scale"),
-                                    label_smoothing=self.cfg.label_smoothing, reduction=str(self.cfg.loss_avg_or_sum),
-                                    rank=rank, world_size=world, gradient=str(self.cfg.gather_gradient))
+        cl2l = cl2l_loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("image_views"),
+                         out.get("text_views"), out.get("l2l_logit_scale"), label_smoothing=self.cfg.label_smoothing,
+                         reduction=str(self.cfg.loss_avg_or_sum), rank=rank, world_size=world,
+                         gradient=self.gather_gradient)
         extra = self.extra_losses(out, rank, world)
         loss = cl2l["clip_loss"] + sum(extra.values())
         return loss, 1, contrastive_logging_output(loss, {**cl2l, **extra}, out, sample)

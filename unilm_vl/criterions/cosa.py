@@ -18,18 +18,20 @@ samples joined, see the model). Terms, each logged with its pass suffix (``itc_l
 
 The loss is the plain sum of the logged terms (ITM already weighted). ``sample_size`` is 1 per rank: fairseq sums
 the gradients over ranks and divides by the summed sample size, so the applied gradient is the mean over ranks
-(the release sums over ranks under ``--checkpointing``); with ``--itc-gather-gradient full`` the ITC gradient then
-equals that of one rank holding the whole global batch. ``--itc-gather-gradient reference`` detaches the gathered
-side at every world size, one process included, as the release (always under torch.distributed) does.
+(the release sums over ranks under ``--checkpointing``); with ``--gather-gradient full`` (default) the ITC gradient
+then equals that of one rank holding the whole global batch. ``--gather-gradient query`` detaches the gathered side
+at every world size, one process included, as the release (always under torch.distributed) does; ``own`` keeps the
+own rows live (table in :mod:`unilm_vl.losses.distributed`). Maths: :mod:`unilm_vl.losses.cosa`.
 """
 from dataclasses import dataclass, field
+from typing import Optional
 
 from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
-from ..modules.cosa import parse_cosa_tasks
-from . import functional_cosa
+from ..losses.cosa import itc_loss, itm_loss, parse_cosa_tasks, token_loss
+from ._gathering import GATHER_GRADIENT_CHOICES, GATHER_GRADIENT_HELP, resolve_gather_gradient
 
 LOSS_NAMES = {"mlm": "mlm_loss", "cap": "caption_loss", "qa": "vqa_loss"}
 
@@ -42,10 +44,10 @@ class CosaCriterionConfig(FairseqDataclass):
     itm_ratio: float = field(default=1.0, metadata={
         "help": "weight of the ITM terms (release: 1.0 pretraining, 0.1 retrieval finetuning)"})
     itc_label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of both ITC cross-entropies"})
-    itc_gather_gradient: ChoiceEnum(["full", "reference"]) = field(default="full", metadata={
-        "help": "full: differentiable gather of the ITC features (rank-averaged gradients equal the 1-rank "
-                "global-batch ones); reference: the release's detached gather (query-side-only gradients, at every "
-                "world size, one process included)"})
+    gather_gradient: GATHER_GRADIENT_CHOICES = field(default="full", metadata={
+        "help": GATHER_GRADIENT_HELP + " (the ITC features; query is the release's ddp_allgather)"})
+    itc_gather_gradient: Optional[ChoiceEnum(["full", "reference"])] = field(default=None, metadata={
+        "help": "deprecated: use --gather-gradient full|query (reference = query)"})
 
 
 @register_criterion("cosa", dataclass=CosaCriterionConfig)
@@ -54,6 +56,7 @@ class CosaCriterion(FairseqCriterion):
         super().__init__(task)
         self.cfg = cfg
         self.origin, self.concatenated = parse_cosa_tasks(cfg.cosa_tasks)
+        self.gather_gradient = resolve_gather_gradient(cfg, "cosa")
 
     def compute_losses(self, out) -> dict:
         """``{"<term>_loss_<origin|concatenated>": tensor}`` in task-string order (origin pass first)."""
@@ -62,15 +65,13 @@ class CosaCriterion(FairseqCriterion):
             res = out.get(suffix, {})
             for objective in objectives:
                 if objective == "ret":
-                    losses[f"itc_loss_{suffix}"] = functional_cosa.itc_loss(
+                    losses[f"itc_loss_{suffix}"] = itc_loss(
                         res["video_features"], res["text_features"], out["contra_temp"], out["rank"],
-                        out["world_size"], self.cfg.itc_label_smoothing, str(self.cfg.itc_gather_gradient),
-                        out.get("local_sizes"))
-                    losses[f"itm_loss_{suffix}"] = functional_cosa.itm_loss(res["itm_logits"], res["itm_labels"],
-                                                                            self.cfg.itm_ratio)
+                        out["world_size"], self.cfg.itc_label_smoothing, self.gather_gradient, out.get("local_sizes"))
+                    losses[f"itm_loss_{suffix}"] = itm_loss(res["itm_logits"], res["itm_labels"], self.cfg.itm_ratio)
                 else:
                     name = {"mlm": "mlm", "cap": "caption", "qa": "qa"}[objective]
-                    losses[f"{LOSS_NAMES[objective]}_{suffix}"] = functional_cosa.token_loss(
+                    losses[f"{LOSS_NAMES[objective]}_{suffix}"] = token_loss(
                         res[f"{name}_logits"], res[f"{name}_labels"])
         return losses
 

@@ -19,12 +19,12 @@ weighted, as the reference's loss dict; the total is their sum):
   token-level scores ``sigma(I, X) = logsumexp_t s <v_t, x_t>``, ``v_t`` the patches regrouped by detached min-max
   normalised token->patch similarities (``--sim-normalizer``, ``--sim-sparsify``); SOT and padding excluded.
 
-Maths: :mod:`unilm_vl.criterions.functional_negatives`. Reference quirks reproduced by default: missing negatives
+Maths: :mod:`unilm_vl.losses.negatives`. Reference quirks reproduced by default: missing negatives
 are logit-0 / score-0 columns kept in the softmax (``--mask-missing-negatives`` drops them); tied token->patch
 similarities give NaN (``--sim-eps`` > 0 fixes it). The reference gathers the CLIP term without gradient (ignoring
-its ``--gather-with-grad``: 1/W of the full-batch gradient); here the ``clip`` criterion's gradient-carrying
-gather is the default and passing ``--gather-with-grad`` (store-false) reproduces the reference.
-``--local-loss`` with the gradient-free gather is refused (the reference's broken mode). The HN terms are local.
+its ``--gather-with-grad``: 1/W of the full-batch gradient); here the ``clip`` criterion's ``--gather-gradient
+full`` is the default and ``--gather-gradient own`` reproduces the reference. The reference's ``--local-loss`` is
+broken (no label offset, no gradient through any slot); here it is exact in every mode. The HN terms are local.
 
 Numeric defaults are the README recipe values (argparse defaults of the reference in brackets): neg-loss-weight
 0.5 [1.0], local-neg-weight 0.2 [1.0], neg-loss-name focal_loss [cross_entropy], focal-gamma 2.0 [1.0],
@@ -38,9 +38,10 @@ import torch
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 
-from . import functional, functional_negatives
-from .clip import ClipCriterionConfig, ContrastiveCriterion, contrastive_logging_output, data_parallel_rank_world
-from .negclip import check_gather_mode
+from ..losses.clip import clip_loss
+from ..losses.distributed import data_parallel_rank_world
+from ..losses.negatives import dense_token_mask, fill_missing, global_hn_loss, local_hn_loss
+from .clip import ClipCriterionConfig, ContrastiveCriterion, contrastive_logging_output
 
 
 @dataclass
@@ -82,7 +83,6 @@ class FscClipCriterionConfig(ClipCriterionConfig):
 class FscClipCriterion(ContrastiveCriterion):
     def __init__(self, cfg: FscClipCriterionConfig, task):
         super().__init__(cfg, task)
-        check_gather_mode(cfg, "fsc_clip")
         if cfg.apply_local_neg_loss and not cfg.return_dense_tokens:
             raise ValueError("criterion fsc_clip: --apply-local-neg-loss needs --return-dense-tokens (the local loss "
                              "works on the projected patch and token outputs)")
@@ -97,17 +97,16 @@ class FscClipCriterion(ContrastiveCriterion):
         cfg, scale, neg_mask = self.cfg, out["logit_scale"], out["neg_mask"]
         losses = {}
         if cfg.apply_global_neg_loss:
-            negatives = functional_negatives.fill_missing(out["neg_text_features"], neg_mask)  # (T*B) x D
-            losses["clip_neg_loss"] = cfg.neg_loss_weight * functional_negatives.global_hn_loss(
+            negatives = fill_missing(out["neg_text_features"], neg_mask)  # (T*B) x D
+            losses["clip_neg_loss"] = cfg.neg_loss_weight * global_hn_loss(
                 out["image_features"], out["text_features"], negatives, neg_mask, scale, self.gamma,
                 cfg.neg_label_smoothing, cfg.mask_missing_negatives)
         if cfg.apply_local_neg_loss:
             neg_text = net_input["neg_text"]
-            neg_tokens = functional_negatives.fill_missing(out["neg_text_tokens"], neg_mask)  # (T*B) x L x D
-            losses["local_neg_loss"] = cfg.local_neg_weight * functional_negatives.local_hn_loss(
-                out["image_tokens"], out["text_tokens"],
-                functional_negatives.dense_token_mask(net_input["text"], self.pad_id), neg_tokens,
-                functional_negatives.dense_token_mask(neg_text, self.pad_id), neg_mask, scale, self.gamma,
+            neg_tokens = fill_missing(out["neg_text_tokens"], neg_mask)  # (T*B) x L x D
+            losses["local_neg_loss"] = cfg.local_neg_weight * local_hn_loss(
+                out["image_tokens"], out["text_tokens"], dense_token_mask(net_input["text"], self.pad_id), neg_tokens,
+                dense_token_mask(neg_text, self.pad_id), neg_mask, scale, self.gamma,
                 cfg.neg_label_smoothing, str(cfg.sim_normalizer), cfg.sim_sparsify, cfg.sim_eps,
                 cfg.mask_missing_negatives)
         return losses
@@ -118,9 +117,8 @@ class FscClipCriterion(ContrastiveCriterion):
         dense = has_negatives and self.cfg.apply_local_neg_loss
         out = model(**net_input, return_dense_tokens=dense)
         rank, world = data_parallel_rank_world() if model.training else (0, 1)
-        losses = functional.clip_loss(out["image_features"], out["text_features"], out["logit_scale"], rank, world,
-                                      self.cfg.local_loss, self.cfg.gather_with_grad,
-                                      label_smoothing=self.cfg.label_smoothing)
+        losses = clip_loss(out["image_features"], out["text_features"], out["logit_scale"], rank, world,
+                           self.cfg.local_loss, self.gather_gradient, label_smoothing=self.cfg.label_smoothing)
         if has_negatives:
             losses.update(self.hard_negative_losses(out, net_input))
         else:  # validation batches: the enabled HN terms are 0

@@ -1,6 +1,6 @@
 """Criterion ``kosmos2_lm``: token-mean negative log-likelihood of the caption tokens of Kosmos-2 (Peng et al.
-2023, "Kosmos-2: Grounding Multimodal Large Language Models to the World"; reference criterion ``unigpt``, notes
-kosmos2.md section 4).
+2023, "Kosmos-2: Grounding Multimodal Large Language Models to the World"; reference criterion ``unigpt``,
+``microsoft/unilm`` ``kosmos-2/unilm/criterions/unigpt.py``). Maths: :func:`unilm_vl.losses.kosmos2.masked_token_nll`.
 
 Sample: the ``kosmos2`` task's batch (``src_tokens``, ``image``, ``image_mask``, ``target``, ``loss_mask``). The
 loss is summed over the positions where ``loss_mask`` is set and the target is not padding: the caption tokens
@@ -19,7 +19,7 @@ from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
-from . import functional
+from ..losses.kosmos2 import masked_token_nll
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Kosmos2LmCriterion(FairseqCriterion):
         out = model(**sample["net_input"])
         target = sample["target"]
         mask = sample["loss_mask"] & target.ne(self.pad_id)
-        nll = functional.masked_token_nll(out["lm_logits"], target, mask)  # B x T
+        nll = masked_token_nll(out["lm_logits"], target, mask)  # B x T
         loss = nll.sum()
         sample_size = int(mask.sum())
         logging_output = {"loss": loss.detach().item(), "ntokens": sample["ntokens"],

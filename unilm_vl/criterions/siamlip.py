@@ -1,5 +1,5 @@
 """Criterion ``siamlip``: CL2L plus the SimSiam-style cross-modal loss of SiamLIP (Fini et al. 2023; reference
-clip-rocket ``losses.py`` SiamLIPLoss, notes contrastive.md 3.5).
+``facebookresearch/clip-rocket`` ``losses.py`` ``SiamLIPLoss``).
 
 Model: ``clip_rocket`` with ``--ssl-head siamlip`` (arch ``clip_rocket_siamlip_*``). With ``p`` the image->text and
 text->image predictor outputs and ``v`` the projector outputs of the other modality,
@@ -13,7 +13,7 @@ from typing import Dict
 import torch
 from fairseq.criterions import register_criterion
 
-from . import functional
+from ..losses.rocket import siamlip_loss
 from .clip_rocket import ClipRocketCriterionConfig, ClipRocketCriterion, require_outputs
 
 
@@ -31,6 +31,6 @@ class SiamlipCriterion(ClipRocketCriterion):
         t = self.target_prefix
         require_outputs(self.__class__.__name__, out, ["pred_image", "pred_text", f"{t}_image", f"{t}_text"],
                         self.hint)
-        return {"siamlip_loss": functional.siamlip_loss(
+        return {"siamlip_loss": siamlip_loss(
             out["pred_image"], out["pred_text"], out[f"{t}_image"], out[f"{t}_text"], out.get("pred_image_views"),
             out.get("pred_text_views"), out.get(f"{t}_image_views"), out.get(f"{t}_text_views"))}

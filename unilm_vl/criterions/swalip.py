@@ -1,6 +1,6 @@
 """Criterion ``swalip``: CL2L plus SwAV-style swapped prediction between view pairs, the other modality's gathered
-l2l embeddings acting as prototypes (SwALIP; Fini et al. 2023, reference clip-rocket ``losses.py`` SwALIPLoss,
-notes contrastive.md 3.5).
+l2l embeddings acting as prototypes (SwALIP; Fini et al. 2023, reference ``facebookresearch/clip-rocket``
+``losses.py`` ``SwALIPLoss``).
 
 Model: ``clip_rocket`` (arch ``clip_rocket_swalip_*``) trained with ``--num-augs`` >= 2. The targets of view pair
 (a, a') are Sinkhorn-Knopp assignments (``--sk-iters``, ``--target-epsilon``; sums all-reduced over ranks, so they
@@ -14,7 +14,7 @@ from typing import Dict
 import torch
 from fairseq.criterions import register_criterion
 
-from . import functional
+from ..losses.rocket import swalip_loss
 from .clip_rocket import ClipRocketCriterionConfig, ClipRocketCriterion
 
 
@@ -32,7 +32,6 @@ class SwalipCriterion(ClipRocketCriterion):
     def extra_losses(self, out: Dict[str, torch.Tensor], rank: int, world: int) -> Dict[str, torch.Tensor]:
         if "image_views" not in out:
             return {}
-        loss = functional.swalip_loss(out["image_views"], out["text_views"], out["l2l_logit_scale"],
-                                      iterations=self.cfg.sk_iters, epsilon=self.cfg.target_epsilon, rank=rank,
-                                      world_size=world, gradient=str(self.cfg.gather_gradient))
+        loss = swalip_loss(out["image_views"], out["text_views"], out["l2l_logit_scale"], iterations=self.cfg.sk_iters,
+                           epsilon=self.cfg.target_epsilon, rank=rank, world_size=world, gradient=self.gather_gradient)
         return {"swalip_loss": self.cfg.swalip_weight * loss}

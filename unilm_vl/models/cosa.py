@@ -32,10 +32,11 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
 
 from ..checkpoint import load_checkpoint_file
-from ..criterions.clip import data_parallel_rank_world
+from ..losses.cosa import parse_cosa_tasks
+from ..losses.distributed import data_parallel_rank_world
 from ..modules.cosa import (CosaBertConfig, CosaConfig, CosaModule, CosaVisionConfig, PassContext, causal_mask,
-                            concatenate_samples, draw_partners, gather_batch, paragraph_length, parse_cosa_tasks,
-                            prefix_causal_mask, resize_frame_embedding)
+                            concatenate_samples, draw_partners, gather_batch, paragraph_length, prefix_causal_mask,
+                            resize_frame_embedding)
 from ..modules.generation import SearchConfig, generate
 from .clip import set_default_arg
 

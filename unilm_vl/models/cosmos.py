@@ -25,7 +25,7 @@ from fairseq.models import BaseFairseqModel, register_model, register_model_arch
 from omegaconf import II
 
 from ..constants import CLIP_INIT_LOGIT_SCALE, CLIP_MAX_LOGIT_SCALE
-from ..criterions.functional_cosmos import teacher_momentum
+from ..losses.ema import teacher_momentum
 from ..modules.clip import ClipTowersConfig, tower_norm
 from ..modules.cosmos import CosmosConfig, CosmosModule, CosmosNet
 from .clip import set_default_arg

@@ -4,7 +4,7 @@ dense patch / token outputs the FSC-CLIP local loss needs (contrastive.md 2.2-2.
 
 Batch contract: ``neg_text`` (T*B) x L, type-major (row ``t*B + b`` = negative type t of sample b; missing ones are
 all-padding rows), ``neg_mask`` (T*B,) 0/1. Only the rows with ``neg_mask = 1`` are encoded; the criterion puts
-zeros where the others were (:func:`unilm_vl.criterions.functional_negatives.fill_missing`).
+zeros where the others were (:func:`unilm_vl.losses.negatives.fill_missing`).
 """
 from __future__ import annotations
 

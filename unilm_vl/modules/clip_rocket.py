@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..constants import CLIP_MAX_LOGIT_SCALE
+from ..losses.ema import ema_update_
 from .clip import ClipTowersConfig, build_open_clip
 
 
@@ -235,8 +236,6 @@ class ClipRocketModule(nn.Module):
         """BYOLIP: ``theta_m <- tau theta_m + (1 - tau) theta`` with the constant ``momentum_tau``."""
         if self.momentum_net is None:
             return
-        from ..criterions.functional import ema_update_  # the pure maths; imported here to keep modules fairseq-free
-
         online = self.online_parameters()
         target = list(self.momentum_net.named_parameters())
         if [n for n, _ in online] != [n for n, _ in target]:

@@ -37,10 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import load_checkpoint_file
+from ..losses.cosa import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------------------------------------------- configs
@@ -662,26 +661,3 @@ class PassContext:
         return mask_tokens(ids, prob, mask_id=self.mask_id, pad_id=self.pad_id, random_low=self.random_low,
                            random_high=self.random_high, protected_ids=(self.cls_id, self.sep_id) if protect_sep
                            else (self.cls_id,), generator=self.generator)
-
-
-# ------------------------------------------------------------------------------------------------ task strings
-ORIGIN_TASKS = ("ret", "mlm", "cap", "qa")
-CONCATENATED_TASKS = {"cret": "ret", "cmlm": "mlm", "ccap": "cap"}
-
-
-def parse_cosa_tasks(tasks: str) -> Tuple[List[str], List[str]]:
-    """Split a task string such as ``ret_cret_ccap_cmlm`` on ``_`` (reference 1.2) into the objectives of the origin
-    pass and of the concatenated pass (``cret``/``cmlm``/``ccap`` -> ``ret``/``mlm``/``cap``), in string order."""
-    origin: List[str] = []
-    concatenated: List[str] = []
-    for token in tasks.split("_"):
-        if token in CONCATENATED_TASKS:
-            concatenated.append(CONCATENATED_TASKS[token])
-        elif token in ORIGIN_TASKS:
-            origin.append(token)
-        else:
-            raise ValueError(f"unknown COSA task {token!r} in {tasks!r}; known: "
-                             f"{list(ORIGIN_TASKS) + list(CONCATENATED_TASKS)}")
-    if len(set(origin)) != len(origin) or len(set(concatenated)) != len(concatenated):
-        raise ValueError(f"repeated task in {tasks!r}")
-    return origin, concatenated

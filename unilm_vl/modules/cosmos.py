@@ -26,6 +26,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from ..constants import CLIP_INIT_LOGIT_SCALE, CLIP_MAX_LOGIT_SCALE
+from ..losses.ema import ema_update_
 from .clip import ClipTowersConfig, build_open_clip, tower_image_size
 
 
@@ -259,8 +260,6 @@ class CosmosModule(nn.Module):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """``theta_t <- m theta_t + (1 - m) theta_s`` over all parameters (buffers are not averaged)."""
-        from ..criterions.functional import ema_update_  # the pure maths; imported here to keep modules fairseq-free
-
         student = self.student_parameters()
         teacher = list(self.teacher.named_parameters())
         if [n for n, _ in student] != [n for n, _ in teacher]:

@@ -1,11 +1,12 @@
-"""Pure maths of COSMOS (Kim et al., CVPR 2025, "COSMOS: Cross-Modality Self-Distillation for Vision Language
-Pre-training"): tensors in, tensors out, rank and world size passed in. No fairseq import.
+"""COSMOS losses (Kim et al., CVPR 2025, "COSMOS: Cross-Modality Self-Distillation for Vision Language
+Pre-training"; reference ``ExplainableML/cosmos`` ``src/open_clip/loss.py`` ``COSMOSLoss``): tensors in, tensors
+out, rank and world size passed in. No fairseq import.
 
-Notation (contrastive.md 1.7): V image views (2 global crops first, then the local ones), K caption views (the
-global captions first), B local batch, D embedding width; all features L2-normalised.
+Notation: V image views (2 global crops first, then the local ones), K caption views (the global captions first),
+B local batch, D embedding width; all features L2-normalised.
 
 ``CLIP(S, T; s)`` is the mean over every (a in S, b in T) pair of the symmetric InfoNCE of open_clip's ``ClipLoss``
-(:func:`unilm_vl.criterions.functional.clip_loss`, same gather semantics). The COSMOS objective is::
+(:func:`unilm_vl.losses.clip.clip_loss`, same gathering). The COSMOS objective is::
 
     distill = 1/4 [CLIP(S_img, T_img) + CLIP(S_img, T_txt) + CLIP(S_txt, T_img) + CLIP(S_txt, T_txt)]
               with s = exp(distill_logit_scale), S_* = the student's cross-modal views, T_* = sg(teacher globals)
@@ -14,22 +15,21 @@ global captions first), B local batch, D embedding width; all features L2-normal
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Sequence
 
 import torch
 
-from .functional import clip_loss
+from .clip import clip_loss
 
 
 def multi_view_clip_loss(image_views: Sequence[torch.Tensor], text_views: Sequence[torch.Tensor],
                          logit_scale: torch.Tensor, rank: int = 0, world_size: int = 1, local_loss: bool = False,
-                         gather_with_grad: bool = True) -> torch.Tensor:
+                         gradient: str = "full") -> torch.Tensor:
     """The reference's ``ClipLoss`` over lists of views: the mean over all ``len(image_views) x len(text_views)``
     pairs of the symmetric InfoNCE between image view a and text view b (each B x D, rows aligned by sample)."""
     if len(image_views) == 0 or len(text_views) == 0:
         raise ValueError("multi_view_clip_loss needs at least one image view and one text view")
-    terms = [clip_loss(a, b, logit_scale, rank, world_size, local_loss, gather_with_grad)["clip_loss"]
+    terms = [clip_loss(a, b, logit_scale, rank, world_size, local_loss, gradient)["clip_loss"]
              for a in image_views for b in text_views]
     return torch.stack(terms).mean()
 
@@ -37,9 +37,9 @@ def multi_view_clip_loss(image_views: Sequence[torch.Tensor], text_views: Sequen
 def cosmos_loss(image_features: torch.Tensor, text_features: torch.Tensor, image_cross: torch.Tensor,
                 text_cross: torch.Tensor, teacher_image: torch.Tensor, teacher_text: torch.Tensor,
                 logit_scale: torch.Tensor, distill_logit_scale: torch.Tensor, num_global_crops: int = 2,
-                rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_with_grad: bool = True
+                rank: int = 0, world_size: int = 1, local_loss: bool = False, gradient: str = "full"
                 ) -> Dict[str, torch.Tensor]:
-    """COSMOS loss terms (contrastive.md 1.7); the total is their sum.
+    """COSMOS loss terms (reference ``COSMOSLoss``); the total is their sum.
 
     Args:
         image_features: V x B x D student pooled image features (global crops first).
@@ -50,12 +50,13 @@ def cosmos_loss(image_features: torch.Tensor, text_features: torch.Tensor, image
         teacher_text: G' x B x D teacher features of the global captions (detached here).
         logit_scale, distill_logit_scale: the two scales, already exponentiated.
         num_global_crops: the first this many image views enter the CLIP term (local crops stay out of it).
+        rank, world_size, local_loss, gradient: gathering, as :func:`unilm_vl.losses.clip.clip_loss`.
 
     Returns ``{"distill_loss", "clip_loss"}``.
     """
     if num_global_crops < 1 or num_global_crops > image_features.shape[0]:
         raise ValueError(f"num_global_crops={num_global_crops} must be in [1, {image_features.shape[0]}] image views")
-    opts = dict(rank=rank, world_size=world_size, local_loss=local_loss, gather_with_grad=gather_with_grad)
+    opts = dict(rank=rank, world_size=world_size, local_loss=local_loss, gradient=gradient)
     s_img, s_txt = list(image_cross.unbind(0)), list(text_cross.unbind(0))
     t_img, t_txt = list(teacher_image.detach().unbind(0)), list(teacher_text.detach().unbind(0))
     distill = 0.25 * (multi_view_clip_loss(s_img, t_img, distill_logit_scale, **opts)
@@ -65,23 +66,3 @@ def cosmos_loss(image_features: torch.Tensor, text_features: torch.Tensor, image
     clip = multi_view_clip_loss(list(image_features[:num_global_crops].unbind(0)), list(text_features.unbind(0)),
                                 logit_scale, **opts)
     return {"distill_loss": distill, "clip_loss": clip}
-
-
-# ------------------------------------------------------------------------------------------------- teacher EMA
-def cosine_momentum(step: int, base: float, total_steps: int) -> float:
-    """The reference's cosine momentum schedule without warm-up: ``1 + (1 + cos(pi step / T)) / 2 * (m0 - 1)``,
-    from ``m0`` at step 0 towards 1 at step T (steps past T stay at 1)."""
-    if total_steps <= 0:
-        raise ValueError(f"the cosine momentum schedule needs total_steps > 0, got {total_steps}")
-    step = min(step, total_steps)
-    return 1 + 0.5 * (1 + math.cos(math.pi * step / total_steps)) * (base - 1)
-
-
-def teacher_momentum(step: int, base: float, total_steps: int, schedule: str = "fixed") -> float:
-    """EMA rate of the teacher at update ``step`` (0-based): ``fixed`` (every released recipe) or ``cosine``."""
-    if schedule == "fixed":
-        return base
-    if schedule == "cosine":
-        return cosine_momentum(step, base, total_steps)
-    raise ValueError(f"momentum schedule must be 'fixed' or 'cosine', got {schedule!r}")
-

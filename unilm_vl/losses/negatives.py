@@ -17,7 +17,7 @@ Reference quirks and what these functions do (``mask_missing`` / ``sim_eps`` are
   over the patches.
 - NegCLIP on a batch where no sample of any rank has a valid negative: the reference appends no negative column
   (its text batch holds only the B positives) and computes plain CLIP; so does :func:`negclip_loss` (it returns
-  :func:`unilm_vl.criterions.functional.clip_loss`). When one rank has negatives and another has none, the
+  :func:`unilm_vl.losses.clip.clip_loss`). When one rank has negatives and another has none, the
   reference's ``all_gather`` receives text tensors of different sizes (B + T*B rows against B; with gloo the rank
   without negatives aborts on the size mismatch). Here the ranks gather their counts first, so that every rank
   takes the same branch: the empty rank contributes T*B zero columns, as a partially filled batch does.
@@ -32,7 +32,9 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .functional import clip_loss, full_precision, gather_features, gather_rows
+from .clip import clip_loss
+from .distributed import gather_features, gather_rows, scores_local_rows
+from .precision import full_precision
 
 
 def split_type_major(x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -68,30 +70,17 @@ def _negatives_anywhere(neg_text_features: Optional[torch.Tensor], neg_mask: Opt
         raise ValueError(f"neg_mask has {neg_mask.shape[0]} entries for {rows} negative rows")
     valid = rows if neg_mask is None or rows == 0 else int((neg_mask > 0).sum())
     counts = torch.tensor([[rows, valid]], dtype=torch.long, device=device)  # 1 x 2
-    counts = gather_rows(counts, rank, world_size, "reference").tolist()  # W x 2
+    counts = gather_rows(counts, rank, world_size, "query").tolist()  # W x 2
     if len({r for r, _ in counts}) > 1:
         raise ValueError(f"negative rows per rank {[r for r, _ in counts]}: every rank must hold T*B rows with the "
                          "same T and B (zero rows where a negative is missing), or no rank any")
     return sum(v for _, v in counts) > 0
 
 
-def _gather_negatives(x: torch.Tensor, rank: int, world_size: int, local_loss: bool, gather_with_grad: bool
-                      ) -> torch.Tensor:
-    """All ranks' rows of ``x`` in rank order, with the same gradient semantics as :func:`gather_features`."""
-    if world_size == 1:
-        return x
-    if gather_with_grad:
-        return gather_rows(x, rank, world_size, "full")
-    gathered = list(gather_rows(x, rank, world_size, "reference").split(x.shape[0]))
-    if not local_loss:
-        gathered[rank] = x
-    return torch.cat(gathered, dim=0)
-
-
 @full_precision
 def negclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                  neg_text_features: Optional[torch.Tensor] = None, neg_mask: Optional[torch.Tensor] = None,
-                 rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_with_grad: bool = True,
+                 rank: int = 0, world_size: int = 1, local_loss: bool = False, gradient: str = "full",
                  label_smoothing: float = 0.0, mask_missing: bool = False) -> Dict[str, torch.Tensor]:
     """CLIP loss with hard-negative captions added to the image->text softmax (NegCLIP; reference ``ClipLoss``
     under ``--loss-name clip`` with negatives, ``ytaek-oh/fsc-clip`` ``src/training/losses/loss.py``).
@@ -101,29 +90,31 @@ def negclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     ``0.5 * [CE(image->text) + CE(text->image)]``. ``neg_text_features``: (T*B) x D, L2-normalised, zero rows for
     missing negatives (they stay in the softmax as logit-0 columns unless ``mask_missing``, as long as some rank
     has a valid negative). Without a valid negative on any rank (None, 0 rows, or ``neg_mask`` all 0 everywhere) it
-    returns :func:`unilm_vl.criterions.functional.clip_loss`, as the reference does: no zero column is appended.
-    That decision gathers the per-rank counts (every rank must call this function at every step). Gathering
-    follows :func:`gather_features`; with ``local_loss`` only the local rows are scored (B x (N + T*N)).
+    returns :func:`unilm_vl.losses.clip.clip_loss`, as the reference does: no zero column is appended.
+    That decision gathers the per-rank counts (every rank must call this function at every step). Positives and
+    negatives are gathered as :func:`unilm_vl.losses.distributed.gather_rows` with ``gradient``; with ``local_loss``
+    (on more than one rank) or ``gradient="query"`` only the local rows are scored (B x (N + T*N)), as in
+    :func:`unilm_vl.losses.clip.clip_loss`.
     """
     if not _negatives_anywhere(neg_text_features, neg_mask, rank, world_size, image_features.device):
-        return clip_loss(image_features, text_features, logit_scale, rank, world_size, local_loss, gather_with_grad,
+        return clip_loss(image_features, text_features, logit_scale, rank, world_size, local_loss, gradient,
                          label_smoothing=label_smoothing)
     image_features, text_features, scale = image_features.float(), text_features.float(), logit_scale.float()
-    all_image, all_text = gather_features(image_features, text_features, rank, world_size, local_loss,
-                                          gather_with_grad)
-    rows_image = image_features if (world_size > 1 and local_loss) else all_image
-    rows_text = text_features if (world_size > 1 and local_loss) else all_text
-    offset = image_features.shape[0] * rank if (world_size > 1 and local_loss) else 0
+    all_image, all_text = gather_features(image_features, text_features, rank, world_size, gradient)
+    local_rows = scores_local_rows(local_loss, world_size, gradient)
+    rows_image = image_features if local_rows else all_image
+    rows_text = text_features if local_rows else all_text
+    offset = image_features.shape[0] * rank if local_rows else 0
     labels = torch.arange(rows_image.shape[0], device=image_features.device) + offset
     columns = all_text  # N x D
     column_valid = None
     if neg_text_features is not None and neg_text_features.shape[0] > 0:  # this rank's T*B rows (zeros if none valid)
-        negatives = _gather_negatives(neg_text_features.float(), rank, world_size, local_loss, gather_with_grad)
+        negatives = gather_rows(neg_text_features.float(), rank, world_size, gradient)  # T*N x D
         columns = torch.cat([all_text, negatives], dim=0)  # (N + T*N) x D
         if mask_missing:
             if neg_mask is None:
                 raise ValueError("mask_missing needs neg_mask")
-            valid = gather_rows(neg_mask.to(torch.float32), rank, world_size, "reference") > 0  # T*N
+            valid = gather_rows(neg_mask.to(torch.float32), rank, world_size, "query") > 0  # T*N
             column_valid = torch.cat([valid.new_ones(all_text.shape[0]), valid])
     logits_per_image = scale * rows_image @ columns.T  # R x (N + T*N)
     if column_valid is not None:
