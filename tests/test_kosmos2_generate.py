@@ -713,11 +713,17 @@ def test_beam_rule_hf_reproduces_hf_generate(tmp_path):
 def test_beam_rule_reaches_the_generators(vocab):
     """--gen-beam-rule (fairseq-generate, the task's option) and --beam-rule (kosmos2_infer) set the search's rule;
     both default to fairseq's."""
-    from unilm_vl.kosmos2_infer import build_parser
+    from unilm_vl.inference.kosmos2 import preset_search_options
+    from unilm_vl.kosmos2_infer import build_parser, search_config
 
     gen_args = Namespace(beam=3, nbest=1, max_len_a=0, max_len_b=5, min_len=1, lenpen=1.0, sampling=False,
                          sampling_topk=-1, sampling_topp=-1.0, temperature=1.0, no_repeat_ngram_size=0)
     assert make_task(vocab).build_generator([], gen_args).search.beam_rule == "fairseq"
     assert make_task(vocab, gen_beam_rule="hf").build_generator([], gen_args).search.beam_rule == "hf"
-    assert build_parser().parse_args(["--checkpoint", "c.pt"]).beam_rule == "fairseq"
-    assert build_parser().parse_args(["--checkpoint", "c.pt", "--beam-rule", "hf"]).beam_rule == "hf"
+
+    def infer_rule(*argv):
+        args = build_parser().parse_args(["--checkpoint", "c.pt", *argv])
+        return search_config(args, preset_search_options(args.preset)).beam_rule
+
+    assert infer_rule() == "fairseq" and infer_rule("--beam-rule", "hf") == "hf"
+    assert infer_rule("--preset", "hf") == "hf" and infer_rule("--preset", "hf", "--beam-rule", "fairseq") == "fairseq"

@@ -11,6 +11,12 @@ Three levels, each built on the one before:
 - :func:`load_model`: a checkpoint -> ``(model, cfg, task)`` in eval mode (the ``eval`` modules, ``kosmos2_infer``;
   ``python -m unilm_vl.generate`` reads through :func:`fairseq_reads_safely`).
 
+HF directories are checkpoints too: wherever a path is read through :func:`load_fairseq_checkpoint` (so
+:func:`load_model` and :func:`fairseq_reads_safely`), a directory written by HF's ``save_pretrained`` of
+``Kosmos2ForConditionalGeneration`` and its processor (``config.json``, safetensors or ``pytorch_model.bin``,
+``sentencepiece.bpe.model``) is converted in memory into the checkpoint ``python -m unilm_vl.convert kosmos2
+--from-hf`` would write (:func:`read_hf_dir_state`).
+
 ``torch.load(path, weights_only=False)`` unpickles whatever the file holds, and unpickling may call any function
 the file names: a crafted ``.pt`` runs code as it loads. Every tool of this package reads a user-supplied
 ``.pt``/``.bin`` through :func:`load_checkpoint_file` (``python -m unilm_vl.convert``, ``export_open_clip``,
@@ -35,13 +41,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import pickle
 import re
 import zipfile
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 SAFE_GLOBALS = (argparse.Namespace,)
 """Classes allowed on top of torch's weights-only defaults: fairseq's legacy ``state["args"]``."""
@@ -107,15 +116,104 @@ def read_fairseq_state(path: str) -> Dict[str, Any]:
     return check_fairseq_state(load_checkpoint_file(path), path)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# HF directories (save_pretrained of Kosmos2ForConditionalGeneration and its processor)
+# ----------------------------------------------------------------------------------------------------------------
+HF_SPM_NAME = "sentencepiece.bpe.model"
+"""The sentencepiece model in an HF Kosmos-2 directory (the vocabulary file of HF's Kosmos-2 / XLM-R tokenizer)."""
+HF_PROCESSOR_CONFIG, HF_IMAGE_PROCESSOR_CONFIG = "processor_config.json", "preprocessor_config.json"
+HF_GENERATION_CONFIG, HF_TOKENIZER_CONFIG = "generation_config.json", "tokenizer_config.json"
+_PIL_BICUBIC = 3
+
+
+def is_hf_dir(path: str) -> bool:
+    """Whether ``path`` is a directory with a ``config.json`` (what ``save_pretrained`` writes); the model type
+    is checked when it is read (:func:`unilm_vl.convert.load_hf`)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def hf_generation_config(hf_dir: str) -> Dict[str, Any]:
+    """The ``generation_config.json`` of an HF directory (``{}`` without one): the decoding settings HF's
+    ``generate`` starts from (:func:`unilm_vl.inference.kosmos2.preset_search_options` reads them)."""
+    from .data.jsonio import read_json
+
+    path = os.path.join(hf_dir, HF_GENERATION_CONFIG)
+    return dict(read_json(path, "HF generation config")) if os.path.isfile(path) else {}
+
+
+def hf_tokenizer_config(hf_dir: str) -> Dict[str, Any]:
+    """The ``tokenizer_config.json`` of an HF directory (``{}`` without one); its ``clean_up_tokenization_spaces``
+    changes how HF decodes text (:func:`unilm_vl.inference.kosmos2.hf_text`)."""
+    from .data.jsonio import read_json
+
+    path = os.path.join(hf_dir, HF_TOKENIZER_CONFIG)
+    return dict(read_json(path, "HF tokenizer config")) if os.path.isfile(path) else {}
+
+
+def hf_image_view(hf_dir: str, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Optional[str]:
+    """The image view (``"squash"`` or ``"crop"``, :data:`unilm_vl.inference.kosmos2.IMAGE_VIEWS`) that the HF
+    directory's ``preprocessor_config.json`` (a ``CLIPImageProcessor``) describes, or None without one:
+    ``size = {height: S, width: S}`` is a squash to S x S, ``size = {shortest_edge: S}`` + centre crop S the crop
+    view; both bicubic, scaled by 1/255 and normalised. Settings our views do not reproduce (another resampling,
+    mean/std or size) are logged as a warning: decoding then sees other pixels than HF's processor gives."""
+    from .data.jsonio import read_json
+
+    path = os.path.join(hf_dir, HF_IMAGE_PROCESSOR_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    p = read_json(path, "HF image processor config")
+    size, crop = p.get("size") or {}, p.get("crop_size") or {}
+    view, problems = None, []
+    if size.get("height") == size.get("width") == image_size and (
+            not p.get("do_center_crop", True) or crop.get("height") == crop.get("width") == image_size):
+        view = "squash"
+    elif size.get("shortest_edge") == image_size and p.get("do_center_crop", True) and \
+            crop.get("height", image_size) == crop.get("width", image_size) == image_size:
+        view = "crop"
+    else:
+        problems.append(f"size {size} / crop {crop if p.get('do_center_crop', True) else None} (the model takes "
+                        f"{image_size} x {image_size})")
+    if p.get("resample", _PIL_BICUBIC) != _PIL_BICUBIC:
+        problems.append(f"resample {p.get('resample')} (ours: bicubic)")
+    if not p.get("do_resize", True) or not p.get("do_rescale", True) or not p.get("do_normalize", True):
+        problems.append("do_resize / do_rescale / do_normalize off")
+    if abs(float(p.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
+        problems.append(f"rescale_factor {p.get('rescale_factor')}")
+    for name, ours in (("image_mean", mean), ("image_std", std)):
+        theirs = p.get(name)
+        if theirs is not None and any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(theirs, ours)):
+            problems.append(f"{name} {theirs} (ours: {list(ours)})")
+    if problems:
+        logger.warning("%s: the image processor's %s differ from what decoding uses (%s view): images reach the "
+                       "model differently than through HF's processor", path, "; ".join(problems), view or "squash")
+    return view
+
+
+def read_hf_dir_state(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The fairseq checkpoint dict of the HF Kosmos-2 directory ``path`` (``save_pretrained`` of
+    ``Kosmos2ForConditionalGeneration`` and its processor), converted in memory by
+    :func:`unilm_vl.convert.hf_dir_checkpoint_state`: the vocabulary files and grid are those of the directory
+    unless ``overrides`` names ``spm_model`` / ``dict_path`` / ``location_bin_size``. Raises ``ValueError``
+    naming ``path`` for a directory that is not an HF model directory or not a convertible Kosmos-2."""
+    from .convert import hf_dir_checkpoint_state
+
+    if not is_hf_dir(path):
+        raise ValueError(f"{path} is a directory without config.json: a checkpoint is a .pt file or a directory "
+                         "written by HF's save_pretrained")
+    overrides = overrides or {}
+    return hf_dir_checkpoint_state(path, spm_model=overrides.get("spm_model"), dict_path=overrides.get("dict_path"),
+                                   location_bin_size=overrides.get("location_bin_size"))
+
+
 def load_fairseq_checkpoint(path: str, arg_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """A fairseq checkpoint read by :func:`read_fairseq_state` and prepared as fairseq's
-    ``checkpoint_utils.load_checkpoint_to_cpu`` prepares it (``cfg`` as an OmegaConf config with ``arg_overrides``
-    applied, old layouts upgraded), for ``load_model_ensemble_and_task([path], state=...)``."""
+    """A fairseq checkpoint read by :func:`read_fairseq_state` (a directory: :func:`read_hf_dir_state`) and
+    prepared as fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` prepares it (``cfg`` as an OmegaConf config
+    with ``arg_overrides`` applied, old layouts upgraded), for ``load_model_ensemble_and_task([path], state=...)``."""
     from fairseq import checkpoint_utils
     from fairseq.dataclass.utils import overwrite_args_by_name
     from omegaconf import OmegaConf
 
-    state = read_fairseq_state(path)
+    state = read_hf_dir_state(path, arg_overrides) if os.path.isdir(path) else read_fairseq_state(path)
     if state.get("args") is not None and arg_overrides:
         for name, value in arg_overrides.items():
             setattr(state["args"], name, value)
@@ -131,7 +229,8 @@ def load_model(path: str, overrides: Optional[Mapping[str, Any]] = None,
                device: str = "cpu") -> Tuple[Any, Any, Any]:
     """``(model, cfg, task)`` of the unilm_vl checkpoint at ``path``: the task and model that fairseq builds from
     its config (``overrides`` replace config fields by name, e.g. ``{"vision_pretrained": None}``), the weights
-    loaded, the model on ``device`` in eval mode.
+    loaded, the model on ``device`` in eval mode. ``path`` may also be an HF Kosmos-2 directory
+    (:func:`read_hf_dir_state`: converted on load, nothing written).
 
     The file is read by :func:`load_fairseq_checkpoint` (no code from it runs; a missing file, a file that is not
     a fairseq checkpoint and a sharded ``--fsdp2`` checkpoint raise naming it). A ``ValueError`` raised while

@@ -5,6 +5,7 @@ HF ``transformers/models/kosmos2/modeling_kosmos2.py``).
     python -m unilm_vl.convert kosmos2 --from-release kosmos-2.pt --out OURS.pt [--spm-model M --dict-path D]
     python -m unilm_vl.convert kosmos2 --to-hf --checkpoint OURS.pt --out HF_DIR
     python -m unilm_vl.convert kosmos2 --from-hf HF_DIR --out OURS.pt [--spm-model M --dict-path D]
+    python -m unilm_vl.convert kosmos2 --write-dict --spm-model sentencepiece.bpe.model --out dict.txt
 
 With ``--dict-path`` the written checkpoint's vocabulary must be that ``dict.txt`` plus the grounding tokens of
 ``--location-bin-size`` (default 32, the release's): a model with another number of token embeddings is refused
@@ -53,7 +54,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import logging
+import math
 import os
 import re
 import sys
@@ -62,7 +65,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpoint import load_checkpoint_file, read_fairseq_state
+from .checkpoint import HF_PROCESSOR_CONFIG, HF_SPM_NAME, is_hf_dir, load_checkpoint_file, read_fairseq_state
 from .data.grounding import DEFAULT_NUM_BINS, build_kosmos2_dictionary
 from .data.jsonio import read_json
 from .modules.kosmos2 import (Kosmos2Config, Kosmos2ConnectorConfig, Kosmos2DecoderConfig, Kosmos2VisionConfig,
@@ -133,13 +136,14 @@ def _square(value, what: str) -> int:
 
 
 def vision_geometry(cfg: Kosmos2VisionConfig) -> VisionGeometry:
-    """Sizes of the open_clip tower named by ``cfg.model_name``; raises for towers HF's vision model cannot
-    express (timm towers, LayerScale, no ln_pre, attentional pooling, ...)."""
+    """Sizes of the open_clip tower of ``cfg`` (its ``open_clip_config``, else the registry config named
+    ``cfg.model_name``); raises for towers HF's vision model cannot express (timm towers, LayerScale, no ln_pre,
+    attentional pooling, ...)."""
     import open_clip
 
     from .modules import clip  # noqa: F401  (registers our open_clip_configs/)
 
-    model_cfg = open_clip.get_model_config(cfg.model_name)
+    model_cfg = cfg.open_clip_config or open_clip.get_model_config(cfg.model_name)
     if model_cfg is None:
         raise ConversionError(f"unknown open_clip model {cfg.model_name!r}")
     vcfg = model_cfg.get("vision_cfg", {})
@@ -418,9 +422,36 @@ def hf_config_dict(cfg: Kosmos2Config) -> Dict[str, Any]:
                 tie_word_embeddings=True)
 
 
+def open_clip_vit_config(geometry: VisionGeometry) -> Dict[str, Any]:
+    """An open_clip model config (the layout of open_clip's ``model_configs/*.json``) whose plain ViT has exactly
+    ``geometry``, for a tower that no registry config has. Its text tower is a stub (no layers) that
+    :class:`~unilm_vl.modules.kosmos2.Kosmos2VisionTower` discards, as it discards every CLIP text tower.
+    Raises :class:`ConversionError` when open_clip's ViT cannot have the geometry (width not a multiple of the
+    heads, an MLP width that ``width * mlp_ratio`` does not give back)."""
+    if geometry.width % geometry.heads:
+        raise ConversionError(f"vision width {geometry.width} is not a multiple of its {geometry.heads} heads")
+    vision = dict(image_size=geometry.image_size, layers=geometry.layers, width=geometry.width,
+                  head_width=geometry.width // geometry.heads, mlp_ratio=geometry.mlp_dim / geometry.width,
+                  patch_size=geometry.patch_size)
+    if int(geometry.width * vision["mlp_ratio"]) != geometry.mlp_dim:
+        raise ConversionError(f"open_clip's ViT cannot have an MLP width of {geometry.mlp_dim} with width "
+                              f"{geometry.width} (it computes int(width * mlp_ratio))")
+    return dict(embed_dim=geometry.width, vision_cfg=vision,
+                text_cfg=dict(context_length=1, vocab_size=1, width=8, heads=1, layers=0))
+
+
+def open_clip_vit_name(geometry: VisionGeometry) -> str:
+    """The open_clip name under which :func:`open_clip_vit_config` of ``geometry`` is registered (one name per
+    geometry, so a registered name always means the same tower)."""
+    g = geometry
+    return (f"unilm-vl-kosmos2-vit-w{g.width}-l{g.layers}-h{g.heads}-m{g.mlp_dim}-p{g.patch_size}-"
+            f"s{g.image_size}")
+
+
 def find_open_clip_tower(geometry: VisionGeometry, prefer: Optional[str] = None) -> Kosmos2VisionConfig:
     """The open_clip registry name (``prefer`` first, then the registry in order) whose plain ViT has exactly this
-    geometry; raises when none does."""
+    geometry; when none does, a tower config carrying :func:`open_clip_vit_config` (built in memory, stored with
+    the checkpoints written from it: never written into the installed open_clip)."""
     import open_clip
 
     from .modules import clip  # noqa: F401
@@ -438,8 +469,16 @@ def find_open_clip_tower(geometry: VisionGeometry, prefer: Optional[str] = None)
                 return candidate
         except (ConversionError, KeyError, TypeError, ValueError):
             continue
-    raise ConversionError(f"no open_clip model config has the vision geometry {geometry}; add one to "
-                          "unilm_vl/modules/open_clip_configs/ and pass it with --vision-model")
+    if prefer:
+        raise ConversionError(f"open_clip model {prefer!r} does not have the vision geometry {geometry}")
+    model_cfg = open_clip_vit_config(geometry)
+    candidate = Kosmos2VisionConfig(model_name=open_clip_vit_name(geometry), pretrained=None,
+                                    force_quick_gelu=geometry.quick_gelu, open_clip_config=model_cfg)
+    if vision_geometry(candidate) != geometry:
+        raise ConversionError(f"no open_clip ViT config expresses the vision geometry {geometry}")
+    logger.info("no open_clip registry config has the vision geometry %s: using %s, built from it (stored with the "
+                "checkpoint)", geometry, candidate.model_name)
+    return candidate
 
 
 def config_from_hf(hf_config: Mapping[str, Any], vision_model: Optional[str] = None) -> Kosmos2Config:
@@ -535,6 +574,77 @@ def load_hf(hf_dir: str, vision_model: Optional[str] = None) -> Tuple[StateDict,
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# HF directories as checkpoints: save_pretrained of the model (+ its processor: sentencepiece model, image processor)
+# ----------------------------------------------------------------------------------------------------------------
+SPM_SPECIAL_PIECES = ("<unk>", "<s>", "</s>")
+"""Pieces 0, 1, 2 of a Kosmos-2 sentencepiece model: the fairseq index of every other piece is then its id + 1."""
+
+
+def check_spm_layout(spm_model: str) -> None:
+    """Raise :class:`ConversionError` unless the sentencepiece model numbers ``<unk> <s> </s>`` 0, 1, 2: the layout
+    in which a piece's fairseq index is its spm id + 1 (the release's ``dict.txt``) and HF's Kosmos-2 tokenizer
+    id (spm id + ``fairseq_offset`` 1), so both sides give the model the same ids."""
+    import sentencepiece
+
+    spm = sentencepiece.SentencePieceProcessor(model_file=spm_model)
+    found = tuple(spm.id_to_piece(i) for i in range(min(3, spm.get_piece_size())))
+    if found != SPM_SPECIAL_PIECES:
+        raise ConversionError(f"{spm_model}: pieces 0-2 are {found}, not {SPM_SPECIAL_PIECES}: its ids would not be "
+                              "the HF Kosmos-2 tokenizer's (spm id + 1)")
+
+
+def infer_location_bin_size(vocab_size: int, spm_model: Optional[str], dict_path: Optional[str], what: str) -> int:
+    """P of the P x P grid that makes ``vocab_size`` token embeddings the kosmos2 dictionary of ``dict_path`` (None:
+    derived from ``spm_model``): ``vocab_size`` = base dictionary + ``<mask>`` + 11 tags + P * P. Raises
+    :class:`ConversionError` naming the sizes when no P does."""
+    from .data.grounding import kosmos2_added_symbols
+
+    non_patch = len(kosmos2_added_symbols(1)) - 1
+    base = len(build_kosmos2_dictionary(dict_path, 1, spm_model)) - non_patch - 1
+    cells = vocab_size - base - non_patch
+    side = math.isqrt(cells) if cells > 0 else 0
+    if side < 1 or side * side != cells:
+        raise ConversionError(f"{what} has {vocab_size} token embeddings: {dict_path or spm_model} gives {base} "
+                              f"symbols + <mask> and {non_patch - 1} tags, which leaves {cells} for the patch "
+                              "tokens, not a square number: not this vocabulary's model")
+    return side
+
+
+def hf_dir_checkpoint_state(hf_dir: str, spm_model: Optional[str] = None, dict_path: Optional[str] = None,
+                            location_bin_size: Optional[int] = None, vision_model: Optional[str] = None,
+                            require_vocabulary: bool = True) -> Dict[str, Any]:
+    """The fairseq checkpoint dict (:func:`our_checkpoint_state`) of the HF Kosmos-2 directory ``hf_dir``, built in
+    memory: what :func:`unilm_vl.checkpoint.load_model` loads for a directory and ``convert --from-hf`` writes.
+
+    The vocabulary: ``spm_model`` or the directory's ``sentencepiece.bpe.model`` (its pieces 0-2 must be
+    ``<unk> <s> </s>``, :func:`check_spm_layout`), and ``dict_path`` or the dictionary derived from that model
+    (the released ``dict.txt`` for the released model). ``location_bin_size`` (P) defaults to the grid that the
+    model's token embeddings leave room for (:func:`infer_location_bin_size`; the processor's
+    ``num_patch_index_tokens``, when written, must be P * P). A tower geometry that open_clip's registry lacks is
+    built from the HF vision config (:func:`find_open_clip_tower`) and stored in the model config. Without a
+    sentencepiece model: ``ConversionError`` when ``require_vocabulary`` (loading needs one), else the task config
+    names none (P defaults to the release's 32)."""
+    state, cfg = load_hf(hf_dir, vision_model)
+    if spm_model is None and os.path.isfile(os.path.join(hf_dir, HF_SPM_NAME)):
+        spm_model = os.path.join(hf_dir, HF_SPM_NAME)
+    if spm_model is None and require_vocabulary:
+        raise ConversionError(f"{hf_dir} has no {HF_SPM_NAME} (save the model's processor there too; HF's "
+                              f"tokenizer.json alone is not read) and no sentencepiece model was given")
+    if spm_model is not None:
+        check_spm_layout(spm_model)
+    if location_bin_size is None:
+        location_bin_size = (infer_location_bin_size(cfg.decoder.vocab_size, spm_model, dict_path, hf_dir)
+                             if spm_model is not None or dict_path is not None else DEFAULT_NUM_BINS)
+    processor_path = os.path.join(hf_dir, HF_PROCESSOR_CONFIG)
+    if os.path.isfile(processor_path):
+        patch_tokens = read_json(processor_path, "HF processor config").get("num_patch_index_tokens")
+        if patch_tokens is not None and int(patch_tokens) != location_bin_size ** 2:
+            raise ConversionError(f"{processor_path}: num_patch_index_tokens {patch_tokens} is not "
+                                  f"{location_bin_size} x {location_bin_size}, the grid of the model's vocabulary")
+    return our_checkpoint_state(state, cfg, spm_model, dict_path, location_bin_size, what=hf_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Our fairseq checkpoints: state["model"] = {"net.<key>": tensor}, state["cfg"] = the fairseq config
 # ----------------------------------------------------------------------------------------------------------------
 def config_from_fairseq(model_cfg: Mapping[str, Any], vocab_size: int, pad_idx: int = FAIRSEQ_PAD) -> Kosmos2Config:
@@ -546,7 +656,9 @@ def config_from_fairseq(model_cfg: Mapping[str, Any], vocab_size: int, pad_idx: 
     m.update({k: v for k, v in model_cfg.items() if k in fields})
     return Kosmos2Config(
         vision=Kosmos2VisionConfig(model_name=m["vision_model"], pretrained=None,
-                                   force_quick_gelu=bool(m["vision_quick_gelu"])),
+                                   force_quick_gelu=bool(m["vision_quick_gelu"]),
+                                   open_clip_config=(json.loads(m["vision_config_json"])
+                                                     if m.get("vision_config_json") else None)),
         connector=Kosmos2ConnectorConfig(latent_query_num=m["latent_query_num"],
                                          attention_heads=m["connector_attention_heads"],
                                          attention_dropout=m["connector_attention_dropout"],
@@ -568,8 +680,10 @@ def fairseq_model_cfg(cfg: Kosmos2Config) -> Dict[str, Any]:
         raise ConversionError(f"fairseq dictionaries pad with id {FAIRSEQ_PAD}; this model pads with {d.pad_idx}")
     if d.layernorm_eps != 1e-5:
         raise ConversionError(f"the kosmos2 fairseq model has LayerNorm eps 1e-5; this one {d.layernorm_eps}")
+    vision_json = json.dumps(cfg.vision.open_clip_config) if cfg.vision.open_clip_config is not None else None
     return dict(vision_model=cfg.vision.model_name, vision_pretrained=None,
-                vision_quick_gelu=bool(cfg.vision.force_quick_gelu), train_vision=not cfg.freeze_vision,
+                vision_quick_gelu=bool(cfg.vision.force_quick_gelu), vision_config_json=vision_json,
+                train_vision=not cfg.freeze_vision,
                 latent_query_num=c.latent_query_num, connector_attention_heads=c.attention_heads,
                 connector_attention_dropout=c.attention_dropout,
                 connector_position_embedding=c.position_embedding, connector_locality_sigma=c.locality_sigma,
@@ -620,8 +734,9 @@ def our_checkpoint_state(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, 
                          what: str = "the converted model") -> Dict[str, Any]:
     """A fairseq checkpoint dict of the ``kosmos2`` model (``--task kosmos2``; ``spm_model``/``dict_path``/
     ``location_bin_size`` go into the task config, which needs them to load) holding ``state``, with no optimizer
-    state. With ``dict_path``, the token embedding must have one row per symbol of that vocabulary (else
-    :class:`ConversionError` naming ``what``, both sizes and the file)."""
+    state. With ``dict_path`` or ``spm_model`` (the dictionary then derived from it), the token embedding must have
+    one row per symbol of that vocabulary (else :class:`ConversionError` naming ``what``, both sizes and the
+    file)."""
     from fairseq.dataclass.configs import FairseqConfig
     from omegaconf import OmegaConf
 
@@ -629,8 +744,8 @@ def our_checkpoint_state(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, 
     from .tasks.kosmos2 import Kosmos2Config as Kosmos2TaskConfig
 
     check_state_dict(state, cfg, "our state dict")
-    if dict_path is not None:
-        check_vocabulary(cfg.decoder.vocab_size, dict_path, location_bin_size, what)
+    if dict_path is not None or spm_model is not None:
+        check_vocabulary(cfg.decoder.vocab_size, dict_path, location_bin_size, what, spm_model)
     model_cfg = Kosmos2ModelConfig(**fairseq_model_cfg(cfg))
     model_cfg._name = "kosmos2"
     task_cfg = Kosmos2TaskConfig(spm_model=spm_model, dict_path=dict_path, location_bin_size=location_bin_size,
@@ -655,14 +770,16 @@ def save_our_checkpoint(path: str, state: Mapping[str, torch.Tensor], cfg: Kosmo
     torch.save(checkpoint, path)
 
 
-def check_vocabulary(vocab_size: int, dict_path: str, location_bin_size: int, what: str) -> None:
+def check_vocabulary(vocab_size: int, dict_path: Optional[str], location_bin_size: int, what: str,
+                     spm_model: Optional[str] = None) -> None:
     """Raise :class:`ConversionError` unless ``vocab_size`` token embeddings are the kosmos2 dictionary of
-    ``dict_path`` and ``location_bin_size`` (message of :func:`unilm_vl.models.kosmos2.check_vocab_rows`)."""
+    ``dict_path`` (None: derived from ``spm_model``) and ``location_bin_size`` (message of
+    :func:`unilm_vl.models.kosmos2.check_vocab_rows`)."""
     from .models.kosmos2 import VocabularyMismatchError, check_vocab_rows
 
-    dictionary_size = len(build_kosmos2_dictionary(dict_path, location_bin_size))
+    dictionary_size = len(build_kosmos2_dictionary(dict_path, location_bin_size, spm_model))
     try:
-        check_vocab_rows(vocab_size, dictionary_size, dict_path, location_bin_size, what)
+        check_vocab_rows(vocab_size, dictionary_size, dict_path or spm_model, location_bin_size, what)
     except VocabularyMismatchError as exc:
         raise ConversionError(str(exc)) from None
 
@@ -689,16 +806,22 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--from-hf", metavar="HF_DIR", help="HF Kosmos-2 directory -> our checkpoint (--out)")
     mode.add_argument("--from-release", metavar="KOSMOS2_PT",
                       help="the released kosmos-2.pt (the 1.6B kosmos2_xl shape) -> our checkpoint (--out)")
-    k.add_argument("--checkpoint", help="our kosmos2 fairseq checkpoint (with --to-hf)")
-    k.add_argument("--out", required=True, help="output: an HF directory (--to-hf) or our checkpoint .pt")
+    mode.add_argument("--write-dict", action="store_true",
+                      help="write the fairseq dict.txt of --spm-model to --out (its pieces but <unk> <s> </s>, in id "
+                           "order, count 1: the released dict.txt for the released sentencepiece model)")
+    k.add_argument("--checkpoint", help="our kosmos2 fairseq checkpoint or an HF Kosmos-2 directory (with --to-hf)")
+    k.add_argument("--out", required=True,
+                   help="output: an HF directory (--to-hf), our checkpoint .pt, or dict.txt (--write-dict)")
     k.add_argument("--spm-model", default=None,
-                   help="sentencepiece model recorded in the written checkpoint's task config (needed to load it)")
+                   help="sentencepiece model recorded in the written checkpoint's task config (needed to load it; "
+                        "--from-hf: default the directory's sentencepiece.bpe.model when it has one)")
     k.add_argument("--dict-path", default=None,
-                   help="fairseq dict.txt recorded in the written checkpoint's task config (needed to load it); "
-                        "the model's vocabulary size is checked against it")
-    k.add_argument("--location-bin-size", type=int, default=DEFAULT_NUM_BINS,
-                   help="P of the P x P box grid recorded in the written checkpoint's task config (the released "
-                        "model: 32); with --dict-path, the vocabulary must be dict.txt + <mask> + 11 tags + P*P")
+                   help="fairseq dict.txt recorded in the written checkpoint's task config (default: derived from "
+                        "--spm-model when it is loaded); the model's vocabulary size is checked against it")
+    k.add_argument("--location-bin-size", type=int, default=None,
+                   help="P of the P x P box grid recorded in the written checkpoint's task config (default 32, the "
+                        "released model's; --from-hf with a vocabulary: the P the model's token embeddings leave "
+                        "room for); with a vocabulary, it must be dict.txt + <mask> + 11 tags + P*P")
     k.add_argument("--vision-model", default=None,
                    help="open_clip name for the vision tower with --from-hf (default: the first registry config "
                         "with the HF geometry)")
@@ -718,23 +841,37 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def convert_kosmos2(args: argparse.Namespace) -> None:
+    if args.write_dict:
+        if not args.spm_model:
+            raise ValueError("--write-dict needs --spm-model M")
+        from .data.tokenizers import write_fairseq_dict_from_spm
+
+        lines = write_fairseq_dict_from_spm(args.spm_model, args.out)
+        logger.info("wrote %s (%d pieces of %s)", args.out, lines, args.spm_model)
+        return
     if args.to_hf:
         if not args.checkpoint:
             raise ValueError("--to-hf needs --checkpoint OURS.pt")
-        state, cfg = load_our_checkpoint(args.checkpoint)
+        state, cfg = load_hf(args.checkpoint) if is_hf_dir(args.checkpoint) else load_our_checkpoint(args.checkpoint)
         save_hf(state, cfg, args.out)
         logger.info("wrote HF Kosmos2ForConditionalGeneration to %s", args.out)
         return
-    source = args.from_hf or args.from_release
     if args.from_hf:
-        state, cfg = load_hf(args.from_hf, args.vision_model)
+        checkpoint = hf_dir_checkpoint_state(args.from_hf, args.spm_model, args.dict_path, args.location_bin_size,
+                                             args.vision_model, require_vocabulary=False)
     else:
         state, cfg = load_release(args.from_release)
-    if args.dict_path is None:
-        logger.warning("no --dict-path: the vocabulary size (%d) is not checked and the written checkpoint needs "
-                       "--dict-path and --spm-model when it is loaded", cfg.decoder.vocab_size)
-    save_our_checkpoint(args.out, state, cfg, args.spm_model, args.dict_path, args.location_bin_size, what=source)
-    logger.info("wrote %s (%d tensors, vision tower %s)", args.out, len(state), cfg.vision.model_name)
+        checkpoint = our_checkpoint_state(state, cfg, args.spm_model, args.dict_path,
+                                          args.location_bin_size or DEFAULT_NUM_BINS, what=args.from_release)
+    task = checkpoint["cfg"]["task"]
+    if task["spm_model"] is None:
+        logger.warning("no --spm-model: the vocabulary size (%d) is not checked and the written checkpoint needs "
+                       "--spm-model (and --dict-path, or the dictionary derived from it) when it is loaded",
+                       len(checkpoint["model"]["net.decoder.embed_tokens.weight"]))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    torch.save(checkpoint, args.out)
+    logger.info("wrote %s (%d tensors, vision tower %s)", args.out, len(checkpoint["model"]),
+                checkpoint["cfg"]["model"]["vision_model"])
 
 
 if __name__ == "__main__":

@@ -3,17 +3,25 @@ prompt per line, with the entities parsed out and optionally drawn.
 
 ::
 
-    python -m unilm_vl.kosmos2_infer --checkpoint ckpt.pt [--input FILE|-] [--beam 1] [--beam-rule fairseq|hf]
-        [--no-repeat-ngram-size 3]
+    python -m unilm_vl.kosmos2_infer --checkpoint ckpt.pt|HF_DIR [--input FILE|-] [--preset release|hf]
+        [--beam 1] [--beam-rule fairseq|hf] [--no-repeat-ngram-size 3]
         [--max-len-b 500] [--sampling --sampling-topp 0.9 --temperature 0.7 --seed 0] [--batch-size 8]
         [--draw OUT_DIR] [--output out.jsonl] [--spm-model M --dict-path D] [--image-view squash|crop] [--cpu]
+
+``--checkpoint`` takes our ``kosmos2`` checkpoint or a directory written by HF's ``save_pretrained`` of
+``Kosmos2ForConditionalGeneration`` and its processor (converted on load: :mod:`unilm_vl.checkpoint`). Decoding
+starts from ``--preset`` (:func:`unilm_vl.inference.kosmos2.preset_search_options`): ``release`` (default; the
+released demo: greedy, no repeated trigram, 500 new tokens) or ``hf`` (HF's ``generate`` as HF's Kosmos-2 example
+calls it: greedy, 64 new tokens, the HF directory's ``generation_config.json``; HF's tokens on the same weights);
+the decoding flags given replace single settings.
 
 Input lines are ``image_path<TAB>prompt`` (the released scripts' literal ``<tab>`` also separates), e.g.
 ``snowman.png<TAB><grounding>An image of``; image paths are relative to the input file's directory (stdin: the
 current directory). With stdin a terminal, lines are read interactively. For each input (and each of ``--nbest``
 hypotheses) it prints the grounded text (prompt text + continuation), the clean text and the entities
 ``(phrase, (start, end), [boxes])`` of :func:`unilm_vl.data.grounding.parse_grounded_text`; ``--output`` writes the
-same as json lines, ``--draw`` a PNG per input with the boxes and phrases on the original image.
+same as json lines (with ``hf_text``, the text as HF's processor writes it), ``--draw`` a PNG per input with the
+boxes and phrases on the original image.
 
 Boxes are normalised to the model's view of the image: the whole image with the default ``--image-view squash``
 (as the released demo), the central square with ``crop`` (the training view); they are drawn on the original image
@@ -30,11 +38,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Iterator, Optional, Sequence, TextIO, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, TextIO, Tuple
 
 from unilm_vl.data.decode import load_image
 from unilm_vl.data.grounding import box_to_pixels
-from unilm_vl.inference.kosmos2 import IMAGE_VIEWS, Kosmos2Inference, parse_prompt_line, read_prompt_file
+from unilm_vl.inference.kosmos2 import (DECODING_PRESETS, IMAGE_VIEWS, Kosmos2Inference, parse_prompt_line,
+                                        read_prompt_file)
 from unilm_vl.logging_utils import setup_cli_logging
 from unilm_vl.modules.generation import BEAM_RULES, SearchConfig
 
@@ -47,30 +56,42 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unilm_vl.kosmos2_infer", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="kosmos2 fairseq checkpoint (.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="kosmos2 fairseq checkpoint (.pt) or HF Kosmos-2 directory (save_pretrained of the model and "
+                        "its processor)")
     p.add_argument("--input", default="-", help="file of image_path<TAB>prompt lines, or - for stdin")
     p.add_argument("--output", default=None, help="also write one json line per hypothesis to this file")
     p.add_argument("--draw", default=None, metavar="OUT_DIR", help="write a PNG per input with its boxes drawn")
     p.add_argument("--spm-model", default=None, help="override the checkpoint's sentencepiece model path")
-    p.add_argument("--dict-path", default=None, help="override the checkpoint's dict.txt path")
-    p.add_argument("--image-view", choices=IMAGE_VIEWS, default="squash",
-                   help="squash the image to S x S (released inference) or resize + centre-crop (training view)")
+    p.add_argument("--dict-path", default=None,
+                   help="override the checkpoint's dict.txt path (none: derived from the sentencepiece model)")
+    p.add_argument("--image-view", choices=IMAGE_VIEWS, default=None,
+                   help="squash the image to S x S (released inference) or resize + centre-crop (training view); "
+                        "default: an HF directory's image processor, else squash")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (file input)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
     p.add_argument("--fp16", action="store_true", help="run the model in half precision (CUDA)")
-    g = p.add_argument_group("decoding (fairseq's flags)")
-    g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
-    g.add_argument("--nbest", type=int, default=1, help="hypotheses printed per input")
-    g.add_argument("--max-len-a", type=float, default=0.0, help="max new tokens = a * prompt length + b")
-    g.add_argument("--max-len-b", type=int, default=500, help="max new tokens = a * prompt length + b")
-    g.add_argument("--min-len", type=int, default=1, help="minimum new tokens before </s>")
-    g.add_argument("--lenpen", type=float, default=1.0, help="score = sum log-prob / length ** lenpen")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=3,
-                   help="never repeat an n-gram of the prompt + output (3 as released; 0 = off)")
-    g.add_argument("--beam-rule", choices=BEAM_RULES, default="fairseq",
+    g = p.add_argument_group("decoding (fairseq's flags; unset ones take the --preset's value)")
+    g.add_argument("--preset", choices=DECODING_PRESETS, default="release",
+                   help="decoding settings to start from: release (the released demo: greedy, "
+                        "--no-repeat-ngram-size 3, --max-len-b 500, --min-len 1, fairseq's beam rule) or hf (HF's "
+                        "generate as its Kosmos-2 example calls it: greedy, 64 new tokens = --max-len-b 63, "
+                        "--min-len 0, --beam-rule hf, no_repeat_ngram_size of the HF directory's "
+                        "generation_config.json)")
+    g.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; preset: 1)")
+    g.add_argument("--nbest", type=int, default=None, help="hypotheses printed per input (preset: 1)")
+    g.add_argument("--max-len-a", type=float, default=None, help="max new tokens = a * prompt length + b (preset: 0)")
+    g.add_argument("--max-len-b", type=int, default=None,
+                   help="max new tokens = a * prompt length + b (preset: release 500, hf 63)")
+    g.add_argument("--min-len", type=int, default=None, help="minimum new tokens before </s> (preset: release 1, hf 0)")
+    g.add_argument("--lenpen", type=float, default=None, help="score = sum log-prob / length ** lenpen (preset: 1)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                   help="never repeat an n-gram of the prompt + output (0 = off; preset: release 3 as released, hf "
+                        "the HF directory's generation_config.json, else 0)")
+    g.add_argument("--beam-rule", choices=BEAM_RULES, default=None,
                    help="how beam search ends and ranks its hypotheses: fairseq's (</s> forced and scored at the "
-                        "length limit, as released) or HF transformers' generate (HF max_new_tokens = "
-                        "--max-len-b + 1); see unilm_vl.modules.generation")
+                        "length limit, as released; the release preset's) or HF transformers' generate (HF "
+                        "max_new_tokens = --max-len-b + 1; the hf preset's); see unilm_vl.modules.generation")
     g.add_argument("--sampling", action="store_true", help="sample instead of beam search")
     g.add_argument("--sampling-topk", type=int, default=-1, help="sample from the k most likely tokens")
     g.add_argument("--sampling-topp", type=float, default=-1.0, help="sample from the top-p nucleus")
@@ -122,20 +143,25 @@ def read_stdin() -> Iterator[Tuple[str, str]]:
             yield f"<stdin>:{number}", line
 
 
-def search_config(args) -> SearchConfig:
-    """The decoding options of the parsed command line."""
-    return SearchConfig(
-        beam=args.beam, nbest=args.nbest, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
-        min_len=args.min_len, lenpen=args.lenpen, sampling=args.sampling, sampling_topk=args.sampling_topk,
-        sampling_topp=args.sampling_topp, temperature=args.temperature,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, beam_rule=args.beam_rule)
+PRESET_FLAGS = ("beam", "nbest", "max_len_a", "max_len_b", "min_len", "lenpen", "no_repeat_ngram_size", "beam_rule")
+"""Decoding flags whose unset value (None) is the ``--preset``'s."""
+
+
+def search_config(args, preset: Dict[str, Any]) -> SearchConfig:
+    """The decoding options of the parsed command line: ``preset`` (SearchConfig fields) with the flags given."""
+    fields = {**preset, **{name: getattr(args, name) for name in PRESET_FLAGS if getattr(args, name) is not None}}
+    return SearchConfig(**{**fields, "sampling": args.sampling, "sampling_topk": args.sampling_topk,
+                           "sampling_topp": args.sampling_topp, "temperature": args.temperature})
 
 
 def load_engine(args) -> Kosmos2Inference:
-    """The decoding engine of the parsed command line's checkpoint and options."""
-    return Kosmos2Inference.from_checkpoint(args.checkpoint, search_config(args), image_view=args.image_view,
-                                            seed=args.seed, cpu=args.cpu, fp16=args.fp16,
-                                            spm_model=args.spm_model, dict_path=args.dict_path)
+    """The decoding engine of the parsed command line's checkpoint and options (the ``hf`` preset reads the HF
+    directory's generation config, so the search is set once the checkpoint is loaded)."""
+    engine = Kosmos2Inference.from_checkpoint(args.checkpoint, SearchConfig(), image_view=args.image_view,
+                                              seed=args.seed, cpu=args.cpu, fp16=args.fp16,
+                                              spm_model=args.spm_model, dict_path=args.dict_path)
+    engine.set_search(search_config(args, engine.preset(args.preset)))
+    return engine
 
 
 def format_record(record: dict) -> str:

@@ -94,8 +94,11 @@ def kosmos2_added_symbols(num_bins: int = DEFAULT_NUM_BINS) -> List[str]:
     return [MASK_TOKEN, *GROUNDING_SPECIALS, *(patch_index_token(k) for k in range(num_bins * num_bins))]
 
 
-def build_kosmos2_dictionary(dict_path: str, num_bins: int = DEFAULT_NUM_BINS):
+def build_kosmos2_dictionary(dict_path: Optional[str], num_bins: int = DEFAULT_NUM_BINS,
+                             spm_model_path: Optional[str] = None):
     """fairseq ``Dictionary`` of Kosmos-2: ``dict_path`` (the released ``dict.txt``) + :func:`kosmos2_added_symbols`.
+    Without ``dict_path`` the ``dict.txt`` part is derived from ``spm_model_path``
+    (:func:`unilm_vl.data.tokenizers.fairseq_dictionary_from_spm`, the released ``dict.txt`` for the released model).
 
     The dictionary is not padded to a multiple (the release trained with ``--required-batch-size-multiple 1``; any
     ``madeupwordNNNN`` padding would change the vocabulary size). With the released file and ``num_bins=32`` it has
@@ -103,18 +106,21 @@ def build_kosmos2_dictionary(dict_path: str, num_bins: int = DEFAULT_NUM_BINS):
     """
     from fairseq.data.dictionary import Dictionary
 
-    from unilm_vl.data.tokenizers import _require_file
+    from unilm_vl.data.tokenizers import _require_file, fairseq_dictionary_from_spm
 
-    dictionary = Dictionary.load(_require_file(dict_path, "fairseq dictionary"))
+    if dict_path is None and spm_model_path is not None:
+        dictionary = fairseq_dictionary_from_spm(spm_model_path)
+    else:
+        dictionary = Dictionary.load(_require_file(dict_path, "fairseq dictionary"))
     for symbol in kosmos2_added_symbols(num_bins):
         dictionary.add_symbol(symbol)
     return dictionary
 
 
-def build_kosmos2_tokenizer(spm_model_path: str, dict_path: str, num_bins: int = DEFAULT_NUM_BINS,
+def build_kosmos2_tokenizer(spm_model_path: str, dict_path: Optional[str], num_bins: int = DEFAULT_NUM_BINS,
                             context_length: Optional[int] = None):
     """:class:`~unilm_vl.data.tokenizers.SentencePieceDictTokenizer` over the same vocabulary as
-    :func:`build_kosmos2_dictionary`. Use ``encode(text, split_symbols=True)`` for text holding tags
+    :func:`build_kosmos2_dictionary` (``dict_path`` None: derived from the sentencepiece model). Use ``encode(text, split_symbols=True)`` for text holding tags
     (``"<grounding>An image of"`` -> ``[64012, 712, 1648, 9]``)."""
     from unilm_vl.data.tokenizers import SentencePieceDictTokenizer
 

@@ -177,21 +177,32 @@ class TextTokenizer(abc.ABC):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_fairseq_dict_from_spm(spm_path: str, out_path: str) -> int:
-    """Write a fairseq ``dict.txt`` (``<piece> 1`` per line) holding every piece of a sentencepiece model except its
-    control and unknown pieces (``<unk>``, ``<s>``, ``</s>``, ``<pad>``), in spm id order. Returns the line count.
-
-    With the default spm ids (``<unk>``=0, ``<s>``=1, ``</s>``=2) the fairseq index of a piece is its spm id + 1,
-    the layout of the Kosmos-2 ``dict.txt``.
-    """
+def spm_dictionary_pieces(spm_path: str) -> List[str]:
+    """The fairseq dictionary entries of a sentencepiece model: every piece except its control and unknown pieces
+    (``<unk>``, ``<s>``, ``</s>``, ``<pad>``), in spm id order. With the default spm ids (``<unk>``=0, ``<s>``=1,
+    ``</s>``=2) the fairseq index of a piece is then its spm id + 1 (fairseq's own ``<s> <pad> </s> <unk>`` come
+    first): the layout of the Kosmos-2 ``dict.txt`` (microsoft/unilm ``kosmos-2``), whose 63,997 lines are exactly
+    these pieces of its ``sentencepiece.bpe.model``, each with count 1 (tests/test_kosmos2_hf_dir.py compares the
+    files byte for byte), and the ``fairseq_offset = 1`` of HF's Kosmos-2 tokenizer."""
     import sentencepiece
 
     spm = sentencepiece.SentencePieceProcessor(model_file=_require_file(spm_path, "sentencepiece model"))
-    lines = [
-        f"{spm.id_to_piece(i)} 1\n"
-        for i in range(spm.get_piece_size())
-        if not (spm.is_control(i) or spm.is_unknown(i))
-    ]
+    return [spm.id_to_piece(i) for i in range(spm.get_piece_size()) if not (spm.is_control(i) or spm.is_unknown(i))]
+
+
+def fairseq_dictionary_from_spm(spm_path: str) -> Dictionary:
+    """The fairseq ``Dictionary`` that :func:`write_fairseq_dict_from_spm` writes for ``spm_path``, built in memory
+    (what ``Dictionary.load`` of that file returns)."""
+    dictionary = Dictionary()
+    for piece in spm_dictionary_pieces(spm_path):
+        dictionary.add_symbol(piece, n=1)
+    return dictionary
+
+
+def write_fairseq_dict_from_spm(spm_path: str, out_path: str) -> int:
+    """Write the fairseq ``dict.txt`` (``<piece> 1`` per line) of :func:`spm_dictionary_pieces`. Returns the line
+    count. For the released Kosmos-2 ``sentencepiece.bpe.model`` this is the released ``dict.txt``."""
+    lines = [f"{piece} 1\n" for piece in spm_dictionary_pieces(spm_path)]
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w", encoding="utf-8") as fh:
         fh.writelines(lines)
@@ -200,6 +211,7 @@ def write_fairseq_dict_from_spm(spm_path: str, out_path: str) -> int:
 
 class SentencePieceDictTokenizer(TextTokenizer):
     """Sentencepiece pieces mapped through a fairseq :class:`~fairseq.data.Dictionary` (the Kosmos-2 text side).
+    Without ``dict_path`` the dictionary is derived from the sentencepiece model (:func:`fairseq_dictionary_from_spm`).
 
     ``encode(text)`` = ``spm.encode(text, out_type=str)`` -> ``dictionary.index(piece)`` (``<unk>`` when absent).
     Begin/end/pad are fairseq's ``<s>`` (0), ``</s>`` (2) and ``<pad>`` (1). :meth:`add_symbols` appends special
@@ -213,17 +225,18 @@ class SentencePieceDictTokenizer(TextTokenizer):
 
     _lazy_attributes = ("_spm", "_dictionary", "_symbol_pattern")
 
-    def __init__(self, spm_model_path: str, dict_path: str, context_length: Optional[int] = None):
+    def __init__(self, spm_model_path: str, dict_path: Optional[str] = None, context_length: Optional[int] = None):
         super().__init__(context_length)
         self.spm_model_path = _require_file(spm_model_path, "sentencepiece model")
-        self.dict_path = _require_file(dict_path, "fairseq dictionary")
+        self.dict_path = _require_file(dict_path, "fairseq dictionary") if dict_path else None
         self._added_symbols: List[str] = []
 
     def _load(self) -> None:
         import sentencepiece
 
         self._spm = sentencepiece.SentencePieceProcessor(model_file=self.spm_model_path)
-        self._dictionary = Dictionary.load(self.dict_path)
+        self._dictionary = (Dictionary.load(self.dict_path) if self.dict_path
+                            else fairseq_dictionary_from_spm(self.spm_model_path))
         for symbol in self._added_symbols:
             self._dictionary.add_symbol(symbol)
         self._symbol_pattern = self._compile_symbol_pattern()

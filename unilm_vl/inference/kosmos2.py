@@ -16,20 +16,68 @@ Users: the ``kosmos2`` task's ``fairseq-generate`` path (``--prompts``, ``build_
 are passed in; nothing here imports a task.
 """
 import os
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from fairseq.data import FairseqDataset
 
-from ..checkpoint import load_model
+from ..checkpoint import hf_generation_config, hf_image_view, hf_tokenizer_config, is_hf_dir, load_model
 from ..data.decode import BadSample, load_image
-from ..data.grounding import IMAGE_END, parse_grounded_text
+from ..data.grounding import IMAGE_END, MASK_TOKEN, parse_grounded_text
+from ..data.tokenizers import SPM_SPACE
 from ..data.transforms import kosmos2_image_transform
 from ..modules.generation import SearchConfig, generate, left_pad
 
 IMAGE_VIEWS = ("squash", "crop")
 """The model's view of a generation image: squashed to S x S (the released inference; boxes cover the whole
 image) or resized + centre-cropped as in training (boxes refer to the central square)."""
+
+DECODING_PRESETS = ("release", "hf")
+"""Names of :func:`preset_search_options`."""
+
+HF_EXAMPLE_MAX_NEW_TOKENS = 64
+"""``max_new_tokens`` of the generation call in HF's Kosmos-2 example (``model.generate(..., use_cache=True,
+max_new_tokens=64)``, the docstring of ``Kosmos2ForConditionalGeneration.forward`` in transformers
+``models/kosmos2/modeling_kosmos2.py``)."""
+
+_HF_GREEDY_SETTINGS: Dict[str, Any] = {
+    "do_sample": False, "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0, "min_length": 0, "bad_words_ids": None, "force_words_ids": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "renormalize_logits": False, "constraints": None, "eos_token_id": 2}
+"""``generation_config.json`` settings (with HF's defaults) that would change HF's greedy tokens in ways the
+``"hf"`` preset does not reproduce; a directory that sets another value is refused by name."""
+
+
+def preset_search_options(preset: str, generation_config: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """:class:`~unilm_vl.modules.generation.SearchConfig` fields of a decoding preset (:data:`DECODING_PRESETS`):
+
+    - ``"release"``: the released demo and evaluation scripts (microsoft/unilm ``kosmos-2/demo/gradio_app.py``,
+      ``kosmos-2/evaluation/*.sh``): greedy, ``no_repeat_ngram_size`` 3, at most 500 new tokens (the release
+      counts its 71 prompt tokens in that budget; we do not), fairseq's length rule, at least 1 token.
+    - ``"hf"``: HF transformers' ``generate`` as HF's Kosmos-2 example calls it (greedy, ``max_new_tokens=64``,
+      :data:`HF_EXAMPLE_MAX_NEW_TOKENS`): at most 64 new tokens, the last one the model's choice (HF's length rule,
+      ``max_len_b`` 63), ``</s>`` allowed from the first step, and the ``no_repeat_ngram_size`` and
+      ``min_new_tokens`` of the model directory's ``generation_config.json`` (``generation_config``; HF's defaults,
+      0, without one). A generation config whose other settings would change HF's greedy tokens (sampling,
+      beams, repetition penalty, ``min_length``, forced or banned tokens, another ``</s>``; see
+      :data:`_HF_GREEDY_SETTINGS`) raises ``ValueError`` naming them, rather than decoding differently from HF.
+    """
+    if preset == "release":
+        return dict(beam=1, nbest=1, max_len_a=0.0, max_len_b=500, min_len=1, lenpen=1.0, sampling=False,
+                    no_repeat_ngram_size=3, beam_rule="fairseq")
+    if preset != "hf":
+        raise ValueError(f"decoding preset must be one of {', '.join(DECODING_PRESETS)}, got {preset!r}")
+    gen = dict(generation_config or {})
+    other = [f"{key}={gen[key]!r}" for key, default in _HF_GREEDY_SETTINGS.items()
+             if gen.get(key, default) not in (default, [default]) and not (key == "min_length" and not gen[key])]
+    if other:
+        raise ValueError(f"generation_config.json sets {', '.join(other)}: the 'hf' preset reproduces HF's greedy "
+                         "generate without them; pass decoding options explicitly instead")
+    return dict(beam=1, nbest=1, max_len_a=0.0, max_len_b=HF_EXAMPLE_MAX_NEW_TOKENS - 1,
+                min_len=int(gen.get("min_new_tokens") or 0), lenpen=1.0, sampling=False,
+                no_repeat_ngram_size=int(gen.get("no_repeat_ngram_size") or 0), beam_rule="hf")
 
 
 # ---- prompts -------------------------------------------------------------------------------------------------------
@@ -147,14 +195,21 @@ class Kosmos2PromptDataset(FairseqDataset):
     def collater(self, samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         if not samples:
             return {}
-        L = self.num_image_tokens
-        masks = [[False, False] + [True] * L + [False] * (len(s["tokens"]) - L - 2) for s in samples]
-        src_tokens, image_mask = left_pad([s["tokens"] for s in samples], self.pad, masks)
-        return {"id": torch.tensor([s["id"] for s in samples], dtype=torch.long), "nsentences": len(samples),
-                "ntokens": sum(len(s["tokens"]) for s in samples),
-                "net_input": {"src_tokens": src_tokens, "image": torch.stack([s["image"] for s in samples]),
-                              "image_mask": image_mask},
-                "target": None}
+        return collate_prompts(samples, self.pad, self.num_image_tokens)
+
+
+def collate_prompts(samples: Sequence[Dict[str, Any]], pad_idx: int, num_image_tokens: int) -> Dict[str, Any]:
+    """A generation batch of ``{"id", "tokens", "image"}`` items (:func:`prompt_tokens`, one transformed image
+    each), LEFT-padded: ``{"id", "nsentences", "ntokens", "net_input": {"src_tokens" B x T, "image" B x 3 x S x S,
+    "image_mask" B x T}, "target": None}``."""
+    L = num_image_tokens
+    masks = [[False, False] + [True] * L + [False] * (len(s["tokens"]) - L - 2) for s in samples]
+    src_tokens, image_mask = left_pad([s["tokens"] for s in samples], pad_idx, masks)
+    return {"id": torch.tensor([s["id"] for s in samples], dtype=torch.long), "nsentences": len(samples),
+            "ntokens": sum(len(s["tokens"]) for s in samples),
+            "net_input": {"src_tokens": src_tokens, "image": torch.stack([s["image"] for s in samples]),
+                          "image_mask": image_mask},
+            "target": None}
 
 
 def build_prompt_dataset(lines: Sequence[PromptLine], tokenizer, num_image_tokens: int,
@@ -245,37 +300,84 @@ def grounded_string(dictionary, tokens) -> str:
     return dictionary.string(tokens, "sentencepiece")
 
 
+HF_SPACE_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                    (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+"""The replacements, in order, of HF tokenizers' ``clean_up_tokenization`` (applied when the tokenizer config sets
+``clean_up_tokenization_spaces``)."""
+
+
+def hf_text(dictionary, tokens, clean_up_spaces: bool = False) -> str:
+    """Token ids -> the text HF's Kosmos-2 pipeline gives for them: ``processor.batch_decode(ids,
+    skip_special_tokens=True)`` (pieces joined with ``▁`` as a space, tags verbatim, ``<s> </s> <pad> <unk> <mask>``
+    dropped; ``clean_up_spaces``: :data:`HF_SPACE_CLEANUP`), then ``post_process_generation(text,
+    cleanup_and_extract=False)``, which keeps what follows the last ``</image>``. Unlike :func:`grounded_string`
+    (the release's post-processing) nothing is stripped, so a prompt that starts with text gives a leading space
+    (``' two dogs'``), and ``<unk>`` is dropped instead of written."""
+    skip = {dictionary.bos(), dictionary.pad(), dictionary.eos(), dictionary.unk(), dictionary.index(MASK_TOKEN)}
+    text = "".join(dictionary[int(t)] for t in tokens if int(t) not in skip).replace(SPM_SPACE, " ")
+    if clean_up_spaces:
+        for old, new in HF_SPACE_CLEANUP:
+            text = text.replace(old, new)
+    return text.split(IMAGE_END)[-1]
+
+
 class Kosmos2Inference:
     """A loaded ``kosmos2`` model ready to decode :class:`PromptLine` s into records with the entities parsed out
-    (:meth:`run`). ``task`` is the task the checkpoint was loaded with; its ``tokenizer``, ``dictionary``,
-    ``cfg.image_token_length``, ``cfg.location_bin_size`` and image geometry (``image_size``, ``image_mean``,
-    ``image_std``) are read. :meth:`from_checkpoint` loads one through :func:`unilm_vl.checkpoint.load_model`."""
+    (:meth:`run`), or prompts with their transformed images (:meth:`decode`). ``task`` is the task the checkpoint
+    was loaded with; its ``tokenizer``, ``dictionary``, ``cfg.image_token_length``, ``cfg.location_bin_size`` and
+    image geometry (``image_size``, ``image_mean``, ``image_std``) are read. ``generation_config`` holds the
+    decoding settings of an HF directory's ``generation_config.json`` (for the ``"hf"`` preset),
+    ``clean_up_spaces`` its tokenizer's ``clean_up_tokenization_spaces`` (for :func:`hf_text`).
+    :meth:`from_checkpoint` loads one through :func:`unilm_vl.checkpoint.load_model`."""
 
     def __init__(self, model, task, search: SearchConfig, image_view: str = "squash", seed: int = 1,
-                 device: Optional[torch.device] = None):
-        self.model, self.task, self.search, self.view = model, task, search, image_view
+                 device: Optional[torch.device] = None, generation_config: Optional[Mapping[str, Any]] = None,
+                 clean_up_spaces: bool = False):
+        self.model, self.task, self.search, self.view, self.seed = model, task, search, image_view, seed
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.transform = generation_image_transform(task.image_size, task.image_mean, task.image_std, image_view)
         self.generator = Kosmos2Generator(search, task.dictionary, seed=seed)
+        self.generation_config = dict(generation_config or {})
+        self.clean_up_spaces = clean_up_spaces
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str, search: SearchConfig, image_view: str = "squash", seed: int = 1,
+    def from_checkpoint(cls, checkpoint: str, search: SearchConfig, image_view: Optional[str] = None, seed: int = 1,
                         cpu: bool = False, fp16: bool = False, spm_model: Optional[str] = None,
-                        dict_path: Optional[str] = None) -> "Kosmos2Inference":
-        """The engine of a ``kosmos2`` checkpoint on CUDA when available (unless ``cpu``), in half precision with
-        ``fp16``; ``spm_model`` / ``dict_path`` replace the vocabulary files the checkpoint names. The vision
-        tower's pretrained weights are not fetched (the checkpoint holds them). A vocabulary that does not fit the
-        checkpoint raises :class:`unilm_vl.models.kosmos2.VocabularyMismatchError` naming the checkpoint."""
+                        dict_path: Optional[str] = None, device: Optional[str] = None) -> "Kosmos2Inference":
+        """The engine of a ``kosmos2`` checkpoint (a ``.pt`` file or an HF Kosmos-2 directory, converted on load)
+        on ``device`` (default: CUDA when available, unless ``cpu``), in half precision with ``fp16``;
+        ``spm_model`` / ``dict_path`` replace the vocabulary files the checkpoint names. ``image_view`` None: the
+        view of an HF directory's image processor (:func:`unilm_vl.checkpoint.hf_image_view`), else
+        ``"squash"``. The vision tower's pretrained weights are not fetched (the checkpoint holds them). A
+        vocabulary that does not fit the checkpoint raises
+        :class:`unilm_vl.models.kosmos2.VocabularyMismatchError` naming the checkpoint."""
         overrides = {"vision_pretrained": None}  # the checkpoint holds the tower's weights
         if spm_model:
             overrides["spm_model"] = spm_model
         if dict_path:
             overrides["dict_path"] = dict_path
-        device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
         model, _, task = load_model(checkpoint, overrides, str(device))
         if fp16:
             model.half()
-        return cls(model, task, search, image_view, seed, device)
+        hf_dir = is_hf_dir(checkpoint)
+        if image_view is None:
+            image_view = (hf_dir and hf_image_view(checkpoint, task.image_size, task.image_mean, task.image_std)
+                          or "squash")
+        return cls(model, task, search, image_view, seed, torch.device(device),
+                   hf_generation_config(checkpoint) if hf_dir else None,
+                   bool(hf_tokenizer_config(checkpoint).get("clean_up_tokenization_spaces")) if hf_dir else False)
+
+    def set_search(self, search: SearchConfig) -> None:
+        """Decode with ``search`` from now on (the generator's sampling seed restarts)."""
+        self.search = search
+        self.generator = Kosmos2Generator(search, self.task.dictionary, seed=self.seed)
+
+    def preset(self, name: str) -> Dict[str, Any]:
+        """The :class:`SearchConfig` fields of decoding preset ``name`` for this model
+        (:func:`preset_search_options` with its HF generation config)."""
+        return preset_search_options(name, self.generation_config)
 
     @property
     def num_bins(self) -> int:
@@ -284,25 +386,41 @@ class Kosmos2Inference:
 
     def run(self, lines: Sequence[PromptLine]) -> List[dict]:
         """Decode parsed prompt lines together; one record per (input, hypothesis): ``where``, ``image``,
-        ``prompt``, ``rank``, ``text`` (prompt text + continuation), ``continuation``, ``clean_text``, ``entities``
-        (:func:`unilm_vl.data.grounding.parse_grounded_text`) and ``score``."""
-        tokenizer = self.task.tokenizer
-        dataset = build_prompt_dataset(lines, tokenizer, self.task.cfg.image_token_length, self.transform)
-        sample = dataset.collater([dataset[i] for i in range(len(dataset))])
+        ``prompt``, ``rank``, ``text`` (prompt text + continuation, as the release's fairseq post-processing writes
+        it), ``continuation``, ``clean_text``, ``entities`` (:func:`unilm_vl.data.grounding.parse_grounded_text`
+        of ``text``), ``score`` and ``hf_text`` (the same tokens as HF's processor writes them: :func:`hf_text`)."""
+        dataset = build_prompt_dataset(lines, self.task.tokenizer, self.task.cfg.image_token_length, self.transform)
+        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])  # B x 3 x S x S
+        results = self.decode([line.prompt for line in lines], images)
+        return [{"where": line.where, "image": line.image, "prompt": line.prompt, "rank": rank, **hypothesis}
+                for line, hypotheses in zip(lines, results) for rank, hypothesis in enumerate(hypotheses)]
+
+    def decode(self, prompts: Sequence[str], images: torch.Tensor,
+               search: Optional[SearchConfig] = None) -> List[List[dict]]:
+        """Decode ``prompts`` (texts such as ``"<grounding>An image of"``) with their images (B x 3 x S x S, already
+        transformed: :attr:`transform`) in one left-padded batch, with ``search`` (default: the engine's). Per
+        prompt, its hypotheses best first, each ``{"text", "continuation", "clean_text", "entities", "score",
+        "hf_text"}`` (see :meth:`run`)."""
+        tokenizer, d = self.task.tokenizer, self.task.dictionary
+        L = self.task.cfg.image_token_length
+        sample = collate_prompts([{"id": i, "tokens": prompt_tokens(tokenizer, L, p), "image": image}
+                                  for i, (p, image) in enumerate(zip(prompts, images))], d.pad(), L)
         net_input = sample["net_input"]
         net_input["src_tokens"] = net_input["src_tokens"].to(self.device)
         net_input["image_mask"] = net_input["image_mask"].to(self.device)
         net_input["image"] = net_input["image"].to(self.device)
+        generator = self.generator if search is None else Kosmos2Generator(search, d, seed=self.seed)
         with torch.no_grad():
-            hypos = self.generator.generate([self.model], sample)
-        records = []
-        d = self.task.dictionary
-        for line, sample_hypos in zip(lines, hypos):
-            prompt_len = len(tokenizer.encode(line.prompt, split_symbols=True))
-            for rank, h in enumerate(sample_hypos):
+            hypos = generator.generate([self.model], sample)
+        results = []
+        for prompt, sample_hypos in zip(prompts, hypos):
+            prompt_len = len(tokenizer.encode(prompt, split_symbols=True))
+            rows = []
+            for h in sample_hypos:
                 text = grounded_string(d, h["tokens"])
                 clean, entities = parse_grounded_text(text, self.num_bins)
-                records.append({"where": line.where, "image": line.image, "prompt": line.prompt, "rank": rank,
-                                "text": text, "continuation": grounded_string(d, h["tokens"][prompt_len:]),
-                                "clean_text": clean, "entities": entities, "score": float(h["score"])})
-        return records
+                rows.append({"text": text, "continuation": grounded_string(d, h["tokens"][prompt_len:]),
+                             "clean_text": clean, "entities": entities, "score": float(h["score"]),
+                             "hf_text": hf_text(d, h["tokens"], self.clean_up_spaces)})
+            results.append(rows)
+        return results

@@ -13,6 +13,7 @@ Archs: ``kosmos2_tiny`` (CPU: open_clip ``unilm-vl-clip-tiny`` tower at 64 px, 1
 ``kosmos2_base`` (ViT-B/16, 64 queries, 12 x 768), ``kosmos2_xl`` (the released 1.6B shape: ViT-L/14 at 224 with
 QuickGELU, 64 queries, 24 x 2048 sub-LN decoder, 32 heads, FFN 8192).
 """
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -35,6 +36,10 @@ class Kosmos2ModelConfig(FairseqDataclass):
         "help": "local path of open_clip weights for the image tower (no hub downloads)"})
     vision_quick_gelu: bool = field(default=False, metadata={
         "help": "QuickGELU in the image tower (OpenAI CLIP weights, the released model)"})
+    vision_config_json: Optional[str] = field(default=None, metadata={
+        "help": "open_clip model config (json: embed_dim, vision_cfg, text_cfg) registered as --vision-model before "
+                "the tower is built; set by convert / HF-directory loading for a tower geometry that open_clip's "
+                "registry lacks, so the checkpoint rebuilds it alone"})
     train_vision: bool = field(default=False, metadata={
         "help": "train the image tower too (default: frozen, no gradient, eval mode, as released)"})
     latent_query_num: int = field(default=64, metadata={
@@ -98,7 +103,9 @@ class Kosmos2Model(BaseFairseqModel):
         self.cfg = cfg
         self.net = Kosmos2Module(Kosmos2Config(
             vision=Kosmos2VisionConfig(model_name=cfg.vision_model, pretrained=cfg.vision_pretrained,
-                                       force_quick_gelu=cfg.vision_quick_gelu),
+                                       force_quick_gelu=cfg.vision_quick_gelu,
+                                       open_clip_config=(json.loads(cfg.vision_config_json)
+                                                         if cfg.vision_config_json else None)),
             connector=Kosmos2ConnectorConfig(latent_query_num=cfg.latent_query_num,
                                              attention_heads=cfg.connector_attention_heads,
                                              attention_dropout=cfg.connector_attention_dropout,

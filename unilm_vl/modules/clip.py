@@ -7,7 +7,9 @@ path only (no hub access at run time).
 from __future__ import annotations
 
 import functools
+import json
 import os
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple
@@ -33,6 +35,27 @@ class ClipTowersConfig:
     init_logit_scale: float = CLIP_INIT_LOGIT_SCALE
     max_logit_scale: float = CLIP_MAX_LOGIT_SCALE
     force_quick_gelu: bool = False
+
+
+def register_open_clip_config(name: str, model_cfg: Dict) -> None:
+    """Add ``model_cfg`` (an open_clip model config: ``embed_dim``, ``vision_cfg``, ``text_cfg``, the layout of
+    open_clip's ``model_configs/*.json``) to open_clip's registry under ``name``, so :func:`build_open_clip` and
+    ``open_clip.create_model`` build it. The config is written to a temporary file that open_clip reads once (its
+    registry keeps configs in memory), never into the installed package. Registering the same config again does
+    nothing; another config under a registered name raises ``ValueError``."""
+    known = open_clip.get_model_config(name)
+    if known is not None:
+        if known != json.loads(json.dumps(model_cfg)):
+            raise ValueError(f"open_clip model {name!r} is already registered with another config")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{name}.json")
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(model_cfg, fh)
+        open_clip.add_model_config(path)
+    if open_clip.get_model_config(name) is None:
+        raise ValueError(f"open_clip did not register {name!r}: a model config needs embed_dim, vision_cfg and "
+                         "text_cfg")
 
 
 def build_open_clip(cfg: ClipTowersConfig) -> nn.Module:

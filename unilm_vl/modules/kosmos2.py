@@ -39,7 +39,7 @@ from torchscale.architecture.config import DecoderConfig
 from torchscale.architecture.decoder import Decoder, DecoderLayer
 from torchscale.component.multihead_attention import MultiheadAttention
 
-from .clip import ClipTowersConfig, build_open_clip
+from .clip import ClipTowersConfig, build_open_clip, register_open_clip_config
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,6 +55,11 @@ class Kosmos2VisionConfig:
     """Local path of an open_clip checkpoint (the whole CLIP model; only the visual tower is kept), or None."""
     force_quick_gelu: bool = False
     """Use QuickGELU ``x * sigmoid(1.702 x)`` in the tower (True for OpenAI's ViT-L/14 weights)."""
+    open_clip_config: Optional[Dict[str, Any]] = None
+    """An open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) registered under ``model_name``
+    before the tower is built (:func:`unilm_vl.modules.clip.register_open_clip_config`): a tower geometry that
+    open_clip's registry lacks, e.g. one read from an HF Kosmos-2 config (:func:`unilm_vl.convert.config_from_hf`)
+    and stored with the checkpoint. None: ``model_name`` must be in the registry."""
 
 
 @dataclass
@@ -273,6 +278,8 @@ class Kosmos2VisionTower(nn.Module):
 
     def __init__(self, cfg: Kosmos2VisionConfig):
         super().__init__()
+        if cfg.open_clip_config is not None:
+            register_open_clip_config(cfg.model_name, cfg.open_clip_config)
         clip = build_open_clip(ClipTowersConfig(model_name=cfg.model_name, pretrained=cfg.pretrained,
                                                 force_quick_gelu=cfg.force_quick_gelu))
         self.visual = clip.visual
@@ -501,6 +508,10 @@ class Kosmos2Module(nn.Module):
         if image.dim() not in (4, 5) or image.size(0) != with_image:
             raise ValueError(f"image must be B_img x 3 x H x W or B_img x K x 3 x H x W with B_img = {with_image} "
                              f"(the rows whose image_mask marks slots), got {tuple(image.shape)}")
+        size = self.vision.image_size
+        if tuple(image.shape[-3:]) != (3, size, size):
+            raise ValueError(f"images must be 3 x {size} x {size} (the image tower's input), got "
+                             f"{' x '.join(map(str, image.shape[-3:]))}")
         expected = self.num_image_tokens * (image.size(1) if image.dim() == 5 else 1)
         bad = ((counts != expected) & (counts > 0)).nonzero().flatten().tolist()
         if bad:

@@ -58,7 +58,9 @@ class Kosmos2Config(StreamDataConfig):
     spm_model: Optional[str] = field(default=None, metadata={
         "help": "sentencepiece model (the released sentencepiece.bpe.model, or one from unilm_vl.data.build_vocab)"})
     dict_path: Optional[str] = field(default=None, metadata={
-        "help": "fairseq dict.txt matching --spm-model (index = sentencepiece id + 1)"})
+        "help": "fairseq dict.txt matching --spm-model (index = sentencepiece id + 1); default: derived from "
+                "--spm-model (its pieces but <unk> <s> </s>, in id order: the released dict.txt for the released "
+                "model; `python -m unilm_vl.convert kosmos2 --write-dict` writes it)"})
     location_bin_size: int = field(default=DEFAULT_NUM_BINS, metadata={
         "help": "P: boxes are coded on a P x P grid of <patch_index_k> tokens (the released checkpoint: 32)"})
     image_token_length: int = field(default=64, metadata={
@@ -99,9 +101,10 @@ class Kosmos2Task(StreamTaskBase):
 
     def __init__(self, cfg: Kosmos2Config):
         super().__init__(cfg)
-        if not cfg.spm_model or not cfg.dict_path:
-            raise ValueError("the kosmos2 task needs --spm-model and --dict-path (the released vocabulary files, "
-                             "or those written by `python -m unilm_vl.data.build_vocab`)")
+        if not cfg.spm_model:
+            raise ValueError("the kosmos2 task needs --spm-model (and --dict-path, or the dictionary is derived from "
+                             "it): the released vocabulary files, or those written by "
+                             "`python -m unilm_vl.data.build_vocab`")
         self.tokenizer = build_kosmos2_tokenizer(cfg.spm_model, cfg.dict_path, cfg.location_bin_size)
         self.dictionary = self.tokenizer.dictionary
 
