@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from two_ranks import run_ranks
 from cosa_testlib import CLS, MASK, PAD, SEP, VOCAB, random_batch, tiny_model
 from unilm_vl.losses import cosa as fc
 from unilm_vl.losses.distributed import gather_uneven_rows
@@ -283,8 +283,7 @@ def _local(sample, rank):
     return {"id": sample["id"][rows], "nsentences": B, "ntokens": int(net["text_mask"].sum()), "net_input": net}
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+def _worker(rank, out_dir):
     torch.set_num_threads(1)
     results = {}
     x_v, x_t = _itc_global()
@@ -334,14 +333,12 @@ def _worker(rank, init_file, out_dir):
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "cosa_dist.pt"))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cosa_dist")
-    # fork: the children inherit the imported modules (spawn re-imports fairseq, timm and transformers per rank)
-    mp.start_processes(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=W, join=True, start_method="fork")
+    run_ranks(_worker, (str(tmp),), world_size=W)
     return torch.load(tmp / "cosa_dist.pt")
 
 

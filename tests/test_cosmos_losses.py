@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from two_ranks import run_ranks
 from unilm_vl.losses import cosmos as fc
 from unilm_vl.losses.ema import cosine_momentum, teacher_momentum
 from unilm_vl.modules.clip import ClipTowersConfig
@@ -287,8 +287,7 @@ def loss_and_grads(xs, rank=0, world=1, local_loss=False, gradient="full"):
     return loss.detach(), [p.grad for p in params + [scale, distill_scale]]
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+def _worker(rank, out_dir):
     local = slice(rank * BL, (rank + 1) * BL)
     xs = [x[:, local] for x in _global_batch()]
     results = {}
@@ -302,13 +301,12 @@ def _worker(rank, init_file, out_dir):
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "dist.pt"))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist_cosmos")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=W, join=True)
+    run_ranks(_worker, (str(tmp),), world_size=W)
     return torch.load(tmp / "dist.pt")
 
 

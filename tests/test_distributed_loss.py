@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from two_ranks import run_ranks
 from unilm_vl.losses.clip import clip_loss
 from unilm_vl.losses.distributed import data_parallel_rank_world
 
@@ -36,8 +36,7 @@ def loss_and_grads(x_img, x_txt, rank=0, world=1, local_loss=False, gradient="fu
     return loss.detach(), [wi.grad, wt.grad, scale.grad]
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+def _worker(rank, out_dir):
     x_img, x_txt = global_batch()
     local = slice(rank * B, (rank + 1) * B)
     results = {}
@@ -58,13 +57,12 @@ def _worker(rank, init_file, out_dir):
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "dist.pt"))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=W, join=True)
+    run_ranks(_worker, (str(tmp),), world_size=W)
     return torch.load(tmp / "dist.pt")
 
 

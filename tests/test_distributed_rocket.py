@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from two_ranks import run_ranks
 from unilm_vl.losses import rocket as fn
 
 D_IN, D, B, W, A = 6, 4, 3, 2, 2
@@ -53,8 +53,7 @@ def loss_and_grads(name, x_img, x_txt, x_iv, x_tv, rank=0, world=1, gradient="fu
     return loss.detach(), grads
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+def _worker(rank, out_dir):
     x_img, x_txt, x_iv, x_tv = global_batch()
     local = slice(rank * B, (rank + 1) * B)
     results = {}
@@ -75,13 +74,12 @@ def _worker(rank, init_file, out_dir):
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "dist.pt"))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist_rocket")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=W, join=True)
+    run_ranks(_worker, (str(tmp),), world_size=W)
     return torch.load(tmp / "dist.pt")
 
 
@@ -125,7 +123,7 @@ def test_sinkhorn_with_all_reduced_sums_equals_concatenated_batch(two_rank_resul
     torch.testing.assert_close(two_rank_results["sinkhorn"], fn.sinkhorn_knopp(scores), atol=1e-6, rtol=1e-5)
 
 
-def _momentum_worker(rank, init_file, out_dir):
+def _momentum_worker(rank, out_dir):
     """Two ranks train the BYOLIP tiny model a few steps on different data, with DDP-style gradient averaging."""
     from argparse import Namespace
 
@@ -134,7 +132,6 @@ def _momentum_worker(rank, init_file, out_dir):
     from unilm_vl.criterions.byolip import ByolipCriterionConfig, ByolipCriterion
     from unilm_vl.models.clip_rocket import ClipRocketModel, ClipRocketModelConfig
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
     torch.manual_seed(0)  # same initial weights on both ranks, as DDP's broadcast gives
     args = Namespace(momentum_tau=0.5)
     ARCH_CONFIG_REGISTRY["clip_rocket_byolip_tiny"](args)
@@ -165,11 +162,10 @@ def _momentum_worker(rank, init_file, out_dir):
     if rank == 0:
         torch.save({"momentum": parts, "online": online}, os.path.join(out_dir, "momentum.pt"))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def test_momentum_copies_stay_identical_across_ranks(tmp_path):
-    mp.spawn(_momentum_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=W, join=True)
+    run_ranks(_momentum_worker, (str(tmp_path),), world_size=W)
     result = torch.load(tmp_path / "momentum.pt")
     rank0, rank1 = result["momentum"]
     torch.testing.assert_close(rank1, rank0, atol=0, rtol=0)

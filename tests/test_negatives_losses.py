@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from two_ranks import run_ranks
 from unilm_vl.losses import negatives as fn
 from unilm_vl.losses.clip import clip_loss
 
@@ -339,8 +339,7 @@ def losses_and_grads(data, rank=0, world=1):
     return results
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+def _worker(rank, out_dir):
     results = losses_and_grads(local_part(global_batch(), rank), rank, W)
     for loss, grads in results.values():
         dist.all_reduce(loss)
@@ -351,12 +350,11 @@ def _worker(rank, init_file, out_dir):
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "dist.pt"))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=W, join=True)
+    run_ranks(_worker, (str(tmp_path),), world_size=W)
     two = torch.load(tmp_path / "dist.pt")
     one = losses_and_grads(global_batch())
     for name in ("negclip", "negclip_local", "negclip_query", "negclip_masked", "fsc"):
@@ -412,8 +410,7 @@ def _identical(a, b):
     return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
 
-def _empty_worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+def _empty_worker(rank, out_dir):
     torch.set_num_threads(1)
     results = {}
     for config in EMPTY_CONFIGS:
@@ -445,14 +442,12 @@ def _empty_worker(rank, init_file, out_dir):
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "empty.pt"))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def empty_two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("negclip_empty")
-    # fork: the children inherit the imported modules instead of re-importing them
-    mp.start_processes(_empty_worker, args=(str(tmp / "init"), str(tmp)), nprocs=W, join=True, start_method="fork")
+    run_ranks(_empty_worker, (str(tmp),), world_size=W)
     return torch.load(tmp / "empty.pt")
 
 

@@ -3,11 +3,8 @@ criterion and :class:`unilm_vl.trainer.UnilmTrainer` up as ``fairseq_cli.train.m
 
 In-process runs cost the model build and the steps only (no interpreter start and fairseq import per run), so the
 precision tests can cover every family; the subprocess tests (``fairseq-train``, ``torchrun``) cover the CLI."""
-import multiprocessing
 import os
-import socket
-import traceback
-from typing import Callable, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -16,6 +13,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.logging import metrics
 
 from conftest import REPO
+from two_ranks import end_process_group, run_ranks  # noqa: F401  (re-exported for the tests)
 from unilm_vl.trainer import UnilmTrainer
 
 
@@ -48,18 +46,6 @@ def train_updates(trainer: UnilmTrainer, epoch_itr, num_updates: int) -> List[di
     return outputs
 
 
-def end_process_group() -> None:
-    """Destroy the 1-rank process group an in-process ``--fsdp2`` run made, and fairseq's cached handle on it
-    (``distributed.utils.get_global_group`` keeps the first group it sees), so the next run starts clean."""
-    import torch.distributed as dist
-    from fairseq.distributed import utils as distributed_utils
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if hasattr(distributed_utils.get_global_group, "_global_group"):
-        del distributed_utils.get_global_group._global_group
-
-
 def parameters(trainer: UnilmTrainer) -> dict:
     """The model's state (parameters, tied ones under each name, and buffers) as full CPU tensors by name; FSDP2's
     sharded ``DTensor``s are gathered."""
@@ -68,56 +54,6 @@ def parameters(trainer: UnilmTrainer) -> dict:
         t = t.full_tensor() if hasattr(t, "full_tensor") else t
         out[name] = t.detach().clone()
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, errors) -> None:
-    import torch.distributed as dist
-
-    try:
-        torch.set_num_threads(1)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size))
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        fn(rank, *args)
-        dist.barrier()
-    except BaseException:  # noqa: B902 - reported to the parent, which fails the test with it
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        end_process_group()
-
-
-def run_ranks(fn: Callable, args: tuple = (), world_size: int = 2, timeout: float = 300) -> None:
-    """Run ``fn(rank, *args)`` in ``world_size`` processes with a gloo group initialised; raises with the ranks'
-    tracebacks if one fails. ``fn`` (a module-level function) writes what the test compares to files.
-
-    The processes fork from a fork server that has imported this module (and with it fairseq and unilm_vl) once
-    per test session: a torchrun launch spends most of its time importing, and forking the test process itself
-    would copy the thread pools and process-group state earlier tests left in it."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    errors = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, errors)) for r in range(world_size)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout)
-    alive = [p for p in procs if p.is_alive()]
-    for proc in alive:
-        proc.kill()
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    if alive or any(p.exitcode != 0 for p in procs) or messages:
-        raise AssertionError(f"ranks failed (exit codes {[p.exitcode for p in procs]}, {len(alive)} hung):\n"
-                             + "\n".join(messages))
 
 
 def train_on_ranks(rank: int, argv: Sequence[str], num_updates: int, out: str) -> None:

@@ -1,0 +1,74 @@
+"""The one multi-rank test harness: run a function on 2 (or N) local gloo ranks.
+
+Processes fork from a fork server that has imported the harness modules (fairseq, torch, unilm_vl) once per test
+session: an interpreter per rank spends most of a two-rank test importing, and forking the test process itself would
+copy the thread pools and process-group state earlier tests left in it (a forked child can then block forever)."""
+import multiprocessing
+import os
+import socket
+import traceback
+from typing import Callable
+
+import torch
+
+
+def end_process_group() -> None:
+    """Destroy this process's default group and fairseq's cached handle on it (``get_global_group`` keeps the first
+    group it sees), so the next group starts clean."""
+    import torch.distributed as dist
+    from fairseq.distributed import utils as distributed_utils
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if hasattr(distributed_utils.get_global_group, "_global_group"):
+        del distributed_utils.get_global_group._global_group
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, errors) -> None:
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        fn(rank, *args)
+        dist.barrier()
+    except BaseException:  # noqa: B902 - reported to the parent, which fails the test with it
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        end_process_group()
+
+
+def run_ranks(fn: Callable, args: tuple = (), world_size: int = 2, timeout: float = 300) -> None:
+    """Run ``fn(rank, *args)`` in ``world_size`` processes with a gloo group initialised; raises with the ranks'
+    tracebacks if one fails. ``fn`` (a module-level function) writes what the test compares to files.
+
+    The processes fork from a fork server that has imported this module (and with it fairseq and unilm_vl) once
+    per test session: a torchrun launch spends most of its time importing, and forking the test process itself
+    would copy the thread pools and process-group state earlier tests left in it."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["trainer_harness"])
+    errors = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, errors)) for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout)
+    alive = [p for p in procs if p.is_alive()]
+    for proc in alive:
+        proc.kill()
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    if alive or any(p.exitcode != 0 for p in procs) or messages:
+        raise AssertionError(f"ranks failed (exit codes {[p.exitcode for p in procs]}, {len(alive)} hung):\n"
+                             + "\n".join(messages))
