@@ -412,9 +412,10 @@ def test_infer_cli_errors(checkpoint, tmp_path):
 def test_inference_engine_decodes_as_the_fairseq_generate_path(checkpoint):
     """Kosmos2Inference (kosmos2_infer and the grounding evaluations) gives the hypotheses of the task's own
     fairseq-generate path (prompt dataset + build_generator) on the same model, prompts and options."""
-    from unilm_vl.inference.kosmos2 import Kosmos2Inference, grounded_string
+    from unilm_vl.checkpoint import load_kosmos2_inference
+    from unilm_vl.inference.kosmos2 import grounded_string
 
-    engine = Kosmos2Inference.from_checkpoint(str(checkpoint.ckpt), SearchConfig(beam=2, nbest=2, max_len_b=6,
+    engine = load_kosmos2_inference(str(checkpoint.ckpt), SearchConfig(beam=2, nbest=2, max_len_b=6,
                                                                                  no_repeat_ngram_size=3), cpu=True)
     lines = read_prompt_file(str(checkpoint.prompts))
     records = engine.run(lines)

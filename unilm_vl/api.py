@@ -43,6 +43,7 @@ import torch
 
 from .data.decode import BadSample, load_image
 from .data.grounding import Entity, parse_grounded_text
+from .checkpoint import load_kosmos2_inference
 from .inference.kosmos2 import DECODING_PRESETS, Kosmos2Inference, preset_search_options
 from .modules.generation import SearchConfig
 
@@ -93,7 +94,7 @@ class Kosmos2Grounder:
         if not os.path.exists(path_or_hf_dir):
             raise FileNotFoundError(f"checkpoint not found: {path_or_hf_dir}")
         # the engine's own search settings are unused: ground() passes its decoding to each call
-        engine = Kosmos2Inference.from_checkpoint(path_or_hf_dir, SearchConfig(**preset_search_options("release")),
+        engine = load_kosmos2_inference(path_or_hf_dir, SearchConfig(**preset_search_options("release")),
                                                   image_view=image_view, seed=seed, fp16=fp16, spm_model=spm_model,
                                                   dict_path=dict_path, device=device)
         return cls(engine, batch_size)

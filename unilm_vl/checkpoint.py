@@ -39,63 +39,19 @@ torch is newer); a refused file then stops with torch's message instead of our o
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
-import pickle
-import re
-import zipfile
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
-import torch
+
+if TYPE_CHECKING:  # annotations only: inference/ is a floor below, imported where it is used
+    from .inference.kosmos2 import Kosmos2Inference
+    from .modules.generation import SearchConfig
 
 logger = logging.getLogger(__name__)
 
-SAFE_GLOBALS = (argparse.Namespace,)
-"""Classes allowed on top of torch's weights-only defaults: fairseq's legacy ``state["args"]``."""
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file that names globals the weights-only unpickler does not build (it could run code)."""
-
-
-def _unsafe_globals(path: str, message: str) -> List[str]:
-    """Every global of ``path`` that is not allowed (zip checkpoints: all of them; legacy files: the first one,
-    from torch's ``message``)."""
-    if zipfile.is_zipfile(path):
-        try:
-            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-                found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            if found:
-                return list(found)
-        except Exception:  # only the complete list is lost: torch's message below names the first global
-            pass
-    return re.findall(r"Unsupported global: GLOBAL (\S+)", message)
-
-
-def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
-    """``torch.load`` of a user-supplied file that runs no code from it (see the module docstring).
-
-    Raises ``FileNotFoundError`` naming a missing ``path``, :class:`UnsafeCheckpointError` (a ``ValueError``)
-    naming the file and the globals it would need, and ``ValueError`` for a file torch cannot read at all."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        names = _unsafe_globals(path, str(exc))
-        if names:
-            raise UnsafeCheckpointError(
-                f"{path}: refused: it needs the global(s) {', '.join(names)}, which loading without running code "
-                "(torch.load weights_only=True) does not build; checkpoints written by unilm_vl or fairseq-train "
-                "never need them") from None
-        reason = re.search(r"WeightsUnpickler error: (.*)", str(exc))
-        raise ValueError(f"{path}: not a readable torch checkpoint: "
-                         f"{reason.group(1) if reason else type(exc).__name__}") from exc
-    except Exception as exc:  # a truncated or foreign file fails in many ways; each is reported, chained
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+from .safe_load import SAFE_GLOBALS, UnsafeCheckpointError, load_checkpoint_file  # noqa: F401  (re-exported)
 
 
 def check_fairseq_state(state: Any, path: str) -> Dict[str, Any]:
@@ -281,3 +237,37 @@ def fairseq_reads_safely() -> Iterator[None]:
         yield
     finally:
         checkpoint_utils.load_checkpoint_to_cpu = original
+
+
+def load_kosmos2_inference(checkpoint: str, search: "SearchConfig", image_view: Optional[str] = None, seed: int = 1,
+                           cpu: bool = False, fp16: bool = False, spm_model: Optional[str] = None,
+                           dict_path: Optional[str] = None, device: Optional[str] = None) -> "Kosmos2Inference":
+    """The :class:`~unilm_vl.inference.kosmos2.Kosmos2Inference` engine of a ``kosmos2`` checkpoint (a ``.pt``
+    file or an HF Kosmos-2 directory, converted on load) on ``device`` (default: CUDA when available, unless
+    ``cpu``), in half precision with ``fp16``; ``spm_model`` / ``dict_path`` replace the vocabulary files the
+    checkpoint names. ``image_view`` None: the view of an HF directory's image processor (:func:`hf_image_view`),
+    else ``"squash"``. The vision tower's pretrained weights are not fetched (the checkpoint holds them). A
+    vocabulary that does not fit the checkpoint raises :class:`unilm_vl.models.kosmos2.VocabularyMismatchError`
+    naming the checkpoint."""
+    import torch
+
+    from .inference.kosmos2 import Kosmos2Inference
+
+    overrides = {"vision_pretrained": None}  # the checkpoint holds the tower's weights
+    if spm_model:
+        overrides["spm_model"] = spm_model
+    if dict_path:
+        overrides["dict_path"] = dict_path
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    model, _, task = load_model(checkpoint, overrides, str(device))
+    if fp16:
+        model.half()
+    hf_dir = is_hf_dir(checkpoint)
+    if image_view is None:
+        image_view = (hf_dir and hf_image_view(checkpoint, task.image_size, task.image_mean, task.image_std)
+                      or "squash")
+    generation_config = hf_generation_config(checkpoint) if hf_dir else None
+    clean_up_spaces = bool(hf_tokenizer_config(checkpoint).get("clean_up_tokenization_spaces")) if hf_dir else False
+    return Kosmos2Inference(model, task, search, image_view, seed, torch.device(device), generation_config,
+                            clean_up_spaces)

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import SAFE_GLOBALS
+from .safe_load import SAFE_GLOBALS
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def consolidated_state(checkpoint_path: str, with_optimizer: bool = True) -> Dic
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from .checkpoint import load_checkpoint_file
+    from .safe_load import load_checkpoint_file
 
     state = load_checkpoint_file(checkpoint_path)
     entry = state.get(SHARDED_KEY) if isinstance(state, dict) else None

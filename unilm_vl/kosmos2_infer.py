@@ -42,6 +42,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, TextIO, Tuple
 
 from unilm_vl.data.decode import load_image
 from unilm_vl.data.grounding import box_to_pixels
+from unilm_vl.checkpoint import load_kosmos2_inference
 from unilm_vl.inference.kosmos2 import (DECODING_PRESETS, IMAGE_VIEWS, Kosmos2Inference, parse_prompt_line,
                                         read_prompt_file)
 from unilm_vl.logging_utils import setup_cli_logging
@@ -157,7 +158,7 @@ def search_config(args, preset: Dict[str, Any]) -> SearchConfig:
 def load_engine(args) -> Kosmos2Inference:
     """The decoding engine of the parsed command line's checkpoint and options (the ``hf`` preset reads the HF
     directory's generation config, so the search is set once the checkpoint is loaded)."""
-    engine = Kosmos2Inference.from_checkpoint(args.checkpoint, SearchConfig(), image_view=args.image_view,
+    engine = load_kosmos2_inference(args.checkpoint, SearchConfig(), image_view=args.image_view,
                                               seed=args.seed, cpu=args.cpu, fp16=args.fp16,
                                               spm_model=args.spm_model, dict_path=args.dict_path)
     engine.set_search(search_config(args, engine.preset(args.preset)))

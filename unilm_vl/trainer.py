@@ -31,7 +31,7 @@ from fairseq import checkpoint_utils, optim
 from fairseq.trainer import Trainer
 
 from . import fsdp2
-from .checkpoint import SAFE_GLOBALS
+from .safe_load import SAFE_GLOBALS
 from .optim.open_clip_adamw import tag_parameter_names
 
 logger = logging.getLogger(__name__)

@@ -54,7 +54,8 @@ from unilm_vl.data.grounding import box_to_pixels, parse_grounded_text
 from unilm_vl.data.jsonio import parse_json, read_json
 from unilm_vl.eval.common import write_metrics
 from unilm_vl.eval.metrics import phrase_grounding_recall
-from unilm_vl.inference.kosmos2 import IMAGE_VIEWS, Kosmos2Inference, PromptLine
+from unilm_vl.checkpoint import load_kosmos2_inference
+from unilm_vl.inference.kosmos2 import IMAGE_VIEWS, PromptLine
 from unilm_vl.logging_utils import setup_cli_logging
 from unilm_vl.modules.generation import SearchConfig
 
@@ -340,7 +341,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, flickr_root: str, image_root
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     search = SearchConfig(beam=beam, max_len_b=max_len_b, no_repeat_ngram_size=no_repeat_ngram_size)
-    engine = Kosmos2Inference.from_checkpoint(checkpoint, search, image_view=image_view, cpu=cpu)
+    engine = load_kosmos2_inference(checkpoint, search, image_view=image_view, cpu=cpu)
     num_bins = engine.num_bins
     texts: List[str] = []
     out = open(save_generations, "w", encoding="utf-8") if save_generations else None

@@ -31,7 +31,8 @@ from unilm_vl.data.grounding import box_to_pixels
 from unilm_vl.data.jsonio import read_json
 from unilm_vl.eval.common import write_metrics
 from unilm_vl.eval.metrics import rec_accuracy, xywh_to_xyxy
-from unilm_vl.inference.kosmos2 import IMAGE_VIEWS, Kosmos2Inference, PromptLine
+from unilm_vl.checkpoint import load_kosmos2_inference
+from unilm_vl.inference.kosmos2 import IMAGE_VIEWS, PromptLine
 from unilm_vl.logging_utils import setup_cli_logging
 from unilm_vl.modules.generation import SearchConfig
 
@@ -92,7 +93,7 @@ def evaluate_refcoco(checkpoint: str, data: str, image_root: Optional[str] = Non
     """Generate for every expression and score; returns ``{"model": rec_accuracy(...), "centre_baseline": ...}``."""
     items = load_refexp(data, image_root, limit)
     search = SearchConfig(beam=beam, max_len_b=12, no_repeat_ngram_size=0)
-    engine = Kosmos2Inference.from_checkpoint(checkpoint, search, image_view=image_view, cpu=cpu)
+    engine = load_kosmos2_inference(checkpoint, search, image_view=image_view, cpu=cpu)
     predictions: Dict[Any, List[List[float]]] = {}
     out = open(generations, "w", encoding="utf-8") if generations else None
     try:

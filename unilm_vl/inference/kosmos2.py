@@ -21,7 +21,6 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
 import torch
 from fairseq.data import FairseqDataset
 
-from ..checkpoint import hf_generation_config, hf_image_view, hf_tokenizer_config, is_hf_dir, load_model
 from ..data.decode import BadSample, load_image
 from ..data.grounding import IMAGE_END, MASK_TOKEN, parse_grounded_text
 from ..data.tokenizers import SPM_SPACE
@@ -328,7 +327,7 @@ class Kosmos2Inference:
     image geometry (``image_size``, ``image_mean``, ``image_std``) are read. ``generation_config`` holds the
     decoding settings of an HF directory's ``generation_config.json`` (for the ``"hf"`` preset),
     ``clean_up_spaces`` its tokenizer's ``clean_up_tokenization_spaces`` (for :func:`hf_text`).
-    :meth:`from_checkpoint` loads one through :func:`unilm_vl.checkpoint.load_model`."""
+    :func:`unilm_vl.checkpoint.load_kosmos2_inference` loads one from a checkpoint."""
 
     def __init__(self, model, task, search: SearchConfig, image_view: str = "squash", seed: int = 1,
                  device: Optional[torch.device] = None, generation_config: Optional[Mapping[str, Any]] = None,
@@ -339,35 +338,6 @@ class Kosmos2Inference:
         self.generator = Kosmos2Generator(search, task.dictionary, seed=seed)
         self.generation_config = dict(generation_config or {})
         self.clean_up_spaces = clean_up_spaces
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str, search: SearchConfig, image_view: Optional[str] = None, seed: int = 1,
-                        cpu: bool = False, fp16: bool = False, spm_model: Optional[str] = None,
-                        dict_path: Optional[str] = None, device: Optional[str] = None) -> "Kosmos2Inference":
-        """The engine of a ``kosmos2`` checkpoint (a ``.pt`` file or an HF Kosmos-2 directory, converted on load)
-        on ``device`` (default: CUDA when available, unless ``cpu``), in half precision with ``fp16``;
-        ``spm_model`` / ``dict_path`` replace the vocabulary files the checkpoint names. ``image_view`` None: the
-        view of an HF directory's image processor (:func:`unilm_vl.checkpoint.hf_image_view`), else
-        ``"squash"``. The vision tower's pretrained weights are not fetched (the checkpoint holds them). A
-        vocabulary that does not fit the checkpoint raises
-        :class:`unilm_vl.models.kosmos2.VocabularyMismatchError` naming the checkpoint."""
-        overrides = {"vision_pretrained": None}  # the checkpoint holds the tower's weights
-        if spm_model:
-            overrides["spm_model"] = spm_model
-        if dict_path:
-            overrides["dict_path"] = dict_path
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
-        model, _, task = load_model(checkpoint, overrides, str(device))
-        if fp16:
-            model.half()
-        hf_dir = is_hf_dir(checkpoint)
-        if image_view is None:
-            image_view = (hf_dir and hf_image_view(checkpoint, task.image_size, task.image_mean, task.image_std)
-                          or "squash")
-        return cls(model, task, search, image_view, seed, torch.device(device),
-                   hf_generation_config(checkpoint) if hf_dir else None,
-                   bool(hf_tokenizer_config(checkpoint).get("clean_up_tokenization_spaces")) if hf_dir else False)
 
     def set_search(self, search: SearchConfig) -> None:
         """Decode with ``search`` from now on (the generator's sampling seed restarts)."""

@@ -31,7 +31,7 @@ import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
 
-from ..checkpoint import load_checkpoint_file
+from ..safe_load import load_checkpoint_file
 from ..losses.cosa import parse_cosa_tasks
 from ..losses.distributed import data_parallel_rank_world
 from ..modules.cosa import (CosaBertConfig, CosaConfig, CosaModule, CosaVisionConfig, PassContext, causal_mask,

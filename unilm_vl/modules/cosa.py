@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_checkpoint_file
+from ..safe_load import load_checkpoint_file
 from ..losses.cosa import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
