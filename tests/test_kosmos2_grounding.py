@@ -1,5 +1,7 @@
 """Kosmos-2 grounding: vocabulary ids from the release files, the box codec and the text parser, against the values
-of the reference notes (``shared/reference/kosmos2.md`` section 10, checks 1-7, 10, 12, 18-20)."""
+computed with the release (Peng et al. 2023; microsoft/unilm ``kosmos-2/unilm/tasks/gpt_base.py`` and
+``kosmos-2/unilm/data/utils.py`` for the vocabulary, ``kosmos-2/unilm/data/vl/obj_utils.py`` for the box codec,
+``kosmos-2/demo/decode_string.py`` for the parser) and with HF transformers ``models/kosmos2/processing_kosmos2.py``."""
 import os
 import pickle
 import random

@@ -1,5 +1,7 @@
-"""The Kosmos-2 network (unilm_vl/modules/kosmos2.py) at tiny size on CPU, against the reference spec's model checks
-(shared/reference/kosmos2.md section 10, checks 13-15 and 17)."""
+"""The Kosmos-2 network (unilm_vl/modules/kosmos2.py) at tiny size on CPU, against the release's model (Peng et al.
+2023; microsoft/unilm kosmos-2/unilm/models/vl/clip.py: every ln_post token L2-normalised; connector.py: latent
+queries over tokens + queries, its parameter count; torchscale architecture/decoder.py: sub-LN layers, sqrt(D)
+embedding scale; the frozen vision tower)."""
 import ast
 import inspect
 import math

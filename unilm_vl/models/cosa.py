@@ -1,6 +1,6 @@
 """Model ``cosa``: COSA (Chen et al. 2023, "COSA: Concatenated Sample Pretrained Vision-Language Foundation
-Model"), a thin fairseq adapter over :class:`unilm_vl.modules.cosa.CosaModule` (reference notes
-``shared/reference/cosa.md`` sections 1-3 and 6).
+Model"), a thin fairseq adapter over :class:`unilm_vl.modules.cosa.CosaModule` (reference: the
+release, TXH-mercury/COSA ``model/pretrain.py``, ``model/modeling.py`` and ``test.py``).
 
 Input (``net_input`` of the cosa tasks): ``frames`` B x T x 3 x H x W (normalised; T = 1 for images),
 ``text_ids``/``text_mask`` B x L (WordPiece ``[CLS] ... [SEP]``, pad), for QA also ``question_ids``/``question_mask``
@@ -9,13 +9,13 @@ criterion). The forward runs the origin objectives on the batch and the concaten
 ``ccap``) on the concatenated batch, and returns ``{"origin": {...}, "concatenated": {...}, "contra_temp"}`` with
 the per-objective outputs of :meth:`CosaModule.forward_pass`; the criterion ``cosa`` turns them into losses.
 
-Concatenation (reference 1.3): every sample is joined with K-1 partners (``--concatenated-nums``, 4 as released)
-drawn from the GLOBAL batch (frames and text all-gathered across the data-parallel ranks, no gradient) or, with
-``--concat-partners local``, from the local batch only (no all-gather traffic; documented deviation). Frames are
-stacked in order (own sample first, B x K*T x 3 x H x W) and re-encoded; captions are joined into one paragraph of
-``max_text_tokens * ceil(K/2)`` tokens. The partner draw, the token maskers and the ITM negatives use a generator
-seeded from fairseq's per-update seed (``--seed`` + update number) and the rank: reproducible, different per rank
-(the release draws the same partners on every rank).
+Concatenation (the release's ``model/pretrain.py``): every sample is joined with K-1 partners
+(``--concatenated-nums``, 4 as released) drawn from the GLOBAL batch (frames and text all-gathered across the
+data-parallel ranks, no gradient) or, with ``--concat-partners local``, from the local batch only (no all-gather
+traffic; documented deviation). Frames are stacked in order (own sample first, B x K*T x 3 x H x W) and re-encoded;
+captions are joined into one paragraph of ``max_text_tokens * ceil(K/2)`` tokens. The partner draw, the token
+maskers and the ITM negatives use a generator seeded from fairseq's per-update seed (``--seed`` + update number) and
+the rank: reproducible, different per rank (the release draws the same partners on every rank).
 
 Evaluation API (used by ``unilm_vl/eval/cosa*``): ``image_size``, ``image_mean``, ``image_std``,
 :meth:`encode_video`, :meth:`encode_text`, :meth:`itm_logits`, :meth:`generate_caption` (beam search over the

@@ -1,15 +1,16 @@
 """COSA building blocks (Chen et al. 2023, "COSA: Concatenated Sample Pretrained Vision-Language Foundation Model"):
 a per-frame vision tower, the vision -> text bridge with a learned per-frame embedding, ONE BERT with cross-attention
 used in four attention modes, the heads, the token maskers, the sample concatenation and the ITM hard-negative draw.
-Plain PyTorch configured by dataclasses; no fairseq import. Reference notes: ``shared/reference/cosa.md`` sections
-1-3.
+Plain PyTorch configured by dataclasses; no fairseq import. Reference: the release, TXH-mercury/COSA
+``model/modeling.py``, ``model/pretrain.py`` and ``model/bert.py`` (paths below are relative to that repository).
 
 Flow of one fused pass (B samples of n frames, x vision tokens per frame, width C, BERT width D)::
 
     frames B x n x 3 x H x W --tower per frame--> B x n x x x C --Linear+LN--> + E_frame[j] --> B x (n*x) x D
     text ids B x L --BERT self-attn (mode mask) -> cross-attn to the video tokens -> FFN, per layer--> B x L x D
 
-Attention modes of the text transformer, chosen by the inputs only (reference 2.3):
+Attention modes of the text transformer, chosen by the inputs only (``model/bert.py``; the captioning and QA
+masks are built in ``model/pretrain.py``):
 
 | mode | video | self-attention mask M[i, j] (1 = may attend) |
 |---|---|---|
@@ -96,7 +97,7 @@ def nearest_frame_indices(num_rows: int, num_frames: int) -> torch.Tensor:
 
 
 def resize_frame_embedding(embedding: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """1 x F x D -> 1 x n x D by nearest interpolation along the frame axis (reference 2.2)."""
+    """1 x F x D -> 1 x n x D by nearest interpolation along the frame axis (``model/modeling.py``)."""
     if embedding.shape[1] == num_frames:
         return embedding
     resized = F.interpolate(embedding.transpose(1, 2), size=num_frames, mode="nearest")  # 1 x D x n
@@ -106,7 +107,7 @@ def resize_frame_embedding(embedding: torch.Tensor, num_frames: int) -> torch.Te
 # ------------------------------------------------------------------------------------------------ vision towers
 class OpenClipFrameTower(nn.Module):
     """An open_clip ViT image tower returning ALL tokens (class token first) after ``ln_post``, without ``proj``;
-    the pooled feature for ITC is the class token (reference 2.1)."""
+    the pooled feature for ITC is the class token (``model/modeling.py``)."""
 
     def __init__(self, cfg: CosaVisionConfig):
         super().__init__()
@@ -146,7 +147,7 @@ class OpenClipFrameTower(nn.Module):
 
 class TimmFrameTower(nn.Module):
     """A timm backbone (Swin in the release) returning the final-stage tokens after its norm; the pooled feature for
-    ITC is their mean (reference 2.1). Original Swin checkpoints load through timm's key filter."""
+    ITC is their mean (``model/modeling.py``). Original Swin checkpoints load through timm's key filter."""
 
     def __init__(self, cfg: CosaVisionConfig):
         super().__init__()
@@ -192,7 +193,7 @@ def bidirectional_mask(pad: torch.Tensor) -> torch.Tensor:
 
 
 def causal_mask(pad: torch.Tensor) -> torch.Tensor:
-    """Captioning mask ``M[i, j] = pad[j] * [j <= i]`` (pad rows are not zeroed, reference 2.3): B x L x L."""
+    """Captioning mask ``M[i, j] = pad[j] * [j <= i]`` (pad rows are not zeroed, ``model/pretrain.py``): B x L x L."""
     return torch.tril(bidirectional_mask(pad))  # B x L x L
 
 
@@ -338,11 +339,11 @@ class ItmHead(nn.Module):
 def mask_tokens(ids: torch.Tensor, prob: float, *, mask_id: int, pad_id: int, random_low: int, random_high: int,
                 protected_ids: Sequence[int] = (), generator: Optional[torch.Generator] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The release's TokenMasker (reference 3.3) on B x L ids: candidates are positions >= 1 that are not pad (nor
-    one of ``protected_ids``); each is selected with probability ``prob``, rows with no selection are redrawn until
-    one is selected (rows without candidates stay unselected). Selected tokens become [MASK] (80%), a uniform id in
-    [random_low, random_high) (10%) or stay (10%). Returns (masked ids, labels = original id where selected, else
-    -100). Draws on the CPU from ``generator``; results are moved to ``ids.device``."""
+    """The release's TokenMasker (``model/modeling.py``) on B x L ids: candidates are positions >= 1 that are not pad
+    (nor one of ``protected_ids``); each is selected with probability ``prob``, rows with no selection are redrawn
+    until one is selected (rows without candidates stay unselected). Selected tokens become [MASK] (80%), a uniform
+    id in [random_low, random_high) (10%) or stay (10%). Returns (masked ids, labels = original id where selected,
+    else -100). Draws on the CPU from ``generator``; results are moved to ``ids.device``."""
     if not 0.0 < prob <= 1.0:
         raise ValueError(f"mask probability must be in (0, 1], got {prob}")
     if not 0 <= random_low < random_high:
@@ -400,8 +401,8 @@ def concatenate_samples(frames: torch.Tensor, text_ids: torch.Tensor, text_mask:
                         all_frames: torch.Tensor, all_ids: torch.Tensor, all_mask: torch.Tensor,
                         partners: torch.Tensor, max_len: int, cls_id: int, sep_id: int, pad_id: int
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """COSA's concatenated samples (reference 1.3): sample i followed by its partners ``partners[i]`` (indices into
-    the ``all_*`` global batch).
+    """COSA's concatenated samples (``model/pretrain.py``): sample i followed by its partners ``partners[i]``
+    (indices into the ``all_*`` global batch).
 
     Frames: ``cat([frames_i, all_frames[p1], ...], dim=frames)``: B x F0 x 3 x H x W -> B x K*F0 x 3 x H x W, own
     frames first. Text: ``[CLS] pieces_i pieces_p1 ... [SEP]`` truncated to ``max_len`` (``[SEP]`` kept) and padded
@@ -557,7 +558,7 @@ class CosaModule(nn.Module):
     def forward_pass(self, frames: Optional[torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
                      objectives: Sequence[str], ctx: "PassContext", qa: Optional[Dict[str, torch.Tensor]] = None,
                      tokens: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Model outputs of the objectives of one batch (reference 3.1-3.5); the losses are the criterion's.
+        """Model outputs of the objectives of one batch (``model/pretrain.py``); the losses are the criterion's.
 
         ``ret``: ``video_features``/``text_features`` (B x E, normalised, local rows) and the ITM batch
         ``itm_logits`` (3n x 2: (t, v), (t, v_neg), (t_neg, v) of the first n = max(1, B // ctx.itm_divisor)
