@@ -1,5 +1,5 @@
-"""COSA data: the released frame sampling (cosa.md 4.2 and check 11.1), annotation parsing, counted skips of bad
-videos, collated shapes and masks, per-batch source mixing, and the WordPiece vocabulary builder."""
+"""COSA data: the released frame sampling (TXH-mercury/COSA ``data/data.py`` ``split``), annotation parsing, counted
+skips of bad videos, collated shapes and masks, per-batch source mixing, and the WordPiece vocabulary builder."""
 import json
 import logging
 import os

@@ -1,4 +1,4 @@
-"""COSA evaluation: retrieval metrics (cosa.md check 11.8), ITM re-ranking (check 11.9), the retrieval / caption /
+"""COSA evaluation: retrieval metrics and ITM re-ranking (TXH-mercury/COSA ``test.py``), the retrieval / caption /
 QA runners against a fake model whose scores the test sets, and exact-match vs VQA accuracy on hand cases."""
 import json
 import os
@@ -19,7 +19,7 @@ from unilm_vl.eval.cosa_retrieval import (cosa_retrieval_metrics, evaluate_cosa_
 
 # ----------------------------------------------------------------------------------------------- pure metrics
 def test_reference_retrieval_metrics():
-    # cosa.md check 11.8: ids [a, b, c], texts of [a, a, b, c]
+    # values of the release's metric (TXH-mercury/COSA test.py): ids [a, b, c], texts of [a, a, b, c]
     sim = torch.tensor([[.9, .1, .3], [.2, .5, .4], [.1, .8, .7], [.6, .2, .5]])
     m = cosa_retrieval_metrics(sim, [0, 0, 1, 2])
     assert (m["t2v_R@1"], m["t2v_R@5"], m["t2v_R@10"]) == (50.0, 100.0, 100.0)

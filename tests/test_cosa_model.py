@@ -1,4 +1,4 @@
-"""COSA model pieces (reference cosa.md 2, 6.2, checks 11.2, 11.3, 11.7, 11.13): frame-embedding resize, the four
+"""COSA model pieces (TXH-mercury/COSA ``model/modeling.py``, ``model/pretrain.py``): frame-embedding resize, the four
 attention modes of the one cross-attention BERT, concatenated samples, the evaluation API and weight loading."""
 import pytest
 import torch

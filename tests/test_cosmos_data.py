@@ -1,5 +1,6 @@
-"""COSMOS data: the text-crop sampler (contrastive.md 1.3, 6.3 item 17), the image multi-crop transform (1.2) and
-the view-major collater (1.4)."""
+"""COSMOS data (ExplainableML/cosmos): the text-crop sampler (``src/training/data.py`` ``sample_dict``), the image
+multi-crop transform (``src/open_clip/transform.py`` ``DataAugmentationMulticrop``) and the view-major collater
+(``src/training/train.py``)."""
 import random
 from collections import Counter
 

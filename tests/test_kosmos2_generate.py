@@ -1,5 +1,5 @@
 """Kosmos-2 generation: the search of unilm_vl/modules/generation.py on a tiny random Kosmos-2 and on hand-made
-bigram LMs, the prompt layout of the kosmos2 task (reference notes kosmos2.md section 6, checks 12 and 22), a
+bigram LMs, the prompt layout of the kosmos2 task (microsoft/unilm kosmos-2/evaluation/caption_obj_few_shot.py), a
 fairseq-generate run on a saved tiny checkpoint, and the kosmos2_infer CLI."""
 import io
 import json

@@ -1,4 +1,5 @@
-"""Kosmos-2 GRIT samples and batch layout against the reference notes (kosmos2.md 2.4, 3.4-3.5, checks 8-11)."""
+"""Kosmos-2 GRIT samples and batch layout against the release's loader (microsoft/unilm
+kosmos-2/unilm/data/vl/laion2b_obj_loader.py and obj_utils.py)."""
 import os
 
 import pytest

@@ -1,4 +1,4 @@
-"""LoRA for open_clip towers (FSC-CLIP, contrastive.md 2.6 and check 6.2.13): targets, init values, frozen
+"""LoRA for open_clip towers (FSC-CLIP, ytaek-oh/fsc-clip src/training/models/lora_utils/): targets, init values, frozen
 parameters, merge into a plain open_clip state dict, and WiSE-FT interpolation."""
 import copy
 

@@ -138,7 +138,7 @@ def test_retrieval_metrics_hand_case():
 
 
 def test_retrieval_metrics_cosa_case():
-    # cosa.md 6.1 check 8 (texts x videos there; transposed here to images x texts).
+    # the release's metric, TXH-mercury/COSA test.py (texts x videos there; transposed here to images x texts).
     s_text_video = torch.tensor([[.9, .1, .3], [.2, .5, .4], [.1, .8, .7], [.6, .2, .5]])
     m = retrieval_metrics(s_text_video.T, [0, 0, 1, 2])
     assert m["t2i_R@1"] == pytest.approx(50.0)

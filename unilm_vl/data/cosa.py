@@ -1,7 +1,7 @@
 """COSA data: annotation entries, the released frame sampling, clip transforms, tokenisation, collaters and a
-WordPiece vocabulary builder for corpora without the released one (reference notes cosa.md 4).
+WordPiece vocabulary builder for corpora without the released one (TXH-mercury/COSA ``data/data.py``).
 
-Annotations (cosa.md 4.1): a JSON list of entries in the layout of the COSA release,
+Annotations: a JSON list of entries in the layout of the COSA release,
 
 - caption / retrieval: ``{"video_id": str, "desc" | "caption": str | [str]}``; a list (test files) holds several
   texts of one video;
@@ -122,7 +122,7 @@ def load_frames(paths: Sequence[str]) -> List[Any]:
 # ----------------------------------------------------------------------------------------------- transforms
 @dataclass
 class ClipTransformFn:
-    """PIL frames -> ``T x 3 x R x R`` float, one random draw for the whole clip (cosa.md 4.3).
+    """PIL frames -> ``T x 3 x R x R`` float, one random draw for the whole clip (the release's ``data/data.py``).
 
     ``none`` (the release's default and all pretraining): ToTensor, ``Resize((R, R))`` (aspect squashed,
     bilinear), Normalize; the same in training and test. ``crop_flip``: training

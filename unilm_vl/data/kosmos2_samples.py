@@ -1,6 +1,7 @@
 """Kosmos-2 training samples: GRIT grounded captions -> token ids, and the image-LM batch layout.
 
-Flow of one GRIT sample (reference notes kosmos2.md 3.4, 2.4), in :class:`GritGroundedCaption`::
+Flow of one GRIT sample (microsoft/unilm ``kosmos-2/unilm/data/vl/laion2b_obj_loader.py``), in
+:class:`GritGroundedCaption`::
 
     annotation (noun_chunks | ref_exps: [start, end, x0, y0, x1, y1, score])
       -> keep score >= threshold

@@ -1,5 +1,5 @@
-"""COSMOS training views: DINO-style image multi-crop and text crops of long captions, as picklable stages, plus
-their collater (contrastive.md 1.2-1.4).
+"""COSMOS training views: DINO-style image multi-crop and text crops of long captions, as picklable stages, plus their
+collater (ExplainableML/cosmos ``src/open_clip/transform.py``, ``src/training/data.py``, ``src/training/train.py``).
 
 Flow of one training sample (built by :func:`multicrop_stages`)::
 

@@ -30,9 +30,10 @@ The price: items that are exact duplicates (two identical caption strings of dif
 vector) tie and count against each other. :func:`retrieval_ranks` logs how many queries had a tie at their
 ground truth, so such cases are visible.
 
-Protocols follow CLIP / OpenCLIP and the COSMOS / COSA evaluation code (reference notes, contrastive.md 1.8,
-3.6; cosa.md 6.1): i2t ranks an image by its best-ranked caption, t2i ranks a caption's single GT image; mean and
-median ranks are reported 1-based (rank + 1), the median being the lower median as ``torch.median`` returns it.
+Protocols follow CLIP / OpenCLIP and the COSMOS / COSA evaluation code (ExplainableML/cosmos ``src/training/train.py``
+``compute_retrieval``, facebookresearch/clip-rocket ``eval_zeroshot.py``, TXH-mercury/COSA ``test.py``): i2t ranks an
+image by its best-ranked caption, t2i ranks a caption's single GT image; mean and median ranks are reported 1-based
+(rank + 1), the median being the lower median as ``torch.median`` returns it.
 """
 from __future__ import annotations
 
@@ -272,7 +273,7 @@ def ensemble_scores(z_scores: ArrayLike, h_scores: ArrayLike, weight: float) -> 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Compositionality (SugarCrepe / ARO) and zero-shot semantic segmentation (mIoU).
-# Reference notes contrastive.md 2.7 and 1.8.
+# As ytaek-oh/fsc-clip src/training/eval_compo.py and ExplainableML/cosmos src/training/clip_segmentor.py score them.
 # ---------------------------------------------------------------------------------------------------------------------
 
 def compositional_correct(scores_pos: ArrayLike, scores_neg: ArrayLike) -> torch.Tensor:
@@ -369,7 +370,7 @@ logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Boxes, phrase grounding (Flickr30k Entities) and referring expressions (RefCOCO / RefCOCO+ / RefCOCOg)
-# Reference notes kosmos2.md 7.1, 7.2 and section 10 check 21.
+# As microsoft/unilm kosmos-2/evaluation/flickr_entities/ and kosmos-2/evaluation/refcoco/refexp_evaluate.py score them.
 # ---------------------------------------------------------------------------------------------------------------------
 
 Box = Sequence[float]
@@ -443,7 +444,7 @@ def _recall_label(k: int) -> str:
 def phrase_grounding_recall(predictions: Mapping[Hashable, Sequence[Box]], ground_truth: Mapping[Hashable, Any],
                             ks: Sequence[int] = (1, 5, 10, -1), iou_threshold: float = 0.5) -> Dict[str, Any]:
     """Flickr30k Entities phrase-grounding Recall@k, the **any-box** protocol (MDETR / Kosmos-2 evaluator with
-    ``merge_boxes=False``; kosmos2.md 7.1).
+    ``merge_boxes=False``; microsoft/unilm ``kosmos-2/evaluation/flickr_entities/``).
 
     Inputs, keyed by a phrase id (any hashable, e.g. ``(sentence_id, phrase_index)``):
 
@@ -504,7 +505,8 @@ def phrase_grounding_recall(predictions: Mapping[Hashable, Sequence[Box]], groun
 def rec_accuracy(predictions: Mapping[Hashable, Any], ground_truth: Mapping[Hashable, Box],
                  groups: Optional[Mapping[Hashable, str]] = None, gt_format: str = "xyxy",
                  iou_threshold: float = 0.5) -> Dict[str, Any]:
-    """Referring-expression comprehension accuracy (RefCOCO / RefCOCO+ / RefCOCOg; kosmos2.md 7.2).
+    """Referring-expression comprehension accuracy (RefCOCO / RefCOCO+ / RefCOCOg; microsoft/unilm
+    ``kosmos-2/evaluation/refcoco/refexp_evaluate.py``).
 
     Inputs, keyed by a sample id (one referring expression):
 

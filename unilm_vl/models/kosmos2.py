@@ -1,6 +1,6 @@
 """Model ``kosmos2``: the grounded multimodal LM of Kosmos-2 (Peng et al. 2023), a thin adapter over
 :class:`unilm_vl.modules.kosmos2.Kosmos2Module` (open_clip image tower -> latent-query connector -> torchscale
-sub-LN decoder; reference notes kosmos2.md section 1).
+sub-LN decoder; microsoft/unilm ``kosmos-2/unilm/models/unigpt.py``, ``connector.py``, ``vl/clip.py``).
 
 Input: ``src_tokens`` B x T, ``image`` B_img x 3 x S x S (one per row that holds image slots), ``image_mask`` B x T
 (the ``kosmos2`` task's batch). Output: ``{"lm_logits": B x T x V}``. The vocabulary size comes from the task's

@@ -89,7 +89,8 @@ def tower_norm(model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
 
 
 def correlative_self_attention(x: torch.Tensor, attn: nn.MultiheadAttention) -> torch.Tensor:
-    """SCLIP's correlative self-attention (CSA) with the weights of ``attn`` (reference notes contrastive.md 1.5):
+    """SCLIP's correlative self-attention (CSA) with the weights of ``attn`` (ExplainableML/cosmos
+    ``src/open_clip/transformer.py`` ``custom_attn(..., csa=True)``):
     per head ``(softmax(q q^T / sqrt(d)) + softmax(k k^T / sqrt(d))) v``, then ``out_proj``. ``x`` is the block's
     normalised input, B x N x W (batch-first, as open_clip's towers run ``nn.MultiheadAttention``). Written here
     because open_clip has no CSA (the reference patches its own copy of the tower)."""

@@ -1,6 +1,7 @@
 """The CLIP forward of hard-negative fine-tuning (NegCLIP, FSC-CLIP): positives and the existing hard-negative
 captions go through the text tower in one batch (as the reference, up to (1+T) B captions), optionally with the
-dense patch / token outputs the FSC-CLIP local loss needs (contrastive.md 2.2-2.3).
+dense patch / token outputs the FSC-CLIP local loss needs (ytaek-oh/fsc-clip ``src/training/text_negatives/``,
+``src/open_clip/model.py``).
 
 Batch contract: ``neg_text`` (T*B) x L, type-major (row ``t*B + b`` = negative type t of sample b; missing ones are
 all-padding rows), ``neg_mask`` (T*B,) 0/1. Only the rows with ``neg_mask = 1`` are encoded; the criterion puts

@@ -1,5 +1,6 @@
 """COSMOS towers (Kim et al., CVPR 2025): open_clip CLIP towers that also return tokens, two attentional cross
-poolers, a multi-resolution image forward, and the student / EMA-teacher pair (contrastive.md 1.5, 1.6).
+poolers, a multi-resolution image forward, and the student / EMA-teacher pair (ExplainableML/cosmos
+``src/open_clip/model.py``, ``transformer.py``, ``src/main.py``).
 
 Student outputs for V image views (2 global crops, then local crops) and K caption views, B samples each::
 

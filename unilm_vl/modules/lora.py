@@ -1,5 +1,5 @@
 """LoRA for open_clip towers as FSC-CLIP fine-tunes them (Hu et al. 2022, "LoRA: Low-Rank Adaptation of Large
-Language Models"; FSC-CLIP ``patch_vit_clip_lora``, reference notes contrastive.md section 2.6).
+Language Models"; FSC-CLIP ``patch_vit_clip_lora``, ytaek-oh/fsc-clip ``src/training/models/lora_utils/``).
 
 :func:`apply_lora` replaces, in place and keeping every existing parameter name:
 

@@ -1,15 +1,16 @@
 """Optimizer ``open_clip_adamw``: ``torch.optim.AdamW`` with open_clip's weight-decay exclusion.
 
-open_clip (and the COSMOS / FSC-CLIP / clip-rocket training scripts built on it, reference notes contrastive.md
-1.1 and 3.1) decays only the weight matrices: parameters with ``ndim < 2`` or whose name contains ``bn``, ``ln``,
-``bias`` or ``logit_scale`` (gains, biases, class embeddings, every learnable temperature) get no weight decay.
-fairseq's ``adam`` decays every parameter, so ``--weight-decay 0.5`` there also pulls the logit scale and the
-LayerNorm gains towards 0. Parameter names come from the tasks, which tag every parameter of the model and the
-criterion with its name when they build them (:func:`tag_parameter_names`); an untagged parameter falls back to
-the ``ndim < 2`` part of the rule. Written here because fairseq's optimizers take a flat parameter list without
-names. Flat parameters are not supported (one flattened 1-D vector would fall entirely under ``ndim < 2``): with
-``--fp16`` fairseq then asks for ``--fp16-no-flatten-grads``, whose fp32 copies carry no names, so only the
-``ndim < 2`` part applies there; ``--amp`` and ``--memory-efficient-fp16`` keep the named parameters.
+open_clip (and the COSMOS / FSC-CLIP / clip-rocket training scripts built on it: mlfoundations/open_clip
+``src/open_clip_train/main.py``, ExplainableML/cosmos ``src/main.py``, facebookresearch/clip-rocket ``main.py``)
+decays only the weight matrices: parameters with ``ndim < 2`` or whose name contains ``bn``, ``ln``, ``bias`` or
+``logit_scale`` (gains, biases, class embeddings, every learnable temperature) get no weight decay. fairseq's ``adam``
+decays every parameter, so ``--weight-decay 0.5`` there also pulls the logit scale and the LayerNorm gains towards 0.
+Parameter names come from the tasks, which tag every parameter of the model and the criterion with its name when they
+build them (:func:`tag_parameter_names`); an untagged parameter falls back to the ``ndim < 2`` part of the rule.
+Written here because fairseq's optimizers take a flat parameter list without names. Flat parameters are not supported
+(one flattened 1-D vector would fall entirely under ``ndim < 2``): with ``--fp16`` fairseq then asks for
+``--fp16-no-flatten-grads``, whose fp32 copies carry no names, so only the ``ndim < 2`` part applies there; ``--amp``
+and ``--memory-efficient-fp16`` keep the named parameters.
 """
 import logging
 from collections.abc import Collection

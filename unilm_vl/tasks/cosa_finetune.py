@@ -1,5 +1,5 @@
 """Task ``cosa_finetune``: COSA finetuning on frame datasets, ``--finetune-task retrieval | caption | qa``
-(COSA, Chen et al. 2023; cosa.md 4, 5.4, 6).
+(COSA, Chen et al. 2023; TXH-mercury/COSA ``data/data.py``, ``scripts/finetune_*.sh``, ``test.py``).
 
 Data: annotation jsons in the released layout (:mod:`unilm_vl.data.cosa`; ``--train-data train.json
 --valid-data test.json``, frames in ``--frames-root`` or ``frames/`` beside the json), image sources as 1-frame

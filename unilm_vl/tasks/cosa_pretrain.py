@@ -1,5 +1,6 @@
-"""Task ``cosa_pretrain``: COSA pretraining data, image-text and video-text sources mixed by ratio (COSA,
-Chen et al. 2023, "COSA: Concatenated Sample Pretrained Vision-Language Foundation Model"; cosa.md 1, 4).
+"""Task ``cosa_pretrain``: COSA pretraining data, image-text and video-text sources mixed by ratio (COSA, Chen et al.
+2023, "COSA: Concatenated Sample Pretrained Vision-Language Foundation Model"; TXH-mercury/COSA ``model/pretrain.py``,
+``data/``).
 
 Sample format (after collation; :mod:`unilm_vl.data.cosa`)::
 
@@ -14,12 +15,12 @@ clip contributes one random frame, like an image), sampled as released: the fram
 last frame when the clip is shorter. The concatenation of samples into pseudo-videos (K = 4 as released) is done
 by the model / criterion ``cosa`` on these batches, not here.
 
-Mixing (cosa.md 4.6): the release picks one dataset per step with probability proportional to its ratio. Give
-the sources as a json mixture config (``--train-data mix.json``, a list of ``{"source", "name", "weight",
-"kind"?, "frames_root"?}``, weights = ratios); by default each weighted draw yields a whole
-batch of one source, the release's homogeneous steps. Differences: each rank and loader worker draws its own
-source (the release broadcasts rank 0's choice), and a skipped bad sample lets one batch take its last samples
-from the next draw. ``--no-mix-per-batch`` mixes per sample.
+Mixing (the release's ``train_utils.py``, ``data/loader.py``): the release picks one dataset per step with probability
+proportional to its ratio. Give the sources as a json mixture config (``--train-data mix.json``, a list of
+``{"source", "name", "weight", "kind"?, "frames_root"?}``, weights = ratios); by default each weighted draw yields a
+whole batch of one source, the release's homogeneous steps. Differences: each rank and loader worker draws its own
+source (the release broadcasts rank 0's choice), and a skipped bad sample lets one batch take its last samples from
+the next draw. ``--no-mix-per-batch`` mixes per sample.
 
 Bad input: a missing or empty video directory, an entry without ``video_id`` or text, or an unreadable frame is a
 counted skip whose first occurrence (and every ``--bad-sample-log-every``-th) is logged with the path.
