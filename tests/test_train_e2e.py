@@ -76,7 +76,7 @@ def test_fully_sharded_on_cpu_stops_with_a_clear_message():
 
     for argv in (["train", "--cpu", "--ddp-backend", "fully_sharded"],
                  ["train", "--ddp-backend=fully_sharded", "--cpu"]):
-        with pytest.raises(SystemExit, match="fully_sharded .*needs CUDA GPUs"):
+        with pytest.raises(ValueError, match="fully_sharded .*needs CUDA GPUs"):
             check_cpu_backend(argv)
     check_cpu_backend(["train", "--cpu", "--ddp-backend", "legacy_ddp"])  # fine
     check_cpu_backend(["train", "--ddp-backend", "fully_sharded"])  # GPUs: fairscale's business

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from typing import Optional, Sequence
 
 from fairseq.checkpoint_utils import torch_persistent_save
@@ -31,16 +30,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cli import report_error
+
     setup_cli_logging()
     args = parse_args(argv)
     if not os.path.isfile(args.checkpoint):
-        print(f"error: {args.checkpoint}: no such checkpoint file", file=sys.stderr)
-        return 2
+        return report_error(f"{args.checkpoint}: no such checkpoint file")
     try:
         state = consolidated_state(args.checkpoint, with_optimizer=not args.no_optimizer)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch_persistent_save(state, args.out)
     logger.info("wrote %s (%d model tensors%s)", args.out, len(state["model"]),
@@ -49,4 +48,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from unilm_vl.cli import run_cli
+
+    raise SystemExit(run_cli(main))

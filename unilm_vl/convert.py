@@ -59,7 +59,6 @@ import logging
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -424,7 +423,7 @@ def hf_config_dict(cfg: Kosmos2Config) -> Dict[str, Any]:
 
 def open_clip_vit_config(geometry: VisionGeometry) -> Dict[str, Any]:
     """An open_clip model config (the layout of open_clip's ``model_configs/*.json``) whose plain ViT has exactly
-    ``geometry``, for a tower that no registry config has. Its text tower is a stub (no layers) that
+    ``geometry``, for a tower that no registry config has. Its text tower is a stub (one 8-wide layer) that
     :class:`~unilm_vl.modules.kosmos2.Kosmos2VisionTower` discards, as it discards every CLIP text tower.
     Raises :class:`ConversionError` when open_clip's ViT cannot have the geometry (width not a multiple of the
     heads, an MLP width that ``width * mlp_ratio`` does not give back)."""
@@ -436,8 +435,9 @@ def open_clip_vit_config(geometry: VisionGeometry) -> Dict[str, Any]:
     if int(geometry.width * vision["mlp_ratio"]) != geometry.mlp_dim:
         raise ConversionError(f"open_clip's ViT cannot have an MLP width of {geometry.mlp_dim} with width "
                               f"{geometry.width} (it computes int(width * mlp_ratio))")
+    # one text layer: open_clip's init divides by the layer count (layers=0 raised ZeroDivisionError)
     return dict(embed_dim=geometry.width, vision_cfg=vision,
-                text_cfg=dict(context_length=1, vocab_size=1, width=8, heads=1, layers=0))
+                text_cfg=dict(context_length=1, vocab_size=1, width=8, heads=1, layers=1))
 
 
 def open_clip_vit_name(geometry: VisionGeometry) -> str:
@@ -830,13 +830,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """CLI entry point. Exit codes: 0 written, 2 bad arguments or inputs (one ``error:`` line on stderr)."""
+    from .cli import report_error
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         convert_kosmos2(args)
     except (ValueError, FileNotFoundError) as exc:  # ConversionError and refused checkpoints are ValueErrors
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     return 0
 
 
@@ -875,4 +876,6 @@ def convert_kosmos2(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from unilm_vl.cli import run_cli
+
+    raise SystemExit(run_cli(main))

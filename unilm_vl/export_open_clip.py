@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
@@ -75,13 +74,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output .pt: a plain open_clip state dict")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    from .cli import report_error
+
     try:
         export(args.checkpoint, args.out)
     except (ValueError, FileNotFoundError) as exc:  # refused checkpoints are ValueErrors
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from unilm_vl.cli import run_cli
+
+    raise SystemExit(run_cli(main))

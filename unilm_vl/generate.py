@@ -18,9 +18,13 @@ def cli_main():
         fairseq_generate()
 
 
+def console_main():
+    """``python -m unilm_vl.generate`` and the ``unilm-vl-generate`` script: :func:`cli_main` with a user mistake
+    ending in one ``error:`` line and exit status 2 (:func:`unilm_vl.cli.run_cli`)."""
+    from .cli import run_cli
+
+    sys.exit(run_cli(cli_main))
+
+
 if __name__ == "__main__":
-    try:
-        cli_main()
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    console_main()

@@ -232,8 +232,6 @@ def _emit(engine: Kosmos2Inference, lines, args, out, stdout, count: int) -> int
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    from unilm_vl.cli import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -37,7 +37,7 @@ def check_cpu_backend(argv):
         elif arg.startswith("--ddp-backend="):
             backend = arg.split("=", 1)[1]
     if "--cpu" in argv and backend == "fully_sharded":
-        raise SystemExit("--ddp-backend fully_sharded (fairscale FSDP) needs CUDA GPUs; on CPU use legacy_ddp (the "
+        raise ValueError("--ddp-backend fully_sharded (fairscale FSDP) needs CUDA GPUs; on CPU use legacy_ddp (the "
                          "default under torchrun --cpu) or pytorch_ddp")
 
 
@@ -52,5 +52,14 @@ def cli_main():
     fairseq_train()
 
 
+def console_main():
+    """``python -m unilm_vl.train`` and the ``unilm-vl-train`` script: :func:`cli_main` with a user mistake (a missing
+    data file, an unreadable checkpoint, a vocabulary that does not fit) ending in one ``error:`` line and exit
+    status 2 (:func:`unilm_vl.cli.run_cli`)."""
+    from .cli import run_cli
+
+    sys.exit(run_cli(cli_main))
+
+
 if __name__ == "__main__":
-    cli_main()
+    console_main()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from typing import Dict, Mapping, Optional
 
 import torch
@@ -106,10 +105,13 @@ def main(argv=None) -> int:
     try:
         wise_ft(args.finetuned, args.pretrained, args.alpha, args.out)
     except (ValueError, FileNotFoundError) as exc:  # refused checkpoints are ValueErrors
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        from .cli import report_error
+
+        return report_error(exc)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from unilm_vl.cli import run_cli
+
+    raise SystemExit(run_cli(main))

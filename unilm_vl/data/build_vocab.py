@@ -78,9 +78,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     captions = list(read_captions(args.data, args.root, args.tsv_schema, args.caption_key))
     if not captions:
-        raise SystemExit(f"no captions found in {args.data}")
+        raise ValueError(f"--data {args.data}: no captions found (relative specs resolve against --root {args.root})")
     train_vocab(captions, args.out, args.vocab_size)
 
 
 if __name__ == "__main__":
-    main()
+    from unilm_vl.cli import run_cli
+
+    raise SystemExit(run_cli(main))

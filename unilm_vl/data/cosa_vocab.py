@@ -95,4 +95,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from unilm_vl.cli import run_cli
+
+    raise SystemExit(run_cli(main))

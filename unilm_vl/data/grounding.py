@@ -104,14 +104,12 @@ def build_kosmos2_dictionary(dict_path: Optional[str], num_bins: int = DEFAULT_N
     ``madeupwordNNNN`` padding would change the vocabulary size). With the released file and ``num_bins=32`` it has
     65037 symbols. Raises ``FileNotFoundError`` naming ``dict_path`` when it does not exist.
     """
-    from fairseq.data.dictionary import Dictionary
-
-    from unilm_vl.data.tokenizers import _require_file, fairseq_dictionary_from_spm
+    from unilm_vl.data.tokenizers import fairseq_dictionary_from_spm, load_fairseq_dictionary
 
     if dict_path is None and spm_model_path is not None:
         dictionary = fairseq_dictionary_from_spm(spm_model_path)
     else:
-        dictionary = Dictionary.load(_require_file(dict_path, "fairseq dictionary"))
+        dictionary = load_fairseq_dictionary(dict_path)
     for symbol in kosmos2_added_symbols(num_bins):
         dictionary.add_symbol(symbol)
     return dictionary

@@ -56,6 +56,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from unilm_vl.data.decode import BadSample, decode_image
 from unilm_vl.data.jsonio import JsonError, parse_json, read_json
 from unilm_vl.data.sources import tar_has_end_marker
+from unilm_vl.cli import report_error
 from unilm_vl.logging_utils import setup_cli_logging
 from unilm_vl.data.formats import (
     GRIT_TSV,
@@ -421,14 +422,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     setup_cli_logging(stream=sys.stderr)
     if args.shard_size <= 0:
-        logger.error("--shard-size must be positive, got %d", args.shard_size)
-        return 2
+        return report_error(f"--shard-size must be positive, got {args.shard_size}")
     try:
         summary = convert(args.input, args.out, shard_size=args.shard_size, name=args.name,
                           reencode_jpeg=args.reencode_jpeg, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        logger.error("%s", exc)
-        return 2
+        return report_error(exc)
     logger.info("%s", summary.line())
     if summary.converted == 0:
         logger.error("no sample was converted; nothing written to %s", args.out)
@@ -439,4 +438,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from unilm_vl.cli import run_cli
+
+    raise SystemExit(run_cli(main))

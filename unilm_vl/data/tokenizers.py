@@ -59,6 +59,16 @@ def _require_file(path: Optional[str], what: str) -> str:
     return path
 
 
+def load_fairseq_dictionary(path: str):
+    """fairseq's ``Dictionary.load(path)``; a malformed line (fairseq's "Incorrect dictionary format") raises a
+    ``ValueError`` naming the file and the expected format instead of fairseq's bare message."""
+    try:
+        return Dictionary.load(_require_file(path, "fairseq dictionary"))
+    except ValueError as exc:  # fairseq names neither the file nor the line
+        raise ValueError(f"{path}: not a fairseq dictionary ({exc}): each line is '<token> <count>', as written by "
+                         "python -m unilm_vl.convert kosmos2 --write-dict") from exc
+
+
 class TextTokenizer(abc.ABC):
     """Common interface of every tokeniser.
 
@@ -235,7 +245,7 @@ class SentencePieceDictTokenizer(TextTokenizer):
         import sentencepiece
 
         self._spm = sentencepiece.SentencePieceProcessor(model_file=self.spm_model_path)
-        self._dictionary = (Dictionary.load(self.dict_path) if self.dict_path
+        self._dictionary = (load_fairseq_dictionary(self.dict_path) if self.dict_path
                             else fairseq_dictionary_from_spm(self.spm_model_path))
         for symbol in self._added_symbols:
             self._dictionary.add_symbol(symbol)

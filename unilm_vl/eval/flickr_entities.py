@@ -46,7 +46,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import xml.etree.ElementTree as ET
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -418,7 +417,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as exc:
-        sys.exit(f"error: {exc}")
+    from unilm_vl.cli import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -267,4 +267,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    from unilm_vl.cli import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -382,4 +382,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from unilm_vl.cli import run_cli
+
+    raise SystemExit(run_cli(main))

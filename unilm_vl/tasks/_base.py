@@ -167,8 +167,13 @@ class StreamTaskBase(FairseqTask):
         return spec
 
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
-        sources = parse_data_spec(self.data_spec(split), root=self.cfg.data, schema=self.cfg.tsv_schema,
-                                  caption_key=self.cfg.caption_key, frames_root=self.cfg.frames_root)
+        spec = self.data_spec(split)
+        try:
+            sources = parse_data_spec(spec, root=self.cfg.data, schema=self.cfg.tsv_schema,
+                                      caption_key=self.cfg.caption_key, frames_root=self.cfg.frames_root)
+        except FileNotFoundError as exc:  # one error line from the CLIs (unilm_vl.cli), naming the flag to fix
+            raise FileNotFoundError(f"--{split.replace('_', '-')}-data {spec!r}: {exc}; relative paths resolve against "
+                                    f"the data directory {self.cfg.data!r} (the first positional argument)") from exc
         self.datasets[split] = sources
         logger.info("%s: %s", split, ", ".join(f"{s.name} ({s.kind}, {len(s.shards)} shards, weight {s.weight})"
                                                for s in sources))

@@ -2,4 +2,6 @@
 from .cli import main
 
 if __name__ == "__main__":
-    main()
+    from unilm_vl.cli import run_cli
+
+    raise SystemExit(run_cli(main))
