@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -58,6 +59,27 @@ def register_open_clip_config(name: str, model_cfg: Dict) -> None:
                          "text_cfg")
 
 
+class _DropRandomInitWarning(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded for model ... Model initialized randomly." record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model ")
+
+
+def create_open_clip_model(model_name: str, **kwargs) -> nn.Module:
+    """``open_clip.create_model(model_name, pretrained=None, **kwargs)`` without its warning that the model is
+    initialized randomly: every caller here either loads weights next (a local ``--pretrained`` file, a checkpoint's
+    state dict) or wants random towers, so the warning would mislead (it printed before every checkpoint load). The
+    filter sits on the root logger, which open_clip's ``logging.warning`` uses, only for this call; every other
+    record, open_clip's other warnings included, passes."""
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        return open_clip.create_model(model_name, pretrained=None, **kwargs)
+    finally:
+        root.removeFilter(drop)
+
+
 def build_open_clip(cfg: ClipTowersConfig) -> nn.Module:
     """An open_clip CLIP model returning dict outputs. Raises on unknown names or missing weight files."""
     if cfg.model_name not in open_clip.list_models():
@@ -65,8 +87,7 @@ def build_open_clip(cfg: ClipTowersConfig) -> nn.Module:
                          f"{[m for m in open_clip.list_models() if 'ViT' in m][:8]} and unilm-vl-clip-tiny")
     if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
         raise FileNotFoundError(f"pretrained weights not found: {cfg.pretrained} (only local files are supported)")
-    model = open_clip.create_model(cfg.model_name, pretrained=None, force_quick_gelu=cfg.force_quick_gelu,
-                                   output_dict=True)
+    model = create_open_clip_model(cfg.model_name, force_quick_gelu=cfg.force_quick_gelu, output_dict=True)
     if cfg.pretrained is not None:
         open_clip.load_checkpoint(model, cfg.pretrained)
     else:
