@@ -7,6 +7,10 @@ The model contract (what :class:`~unilm_vl.modules.kosmos2.Kosmos2Module` provid
         -> {"lm_logits": B x T' x V}   (T' = 1 with last_only: only the last position's logits)
     model.reorder_incremental_state(incremental_state, new_order)       # index_select of the cache rows
 
+``generate`` puts ``incremental_state["max_new_tokens"]`` (the most steps the search may run after the prompt) in
+the dict before the first call, so that a model can size a preallocated cache; a model may ignore it. Reorders
+that would keep every row in place (greedy decoding while no row has finished) are skipped.
+
 The caller's ``incremental_state`` dict starts empty; every call passes the FULL token prefix. The first call runs
 the whole prompt (image features spliced in; this is the only call that sees the image) and returns logits for
 every prompt position (only the last one with ``last_only``); later calls run only the last token and return
@@ -165,6 +169,20 @@ def banned_ngram_tokens(history: torch.Tensor, n: int) -> torch.Tensor:
     return grams[match, -1].unique()
 
 
+def repeated_ngram_targets(tokens: torch.Tensor, n: int, pad_idx: int) -> torch.Tensor:
+    """:func:`banned_ngram_tokens` for every row of a LEFT-padded N x S batch at once: an N x G LongTensor holding
+    each row's banned tokens, the other entries ``pad_idx`` (which the search always bans), to scatter -inf into the
+    N x V log-probs. Equal to the per-row function on each row's real tokens: an n-gram window that covers a left pad
+    can never equal the row's last ``n - 1`` tokens (a window further left holds more pads)."""
+    if n == 1:
+        return tokens  # every token of the history, pads included (pad is banned anyway)
+    if tokens.size(1) < n:
+        return tokens[:, :1].clone().fill_(pad_idx)
+    grams = tokens.unfold(1, n, 1)  # N x G x n
+    match = (grams[:, :, :-1] == tokens[:, None, -(n - 1):]).all(dim=-1)  # N x G
+    return grams[:, :, -1].masked_fill(~match, pad_idx)  # N x G
+
+
 def _truncate_for_sampling(lprobs: torch.Tensor, topk: int, topp: float) -> torch.Tensor:
     """Probabilities (unnormalised) restricted to the top-k tokens and/or the top-p nucleus (fairseq's rule: the
     token that crosses p is kept)."""
@@ -201,7 +219,7 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
     def log_probs(logits: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(logits.float() / cfg.temperature, dim=-1)
 
-    state: Dict[Any, Any] = {}
+    state: Dict[Any, Any] = {"max_new_tokens": max(max_lens) + 1}  # a size hint for preallocated caches
     # without prompt scores only the last position needs vocabulary logits (B x 1 x V)
     logits = model(src_tokens, image, image_mask, incremental_state=state,
                    last_only=not return_prompt_scores)["lm_logits"]  # B x T x V or B x 1 x V
@@ -224,6 +242,7 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
     hf_rule = cfg.beam_rule == "hf"
     taking = [True] * bsz  # "hf": the input still takes finished hypotheses (HF's early-stopping heuristic)
     step = 0
+    identity = list(range(len(row_input)))  # rows kept in place: no cache reorder needed
     while row_input:
         lprobs = _apply_bans(lprobs, tokens, row_input, step, max_lens, cfg, pad_idx, eos_idx, unk_idx,
                              force_eos_at_limit=not hf_rule)
@@ -237,9 +256,10 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
         else:
             picks = _beam_picks(lprobs, row_score, row_input, step, cfg.beam, eos_idx, at_limit)
         keep_rows, keep_tokens, keep_lp = [], [], []
+        scores_now = row_score.tolist()  # one device-to-host copy per step, not one per row
         for row, token, lp in picks:
             b = row_input[row]
-            score = float(row_score[row]) + lp
+            score = scores_now[row] + lp
             if token == eos_idx or b in at_limit:  # fairseq: only </s> is left at the limit; hf: any token ends
                 if taking[b] if hf_rule else len(finalized[b]) < cfg.beam:
                     pos = torch.cat([row_pos[row], row_pos.new_tensor([lp])]).cpu()
@@ -252,20 +272,23 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
                 keep_tokens.append(token)
                 keep_lp.append(lp)
         if hf_rule:
-            _update_taking(taking, finalized, keep_rows, keep_lp, row_input, row_score, step, cfg)
+            _update_taking(taking, finalized, keep_rows, keep_lp, row_input, scores_now, step, cfg)
             live = [i for i, row in enumerate(keep_rows) if taking[row_input[row]]]
         else:  # an input is done once it holds `beam` finished hypotheses (fairseq's stopping rule)
             live = [i for i, row in enumerate(keep_rows) if len(finalized[row_input[row]]) < cfg.beam]
         if not live:
             break
-        new_order = torch.tensor([keep_rows[i] for i in live], device=device)
+        order_list = [keep_rows[i] for i in live]
         new_tok = torch.tensor([keep_tokens[i] for i in live], device=device)  # N'
         new_lp = torch.tensor([keep_lp[i] for i in live], device=device)  # N'
-        model.reorder_incremental_state(state, new_order)
-        tokens = torch.cat([tokens.index_select(0, new_order), new_tok[:, None]], dim=1)  # N' x T+step+1
-        row_score = row_score.index_select(0, new_order) + new_lp  # N'
-        row_pos = torch.cat([row_pos.index_select(0, new_order), new_lp[:, None]], dim=1)  # N' x step+1
-        row_input = [row_input[r] for r in new_order.tolist()]
+        if order_list != identity[:len(row_input)]:
+            new_order = torch.tensor(order_list, device=device)
+            model.reorder_incremental_state(state, new_order)
+            tokens, row_score, row_pos = (t.index_select(0, new_order) for t in (tokens, row_score, row_pos))
+            row_input = [row_input[r] for r in order_list]
+        tokens = torch.cat([tokens, new_tok[:, None]], dim=1)  # N' x T+step+1
+        row_score = row_score + new_lp  # N'
+        row_pos = torch.cat([row_pos, new_lp[:, None]], dim=1)  # N' x step+1
         step += 1
         lprobs = log_probs(model(tokens, incremental_state=state)["lm_logits"][:, -1])  # N' x V
     return [sorted(hyps, key=lambda h: -h.score)[:cfg.nbest] for hyps in finalized]
@@ -278,7 +301,7 @@ def _update_taking(taking, finalized, keep_rows, keep_lp, row_input, row_score, 
     best: Dict[int, float] = {}
     for row, lp in zip(keep_rows, keep_lp):
         b = row_input[row]
-        best[b] = max(best.get(b, -math.inf), float(row_score[row]) + lp)
+        best[b] = max(best.get(b, -math.inf), row_score[row] + lp)
     for b in set(row_input):
         if not taking[b]:
             continue
@@ -307,11 +330,7 @@ def _apply_bans(lprobs, tokens, row_input, step, max_lens, cfg: SearchConfig, pa
         lprobs[rows] = -math.inf
         lprobs[rows, eos_idx] = eos
     if cfg.no_repeat_ngram_size > 0:
-        for i in range(lprobs.size(0)):
-            history = tokens[i][tokens[i] != pad_idx]
-            banned = banned_ngram_tokens(history, cfg.no_repeat_ngram_size)
-            if banned.numel():
-                lprobs[i, banned] = -math.inf
+        lprobs.scatter_(1, repeated_ngram_targets(tokens, cfg.no_repeat_ngram_size, pad_idx), -math.inf)
     stuck = ~torch.isfinite(lprobs).any(dim=-1)  # N
     if bool(stuck.any()):
         lprobs[stuck, eos_idx] = raw[stuck, eos_idx]

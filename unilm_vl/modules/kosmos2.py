@@ -19,8 +19,12 @@ row ``pad_idx``). Right padding needs no key mask under the causal mask, so it k
 left padding (what batched generation uses) adds a key padding mask. Pad rows' outputs are meaningless.
 
 Incremental decoding: pass the same ``incremental_state`` dict (start with ``{}``) and the FULL prefix each call.
-The first call runs the whole prompt (image splicing included) and fills torchscale's per-layer key/value cache;
-later calls embed only the last token and return B x 1 x V logits.
+The first call runs the whole prompt (image splicing included) through torchscale's ``Decoder`` and fills its
+per-layer key/value cache; later calls embed only the last token and return B x 1 x V logits. Those later calls run
+:meth:`Kosmos2Module.decode_step` (``fast_decoding``, the default): the same layers and parameters, the keys and
+values written into a preallocated :class:`~unilm_vl.modules.kv_cache.KVCache` instead of concatenated, and only
+the last token's position and padding mask computed (torchscale's ``Decoder`` embeds the positions of the whole
+prefix and our padding check reads it back to the host at every step).
 
 The image tower is frozen by default (as in the released training script; the paper's text says all parameters
 train): ``freeze_vision=False`` makes it trainable and lets it follow ``train()``/``eval()``.
@@ -40,6 +44,7 @@ from torchscale.architecture.decoder import Decoder, DecoderLayer
 from torchscale.component.multihead_attention import MultiheadAttention
 
 from .clip import ClipTowersConfig, build_open_clip, register_open_clip_config
+from .kv_cache import KVCache
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,6 +184,7 @@ class SdpaMultiheadAttention(MultiheadAttention):
                 k = torch.cat([incremental_state["prev_key"], k], dim=2)
                 v = torch.cat([incremental_state["prev_value"], v], dim=2)
             incremental_state["prev_key"], incremental_state["prev_value"] = k, v
+            incremental_state.pop("kv_cache", None)  # a fast decode step's buffer no longer holds every key
         src_len = k.size(2)
 
         dropout_p = self.dropout_module.p if self.training else 0.0
@@ -262,11 +268,21 @@ class SinusoidalPositions(nn.Module):
         self.register_buffer("table", sinusoid_table(init_size + pad_idx + 1, dim, pad_idx), persistent=False)
 
     def forward(self, tokens: torch.Tensor, incremental_state: Optional[Dict[str, Any]] = None) -> torch.Tensor:
-        positions = token_positions(tokens, self.pad_idx)  # B x T
-        needed = self.pad_idx + 1 + tokens.size(1)
+        return self.embed(token_positions(tokens, self.pad_idx), tokens.size(1))  # B x T x D
+
+    def last(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding of the last column's position only (B x 1 x D), what ``forward(tokens)[:, -1:]``
+        returns without embedding the whole prefix."""
+        real = tokens.ne(self.pad_idx)  # B x T
+        positions = real.sum(dim=1, keepdim=True) * real[:, -1:] + self.pad_idx  # B x 1: token_positions' last column
+        return self.embed(positions, tokens.size(1))  # B x 1 x D
+
+    def embed(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """Rows of the table for position ids of a sequence of ``length`` tokens (the table grows to fit)."""
+        needed = self.pad_idx + 1 + length
         if needed > self.table.size(0):
             self.table = sinusoid_table(needed, self.dim, self.pad_idx).to(self.table)
-        return F.embedding(positions, self.table)  # B x T x D
+        return F.embedding(positions, self.table)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,6 +433,11 @@ def connector_positions(num_tokens: int, num_queries: int, dim: int, device, dty
 class Kosmos2Module(nn.Module):
     """Image tower + connector + torchscale decoder; ``forward`` returns ``{"lm_logits": B x T x V}``."""
 
+    fast_decoding: bool = True
+    """Run incremental steps after the first with :meth:`decode_step` (preallocated key/value cache, last
+    position only) instead of torchscale's ``Decoder.forward``; same logits to float rounding. Set it False on an
+    instance to decode through torchscale (the tests compare both)."""
+
     def __init__(self, cfg: Kosmos2Config):
         super().__init__()
         self.cfg = cfg
@@ -544,9 +565,13 @@ class Kosmos2Module(nn.Module):
         if incremental_state is None or self._is_first_step(incremental_state):
             embeds = self.embed_inputs(src_tokens, image, image_mask)  # B x T x D
             first_step = True
+            if incremental_state is not None:  # later steps mask pad keys iff the prompt has pads (one sync here)
+                incremental_state["prompt_has_pads"] = bool(src_tokens.eq(self.cfg.decoder.pad_idx).any())
         else:
             if image_mask is not None and bool(image_mask[:, -1].any()):
                 raise ValueError("incremental steps after the first cannot take image placeholder rows")
+            if self.fast_decoding and self._decode_step_supported():
+                return {"lm_logits": self.decoder.output_layer(self.decode_step(src_tokens, incremental_state))}
             embeds = self.decoder.embed_tokens(src_tokens[:, -1:])  # B x 1 x D
             first_step = False
         if incremental_state is not None:
@@ -557,11 +582,76 @@ class Kosmos2Module(nn.Module):
             hidden = hidden[:, -1:]  # B x 1 x D
         return {"lm_logits": self.decoder.output_layer(hidden)}  # B x T x V (B x 1 x V with last_only)
 
+    def _decode_step_supported(self) -> bool:
+        """:meth:`decode_step` re-implements torchscale's pre-LN decoder layer without the options Kosmos-2 does
+        not use; any of them (built by hand into a decoder) sends the step through torchscale instead."""
+        dec = self.decoder
+        return (dec.layernorm_embedding is None and dec.self_attn_relative_position is None
+                and all(layer.normalize_before and layer.drop_path is None and not layer.is_moe_layer
+                        and layer.encoder_attn is None and isinstance(layer.self_attn, SdpaMultiheadAttention)
+                        for layer in dec.layers))
+
+    def decode_step(self, src_tokens: torch.Tensor, incremental_state: Dict[Any, Any]) -> torch.Tensor:
+        """One incremental step after the first: the last token of ``src_tokens`` (the full N x S prefix) through
+        every decoder layer, its keys/values appended to each layer's :class:`KVCache`; returns the final hidden
+        state N x 1 x D (before the output projection).
+
+        The same maths as torchscale's ``Decoder.forward`` + ``DecoderLayer.forward`` (pre-LN, sub-LN) with our
+        SDPA attention, written out because torchscale cannot be driven this way: its attention module takes the
+        cache only as ``prev_key``/``prev_value`` tensors that it concatenates, and its ``Decoder.forward`` embeds
+        the positions of the whole prefix at every step. Pad keys are masked when the prompt had pads (exactly what
+        torchscale's path does for a real last token; :func:`~unilm_vl.modules.generation.generate` never feeds a
+        pad after the prompt)."""
+        dec = self.decoder
+        rows = src_tokens.size(0)
+        x = dec.embed_scale * dec.embed_tokens(src_tokens[:, -1:]) + dec.embed_positions.last(src_tokens)  # N x 1 x D
+        x = dec.dropout_module(x)
+        allowed = dead = None
+        if incremental_state.get("prompt_has_pads", True):
+            allowed = src_tokens.ne(self.cfg.decoder.pad_idx).view(rows, 1, 1, -1)  # N x 1 x 1 x S
+            dead = ~allowed.any(dim=-1, keepdim=True)  # N x 1 x 1 x 1: a pad-only row attends to nothing
+            allowed = allowed | dead
+        reserve = int(incremental_state.get("max_new_tokens", 64))
+        for idx, layer in enumerate(dec.layers):
+            layer_state = incremental_state[idx]
+            cache = layer_state.get("kv_cache")
+            if cache is None:  # first fast step: move the prompt's keys/values into a buffer for the whole output
+                cache = KVCache(layer_state["prev_key"], layer_state["prev_value"],
+                                layer_state["prev_key"].size(2) + reserve)
+                layer_state["kv_cache"] = cache
+            attn = layer.self_attn
+            heads, head_dim = attn.num_heads, attn.head_dim
+            residual = x
+            h = layer.self_attn_layer_norm(x)  # N x 1 x D
+            q = attn.q_proj(h).view(rows, 1, heads, head_dim).transpose(1, 2)  # N x H x 1 x d
+            k = attn.k_proj(h).view(rows, 1, heads, head_dim).transpose(1, 2)  # N x H x 1 x d
+            v = attn.v_proj(h).view(rows, 1, heads, head_dim).transpose(1, 2)  # N x H x 1 x d
+            keys, values = cache.append(k, v)  # N x H x S x d each
+            layer_state["prev_key"], layer_state["prev_value"] = keys, values
+            dropout_p = attn.dropout_module.p if attn.training else 0.0
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, dropout_p=dropout_p)
+            if dead is not None:
+                out = out.masked_fill(dead, 0.0)
+            out = out.transpose(1, 2).reshape(rows, 1, heads * head_dim)  # N x 1 x D
+            if attn.inner_attn_ln is not None:
+                out = attn.inner_attn_ln(out)
+            x = layer.residual_connection(layer.dropout_module(attn.out_proj(out)), residual)
+            x = layer.residual_connection(layer.ffn(layer.final_layer_norm(x)), x)
+        if dec.layer_norm is not None:
+            x = dec.layer_norm(x)
+        return x  # N x 1 x D
+
     @staticmethod
     def reorder_incremental_state(incremental_state: Dict[Any, Any], new_order: torch.Tensor) -> None:
         """Reorder the cached keys/values along the batch (beam search)."""
         for layer_state in incremental_state.values():
-            if isinstance(layer_state, dict):
-                for key in ("prev_key", "prev_value"):
-                    if key in layer_state:
-                        layer_state[key] = layer_state[key].index_select(0, new_order)
+            if not isinstance(layer_state, dict):
+                continue
+            cache = layer_state.get("kv_cache")
+            if cache is not None:  # one index_select per buffer into the cache's spare buffer
+                cache.reorder(new_order)
+                layer_state["prev_key"], layer_state["prev_value"] = cache.keys, cache.values
+                continue
+            for key in ("prev_key", "prev_value"):
+                if key in layer_state:
+                    layer_state[key] = layer_state[key].index_select(0, new_order)
