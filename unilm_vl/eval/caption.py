@@ -2,8 +2,8 @@
 
 The scores come from :func:`unilm_vl.eval.metrics.caption_metrics` (pycocoevalcap; PTB tokenisation and METEOR
 when Java is on PATH, otherwise a documented Python tokenizer and no METEOR). They are in percent, CIDEr 1.23 ->
-123.0. Kosmos-2 reports Flickr30k Karpathy-test CIDEr (kosmos2.md 7.4); COSA scores captions the same way
-(cosa.md 6.2).
+123.0. Kosmos-2 reports Flickr30k Karpathy-test CIDEr (Peng et al. 2023); COSA scores captions the same way
+(TXH-mercury/COSA ``test.py``).
 
 Predictions, told apart by their structure:
 

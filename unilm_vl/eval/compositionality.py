@@ -1,7 +1,7 @@
 """Compositionality benchmarks: an image, its positive caption and hard-negative captions (SugarCrepe, ARO).
 
-Protocol (the standard one of these benchmarks, as FSC-CLIP's ``eval_compo`` runs them; reference notes
-contrastive.md 2.7): images and captions are encoded separately by an
+Protocol (the standard one of these benchmarks, as FSC-CLIP's ``eval_compo`` runs them; ytaek-oh/fsc-clip
+``src/training/eval_compo.py``): images and captions are encoded separately by an
 :class:`~unilm_vl.eval.common.ImageTextEncoder` and scored by cosine similarity. An item is correct iff
 
     cos(i, t_pos) > max_j cos(i, t_neg_j)

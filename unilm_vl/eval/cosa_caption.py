@@ -1,4 +1,4 @@
-"""COSA video captioning: beam search, then BLEU-1..4, METEOR, ROUGE-L, CIDEr (cosa.md 6.2).
+"""COSA video captioning: beam search, then BLEU-1..4, METEOR, ROUGE-L, CIDEr (TXH-mercury/COSA ``test.py``).
 
 Protocol (``pretrain.py:546-567``, ``test.py:124-152,363-370`` of the release): one caption per video from
 ``generate_caption(frames, beam_size, max_len)`` (beam 3, at most 40 new tokens, stopping at ``[SEP]``; the beam

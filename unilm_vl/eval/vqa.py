@@ -3,8 +3,8 @@
 Scores come from :func:`unilm_vl.eval.metrics.vqa_accuracy`: per question the average over the 10 leave-one-out
 subsets of 9 humans of ``min(#humans who gave the answer / 3, 1)``, after the official answer normalisation
 (applied, as officially, only when the humans disagree); overall, per answer type and per question type, in
-percent. Kosmos-2 reports VQAv2 test-dev (kosmos2.md 7.4); COSA's own QA score is exact match against one random
-human answer (cosa.md 6.3), not this rule.
+percent. Kosmos-2 reports VQAv2 test-dev (Peng et al. 2023); COSA's own QA score is exact match against one random
+human answer (TXH-mercury/COSA ``test.py``), not this rule.
 
 Files:
 

@@ -1,11 +1,11 @@
 """Zero-shot image classification (and an optional linear probe) on an ImageFolder layout.
 
-Protocol (CLIP; OpenCLIP ``zero_shot_classifier``, COSMOS and clip-rocket, reference notes contrastive.md 1.8 and
-3.6): each class weight is the re-normalised mean of the L2-normalised embeddings of all its prompts
-(:func:`unilm_vl.eval.metrics.zeroshot_classifier`), ``logits = 100 * image_feats @ W``, and the report holds top-1,
-top-5 and mean per-class (balanced top-1) accuracy, all in percent. A class whose logit ties with the true class's
-counts above it (:mod:`unilm_vl.eval.metrics`: constant logits score 0, not 100); the linear probe predicts with
-scikit-learn's arg-max, which gives a tie to the lowest class index, whatever the true class.
+Protocol (CLIP; OpenCLIP ``zero_shot_classifier``, as ExplainableML/cosmos and facebookresearch/clip-rocket
+``eval_zeroshot.py`` run it): each class weight is the re-normalised mean of the L2-normalised embeddings of all its
+prompts (:func:`unilm_vl.eval.metrics.zeroshot_classifier`), ``logits = 100 * image_feats @ W``, and the report holds
+top-1, top-5 and mean per-class (balanced top-1) accuracy, all in percent. A class whose logit ties with the true
+class's counts above it (:mod:`unilm_vl.eval.metrics`: constant logits score 0, not 100); the linear probe predicts
+with scikit-learn's arg-max, which gives a tie to the lowest class index, whatever the true class.
 
 Data layout, as torchvision's ``ImageFolder``::
 
