@@ -451,12 +451,17 @@ def open_clip_vit_name(geometry: VisionGeometry) -> str:
 def find_open_clip_tower(geometry: VisionGeometry, prefer: Optional[str] = None) -> Kosmos2VisionConfig:
     """The open_clip registry name (``prefer`` first, then the registry in order) whose plain ViT has exactly this
     geometry; when none does, a tower config carrying :func:`open_clip_vit_config` (built in memory, stored with
-    the checkpoints written from it: never written into the installed open_clip)."""
+    the checkpoints written from it: never written into the installed open_clip). The registry entry under
+    the built config's name (registered in memory by an earlier load in this process) is skipped, so the config
+    goes with every checkpoint written from this geometry."""
     import open_clip
 
     from .modules import clip  # noqa: F401
 
-    names = ([prefer] if prefer else []) + [n for n in open_clip.list_models() if n != prefer]
+    generated = open_clip_vit_name(geometry)
+    if prefer == generated:
+        prefer = None
+    names = ([prefer] if prefer else []) + [n for n in open_clip.list_models() if n not in (prefer, generated)]
     for name in names:
         model_cfg = open_clip.get_model_config(name)
         if not model_cfg or "vision_cfg" not in model_cfg:
@@ -472,7 +477,7 @@ def find_open_clip_tower(geometry: VisionGeometry, prefer: Optional[str] = None)
     if prefer:
         raise ConversionError(f"open_clip model {prefer!r} does not have the vision geometry {geometry}")
     model_cfg = open_clip_vit_config(geometry)
-    candidate = Kosmos2VisionConfig(model_name=open_clip_vit_name(geometry), pretrained=None,
+    candidate = Kosmos2VisionConfig(model_name=generated, pretrained=None,
                                     force_quick_gelu=geometry.quick_gelu, open_clip_config=model_cfg)
     if vision_geometry(candidate) != geometry:
         raise ConversionError(f"no open_clip ViT config expresses the vision geometry {geometry}")
