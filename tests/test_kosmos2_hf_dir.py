@@ -252,6 +252,44 @@ def test_fairseq_generate_reads_the_hf_dir(hf, grounder, expected, tmp_path, mon
     assert hypothesis == grounded_string(dictionary, torch.tensor(after_image))
 
 
+def test_hf_dir_without_sentencepiece_model_names_the_fix(hf, expected, tmp_path):
+    """A directory without sentencepiece.bpe.model (transformers >= 5 save_pretrained writes tokenizer.json only)
+    is refused with one line saying what to add; with ``spm_model=`` it loads and gives HF's output."""
+    from unilm_vl import Kosmos2Grounder
+
+    bare = tmp_path / "bare"
+    shutil.copytree(hf[0], bare, ignore=shutil.ignore_patterns("sentencepiece.bpe.model"))
+    with pytest.raises(ValueError) as info:
+        Kosmos2Grounder.load(str(bare), device="cpu")
+    message = str(info.value)
+    assert message.startswith(f"{bare} has no sentencepiece.bpe.model and no sentencepiece model was given")
+    assert "--spm-model / spm_model=" in message and "\n" not in message
+    grounder = Kosmos2Grounder.load(str(bare), device="cpu", spm_model=hf[3])
+    assert grounder.ground(image(2), PROMPTS[2]) == [tuple(expected[2, PROMPTS[2]][2:])]
+
+
+def test_image_view_of_either_processor_file(hf, tmp_path):
+    """The image view comes from preprocessor_config.json (transformers 4) or processor_config.json's
+    image_processor (transformers 5): a resize to 30 x 30 is the squash view, shortest edge 30 + centre crop 30
+    the crop view; no image processor: None (the caller's default)."""
+    from unilm_vl.checkpoint import hf_image_view
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    assert hf_image_view(str(hf[0]), SIZE, mean, std) == "squash"
+    crop = {"size": {"shortest_edge": SIZE}, "do_center_crop": True, "crop_size": {"height": SIZE, "width": SIZE},
+            "image_mean": list(mean), "image_std": list(std)}
+    squash = {**crop, "size": {"height": SIZE, "width": SIZE}, "do_center_crop": False}
+    for name, content, view in [("v4", {"preprocessor_config.json": crop}, "crop"),
+                                ("v5", {"processor_config.json": {"image_processor": crop}}, "crop"),
+                                ("v5_squash", {"processor_config.json": {"image_processor": squash}}, "squash"),
+                                ("none", {"processor_config.json": {"num_patch_index_tokens": 1024}}, None)]:
+        folder = tmp_path / name
+        folder.mkdir()
+        for file, data in content.items():
+            (folder / file).write_text(json.dumps(data))
+        assert hf_image_view(str(folder), SIZE, mean, std) == view, name
+
+
 # ---- converted once, loaded later without the HF directory -------------------------------------------------------
 
 FRESH_PROCESS = """

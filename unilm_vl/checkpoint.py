@@ -108,16 +108,22 @@ def hf_tokenizer_config(hf_dir: str) -> Dict[str, Any]:
 
 def hf_image_view(hf_dir: str, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Optional[str]:
     """The image view (``"squash"`` or ``"crop"``, :data:`unilm_vl.inference.kosmos2.IMAGE_VIEWS`) that the HF
-    directory's ``preprocessor_config.json`` (a ``CLIPImageProcessor``) describes, or None without one:
+    directory's image processor (a ``CLIPImageProcessor``: ``preprocessor_config.json`` as transformers 4 writes
+    it, else the ``image_processor`` entry of ``processor_config.json`` as transformers 5 does) describes, or None
+    without one:
     ``size = {height: S, width: S}`` is a squash to S x S, ``size = {shortest_edge: S}`` + centre crop S the crop
     view; both bicubic, scaled by 1/255 and normalised. Settings our views do not reproduce (another resampling,
     mean/std or size) are logged as a warning: decoding then sees other pixels than HF's processor gives."""
     from .data.jsonio import read_json
 
     path = os.path.join(hf_dir, HF_IMAGE_PROCESSOR_CONFIG)
-    if not os.path.isfile(path):
-        return None
-    p = read_json(path, "HF image processor config")
+    if os.path.isfile(path):
+        p = read_json(path, "HF image processor config")
+    else:
+        path = os.path.join(hf_dir, HF_PROCESSOR_CONFIG)
+        p = read_json(path, "HF processor config").get("image_processor") if os.path.isfile(path) else None
+        if not isinstance(p, dict):
+            return None
     size, crop = p.get("size") or {}, p.get("crop_size") or {}
     view, problems = None, []
     if size.get("height") == size.get("width") == image_size and (

@@ -633,8 +633,10 @@ def hf_dir_checkpoint_state(hf_dir: str, spm_model: Optional[str] = None, dict_p
     if spm_model is None and os.path.isfile(os.path.join(hf_dir, HF_SPM_NAME)):
         spm_model = os.path.join(hf_dir, HF_SPM_NAME)
     if spm_model is None and require_vocabulary:
-        raise ConversionError(f"{hf_dir} has no {HF_SPM_NAME} (save the model's processor there too; HF's "
-                              f"tokenizer.json alone is not read) and no sentencepiece model was given")
+        raise ConversionError(f"{hf_dir} has no {HF_SPM_NAME} and no sentencepiece model was given (HF's "
+                              "tokenizer.json alone is not read, and transformers >= 5 save_pretrained writes only "
+                              f"that: copy in the {HF_SPM_NAME} the processor was made from, as HF's hub "
+                              "directories have it, or pass --spm-model / spm_model=)")
     if spm_model is not None:
         check_spm_layout(spm_model)
     if location_bin_size is None:
