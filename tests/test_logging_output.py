@@ -84,3 +84,25 @@ def test_tensorboard_logdir_writes_the_training_curves(tmp_path, monkeypatch, ca
         line = next(m for m in logged if f"num_updates={step}," in m or m.endswith(f"num_updates={step}"))
         assert f"loss={value:.3f}" in line, line
     assert not [r for r in caplog.records if r.getMessage().startswith(RANDOM_INIT)]
+
+
+def test_progress_bar_is_on_stderr_when_asked_and_off_in_logs(monkeypatch, capsys):
+    """unilm_vl.cli.progress: tqdm on stderr; off when stderr is not a terminal (here: captured) unless
+    UNILM_VL_PROGRESS=1; the loops keep their values and order."""
+    import torch
+
+    from unilm_vl.cli import progress
+    from unilm_vl.eval.retrieval import encode_captions
+
+    class Encoder:
+        def encode_texts(self, texts):
+            return torch.tensor([[float(len(t))] for t in texts])
+
+    assert list(progress(range(3), "x")) == [0, 1, 2] and capsys.readouterr().err == ""
+    monkeypatch.setenv("UNILM_VL_PROGRESS", "1")
+    feats = encode_captions(Encoder(), ["a", "bb", "ccc"], batch_size=2)
+    assert feats.flatten().tolist() == [1.0, 2.0, 3.0]
+    err = capsys.readouterr().err
+    assert "encoding texts" in err and "0/2" in err  # two batches of texts (leave=False clears the final 2/2)
+    monkeypatch.setenv("UNILM_VL_PROGRESS", "0")
+    assert list(progress(iter([4, 5]), "y")) == [4, 5] and capsys.readouterr().err == ""

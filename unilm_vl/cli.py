@@ -18,7 +18,7 @@ Floor 0 (tests/test_layering.py): the data tools use it, so it imports nothing f
 import logging
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 logger = logging.getLogger(__name__)
 
@@ -81,3 +81,15 @@ def run_cli(main: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> i
         logger.debug("user error", exc_info=True)
         return report_error(exc)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def progress(iterable: Iterable, desc: str, total: Optional[int] = None, unit: str = "batch") -> Iterable:
+    """``iterable`` with a tqdm progress bar on stderr, for the long loops of the eval and data commands (encoding,
+    generation, shard writing). Shown when stderr is a terminal (tqdm's ``disable=None``): logs redirected to a file
+    and CI output stay free of bar redraws. ``UNILM_VL_PROGRESS=1`` forces the bar on, ``=0`` off."""
+    from tqdm import tqdm
+
+    forced = os.environ.get("UNILM_VL_PROGRESS")
+    disable = None if forced is None else forced.strip() in ("0", "", "false", "no")
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, leave=False, dynamic_ncols=True,
+                file=sys.stderr)

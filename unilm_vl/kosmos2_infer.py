@@ -40,6 +40,7 @@ import os
 import sys
 from typing import Any, Dict, Iterator, Optional, Sequence, TextIO, Tuple
 
+from unilm_vl.cli import progress
 from unilm_vl.data.decode import load_image
 from unilm_vl.data.grounding import box_to_pixels
 from unilm_vl.checkpoint import load_kosmos2_inference
@@ -187,7 +188,8 @@ def main(argv: Optional[Sequence[str]] = None, stdout: TextIO = None) -> int:
     count = 0
     try:
         batch = []
-        for line in lines if lines is not None else _stdin_prompts(interactive):
+        prompts = progress(lines, "prompts", unit="prompt") if lines is not None else _stdin_prompts(interactive)
+        for line in prompts:
             batch.append(line)
             if len(batch) == batch_size:
                 count = _emit(engine, batch, args, out, stdout, count)

@@ -56,7 +56,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from unilm_vl.data.decode import BadSample, decode_image
 from unilm_vl.data.jsonio import JsonError, parse_json, read_json
 from unilm_vl.data.sources import tar_has_end_marker
-from unilm_vl.cli import report_error
+from unilm_vl.cli import progress, report_error
 from unilm_vl.logging_utils import setup_cli_logging
 from unilm_vl.data.formats import (
     GRIT_TSV,
@@ -364,7 +364,7 @@ def convert(inputs: Sequence[str], out_dir: str, shard_size: int = 1000, name: s
     staging = tempfile.mkdtemp(prefix=f".{name}-partial-", dir=tsv_dir)
     try:
         with TsvShardWriter(os.path.join(staging, name), GRIT_TSV, rows_per_shard=shard_size) as writer:
-            for sample in iter_raw_samples(inputs, summary):
+            for sample in progress(iter_raw_samples(inputs, summary), "converting", unit="sample"):
                 try:
                     writer.write(build_row(sample, reencode_jpeg=reencode_jpeg))
                 except BadSample as exc:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequ
 import torch
 
 from unilm_vl.checkpoint import load_model
+from unilm_vl.cli import progress
 from unilm_vl.data.cosa import EvalClips, read_annotation
 
 
@@ -80,7 +81,7 @@ def clip_batches(frames_root: str, video_ids: Sequence[str], num_frames: int, tr
     loader = torch.utils.data.DataLoader(EvalClips(frames_root, video_ids, num_frames, transform),
                                          batch_size=batch_size, shuffle=False, num_workers=workers)
     start = 0
-    for frames in loader:  # B x T x 3 x H x W
+    for frames in progress(loader, "videos"):  # B x T x 3 x H x W
         yield start, frames
         start += frames.shape[0]
 

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from unilm_vl.cli import progress
 from unilm_vl.data.cosa import EvalClips
 from unilm_vl.eval.common import write_metrics
 from unilm_vl.eval.cosa_common import (CosaEvalModel, CosaEvalSet, add_cosa_eval_args, frames_root_of, load_cosa,
@@ -81,7 +82,7 @@ def generate_answers(model: CosaEvalModel, tokenizer, transform: Callable, eval_
     loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, shuffle=False, num_workers=workers)
     ids, mask = tokenize(tokenizer, [q for _, q, _, _ in eval_set.qa], max_text_tokens)  # N_q x L
     answers: List[str] = []
-    for frames in loader:  # B x T x 3 x H x W
+    for frames in progress(loader, "answering"):  # B x T x 3 x H x W
         rows = slice(len(answers), len(answers) + frames.shape[0])
         outputs = model.generate_answer(maybe_device(frames, device), maybe_device(ids[rows], device),
                                         maybe_device(mask[rows], device), max_len)

@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from unilm_vl.cli import progress
 from unilm_vl.eval.common import write_metrics
 from unilm_vl.eval.cosa_common import (CosaEvalModel, CosaEvalSet, add_cosa_eval_args, clip_batches,
                                        frames_root_of, load_cosa, load_eval_set, maybe_device, num_frames_of,
@@ -144,7 +145,7 @@ def evaluate_cosa_retrieval(model: CosaEvalModel, tokenizer, transform: Callable
     text_feats = torch.cat([
         model.encode_text(maybe_device(ids[i:i + batch_size], device),
                           maybe_device(mask[i:i + batch_size], device))["text_features"].float().cpu()
-        for i in range(0, len(ids), batch_size)])  # N_txt x D
+        for i in progress(range(0, len(ids), batch_size), "encoding texts")])  # N_txt x D
     video_feats: List[torch.Tensor] = []
     cached: Optional[List[torch.Tensor]] = [] if itm_k is not None else None
     cached_bytes = 0
@@ -176,7 +177,8 @@ def evaluate_cosa_retrieval(model: CosaEvalModel, tokenizer, transform: Callable
                ((start, model.encode_video(maybe_device(frames, device))["video_tokens"])
                 for start, frames in clip_batches(frames_root, eval_set.video_ids, num_frames, transform,
                                                   batch_size, workers)))
-    for start, tokens in batches:  # tokens: b x N x W of videos start..start+b
+    total = len(cached) if cached is not None else None
+    for start, tokens in progress(batches, "ITM re-ranking", total=total):  # b x N x W: videos start..start+b
         in_batch = ((pairs[:, 1] >= start) & (pairs[:, 1] < start + tokens.shape[0])).nonzero().flatten()
         for chunk in in_batch.split(itm_batch_size):
             text_idx, video_idx = pairs[chunk, 0], pairs[chunk, 1] - start

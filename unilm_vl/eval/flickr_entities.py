@@ -49,6 +49,7 @@ import os
 import xml.etree.ElementTree as ET
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from unilm_vl.cli import progress
 from unilm_vl.data.grounding import box_to_pixels, parse_grounded_text
 from unilm_vl.data.jsonio import parse_json, read_json
 from unilm_vl.eval.common import write_metrics
@@ -345,7 +346,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, flickr_root: str, image_root
     texts: List[str] = []
     out = open(save_generations, "w", encoding="utf-8") if save_generations else None
     try:
-        for start in range(0, len(items), batch_size):
+        for start in progress(range(0, len(items), batch_size), "generating"):
             chunk = items[start:start + batch_size]
             lines = [PromptLine(it["image"], it["prompt"], f"{data}[{it['id']}]") for it in chunk]
             records = [r for r in engine.run(lines) if r["rank"] == 0]

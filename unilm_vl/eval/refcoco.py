@@ -27,6 +27,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from unilm_vl.cli import progress
 from unilm_vl.data.grounding import box_to_pixels
 from unilm_vl.data.jsonio import read_json
 from unilm_vl.eval.common import write_metrics
@@ -97,7 +98,7 @@ def evaluate_refcoco(checkpoint: str, data: str, image_root: Optional[str] = Non
     predictions: Dict[Any, List[List[float]]] = {}
     out = open(generations, "w", encoding="utf-8") if generations else None
     try:
-        for start in range(0, len(items), batch_size):
+        for start in progress(range(0, len(items), batch_size), "generating"):
             chunk = items[start:start + batch_size]
             lines = [PromptLine(it["image"], rec_prompt(it["expression"]), f"{data}[{it['id']}]") for it in chunk]
             records = [r for r in engine.run(lines) if r["rank"] == 0]

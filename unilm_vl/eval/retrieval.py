@@ -47,6 +47,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from PIL import Image
 
+from unilm_vl.cli import progress
 from unilm_vl.data.decode import load_image
 from unilm_vl.data.jsonio import read_json
 from unilm_vl.eval.common import ImageTextEncoder, add_common_eval_args, write_metrics
@@ -194,7 +195,7 @@ def encode_image_dataset(encoder: ImageTextEncoder, dataset: torch.utils.data.Da
     are moved to ``device`` when it is given. Returns N x D float32 on the CPU."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     feats = []
-    for images in loader:  # B x 3 x H x W
+    for images in progress(loader, "encoding images"):  # B x 3 x H x W
         if device is not None:
             images = images.to(device)
         feats.append(encoder.encode_images(images).float().cpu())  # B x D
@@ -206,7 +207,7 @@ def encode_captions(encoder: ImageTextEncoder, texts: Sequence[str], batch_size:
     """Encode strings in order with ``encoder.encode_texts``; returns N x D float32 on the CPU."""
     texts = list(texts)
     return torch.cat([encoder.encode_texts(texts[i:i + batch_size]).float().cpu()
-                      for i in range(0, len(texts), batch_size)])
+                      for i in progress(range(0, len(texts), batch_size), "encoding texts")])
 
 
 def evaluate_retrieval(encoder: ImageTextEncoder, karpathy_json: str, image_root: Optional[str] = None,

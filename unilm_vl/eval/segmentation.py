@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from unilm_vl.cli import progress
 from unilm_vl.data.decode import load_image
 from unilm_vl.eval.common import DenseImageTextEncoder, add_common_eval_args, write_metrics
 from unilm_vl.eval.metrics import confusion_matrix, mean_iou, zeroshot_classifier
@@ -294,7 +295,7 @@ def evaluate_segmentation(encoder: DenseImageTextEncoder, root: str, split: str 
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     items = _SegmentationItems(data, short_side, encoder.image_mean, encoder.image_std)
     loader = torch.utils.data.DataLoader(items, batch_size=None, shuffle=False, num_workers=num_workers)
-    for mask_path, x, target in loader:  # 3 x H' x W', H x W
+    for mask_path, x, target in progress(loader, "segmenting", unit="image"):  # 3 x H' x W', H x W
         target = np.asarray(target)
         logits = sliding_window_logits(encoder, x, queries, crop, stride, batch_size, device)  # Q x H' x W'
         logits = F.interpolate(logits[None], size=target.shape, mode="bilinear", align_corners=False)[0]

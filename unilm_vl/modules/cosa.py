@@ -113,15 +113,14 @@ class OpenClipFrameTower(nn.Module):
         super().__init__()
         import open_clip
 
-        from .clip import _CONFIG_DIR  # noqa: F401  (registers our tiny open_clip configs)
+        from .clip import _CONFIG_DIR, create_open_clip_model  # noqa: F401  (_CONFIG_DIR registers our tiny configs)
 
         if cfg.model_name not in open_clip.list_models():
             raise ValueError(f"unknown open_clip model {cfg.model_name!r}")
         if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
             raise FileNotFoundError(f"--pretrained-vision not found: {cfg.pretrained} (only local files are supported)")
         kwargs = {"force_image_size": cfg.image_size} if cfg.image_size else {}
-        clip = open_clip.create_model(cfg.model_name, pretrained=None, force_quick_gelu=cfg.force_quick_gelu,
-                                      **kwargs)
+        clip = create_open_clip_model(cfg.model_name, force_quick_gelu=cfg.force_quick_gelu, **kwargs)
         if cfg.pretrained is not None:
             open_clip.load_checkpoint(clip, cfg.pretrained)
         self.visual = clip.visual

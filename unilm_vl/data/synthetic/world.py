@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from ...cli import progress
 from ..jsonio import JsonError, read_json
 from .language import (caption_for, eval_captions, long_caption_for, referring_expressions, sugarcrepe_pairs,
                        vqa_questions)
@@ -231,7 +232,8 @@ def generate_world(out_dir: str, seed: int = 0, num_train: int = 10000, num_val:
     splits = {"train": ShardSplit(out_dir, "train"), "val": ShardSplit(out_dir, "val")}
     tests: List[Dict] = []
     videos: Dict[str, List[Dict]] = {"train": [], "test": []}
-    for kind, results in _map_tasks(_tasks(cfg, held, out_dir), workers):
+    tasks = _tasks(cfg, held, out_dir)
+    for kind, results in progress(_map_tasks(tasks, workers), "writing the world", total=len(tasks), unit="chunk"):
         if kind in splits:
             for sample in results:
                 splits[kind].write(sample)
