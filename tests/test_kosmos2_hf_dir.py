@@ -158,7 +158,7 @@ def test_hf_reference_is_not_degenerate(expected):
     entity with a box."""
     for prompt_ids, ids, text, _, _ in expected.values():
         assert len(set(ids[len(prompt_ids):])) >= 3, ids
-    # HF's boxes run from the centre of the upper-left cell to the centre of the lower-right one: (k + 0.5) / 32
+    # cells in different rows and columns: HF's box runs from centre to centre, (k + 0.5) / 32
     assert expected[1, PROMPTS[1]][4] == [("a red dog", (0, 9), [(0.5 / 32, 0.5 / 32, 31.5 / 32, 31.5 / 32)])]
 
 
