@@ -1,6 +1,6 @@
 """Every command line ends a user mistake with one ``error:`` line naming the file or flag, and exit status 2
-(unilm_vl/cli.py). Most cases run in-process through :func:`unilm_vl.cli.run_cli` (what each module's
-``if __name__ == "__main__":`` block calls); two run as real ``python -m`` processes to check the exit status and
+(unilm_vl/cli.py). The cases run in-process through :func:`unilm_vl.cli.run_cli` (what each module's
+``if __name__ == "__main__":`` block calls); one runs as a real ``python -m`` process to check the exit status and
 that stderr holds no traceback."""
 import importlib
 import json
@@ -225,12 +225,27 @@ def test_train_missing_data(tmp_path, capsys, monkeypatch):
                      f"'{tmp_path}/world' (the first positional argument)"], lines
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["--restore-file", "{t}/nope.pt"], "error: --restore-file {t}/nope.pt: no such checkpoint file"),
+    (["--finetune-from-model={t}/nope.pt"], "error: --finetune-from-model {t}/nope.pt: no such checkpoint file"),
+])
+def test_train_missing_checkpoint_to_start_from(tmp_path, capsys, monkeypatch, argv, expected):
+    """A --restore-file that does not exist would silently start from scratch; both flags stop before fairseq."""
+    from unilm_vl import train
+
+    monkeypatch.setattr(sys, "argv", ["train", str(tmp_path), "--task", "image_text_contrastive", "--cpu",
+                                      *[a.format(t=tmp_path) for a in argv]])
+    with pytest.raises(SystemExit) as exc:
+        train.console_main()
+    assert exc.value.code == 2
+    assert error_lines(capsys.readouterr().err) == [expected.format(t=tmp_path)]
+    train.check_checkpoint_paths(["train", "--restore-file", "checkpoint_last.pt"])  # fairseq's default: its business
+
+
 # ---- the real command line -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["-m", "unilm_vl.eval.caption", "--predictions", "{k}/nope.json", "--references", "{k}/refs.json"],
-     "error: predictions file {k}/nope.json: not found"),
+@pytest.mark.parametrize("argv,fragment", [  # one process: a cold interpreter importing fairseq costs 10-50 s
     (["-m", "unilm_vl.kosmos2_infer", "--checkpoint", "{k}/ckpt.pt", "--input", "{k}/prompts.tsv", "--dict-path",
       "{k}/dict_short.txt", "--cpu"], "token embeddings but the kosmos2 dictionary has"),
 ])

@@ -41,6 +41,29 @@ def check_cpu_backend(argv):
                          "default under torchrun --cpu) or pytorch_ddp")
 
 
+def _flag_values(argv, flag):
+    """Every value given to ``flag`` in ``argv`` (``--flag V`` and ``--flag=V``)."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+    return values
+
+
+def check_checkpoint_paths(argv):
+    """A ``--restore-file`` other than fairseq's default ``checkpoint_last.pt`` that does not exist would start the
+    training from scratch with only an INFO line ("No existing checkpoint found"); a missing
+    ``--finetune-from-model`` dies in fairseq with a traceback. Stop first, naming the flag."""
+    for flag in ("--restore-file", "--finetune-from-model"):
+        for value in _flag_values(argv, flag):
+            if flag == "--restore-file" and value == "checkpoint_last.pt":
+                continue
+            if not os.path.isfile(value):
+                raise FileNotFoundError(f"{flag} {value}: no such checkpoint file")
+
+
 def cli_main():
     from fairseq_cli.train import cli_main as fairseq_train
 
@@ -48,6 +71,7 @@ def cli_main():
 
     setup_cli_logging()
     check_cpu_backend(sys.argv)
+    check_checkpoint_paths(sys.argv)
     sys.argv = with_torchrun_cpu(with_user_dir(sys.argv))
     fairseq_train()
 
