@@ -7,14 +7,23 @@
   by node/worker, tar expansion, sample shuffle, decode "pilrgb", transform, tokenise, batch, ``wds.WebLoader``)
   rebuilt from open_clip_train's own stage objects (see :func:`open_clip_wds_loader` for the one replaced stage).
 
-Same decode + transform + batch on every side: PIL RGB decode, open_clip's training ``image_transform``
-(RandomResizedCrop scale 0.9-1, bicubic, normalise) at the tower's size, open_clip's BPE tokenizer (77 tokens),
-batches of ``--batch-size``, ``--workers`` DataLoader worker processes. Passes alternate (ours, peer, ...);
-after ``--warmup`` passes per side, the median of ``--iters`` is reported; ``ratio`` = our samples/s / peer's.
+The same work on every side: decode the same JPEGs, open_clip's training view (RandomResizedCrop scale 0.9-1,
+bicubic, to ``--image-size`` px, normalised), open_clip's BPE tokenizer (77 tokens), batches of ``--batch-size``,
+``--workers`` DataLoader worker processes. Ours computes the view with :class:`unilm_vl.data.transforms.ClipTrainView`
+(JPEG DCT-scaled decoding where the crop allows it, uint8 until the batch, normalised per batch); the peer, as
+shipped, decodes every JPEG at full size. Passes alternate (ours wds, peer, ours tsv, ...); after ``--warmup`` passes
+per side, the median of ``--iters`` is reported; ``ratio`` = our samples/s / peer's.
 
-    .venv/bin/python -m unilm_vl.data.synthetic --out /tmp/bench_world --seed 0 --num-train 2000 --num-val 8 \\
-        --num-test 8 --num-videos 0 --image-size 64
-    .venv/bin/python benchmarks/data_pipeline.py --data /tmp/bench_world [--batch-size 50] [--workers 2]
+Two worlds: today's synthetic world (64 px images) and the real-size world (JPEGs of 320-640 px on the short side,
+quality 90, captions of 10-30 words; :mod:`unilm_vl.data.synthetic.real_size`)::
+
+    .venv/bin/python -m unilm_vl.data.synthetic.real_size --out /tmp/real_world --num 1000 --shards 16
+    .venv/bin/python benchmarks/data_pipeline.py --data /tmp/real_world [--batch-size 50] [--workers 2]
+
+``--variants`` adds our pipeline with single steps of the speed-up undone, to measure each step (wds only):
+``old`` (the pipeline before them: open_clip's transform on fully decoded images, normalised per sample),
+``full_decode`` (``--full-jpeg-decode``: no DCT scaling) and ``float_in_worker`` (draft decoding, normalised per
+sample in the workers instead of per batch).
 
 open_clip_train 3.3.0 imports pandas at module level for its CSV dataset only; where pandas is not installed an
 empty stand-in module is registered before the import (the wds path never touches it).
@@ -28,7 +37,6 @@ import statistics
 import sys
 import time
 import types
-from argparse import Namespace
 
 import torch
 
@@ -85,18 +93,32 @@ def open_clip_wds_loader(args, shards, image_size, mean, std, num_samples):
     return make
 
 
-def our_task(args, train_data):
+def our_task(args, train_data, variant="default"):
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     flags = [args.data, "--user-dir", os.path.join(REPO, "unilm_vl"), "--task", "image_text_contrastive",
              "--arch", "clip_tiny", "--criterion", "clip", "--cpu", "--train-data", train_data,
              "--batch-size", str(args.batch_size), "--num-workers", str(args.workers),
-             "--log-format", "none"]
+             "--log-format", "none"] + (["--full-jpeg-decode"] if variant == "full_decode" else [])
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), flags))
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
     task.context_length = 77  # the text tower has 32 positions; the data side tokenises like open_clip (77)
+    task.image_size = args.image_size  # the data side makes the views real towers take (the tiny tower: 32 px)
+    if variant == "old":  # the pipeline before the speed-up: open_clip's transform on fully decoded images
+        from unilm_vl.data.stages import FramesToImage, ImageTransform, Tokenize
+
+        task.build_stages = lambda split: [FramesToImage(), ImageTransform(task.image_transform(train=True)),
+                                           Tokenize(task.tokenizer, task.context_length)]
+        task.stream_options = lambda split, batch_size: {}
+    elif variant == "float_in_worker":  # draft decoding, normalised per sample in the workers
+        from unilm_vl.data.transforms import ClipTrainView
+
+        task.train_view = lambda: ClipTrainView(task.image_size, scale=(task.cfg.train_crop_scale_min, 1.0),
+                                                mean=task.image_mean, std=task.image_std)
+    elif variant not in ("default", "full_decode"):
+        raise ValueError(f"unknown variant {variant!r}")
     task.load_dataset("train")
 
     def loader():
@@ -118,29 +140,36 @@ def consume(make_loader):
     return n, seconds
 
 
-def compare(ours, peer, warmup, iters):
+def compare(loaders, warmup, iters):
+    """Interleaved passes over ``loaders`` (name -> loader factory, one of them ``peer``): median samples/s of
+    each, and each one's ``ratio`` to the peer's median."""
     for _ in range(warmup):
-        consume(ours)
-        consume(peer)
-    rates = {"ours": [], "peer": []}
+        for make in loaders.values():
+            consume(make)
+    rates = {name: [] for name in loaders}
     counts = {}
     for _ in range(iters):
-        for name, make in (("ours", ours), ("peer", peer)):
+        for name, make in loaders.items():
             n, seconds = consume(make)
             counts[name] = n
             rates[name].append(n / seconds)
-    ours_rate, peer_rate = statistics.median(rates["ours"]), statistics.median(rates["peer"])
-    return {"ours_samples_per_s": ours_rate, "peer_samples_per_s": peer_rate, "ratio": ours_rate / peer_rate,
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    return {"samples_per_s": medians, "ratio": {name: medians[name] / medians["peer"] for name in loaders},
             "samples_per_pass": counts, "all_rates": rates}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="synthetic world directory (python -m unilm_vl.data.synthetic)")
+    parser.add_argument("--data", required=True, help="synthetic world directory (python -m unilm_vl.data.synthetic "
+                                                      "or python -m unilm_vl.data.synthetic.real_size)")
     parser.add_argument("--batch-size", type=int, default=50, help="samples per batch")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes on every side")
+    parser.add_argument("--image-size", type=int, default=224, help="side of the training views in pixels")
     parser.add_argument("--warmup", type=int, default=1, help="untimed passes per side")
     parser.add_argument("--iters", type=int, default=3, help="timed passes per side (median reported)")
+    parser.add_argument("--no-tsv", action="store_true", help="skip our TSV pipeline")
+    parser.add_argument("--variants", default="", help="comma list of our wds variants to time as well: old, "
+                                                       "full_decode, float_in_worker (see the docstring)")
     args = parser.parse_args(argv)
     setup_logging()
     wds_dir = os.path.join(args.data, "train", "wds")
@@ -151,17 +180,26 @@ def main(argv=None):
     brace = os.path.join(wds_dir, f"part-{{{first}..{last}}}.tar")  # open_clip's shard syntax
 
     ours_wds, model = our_task(args, "train/wds/part-*.tar")
-    ours_tsv, _ = our_task(args, "train/grit/part-*.tsv")
+    loaders = {"ours_wds": ours_wds}
     num_samples, _ = consume(ours_wds)  # samples in one of our passes: the peer's epoch is set to the same
-    mean, std = model.image_mean, model.image_std
-    peer = open_clip_wds_loader(args, brace, model.image_size, mean, std, num_samples)
-    results = {"config": vars(args), "shards": len(shards),
-               "wds_vs_open_clip": compare(ours_wds, peer, args.warmup, args.iters),
-               "tsv_vs_open_clip": compare(ours_tsv, peer, args.warmup, args.iters)}
-    for key in ("wds_vs_open_clip", "tsv_vs_open_clip"):
-        r = results[key]
-        logger.info("%-18s ours %.1f samples/s  open_clip %.1f samples/s  ratio %.3f  (samples per pass %s)", key,
-                    r["ours_samples_per_s"], r["peer_samples_per_s"], r["ratio"], r["samples_per_pass"])
+    loaders["peer"] = open_clip_wds_loader(args, brace, args.image_size, model.image_mean, model.image_std,
+                                           num_samples)
+    if not args.no_tsv:
+        loaders["ours_tsv"] = our_task(args, "train/grit/part-*.tsv")[0]
+    for variant in filter(None, (v.strip() for v in args.variants.split(","))):
+        loaders[f"ours_wds_{variant}"] = our_task(args, "train/wds/part-*.tar", variant)[0]
+    results = {"config": vars(args), "shards": len(shards), "passes": compare(loaders, args.warmup, args.iters)}
+    r = results["passes"]
+    for key, name in (("wds_vs_open_clip", "ours_wds"), ("tsv_vs_open_clip", "ours_tsv")):  # per-pair summaries
+        if name in loaders:
+            results[key] = {"ours_samples_per_s": r["samples_per_s"][name], "peer_samples_per_s":
+                            r["samples_per_s"]["peer"], "ratio": r["ratio"][name],
+                            "samples_per_pass": {"ours": r["samples_per_pass"][name],
+                                                 "peer": r["samples_per_pass"]["peer"]}}
+    for name in loaders:
+        logger.info("%-26s %.1f samples/s  ratio to open_clip %.3f  (all %s)", name, r["samples_per_s"][name],
+                    r["ratio"][name], [round(x, 1) for x in r["all_rates"][name]])
+    logger.info("samples per pass %s", r["samples_per_pass"])
     report("data_pipeline", results)
     logger.info("machine %s", machine())
     return 0

@@ -40,16 +40,41 @@ class TooManyBadSamples(RuntimeError):
     pass
 
 
-def decode_image(data: bytes, source: str = "?", field: str = "image") -> Image.Image:
-    """Decode image bytes to an upright RGB image. Raises :class:`BadSample` on any failure."""
+def decode_image(data: bytes, source: str = "?", field: str = "image", defer_jpeg: bool = False) -> Image.Image:
+    """Decode image bytes to an upright RGB image. Raises :class:`BadSample` on any failure.
+
+    With ``defer_jpeg``, a JPEG without an EXIF rotation comes back opened but not decoded (its header is read,
+    ``size`` is known): the transform decodes it, possibly at a reduced DCT scale (``Image.draft``), and finishes it
+    with :func:`finish_image`. Any other image is decoded here as without the flag."""
     if not data:
         raise BadSample("empty image", source, field)
     try:
         img = Image.open(io.BytesIO(data))
+        if defer_jpeg and img.format == "JPEG" and img.getexif().get(_ORIENTATION, 1) == 1:
+            return img
         img.load()  # force the full decode so a truncated file fails here
-        img = ImageOps.exif_transpose(img)
+        img = ImageOps.exif_transpose(img, in_place=True) or img  # in place: no copy of an upright image
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning,
             EOFError) as exc:
+        raise BadSample(f"undecodable image: {type(exc).__name__}: {exc}", source, field) from None
+    return to_rgb(img)
+
+
+_ORIENTATION = 0x0112
+"""The EXIF orientation tag (1 = upright)."""
+
+
+def is_deferred(img: Image.Image) -> bool:
+    """Whether ``img`` is a JPEG that :func:`decode_image` opened without decoding (``defer_jpeg``)."""
+    return getattr(img, "format", None) == "JPEG" and bool(getattr(img, "tile", None))
+
+
+def finish_image(img: Image.Image, source: str = "?", field: str = "image") -> Image.Image:
+    """Decode a deferred image (after an optional ``draft``) to RGB; :class:`BadSample` on a corrupt file. An image
+    that is already decoded comes back as :func:`to_rgb` makes it."""
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadSample(f"undecodable image: {type(exc).__name__}: {exc}", source, field) from None
     return to_rgb(img)
 

@@ -81,6 +81,7 @@ class StreamPlan:
     name: str = "train"
     sizes: Dict[str, int] = field(default_factory=dict)  # source name -> samples, filled by count()
     mix_block: int = 1  # records taken from one source per weighted choice (batch size = one source per batch)
+    defer_jpeg: bool = False  # JPEGs reach the stages undecoded: the image transform decodes them (draft decoding)
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -221,7 +222,7 @@ def decode_sample(plan: StreamPlan, epoch: int, source: int, record: Dict[str, A
     sample_seed = derive_seed(plan.seed, epoch, record["__url__"], record["__index__"], "sample")
     try:
         with _SampleSeed(sample_seed, in_main_process):
-            decoded = decode_record(record, plan.sources[source])
+            decoded = decode_record(record, plan.sources[source], plan.defer_jpeg)
             decoded["__seed__"] = sample_seed  # for stages that keep their own random.Random
             return apply_stages(decoded, plan.stages)
     except BadSample as exc:

@@ -189,7 +189,7 @@ def _where(raw: Dict[str, Any]) -> str:
     return f"{raw['__url__']}#{raw.get('__key__', raw['__index__'])}"
 
 
-def decode_tsv(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
+def decode_tsv(raw: Dict[str, Any], spec: SourceSpec, defer_jpeg: bool = False) -> Dict[str, Any]:
     if "__error__" in raw:  # an empty shard
         raise BadSample(raw["__error__"], raw["__url__"], "shard")
     schema: TsvSchema = TSV_SCHEMAS[spec.schema]
@@ -207,7 +207,7 @@ def decode_tsv(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
         image_bytes = base64.b64decode(image_b64, validate=True)
     except (binascii.Error, ValueError):
         raise BadSample("image column is not base64", where, schema.image_column) from None
-    image = decode_image(image_bytes, where, schema.image_column)
+    image = decode_image(image_bytes, where, schema.image_column, defer_jpeg)
     caption = row.get(schema.caption_column, "")
     if not caption.strip():
         raise BadSample("empty caption", where, schema.caption_column)
@@ -217,7 +217,8 @@ def decode_tsv(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
             "meta": meta}
 
 
-def decode_wds(raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASET_KEYS) -> Dict[str, Any]:
+def decode_wds(raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASET_KEYS,
+               defer_jpeg: bool = False) -> Dict[str, Any]:
     where = _where(raw)
     if "__error__" in raw:  # read_tar's record for an unreadable, truncated or empty shard, or a duplicate key
         raise BadSample(raw["__error__"], where if raw.get("__key__") else raw["__url__"], "tar")
@@ -246,7 +247,7 @@ def decode_wds(raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASE
             raise BadSample(f"json lacks string field {spec.caption_key!r}", where, spec.caption_key)
     if not caption.strip():
         raise BadSample("empty caption", where, spec.caption_key)
-    image = decode_image(members[image_ext], where, image_ext)
+    image = decode_image(members[image_ext], where, image_ext, defer_jpeg)
     return {"__key__": raw["__key__"], "__source__": spec.name, "__where__": where, "image": image,
             "caption": caption.strip(), "meta": meta}
 
@@ -326,12 +327,17 @@ def decode_text(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
 DECODERS = {"tsv": decode_tsv, "wds": decode_wds, "frames": decode_frames, "text": decode_text}
 
 
-def decode_record(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
+def decode_record(raw: Dict[str, Any], spec: SourceSpec, defer_jpeg: bool = False) -> Dict[str, Any]:
     """Decode a raw record of ``spec``; raises :class:`BadSample` naming the shard and field on failure.
 
     A task may replace the decoder of its sources with a picklable callable in ``spec.extra["decoder"]`` (COSA
-    lists frame paths without decoding them: :class:`unilm_vl.data.cosa.CosaFramesDecoder`)."""
-    return (spec.extra.get("decoder") or DECODERS[spec.kind])(raw, spec)
+    lists frame paths without decoding them: :class:`unilm_vl.data.cosa.CosaFramesDecoder`). ``defer_jpeg`` leaves
+    the JPEG images of tsv and wds records undecoded for a transform that decodes them itself
+    (:func:`~unilm_vl.data.decode.decode_image`)."""
+    decoder = spec.extra.get("decoder")
+    if decoder is None and defer_jpeg and spec.kind in ("tsv", "wds"):
+        return DECODERS[spec.kind](raw, spec, defer_jpeg=True)
+    return (decoder or DECODERS[spec.kind])(raw, spec)
 
 
 # ----------------------------------------------------------------------------------------------- data specs

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .decode import BadSample
+from .transforms import normalize_images
 
 
 @dataclass
@@ -35,7 +36,12 @@ class ImageTransform:
             if self.optional:
                 return sample
             raise BadSample(f"sample has no {self.field!r}", sample.get("__where__", "?"), self.field)
-        sample[self.field] = self.transform(sample[self.field])
+        try:
+            sample[self.field] = self.transform(sample[self.field])
+        except BadSample as exc:  # a deferred image that fails to decode inside the transform: name the sample
+            if exc.source != "?":
+                raise
+            raise BadSample(exc.reason, sample.get("__where__", "?"), self.field) from None
         return sample
 
 
@@ -59,14 +65,24 @@ class CollateImageText:
 
         {"id": [keys], "nsentences": B, "ntokens": non-pad tokens,
          "net_input": {"image": B x 3 x H x W, "text": B x L}}
+
+    uint8 images (:class:`~unilm_vl.data.transforms.ClipTrainView`) are normalised here, once per batch, with
+    ``image_mean`` / ``image_std`` (:func:`~unilm_vl.data.transforms.normalize_images`: the same float32 values
+    as normalising each sample); float images pass as they are.
     """
 
     pad_id: int = 0
     image_field: str = "image"
     text_field: str = "text"
+    image_mean: Optional[Sequence[float]] = None
+    image_std: Optional[Sequence[float]] = None
 
     def __call__(self, samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         images = torch.stack([s[self.image_field] for s in samples])  # B x 3 x H x W
+        if images.dtype == torch.uint8:
+            if self.image_mean is None or self.image_std is None:
+                raise ValueError("uint8 images need the collater's image_mean and image_std to be normalised")
+            images = normalize_images(images, self.image_mean, self.image_std)
         texts = torch.stack([s[self.text_field] for s in samples])  # B x L
         return {
             "id": [s["__key__"] for s in samples],

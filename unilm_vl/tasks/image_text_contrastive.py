@@ -37,7 +37,7 @@ from ..data.stages import (CollateImageText, CollateMultiView, FramesToImage, Im
                            Tokenize, TokenizeViews)
 from ..data.text_augment import TextAugmentConfig, TextViews
 from ..data.tokenizers import TokenizerConfig, build_tokenizer
-from ..data.transforms import clip_image_transform, rocket_global_transform, rocket_view_transform
+from ..data.transforms import ClipTrainView, clip_image_transform, rocket_global_transform, rocket_view_transform
 from ._base import ModelGeometry, StreamDataConfig, StreamTaskBase
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,10 @@ class ImageTextContrastiveConfig(TokenizerConfig, StreamDataConfig):
 
     train_crop_scale_min: float = field(default=0.9, metadata={
         "help": "training RandomResizedCrop scale lower bound (open_clip default 0.9); 1.0 = resize + centre crop"})
+    full_jpeg_decode: bool = field(default=False, metadata={
+        "help": "decode training JPEGs at full size, giving open_clip's training pixels exactly; by default a JPEG "
+                "is decoded at a 1/2-1/8 DCT scale when its crop keeps >= the image size on each side (faster; "
+                "pixels differ slightly, see benchmarks/README.md)"})
     num_augs: int = field(default=0, metadata={
         "help": "improved CLIP recipe (clip-rocket): A strong image and text views per training sample besides the "
                 "weak global view (the reference uses 2); 0 = plain CLIP batches"})
@@ -156,8 +160,21 @@ class ImageTextContrastiveTask(StreamTaskBase):
                     MultiViewImage(rocket_global_transform(size, mean, std), rocket_view_transform(size, mean, std),
                                    self.cfg.num_augs),
                     TextViews(text_cfg), TokenizeViews(self.tokenizer, self.context_length)]
-        return [FramesToImage(), ImageTransform(self.image_transform(train=split == "train")),
-                Tokenize(self.tokenizer, self.context_length)] + self.hard_negative_stages()
+        image = self.train_view() if split == "train" else self.image_transform(train=False)
+        return [FramesToImage(), ImageTransform(image), Tokenize(self.tokenizer, self.context_length)
+                ] + self.hard_negative_stages()
+
+    def train_view(self) -> ClipTrainView:
+        """The plain training view: open_clip's training transform as uint8, normalised per batch by the collater;
+        JPEGs decoded at a reduced DCT scale unless ``--full-jpeg-decode``."""
+        self.require_geometry()
+        return ClipTrainView(self.image_size, scale=(self.cfg.train_crop_scale_min, 1.0),
+                             draft=not self.cfg.full_jpeg_decode)
+
+    def stream_options(self, split: str, batch_size: int) -> dict:
+        """Plain training batches hand their JPEGs undecoded to :class:`ClipTrainView` (draft decoding)."""
+        plain = split == "train" and not (self.multicrop(split) or self.multiview(split))
+        return {"defer_jpeg": plain and not self.cfg.full_jpeg_decode}
 
     def hard_negative_stages(self) -> list:
         """Per-sample negative captions (seeded by the sample) and their token rows; empty without them."""
@@ -171,6 +188,7 @@ class ImageTextContrastiveTask(StreamTaskBase):
             return CollateMultiCrop(pad_id=self.tokenizer.pad_id)
         if self.multiview(split):
             return CollateMultiView(pad_id=self.tokenizer.pad_id)
+        norm = {"image_mean": self.image_mean, "image_std": self.image_std}  # uint8 training views -> normalised
         if self.hard_negative_lexicon is not None:
-            return CollateHardNegatives(pad_id=self.tokenizer.pad_id)
-        return CollateImageText(pad_id=self.tokenizer.pad_id)
+            return CollateHardNegatives(pad_id=self.tokenizer.pad_id, **norm)
+        return CollateImageText(pad_id=self.tokenizer.pad_id, **norm)

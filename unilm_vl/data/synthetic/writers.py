@@ -23,10 +23,10 @@ int, because tarfile adds a pax header to every member whose mtime is a float.""
 class ShardSplit:
     """Writes one train/val split as GRIT TSV and img2dataset shards plus its ``grit.json`` data config."""
 
-    def __init__(self, out_dir: str, split: str):
+    def __init__(self, out_dir: str, split: str, rows_per_shard: int = ROWS_PER_SHARD):
         self.root = os.path.join(out_dir, split)
-        self.tsv = TsvShardWriter(os.path.join(self.root, "grit", "part"), GRIT_TSV, ROWS_PER_SHARD)
-        self.wds = WdsShardWriter(os.path.join(self.root, "wds", "part"), ROWS_PER_SHARD, mtime=TAR_MTIME)
+        self.tsv = TsvShardWriter(os.path.join(self.root, "grit", "part"), GRIT_TSV, rows_per_shard)
+        self.wds = WdsShardWriter(os.path.join(self.root, "wds", "part"), rows_per_shard, mtime=TAR_MTIME)
         self.count = 0
 
     def write(self, s: Dict) -> None:
