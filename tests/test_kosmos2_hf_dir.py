@@ -16,9 +16,8 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import REPO, SHARED
+from PIL import Image
 
 RELEASED = os.path.join(SHARED, "reference", "kosmos2")
 SENTENCES = ["a red dog on the grass", "two blue cats play with a ball", "a man rides a green bike",
@@ -164,7 +163,7 @@ def test_hf_reference_is_not_degenerate(expected):
 
 def test_engine_gives_hf_tokens(grounder, expected):
     """Our prompt ids are the processor's input_ids, and greedy decoding with the "hf" preset generates HF's ids."""
-    from unilm_vl.inference.kosmos2 import collate_prompts, prompt_tokens
+    from unilm_vl.inference.kosmos2 import Kosmos2Generator, collate_prompts, prompt_tokens
 
     engine = grounder.engine
     search = grounder.search_config("hf")
@@ -173,8 +172,6 @@ def test_engine_gives_hf_tokens(grounder, expected):
         assert tokens == prompt_ids
         sample = collate_prompts([{"id": 0, "tokens": tokens, "image": engine.transform(image(seed))}],
                                  engine.task.dictionary.pad(), engine.task.cfg.image_token_length)
-        from unilm_vl.inference.kosmos2 import Kosmos2Generator
-
         hypo = Kosmos2Generator(search, engine.task.dictionary, continuation_only=True).generate(
             [engine.model], sample)[0][0]
         assert prompt_ids + hypo["tokens"].tolist() == ids
@@ -309,8 +306,6 @@ def test_converted_checkpoint_keeps_the_tower_and_gives_hf_output(hf, expected, 
     (``vision_config_json``), so x.pt loads after the HF directory is gone, in a fresh interpreter whose open_clip
     registry does not know the tower; ``kosmos2_infer --checkpoint x.pt --preset hf`` and the Python API on x.pt
     give HF's output."""
-    import open_clip
-
     from unilm_vl import convert, kosmos2_infer
 
     hf_dir, _, _, spm_path, _ = hf
