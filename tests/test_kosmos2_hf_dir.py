@@ -340,6 +340,22 @@ def test_converted_checkpoint_keeps_the_tower_and_gives_hf_output(hf, expected, 
                                                   for p, span, boxes in entities]]]
 
 
+def test_to_hf_takes_an_hf_dir(hf, tmp_path):
+    """``convert kosmos2 --to-hf --checkpoint HF_DIR`` reads the directory as a checkpoint: the HF model it writes
+    has the same config sizes and the same tensors as the one saved."""
+    import transformers
+
+    from unilm_vl import convert
+
+    _, model, _, _, _ = hf
+    assert convert.main(["kosmos2", "--to-hf", "--checkpoint", str(hf[0]), "--out", str(tmp_path / "again")]) == 0
+    again = transformers.Kosmos2ForConditionalGeneration.from_pretrained(str(tmp_path / "again"))
+    assert again.config.vision_config.patch_size == 6 and again.config.latent_query_num == 64
+    theirs, ours = model.state_dict(), again.state_dict()
+    assert set(theirs) == set(ours)
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
 def test_installed_open_clip_package_is_unchanged(hf, grounder):
     """Everything above built the tower open_clip lacks; nothing was written into the installed package's
     model_configs (same files, sizes and modification times as before the module's first load)."""
