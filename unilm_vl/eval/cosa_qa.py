@@ -1,5 +1,5 @@
 """COSA open-ended video / image QA: greedy answer generation, exact-match accuracy (as released) and the official
-VQA accuracy (cosa.md 6.3).
+VQA accuracy (TXH-mercury/COSA ``test.py``).
 
 Protocol (``pretrain.py:623-657``, ``test.py:52-119`` of the release): the question is tokenised to
 ``[CLS] question [SEP]`` padded to ``max_text_tokens`` (40), the model decodes the answer greedily

@@ -1,4 +1,4 @@
-"""COSA text<->video retrieval: ITC scores, then ITM re-ranking of each text's top-k videos (cosa.md 6.1).
+"""COSA text<->video retrieval: ITC scores, then ITM re-ranking of each text's top-k videos (TXH-mercury/COSA).
 
 Protocol (``test.py:159-357`` of the release):
 

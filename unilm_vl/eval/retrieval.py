@@ -1,11 +1,11 @@
 """Zero-shot image-text retrieval (COCO, Flickr30k): R@1/5/10, mean / median rank, rsum.
 
-Protocol (CLIP; COSMOS ``compute_retrieval``, reference notes contrastive.md 1.8): images and captions are encoded
-separately by an :class:`~unilm_vl.eval.common.ImageTextEncoder`, ``sim = image_feats @ text_feats.T`` (the logit
-scale does not change ranks), and the ranks come from :func:`unilm_vl.eval.metrics.retrieval_metrics`: an image is
-ranked by its best GT caption, a caption by its single GT image. Ties count against the ground truth: an item
-scoring the same as the GT ranks above it (the metrics module says why), so a model with constant scores gets
-R@1 = 0, never more than chance; without ties the ranks are the sort-based ones of those protocols.
+Protocol (CLIP; COSMOS ``compute_retrieval``, ExplainableML/cosmos ``src/training/train.py``): images and captions are
+encoded separately by an :class:`~unilm_vl.eval.common.ImageTextEncoder`, ``sim = image_feats @ text_feats.T`` (the
+logit scale does not change ranks), and the ranks come from :func:`unilm_vl.eval.metrics.retrieval_metrics`: an image
+is ranked by its best GT caption, a caption by its single GT image. Ties count against the ground truth: an item
+scoring the same as the GT ranks above it (the metrics module says why), so a model with constant scores gets R@1 = 0,
+never more than chance; without ties the ranks are the sort-based ones of those protocols.
 
 Annotation formats, told apart by their structure (never by the file name):
 

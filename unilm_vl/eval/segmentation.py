@@ -1,6 +1,6 @@
 """Zero-shot semantic segmentation from patch-text similarity (COSMOS / SCLIP protocol), mIoU on a VOC layout.
 
-Protocol (reference notes contrastive.md 1.8, COSMOS ``seg_eval.py`` / ``clip_segmentor.py``):
+Protocol (ExplainableML/cosmos ``src/seg_eval.py`` / ``src/training/clip_segmentor.py``):
 
 1. **Class queries.** Each line of the class-name file is one class, in label order (line 0 = label 0); a line
    ``"a, b"`` lists synonyms. Every *name* is one query: its prompts over all templates are encoded,
