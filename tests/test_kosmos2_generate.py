@@ -244,7 +244,7 @@ def test_no_repeat_ngram_breaks_a_cycle():
 
 
 def test_check22_same_upper_left_cell_never_follows_phrase_twice(vocab):
-    """Check 22: with no_repeat_ngram_size=3, ``</phrase><object><patch_index_X>`` cannot occur twice with one X."""
+    """With no_repeat_ngram_size=3, ``</phrase><object><patch_index_X>`` cannot occur twice with one X."""
     task = make_task(vocab)
     d = task.dictionary
     ph, eph, ob, eob = (d.index(s) for s in ("<phrase>", "</phrase>", "<object>", "</object>"))
@@ -296,7 +296,7 @@ def test_check12_prompt_layout_with_the_released_vocabulary():
                                      dict_path=os.path.join(RELEASED, "dict.txt"), location_bin_size=32,
                                      image_token_length=64, seed=1))
     ids = task.prompt_tokens("<grounding>An image of")
-    # check 12: the 64 slots hold the ids 4..67, as the released inference and HF's processor write them
+    # The 64 slots hold the ids 4..67, as the released inference and HF's processor write them
     assert ids == [0, 64003] + list(range(4, 68)) + [64004, 64012, 712, 1648, 9]
     assert len(ids) == 71 and ids[-1] != task.dictionary.eos()
 

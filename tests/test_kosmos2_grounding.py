@@ -49,7 +49,7 @@ GRIT_README_TEXT = ("<grounding><phrase> a wire hanger</phrase><object><patch_in
                     " that reads we heart our customers</s>")
 
 
-# ---- vocabulary (checks 1-3, 10, 12) ---------------------------------------------------------------------------
+# ---- vocabulary ------------------------------------------------------------------------------------------------
 
 
 def test_symbol_list_order():
@@ -109,7 +109,7 @@ def test_tokenizer_matches_dictionary_and_spm():
 
 @needs_reference
 def test_grit_readme_serialisation_round_trip():
-    """Check 10: the 27 ids of the README record detokenise to the notes' string and re-encode to the same ids."""
+    """The 27 ids of the README record detokenise to the release's string and re-encode to the same ids."""
     tok = build_kosmos2_tokenizer(REFERENCE_SPM, REFERENCE_DICT)
     assert tok.decode(GRIT_README_IDS, skip_special=False) == GRIT_README_TEXT
     body = GRIT_README_TEXT[: -len("</s>")]
@@ -120,7 +120,7 @@ def test_grit_readme_serialisation_round_trip():
                         ("a paper cover", (19, 32), [(0.015625, 0.296875, 0.984375, 0.953125)])]
 
 
-# ---- box codec (checks 4-7) ------------------------------------------------------------------------------------
+# ---- box codec -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("box, release, hf", [
@@ -173,7 +173,7 @@ def test_box_to_pixels_is_float():
 
 
 def test_box_token_box_round_trip():
-    """Check 6: release encoder + decoder, 10^5 random boxes."""
+    """Release encoder + decoder, 10^5 random boxes."""
     rng = random.Random(1)
     worst_centre = worst_edge = 0.0
     for _ in range(100_000):
@@ -198,7 +198,7 @@ def ordered_pairs(num_bins):
 
 
 def test_token_box_token_round_trip():
-    """Check 7: the hf encoder inverts the decoder on all 278,784 ordered pairs; the release one fails on 32,705."""
+    """The hf encoder inverts the decoder on all 278,784 ordered pairs; the release one fails on 32,705."""
     pairs = ordered_pairs(32)
     assert len(pairs) == 278_784
     release_failures = 0
@@ -287,7 +287,7 @@ def test_decoder_rejects_bad_indices(pair):
         patch_indices_to_box(*pair)
 
 
-# ---- object chunks and parsing (checks 18-20) ------------------------------------------------------------------
+# ---- object chunks and parsing ---------------------------------------------------------------------------------
 
 
 def test_object_chunk_helpers():
@@ -334,7 +334,7 @@ def test_parse_multi_box_and_unnamed():
 
 
 def test_parse_space_before_object_is_unnamed():
-    """Check 20: ``</phrase>`` must be followed directly by ``<object>``."""
+    """``</phrase>`` must be followed directly by ``<object>``."""
     text = "<phrase>a dog</phrase> <object><patch_index_0000><patch_index_0001></object>"
     objects = find_grounded_objects(text)
     assert len(objects) == 1 and objects[0].name is None and objects[0].pairs == [(0, 1)]

@@ -19,7 +19,7 @@ BOS, PAD, EOS, BOI, EOI = 0, 1, 2, 5, 4  # fairseq-style ids in the tiny vocabul
 
 
 def sample(n_text, seed, num_queries):
-    """``<s> <image> [L placeholders] </image> text...``: tokens (T,) and image mask (T,) as in spec section 1.5."""
+    """``<s> <image> [L placeholders] </image> text...``: tokens (T,) and image mask (T,), the release's layout."""
     gen = torch.Generator().manual_seed(seed)
     text = torch.randint(10, 100, (n_text,), generator=gen)
     tokens = torch.cat([torch.tensor([BOS, BOI]), torch.arange(6, 6 + num_queries), torch.tensor([EOI]), text])
@@ -60,7 +60,7 @@ def test_forward_shapes(model):
 
 
 def test_vision_tower_returns_all_tokens_after_ln_post_l2_normalised(model):
-    """Check 13: every tower token (CLS + patches, after ln_post) has L2 norm 1; (32/8)^2 + 1 = 17 tokens."""
+    """Every tower token (CLS + patches, after ln_post) has L2 norm 1; (32/8)^2 + 1 = 17 tokens."""
     tower = model.vision
     x = images(3, seed=1)
     feats = tower(x)
@@ -72,7 +72,7 @@ def test_vision_tower_returns_all_tokens_after_ln_post_l2_normalised(model):
 
 
 def test_connector_shape_and_number_of_keys(model):
-    """Check 13: connector output B x L x D; the latent queries see N image tokens + L queries as keys."""
+    """Connector output B x L x D; the latent queries see N image tokens + L queries as keys."""
     seen = []
     hook = model.connector.x_attn.k_proj.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
     try:
@@ -84,7 +84,7 @@ def test_connector_shape_and_number_of_keys(model):
 
 
 def test_xl_connector_parameter_count_and_keys():
-    """Check 17: 19,015,680 connector parameters at xl size; check 13: 257 + 64 = 321 keys for ViT-L/14 tokens."""
+    """19,015,680 connector parameters at xl size; 257 + 64 = 321 keys for ViT-L/14 tokens."""
     cfg = kosmos2_xl_config()
     connector = Kosmos2Connector(cfg.connector, 1024, cfg.decoder.embed_dim)
     assert sum(p.numel() for p in connector.parameters()) == 19_015_680
@@ -120,7 +120,7 @@ def layer0_input(model, tokens, mask, image, scale=None):
 
 
 def test_embedding_scale_applies_after_splicing(model):
-    """Check 15: x0 = (E[tokens] with image rows replaced) * sqrt(D) + pos; scaling the image rows by s changes x0
+    """x0 = (E[tokens] with image rows replaced) * sqrt(D) + pos; scaling the image rows by s changes x0
     there by sqrt(D) * s per unit, and the text rows not at all."""
     tokens, mask = pad_batch([sample(4, 2, model.num_image_tokens)], "right")
     image, d = images(1, seed=2), model.cfg.decoder.embed_dim
@@ -144,7 +144,7 @@ def test_pad_row_zero_and_tied_output_projection(model):
 
 
 def test_decoder_layer_norms_and_no_relative_positions(model):
-    """Check 14: four LayerNorms per sub-LN layer + one final LayerNorm; no xPos/rotary/relative bias."""
+    """Four LayerNorms per sub-LN layer + one final LayerNorm; no xPos/rotary/relative bias."""
     d, ffn = model.cfg.decoder.embed_dim, model.cfg.decoder.ffn_embed_dim
     expected = {"self_attn_layer_norm": d, "self_attn.inner_attn_ln": d, "ffn.ffn_layernorm": ffn,
                 "final_layer_norm": d}
@@ -162,7 +162,7 @@ def test_first_real_token_uses_sinusoid_row_2(model):
     d = model.cfg.decoder.embed_dim
     half = d // 2
     w = torch.exp(-torch.arange(half, dtype=torch.float64) * math.log(10000) / (half - 1))
-    row = lambda p: torch.cat([torch.sin(p * w), torch.cos(p * w)]).float()  # noqa: E731 (spec section 1.4)
+    row = lambda p: torch.cat([torch.sin(p * w), torch.cos(p * w)]).float()  # noqa: E731 (fairseq's sinusoids)
     tokens = torch.tensor([[PAD, PAD, BOS, 17, 18], [BOS, 17, 18, PAD, PAD]])
     pos = model.decoder.embed_positions(tokens)
     torch.testing.assert_close(pos[0, 2:], torch.stack([row(2), row(3), row(4)]))

@@ -75,8 +75,8 @@ logger = logging.getLogger(__name__)
 StateDict = Dict[str, torch.Tensor]
 
 RELEASE_UNUSED_KEYS = ("gpt_model.decoder.embed_positions._float_tensor", "gpt_model.decoder.self_attn_sope.scale")
-"""Keys of the released checkpoint that the forward never reads (notes 1.4 and check 16): fairseq's sinusoid dtype
-marker buffer and the buffer of the SoPE module whose call is commented out."""
+"""Keys of the released checkpoint that the forward never reads (microsoft/unilm kosmos-2/): fairseq's sinusoid
+dtype marker buffer and the buffer of the SoPE module whose call is commented out."""
 
 FAIRSEQ_PAD, FAIRSEQ_BOS, FAIRSEQ_EOS = 1, 0, 2
 """Special ids of every fairseq dictionary (our kosmos2 task's vocabulary included)."""
@@ -84,8 +84,8 @@ FAIRSEQ_PAD, FAIRSEQ_BOS, FAIRSEQ_EOS = 1, 0, 2
 _TORCHSCALE_TO_HF_ACT = {"gelu": "gelu", "relu": "relu", "swish": "silu"}
 _HF_TO_TORCHSCALE_ACT = {"gelu": "gelu", "relu": "relu", "silu": "swish", "swish": "swish"}
 
-# Defaults of transformers 5.23.0's Kosmos2TextConfig / Kosmos2VisionConfig (notes section 8): a saved config.json
-# may leave out values equal to these.
+# Defaults of transformers 5.23.0's Kosmos2TextConfig / Kosmos2VisionConfig (models/kosmos2/configuration_kosmos2.py):
+# a saved config.json may leave out values equal to these.
 HF_TEXT_DEFAULTS: Dict[str, Any] = dict(
     vocab_size=65037, max_position_embeddings=2048, embed_dim=2048, layers=24, ffn_dim=8192, attention_heads=32,
     activation_function="gelu", dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, layerdrop=0.0,

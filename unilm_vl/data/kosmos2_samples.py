@@ -110,7 +110,8 @@ def center_crop_box(box: Box, image_size: Tuple[int, int], size: int = 224,
 
     The crop offsets are not rounded (``(resized - size) / 2``), coordinates are clamped to the view; the box is
     dropped (``None``) when it keeps less than ``drop_threshold`` of its resized area or becomes empty.
-    Example (notes check 8): 1024 x 693, (0.019644, 0.310540, 0.962214, 0.960344) -> (0, 0.31054, 1, 0.960344).
+    Example (computed with the release's ``centercrop_norm_bbox``): 1024 x 693, (0.019644, 0.310540, 0.962214,
+    0.960344) -> (0, 0.31054, 1, 0.960344).
     """
     w, h = image_size
     if w <= 0 or h <= 0:
