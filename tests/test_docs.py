@@ -2,6 +2,7 @@
 prefix / criterion / optimizer, relative links that resolve (files and heading anchors), and no file of the repository
 pointing outside it into the sibling ``shared`` folder (only the tests may name the Kosmos-2 release fixtures they skip
 without)."""
+
 import fnmatch
 import os
 import re
@@ -71,7 +72,8 @@ def test_readme_is_short_and_starts_with_the_two_commands():
 
 def test_github_anchor():
     assert github_anchor(" Compositionality and zero-shot segmentation benchmarks") == (
-        "compositionality-and-zero-shot-segmentation-benchmarks")
+        "compositionality-and-zero-shot-segmentation-benchmarks"
+    )
     assert github_anchor("Data specs (`unilm_vl/data/`)") == "data-specs-unilm_vldata"
 
 
@@ -83,15 +85,21 @@ def test_registry_table_parses_keys_and_files():
 
 def registered():
     """[(kind, key, file of the registered class)] for everything unilm_vl registers with fairseq."""
-    import unilm_vl  # noqa: F401  (registers every task, model, arch, criterion and optimizer)
     from fairseq.criterions import CRITERION_REGISTRY
     from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
     from fairseq.optim import OPTIMIZER_REGISTRY
     from fairseq.tasks import TASK_REGISTRY
 
+    import unilm_vl  # noqa: F401  (registers every task, model, arch, criterion and optimizer)
+
     out = []
-    for kind, registry in (("task", TASK_REGISTRY), ("model", MODEL_REGISTRY), ("arch", ARCH_MODEL_REGISTRY),
-                           ("criterion", CRITERION_REGISTRY), ("optimizer", OPTIMIZER_REGISTRY)):
+    for kind, registry in (
+        ("task", TASK_REGISTRY),
+        ("model", MODEL_REGISTRY),
+        ("arch", ARCH_MODEL_REGISTRY),
+        ("criterion", CRITERION_REGISTRY),
+        ("optimizer", OPTIMIZER_REGISTRY),
+    ):
         for key, cls in registry.items():
             if cls.__module__.startswith("unilm_vl"):
                 out.append((kind, key, cls.__module__.replace(".", "/") + ".py"))
@@ -114,8 +122,9 @@ def test_every_registered_key_is_in_the_readme_table_with_its_file():
     assert not wrong, "README registry table out of date:\n" + "\n".join(wrong)
     keys = {(kind, key) for kind, key, _ in found}
     stale = [f"{kind} {key}" for kind in KINDS if kind != "arch" for key in table[kind] if (kind, key) not in keys]
-    stale += [f"arch {p}" for p in table["arch"] if not any(fnmatch.fnmatchcase(k, p) for t, k, _ in found
-                                                               if t == "arch")]
+    stale += [
+        f"arch {p}" for p in table["arch"] if not any(fnmatch.fnmatchcase(k, p) for t, k, _ in found if t == "arch")
+    ]
     assert not stale, "README lists keys nothing registers: " + ", ".join(stale)
 
 
