@@ -331,9 +331,8 @@ def _apply_bans(lprobs, tokens, row_input, step, max_lens, cfg: SearchConfig, pa
         lprobs[rows, eos_idx] = eos
     if cfg.no_repeat_ngram_size > 0:
         lprobs.scatter_(1, repeated_ngram_targets(tokens, cfg.no_repeat_ngram_size, pad_idx), -math.inf)
-    stuck = ~torch.isfinite(lprobs).any(dim=-1)  # N
-    if bool(stuck.any()):
-        lprobs[stuck, eos_idx] = raw[stuck, eos_idx]
+    stuck = ~torch.isfinite(lprobs).any(dim=-1)  # N: rows left with no allowed token
+    lprobs[:, eos_idx] = torch.where(stuck, raw[:, eos_idx], lprobs[:, eos_idx])  # no host sync
     return lprobs
 
 

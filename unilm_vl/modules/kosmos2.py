@@ -571,7 +571,8 @@ class Kosmos2Module(nn.Module):
             if image_mask is not None and bool(image_mask[:, -1].any()):
                 raise ValueError("incremental steps after the first cannot take image placeholder rows")
             if self.fast_decoding and self._decode_step_supported():
-                return {"lm_logits": self.decoder.output_layer(self.decode_step(src_tokens, incremental_state))}
+                hidden = self.decode_step(src_tokens, incremental_state)  # B x 1 x D
+                return {"lm_logits": self.decoder.output_layer(hidden)}  # B x 1 x V
             embeds = self.decoder.embed_tokens(src_tokens[:, -1:])  # B x 1 x D
             first_step = False
         if incremental_state is not None:
