@@ -7,6 +7,7 @@ import torch
 
 from conftest import BIN, REPO
 from test_train_e2e import model_state, run
+from trainer_harness import build_trainer, parameters, train_updates
 from unilm_vl.data import build_vocab
 from unilm_vl.data.synthetic import generate_world
 
@@ -60,8 +61,15 @@ def test_validation_reports_caption_token_loss(world, tmp_path):
 
 
 def test_train_vision_really_trains_the_tower(world, tmp_path):
-    out = run([f"{BIN}/fairseq-train", *k2_args(world, tmp_path, "--max-update", "1", "--disable-validation",
-                                                "--train-vision")])
-    total, trained = map(int, re.search(r"num. shared model params: ([0-9,]+) \(num. trained: ([0-9,]+)\)",
-                                        out.replace(",", "")).groups())
+    """fairseq's trainer in the test process (tests/trainer_harness.py; the CLI runs above): with --train-vision every
+    parameter is trained (fairseq-train's "num. trained" count equals the total) and one update moves the tower."""
+    args = k2_args(world, tmp_path, "--max-update", "1", "--disable-validation", "--train-vision", "--num-workers", "0")
+    trainer, itr = build_trainer(args[2:])  # build_trainer adds the --user-dir pair
+    model = trainer.get_model()
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # as fairseq_cli.train counts them
     assert trained == total
+    before = {k: v.clone() for k, v in parameters(trainer).items() if k.startswith("net.vision.")}
+    train_updates(trainer, itr, 1)
+    after = parameters(trainer)
+    assert before and any(not torch.equal(after[k], v) for k, v in before.items())
