@@ -10,6 +10,7 @@ import torch
 
 from conftest import BIN, COLOURS, jpeg_bytes
 from test_train_e2e import model_state, run, train_args
+from trainer_harness import build_trainer, parameters, train_updates
 from unilm_vl.criterions.clip import ClipCriterion, ClipCriterionConfig
 from unilm_vl.criterions.fsc_clip import FscClipCriterion, FscClipCriterionConfig
 from unilm_vl.criterions.negclip import NegclipCriterion, NegclipCriterionConfig
@@ -149,15 +150,17 @@ def logged(out, key):
     return [float(v) for v in values]
 
 
-@pytest.mark.slow
 def test_train_negclip_two_updates(world, tmp_path):
+    """fairseq's trainer in the test process (tests/trainer_harness.py); the fairseq-train CLI of this family runs in
+    test_train_fsc_clip_lora_resume_export_and_wise_ft."""
     data, pretrained = world
-    out = run([f"{BIN}/fairseq-train", *neg_args(data, tmp_path / "ckpt", pretrained, "--criterion", "negclip",
-                                                 "--hard-negatives", "negclip", "--max-update", "2")])
-    assert "num_updates=2" in out and all(v > 0 for v in logged(out, "clip_loss"))
-    state = model_state(tmp_path / "ckpt" / "checkpoint_last.pt")
+    args = neg_args(data, tmp_path / "ckpt", pretrained, "--criterion", "negclip", "--hard-negatives", "negclip",
+                    "--max-update", "2", "--num-workers", "0")
+    trainer, itr = build_trainer(args[2:])  # build_trainer adds the --user-dir pair
+    outputs = train_updates(trainer, itr, 2)
+    assert trainer.get_num_updates() == 2 and all(o["clip_loss"] > 0 for o in outputs)
     start = torch.load(pretrained)
-    assert not torch.equal(state["towers.clip.visual.conv1.weight"], start["visual.conv1.weight"])
+    assert not torch.equal(parameters(trainer)["towers.clip.visual.conv1.weight"], start["visual.conv1.weight"])
 
 
 FSC = ["--criterion", "fsc_clip", "--hard-negatives", "fsc-clip", "--apply-global-neg-loss",
