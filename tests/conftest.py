@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny image-caption shards written to tmp_path, and paths of the installed tools."""
+"""Shared fixtures: tiny image-caption shards written to tmp_path, and paths of the installed tools; the settings
+for parallel runs (``pytest -n 2``, pytest-xdist, as tests/run.sh runs them)."""
 import base64
 import io
 import os
@@ -50,6 +51,27 @@ def write_tsv(prefix, n, per_shard, seed=0):
         for i, colour in enumerate(captions(n, seed)):
             writer.write(tsv_row(i, colour))
     return [f"{i:06d}" for i in range(n)]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker is one of several processes sharing the cores: one intra-op thread per worker
+    (and per subprocess it starts) instead of every process spinning a thread per core against the others."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (tests/run.sh: ``--dist loadfile --no-loadscope-reorder``, a module's tests on one worker,
+    so a module-scoped fixture is built once) the modules holding a test marked ``slow`` are handed out first, so
+    that a long module does not start last while the other worker idles. Stable sort: each module's tests stay
+    together and in their order."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts its identical collection identically
+        slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
+        items.sort(key=lambda item: item.path not in slow)
 
 
 @pytest.fixture
