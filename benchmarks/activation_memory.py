@@ -403,19 +403,24 @@ def main(argv=None):
                              "state stay fp32")
     parser.add_argument("--gpus", type=int, default=8, help="rank count of the computed per-rank model states")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of a configuration, split over its ranks")
+    parser.add_argument("--skip-unsharded", action="store_true",
+                        help="run only the FSDP2 configurations of --fsdp2-ranks (the unsharded ones of the same "
+                             "shape take as long again on a busy CPU)")
     parser.add_argument("--shapes-only", action="store_true",
                         help="build on the meta device and report the computed model states only (no step)")
     args = parser.parse_args(argv)
     setup_logging()
     if args.fsdp2_ranks < 0 or args.gpus < 1 or args.batch_size < 1:
         parser.error("--fsdp2-ranks must be >= 0, --gpus and --batch-size >= 1")
+    if args.skip_unsharded and not args.fsdp2_ranks and not args.shapes_only:
+        parser.error("--skip-unsharded needs --fsdp2-ranks N (else nothing runs)")
     results = {"config": vars(args)}
     if args.shapes_only:
         results.update(shapes_only(args))
         report("activation_memory", results)
         return 0
     modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.checkpointing]
-    runs = [("unsharded", 1, ck) for ck in modes]
+    runs = [] if args.skip_unsharded else [("unsharded", 1, ck) for ck in modes]
     if args.fsdp2_ranks:
         runs += [(f"fsdp2_{args.fsdp2_ranks}_ranks", args.fsdp2_ranks, ck) for ck in modes]
     for name, world, ck in runs:
@@ -425,13 +430,14 @@ def main(argv=None):
         key = f"{name}_checkpointing_{'on' if ck else 'off'}"
         results[key] = summarise(run_job(job, world), args.batch_size)
         log_row(key, results[key])
-    first = results[next(k for k in results if k.startswith("unsharded"))]["ranks"][0]
+    first = results[next(k for k in results if k.startswith(("unsharded", "fsdp2")))]["ranks"][0]
     logger.info("%s %s: %.1fM params (%.1fM trainable), batch %d x %d text tokens per rank; computed states on %d "
                 "ranks: %.1f MiB per rank", args.model, args.arch, first["params"] / 1e6, first["trainable"] / 1e6,
                 args.batch_size, args.text_len, args.gpus,
                 sum(first[f"computed_{args.gpus}_ranks"].values()) / MiB)
     if len(modes) == 2:
-        off, on = results["unsharded_checkpointing_off"], results["unsharded_checkpointing_on"]
+        name = runs[0][0]
+        off, on = results[f"{name}_checkpointing_off"], results[f"{name}_checkpointing_on"]
         results["saved_ratio_on_over_off"] = on["saved_bytes"] / max(off["saved_bytes"], 1)
         logger.info("activations saved for the backward: %.1f MiB without / %.1f MiB with --checkpoint-activations "
                     "(ratio %.3f, fp32)", off["saved_bytes"] / MiB, on["saved_bytes"] / MiB,
