@@ -40,13 +40,24 @@ def cosmos_args(data, save_dir, *extra):
     return args
 
 
-def test_cosmos_tiny_trains_and_its_checkpoint_evaluates(data, tmp_path):
-    out = run([f"{BIN}/fairseq-train", *cosmos_args(data, tmp_path, "--max-update", "2")])
-    assert "num_updates=2" in out
+RESUME = ["--save-interval-updates", "2", "--momentum-teacher", "0.9"]
+
+
+@pytest.fixture(scope="module")
+def unbroken(data, tmp_path_factory):
+    """``(save dir, log)`` of one 5-update fairseq-train run: checked by the training/evaluation test and the
+    reference of the resume test."""
+    save_dir = tmp_path_factory.mktemp("cosmos_a")
+    return save_dir, run([f"{BIN}/fairseq-train", *cosmos_args(data, save_dir, *RESUME, "--max-update", "5")])
+
+
+def test_cosmos_tiny_trains_and_its_checkpoint_evaluates(unbroken):
+    save_dir, out = unbroken
+    assert "num_updates=5" in out
     for term in ("distill_loss", "clip_loss"):
         value = float(re.findall(rf"{term}=([-0-9.e]+)", out)[-1])
         assert math.isfinite(value) and value > 0
-    state = model_state(tmp_path / "checkpoint_last.pt")
+    state = model_state(save_dir / "checkpoint_last.pt")
     teacher = {k for k in state if k.startswith("net.teacher.")}
     student = {k for k in state if k.startswith("net.student.")}
     assert teacher and {k.replace("teacher", "student", 1) for k in teacher} == student
@@ -55,7 +66,7 @@ def test_cosmos_tiny_trains_and_its_checkpoint_evaluates(data, tmp_path):
 
     from unilm_vl.eval.common import load_encoder
 
-    encoder = load_encoder(str(tmp_path / "checkpoint_last.pt"))
+    encoder = load_encoder(str(save_dir / "checkpoint_last.pt"))
     from PIL import Image
 
     images = torch.stack([encoder.image_transform(Image.new("RGB", (40, 32), c)) for c in COLOURS.values()])
@@ -73,13 +84,11 @@ def test_cosmos_tiny_trains_and_its_checkpoint_evaluates(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_the_teacher_exactly(data, tmp_path):
-    common = ["--save-interval-updates", "2", "--momentum-teacher", "0.9"]
-    run([f"{BIN}/fairseq-train", *cosmos_args(data, tmp_path / "a", *common, "--max-update", "5")])
-    run([f"{BIN}/fairseq-train", *cosmos_args(data, tmp_path / "b", *common, "--max-update", "2")])
-    out = run([f"{BIN}/fairseq-train", *cosmos_args(data, tmp_path / "b", *common, "--max-update", "5")])
+def test_resume_continues_the_teacher_exactly(data, unbroken, tmp_path):
+    run([f"{BIN}/fairseq-train", *cosmos_args(data, tmp_path / "b", *RESUME, "--max-update", "2")])
+    out = run([f"{BIN}/fairseq-train", *cosmos_args(data, tmp_path / "b", *RESUME, "--max-update", "5")])
     assert "Loaded checkpoint" in out
-    a = model_state(tmp_path / "a" / "checkpoint_last.pt")
+    a = model_state(unbroken[0] / "checkpoint_last.pt")
     b = model_state(tmp_path / "b" / "checkpoint_last.pt")
     assert any(k.startswith("net.teacher.") for k in a) and a.keys() == b.keys()
     for key in a:
