@@ -8,6 +8,7 @@ for the same work): above 1.0 we are faster.
 Model FLOPs utilisation (MFU) = training FLOPs of one step / median step seconds / the device's dense peak; the peak
 is ``--peak-tflops`` when given, else looked up by GPU name in :data:`PEAK_16BIT_TFLOPS`.
 """
+
 import json
 import logging
 import os
@@ -35,12 +36,18 @@ def machine() -> Dict[str, object]:
     model = platform.processor() or "unknown"
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                     model)
+        model = next(
+            (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), model
+        )
     except (OSError, subprocess.CalledProcessError):
         pass
-    info = {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "load_avg_1m": round(os.getloadavg()[0], 2)}
+    info = {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -51,8 +58,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(ours: Callable[[], object], peer: Callable[[], object], warmup: int, iters: int
-                ) -> Dict[str, float]:
+def interleaved(ours: Callable[[], object], peer: Callable[[], object], warmup: int, iters: int) -> Dict[str, float]:
     """Median seconds per call of each side (alternating calls) and ``ratio = peer / ours``."""
     for _ in range(warmup):
         ours()
@@ -66,8 +72,13 @@ def interleaved(ours: Callable[[], object], peer: Callable[[], object], warmup: 
             sync()
             times[name].append(time.perf_counter() - start)
     ours_s, peer_s = statistics.median(times["ours"]), statistics.median(times["peer"])
-    return {"ours_s": ours_s, "peer_s": peer_s, "ratio": peer_s / ours_s,
-            "ours_spread": max(times["ours"]) / min(times["ours"]), "peer_spread": max(times["peer"]) / min(times["peer"])}
+    return {
+        "ours_s": ours_s,
+        "peer_s": peer_s,
+        "ratio": peer_s / ours_s,
+        "ours_spread": max(times["ours"]) / min(times["ours"]),
+        "peer_spread": max(times["peer"]) / min(times["peer"]),
+    }
 
 
 def peak_tflops(device: str, given: Optional[float]) -> Optional[float]:
@@ -92,8 +103,9 @@ def report(name: str, results: Dict[str, object]) -> Dict[str, object]:
     logger.info("%s on %s", name, machine())
     for key, value in results.items():
         if isinstance(value, dict) and "ours_s" in value:
-            logger.info("%-28s ours %.4f s  peer %.4f s  ratio %.3f", key, value["ours_s"], value["peer_s"],
-                        value["ratio"])
+            logger.info(
+                "%-28s ours %.4f s  peer %.4f s  ratio %.3f", key, value["ours_s"], value["peer_s"], value["ratio"]
+            )
     payload = json.loads(json.dumps({"benchmark": name, "machine": machine(), **results}, default=float))
     logger.info("RESULT %s", json.dumps(payload))
     RESULTS.append(payload)

@@ -38,6 +38,7 @@ Not included: the CUDA context, allocator caches and NCCL buffers of a GPU. fp32
     .venv/bin/python benchmarks/activation_memory.py --model cosa --arch cosa_base_clip --batch-size 2 --fsdp2-ranks 2
     .venv/bin/python benchmarks/activation_memory.py --model kosmos2 --arch xl --shapes-only --gpus 8
 """
+
 import argparse
 import contextlib
 import functools
@@ -56,7 +57,7 @@ from _timing import machine, report, setup_logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("benchmarks")
-MiB = 2 ** 20
+MiB = 2**20
 STATE_KEYS = ("param_bytes", "grad_bytes", "optim_bytes")
 OPTIMIZER_MARK = "activation_memory::optimizer_step"  # profiler range of the AdamW step
 Shape = Tuple[Tuple[int, ...], bool]  # (parameter shape, trainable)
@@ -139,7 +140,8 @@ def kosmos2_forward(model: nn.Module, cfg, batch_size: int, text_len: int) -> Ca
 
     def forward():
         logits = model(tokens[:, :-1], image, mask[:, :-1])["lm_logits"]  # B x T-1 x V
-        return F.cross_entropy(logits[:, start:].flatten(0, 1), tokens[:, start + 1:].flatten())
+        return F.cross_entropy(logits[:, start:].flatten(0, 1), tokens[:, start + 1 :].flatten())
+
     return forward
 
 
@@ -166,12 +168,20 @@ def cosa_forward(model: nn.Module, special, batch_size: int, text_len: int) -> C
     size = model.net.vision.image_size
     ids = torch.randint(1000, 30000, (batch_size, text_len), generator=g)
     ids[:, 0], ids[:, -1] = special.cls_id, special.sep_id
-    sample = {"id": list(range(batch_size)), "nsentences": batch_size, "ntokens": int(ids.numel()),
-              "net_input": {"frames": torch.randn(batch_size, 1, 3, size, size, generator=g), "text_ids": ids,
-                            "text_mask": torch.ones_like(ids)}}
+    sample = {
+        "id": list(range(batch_size)),
+        "nsentences": batch_size,
+        "ntokens": int(ids.numel()),
+        "net_input": {
+            "frames": torch.randn(batch_size, 1, 3, size, size, generator=g),
+            "text_ids": ids,
+            "text_mask": torch.ones_like(ids),
+        },
+    }
 
     def forward():
         return criterion(model, sample)[0]
+
     return forward
 
 
@@ -217,9 +227,11 @@ def measure_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[s
     """MEASURED per-rank model states: the bytes of the parameters' (local shards') storages, of the gradients' and
     of the optimizer state's tensors, each storage counted once."""
     params = list(model.parameters())
-    return {"param_bytes": storage_bytes(params),
-            "grad_bytes": storage_bytes(p.grad for p in params if p.grad is not None),
-            "optim_bytes": storage_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))}
+    return {
+        "param_bytes": storage_bytes(params),
+        "grad_bytes": storage_bytes(p.grad for p in params if p.grad is not None),
+        "optim_bytes": storage_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)),
+    }
 
 
 def formula_matches(measured: Dict[str, int], computed: Dict[str, int]) -> bool:
@@ -236,9 +248,12 @@ def parameter_layout(model: nn.Module, ranks: int, compute_bytes: int) -> Dict[s
     in_units = {id(p) for u in units for p in u.parameters()}
     root = [tuple(p.shape) for p in model.parameters() if id(p) not in in_units]
     blocks = [unit_gather_bytes([tuple(p.shape) for p in u.parameters()], ranks, compute_bytes) for u in units]
-    return {"shapes": [(tuple(p.shape), p.requires_grad) for p in model.parameters()], "block_units": len(units),
-            "root_gather_bytes": unit_gather_bytes(root, ranks, compute_bytes),
-            "max_block_gather_bytes": max(blocks, default=0)}
+    return {
+        "shapes": [(tuple(p.shape), p.requires_grad) for p in model.parameters()],
+        "block_units": len(units),
+        "root_gather_bytes": unit_gather_bytes(root, ranks, compute_bytes),
+        "max_block_gather_bytes": max(blocks, default=0),
+    }
 
 
 def unsharded_parameter_keys(model: nn.Module) -> set:
@@ -304,16 +319,22 @@ def run_rank(rank: int, world: int, job: Dict[str, object], init_file: str, out_
     kineto = prof.profiler.kineto_results.events()
     events = [(e.start_ns(), e.nbytes()) for e in kineto if e.name() == "[memory]"]
     optimizer_start = min(e.start_ns() for e in kineto if e.name() == OPTIMIZER_MARK)
-    result = {"rank": rank, "world": world, "loss": [loss1, loss2], **states,
-              "computed": fsdp2_state_bytes(layout["shapes"], world, rank),
-              f"computed_{job['gpus']}_ranks": fsdp2_state_bytes(layout["shapes"], int(job["gpus"]), 0),
-              "saved_bytes": sum(saved.values()), "saved_param_bytes": sum(saved_params.values()),
-              "peak_increase_bytes": peak_increase(events),
-              "fwd_bwd_peak_increase_bytes": peak_increase(e for e in events if e[0] < optimizer_start),
-              "params": sum(_numel(s) for s, _ in layout["shapes"]),
-              "trainable": sum(_numel(s) for s, t in layout["shapes"] if t),
-              **{k: v for k, v in layout.items() if k != "shapes"},
-              "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    result = {
+        "rank": rank,
+        "world": world,
+        "loss": [loss1, loss2],
+        **states,
+        "computed": fsdp2_state_bytes(layout["shapes"], world, rank),
+        f"computed_{job['gpus']}_ranks": fsdp2_state_bytes(layout["shapes"], int(job["gpus"]), 0),
+        "saved_bytes": sum(saved.values()),
+        "saved_param_bytes": sum(saved_params.values()),
+        "peak_increase_bytes": peak_increase(events),
+        "fwd_bwd_peak_increase_bytes": peak_increase(e for e in events if e[0] < optimizer_start),
+        "params": sum(_numel(s) for s, _ in layout["shapes"]),
+        "trainable": sum(_numel(s) for s, t in layout["shapes"] if t),
+        **{k: v for k, v in layout.items() if k != "shapes"},
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     result["formula_matches"] = formula_matches(states, result["computed"])
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -331,8 +352,9 @@ def run_job(job: Dict[str, object], world: int) -> List[Dict[str, object]]:
     # bytes (it changes no measured number: those come from storages and the profiler)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MiB))
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(run_rank, args=(world, job, os.path.join(tmp, "init"), tmp), nprocs=world, join=True,
-                           start_method="spawn")
+        mp.start_processes(
+            run_rank, args=(world, job, os.path.join(tmp, "init"), tmp), nprocs=world, join=True, start_method="spawn"
+        )
         results = []
         for rank in range(world):
             with open(os.path.join(tmp, f"rank{rank}.json")) as f:
@@ -342,9 +364,17 @@ def run_job(job: Dict[str, object], world: int) -> List[Dict[str, object]]:
 
 def summarise(ranks: List[Dict[str, object]], batch_size: int) -> Dict[str, object]:
     """The largest per-rank numbers of a configuration (ranks differ only in AdamW's unpadded last shard)."""
-    top = {k: max(r[k] for r in ranks) for k in (*STATE_KEYS, "saved_bytes", "saved_param_bytes",
-                                                   "peak_increase_bytes", "fwd_bwd_peak_increase_bytes",
-                                                   "max_rss_bytes")}
+    top = {
+        k: max(r[k] for r in ranks)
+        for k in (
+            *STATE_KEYS,
+            "saved_bytes",
+            "saved_param_bytes",
+            "peak_increase_bytes",
+            "fwd_bwd_peak_increase_bytes",
+            "max_rss_bytes",
+        )
+    }
     top["model_state_bytes"] = sum(top[k] for k in STATE_KEYS)
     top["peak_bytes"] = max(r["param_bytes"] + r["optim_bytes"] + r["peak_increase_bytes"] for r in ranks)
     top["activations_bf16_per_sample_bytes"] = top["saved_bytes"] / batch_size / 2
@@ -354,13 +384,23 @@ def summarise(ranks: List[Dict[str, object]], batch_size: int) -> Dict[str, obje
 
 
 def log_row(name: str, row: Dict[str, object]) -> None:
-    logger.info("%-24s weights %8.1f  grads %8.1f  AdamW %8.1f  = states %8.1f MiB | saved activations %7.1f MiB "
-                "(+ %.1f MiB weights kept) | peak increase %8.1f (forward + backward %8.1f), peak %8.1f MiB | "
-                "formula %s | max RSS %.0f MiB",
-                name, row["param_bytes"] / MiB, row["grad_bytes"] / MiB, row["optim_bytes"] / MiB,
-                row["model_state_bytes"] / MiB, row["saved_bytes"] / MiB, row["saved_param_bytes"] / MiB,
-                row["peak_increase_bytes"] / MiB, row["fwd_bwd_peak_increase_bytes"] / MiB, row["peak_bytes"] / MiB,
-                "exact" if row["formula_matches"] else "DIFFERS", row["max_rss_bytes"] / MiB)
+    logger.info(
+        "%-24s weights %8.1f  grads %8.1f  AdamW %8.1f  = states %8.1f MiB | saved activations %7.1f MiB "
+        "(+ %.1f MiB weights kept) | peak increase %8.1f (forward + backward %8.1f), peak %8.1f MiB | "
+        "formula %s | max RSS %.0f MiB",
+        name,
+        row["param_bytes"] / MiB,
+        row["grad_bytes"] / MiB,
+        row["optim_bytes"] / MiB,
+        row["model_state_bytes"] / MiB,
+        row["saved_bytes"] / MiB,
+        row["saved_param_bytes"] / MiB,
+        row["peak_increase_bytes"] / MiB,
+        row["fwd_bwd_peak_increase_bytes"] / MiB,
+        row["peak_bytes"] / MiB,
+        "exact" if row["formula_matches"] else "DIFFERS",
+        row["max_rss_bytes"] / MiB,
+    )
 
 
 def shapes_only(args) -> Dict[str, object]:
@@ -372,13 +412,24 @@ def shapes_only(args) -> Dict[str, object]:
     for ranks in sorted({1, args.gpus, max(args.fsdp2_ranks, 1)}):
         layout = parameter_layout(model, ranks, compute_bytes)
         states = fsdp2_state_bytes(layout["shapes"], ranks, 0)
-        out[f"computed_{ranks}_ranks"] = {**states, "model_state_bytes": sum(states.values()),
-                                          **{k: v for k, v in layout.items() if k != "shapes"}}
-        logger.info("%s %s on %d rank(s), computed: weights %.1f  grads %.1f  AdamW %.1f = %.1f MiB per rank; root "
-                    "unit gathered %.1f MiB, largest block unit %.1f MiB", args.model, args.arch, ranks,
-                    states["param_bytes"] / MiB, states["grad_bytes"] / MiB, states["optim_bytes"] / MiB,
-                    sum(states.values()) / MiB, layout["root_gather_bytes"] / MiB,
-                    layout["max_block_gather_bytes"] / MiB)
+        out[f"computed_{ranks}_ranks"] = {
+            **states,
+            "model_state_bytes": sum(states.values()),
+            **{k: v for k, v in layout.items() if k != "shapes"},
+        }
+        logger.info(
+            "%s %s on %d rank(s), computed: weights %.1f  grads %.1f  AdamW %.1f = %.1f MiB per rank; root "
+            "unit gathered %.1f MiB, largest block unit %.1f MiB",
+            args.model,
+            args.arch,
+            ranks,
+            states["param_bytes"] / MiB,
+            states["grad_bytes"] / MiB,
+            states["optim_bytes"] / MiB,
+            sum(states.values()) / MiB,
+            layout["root_gather_bytes"] / MiB,
+            layout["max_block_gather_bytes"] / MiB,
+        )
     shapes = parameter_layout(model, 1, 4)["shapes"]
     out["params"] = sum(_numel(s) for s, _ in shapes)
     out["trainable"] = sum(_numel(s) for s, t in shapes if t)
@@ -388,26 +439,45 @@ def shapes_only(args) -> Dict[str, object]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="kosmos2", choices=["kosmos2", "cosa"], help="model family")
-    parser.add_argument("--arch", default="base",
-                        help="kosmos2: bench | base | xl (benchmarks/kosmos2_step.py shapes); cosa: a cosa arch "
-                             "(cosa_tiny, cosa_base, cosa_base_clip, cosa_large)")
+    parser.add_argument(
+        "--arch",
+        default="base",
+        help="kosmos2: bench | base | xl (benchmarks/kosmos2_step.py shapes); cosa: a cosa arch "
+        "(cosa_tiny, cosa_base, cosa_base_clip, cosa_large)",
+    )
     parser.add_argument("--batch-size", type=int, default=2, help="samples per step and rank")
     parser.add_argument("--text-len", type=int, default=32, help="caption tokens per sample")
-    parser.add_argument("--checkpointing", default="both", choices=["both", "off", "on"],
-                        help="runs without and/or with --checkpoint-activations")
-    parser.add_argument("--fsdp2-ranks", type=int, default=0,
-                        help="also run FSDP2 on this many gloo ranks on this CPU and measure each rank (0: only the "
-                             "unsharded model)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="FSDP2 compute precision of the sharded runs (--fsdp2-precision); shards and AdamW "
-                             "state stay fp32")
+    parser.add_argument(
+        "--checkpointing",
+        default="both",
+        choices=["both", "off", "on"],
+        help="runs without and/or with --checkpoint-activations",
+    )
+    parser.add_argument(
+        "--fsdp2-ranks",
+        type=int,
+        default=0,
+        help="also run FSDP2 on this many gloo ranks on this CPU and measure each rank (0: only the unsharded model)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="FSDP2 compute precision of the sharded runs (--fsdp2-precision); shards and AdamW state stay fp32",
+    )
     parser.add_argument("--gpus", type=int, default=8, help="rank count of the computed per-rank model states")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of a configuration, split over its ranks")
-    parser.add_argument("--skip-unsharded", action="store_true",
-                        help="run only the FSDP2 configurations of --fsdp2-ranks (the unsharded ones of the same "
-                             "shape take as long again on a busy CPU)")
-    parser.add_argument("--shapes-only", action="store_true",
-                        help="build on the meta device and report the computed model states only (no step)")
+    parser.add_argument(
+        "--skip-unsharded",
+        action="store_true",
+        help="run only the FSDP2 configurations of --fsdp2-ranks (the unsharded ones of the same "
+        "shape take as long again on a busy CPU)",
+    )
+    parser.add_argument(
+        "--shapes-only",
+        action="store_true",
+        help="build on the meta device and report the computed model states only (no step)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     if args.fsdp2_ranks < 0 or args.gpus < 1 or args.batch_size < 1:
@@ -424,24 +494,44 @@ def main(argv=None):
     if args.fsdp2_ranks:
         runs += [(f"fsdp2_{args.fsdp2_ranks}_ranks", args.fsdp2_ranks, ck) for ck in modes]
     for name, world, ck in runs:
-        job = {"model": args.model, "arch": args.arch, "batch_size": args.batch_size, "text_len": args.text_len,
-               "checkpointing": ck, "sharded": name != "unsharded", "precision": args.precision, "gpus": args.gpus,
-               "threads": args.threads}
+        job = {
+            "model": args.model,
+            "arch": args.arch,
+            "batch_size": args.batch_size,
+            "text_len": args.text_len,
+            "checkpointing": ck,
+            "sharded": name != "unsharded",
+            "precision": args.precision,
+            "gpus": args.gpus,
+            "threads": args.threads,
+        }
         key = f"{name}_checkpointing_{'on' if ck else 'off'}"
         results[key] = summarise(run_job(job, world), args.batch_size)
         log_row(key, results[key])
     first = results[next(k for k in results if k.startswith(("unsharded", "fsdp2")))]["ranks"][0]
-    logger.info("%s %s: %.1fM params (%.1fM trainable), batch %d x %d text tokens per rank; computed states on %d "
-                "ranks: %.1f MiB per rank", args.model, args.arch, first["params"] / 1e6, first["trainable"] / 1e6,
-                args.batch_size, args.text_len, args.gpus,
-                sum(first[f"computed_{args.gpus}_ranks"].values()) / MiB)
+    logger.info(
+        "%s %s: %.1fM params (%.1fM trainable), batch %d x %d text tokens per rank; computed states on %d "
+        "ranks: %.1f MiB per rank",
+        args.model,
+        args.arch,
+        first["params"] / 1e6,
+        first["trainable"] / 1e6,
+        args.batch_size,
+        args.text_len,
+        args.gpus,
+        sum(first[f"computed_{args.gpus}_ranks"].values()) / MiB,
+    )
     if len(modes) == 2:
         name = runs[0][0]
         off, on = results[f"{name}_checkpointing_off"], results[f"{name}_checkpointing_on"]
         results["saved_ratio_on_over_off"] = on["saved_bytes"] / max(off["saved_bytes"], 1)
-        logger.info("activations saved for the backward: %.1f MiB without / %.1f MiB with --checkpoint-activations "
-                    "(ratio %.3f, fp32)", off["saved_bytes"] / MiB, on["saved_bytes"] / MiB,
-                    results["saved_ratio_on_over_off"])
+        logger.info(
+            "activations saved for the backward: %.1f MiB without / %.1f MiB with --checkpoint-activations "
+            "(ratio %.3f, fp32)",
+            off["saved_bytes"] / MiB,
+            on["saved_bytes"] / MiB,
+            results["saved_ratio_on_over_off"],
+        )
     report("activation_memory", results)
     logger.info("machine %s", machine())
     return 0

@@ -5,8 +5,9 @@ Same open_clip tower config, same initial weights (the peer loads our towers' st
 (random pixels, random token ids: the step is timed, not the data pipeline), same optimiser maths: AdamW
 (fairseq's ``adam`` has decoupled weight decay), lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on every
 parameter (with ``--optimizer open_clip_adamw``: ours is torch AdamW with open_clip's weight-decay exclusion, and the
-peer excludes the same tensors, as open_clip_train does), no gradient clipping; both clamp the logit scale after the step. One step = forward, loss, backward,
-optimiser step (fairseq's also does its logging-output reduction and gradient-norm computation: part of our cost).
+peer excludes the same tensors, as open_clip_train does), no gradient clipping; both clamp the logit scale after the
+step. One step = forward, loss, backward, optimiser step (fairseq's also does its logging-output reduction and
+gradient-norm computation: part of our cost).
 
     .venv/bin/python benchmarks/clip_step.py [--model unilm-vl-clip-tiny] [--batch-size 32] [--warmup 3] [--iters 10]
 
@@ -18,6 +19,7 @@ against ``torch.autocast(float16)`` + ``GradScaler``: fairseq 0.12 has no bf16 a
 ``--tpu`` and needs torch_xla, and ``--amp`` is fp16). ``--precision fp16`` on CPU runs the same code paths
 (``benchmarks/gpu_check.sh --smoke``); its timings say nothing about a GPU.
 """
+
 import argparse
 import copy
 import math
@@ -39,11 +41,37 @@ def build_ours(args):
 
     from unilm_vl.trainer import UnilmTrainer
 
-    flags = [REPO, "--user-dir", os.path.join(REPO, "unilm_vl"), "--task", "image_text_contrastive",
-             "--arch", "clip", "--open-clip-model", args.model, "--criterion", "clip",
-             "--optimizer", args.optimizer, "--adam-betas", "(0.9, 0.98)", "--adam-eps", "1e-6", "--weight-decay", "0.2",
-             "--lr", "5e-4", "--clip-norm", "0", "--batch-size", str(args.batch_size), "--seed", "1",
-             "--log-format", "none"]
+    flags = [
+        REPO,
+        "--user-dir",
+        os.path.join(REPO, "unilm_vl"),
+        "--task",
+        "image_text_contrastive",
+        "--arch",
+        "clip",
+        "--open-clip-model",
+        args.model,
+        "--criterion",
+        "clip",
+        "--optimizer",
+        args.optimizer,
+        "--adam-betas",
+        "(0.9, 0.98)",
+        "--adam-eps",
+        "1e-6",
+        "--weight-decay",
+        "0.2",
+        "--lr",
+        "5e-4",
+        "--clip-norm",
+        "0",
+        "--batch-size",
+        str(args.batch_size),
+        "--seed",
+        "1",
+        "--log-format",
+        "none",
+    ]
     if args.device == "cpu":
         flags.append("--cpu")
     if args.precision == "fp16":
@@ -58,10 +86,15 @@ def build_ours(args):
 def batch(model, args):
     g = torch.Generator().manual_seed(0)
     size, length = model.image_size, model.context_length
-    return {"id": list(range(args.batch_size)), "nsentences": args.batch_size,
-            "ntokens": args.batch_size * length,
-            "net_input": {"image": torch.randn(args.batch_size, 3, size, size, generator=g),
-                          "text": torch.randint(1, 49000, (args.batch_size, length), generator=g)}}
+    return {
+        "id": list(range(args.batch_size)),
+        "nsentences": args.batch_size,
+        "ntokens": args.batch_size * length,
+        "net_input": {
+            "image": torch.randn(args.batch_size, 3, size, size, generator=g),
+            "text": torch.randint(1, 49000, (args.batch_size, length), generator=g),
+        },
+    }
 
 
 def build_peer(our_model, args):
@@ -99,17 +132,29 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="unilm-vl-clip-tiny", help="open_clip registry name of the towers")
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per step")
-    parser.add_argument("--optimizer", default="adam", choices=["adam", "open_clip_adamw"],
-                        help="our optimizer: fairseq's adam (decays every tensor) or open_clip_adamw (torch AdamW "
-                             "with open_clip's weight-decay exclusion); the peer decays the same tensors")
+    parser.add_argument(
+        "--optimizer",
+        default="adam",
+        choices=["adam", "open_clip_adamw"],
+        help="our optimizer: fairseq's adam (decays every tensor) or open_clip_adamw (torch AdamW "
+        "with open_clip's weight-decay exclusion); the peer decays the same tensors",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
     parser.add_argument("--iters", type=int, default=10, help="timed steps per side (median reported)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides run")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
-                        help="fp16: autocast + dynamic loss scaling on both sides (ours: fairseq --amp)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="dense peak TFLOP/s for the MFU (default: the GPU's 16-bit peak from its name, "
-                             "989 on H100/H200; no MFU on CPU unless given)")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "fp16"],
+        help="fp16: autocast + dynamic loss scaling on both sides (ours: fairseq --amp)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense peak TFLOP/s for the MFU (default: the GPU's 16-bit peak from its name, "
+        "989 on H100/H200; no MFU on CPU unless given)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     torch.manual_seed(0)
@@ -139,9 +184,11 @@ def main(argv=None):
             peer_model.logit_scale.clamp_(0, max_scale)
 
     timing = interleaved(ours, peer, args.warmup, args.iters)
-    results = {"config": vars(args), "train_step": timing,
-               "samples_per_s": {"ours": args.batch_size / timing["ours_s"],
-                                 "peer": args.batch_size / timing["peer_s"]}}
+    results = {
+        "config": vars(args),
+        "train_step": timing,
+        "samples_per_s": {"ours": args.batch_size / timing["ours_s"], "peer": args.batch_size / timing["peer_s"]},
+    }
     peak = peak_tflops(args.device, args.peak_tflops)
     if args.device == "cuda" or peak:
         flops = tower_flops(peer_model, {"net_input": peer_input})

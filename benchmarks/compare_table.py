@@ -3,22 +3,30 @@
 Reads ``<out-dir>/<recipe>/eval_retrieval.json``, ``eval_zeroshot.json`` and ``wall_seconds.txt`` of every recipe
 and writes ``<out-dir>/compare.md`` and ``<out-dir>/compare.png``.
 """
+
 import argparse
 import json
 import os
 from typing import Dict, List
 
-COLUMNS = [("i2t R@1", "retrieval", "i2t_R@1"), ("i2t R@5", "retrieval", "i2t_R@5"),
-           ("t2i R@1", "retrieval", "t2i_R@1"), ("t2i R@5", "retrieval", "t2i_R@5"),
-           ("zero-shot top-1", "zeroshot", "top1"), ("zero-shot top-5", "zeroshot", "top5")]
+COLUMNS = [
+    ("i2t R@1", "retrieval", "i2t_R@1"),
+    ("i2t R@5", "retrieval", "i2t_R@5"),
+    ("t2i R@1", "retrieval", "t2i_R@1"),
+    ("t2i R@5", "retrieval", "t2i_R@5"),
+    ("zero-shot top-1", "zeroshot", "top1"),
+    ("zero-shot top-5", "zeroshot", "top5"),
+]
 
 
 def load_results(out_dir: str, recipes: List[str]) -> Dict[str, Dict[str, float]]:
     rows = {}
     for recipe in recipes:
         base = os.path.join(out_dir, recipe)
-        paths = {"retrieval": os.path.join(base, "eval_retrieval.json"),
-                 "zeroshot": os.path.join(base, "eval_zeroshot.json")}
+        paths = {
+            "retrieval": os.path.join(base, "eval_retrieval.json"),
+            "zeroshot": os.path.join(base, "eval_zeroshot.json"),
+        }
         for path in paths.values():
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} is missing: did recipe {recipe} finish?")
@@ -36,12 +44,19 @@ def load_results(out_dir: str, recipes: List[str]) -> Dict[str, Dict[str, float]
 
 def markdown(rows: Dict[str, Dict[str, float]], max_update: int) -> str:
     titles = [c[0] for c in COLUMNS] + ["wall (s)"]
-    lines = [f"Synthetic world, held-out split; {max_update} updates x 128 pairs per recipe "
-             "(chance: R@1 0.2%, zero-shot top-1 2.1%).", "",
-             "| recipe | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|"]
+    lines = [
+        f"Synthetic world, held-out split; {max_update} updates x 128 pairs per recipe "
+        "(chance: R@1 0.2%, zero-shot top-1 2.1%).",
+        "",
+        "| recipe | " + " | ".join(titles) + " |",
+        "|---" * (len(titles) + 1) + "|",
+    ]
     for recipe, row in rows.items():
-        lines.append(f"| {recipe} | " + " | ".join(f"{row[t]:.1f}" if t != "wall (s)" else f"{row[t]:.0f}"
-                                                    for t in titles) + " |")
+        lines.append(
+            f"| {recipe} | "
+            + " | ".join(f"{row[t]:.1f}" if t != "wall (s)" else f"{row[t]:.0f}" for t in titles)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -28,6 +28,7 @@ sample in the workers instead of per batch).
 open_clip_train 3.3.0 imports pandas at module level for its CSV dataset only; where pandas is not installed an
 empty stand-in module is registered before the import (the wds path never touches it).
 """
+
 import argparse
 import gc
 import importlib.util
@@ -61,8 +62,9 @@ def open_clip_wds_loader(args, shards, image_size, mean, std, num_samples):
     import webdataset as wds
     from open_clip_train import data as ocd
 
-    preprocess = open_clip.image_transform(image_size, is_train=True, mean=mean, std=std,
-                                           aug_cfg=open_clip.AugmentationCfg(scale=(0.9, 1.0)))
+    preprocess = open_clip.image_transform(
+        image_size, is_train=True, mean=mean, std=std, aug_cfg=open_clip.AugmentationCfg(scale=(0.9, 1.0))
+    )
     tokenizer = open_clip.get_tokenizer("ViT-B-32")  # open_clip's BPE, 77 tokens (as our default tokenizer)
     num_shards = len(wds.shardlists.expand_urls(shards))
     if num_shards < args.workers:
@@ -72,8 +74,7 @@ def open_clip_wds_loader(args, shards, image_size, mean, std, num_samples):
         epoch = ocd.SharedEpoch(epoch=0)
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(shards),
-            ocd.detshuffle2(bufsize=ocd._SHARD_SHUFFLE_SIZE, initial=ocd._SHARD_SHUFFLE_INITIAL, seed=0,
-                            epoch=epoch),
+            ocd.detshuffle2(bufsize=ocd._SHARD_SHUFFLE_SIZE, initial=ocd._SHARD_SHUFFLE_INITIAL, seed=0, epoch=epoch),
             wds.split_by_node,
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=ocd.log_and_continue),
@@ -87,8 +88,13 @@ def open_clip_wds_loader(args, shards, image_size, mean, std, num_samples):
         )
         num_batches = math.ceil(num_samples / args.batch_size)
         worker_batches = math.ceil(num_batches / max(1, args.workers))
-        return wds.WebLoader(pipeline.with_epoch(worker_batches), batch_size=None, shuffle=False,
-                             num_workers=args.workers, persistent_workers=False)
+        return wds.WebLoader(
+            pipeline.with_epoch(worker_batches),
+            batch_size=None,
+            shuffle=False,
+            num_workers=args.workers,
+            persistent_workers=False,
+        )
 
     return make
 
@@ -97,10 +103,26 @@ def our_task(args, train_data, variant="default"):
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    flags = [args.data, "--user-dir", os.path.join(REPO, "unilm_vl"), "--task", "image_text_contrastive",
-             "--arch", "clip_tiny", "--criterion", "clip", "--cpu", "--train-data", train_data,
-             "--batch-size", str(args.batch_size), "--num-workers", str(args.workers),
-             "--log-format", "none"] + (["--full-jpeg-decode"] if variant == "full_decode" else [])
+    flags = [
+        args.data,
+        "--user-dir",
+        os.path.join(REPO, "unilm_vl"),
+        "--task",
+        "image_text_contrastive",
+        "--arch",
+        "clip_tiny",
+        "--criterion",
+        "clip",
+        "--cpu",
+        "--train-data",
+        train_data,
+        "--batch-size",
+        str(args.batch_size),
+        "--num-workers",
+        str(args.workers),
+        "--log-format",
+        "none",
+    ] + (["--full-jpeg-decode"] if variant == "full_decode" else [])
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), flags))
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
@@ -109,21 +131,26 @@ def our_task(args, train_data, variant="default"):
     if variant == "old":  # the pipeline before the speed-up: open_clip's transform on fully decoded images
         from unilm_vl.data.stages import FramesToImage, ImageTransform, Tokenize
 
-        task.build_stages = lambda split: [FramesToImage(), ImageTransform(task.image_transform(train=True)),
-                                           Tokenize(task.tokenizer, task.context_length)]
+        task.build_stages = lambda split: [
+            FramesToImage(),
+            ImageTransform(task.image_transform(train=True)),
+            Tokenize(task.tokenizer, task.context_length),
+        ]
         task.stream_options = lambda split, batch_size: {}
     elif variant == "float_in_worker":  # draft decoding, normalised per sample in the workers
         from unilm_vl.data.transforms import ClipTrainView
 
-        task.train_view = lambda: ClipTrainView(task.image_size, scale=(task.cfg.train_crop_scale_min, 1.0),
-                                                mean=task.image_mean, std=task.image_std)
+        task.train_view = lambda: ClipTrainView(
+            task.image_size, scale=(task.cfg.train_crop_scale_min, 1.0), mean=task.image_mean, std=task.image_std
+        )
     elif variant not in ("default", "full_decode"):
         raise ValueError(f"unknown variant {variant!r}")
     task.load_dataset("train")
 
     def loader():
-        itr = task.get_batch_iterator(task.dataset("train"), max_sentences=args.batch_size,
-                                      num_workers=args.workers, epoch=1, seed=1)
+        itr = task.get_batch_iterator(
+            task.dataset("train"), max_sentences=args.batch_size, num_workers=args.workers, epoch=1, seed=1
+        )
         return itr.next_epoch_itr(shuffle=True)
 
     return loader, model
@@ -154,22 +181,33 @@ def compare(loaders, warmup, iters):
             counts[name] = n
             rates[name].append(n / seconds)
     medians = {name: statistics.median(r) for name, r in rates.items()}
-    return {"samples_per_s": medians, "ratio": {name: medians[name] / medians["peer"] for name in loaders},
-            "samples_per_pass": counts, "all_rates": rates}
+    return {
+        "samples_per_s": medians,
+        "ratio": {name: medians[name] / medians["peer"] for name in loaders},
+        "samples_per_pass": counts,
+        "all_rates": rates,
+    }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="synthetic world directory (python -m unilm_vl.data.synthetic "
-                                                      "or python -m unilm_vl.data.synthetic.real_size)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="synthetic world directory (python -m unilm_vl.data.synthetic "
+        "or python -m unilm_vl.data.synthetic.real_size)",
+    )
     parser.add_argument("--batch-size", type=int, default=50, help="samples per batch")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes on every side")
     parser.add_argument("--image-size", type=int, default=224, help="side of the training views in pixels")
     parser.add_argument("--warmup", type=int, default=1, help="untimed passes per side")
     parser.add_argument("--iters", type=int, default=3, help="timed passes per side (median reported)")
     parser.add_argument("--no-tsv", action="store_true", help="skip our TSV pipeline")
-    parser.add_argument("--variants", default="", help="comma list of our wds variants to time as well: old, "
-                                                       "full_decode, float_in_worker (see the docstring)")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="comma list of our wds variants to time as well: old, full_decode, float_in_worker (see the docstring)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     wds_dir = os.path.join(args.data, "train", "wds")
@@ -182,8 +220,7 @@ def main(argv=None):
     ours_wds, model = our_task(args, "train/wds/part-*.tar")
     loaders = {"ours_wds": ours_wds}
     num_samples, _ = consume(ours_wds)  # samples in one of our passes: the peer's epoch is set to the same
-    loaders["peer"] = open_clip_wds_loader(args, brace, args.image_size, model.image_mean, model.image_std,
-                                           num_samples)
+    loaders["peer"] = open_clip_wds_loader(args, brace, args.image_size, model.image_mean, model.image_std, num_samples)
     if not args.no_tsv:
         loaders["ours_tsv"] = our_task(args, "train/grit/part-*.tsv")[0]
     for variant in filter(None, (v.strip() for v in args.variants.split(","))):
@@ -192,13 +229,20 @@ def main(argv=None):
     r = results["passes"]
     for key, name in (("wds_vs_open_clip", "ours_wds"), ("tsv_vs_open_clip", "ours_tsv")):  # per-pair summaries
         if name in loaders:
-            results[key] = {"ours_samples_per_s": r["samples_per_s"][name], "peer_samples_per_s":
-                            r["samples_per_s"]["peer"], "ratio": r["ratio"][name],
-                            "samples_per_pass": {"ours": r["samples_per_pass"][name],
-                                                 "peer": r["samples_per_pass"]["peer"]}}
+            results[key] = {
+                "ours_samples_per_s": r["samples_per_s"][name],
+                "peer_samples_per_s": r["samples_per_s"]["peer"],
+                "ratio": r["ratio"][name],
+                "samples_per_pass": {"ours": r["samples_per_pass"][name], "peer": r["samples_per_pass"]["peer"]},
+            }
     for name in loaders:
-        logger.info("%-26s %.1f samples/s  ratio to open_clip %.3f  (all %s)", name, r["samples_per_s"][name],
-                    r["ratio"][name], [round(x, 1) for x in r["all_rates"][name]])
+        logger.info(
+            "%-26s %.1f samples/s  ratio to open_clip %.3f  (all %s)",
+            name,
+            r["samples_per_s"][name],
+            r["ratio"][name],
+            [round(x, 1) for x in r["all_rates"][name]],
+        )
     logger.info("samples per pass %s", r["samples_per_pass"])
     report("data_pipeline", results)
     logger.info("machine %s", machine())

@@ -41,6 +41,7 @@ MFU = training FLOPs of one step (torch ``FlopCounterMode`` on one forward: x3 f
 frozen image tower) / median step seconds / ``--peak-tflops`` (default 989: the dense bf16/fp16 peak of an
 H100/H200 SXM).
 """
+
 import argparse
 import json
 import math
@@ -75,14 +76,26 @@ NOMINAL_CPU_PEAK_TFLOPS = 1.0  # --smoke: exercises the MFU arithmetic; the numb
 def step(name: str, kind: str, group: str, timeout_s: float, needs: Sequence[str] = (), **params: Any) -> dict:
     """One planned step: ``kind`` picks its runner, ``group`` the worker it may share, ``timeout_s`` its time box,
     ``needs`` the steps that must have succeeded before it, ``params`` its arguments."""
-    return {"name": name, "kind": kind, "group": group, "timeout_s": float(timeout_s), "needs": list(needs),
-            "params": params}
+    return {
+        "name": name,
+        "kind": kind,
+        "group": group,
+        "timeout_s": float(timeout_s),
+        "needs": list(needs),
+        "params": params,
+    }
 
 
 # --smoke trains each family once and runs each variant once; the pairing puts the variants that are slow on a CPU
 # (fp16 arithmetic, autocast) on the cheaper models (about 20 s in all on 2 cores instead of about 55 s).
-SMOKE_PAIRS = [("clip", "fp16"), ("byolip", "amp"), ("fsc_clip_lora", "memory_efficient_fp16"), ("cosmos", "bf16"),
-               ("kosmos2", "fsdp2_bf16"), ("cosa", "fp32")]
+SMOKE_PAIRS = [
+    ("clip", "fp16"),
+    ("byolip", "amp"),
+    ("fsc_clip_lora", "memory_efficient_fp16"),
+    ("cosmos", "bf16"),
+    ("kosmos2", "fsdp2_bf16"),
+    ("cosa", "fp32"),
+]
 
 
 def build_plan(args) -> List[dict]:
@@ -91,36 +104,118 @@ def build_plan(args) -> List[dict]:
     device = "cpu" if smoke else "cuda"
     peak = NOMINAL_CPU_PEAK_TFLOPS if smoke else args.peak_tflops
     one = "all" if smoke else None  # --smoke: one worker for everything (one interpreter start on 2 CPU cores)
-    plan = [step("setup", "setup", one or "setup", 120 if smoke else 240,
-                 world_samples=64 if smoke else 4000, bench_shards=4 if smoke else 32,
-                 generate_workers=1 if smoke else min(16, os.cpu_count() or 1))]
-    pairs = ([(f, v) for f, v in SMOKE_PAIRS if f in args.families and v in args.variants] if smoke
-             else [(f, v) for f in args.families for v in args.variants])
+    plan = [
+        step(
+            "setup",
+            "setup",
+            one or "setup",
+            120 if smoke else 240,
+            world_samples=64 if smoke else 4000,
+            bench_shards=4 if smoke else 32,
+            generate_workers=1 if smoke else min(16, os.cpu_count() or 1),
+        )
+    ]
+    pairs = (
+        [(f, v) for f, v in SMOKE_PAIRS if f in args.families and v in args.variants]
+        if smoke
+        else [(f, v) for f in args.families for v in args.variants]
+    )
     for family, variant in pairs:
-        plan.append(step(f"train/{family}/{variant}", "train", one or "train", 60 if smoke else 45, ["setup"],
-                         family=family, variant=variant, updates=args.train_updates or (3 if smoke else 8),
-                         batch_size=4 if smoke else 32, cpu=smoke))
+        plan.append(
+            step(
+                f"train/{family}/{variant}",
+                "train",
+                one or "train",
+                60 if smoke else 45,
+                ["setup"],
+                family=family,
+                variant=variant,
+                updates=args.train_updates or (3 if smoke else 8),
+                batch_size=4 if smoke else 32,
+                cpu=smoke,
+            )
+        )
     common = ["--device", device, "--peak-tflops", str(peak)]
     if smoke:  # kosmos2_xl in fp32: bf16 matmuls are ~10x slower on CPUs without bf16 units; kosmos2_base is bf16
         clip = ["--model", "unilm-vl-clip-tiny", "--batch-size", "4", "--warmup", "1", "--iters", "1"]
-        tiny = ["--arch", "bench", "--batch-size", "1", "--text-len", "4", "--new-tokens", "2", "--warmup", "1",
-                "--iters", "1"]
+        tiny = [
+            "--arch",
+            "bench",
+            "--batch-size",
+            "1",
+            "--text-len",
+            "4",
+            "--new-tokens",
+            "2",
+            "--warmup",
+            "1",
+            "--iters",
+            "1",
+        ]
         k2 = {"base": [*tiny, "--precision", "bf16"], "xl": [*tiny, "--precision", "fp32"]}
     else:
         clip = ["--model", "ViT-B-16", "--batch-size", "256", "--warmup", "5", "--iters", "20"]
-        k2 = {"base": ["--arch", "base", "--batch-size", "16", "--text-len", "128", "--warmup", "3", "--iters", "10",
-                       "--precision", "bf16"],
-              "xl": ["--arch", "xl", "--batch-size", "8", "--text-len", "128", "--warmup", "3", "--iters", "10",
-                     "--precision", "bf16"]}
-    plan.append(step("clip_vit_b16", "clip_step", one or "bench", 90 if smoke else 120,
-                     argv=[*clip, "--precision", "fp16", *common]))
+        k2 = {
+            "base": [
+                "--arch",
+                "base",
+                "--batch-size",
+                "16",
+                "--text-len",
+                "128",
+                "--warmup",
+                "3",
+                "--iters",
+                "10",
+                "--precision",
+                "bf16",
+            ],
+            "xl": [
+                "--arch",
+                "xl",
+                "--batch-size",
+                "8",
+                "--text-len",
+                "128",
+                "--warmup",
+                "3",
+                "--iters",
+                "10",
+                "--precision",
+                "bf16",
+            ],
+        }
+    plan.append(
+        step(
+            "clip_vit_b16",
+            "clip_step",
+            one or "bench",
+            90 if smoke else 120,
+            argv=[*clip, "--precision", "fp16", *common],
+        )
+    )
     for size in ("base", "xl"):
-        plan.append(step(f"kosmos2_{size}", "kosmos2_step", one or "bench",
-                         90 if smoke else {"base": 120, "xl": 240}[size], argv=[*k2[size], *common]))
+        plan.append(
+            step(
+                f"kosmos2_{size}",
+                "kosmos2_step",
+                one or "bench",
+                90 if smoke else {"base": 120, "xl": 240}[size],
+                argv=[*k2[size], *common],
+            )
+        )
     for workers in args.data_workers:
         passes = ["--batch-size", "8", "--warmup", "0", "--iters", "1"] if smoke else ["--warmup", "1", "--iters", "2"]
-        plan.append(step(f"data_workers{workers}", "data_pipeline", one or "data", 90 if smoke else 120, ["setup"],
-                         argv=["--workers", str(workers), *passes]))
+        plan.append(
+            step(
+                f"data_workers{workers}",
+                "data_pipeline",
+                one or "data",
+                90 if smoke else 120,
+                ["setup"],
+                argv=["--workers", str(workers), *passes],
+            )
+        )
     return plan
 
 
@@ -131,21 +226,35 @@ def loss_flags(losses: Sequence[Optional[float]]) -> Dict[str, Any]:
     one) of the losses lies below the first loss."""
     ran = [x for x in losses if x is not None]
     finite = bool(ran) and all(math.isfinite(x) for x in ran)
-    tail = ran[-max(1, len(ran) // 3):] if ran else []
+    tail = ran[-max(1, len(ran) // 3) :] if ran else []
     falling = finite and len(ran) >= 2 and statistics.mean(tail) < ran[0]
-    return {"finite": finite, "falling": bool(falling), "skipped_updates": len(losses) - len(ran),
-            "first_loss": ran[0] if ran else None, "last_loss": ran[-1] if ran else None}
+    return {
+        "finite": finite,
+        "falling": bool(falling),
+        "skipped_updates": len(losses) - len(ran),
+        "first_loss": ran[0] if ran else None,
+        "last_loss": ran[-1] if ran else None,
+    }
 
 
 def compare_to_fp32(steps: Sequence[dict]) -> None:
     """Add ``first_loss_rel_diff_vs_fp32`` to every other ok train step of a family with an ok fp32 run (in place):
     |first loss - fp32's first loss| / |fp32's| (same initial weights, same batch: only precision differs)."""
-    ref = {s["params"]["family"]: s["result"]["first_loss"] for s in steps
-           if s["kind"] == "train" and s["status"] == "ok" and s["params"]["variant"] == "fp32"
-           and s["result"].get("first_loss") is not None}
+    ref = {
+        s["params"]["family"]: s["result"]["first_loss"]
+        for s in steps
+        if s["kind"] == "train"
+        and s["status"] == "ok"
+        and s["params"]["variant"] == "fp32"
+        and s["result"].get("first_loss") is not None
+    }
     for s in steps:
-        if (s["kind"] != "train" or s["status"] != "ok" or s["params"]["family"] not in ref
-                or s["params"]["variant"] == "fp32"):
+        if (
+            s["kind"] != "train"
+            or s["status"] != "ok"
+            or s["params"]["family"] not in ref
+            or s["params"]["variant"] == "fp32"
+        ):
             continue
         first, base = s["result"].get("first_loss"), ref[s["params"]["family"]]
         if first is not None and base:
@@ -162,35 +271,47 @@ def summary(s: dict) -> str:
     if s["status"] != "ok":
         return first_line(s.get("error") or "")
     if s["kind"] == "setup":
-        return (f"world {r.get('world_samples')} samples, {r.get('bench_shards')} benchmark shards; "
-                f"{r.get('machine', {}).get('device', '')}")
+        return (
+            f"world {r.get('world_samples')} samples, {r.get('bench_shards')} benchmark shards; "
+            f"{r.get('machine', {}).get('device', '')}"
+        )
     if s["kind"] == "train":
         losses = " ".join("skip" if x is None else f"{x:.3f}" for x in r["losses"])
-        text = (f"loss {losses}; finite {'yes' if r['finite'] else 'NO'}, falling {'yes' if r['falling'] else 'no'}"
-                f"; {r['update_s_median'] * 1000:.0f} ms/update")
+        text = (
+            f"loss {losses}; finite {'yes' if r['finite'] else 'NO'}, falling {'yes' if r['falling'] else 'no'}"
+            f"; {r['update_s_median'] * 1000:.0f} ms/update"
+        )
         if "first_loss_rel_diff_vs_fp32" in r:
             text += f"; first loss vs fp32 {r['first_loss_rel_diff_vs_fp32']:.1e}"
         return text
     if s["kind"] == "clip_step":
         t = r["train_step"]
-        return (f"ratio {t['ratio']:.3f} (ours {t['ours_s'] * 1000:.1f} ms, open_clip {t['peer_s'] * 1000:.1f} ms per "
-                f"step of {r['config']['batch_size']}); MFU ours {_pct(r.get('mfu_ours'))}, open_clip "
-                f"{_pct(r.get('mfu_peer'))} of {r.get('peak_tflops')} TFLOP/s")
+        return (
+            f"ratio {t['ratio']:.3f} (ours {t['ours_s'] * 1000:.1f} ms, open_clip {t['peer_s'] * 1000:.1f} ms per "
+            f"step of {r['config']['batch_size']}); MFU ours {_pct(r.get('mfu_ours'))}, open_clip "
+            f"{_pct(r.get('mfu_peer'))} of {r.get('peak_tflops')} TFLOP/s"
+        )
     if s["kind"] == "kosmos2_step":
         t, g, tps = r["train_step"], r.get("greedy_generation"), r.get("tokens_per_s", {})
-        text = (f"{r['config']['arch']}: step ratio {t['ratio']:.3f} (ours {t['ours_s'] * 1000:.1f} ms, HF "
-                f"{t['peer_s'] * 1000:.1f} ms); MFU ours {_pct(r.get('mfu_ours'))}, HF {_pct(r.get('mfu_peer'))} of "
-                f"{r.get('peak_tflops')} TFLOP/s")
+        text = (
+            f"{r['config']['arch']}: step ratio {t['ratio']:.3f} (ours {t['ours_s'] * 1000:.1f} ms, HF "
+            f"{t['peer_s'] * 1000:.1f} ms); MFU ours {_pct(r.get('mfu_ours'))}, HF {_pct(r.get('mfu_peer'))} of "
+            f"{r.get('peak_tflops')} TFLOP/s"
+        )
         if g:
-            text += (f"; greedy ratio {g['ratio']:.3f} (ours {tps['ours']:.0f}, HF {tps['peer']:.0f} tokens/s, "
-                     f"{100 * r['greedy_rows_identical']:.0f}% rows identical)")
+            text += (
+                f"; greedy ratio {g['ratio']:.3f} (ours {tps['ours']:.0f}, HF {tps['peer']:.0f} tokens/s, "
+                f"{100 * r['greedy_rows_identical']:.0f}% rows identical)"
+            )
         return text
     if s["kind"] == "data_pipeline":
         parts = []
         for key, label in (("wds_vs_open_clip", "wds"), ("tsv_vs_open_clip", "tsv")):
             d = r[key]
-            parts.append(f"{label} ratio {d['ratio']:.3f} (ours {d['ours_samples_per_s']:.0f}, open_clip "
-                         f"{d['peer_samples_per_s']:.0f} samples/s)")
+            parts.append(
+                f"{label} ratio {d['ratio']:.3f} (ours {d['ours_samples_per_s']:.0f}, open_clip "
+                f"{d['peer_samples_per_s']:.0f} samples/s)"
+            )
         return f"{r['config']['workers']} workers: " + "; ".join(parts)
     return ""
 
@@ -198,25 +319,29 @@ def summary(s: dict) -> str:
 def first_line(text: str, limit: int = 160) -> str:
     lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
     line = lines[0] if lines else ""
-    return (line[:limit - 3] + "...") if len(line) > limit else line
+    return (line[: limit - 3] + "...") if len(line) > limit else line
 
 
 def machine_line(m: Optional[dict]) -> str:
     if not m:
         return "unknown (setup did not run)"
-    return (f"{m.get('device')}; {m.get('cores')} CPU cores, 1-min load {m.get('load_avg_1m')}; "
-            f"torch {m.get('torch')}")
+    return f"{m.get('device')}; {m.get('cores')} CPU cores, 1-min load {m.get('load_avg_1m')}; torch {m.get('torch')}"
 
 
 def markdown(report: dict) -> str:
     """The table of a report (one row per planned step, in plan order), then the full error of every failed step."""
     smoke = report["mode"] == "smoke"
     counts = ", ".join(f"{n} {k}" for k, n in report["counts"].items() if n)
-    lines = [f"# gpu_check ({report['mode']}{': tiny shapes on CPU, timings and MFU meaningless' if smoke else ''})",
-             "", f"Machine: {machine_line(report.get('machine'))}  ",
-             f"Total {report['seconds']:.0f} s of a {report['budget_s']:.0f} s budget; peak for MFU "
-             f"{report['peak_tflops']} TFLOP/s; {counts}", "",
-             "| step | status | seconds | result |", "|---|---|---|---|"]
+    lines = [
+        f"# gpu_check ({report['mode']}{': tiny shapes on CPU, timings and MFU meaningless' if smoke else ''})",
+        "",
+        f"Machine: {machine_line(report.get('machine'))}  ",
+        f"Total {report['seconds']:.0f} s of a {report['budget_s']:.0f} s budget; peak for MFU "
+        f"{report['peak_tflops']} TFLOP/s; {counts}",
+        "",
+        "| step | status | seconds | result |",
+        "|---|---|---|---|",
+    ]
     for s in report["steps"]:
         cell = summary(s).replace("|", "/")
         seconds = "" if s.get("seconds") is None else f"{s['seconds']:.1f}"
@@ -255,7 +380,7 @@ class Events:
         with open(self.path, "rb") as fh:
             fh.seek(self.offset)
             chunk = fh.read()
-        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line being written is read next time
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
         self.offset += len(complete)
         return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
 
@@ -273,9 +398,17 @@ class Runner:
     """Runs a plan's steps in worker processes with per-step time boxes and a total budget (module docstring).
     ``worker_cmd``: the command line of a worker, without its ``--plan/--steps/--events`` arguments."""
 
-    def __init__(self, plan: List[dict], out_dir: str, worker_cmd: List[str], budget_s: float,
-                 startup_timeout_s: float = 180.0, poll_s: float = 0.2, env: Optional[dict] = None,
-                 on_step=None):
+    def __init__(
+        self,
+        plan: List[dict],
+        out_dir: str,
+        worker_cmd: List[str],
+        budget_s: float,
+        startup_timeout_s: float = 180.0,
+        poll_s: float = 0.2,
+        env: Optional[dict] = None,
+        on_step=None,
+    ):
         self.plan, self.out_dir, self.worker_cmd = plan, out_dir, worker_cmd
         self.budget_s, self.startup_timeout_s, self.poll_s, self.env = budget_s, startup_timeout_s, poll_s, env
         self.on_step = on_step  # called with (steps recorded so far, the new record) after each record
@@ -289,12 +422,23 @@ class Runner:
             json.dump(plan, fh, indent=1)
 
     # ---- records
-    def record(self, index: int, status: str, seconds: Optional[float] = None, result: Optional[dict] = None,
-               error: Optional[str] = None) -> None:
+    def record(
+        self,
+        index: int,
+        status: str,
+        seconds: Optional[float] = None,
+        result: Optional[dict] = None,
+        error: Optional[str] = None,
+    ) -> None:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
-        self.records[index] = {**self.plan[index], "status": status, "seconds": seconds, "result": result or {},
-                               "error": error}
+        self.records[index] = {
+            **self.plan[index],
+            "status": status,
+            "seconds": seconds,
+            "result": result or {},
+            "error": error,
+        }
         if self.on_step is not None:
             self.on_step(self.steps(), self.records[index])
 
@@ -362,12 +506,12 @@ class Runner:
         tag = f"{self.launches:02d}-{self.plan[todo[0]]['name'].replace('/', '_')}"
         events = Events(os.path.join(self.out_dir, "logs", f"events-{tag}.jsonl"))
         log = os.path.join(self.out_dir, "logs", f"worker-{tag}.log")
-        cmd = [*self.worker_cmd, "--plan", self.plan_path, "--steps", ",".join(map(str, todo)), "--events",
-               events.path]
+        cmd = [*self.worker_cmd, "--plan", self.plan_path, "--steps", ",".join(map(str, todo)), "--events", events.path]
         recorded_before = len(self.records)
         with open(log, "w", encoding="utf-8") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=self.env,
-                                    start_new_session=True)  # own process group: killed with its loader workers
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=self.env, start_new_session=True
+            )  # own process group: killed with its loader workers
         self.active = proc
         launched = time.monotonic()
         state = {"current": None, "started": None, "ready": False}
@@ -397,14 +541,21 @@ class Runner:
                 if elapsed > box or self.left() <= 0:
                     kill()
                     why = f"its time box of {box:.0f} s" if elapsed > box else "the total budget (--budget-s)"
-                    self.record(current, "timeout", elapsed, error=f"timed out after {elapsed:.0f} s ({why}); "
-                                                                   f"worker log tail:\n{log_tail(log)}")
+                    self.record(
+                        current,
+                        "timeout",
+                        elapsed,
+                        error=f"timed out after {elapsed:.0f} s ({why}); worker log tail:\n{log_tail(log)}",
+                    )
                     return
             elif not state["ready"] and (now - launched > self.startup_timeout_s or self.left() <= 0):
                 kill()
-                self.record(todo[0], "timeout", now - launched,
-                            error=f"the worker did not start within {now - launched:.0f} s; log tail:\n"
-                                  f"{log_tail(log)}")
+                self.record(
+                    todo[0],
+                    "timeout",
+                    now - launched,
+                    error=f"the worker did not start within {now - launched:.0f} s; log tail:\n{log_tail(log)}",
+                )
                 return
             elif self.left() <= 0:
                 kill()
@@ -413,19 +564,31 @@ class Runner:
         if state["current"] is not None:
             code = proc.returncode
             how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-            self.record(state["current"], "crashed", time.monotonic() - state["started"],
-                        error=f"the worker died during this step ({how}); log tail:\n{log_tail(log)}")
+            self.record(
+                state["current"],
+                "crashed",
+                time.monotonic() - state["started"],
+                error=f"the worker died during this step ({how}); log tail:\n{log_tail(log)}",
+            )
         elif len(self.records) == recorded_before:  # exited without ending anything: never retry forever
-            self.record(todo[0], "crashed", time.monotonic() - launched,
-                        error=f"the worker exited (status {proc.returncode}) before this step; log tail:\n"
-                              f"{log_tail(log)}")
+            self.record(
+                todo[0],
+                "crashed",
+                time.monotonic() - launched,
+                error=f"the worker exited (status {proc.returncode}) before this step; log tail:\n{log_tail(log)}",
+            )
 
 
 # ================================================================================================ the worker
 def data_dirs(out_dir: str) -> Dict[str, str]:
     root = os.path.join(out_dir, "data")
-    return {"root": root, "world": os.path.join(root, "world"), "bench": os.path.join(root, "bench"),
-            "vocab_txt": os.path.join(root, "vocab.txt"), "pretrained": os.path.join(root, "pretrained.pt")}
+    return {
+        "root": root,
+        "world": os.path.join(root, "world"),
+        "bench": os.path.join(root, "bench"),
+        "vocab_txt": os.path.join(root, "vocab.txt"),
+        "pretrained": os.path.join(root, "pretrained.pt"),
+    }
 
 
 def _wds_samples(path: str):
@@ -456,10 +619,15 @@ def reshard(world_split: str, out_split: str, shards: int) -> int:
     import io
     import tarfile
 
-    samples = [s for path in sorted(glob.glob(os.path.join(world_split, "wds", "part-*.tar")))
-               for s in _wds_samples(path)]
-    rows = [line for path in sorted(glob.glob(os.path.join(world_split, "grit", "part-*.tsv")))
-            for line in open(path, encoding="utf-8") if line.strip()]
+    samples = [
+        s for path in sorted(glob.glob(os.path.join(world_split, "wds", "part-*.tar"))) for s in _wds_samples(path)
+    ]
+    rows = [
+        line
+        for path in sorted(glob.glob(os.path.join(world_split, "grit", "part-*.tsv")))
+        for line in open(path, encoding="utf-8")
+        if line.strip()
+    ]
     if len(samples) < shards or len(rows) < shards:
         raise ValueError(f"{len(samples)} samples / {len(rows)} rows cannot fill {shards} shards")
     for sub in ("wds", "grit"):
@@ -467,13 +635,13 @@ def reshard(world_split: str, out_split: str, shards: int) -> int:
     per = math.ceil(len(samples) / shards)
     for k in range(shards):
         with tarfile.open(os.path.join(out_split, "wds", f"part-{k:05d}.tar"), "w") as tar:
-            for sample in samples[k * per:(k + 1) * per]:
+            for sample in samples[k * per : (k + 1) * per]:
                 for member, data in sample:
                     tar.addfile(member, io.BytesIO(data))
     per = math.ceil(len(rows) / shards)
     for k in range(shards):
         with open(os.path.join(out_split, "grit", f"part-{k:05d}.tsv"), "w", encoding="utf-8") as fh:
-            fh.writelines(rows[k * per:(k + 1) * per])
+            fh.writelines(rows[k * per : (k + 1) * per])
     return len(samples)
 
 
@@ -485,7 +653,7 @@ def machine_info() -> Dict[str, Any]:
     info = machine()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(device=f"{props.name}, {props.total_memory / 2 ** 30:.0f} GiB, CUDA {torch.version.cuda}")
+        info.update(device=f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
     else:
         info["device"] = f"CPU ({info['cpu']}, {info['cores']} cores)"
     return info
@@ -501,10 +669,27 @@ def run_setup(p: dict, out_dir: str) -> dict:
     from unilm_vl.data.synthetic import generate_world
 
     d = data_dirs(out_dir)
-    generate_world(d["world"], seed=0, num_train=p["world_samples"], num_val=8, num_test=0, num_videos=0,
-                   workers=p["generate_workers"])
-    build_vocab.main(["--data", "train/grit/part-*.tsv", "--root", d["world"], "--out",
-                      os.path.join(d["world"], "vocab"), "--vocab-size", "300"])
+    generate_world(
+        d["world"],
+        seed=0,
+        num_train=p["world_samples"],
+        num_val=8,
+        num_test=0,
+        num_videos=0,
+        workers=p["generate_workers"],
+    )
+    build_vocab.main(
+        [
+            "--data",
+            "train/grit/part-*.tsv",
+            "--root",
+            d["world"],
+            "--out",
+            os.path.join(d["world"], "vocab"),
+            "--vocab-size",
+            "300",
+        ]
+    )
     write_vocab(build_wordpiece_vocab(read_captions("train/wds/part-*.tar", root=d["world"])), d["vocab_txt"])
     torch.manual_seed(0)
     torch.save(open_clip.create_model("unilm-vl-clip-tiny", pretrained=None).state_dict(), d["pretrained"])
@@ -520,24 +705,113 @@ def family_argv(family: str, out_dir: str, save_dir: str, batch_size: int, cpu: 
     wds = [world, "--train-data", "train/wds/part-*.tar", "--valid-data", "val/wds/part-*.tar"]
     specs = {
         "clip": [*wds, "--task", "image_text_contrastive", "--arch", "clip_tiny", "--criterion", "clip"],
-        "byolip": [*wds, "--task", "image_text_contrastive", "--num-augs", "2", "--arch", "clip_rocket_byolip_tiny",
-                   "--criterion", "byolip"],
-        "fsc_clip_lora": [*wds, "--task", "image_text_contrastive", "--arch", "clip_tiny", "--pretrained",
-                          d["pretrained"], "--lora-rank", "4", "--criterion", "fsc_clip", "--hard-negatives",
-                          "fsc-clip", "--apply-global-neg-loss", "--apply-local-neg-loss", "--return-dense-tokens"],
-        "cosmos": [*wds, "--task", "image_text_contrastive", "--arch", "cosmos_tiny", "--criterion", "cosmos",
-                   "--use-imagecrop-aug", "--local-crops-number", "2", "--local-crop-size", "32", "--crop-scale",
-                   "0.4", "--caption-sampling-mode", "textcrop", "--num-sampled-captions", "4"],
-        "kosmos2": [world, "--task", "kosmos2", "--train-data", "train/grit/part-*.tsv", "--valid-data",
-                    "val/grit/part-*.tsv", "--spm-model", os.path.join(vocab, "sentencepiece.bpe.model"),
-                    "--dict-path", os.path.join(vocab, "dict.txt"), "--location-bin-size", "16",
-                    "--image-token-length", "16", "--arch", "kosmos2_tiny", "--criterion", "kosmos2_lm"],
-        "cosa": [*wds, "--task", "cosa_pretrain", "--vocab-file", d["vocab_txt"], "--max-text-tokens", "8",
-                 "--arch", "cosa_tiny", "--criterion", "cosa", "--cosa-tasks", "ret_cret_ccap_cmlm"],
+        "byolip": [
+            *wds,
+            "--task",
+            "image_text_contrastive",
+            "--num-augs",
+            "2",
+            "--arch",
+            "clip_rocket_byolip_tiny",
+            "--criterion",
+            "byolip",
+        ],
+        "fsc_clip_lora": [
+            *wds,
+            "--task",
+            "image_text_contrastive",
+            "--arch",
+            "clip_tiny",
+            "--pretrained",
+            d["pretrained"],
+            "--lora-rank",
+            "4",
+            "--criterion",
+            "fsc_clip",
+            "--hard-negatives",
+            "fsc-clip",
+            "--apply-global-neg-loss",
+            "--apply-local-neg-loss",
+            "--return-dense-tokens",
+        ],
+        "cosmos": [
+            *wds,
+            "--task",
+            "image_text_contrastive",
+            "--arch",
+            "cosmos_tiny",
+            "--criterion",
+            "cosmos",
+            "--use-imagecrop-aug",
+            "--local-crops-number",
+            "2",
+            "--local-crop-size",
+            "32",
+            "--crop-scale",
+            "0.4",
+            "--caption-sampling-mode",
+            "textcrop",
+            "--num-sampled-captions",
+            "4",
+        ],
+        "kosmos2": [
+            world,
+            "--task",
+            "kosmos2",
+            "--train-data",
+            "train/grit/part-*.tsv",
+            "--valid-data",
+            "val/grit/part-*.tsv",
+            "--spm-model",
+            os.path.join(vocab, "sentencepiece.bpe.model"),
+            "--dict-path",
+            os.path.join(vocab, "dict.txt"),
+            "--location-bin-size",
+            "16",
+            "--image-token-length",
+            "16",
+            "--arch",
+            "kosmos2_tiny",
+            "--criterion",
+            "kosmos2_lm",
+        ],
+        "cosa": [
+            *wds,
+            "--task",
+            "cosa_pretrain",
+            "--vocab-file",
+            d["vocab_txt"],
+            "--max-text-tokens",
+            "8",
+            "--arch",
+            "cosa_tiny",
+            "--criterion",
+            "cosa",
+            "--cosa-tasks",
+            "ret_cret_ccap_cmlm",
+        ],
     }
-    common = ["--seed", "3", "--save-dir", save_dir, "--log-format", "none", "--no-epoch-checkpoints",
-              "--disable-validation", "--optimizer", "adam", "--lr", "1e-3", "--clip-norm", "1.0",
-              "--batch-size", str(batch_size), "--num-workers", "0", "--no-shuffle"]
+    common = [
+        "--seed",
+        "3",
+        "--save-dir",
+        save_dir,
+        "--log-format",
+        "none",
+        "--no-epoch-checkpoints",
+        "--disable-validation",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--clip-norm",
+        "1.0",
+        "--batch-size",
+        str(batch_size),
+        "--num-workers",
+        "0",
+        "--no-shuffle",
+    ]
     return [*specs[family], *common, *(["--cpu"] if cpu else [])]
 
 
@@ -586,8 +860,13 @@ def run_train(p: dict, out_dir: str) -> dict:
             dist.destroy_process_group()
         if hasattr(distributed_utils.get_global_group, "_global_group"):
             del distributed_utils.get_global_group._global_group
-    return {"losses": losses, **loss_flags(losses), "update_s_median": statistics.median(seconds),
-            "parameters": params, "flags": flags}
+    return {
+        "losses": losses,
+        **loss_flags(losses),
+        "update_s_median": statistics.median(seconds),
+        "parameters": params,
+        "flags": flags,
+    }
 
 
 def run_benchmark(module: str, argv: List[str], out_dir: str) -> dict:
@@ -656,8 +935,15 @@ def worker_main(args) -> int:
             traceback.print_exc()
             result, status = {}, "error"
             error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
-        events.emit(event="end", index=index, name=s["name"], status=status, seconds=time.perf_counter() - start,
-                    result=result, error=error)
+        events.emit(
+            event="end",
+            index=index,
+            name=s["name"],
+            status=status,
+            seconds=time.perf_counter() - start,
+            result=result,
+            error=error,
+        )
         gc.collect()
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
@@ -668,8 +954,10 @@ def worker_main(args) -> int:
 
 # ================================================================================================ the command line
 def write_report(out_dir: str, report: dict) -> None:
-    for name, text in (("gpu_check.json", json.dumps(report, indent=1, default=str)),
-                       ("gpu_check.md", markdown(report))):
+    for name, text in (
+        ("gpu_check.json", json.dumps(report, indent=1, default=str)),
+        ("gpu_check.md", markdown(report)),
+    ):
         tmp = os.path.join(out_dir, name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -682,32 +970,65 @@ def make_report(args, plan: List[dict], steps: List[dict], seconds: float) -> di
     setup = next((s for s in steps if s["kind"] == "setup" and s["status"] == "ok"), None)
     counts = {k: sum(s["status"] == k for s in steps) for k in STATUSES}
     counts["not run yet"] = len(plan) - len(steps)
-    return {"mode": "smoke" if args.smoke else "gpu", "command": sys.argv, "seconds": seconds,
-            "budget_s": args.budget_s, "peak_tflops": NOMINAL_CPU_PEAK_TFLOPS if args.smoke else args.peak_tflops,
-            "machine": setup["result"].get("machine") if setup else None, "counts": counts,
-            "plan": [s["name"] for s in plan], "steps": steps}
+    return {
+        "mode": "smoke" if args.smoke else "gpu",
+        "command": sys.argv,
+        "seconds": seconds,
+        "budget_s": args.budget_s,
+        "peak_tflops": NOMINAL_CPU_PEAK_TFLOPS if args.smoke else args.peak_tflops,
+        "machine": setup["result"].get("machine") if setup else None,
+        "counts": counts,
+        "plan": [s["name"] for s in plan],
+        "steps": steps,
+    }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="output directory: gpu_check.json, gpu_check.md, data/, runs/, logs/")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes on CPU, each family once and each variant once (the test suite's run)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="total wall-clock seconds; steps left when it is spent are recorded as skipped "
-                             "(default 450 on GPU, 600 with --smoke)")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="dense peak TFLOP/s the MFU divides by (989: bf16/fp16 of H100/H200 SXM)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes on CPU, each family once and each variant once (the test suite's run)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="total wall-clock seconds; steps left when it is spent are recorded as skipped "
+        "(default 450 on GPU, 600 with --smoke)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="dense peak TFLOP/s the MFU divides by (989: bf16/fp16 of H100/H200 SXM)",
+    )
     parser.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES, help="families to train")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="precision / sharding variants of each family")
-    parser.add_argument("--train-updates", type=int, default=None,
-                        help="updates per family run (default 8 on GPU, 3 with --smoke)")
-    parser.add_argument("--data-workers", type=int, nargs="+", default=None,
-                        help="loader workers of each data-pipeline step (default 8 16 on GPU, 2 with --smoke)")
-    parser.add_argument("--only", nargs="+", default=None,
-                        help="run only the steps whose names start with one of these prefixes (setup is kept "
-                             "when a kept step needs it), e.g. --only kosmos2_xl train/cosa")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="precision / sharding variants of each family",
+    )
+    parser.add_argument(
+        "--train-updates", type=int, default=None, help="updates per family run (default 8 on GPU, 3 with --smoke)"
+    )
+    parser.add_argument(
+        "--data-workers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="loader workers of each data-pipeline step (default 8 16 on GPU, 2 with --smoke)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="run only the steps whose names start with one of these prefixes (setup is kept "
+        "when a kept step needs it), e.g. --only kosmos2_xl train/cosa",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     parser.add_argument("--steps", help=argparse.SUPPRESS)
@@ -745,14 +1066,21 @@ def main(argv=None) -> int:
 
     def progress(steps, s):
         write_report(out_dir, make_report(args, plan, steps, time.monotonic() - start))
-        print(f"[gpu_check {time.monotonic() - start:5.0f} s] {s['name']}: {s['status']}"
-              + (f" ({first_line(s['error'] or '', 200)})" if s["status"] != "ok" else ""), flush=True)
+        print(
+            f"[gpu_check {time.monotonic() - start:5.0f} s] {s['name']}: {s['status']}"
+            + (f" ({first_line(s['error'] or '', 200)})" if s["status"] != "ok" else ""),
+            flush=True,
+        )
 
     env = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
-    runner = Runner(plan, out_dir, [sys.executable, os.path.abspath(__file__), "--worker"], args.budget_s,
-                    env=env, on_step=progress)
-    print(f"[gpu_check] {len(plan)} steps ({'smoke, CPU' if args.smoke else 'GPU'}), budget {args.budget_s:.0f} s, "
-          f"output {out_dir}", flush=True)
+    runner = Runner(
+        plan, out_dir, [sys.executable, os.path.abspath(__file__), "--worker"], args.budget_s, env=env, on_step=progress
+    )
+    print(
+        f"[gpu_check] {len(plan)} steps ({'smoke, CPU' if args.smoke else 'GPU'}), budget {args.budget_s:.0f} s, "
+        f"output {out_dir}",
+        flush=True,
+    )
 
     def stop(signum, frame):  # killed from outside: take the worker down too; the report so far stays on disk
         runner.kill_active()

@@ -27,6 +27,7 @@ by torch's ``FlopCounterMode`` on one forward, over the GPU's dense 16-bit peak 
 built directly on ``--device``. ``--precision bf16`` on CPU runs the same code paths
 (``benchmarks/gpu_check.sh --smoke``); its timings say nothing about a GPU.
 """
+
 import argparse
 import copy
 import sys
@@ -39,21 +40,32 @@ BOS, PAD, EOS, IMAGE, IMAGE_END = 0, 1, 2, 5, 6
 
 
 def our_config(arch: str, vocab_size: int):
-    from unilm_vl.modules.kosmos2 import (Kosmos2Config, Kosmos2ConnectorConfig, Kosmos2DecoderConfig,
-                                          Kosmos2VisionConfig, kosmos2_xl_config)
+    from unilm_vl.modules.kosmos2 import (
+        Kosmos2Config,
+        Kosmos2ConnectorConfig,
+        Kosmos2DecoderConfig,
+        Kosmos2VisionConfig,
+        kosmos2_xl_config,
+    )
 
     if arch == "xl":
         cfg = kosmos2_xl_config()
     elif arch == "base":
-        cfg = Kosmos2Config(vision=Kosmos2VisionConfig("ViT-B-16", force_quick_gelu=True),
-                            connector=Kosmos2ConnectorConfig(64, 12),
-                            decoder=Kosmos2DecoderConfig(vocab_size=65037, embed_dim=768, layers=12,
-                                                         attention_heads=12, ffn_embed_dim=3072))
+        cfg = Kosmos2Config(
+            vision=Kosmos2VisionConfig("ViT-B-16", force_quick_gelu=True),
+            connector=Kosmos2ConnectorConfig(64, 12),
+            decoder=Kosmos2DecoderConfig(
+                vocab_size=65037, embed_dim=768, layers=12, attention_heads=12, ffn_embed_dim=3072
+            ),
+        )
     else:
-        cfg = Kosmos2Config(vision=Kosmos2VisionConfig("unilm-vl-kosmos2-vision-tiny", force_quick_gelu=True),
-                            connector=Kosmos2ConnectorConfig(16, 4),
-                            decoder=Kosmos2DecoderConfig(vocab_size=vocab_size, embed_dim=256, layers=4,
-                                                         attention_heads=4, ffn_embed_dim=1024))
+        cfg = Kosmos2Config(
+            vision=Kosmos2VisionConfig("unilm-vl-kosmos2-vision-tiny", force_quick_gelu=True),
+            connector=Kosmos2ConnectorConfig(16, 4),
+            decoder=Kosmos2DecoderConfig(
+                vocab_size=vocab_size, embed_dim=256, layers=4, attention_heads=4, ffn_embed_dim=1024
+            ),
+        )
     # no dropout anywhere: both sides must compute the same function (HF uses one dropout for both)
     cfg.connector.attention_dropout = 0.0
     cfg.decoder.dropout = cfg.decoder.attention_dropout = cfg.decoder.activation_dropout = 0.0
@@ -74,8 +86,9 @@ def build_models(args):
         hf = Kosmos2ForConditionalGeneration(HFKosmos2Config(**hf_config_dict(cfg)))
     result = hf.load_state_dict(to_hf_state_dict(copy.deepcopy(ours.state_dict()), cfg), strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"weight mapping incomplete: missing {result.missing_keys[:5]}, "
-                           f"unexpected {result.unexpected_keys[:5]}")
+        raise RuntimeError(
+            f"weight mapping incomplete: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
     hf.vision_model.requires_grad_(False)  # frozen, as ours by default
     return cfg, ours.to(args.device), hf.to(args.device)
 
@@ -93,8 +106,12 @@ def train_flops(model, tokens, image, mask, autocast) -> dict:
     total, tower = total.get_total_flops(), tower.get_total_flops()
     frozen = bool(model.cfg.freeze_vision)
     flops = 3.0 * (total - tower) + (1.0 if frozen else 3.0) * tower
-    return {"step_flops": flops, "forward_flops": float(total), "tower_forward_flops": float(tower),
-            "tower_frozen": frozen}
+    return {
+        "step_flops": flops,
+        "forward_flops": float(total),
+        "tower_forward_flops": float(tower),
+        "tower_frozen": frozen,
+    }
 
 
 def prompts(cfg, batch_size, text_len, device):
@@ -105,7 +122,7 @@ def prompts(cfg, batch_size, text_len, device):
     head = torch.tensor([BOS, IMAGE, *range(10, 10 + L), IMAGE_END]).repeat(batch_size, 1)
     tokens = torch.cat([head, text], dim=1)
     mask = torch.zeros_like(tokens, dtype=torch.bool)
-    mask[:, 2:2 + L] = True
+    mask[:, 2 : 2 + L] = True
     size = int(cfg.vision.model_name != "unilm-vl-kosmos2-vision-tiny") * 192 + 32  # 32 px tiny, 224 otherwise
     image = torch.randn(batch_size, 3, size, size, generator=g)
     return tokens.to(device), mask.to(device), image.to(device)
@@ -121,16 +138,28 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per side")
     parser.add_argument("--iters", type=int, default=8, help="timed calls per side (median reported)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides run")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                        help="bf16: autocast on both sides (on CPU a code-path check, not a speed measurement)")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: autocast on both sides (on CPU a code-path check, not a speed measurement)",
+    )
     parser.add_argument("--skip-generation", action="store_true", help="time the training step only")
     parser.add_argument("--skip-training", action="store_true", help="time generation only")
     parser.add_argument("--beam", type=int, default=1, help="beam size of both generate calls (1 = greedy)")
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=0,
-                        help="ban repeated n-grams of this size in both generate calls (0 = off)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="dense peak TFLOP/s for the MFU (default: the GPU's 16-bit peak from its name, "
-                             "989 on H100/H200; no MFU on CPU unless given)")
+    parser.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=0,
+        help="ban repeated n-grams of this size in both generate calls (0 = off)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense peak TFLOP/s for the MFU (default: the GPU's 16-bit peak from its name, "
+        "989 on H100/H200; no MFU on CPU unless given)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     import types
@@ -141,14 +170,19 @@ def main(argv=None):
     cfg, ours, hf = build_models(args)
     tokens, mask, image = prompts(cfg, args.batch_size, args.text_len, args.device)
     caption = torch.zeros_like(mask)
-    caption[:, 3 + cfg.connector.latent_query_num:] = True  # positions whose token is predicted: the caption
+    caption[:, 3 + cfg.connector.latent_query_num :] = True  # positions whose token is predicted: the caption
     target = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], PAD)], dim=1)
-    sample = {"net_input": {"src_tokens": tokens, "image": image, "image_mask": mask}, "target": target,
-              "loss_mask": torch.cat([caption[:, 1:], torch.zeros_like(caption[:, :1])], dim=1),
-              "ntokens": tokens.numel(), "nsentences": args.batch_size}
+    sample = {
+        "net_input": {"src_tokens": tokens, "image": image, "image_mask": mask},
+        "target": target,
+        "loss_mask": torch.cat([caption[:, 1:], torch.zeros_like(caption[:, :1])], dim=1),
+        "ntokens": tokens.numel(),
+        "nsentences": args.batch_size,
+    }
     labels = tokens.masked_fill(~caption, -100)  # HF shifts labels inside its loss
-    criterion = Kosmos2LmCriterion(Kosmos2LmCriterionConfig(),
-                                   types.SimpleNamespace(target_dictionary=types.SimpleNamespace(pad=lambda: PAD)))
+    criterion = Kosmos2LmCriterion(
+        Kosmos2LmCriterionConfig(), types.SimpleNamespace(target_dictionary=types.SimpleNamespace(pad=lambda: PAD))
+    )
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
     opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -168,8 +202,13 @@ def main(argv=None):
         hf.train()
         opt_hf.zero_grad(set_to_none=True)
         with autocast:
-            loss = hf(pixel_values=image, input_ids=tokens, image_embeds_position_mask=mask.long(),
-                      attention_mask=torch.ones_like(tokens), labels=labels).loss
+            loss = hf(
+                pixel_values=image,
+                input_ids=tokens,
+                image_embeds_position_mask=mask.long(),
+                attention_mask=torch.ones_like(tokens),
+                labels=labels,
+            ).loss
         loss.backward()
         opt_hf.step()
         first.setdefault("hf", loss.item())
@@ -198,10 +237,11 @@ def main(argv=None):
         ours.eval()
         hf.eval()
         n = args.new_tokens
-        prompt_tokens = tokens[:, :3 + cfg.connector.latent_query_num + 4]  # image + 4 text tokens
-        prompt_mask = mask[:, :prompt_tokens.size(1)]
-        search = SearchConfig(beam=args.beam, max_len_b=n - 1, min_len=n, beam_rule="hf",
-                              no_repeat_ngram_size=args.no_repeat_ngram_size)
+        prompt_tokens = tokens[:, : 3 + cfg.connector.latent_query_num + 4]  # image + 4 text tokens
+        prompt_mask = mask[:, : prompt_tokens.size(1)]
+        search = SearchConfig(
+            beam=args.beam, max_len_b=n - 1, min_len=n, beam_rule="hf", no_repeat_ngram_size=args.no_repeat_ngram_size
+        )
         outputs = {}
 
         @torch.no_grad()
@@ -213,19 +253,31 @@ def main(argv=None):
         @torch.no_grad()
         def gen_hf():
             with autocast:
-                out = hf.generate(pixel_values=image, input_ids=prompt_tokens,
-                                  image_embeds_position_mask=prompt_mask.long(),
-                                  attention_mask=torch.ones_like(prompt_tokens), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, num_beams=args.beam, eos_token_id=EOS,
-                                  pad_token_id=PAD, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                                  length_penalty=1.0, early_stopping=False)
-            outputs["hf"] = out[:, prompt_tokens.size(1):].tolist()
+                out = hf.generate(
+                    pixel_values=image,
+                    input_ids=prompt_tokens,
+                    image_embeds_position_mask=prompt_mask.long(),
+                    attention_mask=torch.ones_like(prompt_tokens),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    num_beams=args.beam,
+                    eos_token_id=EOS,
+                    pad_token_id=PAD,
+                    no_repeat_ngram_size=args.no_repeat_ngram_size,
+                    length_penalty=1.0,
+                    early_stopping=False,
+                )
+            outputs["hf"] = out[:, prompt_tokens.size(1) :].tolist()
 
         timing = interleaved(gen_ours, gen_hf, max(1, args.warmup // 2), max(3, args.iters // 2))
         generated = args.batch_size * n
         results["greedy_generation" if args.beam == 1 else f"beam{args.beam}_generation"] = timing
         results["tokens_per_s"] = {"ours": generated / timing["ours_s"], "peer": generated / timing["peer_s"]}
-        results["new_tokens"] = {"ours": [len(t) for t in outputs["ours"]][:1], "hf": [len(t) for t in outputs["hf"]][:1]}
+        results["new_tokens"] = {
+            "ours": [len(t) for t in outputs["ours"]][:1],
+            "hf": [len(t) for t in outputs["hf"]][:1],
+        }
         agree = sum(a == b for a, b in zip(outputs["ours"], outputs["hf"])) / args.batch_size
         results["greedy_rows_identical"] = agree  # the key gpu_check.py reads (the best beam at --beam k)
         logger.info("generated tokens identical on %.0f%% of rows", 100 * agree)

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny image-caption shards written to tmp_path, and paths of the installed tools; the settings
 for parallel runs (``pytest -n 2``, pytest-xdist, as tests/run.sh runs them)."""
+
 import base64
 import io
 import os
@@ -42,8 +43,14 @@ def write_wds(prefix, n, per_shard, seed=0):
 
 def tsv_row(i, colour, image_bytes=None):
     data = image_bytes if image_bytes is not None else jpeg_bytes(COLOURS[colour])
-    return {"id": f"{i:06d}", "caption": f"a {colour} picture", "image": base64.b64encode(data).decode(),
-            "width": 40, "height": 32, "annotation": {"phrase": [], "expression_v1": []}}
+    return {
+        "id": f"{i:06d}",
+        "caption": f"a {colour} picture",
+        "image": base64.b64encode(data).decode(),
+        "width": 40,
+        "height": 32,
+        "annotation": {"phrase": [], "expression_v1": []},
+    }
 
 
 def write_tsv(prefix, n, per_shard, seed=0):
@@ -78,5 +85,3 @@ def pytest_collection_modifyitems(config, items):
 def wds_dir(tmp_path):
     write_wds(str(tmp_path / "wds" / "part"), 60, 15)
     return tmp_path / "wds"
-
-

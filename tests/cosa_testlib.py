@@ -1,11 +1,30 @@
 """Shared helpers of the COSA model/loss/train tests: a tiny WordPiece vocabulary, the cosa_tiny model on it and
 hand-made batches in the task contract (``frames``, ``text_ids``, ``text_mask``)."""
+
 from argparse import Namespace
 
 import torch
 
-WORDS = ["a", "red", "blue", "green", "yellow", "picture", "circle", "square", "big", "small", "moves", "left",
-         "right", "of", "the", "##s", ".", ","]
+WORDS = [
+    "a",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "picture",
+    "circle",
+    "square",
+    "big",
+    "small",
+    "moves",
+    "left",
+    "right",
+    "of",
+    "the",
+    "##s",
+    ".",
+    ",",
+]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB = SPECIALS + WORDS  # [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -46,7 +65,7 @@ def text_batch(rows, length):
     ids = torch.full((len(rows), length), PAD, dtype=torch.long)
     for i, row in enumerate(rows):
         seq = [CLS] + list(row) + [SEP]
-        ids[i, :len(seq)] = torch.tensor(seq)
+        ids[i, : len(seq)] = torch.tensor(seq)
     return ids, ids.ne(PAD).long()
 
 
@@ -56,5 +75,9 @@ def random_batch(b, length=8, frames=1, seed=0, size=64):
     rows = [torch.randint(5, len(VOCAB), (n,), generator=g).tolist() for n in lengths]
     ids, mask = text_batch(rows, length)
     pixels = torch.randn(b, frames, 3, size, size, generator=g)
-    return {"id": [str(i) for i in range(b)], "nsentences": b, "ntokens": int(mask.sum()),
-            "net_input": {"frames": pixels, "text_ids": ids, "text_mask": mask}}
+    return {
+        "id": [str(i) for i in range(b)],
+        "nsentences": b,
+        "ntokens": int(mask.sum()),
+        "net_input": {"frames": pixels, "text_ids": ids, "text_mask": mask},
+    }

@@ -1,6 +1,7 @@
 """``benchmarks/activation_memory.py``: the per-rank FSDP2 model-state formula against hand-computed bytes and
 against the storages a real 2-rank FSDP2 + AdamW step allocates (odd dim 0, dim 0 below the rank count, frozen and
 0-dim parameters), the all-gather bytes of a unit, and the peak of a sequence of allocator events."""
+
 import os
 import sys
 
@@ -72,8 +73,7 @@ def _worker(rank, out_dir):
     model(torch.randn(2, 3)).backward()
     fsdp2.all_reduce_replicated_grads(replicated)
     optimizer.step()
-    torch.save({"measured": am.measure_states(model, optimizer), "shapes": shapes},
-               os.path.join(out_dir, f"{rank}.pt"))
+    torch.save({"measured": am.measure_states(model, optimizer), "shapes": shapes}, os.path.join(out_dir, f"{rank}.pt"))
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """unilm_vl.checkpoint: user-supplied checkpoint files are read with torch's weights-only unpickler by every tool;
 a file carrying a code payload is refused with one ``error:`` line (exit code 2) and the payload never runs."""
+
 import argparse
 import builtins
 import os
@@ -8,8 +9,9 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, REPO
 from unilm_vl.checkpoint import UnsafeCheckpointError, load_checkpoint_file, load_fairseq_checkpoint
+
+from conftest import BIN, REPO
 
 
 class Payload:
@@ -27,8 +29,15 @@ def evil(tmp_path):
     """(path of a fairseq-looking checkpoint with a payload, marker path the payload would create)."""
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"
-    torch.save({"model": {"towers.clip.w": torch.zeros(2)}, "cfg": {"model": {}, "task": {}}, "args": None,
-                "extra_state": {"payload": Payload(marker)}}, path)
+    torch.save(
+        {
+            "model": {"towers.clip.w": torch.zeros(2)},
+            "cfg": {"model": {}, "task": {}},
+            "args": None,
+            "extra_state": {"payload": Payload(marker)},
+        },
+        path,
+    )
     return path, marker
 
 
@@ -57,8 +66,12 @@ def test_what_our_checkpoints_hold_loads(tmp_path):
     unreadable file raises naming it."""
     from collections import OrderedDict
 
-    state = {"model": OrderedDict(w=torch.arange(3.0)), "args": argparse.Namespace(arch="clip_tiny", lr=[0.1]),
-             "cfg": None, "extra_state": {"metrics": OrderedDict(train=OrderedDict(loss={"val": 1.5, "n": 2}))}}
+    state = {
+        "model": OrderedDict(w=torch.arange(3.0)),
+        "args": argparse.Namespace(arch="clip_tiny", lr=[0.1]),
+        "cfg": None,
+        "extra_state": {"metrics": OrderedDict(train=OrderedDict(loss={"val": 1.5, "n": 2}))},
+    }
     torch.save(state, tmp_path / "ok.pt")
     loaded = load_checkpoint_file(str(tmp_path / "ok.pt"))
     assert torch.equal(loaded["model"]["w"], torch.arange(3.0)) and loaded["args"].lr == [0.1]
@@ -80,13 +93,16 @@ def error_lines(text):
     return [line for line in text.splitlines() if line.startswith("error:")]
 
 
-@pytest.mark.parametrize("tool,argv", [
-    ("convert", ["kosmos2", "--to-hf", "--checkpoint", "{evil}", "--out", "{tmp}/hf"]),
-    ("convert", ["kosmos2", "--from-release", "{evil}", "--out", "{tmp}/ours.pt"]),
-    ("export_open_clip", ["--checkpoint", "{evil}", "--out", "{tmp}/out.pt"]),
-    ("wise_ft", ["--finetuned", "{evil}", "--alpha", "0.5", "--out", "{tmp}/out.pt"]),
-    ("wise_ft", ["--finetuned", "{good}", "--pretrained", "{evil}", "--alpha", "0.5", "--out", "{tmp}/out.pt"]),
-])
+@pytest.mark.parametrize(
+    "tool,argv",
+    [
+        ("convert", ["kosmos2", "--to-hf", "--checkpoint", "{evil}", "--out", "{tmp}/hf"]),
+        ("convert", ["kosmos2", "--from-release", "{evil}", "--out", "{tmp}/ours.pt"]),
+        ("export_open_clip", ["--checkpoint", "{evil}", "--out", "{tmp}/out.pt"]),
+        ("wise_ft", ["--finetuned", "{evil}", "--alpha", "0.5", "--out", "{tmp}/out.pt"]),
+        ("wise_ft", ["--finetuned", "{good}", "--pretrained", "{evil}", "--alpha", "0.5", "--out", "{tmp}/out.pt"]),
+    ],
+)
 def test_every_tool_prints_one_error_line_and_returns_2(evil, tmp_path, capsys, tool, argv):
     import importlib
 
@@ -99,7 +115,8 @@ def test_every_tool_prints_one_error_line_and_returns_2(evil, tmp_path, capsys, 
     assert error_lines(capsys.readouterr().err) == [
         f"error: {path}: refused: it needs the global(s) builtins.exec, which loading without running code "
         "(torch.load weights_only=True) does not build; checkpoints written by unilm_vl or fairseq-train never "
-        "need them"]
+        "need them"
+    ]
     assert not marker.exists() and not (tmp_path / "out.pt").exists() and not (tmp_path / "ours.pt").exists()
 
 
@@ -112,9 +129,24 @@ def test_cli_exit_code_and_kosmos2_infer(evil, tmp_path):
 
     path, marker = evil
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([f"{BIN}/python", "-m", "unilm_vl.convert", "kosmos2", "--to-hf", "--checkpoint",
-                           str(path), "--out", str(tmp_path / "hf")], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            f"{BIN}/python",
+            "-m",
+            "unilm_vl.convert",
+            "kosmos2",
+            "--to-hf",
+            "--checkpoint",
+            str(path),
+            "--out",
+            str(tmp_path / "hf"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(error_lines(proc.stderr)) == 1 and "builtins.exec" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -129,22 +161,34 @@ def test_cli_exit_code_and_kosmos2_infer(evil, tmp_path):
 def sharded(tmp_path):
     """A sharded --fsdp2 checkpoint file as the trainer writes it: config, no weights, the shards directory named."""
     path = tmp_path / "checkpoint_last.pt"
-    torch.save({"model": None, "cfg": {"model": {}, "task": {}}, "args": None,
-                "sharded": {"dir": "checkpoint_last.pt.shards", "world_size": 2}}, path)
+    torch.save(
+        {
+            "model": None,
+            "cfg": {"model": {}, "task": {}},
+            "args": None,
+            "sharded": {"dir": "checkpoint_last.pt.shards", "world_size": 2},
+        },
+        path,
+    )
     return path
 
 
 def sharded_error(path):
-    return (f"{path} is a sharded --fsdp2 checkpoint (its weights are in checkpoint_last.pt.shards/ beside it); "
-            f"make one file first: python -m unilm_vl.consolidate {path} --out FULL.pt")
+    return (
+        f"{path} is a sharded --fsdp2 checkpoint (its weights are in checkpoint_last.pt.shards/ beside it); "
+        f"make one file first: python -m unilm_vl.consolidate {path} --out FULL.pt"
+    )
 
 
-@pytest.mark.parametrize("tool,argv", [
-    ("convert", ["kosmos2", "--to-hf", "--checkpoint", "{sharded}", "--out", "{tmp}/hf"]),
-    ("export_open_clip", ["--checkpoint", "{sharded}", "--out", "{tmp}/out.pt"]),
-    ("wise_ft", ["--finetuned", "{sharded}", "--alpha", "0.5", "--out", "{tmp}/out.pt"]),
-    ("wise_ft", ["--finetuned", "{good}", "--pretrained", "{sharded}", "--alpha", "0.5", "--out", "{tmp}/out.pt"]),
-])
+@pytest.mark.parametrize(
+    "tool,argv",
+    [
+        ("convert", ["kosmos2", "--to-hf", "--checkpoint", "{sharded}", "--out", "{tmp}/hf"]),
+        ("export_open_clip", ["--checkpoint", "{sharded}", "--out", "{tmp}/out.pt"]),
+        ("wise_ft", ["--finetuned", "{sharded}", "--alpha", "0.5", "--out", "{tmp}/out.pt"]),
+        ("wise_ft", ["--finetuned", "{good}", "--pretrained", "{sharded}", "--alpha", "0.5", "--out", "{tmp}/out.pt"]),
+    ],
+)
 def test_every_tool_names_the_consolidate_command_for_a_sharded_checkpoint(sharded, tmp_path, capsys, tool, argv):
     """convert, export_open_clip and wise_ft read fairseq checkpoints through unilm_vl.checkpoint.read_fairseq_state:
     a sharded file stops with the one line the eval loaders print, not an error about a None state dict."""
@@ -177,10 +221,24 @@ def test_generate_reads_checkpoints_through_the_safe_loader(evil, sharded, tmp_p
 
     path, marker = evil
     fairseq_reader = checkpoint_utils.load_checkpoint_to_cpu
-    for ckpt, error, message in [(path, UnsafeCheckpointError, f"{path}: refused: it needs the global(s) "
-                                  "builtins.exec,"), (sharded, ValueError, sharded_error(sharded))]:
-        monkeypatch.setattr("sys.argv", ["unilm_vl.generate", str(tmp_path), "--task", "image_text_contrastive",
-                                         "--path", str(ckpt), "--batch-size", "1", "--cpu"])
+    for ckpt, error, message in [
+        (path, UnsafeCheckpointError, f"{path}: refused: it needs the global(s) builtins.exec,"),
+        (sharded, ValueError, sharded_error(sharded)),
+    ]:
+        monkeypatch.setattr(
+            "sys.argv",
+            [
+                "unilm_vl.generate",
+                str(tmp_path),
+                "--task",
+                "image_text_contrastive",
+                "--path",
+                str(ckpt),
+                "--batch-size",
+                "1",
+                "--cpu",
+            ],
+        )
         with pytest.raises(error) as err:
             generate.cli_main()
         assert str(err.value).startswith(message)

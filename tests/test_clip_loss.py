@@ -1,5 +1,6 @@
 """CLIP loss against values computed with open_clip's ``ClipLoss`` (``mlfoundations/open_clip``
 ``src/open_clip/loss.py``) and by hand, and its invariances."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """Tiny-config forwards of the clip model, local pretrained weights, clear errors, and correlative self-attention."""
+
 import pytest
 import torch
 from fairseq.models import ARCH_CONFIG_REGISTRY

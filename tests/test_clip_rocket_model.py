@@ -1,5 +1,6 @@
 """clip_rocket: projections moved out of the open_clip towers keep open_clip's features exactly; views go
 through the l2l heads; logit scales clamp; the multi-view task batch feeds it."""
+
 import math
 from argparse import Namespace
 
@@ -33,8 +34,12 @@ def test_global_features_equal_open_clip_and_export_roundtrips():
 
 def test_views_and_scales():
     model = build().train()
-    out = model(torch.randn(3, 3, 64, 64), torch.randint(1, 4000, (3, 32)),
-                torch.randn(2, 3, 3, 64, 64), torch.randint(1, 4000, (2, 3, 32)))
+    out = model(
+        torch.randn(3, 3, 64, 64),
+        torch.randint(1, 4000, (3, 32)),
+        torch.randn(2, 3, 3, 64, 64),
+        torch.randint(1, 4000, (2, 3, 32)),
+    )
     assert out["image_views"].shape == out["text_views"].shape == (2, 3, 64)  # l2l_dim of the tiny arch
     torch.testing.assert_close(out["image_views"].norm(dim=-1), torch.ones(2, 3))
     assert out["l2l_logit_scale"].item() == pytest.approx(10.0, rel=1e-5)  # ln(1/0.1) init
@@ -61,8 +66,12 @@ def build_arch(arch, **overrides):
 
 def batch(b=4, a=2):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(b, 3, 64, 64, generator=g), torch.randint(1, 4000, (b, 32), generator=g),
-            torch.randn(a, b, 3, 64, 64, generator=g), torch.randint(1, 4000, (a, b, 32), generator=g))
+    return (
+        torch.randn(b, 3, 64, 64, generator=g),
+        torch.randint(1, 4000, (b, 32), generator=g),
+        torch.randn(a, b, 3, 64, 64, generator=g),
+        torch.randint(1, 4000, (a, b, 32), generator=g),
+    )
 
 
 def test_view_heads_keep_per_view_batch_statistics():
@@ -71,8 +80,9 @@ def test_view_heads_keep_per_view_batch_statistics():
     out = model(image, text, image_views, text_views)
     net = model.net
     pooled = net.image_pooled(image_views[1])
-    torch.testing.assert_close(out["image_views"][1],
-                               torch.nn.functional.normalize(net.l2l_image_projector(pooled), dim=-1))
+    torch.testing.assert_close(
+        out["image_views"][1], torch.nn.functional.normalize(net.l2l_image_projector(pooled), dim=-1)
+    )
     torch.testing.assert_close(out["ssl_image_views"][1], net.ssl_heads.image_projector(pooled))
     # the BarLIP heads end in an affine BatchNorm: each view's features are standardised over its batch
     torch.testing.assert_close(out["ssl_image_views"][0].mean(0), torch.zeros(256), atol=1e-5, rtol=0)
@@ -120,8 +130,10 @@ def test_l2l_head_encoders_for_zero_shot():
     model = build().eval()
     image, text = batch()[:2]
     net = model.net
-    torch.testing.assert_close(model.encode_image_l2l(image),
-                               torch.nn.functional.normalize(net.l2l_image_projector(net.image_pooled(image)), dim=-1))
+    torch.testing.assert_close(
+        model.encode_image_l2l(image),
+        torch.nn.functional.normalize(net.l2l_image_projector(net.image_pooled(image)), dim=-1),
+    )
     assert model.encode_text_l2l(text).shape == (4, 64) and model.has_l2l_head
     plain = build(separate_proj=False)
     assert not plain.has_l2l_head

@@ -1,5 +1,6 @@
 """COSA data: the released frame sampling (TXH-mercury/COSA ``data/data.py`` ``split``), annotation parsing, counted
 skips of bad videos, collated shapes and masks, per-batch source mixing, and the WordPiece vocabulary builder."""
+
 import json
 import logging
 import os
@@ -9,29 +10,46 @@ import pytest
 import torch
 from PIL import Image
 
-from unilm_vl.data.cosa import (ChooseText, ClipTransformFn, CollateCosa, CosaFramesDecoder, cosa_stages,
-                                list_video_frames, parse_entry, sample_frame_indices, split_segments, stack_clips)
+from unilm_vl.data.cosa import (
+    ChooseText,
+    ClipTransformFn,
+    CollateCosa,
+    CosaFramesDecoder,
+    cosa_stages,
+    list_video_frames,
+    parse_entry,
+    sample_frame_indices,
+    split_segments,
+    stack_clips,
+)
 from unilm_vl.data.cosa_vocab import SPECIAL_TOKENS, build_wordpiece_vocab, write_vocab
 from unilm_vl.data.decode import BadSample
 from unilm_vl.data.pipeline import StreamPlan, worker_batches
 from unilm_vl.data.sources import parse_data_spec
 from unilm_vl.data.tokenizers import WordPieceTokenizer
 
-CAPTIONS = ["a small red circle moves to the right", "the blue square grows while the star shrinks",
-            "a large green triangle moves up", "Two purple crosses, moving down!"]
+CAPTIONS = [
+    "a small red circle moves to the right",
+    "the blue square grows while the star shrinks",
+    "a large green triangle moves up",
+    "Two purple crosses, moving down!",
+]
 
 
 # ----------------------------------------------------------------------------------------------- sampling
-@pytest.mark.parametrize("n_items, n_seg, segments, middle", [
-    (10, 4, [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]], [1, 4, 6, 8]),
-    (7, 3, [[0, 1, 2], [3, 4], [5, 6]], [1, 3, 5]),
-    (16, 8, [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]], [0, 2, 4, 6, 8, 10, 12, 14]),
-    (3, 8, [[0], [1], [2], [2], [2], [2], [2], [2]], [0, 1, 2, 2, 2, 2, 2, 2]),
-    (12, 8, [[0, 1], [2, 3], [4, 5], [6, 7], [8], [9], [10], [11]], [0, 2, 4, 6, 8, 9, 10, 11]),
-    (6, 1, [[0, 1, 2, 3, 4, 5]], [2]),
-    (1, 4, [[0], [0], [0], [0]], [0, 0, 0, 0]),
-    (8, 8, [[i] for i in range(8)], list(range(8))),
-])
+@pytest.mark.parametrize(
+    "n_items, n_seg, segments, middle",
+    [
+        (10, 4, [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]], [1, 4, 6, 8]),
+        (7, 3, [[0, 1, 2], [3, 4], [5, 6]], [1, 3, 5]),
+        (16, 8, [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]], [0, 2, 4, 6, 8, 10, 12, 14]),
+        (3, 8, [[0], [1], [2], [2], [2], [2], [2], [2]], [0, 1, 2, 2, 2, 2, 2, 2]),
+        (12, 8, [[0, 1], [2, 3], [4, 5], [6, 7], [8], [9], [10], [11]], [0, 2, 4, 6, 8, 9, 10, 11]),
+        (6, 1, [[0, 1, 2, 3, 4, 5]], [2]),
+        (1, 4, [[0], [0], [0], [0]], [0, 0, 0, 0]),
+        (8, 8, [[i] for i in range(8)], list(range(8))),
+    ],
+)
 def test_segments_and_middle_frames(n_items, n_seg, segments, middle):
     assert split_segments(n_items, n_seg) == segments
     assert sample_frame_indices(n_items, n_seg, train=False) == middle
@@ -61,27 +79,30 @@ def test_bad_sampling_arguments():
 
 # ----------------------------------------------------------------------------------------------- annotations
 def test_parse_entry_layouts():
-    assert parse_entry({"video_id": 7, "desc": " a cat "}, "f[0]") == {"video_id": "7", "captions": ["a cat"],
-                                                                       "qa": []}
+    assert parse_entry({"video_id": 7, "desc": " a cat "}, "f[0]") == {"video_id": "7", "captions": ["a cat"], "qa": []}
     assert parse_entry({"video_id": "v", "caption": ["x", "y"]}, "f")["captions"] == ["x", "y"]
     qa = parse_entry({"video_id": "v", "question": "what?", "answer": "dog", "question_id": 3}, "f")
     assert qa["qa"] == [("what?", ["dog"], 3)] and qa["captions"] == []
     humans = parse_entry({"video_id": "v", "question": "what?", "answer": ["dog", "cat"]}, "f")
     assert humans["qa"] == [("what?", ["dog", "cat"], None)]
-    lists = parse_entry({"video_id": "v", "question": ["q1", "q2"], "answer": [["a", "b"], "c"],
-                         "question_id": [1, 2]}, "f")
+    lists = parse_entry(
+        {"video_id": "v", "question": ["q1", "q2"], "answer": [["a", "b"], "c"], "question_id": [1, 2]}, "f"
+    )
     assert lists["qa"] == [("q1", ["a", "b"], 1), ("q2", ["c"], 2)]
 
 
-@pytest.mark.parametrize("entry, field", [
-    ({"desc": "x"}, "video_id"),
-    ({"video_id": "v"}, "desc"),
-    ({"video_id": "v", "desc": ""}, "desc"),
-    ({"video_id": "v", "desc": ["ok", 3]}, "desc"),
-    ({"video_id": "v", "question": "q"}, "question"),
-    ({"video_id": "v", "question": ["q1", "q2"], "answer": ["a"]}, "answer"),
-    ({"video_id": "v", "question": "q", "answer": [["a"], ["b"]]}, "answer"),
-])
+@pytest.mark.parametrize(
+    "entry, field",
+    [
+        ({"desc": "x"}, "video_id"),
+        ({"video_id": "v"}, "desc"),
+        ({"video_id": "v", "desc": ""}, "desc"),
+        ({"video_id": "v", "desc": ["ok", 3]}, "desc"),
+        ({"video_id": "v", "question": "q"}, "question"),
+        ({"video_id": "v", "question": ["q1", "q2"], "answer": ["a"]}, "answer"),
+        ({"video_id": "v", "question": "q", "answer": [["a"], ["b"]]}, "answer"),
+    ],
+)
 def test_parse_entry_errors_name_the_field(entry, field):
     with pytest.raises(BadSample) as info:
         parse_entry(entry, "ann.json[4]")
@@ -140,8 +161,16 @@ def make_plan(root, num_frames, train, batch_size=4, log_every=1):
         spec.extra["decoder"] = CosaFramesDecoder()
     tok = WordPieceTokenizer(str(root / "vocab.txt"))
     stages = cosa_stages(tok, 12, num_frames, train, identity_transform(train))
-    return StreamPlan(sources=sources, stages=stages, collate=CollateCosa(tok.pad_id), batch_size=batch_size,
-                      shuffle=False, train=False, log_every=log_every, name="cosa"), tok
+    return StreamPlan(
+        sources=sources,
+        stages=stages,
+        collate=CollateCosa(tok.pad_id),
+        batch_size=batch_size,
+        shuffle=False,
+        train=False,
+        log_every=log_every,
+        name="cosa",
+    ), tok
 
 
 def test_missing_and_empty_videos_are_counted_logged_skips(world, caplog):
@@ -211,10 +240,18 @@ def test_qa_collate_and_stack_clips(tmp_path):
     tok = WordPieceTokenizer(tok_path)
     samples = []
     for i, length in enumerate((2, 3)):
-        samples.append({"__key__": f"v{i}", "frames": torch.full((length, 3, 4, 4), float(i)),
-                        "question": "what moves", "answer": "circle", "answers": ["circle", "circle"],
-                        "question_id": i, "text": tok.encode_batch(["what moves"], 6)[0],
-                        "answer_tokens": tok.encode_batch(["circle"], 10)[0]})
+        samples.append(
+            {
+                "__key__": f"v{i}",
+                "frames": torch.full((length, 3, 4, 4), float(i)),
+                "question": "what moves",
+                "answer": "circle",
+                "answers": ["circle", "circle"],
+                "question_id": i,
+                "text": tok.encode_batch(["what moves"], 6)[0],
+                "answer_tokens": tok.encode_batch(["circle"], 10)[0],
+            }
+        )
     samples[0]["frames"][1] = 5.0
     batch = CollateCosa(tok.pad_id, qa=True)(samples)
     net = batch["net_input"]
@@ -272,20 +309,30 @@ def test_wordpiece_vocab_round_trip(tmp_path):
 
 
 def test_mixture_per_batch_is_homogeneous(world):
-    from conftest import write_wds
     from unilm_vl.tasks.cosa_pretrain import CosaPretrainConfig, CosaPretrainTask
+
+    from conftest import write_wds
 
     root, lengths = world
     write_wds(str(root / "wds" / "part"), 24, 24)
     (root / "good.json").write_text(json.dumps([{"video_id": v, "desc": c} for v, c in zip(lengths, CAPTIONS)]))
-    mix = [{"name": "images", "source": "wds/part-*.tar", "weight": 1.0},
-           {"name": "videos", "source": "good.json", "kind": "frames", "frames_root": "frames", "weight": 1.0}]
+    mix = [
+        {"name": "images", "source": "wds/part-*.tar", "weight": 1.0},
+        {"name": "videos", "source": "good.json", "kind": "frames", "frames_root": "frames", "weight": 1.0},
+    ]
     (root / "mix.json").write_text(json.dumps(mix))
     vocab = build_wordpiece_vocab(CAPTIONS + [f"a {c} picture" for c in ("red", "green", "blue", "yellow")])
     write_vocab(vocab, str(root / "vocab.txt"))
     for per_batch in (True, False):
-        cfg = CosaPretrainConfig(data=str(root), train_data="mix.json", vocab_file=str(root / "vocab.txt"),
-                                 max_text_tokens=16, seed=3, shuffle_buffer=1, no_mix_per_batch=not per_batch)
+        cfg = CosaPretrainConfig(
+            data=str(root),
+            train_data="mix.json",
+            vocab_file=str(root / "vocab.txt"),
+            max_text_tokens=16,
+            seed=3,
+            shuffle_buffer=1,
+            no_mix_per_batch=not per_batch,
+        )
         task = CosaPretrainTask(cfg)
         task.image_size, task.image_mean, task.image_std = 8, (0.0,) * 3, (1.0,) * 3
         task.load_dataset("train")
@@ -309,8 +356,9 @@ def test_video_id_leaving_the_frames_root_is_a_counted_skip(tmp_path, video_id):
     write_clip(str(tmp_path), "outside", 4, 200)
     if video_id == "/absolute":
         video_id = str(tmp_path / "outside")
-    (tmp_path / "train.json").write_text(json.dumps([{"video_id": video_id, "desc": CAPTIONS[0]},
-                                                     {"video_id": "v0", "desc": CAPTIONS[1]}]))
+    (tmp_path / "train.json").write_text(
+        json.dumps([{"video_id": video_id, "desc": CAPTIONS[0]}, {"video_id": "v0", "desc": CAPTIONS[1]}])
+    )
     write_vocab(build_wordpiece_vocab(CAPTIONS), str(tmp_path / "vocab.txt"))
     plan, _ = make_plan(tmp_path, 2, train=False, batch_size=2)
     batch, meta = next(worker_batches(plan, 1, 0, 0, 1))

@@ -1,5 +1,6 @@
 """COSA evaluation: retrieval metrics and ITM re-ranking (TXH-mercury/COSA ``test.py``), the retrieval / caption /
 QA runners against a fake model whose scores the test sets, and exact-match vs VQA accuracy on hand cases."""
+
 import json
 import os
 
@@ -13,14 +14,20 @@ from unilm_vl.data.tokenizers import WordPieceTokenizer
 from unilm_vl.eval.cosa_caption import evaluate_cosa_caption
 from unilm_vl.eval.cosa_common import load_eval_set
 from unilm_vl.eval.cosa_qa import evaluate_cosa_qa, qa_metrics
-from unilm_vl.eval.cosa_retrieval import (cosa_retrieval_metrics, evaluate_cosa_retrieval, itm_probability,
-                                          itm_rerank, rerank_key, topk_pairs)
+from unilm_vl.eval.cosa_retrieval import (
+    cosa_retrieval_metrics,
+    evaluate_cosa_retrieval,
+    itm_probability,
+    itm_rerank,
+    rerank_key,
+    topk_pairs,
+)
 
 
 # ----------------------------------------------------------------------------------------------- pure metrics
 def test_reference_retrieval_metrics():
     # values of the release's metric (TXH-mercury/COSA test.py): ids [a, b, c], texts of [a, a, b, c]
-    sim = torch.tensor([[.9, .1, .3], [.2, .5, .4], [.1, .8, .7], [.6, .2, .5]])
+    sim = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.5, 0.4], [0.1, 0.8, 0.7], [0.6, 0.2, 0.5]])
     m = cosa_retrieval_metrics(sim, [0, 0, 1, 2])
     assert (m["t2v_R@1"], m["t2v_R@5"], m["t2v_R@10"]) == (50.0, 100.0, 100.0)
     assert m["video_r1"] == 50.0 and m["video_recall"] == "50.0/100.0/100.0" and m["video_ravg"] == 83.3
@@ -80,14 +87,17 @@ def test_constant_scores_score_at_most_chance():
     assert m["t2v_R@1"] == 0.0 and m["v2t_R@1"] == 0.0
 
 
-@pytest.mark.parametrize("pred, answers, em, vqa", [
-    ("two", ["two"], 100.0, None),                      # one answer: exact match only
-    ("Two", ["two"], 0.0, None),                        # exact match does not normalise
-    ("yes", ["yes"] * 10, 100.0, 100.0),
-    ("Yes", ["yes"] * 10, 0.0, 0.0),                    # humans agree: the official rule does not normalise
-    ("a dog.", ["dog"] * 3 + ["cat"] * 7, 0.0, 90.0),   # normalised "dog": 3 of 10 -> (3 * 2/3 + 7 * 1) / 10
-    ("2", ["two", "2"] + ["cat"] * 8, 0.0, 60.0),       # "two" -> "2": 2 of 10 humans
-])
+@pytest.mark.parametrize(
+    "pred, answers, em, vqa",
+    [
+        ("two", ["two"], 100.0, None),  # one answer: exact match only
+        ("Two", ["two"], 0.0, None),  # exact match does not normalise
+        ("yes", ["yes"] * 10, 100.0, 100.0),
+        ("Yes", ["yes"] * 10, 0.0, 0.0),  # humans agree: the official rule does not normalise
+        ("a dog.", ["dog"] * 3 + ["cat"] * 7, 0.0, 90.0),  # normalised "dog": 3 of 10 -> (3 * 2/3 + 7 * 1) / 10
+        ("2", ["two", "2"] + ["cat"] * 8, 0.0, 60.0),  # "two" -> "2": 2 of 10 humans
+    ],
+)
 def test_exact_match_vs_vqa_accuracy(pred, answers, em, vqa):
     m = qa_metrics([pred], [answers])
     assert m["exact_match"] == em
@@ -107,11 +117,15 @@ def test_qa_metrics_mixed_and_random_ground_truth():
 # ----------------------------------------------------------------------------------------------- fake model world
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo"]
 TEXT_TO_VIDEO = [0, 0, 1, 2, 3]
-ITC = torch.tensor([[0.5, 0.9, 0.1, 0.0],    # t0 (video 0): rank 1
-                    [0.9, 0.2, 0.1, 0.0],    # t1 (video 0): rank 0
-                    [0.8, 0.7, 0.1, 0.0],    # t2 (video 1): rank 1
-                    [0.0, 0.1, 0.9, 0.2],    # t3 (video 2): rank 0
-                    [0.3, 0.6, 0.0, 0.2]])   # t4 (video 3): rank 2, outside the top-2
+ITC = torch.tensor(
+    [
+        [0.5, 0.9, 0.1, 0.0],  # t0 (video 0): rank 1
+        [0.9, 0.2, 0.1, 0.0],  # t1 (video 0): rank 0
+        [0.8, 0.7, 0.1, 0.0],  # t2 (video 1): rank 1
+        [0.0, 0.1, 0.9, 0.2],  # t3 (video 2): rank 0
+        [0.3, 0.6, 0.0, 0.2],
+    ]
+)  # t4 (video 3): rank 2, outside the top-2
 ITM = torch.full((5, 4), 0.2)
 ITM[torch.arange(5), torch.tensor(TEXT_TO_VIDEO)] = 0.9
 
@@ -134,8 +148,10 @@ class FakeCosa:
 
     def encode_video(self, frames):
         v = self.video_index(frames)
-        return {"video_features": torch.nn.functional.one_hot(v, 4).float(),  # B x 4
-                "video_tokens": v.float()[:, None, None].expand(-1, 3, 2)}  # B x 3 x 2
+        return {
+            "video_features": torch.nn.functional.one_hot(v, 4).float(),  # B x 4
+            "video_tokens": v.float()[:, None, None].expand(-1, 3, 2),
+        }  # B x 3 x 2
 
     def encode_text(self, text_ids, text_mask):
         assert torch.equal(text_mask, (text_ids != self.tok.pad_id).long())
@@ -151,8 +167,10 @@ class FakeCosa:
         return [self.tok.encode(self.captions[int(v)]) for v in self.video_index(frames)]
 
     def generate_answer(self, frames, question_ids, question_mask, max_len):
-        return [self.tok.encode(self.answers[(int(v), int(q))])
-                for v, q in zip(self.video_index(frames), question_ids[:, 1])]
+        return [
+            self.tok.encode(self.answers[(int(v), int(q))])
+            for v, q in zip(self.video_index(frames), question_ids[:, 1])
+        ]
 
 
 @pytest.fixture
@@ -163,10 +181,16 @@ def clips(tmp_path):
         os.makedirs(folder)
         for j in range(5 + v):
             Image.new("RGB", (10, 10), (20 * (v + 1), 10 * j, 0)).save(folder / f"frame_{j + 1:04d}.png")
-    captions = ["alpha the red circle moves up", "bravo a blue star grows", "charlie a green cross moves down",
-                "delta a white square shrinks", "echo the black diamond moves left"]
+    captions = [
+        "alpha the red circle moves up",
+        "bravo a blue star grows",
+        "charlie a green cross moves down",
+        "delta a white square shrinks",
+        "echo the black diamond moves left",
+    ]
     entries = [{"video_id": "vid0", "desc": captions[:2]}] + [
-        {"video_id": f"vid{v}", "desc": [captions[v + 1]]} for v in range(1, 4)]
+        {"video_id": f"vid{v}", "desc": [captions[v + 1]]} for v in range(1, 4)
+    ]
     (tmp_path / "test.json").write_text(json.dumps(entries))
     vocab = build_wordpiece_vocab(captions + ["what moves", "how many", "circle", "up", "two"])
     write_vocab(vocab, str(tmp_path / "vocab.txt"))
@@ -184,15 +208,26 @@ def test_retrieval_runner_itc_then_itm(clips, cache_gb):
     eval_set = load_eval_set(str(root / "test.json"))
     assert eval_set.video_ids == ["vid0", "vid1", "vid2", "vid3"] and eval_set.text_to_video == TEXT_TO_VIDEO
     model = FakeCosa(tok, {}, {})
-    m = evaluate_cosa_retrieval(model, tok, transform(), eval_set, str(root / "frames"), 4, 16, itm_k=2,
-                                batch_size=3, itm_batch_size=4, token_cache_gb=cache_gb)
+    m = evaluate_cosa_retrieval(
+        model,
+        tok,
+        transform(),
+        eval_set,
+        str(root / "frames"),
+        4,
+        16,
+        itm_k=2,
+        batch_size=3,
+        itm_batch_size=4,
+        token_cache_gb=cache_gb,
+    )
     itc, itm = m["itc"], m["itm"]
-    assert (itc["t2v_R@1"], itc["t2v_R@5"]) == (40.0, 100.0)       # ITC t2v ranks [1, 0, 1, 0, 2]
+    assert (itc["t2v_R@1"], itc["t2v_R@5"]) == (40.0, 100.0)  # ITC t2v ranks [1, 0, 1, 0, 2]
     assert itc["t2v_mean_rank"] == pytest.approx(1.8) and itc["t2v_median_rank"] == 2.0
-    assert (itc["v2t_R@1"], itc["v2t_R@5"]) == (50.0, 100.0)       # v2t ranks [0, 1, 0, 1]: t3 ties t4 at .2
-    assert (itm["t2v_R@1"], itm["t2v_R@5"]) == (80.0, 100.0)       # ITM lifts t0, t2; t4 stays outside (rank 2)
+    assert (itc["v2t_R@1"], itc["v2t_R@5"]) == (50.0, 100.0)  # v2t ranks [0, 1, 0, 1]: t3 ties t4 at .2
+    assert (itm["t2v_R@1"], itm["t2v_R@5"]) == (80.0, 100.0)  # ITM lifts t0, t2; t4 stays outside (rank 2)
     assert itm["t2v_mean_rank"] == pytest.approx(1.4) and itm["t2v_median_rank"] == 1.0
-    assert itm["v2t_R@1"] == 100.0                                 # each video's top-2 texts hold its best GT
+    assert itm["v2t_R@1"] == 100.0  # each video's top-2 texts hold its best GT
     # fused pairs: 5 texts x top-2 videos, plus the pairs of the videos' top-2 texts not among them: one of the
     # texts tied at 0.1 with video 2, and (t4, video 3)
     assert model.itm_calls == m["itm_pairs"] == 12
@@ -206,30 +241,37 @@ def test_caption_runner_scores_generated_captions(clips):
     tok = WordPieceTokenizer(str(root / "vocab.txt"))
     eval_set = load_eval_set(str(root / "test.json"))
     oracle = FakeCosa(tok, {0: captions[0], 1: captions[2], 2: captions[3], 3: captions[4]}, {})
-    metrics, predictions = evaluate_cosa_caption(oracle, tok, transform(), eval_set, str(root / "frames"), 8,
-                                                 caption_tokenizer="simple", meteor=False)
+    metrics, predictions = evaluate_cosa_caption(
+        oracle, tok, transform(), eval_set, str(root / "frames"), 8, caption_tokenizer="simple", meteor=False
+    )
     assert predictions == {"vid0": captions[0], "vid1": captions[2], "vid2": captions[3], "vid3": captions[4]}
     assert metrics["BLEU-4"] == pytest.approx(100.0) and metrics["ROUGE-L"] == pytest.approx(100.0)
     assert metrics["num_images"] == 4 and "METEOR" not in metrics
     wrong = FakeCosa(tok, {v: captions[4] for v in range(4)}, {})
-    worse, _ = evaluate_cosa_caption(wrong, tok, transform(), eval_set, str(root / "frames"), 8,
-                                     caption_tokenizer="simple", meteor=False)
+    worse, _ = evaluate_cosa_caption(
+        wrong, tok, transform(), eval_set, str(root / "frames"), 8, caption_tokenizer="simple", meteor=False
+    )
     assert worse["CIDEr"] < metrics["CIDEr"] and worse["BLEU-4"] < 100.0
 
 
 def test_qa_runner(clips):
     root, _ = clips
     tok = WordPieceTokenizer(str(root / "vocab.txt"))
-    entries = [{"video_id": "vid1", "question": "what moves", "answer": "circle", "question_id": 1},
-               {"video_id": "vid2", "question": ["what moves", "how many"], "answer": [["circle"] * 4, ["two"] * 4],
-                "question_id": [2, 3]}]
+    entries = [
+        {"video_id": "vid1", "question": "what moves", "answer": "circle", "question_id": 1},
+        {
+            "video_id": "vid2",
+            "question": ["what moves", "how many"],
+            "answer": [["circle"] * 4, ["two"] * 4],
+            "question_id": [2, 3],
+        },
+    ]
     (root / "qa.json").write_text(json.dumps(entries))
     eval_set = load_eval_set(str(root / "qa.json"))
     what, how = tok.vocab["what"], tok.vocab["how"]
     answers = {(1, what): "circle", (2, what): "up", (2, how): "two"}
     model = FakeCosa(tok, {}, answers)
-    metrics, decoded = evaluate_cosa_qa(model, tok, transform(), eval_set, str(root / "frames"), 4, 16,
-                                        batch_size=2)
+    metrics, decoded = evaluate_cosa_qa(model, tok, transform(), eval_set, str(root / "frames"), 4, 16, batch_size=2)
     assert decoded == ["circle", "up", "two"]
     assert metrics["exact_match"] == pytest.approx(200 / 3)
     # 4 of 4 humans: every leave-one-out subset keeps 3 -> 1.0 for "two", 0 for "up"
@@ -241,8 +283,16 @@ def test_missing_eval_video_is_an_error_naming_it(clips):
     (root / "bad.json").write_text(json.dumps([{"video_id": "nope", "desc": "alpha"}]))
     tok = WordPieceTokenizer(str(root / "vocab.txt"))
     with pytest.raises(FileNotFoundError, match="nope"):
-        evaluate_cosa_retrieval(FakeCosa(tok, {}, {}), tok, transform(), load_eval_set(str(root / "bad.json")),
-                                str(root / "frames"), 4, 16, itm_k=None)
+        evaluate_cosa_retrieval(
+            FakeCosa(tok, {}, {}),
+            tok,
+            transform(),
+            load_eval_set(str(root / "bad.json")),
+            str(root / "frames"),
+            4,
+            16,
+            itm_k=None,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- end to end
@@ -250,10 +300,11 @@ def test_missing_eval_video_is_an_error_naming_it(clips):
 def test_pretrain_finetune_and_benchmark_clis_end_to_end(tmp_path):
     """fairseq-train cosa_pretrain (images + clips, K = 4 concatenation) -> cosa_finetune retrieval -> the three
     benchmark CLIs on the checkpoint of the real cosa model."""
-    from conftest import BIN, REPO, write_wds
     from test_train_e2e import run
 
     from unilm_vl.eval import cosa_caption, cosa_qa, cosa_retrieval
+
+    from conftest import BIN, REPO, write_wds
 
     write_wds(str(tmp_path / "wds" / "part"), 16, 16)
     texts = ["a red circle moves left", "a blue square moves right", "a green circle grows", "a yellow square"]
@@ -263,40 +314,134 @@ def test_pretrain_finetune_and_benchmark_clis_end_to_end(tmp_path):
         for j in range(3 + v):
             Image.new("RGB", (48, 40), (60 * v, 20 * j, 90)).save(folder / f"frame_{j + 1:04d}.jpg")
     (tmp_path / "train.json").write_text(json.dumps([{"video_id": f"vid{v}", "desc": t} for v, t in enumerate(texts)]))
-    (tmp_path / "test.json").write_text(json.dumps([{"video_id": f"vid{v}", "desc": [t, t + " slowly"]}
-                                                    for v, t in enumerate(texts)]))
-    (tmp_path / "qa.json").write_text(json.dumps([{"video_id": "vid1", "question": "what moves", "answer": "square",
-                                                   "question_id": 5}]))
-    (tmp_path / "mix.json").write_text(json.dumps([
-        {"name": "images", "source": "wds/part-*.tar", "weight": 1.0},
-        {"name": "videos", "source": "train.json", "kind": "frames", "frames_root": "frames", "weight": 1.0}]))
-    vocab = build_wordpiece_vocab(texts + [f"a {c} picture" for c in ("red", "green", "blue", "yellow")]
-                                  + ["slowly", "what moves"])
+    (tmp_path / "test.json").write_text(
+        json.dumps([{"video_id": f"vid{v}", "desc": [t, t + " slowly"]} for v, t in enumerate(texts)])
+    )
+    (tmp_path / "qa.json").write_text(
+        json.dumps([{"video_id": "vid1", "question": "what moves", "answer": "square", "question_id": 5}])
+    )
+    (tmp_path / "mix.json").write_text(
+        json.dumps(
+            [
+                {"name": "images", "source": "wds/part-*.tar", "weight": 1.0},
+                {"name": "videos", "source": "train.json", "kind": "frames", "frames_root": "frames", "weight": 1.0},
+            ]
+        )
+    )
+    vocab = build_wordpiece_vocab(
+        texts + [f"a {c} picture" for c in ("red", "green", "blue", "yellow")] + ["slowly", "what moves"]
+    )
     write_vocab(vocab, str(tmp_path / "vocab.txt"))
-    common = ["--user-dir", os.path.join(REPO, "unilm_vl"), str(tmp_path), "--vocab-file", str(tmp_path / "vocab.txt"),
-              "--max-text-tokens", "12", "--arch", "cosa_tiny", "--criterion", "cosa", "--optimizer", "adam",
-              "--lr", "1e-4", "--batch-size", "4", "--max-update", "1", "--cpu", "--seed", "1",
-              "--no-epoch-checkpoints", "--disable-validation", "--log-format", "simple", "--log-interval", "1"]
-    out = run([f"{BIN}/fairseq-train", *common, "--task", "cosa_pretrain", "--train-data", "mix.json",
-               "--cosa-tasks", "ret_cret_ccap_cmlm", "--concatenated-nums", "4", "--num-frame-embeddings", "4",
-               "--save-dir", str(tmp_path / "pre")])
+    common = [
+        "--user-dir",
+        os.path.join(REPO, "unilm_vl"),
+        str(tmp_path),
+        "--vocab-file",
+        str(tmp_path / "vocab.txt"),
+        "--max-text-tokens",
+        "12",
+        "--arch",
+        "cosa_tiny",
+        "--criterion",
+        "cosa",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-4",
+        "--batch-size",
+        "4",
+        "--max-update",
+        "1",
+        "--cpu",
+        "--seed",
+        "1",
+        "--no-epoch-checkpoints",
+        "--disable-validation",
+        "--log-format",
+        "simple",
+        "--log-interval",
+        "1",
+    ]
+    out = run(
+        [
+            f"{BIN}/fairseq-train",
+            *common,
+            "--task",
+            "cosa_pretrain",
+            "--train-data",
+            "mix.json",
+            "--cosa-tasks",
+            "ret_cret_ccap_cmlm",
+            "--concatenated-nums",
+            "4",
+            "--num-frame-embeddings",
+            "4",
+            "--save-dir",
+            str(tmp_path / "pre"),
+        ]
+    )
     for term in ("itc_loss_origin", "itm_loss_concatenated", "caption_loss_concatenated", "mlm_loss_concatenated"):
         assert term + "=" in out
-    out = run([f"{BIN}/fairseq-train", *common, "--task", "cosa_finetune", "--finetune-task", "retrieval",
-               "--train-data", "train.json", "--num-frames", "2", "--num-frames-test", "2",
-               "--num-frame-embeddings", "2", "--cosa-tasks", "ret", "--itm-ratio", "0.1",
-               "--finetune-from-model", str(tmp_path / "pre" / "checkpoint_last.pt"), "--save-dir", str(tmp_path / "ft")])
+    out = run(
+        [
+            f"{BIN}/fairseq-train",
+            *common,
+            "--task",
+            "cosa_finetune",
+            "--finetune-task",
+            "retrieval",
+            "--train-data",
+            "train.json",
+            "--num-frames",
+            "2",
+            "--num-frames-test",
+            "2",
+            "--num-frame-embeddings",
+            "2",
+            "--cosa-tasks",
+            "ret",
+            "--itm-ratio",
+            "0.1",
+            "--finetune-from-model",
+            str(tmp_path / "pre" / "checkpoint_last.pt"),
+            "--save-dir",
+            str(tmp_path / "ft"),
+        ]
+    )
     assert "itc_loss_origin=" in out and "num_updates=1" in out
     ckpt = str(tmp_path / "ft" / "checkpoint_last.pt")
-    ret = cosa_retrieval.main(["--checkpoint", ckpt, "--data", str(tmp_path / "test.json"), "--itm-k", "2",
-                               "--output", str(tmp_path / "ret.json")])
+    ret = cosa_retrieval.main(
+        [
+            "--checkpoint",
+            ckpt,
+            "--data",
+            str(tmp_path / "test.json"),
+            "--itm-k",
+            "2",
+            "--output",
+            str(tmp_path / "ret.json"),
+        ]
+    )
     assert (ret["num_videos"], ret["num_texts"]) == (4, 8)
     assert 8 * 2 <= ret["itm_pairs"] <= 8 * 2 + 4 * 2  # texts' top-2 videos and videos' top-2 texts
     for scores in (ret["itc"], ret["itm"]):
         assert 0.0 <= scores["t2v_R@1"] <= scores["t2v_R@5"] == 100.0  # 4 videos: every GT is in the top 5
     assert json.loads((tmp_path / "ret.json").read_text())["itc"]["video_recall"] == ret["itc"]["video_recall"]
-    cap = cosa_caption.main(["--checkpoint", ckpt, "--data", str(tmp_path / "test.json"), "--max-len", "6",
-                             "--tokenizer", "simple", "--no-meteor", "--predictions", str(tmp_path / "caps.json")])
+    cap = cosa_caption.main(
+        [
+            "--checkpoint",
+            ckpt,
+            "--data",
+            str(tmp_path / "test.json"),
+            "--max-len",
+            "6",
+            "--tokenizer",
+            "simple",
+            "--no-meteor",
+            "--predictions",
+            str(tmp_path / "caps.json"),
+        ]
+    )
     assert cap["num_images"] == 4 and 0.0 <= cap["CIDEr"]
     assert [p["video_id"] for p in json.loads((tmp_path / "caps.json").read_text())] == [f"vid{v}" for v in range(4)]
     qa = cosa_qa.main(["--checkpoint", ckpt, "--data", str(tmp_path / "qa.json"), "--max-len", "4"])

@@ -1,6 +1,7 @@
 """COSA losses and their inputs (release ``TXH-mercury/COSA`` ``model/pretrain.py``): ITC values with label smoothing,
 the ITM batch layout and hard-negative draw, the token maskers, the loss bookkeeping of task strings, and the
 2-rank = 1-rank-with-twice-the-batch equivalence of the ITC term and of a whole ``ret_cret`` step."""
+
 import math
 import os
 
@@ -9,11 +10,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from two_ranks import run_ranks
-from cosa_testlib import CLS, MASK, PAD, SEP, VOCAB, random_batch, tiny_model
 from unilm_vl.losses import cosa as fc
 from unilm_vl.losses.distributed import gather_uneven_rows
 from unilm_vl.modules import cosa as mc
+
+from cosa_testlib import CLS, MASK, PAD, SEP, VOCAB, random_batch, tiny_model
+from two_ranks import run_ranks
 
 
 # ------------------------------------------------------------------------------------------------------- ITC
@@ -44,8 +46,7 @@ def test_itc_matches_the_hand_written_formula():
         return ((1 - eps) * nll + eps * uniform).mean()
 
     expected = 0.5 * (smoothed_ce(v @ t.T / temp) + smoothed_ce(t @ v.T / temp))
-    assert fc.itc_loss(v, t, torch.tensor(temp), label_smoothing=eps).item() == pytest.approx(expected.item(),
-                                                                                          abs=1e-6)
+    assert fc.itc_loss(v, t, torch.tensor(temp), label_smoothing=eps).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def _smoothed_ce_logit_grad(logits, eps):
@@ -143,8 +144,15 @@ def test_itm_batch_layout(model):
 
 # ---------------------------------------------------------------------------------------------------- masker
 def _mask(ids, prob, protect_sep, seed=0):
-    ctx = mc.PassContext(generator=torch.Generator().manual_seed(seed), pad_id=PAD, cls_id=CLS, sep_id=SEP,
-                         mask_id=MASK, random_low=5, random_high=len(VOCAB))
+    ctx = mc.PassContext(
+        generator=torch.Generator().manual_seed(seed),
+        pad_id=PAD,
+        cls_id=CLS,
+        sep_id=SEP,
+        mask_id=MASK,
+        random_low=5,
+        random_high=len(VOCAB),
+    )
     return ctx.mask(ids, prob, protect_sep)
 
 
@@ -223,8 +231,14 @@ def test_pretraining_terms_and_total(model):
     sample = random_batch(6, seed=2)
     loss, sample_size, log = _criterion("ret_cret_ccap_cmlm")(model, sample)
     terms = {k: v for k, v in log.items() if "_loss_" in k}
-    assert list(terms) == ["itc_loss_origin", "itm_loss_origin", "itc_loss_concatenated", "itm_loss_concatenated",
-                           "caption_loss_concatenated", "mlm_loss_concatenated"]
+    assert list(terms) == [
+        "itc_loss_origin",
+        "itm_loss_origin",
+        "itc_loss_concatenated",
+        "itm_loss_concatenated",
+        "caption_loss_concatenated",
+        "mlm_loss_concatenated",
+    ]
     assert sample_size == 1 and log["loss"] == pytest.approx(sum(terms.values()), rel=1e-6)
     assert loss.item() == pytest.approx(log["loss"], rel=1e-6)
     assert all(math.isfinite(v) and v > 0 for v in terms.values())
@@ -233,15 +247,25 @@ def test_pretraining_terms_and_total(model):
 def test_itm_ratio_weights_the_itm_term_only():
     g = torch.Generator().manual_seed(0)
     feats = F.normalize(torch.randn(4, 6, generator=g), dim=-1)
-    out = {"contra_temp": torch.tensor(0.07), "rank": 0, "world_size": 1, "local_sizes": None,
-           "origin": {"video_features": feats, "text_features": feats.flip(0),
-                      "itm_logits": torch.randn(12, 2, generator=g), "itm_labels": torch.tensor([1] * 4 + [0] * 8)}}
+    out = {
+        "contra_temp": torch.tensor(0.07),
+        "rank": 0,
+        "world_size": 1,
+        "local_sizes": None,
+        "origin": {
+            "video_features": feats,
+            "text_features": feats.flip(0),
+            "itm_logits": torch.randn(12, 2, generator=g),
+            "itm_labels": torch.tensor([1] * 4 + [0] * 8),
+        },
+    }
     full, tenth = _criterion("ret").compute_losses(out), _criterion("ret", 0.1).compute_losses(out)
     assert list(tenth) == ["itc_loss_origin", "itm_loss_origin"]
     assert tenth["itc_loss_origin"].item() == pytest.approx(full["itc_loss_origin"].item())
     assert tenth["itm_loss_origin"].item() == pytest.approx(0.1 * full["itm_loss_origin"].item(), rel=1e-6)
-    qa = _criterion("qa").compute_losses({"origin": {"qa_logits": torch.zeros(3, 7), "qa_labels": torch.tensor(
-        [1, 2, 3])}})
+    qa = _criterion("qa").compute_losses(
+        {"origin": {"qa_logits": torch.zeros(3, 7), "qa_labels": torch.tensor([1, 2, 3])}}
+    )
     assert list(qa) == ["vqa_loss_origin"] and qa["vqa_loss_origin"].item() == pytest.approx(math.log(7))
 
 
@@ -267,8 +291,7 @@ def _step_losses(model, sample, partners):
     out = model(**sample["net_input"], tasks="ret_cret", partners=partners)
     loss = sum(crit.compute_losses(out).values())
     loss.backward()
-    return loss.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-                           for p in model.parameters()]
+    return loss.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
 
 def _global_step_batch():
@@ -316,8 +339,9 @@ def _worker(rank, out_dir):
         model.cfg.concat_partners = partners_from
         torch.manual_seed(11)
         ctx = model.pass_context(rank, W, B, "cpu")
-        frames, _, _, drawn = model.concatenate(local_sample["frames"], local_sample["text_ids"],
-                                                local_sample["text_mask"], ctx)
+        frames, _, _, drawn = model.concatenate(
+            local_sample["frames"], local_sample["text_ids"], local_sample["text_mask"], ctx
+        )
         source = sample["net_input"]["frames"] if partners_from == "global" else local_sample["frames"]
         torch.testing.assert_close(frames[:, 1:], source[drawn.flatten()].view(B, 3, 3, 64, 64), atol=0, rtol=0)
         draws.append(drawn)

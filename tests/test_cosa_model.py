@@ -1,10 +1,12 @@
 """COSA model pieces (TXH-mercury/COSA ``model/modeling.py``, ``model/pretrain.py``): frame-embedding resize, the four
 attention modes of the one cross-attention BERT, concatenated samples, the evaluation API and weight loading."""
+
 import pytest
 import torch
 
-from cosa_testlib import CLS, MASK, PAD, SEP, VOCAB, random_batch, text_batch, tiny_model, tokenizer
 from unilm_vl.modules import cosa as mc
+
+from cosa_testlib import CLS, MASK, PAD, SEP, VOCAB, random_batch, text_batch, tiny_model, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -13,9 +15,17 @@ def model():
 
 
 # ------------------------------------------------------------------------------------------ frame embedding
-@pytest.mark.parametrize("rows,frames,expected", [
-    (4, 8, [0, 0, 1, 1, 2, 2, 3, 3]), (8, 16, [i // 2 for i in range(16)]), (4, 1, [0]), (8, 4, [0, 2, 4, 6]),
-    (4, 6, [0, 0, 1, 2, 2, 3]), (4, 4, [0, 1, 2, 3])])
+@pytest.mark.parametrize(
+    "rows,frames,expected",
+    [
+        (4, 8, [0, 0, 1, 1, 2, 2, 3, 3]),
+        (8, 16, [i // 2 for i in range(16)]),
+        (4, 1, [0]),
+        (8, 4, [0, 2, 4, 6]),
+        (4, 6, [0, 0, 1, 2, 2, 3]),
+        (4, 4, [0, 1, 2, 3]),
+    ],
+)
 def test_frame_embedding_nearest_resize(rows, frames, expected):
     assert mc.nearest_frame_indices(rows, frames).tolist() == expected
     emb = torch.randn(1, rows, 5)
@@ -42,9 +52,18 @@ def test_video_tokens_carry_their_frame_embedding(model):
 # -------------------------------------------------------------------------------------------- attention masks
 def test_mask_tables_of_the_reference():
     assert mc.causal_mask(torch.tensor([[1, 1, 1, 0]]))[0].tolist() == [
-        [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0]]
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [1, 1, 1, 0],
+        [1, 1, 1, 0],
+    ]
     assert mc.prefix_causal_mask(torch.tensor([[1, 1, 0]]), torch.tensor([[1, 1]]))[0].tolist() == [
-        [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 1, 0], [1, 1, 0, 1, 1]]
+        [1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 0, 1, 0],
+        [1, 1, 0, 1, 1],
+    ]
     grown = [mc.causal_mask(torch.ones(1, n, dtype=torch.long))[0].tolist() for n in (1, 2, 3)]
     assert grown == [[[1]], [[1, 0], [1, 1]], [[1, 0, 0], [1, 1, 0], [1, 1, 1]]]
 
@@ -56,7 +75,7 @@ def test_qa_inference_masks_reproduce_the_training_mask():
     full = mc.prefix_causal_mask(q, torch.ones(1, 4, dtype=torch.long))[0]
     for t in range(1, 5):
         step = mc.prefix_causal_mask(q, torch.ones(1, t, dtype=torch.long))[0]
-        assert torch.equal(step, full[:5 + t, :5 + t])
+        assert torch.equal(step, full[: 5 + t, : 5 + t])
 
 
 def _fused(model, ids, attention, video):
@@ -129,22 +148,28 @@ def test_partner_draw_is_reproducible_without_replacement():
 
 def test_concatenated_sample_shapes_order_and_caption_join(tmp_path):
     tok = tokenizer(tmp_path)
-    captions = ["a red circle", "the blue squares", "a small green picture", "yellow circles moves left .",
-                "a big red square , right"]
+    captions = [
+        "a red circle",
+        "the blue squares",
+        "a small green picture",
+        "yellow circles moves left .",
+        "a big red square , right",
+    ]
     ids, mask = tok.encode_batch(captions, context_length=8), None
     mask = ids.ne(tok.pad_id).long()
     frames = torch.arange(5, dtype=torch.float)[:, None, None, None, None].expand(5, 1, 3, 4, 4)  # frame value = id
     partners = torch.tensor([[3, 1, 4], [0, 0, 2], [2, 4, 1]])  # own index allowed, as released
-    out_frames, out_ids, out_mask = mc.concatenate_samples(frames[:3], ids[:3], mask[:3], frames, ids, mask,
-                                                           partners, mc.paragraph_length(8, 4), CLS, SEP, PAD)
+    out_frames, out_ids, out_mask = mc.concatenate_samples(
+        frames[:3], ids[:3], mask[:3], frames, ids, mask, partners, mc.paragraph_length(8, 4), CLS, SEP, PAD
+    )
     assert out_frames.shape == (3, 4, 3, 4, 4) and out_ids.shape == (3, 16) and out_mask.shape == (3, 16)
     for i in range(3):
         order = [i] + partners[i].tolist()
         assert out_frames[i, :, 0, 0, 0].tolist() == [float(j) for j in order]  # own frame first, then partners
         joined = " ".join(captions[j] for j in order)
-        expected = ([CLS] + tok.encode(joined)[:14] + [SEP])  # == the tokenisation of the joined string, truncated
-        assert out_ids[i, :len(expected)].tolist() == expected
-        assert out_ids[i, len(expected):].eq(PAD).all() and out_mask[i].sum() == len(expected)
+        expected = [CLS] + tok.encode(joined)[:14] + [SEP]  # == the tokenisation of the joined string, truncated
+        assert out_ids[i, : len(expected)].tolist() == expected
+        assert out_ids[i, len(expected) :].eq(PAD).all() and out_mask[i].sum() == len(expected)
     assert out_ids[2, -1] == SEP  # truncated paragraphs keep [SEP]
 
 
@@ -230,8 +255,16 @@ def test_hf_bert_weights_load_by_key(tmp_path):
     from transformers.models.bert.modeling_bert import BertForMaskedLM
 
     torch.manual_seed(5)
-    hf = BertForMaskedLM(BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                    intermediate_size=64, max_position_embeddings=40))
+    hf = BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=40,
+        )
+    )
     hf.save_pretrained(tmp_path / "bert")
     model = tiny_model(pretrained_bert=str(tmp_path / "bert"))
     bert = model.net.multimodal_encoder
@@ -249,7 +282,7 @@ def test_release_checkpoint_keys_load_with_frame_embedding_resize(tmp_path):
     source = tiny_model(seed=1)
     release = {}
     for key, value in source.net.state_dict().items():
-        key = "clip_model.visual." + key[len("vision.visual."):] if key.startswith("vision.visual.") else key
+        key = "clip_model.visual." + key[len("vision.visual.") :] if key.startswith("vision.visual.") else key
         release["module." + key] = value.half() if value.is_floating_point() else value
     release["module.clip_model.token_embedding.weight"] = torch.zeros(3, 2)  # unused CLIP text tower: dropped
     release["module.clip_model.visual.proj"] = torch.zeros(128, 64)  # unused projection: dropped
@@ -267,13 +300,18 @@ def test_release_checkpoint_keys_load_with_frame_embedding_resize(tmp_path):
 def test_fairseq_checkpoint_frame_embedding_is_resized_on_load():
     source, target = tiny_model(seed=1), tiny_model(seed=2, num_frame_embeddings=8)
     target.load_state_dict(source.state_dict(), strict=True)
-    torch.testing.assert_close(target.net.video_frame_embedding,
-                               source.net.video_frame_embedding[:, [0, 0, 1, 1, 2, 2, 3, 3]], atol=0, rtol=0)
+    torch.testing.assert_close(
+        target.net.video_frame_embedding, source.net.video_frame_embedding[:, [0, 0, 1, 1, 2, 2, 3, 3]], atol=0, rtol=0
+    )
 
 
 def test_timm_swin_tower_option():
-    cfg = mc.CosaVisionConfig(kind="timm", model_name="swin_tiny_patch4_window7_224", image_size=32,
-                              timm_kwargs={"embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 4})
+    cfg = mc.CosaVisionConfig(
+        kind="timm",
+        model_name="swin_tiny_patch4_window7_224",
+        image_size=32,
+        timm_kwargs={"embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 4},
+    )
     tower = mc.build_vision_tower(cfg)
     tokens = tower(torch.randn(3, 3, 32, 32))
     assert tokens.shape == (3, 16, 32) and tower.width == 32  # 32/4/2 = 4 x 4 final-stage tokens of width 32
@@ -332,18 +370,25 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     for checkpointing in (False, True):
         model = tiny_model(seed=0, bert_dropout=0.1, checkpoint_activations=checkpointing).train()
         calls = []
-        handles = [m.register_forward_hook(lambda *a: calls.append(1))
-                   for m in (model.net.multimodal_encoder.bert.encoder.layer[0].attention,
-                             model.net.vision.visual.transformer.resblocks[0].attn)]
+        handles = [
+            m.register_forward_hook(lambda *a: calls.append(1))
+            for m in (
+                model.net.multimodal_encoder.bert.encoder.layer[0].attention,
+                model.net.vision.visual.transformer.resblocks[0].attn,
+            )
+        ]
         torch.manual_seed(5)
-        losses = criterion.compute_losses(model(**sample["net_input"], tasks="ret_cret_ccap_cmlm",
-                                                partners=partners))
+        losses = criterion.compute_losses(model(**sample["net_input"], tasks="ret_cret_ccap_cmlm", partners=partners))
         sum(losses.values()).backward()
         for handle in handles:
             handle.remove()
-        runs.append(({k: v.item() for k, v in losses.items()}, {n: p.grad.clone() for n, p in
-                                                                  model.named_parameters() if p.grad is not None},
-                     len(calls)))
+        runs.append(
+            (
+                {k: v.item() for k, v in losses.items()},
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                len(calls),
+            )
+        )
     (plain_loss, plain_grad, plain_calls), (ckpt_loss, ckpt_grad, ckpt_calls) = runs
     for key in plain_loss:
         assert ckpt_loss[key] == pytest.approx(plain_loss[key], abs=1e-6), key

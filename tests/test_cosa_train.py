@@ -2,17 +2,24 @@
 image shards with the released task string ``ret_cret_ccap_cmlm`` (concatenation K = 4), logs the six terms, and
 a run stopped and resumed from its checkpoint ends with exactly the weights of an unbroken run (the partner draws,
 maskers and ITM negatives are seeded from seed + update number)."""
+
 import math
 import re
 
 import pytest
 import torch
-
-from conftest import BIN, REPO, write_wds
 from test_train_e2e import model_state, run
 
-TERMS = ["itc_loss_origin", "itm_loss_origin", "itc_loss_concatenated", "itm_loss_concatenated",
-         "caption_loss_concatenated", "mlm_loss_concatenated"]
+from conftest import BIN, REPO, write_wds
+
+TERMS = [
+    "itc_loss_origin",
+    "itm_loss_origin",
+    "itc_loss_concatenated",
+    "itm_loss_concatenated",
+    "caption_loss_concatenated",
+    "mlm_loss_concatenated",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +35,47 @@ def data(tmp_path_factory):
 
 def cosa_args(data, save_dir, *extra):
     return [
-        "--user-dir", f"{REPO}/unilm_vl", "--task", "cosa_pretrain", str(data),
-        "--train-data", "train/part-*.tar", "--valid-data", "train/part-00000.tar",
-        "--vocab-file", str(data / "vocab.txt"), "--max-text-tokens", "8",
-        "--arch", "cosa_tiny", "--criterion", "cosa", "--cosa-tasks", "ret_cret_ccap_cmlm",
-        "--optimizer", "adam", "--lr", "1e-4", "--batch-size", "6", "--num-workers", "1", "--cpu", "--seed", "7",
-        "--save-dir", str(save_dir), "--log-format", "simple", "--log-interval", "1",
-        "--no-epoch-checkpoints", "--disable-validation", "--save-interval-updates", "2", *extra,
+        "--user-dir",
+        f"{REPO}/unilm_vl",
+        "--task",
+        "cosa_pretrain",
+        str(data),
+        "--train-data",
+        "train/part-*.tar",
+        "--valid-data",
+        "train/part-00000.tar",
+        "--vocab-file",
+        str(data / "vocab.txt"),
+        "--max-text-tokens",
+        "8",
+        "--arch",
+        "cosa_tiny",
+        "--criterion",
+        "cosa",
+        "--cosa-tasks",
+        "ret_cret_ccap_cmlm",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-4",
+        "--batch-size",
+        "6",
+        "--num-workers",
+        "1",
+        "--cpu",
+        "--seed",
+        "7",
+        "--save-dir",
+        str(save_dir),
+        "--log-format",
+        "simple",
+        "--log-interval",
+        "1",
+        "--no-epoch-checkpoints",
+        "--disable-validation",
+        "--save-interval-updates",
+        "2",
+        *extra,
     ]
 
 

@@ -1,6 +1,7 @@
 """COSMOS data (ExplainableML/cosmos): the text-crop sampler (``src/training/data.py`` ``sample_dict``), the image
 multi-crop transform (``src/open_clip/transform.py`` ``DataAugmentationMulticrop``) and the view-major collater
 (``src/training/train.py``)."""
+
 import random
 from collections import Counter
 
@@ -9,8 +10,17 @@ import torch
 from PIL import Image, ImageDraw
 
 from unilm_vl.data.decode import BadSample
-from unilm_vl.data.multicrop import (CollateMultiCrop, MultiCropImage, MultiCropTransform, RandomGaussianBlur,
-                                     RandomSolarize, TextCrops, sample_from_list, split_caption, text_crops)
+from unilm_vl.data.multicrop import (
+    CollateMultiCrop,
+    MultiCropImage,
+    MultiCropTransform,
+    RandomGaussianBlur,
+    RandomSolarize,
+    TextCrops,
+    sample_from_list,
+    split_caption,
+    text_crops,
+)
 from unilm_vl.data.stages import TokenizeViews
 from unilm_vl.data.tokenizers import TokenizerConfig, build_tokenizer
 
@@ -30,8 +40,8 @@ def test_sample_when_the_list_is_short(n, m):
     assert len(out) == m
     counts = Counter(out)
     assert set(counts.values()) <= {m // n, m // n + 1}
-    assert out[:(m // n) * n] == (m // n) * items  # whole copies of L in their original order come first
-    assert len(set(out[(m // n) * n:])) == m % n  # then a remainder without repeats
+    assert out[: (m // n) * n] == (m // n) * items  # whole copies of L in their original order come first
+    assert len(set(out[(m // n) * n :])) == m % n  # then a remainder without repeats
 
 
 def test_sample_when_the_list_is_long_has_no_repeats():
@@ -57,14 +67,25 @@ def test_text_crops_global_and_local():
 
 
 def sample(seed=11, meta=None):
-    return {"__key__": "k", "__where__": "shard.tar[0]", "__seed__": seed, "caption": "a red circle",
-            "meta": {"long_caption": LONG} if meta is None else meta}
+    return {
+        "__key__": "k",
+        "__where__": "shard.tar[0]",
+        "__seed__": seed,
+        "caption": "a red circle",
+        "meta": {"long_caption": LONG} if meta is None else meta,
+    }
 
 
 def test_text_crops_stage_is_seeded_by_the_sample_seed():
     stage = TextCrops("textcrop", 8, ("long_caption",))
-    assert stage.sentences(sample()) == ["a red circle", "There is one shape in the picture", "The red circle is large",
-                                         "The background is grey", "It is bright", "done"]
+    assert stage.sentences(sample()) == [
+        "a red circle",
+        "There is one shape in the picture",
+        "The red circle is large",
+        "The background is grey",
+        "It is bright",
+        "done",
+    ]
     a, b = stage(sample(11))["captions"], stage(sample(11))["captions"]
     assert a == b and len(a) == 8
     assert any(stage(sample(s))["captions"] != a for s in range(12, 20))

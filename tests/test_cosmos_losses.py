@@ -1,6 +1,7 @@
 """COSMOS maths and model wiring against the reference (``ExplainableML/cosmos``, values computed by hand):
 loss wiring with hand values, teacher gradient and EMA, cosine momentum, cross-attention invariances, the
 multi-resolution tower, and the 2-rank equivalence of the loss."""
+
 import math
 import os
 
@@ -9,12 +10,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from two_ranks import run_ranks
 from unilm_vl.losses import cosmos as fc
 from unilm_vl.losses.ema import cosine_momentum, teacher_momentum
 from unilm_vl.modules.clip import ClipTowersConfig
-from unilm_vl.modules.cosmos import (AttentionalCrossPooler, CosmosConfig, CosmosModule, interpolate_pos_embed,
-                                     vision_forward)
+from unilm_vl.modules.cosmos import (
+    AttentionalCrossPooler,
+    CosmosConfig,
+    CosmosModule,
+    interpolate_pos_embed,
+    vision_forward,
+)
+
+from two_ranks import run_ranks
 
 I = torch.eye(2)
 T = torch.tensor([[0.6, 0.8], [0.8, 0.6]])
@@ -29,16 +36,25 @@ def views(*mats):
 
 def reference_case(num_global_crops=2):
     """The reference's ``COSMOSLoss`` on B=2, both scales 1."""
-    return fc.cosmos_loss(image_features=views(I, I, T), text_features=views(I, T, I), image_cross=views(I, T, T),
-                          text_cross=views(I, I, T), teacher_image=views(I, I), teacher_text=views(I, I),
-                          logit_scale=ONE, distill_logit_scale=ONE, num_global_crops=num_global_crops)
+    return fc.cosmos_loss(
+        image_features=views(I, I, T),
+        text_features=views(I, T, I),
+        image_cross=views(I, T, T),
+        text_cross=views(I, I, T),
+        teacher_image=views(I, I),
+        teacher_text=views(I, I),
+        logit_scale=ONE,
+        distill_logit_scale=ONE,
+        num_global_crops=num_global_crops,
+    )
 
 
 def test_loss_wiring_reference_values():
     out = reference_case()
     assert out["distill_loss"].item() == pytest.approx(0.555700, abs=1e-5)
-    assert out["distill_loss"].item() == pytest.approx(0.25 * (2 * (2 * A + 4 * B_) / 6 + 2 * (4 * A + 2 * B_) / 6),
-                                                       abs=1e-6)
+    assert out["distill_loss"].item() == pytest.approx(
+        0.25 * (2 * (2 * A + 4 * B_) / 6 + 2 * (4 * A + 2 * B_) / 6), abs=1e-6
+    )
     assert out["clip_loss"].item() == pytest.approx(0.474887, abs=1e-5)
     assert out["clip_loss"].item() == pytest.approx((4 * A + 2 * B_) / 6, abs=1e-6)
     assert sum(out.values()).item() == pytest.approx(1.030587, abs=1e-5)
@@ -107,19 +123,21 @@ def test_shapes_view_major_and_teacher_inputs(tiny):
         # view v of sample b sits at [v, b]: the student's pooled view equals encoding that view alone
         all_views = list(image) + list(local)  # 2 crops of 64 px, then 3 of 32 px
         for v in range(5):
-            torch.testing.assert_close(out["image_features"][v], tiny.student.encode_image(all_views[v]),
-                                       atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                out["image_features"][v], tiny.student.encode_image(all_views[v]), atol=1e-5, rtol=1e-4
+            )
         for u in range(4):
-            torch.testing.assert_close(out["text_features"][u], tiny.student.encode_text(text[u]), atol=1e-5,
-                                       rtol=1e-4)
+            torch.testing.assert_close(out["text_features"][u], tiny.student.encode_text(text[u]), atol=1e-5, rtol=1e-4)
         # the teacher sees exactly the two global crops and the first two (global) captions
         assert out["teacher_image_features"].shape == (2, 3, 64)
         assert out["teacher_text_features"].shape == (2, 3, 64)
         for v in range(2):
-            torch.testing.assert_close(out["teacher_image_features"][v], tiny.teacher.encode_image(image[v]),
-                                       atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(out["teacher_text_features"][v], tiny.teacher.encode_text(text[v]),
-                                       atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                out["teacher_image_features"][v], tiny.teacher.encode_image(image[v]), atol=1e-5, rtol=1e-4
+            )
+            torch.testing.assert_close(
+                out["teacher_text_features"][v], tiny.teacher.encode_text(text[v]), atol=1e-5, rtol=1e-4
+            )
 
 
 def test_plain_batches_are_one_view_each(tiny):
@@ -212,9 +230,18 @@ def test_ema_update_value_and_no_teacher_gradient():
     module = CosmosModule(CosmosConfig(ClipTowersConfig(), cross_attn_heads=4))
     image, local, text = batch(Bsz=2)
     out = module(image, text, local)
-    loss = sum(fc.cosmos_loss(out["image_features"], out["text_features"], out["image_cross"], out["text_cross"],
-                              out["teacher_image_features"], out["teacher_text_features"], out["logit_scale"],
-                              out["distill_logit_scale"]).values())
+    loss = sum(
+        fc.cosmos_loss(
+            out["image_features"],
+            out["text_features"],
+            out["image_cross"],
+            out["text_cross"],
+            out["teacher_image_features"],
+            out["teacher_text_features"],
+            out["logit_scale"],
+            out["distill_logit_scale"],
+        ).values()
+    )
     loss.backward()
     assert all(p.grad is None for p in module.teacher.parameters())
     assert all(p.grad is not None for p in module.student.parameters())
@@ -235,8 +262,15 @@ def test_model_ema_order_and_clamp(order):
     from unilm_vl.models.cosmos import CosmosModel, CosmosModelConfig
 
     torch.manual_seed(0)
-    model = CosmosModel(CosmosModelConfig(momentum_teacher=0.5, momentum_schedule="cosine", momentum_total_updates=4,
-                                          ema_order=order, cross_attn_heads=4))
+    model = CosmosModel(
+        CosmosModelConfig(
+            momentum_teacher=0.5,
+            momentum_schedule="cosine",
+            momentum_total_updates=4,
+            ema_order=order,
+            cross_attn_heads=4,
+        )
+    )
     net = model.net
     old_teacher = net.teacher.clip.visual.proj.detach().clone()
     pre_step = net.student.clip.visual.proj.detach().clone()
@@ -250,8 +284,7 @@ def test_model_ema_order_and_clamp(order):
     post_step = pre_step - 1.0
     torch.testing.assert_close(net.student.clip.visual.proj, post_step)
     source = pre_step if order == "before_step" else post_step
-    torch.testing.assert_close(net.teacher.clip.visual.proj, m * old_teacher + (1 - m) * source, atol=1e-6,
-                               rtol=1e-6)
+    torch.testing.assert_close(net.teacher.clip.visual.proj, m * old_teacher + (1 - m) * source, atol=1e-6, rtol=1e-6)
     assert net.student.distill_logit_scale.item() == pytest.approx(math.log(100.0))
     assert net.teacher.distill_logit_scale.item() <= math.log(100.0) + 1e-6
 
@@ -279,9 +312,20 @@ def loss_and_grads(xs, rank=0, world=1, local_loss=False, gradient="full"):
     w_img, w_txt, w_ic, w_tc = params
     x_img, x_txt, x_ic, x_tc, t_img, t_txt = xs
     norm = lambda x, w: F.normalize(x @ w.T, dim=-1)
-    out = fc.cosmos_loss(norm(x_img, w_img), norm(x_txt, w_txt), norm(x_ic, w_ic), norm(x_tc, w_tc),
-                         norm(t_img, _weights()[0]), norm(t_txt, _weights()[1]), scale, distill_scale,
-                         rank=rank, world_size=world, local_loss=local_loss, gradient=gradient)
+    out = fc.cosmos_loss(
+        norm(x_img, w_img),
+        norm(x_txt, w_txt),
+        norm(x_ic, w_ic),
+        norm(x_tc, w_tc),
+        norm(t_img, _weights()[0]),
+        norm(t_txt, _weights()[1]),
+        scale,
+        distill_scale,
+        rank=rank,
+        world_size=world,
+        local_loss=local_loss,
+        gradient=gradient,
+    )
     loss = sum(out.values())
     loss.backward()
     return loss.detach(), [p.grad for p in params + [scale, distill_scale]]

@@ -1,15 +1,17 @@
 """COSMOS end to end through the real fairseq trainer: cosmos_tiny trains on multi-crop batches with text crops of
 the json long caption, the checkpoint carries the EMA teacher and serves the retrieval evaluation, and a run
 stopped and resumed continues the teacher exactly."""
+
 import math
 import re
 
 import pytest
 import torch
+from test_train_e2e import model_state, run, train_args
+
+from unilm_vl.data.formats import WdsShardWriter
 
 from conftest import BIN, COLOURS, jpeg_bytes
-from test_train_e2e import model_state, run, train_args
-from unilm_vl.data.formats import WdsShardWriter
 
 
 def write_long_caption_wds(prefix, n, per_shard):
@@ -18,10 +20,17 @@ def write_long_caption_wds(prefix, n, per_shard):
     with WdsShardWriter(prefix, samples_per_shard=per_shard) as writer:
         for i in range(n):
             colour = names[i % len(names)]
-            long_caption = (f"There is one {colour} picture. The {colour} colour fills the frame. "
-                            f"Nothing else is in the {colour} picture.")
-            writer.write(f"{i:06d}", jpeg_bytes(COLOURS[colour]), "jpg", f"a {colour} picture",
-                         {"key": f"{i:06d}", "long_caption": long_caption})
+            long_caption = (
+                f"There is one {colour} picture. The {colour} colour fills the frame. "
+                f"Nothing else is in the {colour} picture."
+            )
+            writer.write(
+                f"{i:06d}",
+                jpeg_bytes(COLOURS[colour]),
+                "jpg",
+                f"a {colour} picture",
+                {"key": f"{i:06d}", "long_caption": long_caption},
+            )
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +41,30 @@ def data(tmp_path_factory):
 
 
 def cosmos_args(data, save_dir, *extra):
-    args = train_args(data, save_dir, "--use-imagecrop-aug", "--local-crops-number", "2", "--local-crop-size", "32",
-                      "--crop-scale", "0.4", "--caption-sampling-mode", "textcrop", "--num-sampled-captions", "4",
-                      "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "4", "--num-workers", "1", *extra)
+    args = train_args(
+        data,
+        save_dir,
+        "--use-imagecrop-aug",
+        "--local-crops-number",
+        "2",
+        "--local-crop-size",
+        "32",
+        "--crop-scale",
+        "0.4",
+        "--caption-sampling-mode",
+        "textcrop",
+        "--num-sampled-captions",
+        "4",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "1",
+        *extra,
+    )
     args[args.index("--arch") + 1] = "cosmos_tiny"
     args[args.index("--criterion") + 1] = "cosmos"
     return args

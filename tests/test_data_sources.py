@@ -1,4 +1,5 @@
 """Sources and decoding: every format reads, and every kind of bad input is skipped, counted and named."""
+
 import io
 import json
 import os
@@ -40,7 +41,9 @@ def test_escape_roundtrip_and_annotation_forms():
     text = "tab\there\nnew line \\ back\\slash\r"
     assert "\t" not in escape_field(text) and "\n" not in escape_field(text)
     assert unescape_field(escape_field(text)) == text
-    assert parse_annotation('{"phrase": [[0, 5, 0.1, 0.2, 0.3, 0.4, 0.9]]}') == {"phrase": [[0, 5, 0.1, 0.2, 0.3, 0.4, 0.9]]}
+    assert parse_annotation('{"phrase": [[0, 5, 0.1, 0.2, 0.3, 0.4, 0.9]]}') == {
+        "phrase": [[0, 5, 0.1, 0.2, 0.3, 0.4, 0.9]]
+    }
     # the original GRIT writer's str(dict) form
     assert parse_annotation("{'phrase': [[0, 5, 0.1, 0.2, 0.3, 0.4, 0.9]], 'expression_v1': []}")["expression_v1"] == []
     with pytest.raises(ValueError, match="annotation"):
@@ -59,7 +62,10 @@ def test_expand_urls_braces_globs_and_missing(tmp_path):
     for i in range(3):
         (tmp_path / f"s-{i:03d}.tar").write_bytes(b"")
     assert [os.path.basename(p) for p in expand_urls(str(tmp_path / "s-{000..002}.tar"))] == [
-        "s-000.tar", "s-001.tar", "s-002.tar"]
+        "s-000.tar",
+        "s-001.tar",
+        "s-002.tar",
+    ]
     assert len(expand_urls(f"{tmp_path}/s-000.tar::{tmp_path}/s-00[12].tar")) == 3
     with pytest.raises(FileNotFoundError, match="s-003.tar"):
         expand_urls(str(tmp_path / "s-{000..003}.tar"))
@@ -104,11 +110,14 @@ def test_decode_applies_exif_rotation():
     assert b > 200 and r < 60
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty image"),
-    (b"not an image at all", "undecodable"),
-    (jpeg_bytes((1, 2, 3))[:60], "undecodable"),  # truncated JPEG
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty image"),
+        (b"not an image at all", "undecodable"),
+        (jpeg_bytes((1, 2, 3))[:60], "undecodable"),  # truncated JPEG
+    ],
+)
 def test_decode_bad_bytes_raise_badsample(data, reason):
     with pytest.raises(BadSample, match=reason):
         decode_image(data, source="x.tar#k")
@@ -219,8 +228,16 @@ def test_frames_source_counts_missing_and_empty_videos(tmp_path):
             Image.new("RGB", (8, 8), (j * 50, 0, 0)).save(frames / vid / f"frame_{j + 1:04d}.jpg")
     (frames / "v1").mkdir()  # empty directory
     ann = tmp_path / "train.json"
-    ann.write_text(json.dumps([{"video_id": "v0", "desc": "a clip"}, {"video_id": "v1", "desc": "empty"},
-                               {"video_id": "v9", "caption": "missing"}, {"video_id": "v2", "desc": ["x", "y"]}]))
+    ann.write_text(
+        json.dumps(
+            [
+                {"video_id": "v0", "desc": "a clip"},
+                {"video_id": "v1", "desc": "empty"},
+                {"video_id": "v9", "caption": "missing"},
+                {"video_id": "v2", "desc": ["x", "y"]},
+            ]
+        )
+    )
     spec = parse_data_spec(str(ann))[0]
     assert spec.kind == "frames" and spec.frames_root == str(frames)
     plan = plan_for([spec], max_bad_fraction=1.0)
@@ -235,10 +252,19 @@ def test_json_config_mixture_paths_relative_to_config(tmp_path):
     write_tsv(str(tmp_path / "b" / "part"), 20, 10)
     cfg = tmp_path / "json" / "train.json"
     cfg.parent.mkdir()
-    cfg.write_text(json.dumps([
-        {"source": ["../a/part-{00000..00001}.tar"], "name": "a", "weight": 3.0},
-        {"source": ["../b/part-00000.tsv", "../b/part-00001.tsv"], "name": "b", "weight": 1.0, "source_lang": "grit"},
-    ]))
+    cfg.write_text(
+        json.dumps(
+            [
+                {"source": ["../a/part-{00000..00001}.tar"], "name": "a", "weight": 3.0},
+                {
+                    "source": ["../b/part-00000.tsv", "../b/part-00001.tsv"],
+                    "name": "b",
+                    "weight": 1.0,
+                    "source_lang": "grit",
+                },
+            ]
+        )
+    )
     specs = parse_data_spec("json/train.json", root=str(tmp_path))
     assert [(s.name, s.kind, len(s.shards), s.weight) for s in specs] == [("a", "wds", 2, 3.0), ("b", "tsv", 2, 1.0)]
 
@@ -294,19 +320,31 @@ def test_empty_shards_are_one_counted_bad_record_each(tmp_path):
     (tmp_path / "empty.tsv").write_bytes(b"\n\n")
     (tmp_path / "frames").mkdir()
     (tmp_path / "empty.json").write_text("[]")
-    specs = [SourceSpec(name="w", kind="wds", shards=[str(tmp_path / "empty.tar")]),
-             SourceSpec(name="t", kind="tsv", shards=[str(tmp_path / "empty.tsv")]),
-             SourceSpec(name="f", kind="frames", shards=[str(tmp_path / "empty.json")],
-                        frames_root=str(tmp_path / "frames"))]
+    specs = [
+        SourceSpec(name="w", kind="wds", shards=[str(tmp_path / "empty.tar")]),
+        SourceSpec(name="t", kind="tsv", shards=[str(tmp_path / "empty.tsv")]),
+        SourceSpec(
+            name="f", kind="frames", shards=[str(tmp_path / "empty.json")], frames_root=str(tmp_path / "frames")
+        ),
+    ]
     for spec in specs:
         keys, meta = keys_of(plan_for([spec], max_bad_fraction=1.0))
         assert keys == [] and meta["bad"] == 1 and meta["reasons"] == {"empty shard": 1}, spec.kind
 
 
-@pytest.mark.parametrize("video_id, reason", [
-    ("../outside", "unsafe video_id"), ("a/../../outside", "unsafe video_id"), ("..", "unsafe video_id"),
-    (".", "unsafe video_id"), ("", "unsafe video_id"), ("/abs/outside", "unsafe video_id"),
-    (["v0"], "video_id must be a string or an integer"), (True, "video_id must be a string or an integer")])
+@pytest.mark.parametrize(
+    "video_id, reason",
+    [
+        ("../outside", "unsafe video_id"),
+        ("a/../../outside", "unsafe video_id"),
+        ("..", "unsafe video_id"),
+        (".", "unsafe video_id"),
+        ("", "unsafe video_id"),
+        ("/abs/outside", "unsafe video_id"),
+        (["v0"], "video_id must be a string or an integer"),
+        (True, "video_id must be a string or an integer"),
+    ],
+)
 def test_video_ids_outside_the_frames_root_are_refused(tmp_path, video_id, reason):
     """The frames of ``../outside`` exist, but a video_id may only name a folder inside the frames root."""
     for vid in ("frames/v0", "outside"):

@@ -1,6 +1,7 @@
 """The faster CLIP training view (unilm_vl.data.transforms.ClipTrainView): the same pixels as open_clip's training
 transform without draft decoding, a bounded difference with it, per-batch normalisation equal to per-sample, exact
 resume with deferred JPEG decoding, and the real-size benchmark world."""
+
 import io
 
 import numpy as np
@@ -24,7 +25,7 @@ def photo_jpeg(width, height, seed, quality=90):
     rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     base = np.stack([128 + 90 * np.sin(xs / (7 + c) + ys / (11 + 2 * c) + c) for c in range(3)], -1)
-    base[height // 4: height // 2, width // 3: width // 2] = (250, 30, 40)  # a sharp-edged block
+    base[height // 4 : height // 2, width // 3 : width // 2] = (250, 30, 40)  # a sharp-edged block
     pixels = np.clip(base + rng.normal(0, 5, base.shape), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
@@ -79,11 +80,13 @@ def test_per_batch_normalisation_equals_per_sample():
     images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
     from torchvision import transforms as T
 
-    per_sample = torch.stack([T.Normalize(MEAN, STD)(T.functional.to_tensor(img.permute(1, 2, 0).numpy()))
-                              for img in images])
+    per_sample = torch.stack(
+        [T.Normalize(MEAN, STD)(T.functional.to_tensor(img.permute(1, 2, 0).numpy())) for img in images]
+    )
     assert torch.equal(normalize_images(images, MEAN, STD), per_sample)
     batch = CollateImageText(image_mean=MEAN, image_std=STD)(
-        [{"__key__": str(i), "image": img, "text": torch.tensor([1, 2, 0])} for i, img in enumerate(images)])
+        [{"__key__": str(i), "image": img, "text": torch.tensor([1, 2, 0])} for i, img in enumerate(images)]
+    )
     assert torch.equal(batch["net_input"]["image"], per_sample) and batch["ntokens"] == 10
     with pytest.raises(ValueError, match="image_mean"):
         CollateImageText()([{"__key__": "0", "image": images[0], "text": torch.tensor([1])}])
@@ -91,7 +94,7 @@ def test_per_batch_normalisation_equals_per_sample():
 
 def test_a_truncated_deferred_jpeg_is_a_bad_sample_naming_its_record():
     data = photo_jpeg(90, 76, 0)
-    image = decode_image(data[:len(data) // 2], "shard.tar#k", "jpg", defer_jpeg=True)
+    image = decode_image(data[: len(data) // 2], "shard.tar#k", "jpg", defer_jpeg=True)
     assert is_deferred(image)  # the header is whole: the damage shows only when the transform decodes
     stage = ImageTransform(ClipTrainView(32))
     with pytest.raises(BadSample) as info:
@@ -123,8 +126,16 @@ def test_resume_is_exact_with_draft_decoding(tmp_path, workers):
     sources = parse_data_spec(str(tmp_path / "wds" / "part-*.tar"))
 
     def make():
-        plan = StreamPlan(sources=sources, stages=[ImageTransform(ClipTrainView(32))], collate=_collate,
-                          batch_size=3, seed=3, num_workers=max(1, workers), shuffle_buffer=4, defer_jpeg=True)
+        plan = StreamPlan(
+            sources=sources,
+            stages=[ImageTransform(ClipTrainView(32))],
+            collate=_collate,
+            batch_size=3,
+            seed=3,
+            num_workers=max(1, workers),
+            shuffle_buffer=4,
+            defer_jpeg=True,
+        )
         return CheckpointableBatchIterator(plan, 4, epoch=1, loader_workers=workers)
 
     unbroken = list(make().next_epoch_itr())

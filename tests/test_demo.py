@@ -8,6 +8,7 @@ needs gradio and selenium (``pip install gradio "numpy<2" selenium``) and Debian
 (``apt-get install -y chromium chromium-driver``) and skips, naming what is missing, without them. Set
 ``UNILM_VL_DEMO_SCREENSHOT=1`` to also copy the page's screenshot to tests/artifacts/demo.png (not committed).
 """
+
 import io
 import os
 import re
@@ -20,7 +21,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import REPO
 from unilm_vl import convert as C
 from unilm_vl import demo
 from unilm_vl.data import build_vocab
@@ -29,18 +29,34 @@ from unilm_vl.kosmos2_infer import PALETTE, draw_entities
 from unilm_vl.modules.generation import Hypothesis
 from unilm_vl.modules.kosmos2 import Kosmos2Module, kosmos2_tiny_config
 
-CAPTIONS = ["a red dog on the grass", "two blue cats play with a ball", "a man rides a green bike",
-            "the sky is blue and the grass is green"] * 20
+from conftest import REPO
+
+CAPTIONS = [
+    "a red dog on the grass",
+    "two blue cats play with a ball",
+    "a man rides a green bike",
+    "the sky is blue and the grass is green",
+] * 20
 NUM_BINS = 8  # 8 x 8 location grid of the tiny model
 L = 4  # image slots
 # the fixed continuation the stubbed search returns: two grounded phrases, entity 0 and entity 1
-CONTINUATION = ("<phrase> a red dog</phrase><object><patch_index_0010><patch_index_0036></object> on"
-                "<phrase> the grass</phrase><object><patch_index_0048><patch_index_0063></object>")
+CONTINUATION = (
+    "<phrase> a red dog</phrase><object><patch_index_0010><patch_index_0036></object> on"
+    "<phrase> the grass</phrase><object><patch_index_0048><patch_index_0063></object>"
+)
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1280,1000")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,1000",
+)
 
 
 # ---- the caption's HTML -----------------------------------------------------------------------------------------
@@ -48,8 +64,11 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 def marks(fragment):
     """(entity, background rgb, text) of each <mark> of caption_html, in order."""
-    found = re.findall(r'<mark class="k2-phrase" data-entity="(\d+)"[^>]*background-color: rgb\((\d+), (\d+), '
-                       r'(\d+)\)[^>]*>(.*?)</mark>', fragment)
+    found = re.findall(
+        r'<mark class="k2-phrase" data-entity="(\d+)"[^>]*background-color: rgb\((\d+), (\d+), '
+        r"(\d+)\)[^>]*>(.*?)</mark>",
+        fragment,
+    )
     return [(int(k), (int(r), int(g), int(b)), text) for k, r, g, b, text in found]
 
 
@@ -67,9 +86,11 @@ def test_caption_html_marks_each_phrase_in_its_box_colour():
 
 
 def test_caption_html_escapes_and_places_unnamed_objects():
-    entities = [("<b>", (2, 5), [(0.0, 0.0, 0.5, 0.5)]),
-                ("<patch_index_1><patch_index_9>", (9, 9), [(0.1, 0.1, 0.9, 0.9)]),
-                ("x", (3, 4), [(0.0, 0.0, 1.0, 1.0)])]  # overlaps entity 0: listed, not marked
+    entities = [
+        ("<b>", (2, 5), [(0.0, 0.0, 0.5, 0.5)]),
+        ("<patch_index_1><patch_index_9>", (9, 9), [(0.1, 0.1, 0.9, 0.9)]),
+        ("x", (3, 4), [(0.0, 0.0, 1.0, 1.0)]),
+    ]  # overlaps entity 0: listed, not marked
     fragment = demo.caption_html("a <b> & c.", entities)
     caption = fragment.split('<ul class="k2-entities">')[0]
     assert marks(caption) == [(0, PALETTE[0], "&lt;b&gt;"), (1, PALETTE[1], "\u25a0")]
@@ -82,8 +103,12 @@ def test_entity_colours_and_ink():
     assert [demo.entity_colour(k) for k in (0, 1, len(PALETTE))] == [PALETTE[0], PALETTE[1], PALETTE[0]]
     assert demo.css_rgb((230, 25, 75)) == "rgb(230, 25, 75)"
     # relative luminance: white 1.0 and black 0.0; (70, 240, 240) 0.70 -> black ink; (145, 30, 180) 0.10 -> white
-    assert [demo.ink(c) for c in ((255, 255, 255), (0, 0, 0), (70, 240, 240), (145, 30, 180))] == \
-        ["#000", "#fff", "#000", "#fff"]
+    assert [demo.ink(c) for c in ((255, 255, 255), (0, 0, 0), (70, 240, 240), (145, 30, 180))] == [
+        "#000",
+        "#fff",
+        "#000",
+        "#fff",
+    ]
 
 
 # ---- the command line -------------------------------------------------------------------------------------------
@@ -100,9 +125,13 @@ def test_missing_default_checkpoint_is_one_error_line(tmp_path, monkeypatch, cap
     assert "bash train.sh" in err[0]
     assert demo.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [(f"error: checkpoint not found: {tmp_path / 'nope.pt'}; train one with `bash train.sh` (the "
-                    "default kosmos2 recipe writes checkpoints/kosmos2/checkpoint_last.pt) or pass --checkpoint "
-                    "CKPT_OR_HF_DIR")]
+    assert err == [
+        (
+            f"error: checkpoint not found: {tmp_path / 'nope.pt'}; train one with `bash train.sh` (the "
+            "default kosmos2 recipe writes checkpoints/kosmos2/checkpoint_last.pt) or pass --checkpoint "
+            "CKPT_OR_HF_DIR"
+        )
+    ]
 
 
 def test_missing_gradio_is_one_error_line(tmp_path, monkeypatch, capsys):
@@ -110,7 +139,8 @@ def test_missing_gradio_is_one_error_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
     assert demo.main(["--checkpoint", str(tmp_path / "ckpt.pt")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        'error: the demo needs gradio: pip install gradio "numpy<2"']
+        'error: the demo needs gradio: pip install gradio "numpy<2"'
+    ]
 
 
 def test_bad_decoding_option_stops_before_serving(checkpoint, monkeypatch, capsys):
@@ -125,8 +155,12 @@ def test_bad_decoding_option_stops_before_serving(checkpoint, monkeypatch, capsy
 def test_example_images_are_the_first_few_in_name_order(tmp_path):
     for name in ("000003.jpg", "000001.jpg", "notes.txt", "000002.png", "000000.jpg", "000004.jpg"):
         (tmp_path / name).write_bytes(b"")
-    assert [os.path.basename(p) for p in demo.example_images(str(tmp_path))] == \
-        ["000000.jpg", "000001.jpg", "000002.png", "000003.jpg"]
+    assert [os.path.basename(p) for p in demo.example_images(str(tmp_path))] == [
+        "000000.jpg",
+        "000001.jpg",
+        "000002.png",
+        "000003.jpg",
+    ]
     assert demo.example_images(str(tmp_path / "absent")) == []
 
 
@@ -140,8 +174,7 @@ def test_main_serves_the_checkpoint_on_localhost_only(checkpoint, tmp_path, monk
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs, blocks=self))
     scene(tmp_path / "a.png")
     scene(tmp_path / "b.png")
-    assert demo.main(["--checkpoint", str(checkpoint[0]), "--cpu", "--port", "7999", "--examples",
-                      str(tmp_path)]) == 0
+    assert demo.main(["--checkpoint", str(checkpoint[0]), "--cpu", "--port", "7999", "--examples", str(tmp_path)]) == 0
     assert (launched["server_name"], launched["server_port"], launched["share"]) == ("127.0.0.1", 7999, False)
     assert "allowed_paths" not in launched  # examples are served from Gradio's cache, not from their folder
     blocks = launched["blocks"]
@@ -266,8 +299,16 @@ def page(grounder, tmp_path, monkeypatch):
     scene(tmp_path / "example.png")
     app = demo.build_demo(grounder, [str(tmp_path / "example.png")], {"decoding": "release", "beam": 2})
     port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True,
-               ssr_mode=False, mcp_server=False, enable_monitoring=False)
+    app.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        share=False,
+        quiet=True,
+        ssr_mode=False,
+        mcp_server=False,
+        enable_monitoring=False,
+    )
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

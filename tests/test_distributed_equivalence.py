@@ -17,28 +17,54 @@ after one update are ``w0 - lr * g``, so equal weights mean equal gradients; the
 Data are split every other sample (``--split-by sample --no-shuffle``), so the 2 ranks together see exactly the
 2B samples of the 1-rank batch; augmentations are seeded per sample, not per rank.
 """
+
 import functools
 import re
 from unittest import mock
 
 import pytest
 import torch
-
-from conftest import BIN, write_wds
 from test_kosmos2_train import k2_args
 from test_train_e2e import model_state, run, train_args
+
 from unilm_vl.data import build_vocab
 from unilm_vl.data.synthetic import generate_world
 
-SGD_ONE_UPDATE = ["--optimizer", "sgd", "--lr", "0.5", "--max-update", "1", "--no-shuffle", "--split-by", "sample",
-                  "--clip-norm", "0", "--disable-validation"]
+from conftest import BIN, write_wds
+
+SGD_ONE_UPDATE = [
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.5",
+    "--max-update",
+    "1",
+    "--no-shuffle",
+    "--split-by",
+    "sample",
+    "--clip-norm",
+    "0",
+    "--disable-validation",
+]
 
 
 def one_and_two_ranks(base_args, one_dir, two_dir, batch, port):
     """Train one update on 1 rank with 2 x ``batch`` and on 2 torchrun ranks with ``batch``; return both logs."""
     one = run([f"{BIN}/fairseq-train", *base_args(one_dir), "--batch-size", str(2 * batch)])
-    two = run([f"{BIN}/torchrun", "--nproc_per_node", "2", "--master_port", str(port), "-m", "unilm_vl.train",
-               *base_args(two_dir), "--batch-size", str(batch)])
+    two = run(
+        [
+            f"{BIN}/torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "unilm_vl.train",
+            *base_args(two_dir),
+            "--batch-size",
+            str(batch),
+        ]
+    )
     assert "distributed init (rank 1)" in two
     return one, two
 
@@ -67,24 +93,39 @@ def clip_data(tmp_path_factory):
 @pytest.mark.slow
 def test_clip_local_loss_two_ranks_equal_one_rank(clip_data, tmp_path):
     def args(save_dir, local_loss):
-        return train_args(clip_data, save_dir, *SGD_ONE_UPDATE, "--label-smoothing", "0.1",
-                          *(["--local-loss"] if local_loss else []))
+        return train_args(
+            clip_data, save_dir, *SGD_ONE_UPDATE, "--label-smoothing", "0.1", *(["--local-loss"] if local_loss else [])
+        )
 
     one = run([f"{BIN}/fairseq-train", *args(tmp_path / "one", False), "--batch-size", "8"])
-    two = run([f"{BIN}/torchrun", "--nproc_per_node", "2", "--master_port", "29547", "-m", "unilm_vl.train",
-               *args(tmp_path / "two", True), "--batch-size", "4"])
+    two = run(
+        [
+            f"{BIN}/torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29547",
+            "-m",
+            "unilm_vl.train",
+            *args(tmp_path / "two", True),
+            "--batch-size",
+            "4",
+        ]
+    )
     assert "distributed init (rank 1)" in two
     assert logged("clip_loss", two) == pytest.approx(logged("clip_loss", one), abs=2e-4)  # log rounds to 4 digits
-    assert_same_weights(tmp_path / "one" / "checkpoint_last.pt", tmp_path / "two" / "checkpoint_last.pt",
-                        atol=2e-6, rtol=1e-4)
+    assert_same_weights(
+        tmp_path / "one" / "checkpoint_last.pt", tmp_path / "two" / "checkpoint_last.pt", atol=2e-6, rtol=1e-4
+    )
 
 
 @pytest.fixture(scope="module")
 def k2_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("eq_k2")
     generate_world(str(root), seed=4, num_train=48, num_val=4, num_test=4, num_videos=0, workers=1)
-    build_vocab.main(["--data", "train/grit/part-*.tsv", "--root", str(root), "--out", str(root / "vocab"),
-                      "--vocab-size", "200"])
+    build_vocab.main(
+        ["--data", "train/grit/part-*.tsv", "--root", str(root), "--out", str(root / "vocab"), "--vocab-size", "200"]
+    )
     return root
 
 
@@ -108,8 +149,9 @@ def test_kosmos2_two_ranks_equal_one_rank(k2_world, tmp_path):
 
     one, two = one_and_two_ranks(args, tmp_path / "one", tmp_path / "two", batch=4, port=29549)
     assert logged("loss", two) == pytest.approx(logged("loss", one), abs=2e-3)  # bits/token, logged to 3 digits
-    final = assert_same_weights(tmp_path / "one" / "checkpoint_last.pt", tmp_path / "two" / "checkpoint_last.pt",
-                                atol=1e-6, rtol=1e-4)
+    final = assert_same_weights(
+        tmp_path / "one" / "checkpoint_last.pt", tmp_path / "two" / "checkpoint_last.pt", atol=1e-6, rtol=1e-4
+    )
     start = initial_kosmos2_weights(tmp_path / "one" / "checkpoint_last.pt")
     assert start.keys() == final.keys()
     moved = {k: (final[k] - start[k]).abs().max().item() for k in final if final[k].is_floating_point()}

@@ -1,6 +1,7 @@
 """The contrastive loss on 2 CPU ranks (gloo) against 1 rank on the same global batch, in every
 ``--gather-gradient`` mode (the table of :mod:`unilm_vl.losses.distributed`), and the data-parallel rank helper
 against fairseq's."""
+
 import os
 
 import pytest
@@ -8,9 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from two_ranks import run_ranks
 from unilm_vl.losses.clip import clip_loss
 from unilm_vl.losses.distributed import data_parallel_rank_world
+
+from two_ranks import run_ranks
 
 D_IN, D, B, W = 6, 4, 3, 2
 MODES = [(False, "full"), (True, "full"), (False, "own"), (True, "own"), (True, "query")]  # (local_loss, gradient)
@@ -49,8 +51,13 @@ def _worker(rank, out_dir):
         results[(local_loss, gradient)] = (loss / W, grads)
     from fairseq.distributed import utils as fairseq_dist
 
-    both = torch.tensor([*data_parallel_rank_world(), fairseq_dist.get_data_parallel_rank(),
-                         fairseq_dist.get_data_parallel_world_size()])  # ours, then fairseq's
+    both = torch.tensor(
+        [
+            *data_parallel_rank_world(),
+            fairseq_dist.get_data_parallel_rank(),
+            fairseq_dist.get_data_parallel_world_size(),
+        ]
+    )  # ours, then fairseq's
     parts = [torch.empty_like(both) for _ in range(W)]
     dist.all_gather(parts, both)
     results["rank_world"] = [p.tolist() for p in parts]

@@ -5,6 +5,7 @@ default ``gradient="full"`` the rank-averaged gradients (what DDP and fairseq ap
 gradients; the reference's detached gathers are ``gradient="query"`` (query-side gradients, equal to one process in
 the same mode) and its in-place all-reduce ``own`` (1/W of the full gradient; ``query`` keeps it).
 """
+
 import os
 
 import pytest
@@ -12,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from two_ranks import run_ranks
 from unilm_vl.losses import rocket as fn
+
+from two_ranks import run_ranks
 
 D_IN, D, B, W, A = 6, 4, 3, 2, 2
 LOSSES = ["cl2l", "barlip", "siamlip", "swalip"]
@@ -27,8 +29,12 @@ def weights():
 
 def global_batch():
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(W * B, D_IN, generator=g), torch.randn(W * B, D_IN, generator=g),
-            torch.randn(A, W * B, D_IN, generator=g), torch.randn(A, W * B, D_IN, generator=g))
+    return (
+        torch.randn(W * B, D_IN, generator=g),
+        torch.randn(W * B, D_IN, generator=g),
+        torch.randn(A, W * B, D_IN, generator=g),
+        torch.randn(A, W * B, D_IN, generator=g),
+    )
 
 
 def loss_and_grads(name, x_img, x_txt, x_iv, x_tv, rank=0, world=1, gradient="full"):
@@ -38,16 +44,27 @@ def loss_and_grads(name, x_img, x_txt, x_iv, x_tv, rank=0, world=1, gradient="fu
     img, txt = x_img @ wi.T, x_txt @ wt.T
     iv, tv = x_iv @ wi.T, x_tv @ wt.T  # A x B x D
     if name == "cl2l":
-        loss = fn.cl2l_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale, F.normalize(iv, dim=-1),
-                            F.normalize(tv, dim=-1), 2 * scale, label_smoothing=0.1, reduction="sum", rank=rank,
-                            world_size=world, gradient=gradient)["clip_loss"]
+        loss = fn.cl2l_loss(
+            F.normalize(img, dim=-1),
+            F.normalize(txt, dim=-1),
+            scale,
+            F.normalize(iv, dim=-1),
+            F.normalize(tv, dim=-1),
+            2 * scale,
+            label_smoothing=0.1,
+            reduction="sum",
+            rank=rank,
+            world_size=world,
+            gradient=gradient,
+        )["clip_loss"]
     elif name == "barlip":
         loss = fn.barlip_loss(img, txt, iv, tv, world_size=world, gradient=gradient)
     elif name == "siamlip":
         loss = fn.siamlip_loss(img @ pi.T, txt @ pt.T, img, txt, iv @ pi.T, tv @ pt.T, iv, tv)
     else:
-        loss = fn.swalip_loss(F.normalize(iv, dim=-1), F.normalize(tv, dim=-1), scale, rank=rank, world_size=world,
-                              gradient=gradient)
+        loss = fn.swalip_loss(
+            F.normalize(iv, dim=-1), F.normalize(tv, dim=-1), scale, rank=rank, world_size=world, gradient=gradient
+        )
     loss.backward()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params + [scale]]
     return loss.detach(), grads
@@ -59,8 +76,9 @@ def _worker(rank, out_dir):
     results = {}
     for name in LOSSES:
         for gradient in GRADIENTS:
-            loss, grads = loss_and_grads(name, x_img[local], x_txt[local], x_iv[:, local], x_tv[:, local], rank, W,
-                                         gradient)
+            loss, grads = loss_and_grads(
+                name, x_img[local], x_txt[local], x_iv[:, local], x_tv[:, local], rank, W, gradient
+            )
             dist.all_reduce(loss)
             for g in grads:  # what DDP does: average the gradients over ranks
                 dist.all_reduce(g)
@@ -129,7 +147,7 @@ def _momentum_worker(rank, out_dir):
 
     from fairseq.models import ARCH_CONFIG_REGISTRY
 
-    from unilm_vl.criterions.byolip import ByolipCriterionConfig, ByolipCriterion
+    from unilm_vl.criterions.byolip import ByolipCriterion, ByolipCriterionConfig
     from unilm_vl.models.clip_rocket import ClipRocketModel, ClipRocketModelConfig
 
     torch.manual_seed(0)  # same initial weights on both ranks, as DDP's broadcast gives
@@ -141,11 +159,16 @@ def _momentum_worker(rank, out_dir):
     optimizer = torch.optim.SGD(params, lr=0.1)
     g = torch.Generator().manual_seed(100 + rank)  # different local batches
     for step in range(2):
-        sample = {"net_input": {"image": torch.randn(4, 3, 64, 64, generator=g),
-                                "text": torch.randint(1, 4000, (4, 32), generator=g),
-                                "image_views": torch.randn(2, 4, 3, 64, 64, generator=g),
-                                "text_views": torch.randint(1, 4000, (2, 4, 32), generator=g)},
-                  "nsentences": 4, "ntokens": 128}
+        sample = {
+            "net_input": {
+                "image": torch.randn(4, 3, 64, 64, generator=g),
+                "text": torch.randint(1, 4000, (4, 32), generator=g),
+                "image_views": torch.randn(2, 4, 3, 64, 64, generator=g),
+                "text_views": torch.randint(1, 4000, (2, 4, 32), generator=g),
+            },
+            "nsentences": 4,
+            "ntokens": 128,
+        }
         optimizer.zero_grad()
         loss, _, _ = criterion(model, sample)
         loss.backward()

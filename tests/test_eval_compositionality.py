@@ -1,6 +1,7 @@
 """Compositionality benchmark (SugarCrepe / ARO formats): the pure metric on hand values, the runner with a fake
 colour encoder whose scores are known (so the expected accuracies are worked out by hand), and both evaluation CLIs
 (compositionality and segmentation) on a 1-update clip_tiny fairseq checkpoint of a tiny synthetic world."""
+
 import json
 import math
 import os
@@ -10,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_train_e2e import run, train_args
 
 from unilm_vl.eval import common, compositionality
 from unilm_vl.eval.compositionality import evaluate_compositionality, load_compositional_set
 from unilm_vl.eval.metrics import compositional_accuracy, compositional_correct
 
 from conftest import BIN
-from test_train_e2e import run, train_args
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
@@ -24,10 +25,12 @@ COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 # ---------------------------------------------------------------------------------------------------- the metric
 def test_compositional_accuracy_hand_values():
     pos = [0.5, 0.3, 0.2, 0.9]
-    neg = [[0.4, 0.1],  # 0.5 > 0.4: correct
-           [0.3, 0.0],  # tie 0.3 = 0.3: wrong (strict)
-           [0.25, float("-inf")],  # 0.2 < 0.25 (second slot is padding): wrong
-           [0.1, 0.2]]  # 0.9 > 0.2: correct
+    neg = [
+        [0.4, 0.1],  # 0.5 > 0.4: correct
+        [0.3, 0.0],  # tie 0.3 = 0.3: wrong (strict)
+        [0.25, float("-inf")],  # 0.2 < 0.25 (second slot is padding): wrong
+        [0.1, 0.2],
+    ]  # 0.9 > 0.2: correct
     assert compositional_correct(pos, neg).tolist() == [True, False, False, True]
     assert compositional_accuracy(pos, neg) == 50.0
     assert compositional_accuracy([0.2, 0.1], [0.1, 0.3]) == 50.0  # 1-D negatives: one per item
@@ -85,26 +88,69 @@ def bench(tmp_path):
     write_images(tmp_path / "images")
     sugar = tmp_path / "sugar"
     # every positive is the only caption of the image's colour: 100%
-    write_json(sugar / "replace_att.json", {
-        "0": {"filename": "red.png", "caption": "a red square", "negative_caption": "a green square"},
-        "1": {"filename": "green.png", "caption": "a green circle",
-              "negative_caption": ["a red circle", "a blue circle"]}})
+    write_json(
+        sugar / "replace_att.json",
+        {
+            "0": {"filename": "red.png", "caption": "a red square", "negative_caption": "a green square"},
+            "1": {
+                "filename": "green.png",
+                "caption": "a green circle",
+                "negative_caption": ["a red circle", "a blue circle"],
+            },
+        },
+    )
     # item 0: the negative has the image's colour too -> tie 1 = 1 -> wrong; item 1 right: 50%
-    write_json(sugar / "swap_obj.json", {
-        "a": {"filename": "blue.png", "caption": "a blue star", "negative_caption": "a star that is blue"},
-        "b": {"filename": "red.png", "caption": "red things", "negative_caption": "green things"}})
+    write_json(
+        sugar / "swap_obj.json",
+        {
+            "a": {"filename": "blue.png", "caption": "a blue star", "negative_caption": "a star that is blue"},
+            "b": {"filename": "red.png", "caption": "red things", "negative_caption": "green things"},
+        },
+    )
     # crop (x=4, w=4) keeps the green half: right only if the box is applied. Groups by relation_name.
-    write_json(tmp_path / "aro" / "visual_genome_relation.json", [
-        {"image_path": "halves.png", "true_caption": "the green one", "false_caption": "the red one",
-         "bbox_x": 4, "bbox_y": 0, "bbox_w": 4, "bbox_h": 4, "relation_name": "on"},
-        {"image_path": "halves.png", "true_caption": "the red one", "false_caption": "the green one",
-         "bbox_x": 0, "bbox_y": 0, "bbox_w": 4, "bbox_h": 4, "relation_name": "on"},
-        {"image_path": "blue.png", "true_caption": "it is red", "false_caption": "it is blue",
-         "bbox_x": 0, "bbox_y": 0, "bbox_w": 8, "bbox_h": 8, "relation_name": "under"}])
+    write_json(
+        tmp_path / "aro" / "visual_genome_relation.json",
+        [
+            {
+                "image_path": "halves.png",
+                "true_caption": "the green one",
+                "false_caption": "the red one",
+                "bbox_x": 4,
+                "bbox_y": 0,
+                "bbox_w": 4,
+                "bbox_h": 4,
+                "relation_name": "on",
+            },
+            {
+                "image_path": "halves.png",
+                "true_caption": "the red one",
+                "false_caption": "the green one",
+                "bbox_x": 0,
+                "bbox_y": 0,
+                "bbox_w": 4,
+                "bbox_h": 4,
+                "relation_name": "on",
+            },
+            {
+                "image_path": "blue.png",
+                "true_caption": "it is red",
+                "false_caption": "it is blue",
+                "bbox_x": 0,
+                "bbox_y": 0,
+                "bbox_w": 8,
+                "bbox_h": 8,
+                "relation_name": "under",
+            },
+        ],
+    )
     # first option is the positive
-    write_json(tmp_path / "aro" / "coco_order.json", [
-        {"image": "green.png", "caption_options": ["green grass", "grass red", "blue grass", "red green"]},
-        {"image_path": "blue.png", "caption_options": ["blue sky", "red sky"]}])
+    write_json(
+        tmp_path / "aro" / "coco_order.json",
+        [
+            {"image": "green.png", "caption_options": ["green grass", "grass red", "blue grass", "red green"]},
+            {"image_path": "blue.png", "caption_options": ["blue sky", "red sky"]},
+        ],
+    )
     return tmp_path
 
 
@@ -128,16 +174,18 @@ def test_sugarcrepe_and_aro_known_accuracies(bench):
 
 
 def test_image_root_defaults_to_the_json_directory_and_format_is_checked(bench):
-    path = write_json(bench / "images" / "cat.json", {"0": {"filename": "red.png", "caption": "red",
-                                                            "negative_caption": "blue"}})
+    path = write_json(
+        bench / "images" / "cat.json", {"0": {"filename": "red.png", "caption": "red", "negative_caption": "blue"}}
+    )
     assert evaluate_compositionality(ColourEncoder(), [path])["categories"]["cat"]["accuracy"] == 100.0
     with pytest.raises(ValueError, match="aro_pairs format but --format sugarcrepe"):
         load_compositional_set(str(bench / "aro" / "visual_genome_relation.json"), fmt="sugarcrepe")
     bad = write_json(bench / "bad.json", [{"image": "red.png", "caption": "red"}])
     with pytest.raises(ValueError, match="unrecognised annotation format"):
         load_compositional_set(bad)
-    partial = write_json(bench / "partial.json", [{"image_path": "red.png", "true_caption": "a",
-                                                   "false_caption": "b", "bbox_x": 0}])
+    partial = write_json(
+        bench / "partial.json", [{"image_path": "red.png", "true_caption": "a", "false_caption": "b", "bbox_x": 0}]
+    )
     with pytest.raises(ValueError, match="bbox_w"):
         load_compositional_set(partial)
 
@@ -158,8 +206,20 @@ def test_missing_image_is_an_error_or_a_counted_skip(bench):
 def test_cli_writes_the_report(bench, monkeypatch):
     monkeypatch.setattr(common, "load_encoder", lambda checkpoint, device="cpu", head="clip": ColourEncoder())
     out = bench / "metrics.json"
-    compositionality.main(["--checkpoint", "unused.pt", "--data", str(bench / "sugar"), "--image-root",
-                           str(bench / "images"), "--format", "sugarcrepe", "--out", str(out)])
+    compositionality.main(
+        [
+            "--checkpoint",
+            "unused.pt",
+            "--data",
+            str(bench / "sugar"),
+            "--image-root",
+            str(bench / "images"),
+            "--format",
+            "sugarcrepe",
+            "--out",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert {c: v["accuracy"] for c, v in report["categories"].items()} == {"replace_att": 100.0, "swap_obj": 50.0}
     assert report["macro_accuracy"] == 75.0
@@ -174,18 +234,46 @@ def test_both_clis_on_a_one_update_clip_tiny_checkpoint(tmp_path):
     from unilm_vl.eval import segmentation
 
     world = tmp_path / "world"
-    generate_world(str(world), seed=0, num_train=20, num_val=4, num_test=12, num_videos=0, image_size=64,
-                   workers=1)
+    generate_world(str(world), seed=0, num_train=20, num_val=4, num_test=12, num_videos=0, image_size=64, workers=1)
     save = tmp_path / "ckpt"
-    run([f"{BIN}/fairseq-train", *train_args(world, save, "--train-data", "train/wds/part-*.tar",
-                                             "--valid-data", "train/wds/part-00000.tar", "--max-update", "1",
-                                             "--batch-size", "4", "--optimizer", "adam", "--lr", "1e-4",
-                                             "--num-workers", "0")])
+    run(
+        [
+            f"{BIN}/fairseq-train",
+            *train_args(
+                world,
+                save,
+                "--train-data",
+                "train/wds/part-*.tar",
+                "--valid-data",
+                "train/wds/part-00000.tar",
+                "--max-update",
+                "1",
+                "--batch-size",
+                "4",
+                "--optimizer",
+                "adam",
+                "--lr",
+                "1e-4",
+                "--num-workers",
+                "0",
+            ),
+        ]
+    )
     ckpt = str(save / "checkpoint_last.pt")
 
     comp_out = tmp_path / "comp.json"
-    compositionality.main(["--checkpoint", ckpt, "--data", str(world / "eval" / "sugarcrepe"),
-                           "--image-root", str(world / "eval" / "images"), "--output", str(comp_out)])
+    compositionality.main(
+        [
+            "--checkpoint",
+            ckpt,
+            "--data",
+            str(world / "eval" / "sugarcrepe"),
+            "--image-root",
+            str(world / "eval" / "images"),
+            "--output",
+            str(comp_out),
+        ]
+    )
     comp = json.loads(comp_out.read_text())
     assert set(comp["categories"]) == set(SUGARCREPE_CATEGORIES)
     for category, report in comp["categories"].items():
@@ -196,8 +284,18 @@ def test_both_clis_on_a_one_update_clip_tiny_checkpoint(tmp_path):
 
     seg_out = tmp_path / "seg.json"
     seg_root = world / "eval" / "segmentation"
-    segmentation.main(["--checkpoint", ckpt, "--data", str(seg_root), "--templates",
-                       str(world / "eval" / "zeroshot" / "templates.txt"), "--output", str(seg_out)])
+    segmentation.main(
+        [
+            "--checkpoint",
+            ckpt,
+            "--data",
+            str(seg_root),
+            "--templates",
+            str(world / "eval" / "zeroshot" / "templates.txt"),
+            "--output",
+            str(seg_out),
+        ]
+    )
     seg = json.loads(seg_out.read_text())
     classnames = (seg_root / "classnames.txt").read_text().split()
     assert 0.0 <= seg["mIoU"] <= 1.0 and seg["num_images"] == 12
@@ -208,9 +306,25 @@ def test_both_clis_on_a_one_update_clip_tiny_checkpoint(tmp_path):
     assert seg["foreground_mIoU"] is None or 0.0 <= seg["foreground_mIoU"] <= 1.0
     assert os.path.getsize(seg_out) > 0
     # the reference's "without background" setting with the CSA last block: class 0 is neither queried nor scored
-    segmentation.main(["--checkpoint", ckpt, "--data", str(seg_root), "--templates",
-                       str(world / "eval" / "zeroshot" / "templates.txt"), "--output", str(seg_out),
-                       "--background", "ignore", "--prob-thd", "0", "--area-thd", "0", "--use-csa"])
+    segmentation.main(
+        [
+            "--checkpoint",
+            ckpt,
+            "--data",
+            str(seg_root),
+            "--templates",
+            str(world / "eval" / "zeroshot" / "templates.txt"),
+            "--output",
+            str(seg_out),
+            "--background",
+            "ignore",
+            "--prob-thd",
+            "0",
+            "--area-thd",
+            "0",
+            "--use-csa",
+        ]
+    )
     seg = json.loads(seg_out.read_text())
     assert seg["per_class_iou"]["background"] is None and seg["settings"]["csa"] is True
     valid = [v for v in seg["per_class_iou"].values() if v is not None]

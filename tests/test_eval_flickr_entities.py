@@ -1,16 +1,31 @@
 """Flickr30k Entities evaluation: official-file parsers, MDETR-json matching, prompts, R@k from hand-written
 generations (values computed by hand), CLI and error messages. The run mode (--checkpoint) is only checked up to
 its argument / file validation: generating needs a trained checkpoint."""
+
 import json
 
 import pytest
 
 from unilm_vl.eval.flickr_entities import (
-    Sentence, SentencePhrase, evaluate_checkpoint, evaluate_generations, flickr_prompt, load_flickr_entities, main,
-    match_phrase, parse_annotation_file, parse_sentence, parse_sentence_file, predicted_boxes, read_generations)
+    Sentence,
+    SentencePhrase,
+    evaluate_checkpoint,
+    evaluate_generations,
+    flickr_prompt,
+    load_flickr_entities,
+    main,
+    match_phrase,
+    parse_annotation_file,
+    parse_sentence,
+    parse_sentence_file,
+    predicted_boxes,
+    read_generations,
+)
 
-SENTENCES = ("[/EN#1/people/other Two men] in [/EN#2/clothing red shirts] look at [/EN#4/scene the sky] .\n"
-             "[/EN#5/people The guys] wear [/EN#2/clothing shirts] and [/EN#6/other a cup] .\n")
+SENTENCES = (
+    "[/EN#1/people/other Two men] in [/EN#2/clothing red shirts] look at [/EN#4/scene the sky] .\n"
+    "[/EN#5/people The guys] wear [/EN#2/clothing shirts] and [/EN#6/other a cup] .\n"
+)
 CAPTION_0 = "Two men in red shirts look at the sky ."
 CAPTION_1 = "The guys wear shirts and a cup ."
 
@@ -20,25 +35,29 @@ def _obj(names, box=None, nobox=False):
     if box is None:
         return f"<object>{tags}<nobndbox>{int(nobox)}</nobndbox><scene>1</scene></object>"
     xmin, ymin, xmax, ymax = box
-    return (f"<object>{tags}<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax>"
-            "</bndbox></object>")
+    return (
+        f"<object>{tags}<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax>"
+        "</bndbox></object>"
+    )
 
 
-XML = ("<annotation><filename>100.jpg</filename><size><width>320</width><height>320</height><depth>3</depth></size>"
-       + _obj(["1", "5"], (0, 0, 100, 100))            # one box shared by phrases 1 and 5
-       + _obj(["1"], (200, 200, 300, 300))
-       + _obj(["2"], (100, 0, 200, 100))
-       + _obj(["2"], (0, 200, 100, 300))
-       + _obj(["6"], (200, 0, 300, 100))
-       + _obj(["4"], nobox=True)                        # the sky: no box
-       + "</annotation>")
+XML = (
+    "<annotation><filename>100.jpg</filename><size><width>320</width><height>320</height><depth>3</depth></size>"
+    + _obj(["1", "5"], (0, 0, 100, 100))  # one box shared by phrases 1 and 5
+    + _obj(["1"], (200, 200, 300, 300))
+    + _obj(["2"], (100, 0, 200, 100))
+    + _obj(["2"], (0, 200, 100, 300))
+    + _obj(["6"], (200, 0, 300, 100))
+    + _obj(["4"], nobox=True)  # the sky: no box
+    + "</annotation>"
+)
 
 # 32 x 32 grid on a 320 x 320 image: cell pair (ul, lr) in different rows and columns decodes to the cell centres,
 # pixel ((col + .5) * 10, (row + .5) * 10)
-MISS = "<patch_index_0528><patch_index_0594>"     # (16,16)-(18,18) -> [165, 165, 185, 185]: IoU 0 with every GT
-HIT_TL = "<patch_index_0000><patch_index_0297>"   # (0,0)-(9,9)     -> [5, 5, 95, 95]: IoU .81 with [0,0,100,100]
-HIT_BL = "<patch_index_0640><patch_index_0937>"   # (20,0)-(29,9)   -> [5, 205, 95, 295]: .81 with [0,200,100,300]
-HIT_TR = "<patch_index_0020><patch_index_0317>"   # (0,20)-(9,29)   -> [205, 5, 295, 95]: .81 with [200,0,300,100]
+MISS = "<patch_index_0528><patch_index_0594>"  # (16,16)-(18,18) -> [165, 165, 185, 185]: IoU 0 with every GT
+HIT_TL = "<patch_index_0000><patch_index_0297>"  # (0,0)-(9,9)     -> [5, 5, 95, 95]: IoU .81 with [0,0,100,100]
+HIT_BL = "<patch_index_0640><patch_index_0937>"  # (20,0)-(29,9)   -> [5, 205, 95, 295]: .81 with [0,200,100,300]
+HIT_TR = "<patch_index_0020><patch_index_0317>"  # (0,20)-(9,29)   -> [205, 5, 295, 95]: .81 with [200,0,300,100]
 DELIM = "</delimiter_of_multi_objects/>"
 
 
@@ -49,8 +68,12 @@ def obj(*pairs):
 GENERATIONS = [
     # Two men (people, other): 4 misses in one object, 2 in a second one named with extra spaces, then the hit at
     # rank 7 -> R@1 0, R@5 0, R@10 1, UB 1; a differently named entity does not count
-    "<grounding> <phrase>Two men</phrase>" + obj(*[MISS] * 4) + " in<phrase> men</phrase>" + obj(HIT_TL)
-    + " look at<phrase>  Two men </phrase>" + obj(MISS, MISS, HIT_TL),
+    "<grounding> <phrase>Two men</phrase>"
+    + obj(*[MISS] * 4)
+    + " in<phrase> men</phrase>"
+    + obj(HIT_TL)
+    + " look at<phrase>  Two men </phrase>"
+    + obj(MISS, MISS, HIT_TL),
     # red shirts (clothing): hit at rank 3 -> 0, 1, 1, 1
     "<grounding>Two men in  <phrase>red shirts</phrase>" + obj(MISS, MISS, HIT_BL, MISS),
     # the sky: no GT box -> skipped whatever is predicted
@@ -64,9 +87,11 @@ GENERATIONS = [
 ]
 # 5 scored phrases: R@1 1/5, R@5 2/5, R@10 3/5, upper bound 4/5
 EXPECTED = {"R@1": 20.0, "R@5": 40.0, "R@10": 60.0, "R@upper_bound": 80.0}
-EXPECTED_TYPES = {"people": [0.0, 0.0, 50.0, 50.0],      # Two men, The guys
-                  "other": [50.0, 50.0, 100.0, 100.0],   # Two men, a cup
-                  "clothing": [0.0, 50.0, 50.0, 100.0]}  # red shirts, shirts
+EXPECTED_TYPES = {
+    "people": [0.0, 0.0, 50.0, 50.0],  # Two men, The guys
+    "other": [50.0, 50.0, 100.0, 100.0],  # Two men, a cup
+    "clothing": [0.0, 50.0, 50.0, 100.0],
+}  # red shirts, shirts
 
 
 def write_flickr(tmp_path, tokens_1=None):
@@ -75,12 +100,29 @@ def write_flickr(tmp_path, tokens_1=None):
     (root / "Annotations").mkdir()
     (root / "Sentences" / "100.txt").write_text(SENTENCES)
     (root / "Annotations" / "100.xml").write_text(XML)
-    images = [{"id": 0, "file_name": "100.jpg", "caption": CAPTION_0, "width": 320, "height": 320,
-               "original_img_id": 100, "sentence_id": 0, "tokens_positive_eval": [[[0, 7]], [[11, 21]], [[30, 37]]]},
-              {"id": 1, "file_name": "100.jpg", "caption": CAPTION_1, "width": 320, "height": 320,
-               "original_img_id": 100, "sentence_id": 1,
-               # only the first span of an entry is used
-               "tokens_positive_eval": tokens_1 or [[[0, 8]], [[14, 20], [0, 3]], [[25, 30]]]}]
+    images = [
+        {
+            "id": 0,
+            "file_name": "100.jpg",
+            "caption": CAPTION_0,
+            "width": 320,
+            "height": 320,
+            "original_img_id": 100,
+            "sentence_id": 0,
+            "tokens_positive_eval": [[[0, 7]], [[11, 21]], [[30, 37]]],
+        },
+        {
+            "id": 1,
+            "file_name": "100.jpg",
+            "caption": CAPTION_1,
+            "width": 320,
+            "height": 320,
+            "original_img_id": 100,
+            "sentence_id": 1,
+            # only the first span of an entry is used
+            "tokens_positive_eval": tokens_1 or [[[0, 8]], [[14, 20], [0, 3]], [[25, 30]]],
+        },
+    ]
     data = tmp_path / "final_flickr_separateGT_test.json"
     data.write_text(json.dumps({"images": images, "annotations": []}))
     return str(data), str(root)
@@ -103,9 +145,10 @@ def test_parse_sentence_spans_ids_types():
     assert [(p.phrase, p.span, p.first_word_index, p.phrase_id, p.phrase_type) for p in sentence.phrases] == [
         ("Two men", (0, 7), 0, "1", ["people", "other"]),
         ("red shirts", (11, 21), 3, "2", ["clothing"]),
-        ("the sky", (30, 37), 7, "4", ["scene"])]
+        ("the sky", (30, 37), 7, "4", ["scene"]),
+    ]
     for p in sentence.phrases:
-        assert sentence.sentence[p.span[0]:p.span[1]] == p.phrase
+        assert sentence.sentence[p.span[0] : p.span[1]] == p.phrase
     one_word = parse_sentence("A [/EN#9/animals dog] runs")
     assert one_word.sentence == "A dog runs" and one_word.phrases[0].span == (2, 5)
 
@@ -129,8 +172,12 @@ def test_parse_annotation_file(tmp_path):
     path = tmp_path / "100.xml"
     path.write_text(XML)
     info = parse_annotation_file(str(path))
-    assert info["boxes"] == {"1": [[0, 0, 100, 100], [200, 200, 300, 300]], "5": [[0, 0, 100, 100]],
-                             "2": [[100, 0, 200, 100], [0, 200, 100, 300]], "6": [[200, 0, 300, 100]]}
+    assert info["boxes"] == {
+        "1": [[0, 0, 100, 100], [200, 200, 300, 300]],
+        "5": [[0, 0, 100, 100]],
+        "2": [[100, 0, 200, 100], [0, 200, 100, 300]],
+        "6": [[200, 0, 300, 100]],
+    }
     assert info["nobox"] == ["4"] and info["scene"] == ["4"]
     assert (info["width"], info["height"], info["depth"]) == (320, 320, 3)
     path.write_text("<annotation><object><name>1</name>")
@@ -147,8 +194,10 @@ def test_prompt_is_verbatim():
 
 
 def test_match_phrase_prefers_phrases_with_boxes():
-    sentence = Sentence("a dog and a dog", [SentencePhrase("a dog", (0, 5), 0, "7", ["animals"]),
-                                            SentencePhrase("a dog", (10, 15), 3, "8", ["animals"])])
+    sentence = Sentence(
+        "a dog and a dog",
+        [SentencePhrase("a dog", (0, 5), 0, "7", ["animals"]), SentencePhrase("a dog", (10, 15), 3, "8", ["animals"])],
+    )
     record, boxes = match_phrase("a dog", sentence, {"8": [[1, 2, 3, 4]]})
     assert record.phrase_id == "8" and boxes == [[1, 2, 3, 4]]
     record, boxes = match_phrase("a dog", sentence, {})
@@ -162,8 +211,14 @@ def test_load_and_match(tmp_path):
     assert [it["id"] for it in items] == ["0_0", "0_1", "0_2", "1_0", "1_1", "1_2"]
     assert [it["phrase"] for it in items] == ["Two men", "red shirts", "the sky", "The guys", "shirts", "a cup"]
     assert [it["phrase_id"] for it in items] == ["1", "2", "4", "5", "2", "6"]
-    assert [it["phrase_type"] for it in items] == [["people", "other"], ["clothing"], ["scene"], ["people"],
-                                                   ["clothing"], ["other"]]
+    assert [it["phrase_type"] for it in items] == [
+        ["people", "other"],
+        ["clothing"],
+        ["scene"],
+        ["people"],
+        ["clothing"],
+        ["other"],
+    ]
     assert items[0]["gt_boxes"] == [[0, 0, 100, 100], [200, 200, 300, 300]]
     assert items[2]["gt_boxes"] == []  # nobndbox
     assert items[3]["gt_boxes"] == [[0, 0, 100, 100]]  # the shared box
@@ -187,8 +242,12 @@ def test_recall_by_hand(tmp_path):
     data, root = write_flickr(tmp_path)
     metrics = evaluate_generations(data, root, write_generations(tmp_path))
     assert {k: metrics[k] for k in EXPECTED} == pytest.approx(EXPECTED)
-    assert (metrics["num_prompts"], metrics["num_phrases"], metrics["num_skipped_without_gt"],
-            metrics["num_missing_predictions"]) == (6, 5, 1, 1)
+    assert (
+        metrics["num_prompts"],
+        metrics["num_phrases"],
+        metrics["num_skipped_without_gt"],
+        metrics["num_missing_predictions"],
+    ) == (6, 5, 1, 1)
     assert set(metrics["per_type"]) == set(EXPECTED_TYPES)  # scene only had the box-less phrase
     for name, values in EXPECTED_TYPES.items():
         got = metrics["per_type"][name]
@@ -199,8 +258,7 @@ def test_recall_by_hand(tmp_path):
 def test_cli_generations_mode(tmp_path, capsys):
     data, root = write_flickr(tmp_path)
     out = tmp_path / "metrics.json"
-    main(["--data", data, "--flickr-root", root, "--generations", write_generations(tmp_path),
-          "--output", str(out)])
+    main(["--data", data, "--flickr-root", root, "--generations", write_generations(tmp_path), "--output", str(out)])
     printed = capsys.readouterr().out
     assert "all" in printed and "clothing" in printed and "80.00" in printed
     saved = json.loads(out.read_text())

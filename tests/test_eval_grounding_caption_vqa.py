@@ -1,5 +1,6 @@
 """Grounding, referring-expression, captioning and VQA metrics against hand-computed values, and the caption / VQA
 scoring CLIs on files written to tmp_path."""
+
 import json
 import logging
 import math
@@ -9,24 +10,36 @@ import numpy as np
 import pytest
 
 from unilm_vl.eval import caption, metrics, vqa
-from unilm_vl.eval.metrics import (box_iou, caption_metrics, normalize_vqa_answer, phrase_grounding_recall,
-                                   rec_accuracy, simple_caption_tokenize, vqa_accuracy, vqa_question_accuracy,
-                                   xywh_to_xyxy)
+from unilm_vl.eval.metrics import (
+    box_iou,
+    caption_metrics,
+    normalize_vqa_answer,
+    phrase_grounding_recall,
+    rec_accuracy,
+    simple_caption_tokenize,
+    vqa_accuracy,
+    vqa_question_accuracy,
+    xywh_to_xyxy,
+)
 
 HAS_JAVA = shutil.which("java") is not None
 
 
 # ----------------------------------------------------------------------------------------------------------- boxes
 
-@pytest.mark.parametrize("a, b, expected", [
-    ([0, 0, 10, 10], [0, 0, 10, 10], 1.0),
-    ([0, 0, 10, 10], [5, 5, 15, 15], 25 / 175),  # inter 5x5, union 100 + 100 - 25
-    ([0, 0, 4, 4], [1, 1, 3, 3], 4 / 16),  # contained
-    ([0, 0, 10, 10], [0, 0, 10, 5], 0.5),  # half
-    ([0, 0, 1, 1], [1, 0, 2, 1], 0.0),  # touching edges: continuous coordinates, no +1
-    ([0, 0, 1, 1], [2, 2, 3, 3], 0.0),
-    ([0, 0, 0, 0], [0, 0, 0, 0], 0.0),  # degenerate "no box": union 0 -> IoU 0, not nan
-])
+
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        ([0, 0, 10, 10], [0, 0, 10, 10], 1.0),
+        ([0, 0, 10, 10], [5, 5, 15, 15], 25 / 175),  # inter 5x5, union 100 + 100 - 25
+        ([0, 0, 4, 4], [1, 1, 3, 3], 4 / 16),  # contained
+        ([0, 0, 10, 10], [0, 0, 10, 5], 0.5),  # half
+        ([0, 0, 1, 1], [1, 0, 2, 1], 0.0),  # touching edges: continuous coordinates, no +1
+        ([0, 0, 1, 1], [2, 2, 3, 3], 0.0),
+        ([0, 0, 0, 0], [0, 0, 0, 0], 0.0),  # degenerate "no box": union 0 -> IoU 0, not nan
+    ],
+)
 def test_box_iou_hand_values(a, b, expected):
     assert box_iou(a, b) == pytest.approx(expected, abs=1e-12)
     assert box_iou(b, a) == pytest.approx(expected, abs=1e-12)
@@ -71,14 +84,16 @@ def test_flickr_any_box_recall_hand_case():
     per_type = out["per_type"]
     assert set(per_type) == {"people", "clothing", "other", "scene"}
     assert per_type["people"] == {"R@1": 50.0, "R@5": 50.0, "R@10": 50.0, "R@upper_bound": 50.0, "num_phrases": 2}
-    assert per_type["clothing"] == per_type["other"] == {"R@1": 0.0, "R@5": 100.0, "R@10": 100.0,
-                                                         "R@upper_bound": 100.0, "num_phrases": 1}
+    assert (
+        per_type["clothing"]
+        == per_type["other"]
+        == {"R@1": 0.0, "R@5": 100.0, "R@10": 100.0, "R@upper_bound": 100.0, "num_phrases": 1}
+    )
     assert per_type["scene"] == {"R@1": 0.0, "R@5": 0.0, "R@10": 0.0, "R@upper_bound": 100.0, "num_phrases": 1}
 
 
 def test_flickr_recall_plain_box_lists_and_errors():
-    out = phrase_grounding_recall({"a": [[0, 0, 10, 10]]}, {"a": [[0, 0, 10, 10]], "b": [[0, 0, 5, 5]]},
-                                  ks=(1, -1))
+    out = phrase_grounding_recall({"a": [[0, 0, 10, 10]]}, {"a": [[0, 0, 10, 10]], "b": [[0, 0, 5, 5]]}, ks=(1, -1))
     assert out["R@1"] == out["R@upper_bound"] == 50.0 and out["per_type"] == {}
     with pytest.raises(ValueError, match="'zz'"):
         phrase_grounding_recall({"zz": [[0, 0, 1, 1]]}, FLICKR_GT)
@@ -102,8 +117,13 @@ REC_PRED = {
     "s4": [[-5, 0, 5, 10], [5, 0, 15, 10]],  # each IoU 50 / 150 miss; mean [0, 0, 10, 10] hit
     # s5: no prediction -> miss, still counted in its group
 }
-REC_GROUPS = {"s1": "refcoco/val", "s2": "refcoco/val", "s3": "refcoco/testA", "s4": "refcoco/testA",
-              "s5": "refcoco/testA"}
+REC_GROUPS = {
+    "s1": "refcoco/val",
+    "s2": "refcoco/val",
+    "s3": "refcoco/testA",
+    "s4": "refcoco/testA",
+    "s5": "refcoco/testA",
+}
 
 
 def test_rec_accuracy_xywh_and_group_denominators():
@@ -135,6 +155,7 @@ def test_rec_accuracy_xyxy_matches_converted_and_errors():
 
 # ---------------------------------------------------------------------------------------------------- captioning
 
+
 def test_identical_captions_give_bleu4_and_ciderd_maximum():
     preds = {1: "a man is riding a brown horse on the beach", 2: "two dogs play with a red ball in the park"}
     refs = {k: [v] for k, v in preds.items()}
@@ -152,8 +173,9 @@ def test_bleu_and_rouge_l_small_hand_case():
     # pred "a man riding a horse" (5 tokens) vs ref "a man is riding a brown horse" (7 tokens)
     #  unigram precision 5/5; bigrams {a man, man riding, riding a, a horse}: 2 of 4 in the ref
     #  brevity penalty exp(1 - 7/5);  LCS = 5 -> P = 1, R = 5/7, F(beta = 1.2) = 2.44 P R / (R + 1.44 P)
-    out = caption_metrics({"x": "A man riding a horse."}, {"x": ["a man is riding a brown horse"]},
-                          tokenizer="simple", meteor=False)
+    out = caption_metrics(
+        {"x": "A man riding a horse."}, {"x": ["a man is riding a brown horse"]}, tokenizer="simple", meteor=False
+    )
     bp = math.exp(1 - 7 / 5)
     assert out["BLEU-1"] == pytest.approx(100 * bp, rel=1e-6)
     assert out["BLEU-2"] == pytest.approx(100 * bp * math.sqrt(0.5), rel=1e-6)
@@ -162,16 +184,39 @@ def test_bleu_and_rouge_l_small_hand_case():
 
 
 def test_simple_tokenizer_mimics_ptb_punctuation_removal():
-    assert simple_caption_tokenize('A man\'s "big" hat, (red) -- don\'t... Two cats!') == \
-        ["a", "man", "'s", "big", "hat", "-lrb-", "red", "-rrb-", "do", "n't", "two", "cats"]
-    assert simple_caption_tokenize("a black-and-white photo of 3.5 cats.") == \
-        ["a", "black-and-white", "photo", "of", "3.5", "cats"]
+    assert simple_caption_tokenize("A man's \"big\" hat, (red) -- don't... Two cats!") == [
+        "a",
+        "man",
+        "'s",
+        "big",
+        "hat",
+        "-lrb-",
+        "red",
+        "-rrb-",
+        "do",
+        "n't",
+        "two",
+        "cats",
+    ]
+    assert simple_caption_tokenize("a black-and-white photo of 3.5 cats.") == [
+        "a",
+        "black-and-white",
+        "photo",
+        "of",
+        "3.5",
+        "cats",
+    ]
 
 
 @pytest.mark.skipif(not HAS_JAVA, reason="PTBTokenizer needs Java")
 def test_simple_tokenizer_agrees_with_ptb():
-    sentences = ["A man's hat, on the (red) table.", "Two dogs don't play -- they can't!",
-                 'He said "hello" to the kids; they\'re happy.', "a [big] {blue} sign.", "It's 5 o'clock `now'"]
+    sentences = [
+        "A man's hat, on the (red) table.",
+        "Two dogs don't play -- they can't!",
+        'He said "hello" to the kids; they\'re happy.',
+        "a [big] {blue} sign.",
+        "It's 5 o'clock `now'",
+    ]
     ptb = metrics._ptb_tokenize({str(i): [s] for i, s in enumerate(sentences)})
     for i, s in enumerate(sentences):
         assert ptb[str(i)][0] == " ".join(simple_caption_tokenize(s))
@@ -202,10 +247,22 @@ def test_caption_metrics_rejects_unknown_ids():
 
 # ----------------------------------------------------------------------------------------------------------- VQA
 
-@pytest.mark.parametrize("raw, expected", [
-    ("Two", "2"), ("a dog.", "dog"), ("The Cat!", "cat"), ("1,000", "1000"), ("3.5", "3.5"), ("dont", "don't"),
-    ("black/white", "black white"), ("yes, it is", "yes it is"), ("none", "0"), ("an apple", "apple"),
-])
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Two", "2"),
+        ("a dog.", "dog"),
+        ("The Cat!", "cat"),
+        ("1,000", "1000"),
+        ("3.5", "3.5"),
+        ("dont", "don't"),
+        ("black/white", "black white"),
+        ("yes, it is", "yes it is"),
+        ("none", "0"),
+        ("an apple", "apple"),
+    ],
+)
 def test_normalize_vqa_answer(raw, expected):
     assert normalize_vqa_answer(raw) == expected
 
@@ -243,37 +300,64 @@ def test_vqa_accuracy_overall_and_per_type(caplog):
 
 # ----------------------------------------------------------------------------------------------------------- CLIs
 
+
 def write_json(path, data):
     path.write_text(json.dumps(data))
     return str(path)
 
 
 def test_caption_cli_coco_files(tmp_path):
-    preds = write_json(tmp_path / "pred.json", [{"image_id": 1, "caption": "A man riding a horse."},
-                                                {"image_id": 2, "caption": "a dog on the grass"}])
-    refs = write_json(tmp_path / "refs.json", {"images": [{"id": 1}, {"id": 2}], "annotations": [
-        {"image_id": 1, "id": 10, "caption": "a man is riding a brown horse"},
-        {"image_id": 2, "id": 11, "caption": "a dog on the grass"},
-        {"image_id": 2, "id": 12, "caption": "a puppy sits on green grass"}]})
+    preds = write_json(
+        tmp_path / "pred.json",
+        [{"image_id": 1, "caption": "A man riding a horse."}, {"image_id": 2, "caption": "a dog on the grass"}],
+    )
+    refs = write_json(
+        tmp_path / "refs.json",
+        {
+            "images": [{"id": 1}, {"id": 2}],
+            "annotations": [
+                {"image_id": 1, "id": 10, "caption": "a man is riding a brown horse"},
+                {"image_id": 2, "id": 11, "caption": "a dog on the grass"},
+                {"image_id": 2, "id": 12, "caption": "a puppy sits on green grass"},
+            ],
+        },
+    )
     out_path = tmp_path / "out.json"
-    got = caption.main(["--predictions", preds, "--references", refs, "--tokenizer", "simple", "--no-meteor",
-                        "--output", str(out_path)])
-    expected = caption_metrics({"1": "A man riding a horse.", "2": "a dog on the grass"},
-                               {"1": ["a man is riding a brown horse"],
-                                "2": ["a dog on the grass", "a puppy sits on green grass"]},
-                               tokenizer="simple", meteor=False)
+    got = caption.main(
+        [
+            "--predictions",
+            preds,
+            "--references",
+            refs,
+            "--tokenizer",
+            "simple",
+            "--no-meteor",
+            "--output",
+            str(out_path),
+        ]
+    )
+    expected = caption_metrics(
+        {"1": "A man riding a horse.", "2": "a dog on the grass"},
+        {"1": ["a man is riding a brown horse"], "2": ["a dog on the grass", "a puppy sits on green grass"]},
+        tokenizer="simple",
+        meteor=False,
+    )
     assert got == expected
     assert json.loads(out_path.read_text()) == expected
     assert got["ROUGE-L"] == pytest.approx(100 * (2.44 * (5 / 7) / (5 / 7 + 1.44) + 1.0) / 2)
 
 
 def test_caption_cli_karpathy_matches_file_stems_and_split(tmp_path):
-    images = [{"filename": "1000092795.jpg", "imgid": 0, "split": "test", "sentences": [{"raw": "a red car"}]},
-              {"filename": "42.jpg", "imgid": 1, "split": "test", "sentences": [{"raw": "a blue bus"}]},
-              {"filename": "7.jpg", "imgid": 2, "split": "train", "sentences": [{"raw": "a green bike"}]}]
+    images = [
+        {"filename": "1000092795.jpg", "imgid": 0, "split": "test", "sentences": [{"raw": "a red car"}]},
+        {"filename": "42.jpg", "imgid": 1, "split": "test", "sentences": [{"raw": "a blue bus"}]},
+        {"filename": "7.jpg", "imgid": 2, "split": "train", "sentences": [{"raw": "a green bike"}]},
+    ]
     refs = write_json(tmp_path / "dataset_flickr30k.json", {"images": images, "dataset": "flickr30k"})
-    preds = write_json(tmp_path / "pred.json", [{"image_id": 1000092795, "caption": "a red car"},
-                                                {"image_id": 42, "caption": "a blue bus"}])
+    preds = write_json(
+        tmp_path / "pred.json",
+        [{"image_id": 1000092795, "caption": "a red car"}, {"image_id": 42, "caption": "a blue bus"}],
+    )
     out = caption.main(["--predictions", preds, "--references", refs, "--tokenizer", "simple", "--no-meteor"])
     assert out["num_images"] == 2 and out["BLEU-1"] == pytest.approx(100.0)
     # image 7 is in the train split only
@@ -296,20 +380,36 @@ def test_caption_cli_errors_name_the_file(tmp_path):
 
 
 def vqa_files(tmp_path):
-    anns = {"annotations": [
-        {"question_id": 1, "question_type": "is the", "answer_type": "yes/no",
-         "answers": [{"answer": "yes", "answer_id": i + 1} for i in range(10)]},
-        {"question_id": 2, "question_type": "how many", "answer_type": "number",
-         "answers": [{"answer": a, "answer_id": i + 1} for i, a in enumerate(["2"] * 2 + ["3"] * 8)]},
-        {"question_id": 3, "question_type": "what", "answer_type": "other",
-         "answers": [{"answer": "table", "answer_id": i + 1} for i in range(10)]}]}
+    anns = {
+        "annotations": [
+            {
+                "question_id": 1,
+                "question_type": "is the",
+                "answer_type": "yes/no",
+                "answers": [{"answer": "yes", "answer_id": i + 1} for i in range(10)],
+            },
+            {
+                "question_id": 2,
+                "question_type": "how many",
+                "answer_type": "number",
+                "answers": [{"answer": a, "answer_id": i + 1} for i, a in enumerate(["2"] * 2 + ["3"] * 8)],
+            },
+            {
+                "question_id": 3,
+                "question_type": "what",
+                "answer_type": "other",
+                "answers": [{"answer": "table", "answer_id": i + 1} for i in range(10)],
+            },
+        ]
+    }
     return write_json(tmp_path / "anns.json", anns)
 
 
 def test_vqa_cli(tmp_path):
     anns = vqa_files(tmp_path)
-    preds = write_json(tmp_path / "pred.json", [{"question_id": 1, "answer": "yes"},
-                                                {"question_id": 2, "answer": "Two"}])
+    preds = write_json(
+        tmp_path / "pred.json", [{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "Two"}]
+    )
     out_path = tmp_path / "out.json"
     out = vqa.main(["--predictions", preds, "--annotations", anns, "--output", str(out_path)])
     assert out["accuracy"] == pytest.approx(160 / 3)

@@ -1,5 +1,6 @@
 """RefCOCO evaluation pieces: MDETR json reading, the release prompt, entity -> pixel boxes (float, as the
 release scores), centre baseline."""
+
 import json
 
 import pytest
@@ -13,10 +14,20 @@ from unilm_vl.eval.refcoco import centre_baseline, load_refexp, predicted_boxes,
 def write_refexp(tmp_path):
     for name in ("a.jpg", "b.jpg"):
         Image.new("RGB", (100, 50)).save(tmp_path / name)
-    data = {"images": [{"id": 7, "file_name": "a.jpg", "caption": "the red circle", "width": 100, "height": 50,
-                        "dataset_name": "refcoco"},
-                       {"id": 8, "file_name": "b.jpg", "caption": "the cross", "width": 100, "height": 50}],
-            "annotations": [{"image_id": 8, "bbox": [0, 0, 50, 25]}, {"image_id": 7, "bbox": [25, 12.5, 50, 25]}]}
+    data = {
+        "images": [
+            {
+                "id": 7,
+                "file_name": "a.jpg",
+                "caption": "the red circle",
+                "width": 100,
+                "height": 50,
+                "dataset_name": "refcoco",
+            },
+            {"id": 8, "file_name": "b.jpg", "caption": "the cross", "width": 100, "height": 50},
+        ],
+        "annotations": [{"image_id": 8, "bbox": [0, 0, 50, 25]}, {"image_id": 7, "bbox": [25, 12.5, 50, 25]}],
+    }
     (tmp_path / "refs.json").write_text(json.dumps(data))
     return tmp_path / "refs.json"
 
@@ -31,8 +42,12 @@ def test_load_and_score(tmp_path):
     assert base[7] == pytest.approx([25, 12.5, 75, 37.5])
     acc = rec_accuracy({k: [v] for k, v in base.items()}, {it["id"]: it["gt_xyxy"] for it in items})
     assert acc["acc@1"] == pytest.approx(50.0)
-    record = {"entities": [(" the red circle", (0, 14), [(0.25, 0.25, 0.75, 0.75)]),
-                           (" a star", (15, 21), [(0.0, 0.0, 0.1, 0.1)])]}
+    record = {
+        "entities": [
+            (" the red circle", (0, 14), [(0.25, 0.25, 0.75, 0.75)]),
+            (" a star", (15, 21), [(0.0, 0.0, 0.1, 0.1)]),
+        ]
+    }
     assert predicted_boxes(record, items[0], "squash") == [[25.0, 12.5, 75.0, 37.5]]  # float, as the release
     assert predicted_boxes(record, items[1], "squash") == []  # no entity named like the expression: a miss
 
@@ -51,7 +66,8 @@ def test_small_box_is_scored_in_float_not_truncated():
     flickr_item = {"phrase": "the dot", "width": 10, "height": 10}
     text = "<phrase>the dot</phrase><object><patch_index_0000><patch_index_0165></object>"  # P = 16: (0,0)-(5,10)
     assert flickr_predicted_boxes(text, flickr_item, "squash", num_bins=16) == [
-        pytest.approx([10 * 0.5 / 16, 10 * 0.5 / 16, 10 * 5.5 / 16, 10 * 10.5 / 16])]
+        pytest.approx([10 * 0.5 / 16, 10 * 0.5 / 16, 10 * 5.5 / 16, 10 * 10.5 / 16])
+    ]
 
 
 def test_missing_image_is_named(tmp_path):

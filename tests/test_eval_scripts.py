@@ -4,6 +4,7 @@ Images are solid colours; the fake encoder maps an image to its normalised mean 
 text to the normalised indicator of the colour words it contains ("a red square" -> [1, 0, 0]), so every
 similarity is 0 or 1 and every metric can be worked out by hand.
 """
+
 import json
 
 import numpy as np
@@ -50,8 +51,11 @@ def colour_images(tmp_path):
 
 
 # Per image (in order red, green, blue): its captions.
-PERFECT = {"red": ["a red square", "a red patch"], "green": ["a green square", "green."],
-           "blue": ["a blue square", "something blue"]}
+PERFECT = {
+    "red": ["a red square", "a red patch"],
+    "green": ["a green square", "green."],
+    "blue": ["a blue square", "something blue"],
+}
 # The red image has one wrong caption ("blue"), the blue image only a wrong one ("red"). With texts
 # t0 "red"->img0, t1 "blue"->img0, t2 "green"->img1, t3 "red"->img2, sim (images x texts) is
 #   red   [1, 0, 0, 1]
@@ -62,26 +66,44 @@ PERFECT = {"red": ["a red square", "a red patch"], "green": ["a green square", "
 # t2i ranks: t0 0, t1 2 (blue image 1 above, green ties at 0), t2 0, t3 2 (red 1 above, green ties) -> R@1 = 50
 SHUFFLED = {"red": ["a red square", "a blue square"], "green": ["a green square"], "blue": ["a red thing"]}
 SHUFFLED_EXPECTED = {
-    "i2t_R@1": 100 / 3, "i2t_R@5": 100.0, "i2t_R@10": 100.0,
-    "t2i_R@1": 50.0, "t2i_R@5": 100.0, "t2i_R@10": 100.0,
-    "i2t_mean_rank": 7 / 3, "i2t_median_rank": 2.0,  # 1-based [2, 1, 4]
-    "t2i_mean_rank": 2.0, "t2i_median_rank": 1.0,  # 1-based [1, 3, 1, 3], lower median
+    "i2t_R@1": 100 / 3,
+    "i2t_R@5": 100.0,
+    "i2t_R@10": 100.0,
+    "t2i_R@1": 50.0,
+    "t2i_R@5": 100.0,
+    "t2i_R@10": 100.0,
+    "i2t_mean_rank": 7 / 3,
+    "i2t_median_rank": 2.0,  # 1-based [2, 1, 4]
+    "t2i_mean_rank": 2.0,
+    "t2i_median_rank": 1.0,  # 1-based [1, 3, 1, 3], lower median
     "rsum": 100 / 3 + 450.0,
-    "num_images": 3, "num_texts": 4,
+    "num_images": 3,
+    "num_texts": 4,
 }
 
 
 def write_karpathy(path, captions, extra=()):
-    images = [{"filepath": "images", "filename": f"{colour}.png", "split": "test", "imgid": i,
-               "sentences": [{"raw": c, "tokens": c.split()} for c in caps]}
-              for i, (colour, caps) in enumerate(captions.items())]
+    images = [
+        {
+            "filepath": "images",
+            "filename": f"{colour}.png",
+            "split": "test",
+            "imgid": i,
+            "sentences": [{"raw": c, "tokens": c.split()} for c in caps],
+        }
+        for i, (colour, caps) in enumerate(captions.items())
+    ]
     path.write_text(json.dumps({"images": images + list(extra), "dataset": "coco"}))
     return str(path)
 
 
 # An entry of another split whose image does not exist: it must be ignored, not reported missing.
-TRAIN_ENTRY = {"filepath": "images", "filename": "not_there.png", "split": "train",
-               "sentences": [{"raw": "a red thing"}]}
+TRAIN_ENTRY = {
+    "filepath": "images",
+    "filename": "not_there.png",
+    "split": "train",
+    "sentences": [{"raw": "a red thing"}],
+}
 
 
 def test_retrieval_perfect(colour_images):
@@ -101,10 +123,13 @@ def test_retrieval_shuffled_known_values(colour_images):
 
 def test_retrieval_coco_and_flickr_formats_agree(colour_images, tmp_path_factory):
     ann_dir = tmp_path_factory.mktemp("annotations")  # not the image root: --image-root is needed
-    coco = {"images": [{"id": 10 + i, "file_name": f"images/{c}.png"} for i, c in enumerate(SHUFFLED)],
-            "annotations": [{"id": k, "image_id": 10 + i, "caption": cap}
-                            for k, (i, cap) in enumerate((i, cap) for i, caps in enumerate(SHUFFLED.values())
-                                                         for cap in caps)]}
+    coco = {
+        "images": [{"id": 10 + i, "file_name": f"images/{c}.png"} for i, c in enumerate(SHUFFLED)],
+        "annotations": [
+            {"id": k, "image_id": 10 + i, "caption": cap}
+            for k, (i, cap) in enumerate((i, cap) for i, caps in enumerate(SHUFFLED.values()) for cap in caps)
+        ],
+    }
     (ann_dir / "captions_val.json").write_text(json.dumps(coco))
     flickr = [{"image": f"images/{c}.png", "caption": caps} for c, caps in SHUFFLED.items()]
     (ann_dir / "flickr_test.json").write_text(json.dumps(flickr))
@@ -134,8 +159,9 @@ def test_retrieval_bad_inputs(colour_images):
 
 
 def test_retrieval_cli(colour_images, monkeypatch, capsys):
-    monkeypatch.setattr(common, "load_encoder", lambda checkpoint, device="cpu", head="clip": ColourEncoder(),
-                        raising=False)
+    monkeypatch.setattr(
+        common, "load_encoder", lambda checkpoint, device="cpu", head="clip": ColourEncoder(), raising=False
+    )
     ann = write_karpathy(colour_images / "karpathy.json", SHUFFLED)
     out = colour_images / "metrics.json"
     retrieval.main(["--checkpoint", "unused.pt", "--data", ann, "--batch-size", "2", "--output", str(out)])
@@ -159,8 +185,7 @@ TEMPLATES = ["a photo of a {}.", "a {} square."]
 def test_zeroshot_perfect(tmp_path):
     root = make_folder(tmp_path / "test", {"000": ["red", "red"], "001": ["green", "green"], "002": ["blue"] * 2})
     m = evaluate_zeroshot(ColourEncoder(), root, CLASSNAMES, TEMPLATES, batch_size=4)
-    assert m == {"top1": 100.0, "top5": 100.0, "mean_per_class_accuracy": 100.0, "num_images": 6,
-                 "num_classes": 3}
+    assert m == {"top1": 100.0, "top5": 100.0, "mean_per_class_accuracy": 100.0, "num_images": 6, "num_classes": 3}
 
 
 def test_zeroshot_mislabelled_known_values_from_files(tmp_path):
@@ -168,8 +193,14 @@ def test_zeroshot_mislabelled_known_values_from_files(tmp_path):
     root = make_folder(tmp_path / "test", {"000": ["red", "red", "blue"], "001": ["green"], "002": ["blue"]})
     (tmp_path / "classnames.txt").write_text("red\ngreen\n\nblue\n")
     (tmp_path / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
-    m = evaluate_zeroshot(ColourEncoder(), root, str(tmp_path / "classnames.txt"), str(tmp_path / "templates.txt"),
-                          batch_size=2, per_class=True)
+    m = evaluate_zeroshot(
+        ColourEncoder(),
+        root,
+        str(tmp_path / "classnames.txt"),
+        str(tmp_path / "templates.txt"),
+        batch_size=2,
+        per_class=True,
+    )
     assert m["top1"] == pytest.approx(80.0)
     assert m["top5"] == 100.0  # 3 classes: always in the top 5
     assert m["mean_per_class_accuracy"] == pytest.approx(800 / 9)
@@ -186,14 +217,25 @@ def test_zeroshot_folder_classname_mismatch(tmp_path):
 
 
 def test_zeroshot_cli_with_linear_probe(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common, "load_encoder", lambda checkpoint, device="cpu", head="clip": ColourEncoder(),
-                        raising=False)
+    monkeypatch.setattr(
+        common, "load_encoder", lambda checkpoint, device="cpu", head="clip": ColourEncoder(), raising=False
+    )
     test_root = make_folder(tmp_path / "test", {"000": ["red", "red", "blue"], "001": ["green"], "002": ["blue"]})
     train_root = make_folder(tmp_path / "train", {"000": ["red"] * 3, "001": ["green"] * 3, "002": ["blue"] * 3})
     (tmp_path / "classnames.txt").write_text("red\ngreen\nblue\n")
     (tmp_path / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
-    args = ["--checkpoint", "unused.pt", "--root", test_root, "--classnames", str(tmp_path / "classnames.txt"),
-            "--templates", str(tmp_path / "templates.txt"), "--batch-size", "4"]
+    args = [
+        "--checkpoint",
+        "unused.pt",
+        "--root",
+        test_root,
+        "--classnames",
+        str(tmp_path / "classnames.txt"),
+        "--templates",
+        str(tmp_path / "templates.txt"),
+        "--batch-size",
+        "4",
+    ]
     with pytest.raises(SystemExit):
         zeroshot_classification.main(args + ["--linear-probe"])  # no --train-root
     out = tmp_path / "metrics.json"

@@ -2,10 +2,11 @@
 area thresholds), the sliding-window layout, and the whole runner with a fake dense encoder that reads each pixel's
 colour, on a hand-made 2-image VOC dataset where the right answer is known (mIoU 1.0). The run on a real fairseq
 checkpoint is in tests/test_eval_compositionality.py (one training run serves both CLIs)."""
+
 import io
-import re
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -137,7 +138,7 @@ def write_voc(root):
     for name, (h, w) in layouts.items():
         labels = np.zeros((h, w), dtype=np.uint8)
         labels[1:4, 1:5] = 1
-        labels[h - 4:h - 1, w - 3:w] = 2
+        labels[h - 4 : h - 1, w - 3 : w] = 2
         rgb = np.zeros((h, w, 3), dtype=np.uint8)
         rgb[labels == 1] = (255, 0, 0)
         rgb[labels == 2] = (0, 255, 0)
@@ -174,12 +175,28 @@ def test_threshold_background_and_wrong_answers_are_scored(tmp_path):
     # softmax is flat (1/4 < .4) -> 0; a red pixel splits ~1/2 + ~1/2 between red and crimson: class 1 at ~.5.
     # area_thd off: the area test runs before prob_thd (as in the reference), where the black pixels still count
     # for a colour class and would dwarf the green block (9 of 96 pixels <= .1 * 96).
-    m = evaluate_segmentation(PixelColourEncoder(), str(root), templates=["{}"], background="threshold",
-                              short_side=8, stride=4, prob_thd=0.4, area_thd=0.0)
+    m = evaluate_segmentation(
+        PixelColourEncoder(),
+        str(root),
+        templates=["{}"],
+        background="threshold",
+        short_side=8,
+        stride=4,
+        prob_thd=0.4,
+        area_thd=0.0,
+    )
     assert m["mIoU"] == 1.0
     # without the threshold, black pixels go to a colour class: background is never predicted
-    m = evaluate_segmentation(PixelColourEncoder(), str(root), templates=["{}"], background="threshold",
-                              short_side=8, stride=4, prob_thd=0.0, area_thd=0.0)
+    m = evaluate_segmentation(
+        PixelColourEncoder(),
+        str(root),
+        templates=["{}"],
+        background="threshold",
+        short_side=8,
+        stride=4,
+        prob_thd=0.0,
+        area_thd=0.0,
+    )
     assert m["per_class_iou"]["background"] == 0.0 and m["mIoU"] < 1.0
     # foreground_mIoU leaves class 0 out: mean over red and green; m["mIoU"] = (0 + red + green) / 3
     iou = m["per_class_iou"]
@@ -191,15 +208,31 @@ def test_ignore_background_scores_object_pixels_only(tmp_path):
     # VOC-20 style: black (label 0) pixels are neither queried nor counted; red / green pixels are classified by the
     # colour queries alone, so the oracle is perfect and background has no IoU
     root = write_voc(tmp_path / "voc")
-    m = evaluate_segmentation(PixelColourEncoder(), str(root), templates=["{}"], background="ignore",
-                              short_side=8, stride=4, prob_thd=0.0, area_thd=0.0)
+    m = evaluate_segmentation(
+        PixelColourEncoder(),
+        str(root),
+        templates=["{}"],
+        background="ignore",
+        short_side=8,
+        stride=4,
+        prob_thd=0.0,
+        area_thd=0.0,
+    )
     assert m["mIoU"] == 1.0 and m["foreground_mIoU"] == 1.0 and m["pixel_accuracy"] == 1.0
     assert m["per_class_iou"] == {"background": None, "red, crimson": 1.0, "green": 1.0, "blue": None}
     assert m["num_valid_classes"] == 2
     assert m["num_pixels"] == 2 * (3 * 4 + 3 * 3)  # the red and green blocks of both images only
     # a threshold that sends every (two-way split, ~.5) red pixel to 0 makes them misses: red IoU 0
-    m = evaluate_segmentation(PixelColourEncoder(), str(root), templates=["{}"], background="ignore",
-                              short_side=8, stride=4, prob_thd=0.6, area_thd=0.0)
+    m = evaluate_segmentation(
+        PixelColourEncoder(),
+        str(root),
+        templates=["{}"],
+        background="ignore",
+        short_side=8,
+        stride=4,
+        prob_thd=0.6,
+        area_thd=0.0,
+    )
     assert m["per_class_iou"]["red, crimson"] == 0.0 and m["per_class_iou"]["background"] is None
     assert m["mIoU"] == pytest.approx(0.5)  # (red 0 + green 1) / 2
 
@@ -217,8 +250,22 @@ def test_cli_and_errors(tmp_path, monkeypatch):
     root = write_voc(tmp_path / "voc")
     monkeypatch.setattr(common, "load_encoder", lambda checkpoint, device="cpu", head="clip": PixelColourEncoder())
     out = tmp_path / "seg.json"
-    segmentation.main(["--checkpoint", "unused.pt", "--data", str(root), "--templates", str(root / "templates.txt"),
-                       "--short-side", "8", "--stride", "4", "--output", str(out)])
+    segmentation.main(
+        [
+            "--checkpoint",
+            "unused.pt",
+            "--data",
+            str(root),
+            "--templates",
+            str(root / "templates.txt"),
+            "--short-side",
+            "8",
+            "--stride",
+            "4",
+            "--output",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert report["mIoU"] == 1.0 and report["per_class_iou"]["blue"] is None
     (root / "SegmentationClass" / "b.png").unlink()

@@ -2,6 +2,7 @@
 preallocated cache of unilm_vl/modules/kv_cache.py, and generate()'s batched n-gram ban and skipped identity
 reorders) against the plain path through torchscale's ``Decoder`` with ``torch.cat`` caches: same logits to float
 rounding, same tokens for greedy and beam search with n-gram bans."""
+
 import pytest
 import torch
 
@@ -27,14 +28,23 @@ def prompts(model, text_lens, seed=0):
     """Left-padded ``<s> <image> [L slots] </image> text`` rows, their image masks and one 32 px image each."""
     g = torch.Generator().manual_seed(seed)
     L = model.num_image_tokens
-    rows = [torch.cat([torch.tensor([BOS, BOI]), torch.arange(6, 6 + L), torch.tensor([EOI]),
-                       torch.randint(10, 100, (n,), generator=g)]) for n in text_lens]
+    rows = [
+        torch.cat(
+            [
+                torch.tensor([BOS, BOI]),
+                torch.arange(6, 6 + L),
+                torch.tensor([EOI]),
+                torch.randint(10, 100, (n,), generator=g),
+            ]
+        )
+        for n in text_lens
+    ]
     width = max(r.numel() for r in rows)
     tokens = torch.full((len(rows), width), PAD, dtype=torch.long)
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     for i, r in enumerate(rows):
-        tokens[i, width - r.numel():] = r
-        mask[i, width - r.numel() + 2:width - r.numel() + 2 + L] = True
+        tokens[i, width - r.numel() :] = r
+        mask[i, width - r.numel() + 2 : width - r.numel() + 2 + L] = True
     return tokens, mask, torch.randn(len(rows), 3, 32, 32, generator=g)
 
 
@@ -62,25 +72,34 @@ def test_decode_step_logits_equal_the_torchscale_path_with_reorders(pair):
             out[name] = model(seq[name], incremental_state=states[name])["lm_logits"]
         assert out["fast"].shape == (3, 1, 100)
         torch.testing.assert_close(out["fast"], out["plain"], atol=1e-5, rtol=1e-5)
-    full = plain(seq["plain"], image.index_select(0, torch.tensor([2, 0, 0])),
-                 torch.cat([mask.index_select(0, torch.tensor([2, 0, 0])),
-                            torch.zeros(3, 6, dtype=torch.bool)], dim=1))["lm_logits"][:, -1:]
+    full = plain(
+        seq["plain"],
+        image.index_select(0, torch.tensor([2, 0, 0])),
+        torch.cat([mask.index_select(0, torch.tensor([2, 0, 0])), torch.zeros(3, 6, dtype=torch.bool)], dim=1),
+    )["lm_logits"][:, -1:]
     torch.testing.assert_close(out["fast"], full, atol=1e-5, rtol=1e-5)
     cache = states["fast"][0]["kv_cache"]
     assert isinstance(cache, KVCache) and cache.length == seq["fast"].size(1) and cache.capacity > tokens.size(1) + 2
     assert states["fast"][0]["prev_key"].shape == states["plain"][0]["prev_key"].shape
 
 
-@pytest.mark.parametrize("search", [dict(beam=1, no_repeat_ngram_size=3), dict(beam=3, nbest=3,
-                                                                           no_repeat_ngram_size=3),
-                                    dict(beam=3, nbest=2, no_repeat_ngram_size=2, beam_rule="hf"),
-                                    dict(beam=1, min_len=0)])
+@pytest.mark.parametrize(
+    "search",
+    [
+        dict(beam=1, no_repeat_ngram_size=3),
+        dict(beam=3, nbest=3, no_repeat_ngram_size=3),
+        dict(beam=3, nbest=2, no_repeat_ngram_size=2, beam_rule="hf"),
+        dict(beam=1, min_len=0),
+    ],
+)
 def test_generate_fast_path_gives_the_plain_path_tokens(pair, search):
     fast, plain = pair
     tokens, mask, image = prompts(fast, [2, 5, 4, 1], seed=3)
     cfg = SearchConfig(max_len_b=12, **search)
-    got = {name: generate(model, tokens, image, mask, cfg, pad_idx=PAD, eos_idx=EOS)
-           for name, model in (("fast", fast), ("plain", plain))}
+    got = {
+        name: generate(model, tokens, image, mask, cfg, pad_idx=PAD, eos_idx=EOS)
+        for name, model in (("fast", fast), ("plain", plain))
+    }
     for a_hyps, b_hyps in zip(got["fast"], got["plain"]):
         assert len(a_hyps) == len(b_hyps) == cfg.nbest
         for a, b in zip(a_hyps, b_hyps):
@@ -106,8 +125,7 @@ def test_greedy_generation_reorders_the_cache_only_when_rows_finish(pair):
             calls.append(order.tolist())
             self.net.reorder_incremental_state(state, order)
 
-    hyps = generate(Counting(fast), tokens, image, mask, SearchConfig(max_len_b=6, min_len=6), pad_idx=PAD,
-                    eos_idx=EOS)
+    hyps = generate(Counting(fast), tokens, image, mask, SearchConfig(max_len_b=6, min_len=6), pad_idx=PAD, eos_idx=EOS)
     assert calls == [[0, 1]]
     assert [len(h[0].tokens) for h in hyps] == [7, 7]  # 6 tokens, then the forced </s>
 
@@ -117,8 +135,10 @@ def test_kv_cache_appends_grows_and_reorders_like_concatenation():
     k, v = torch.randn(3, 2, 4, 5, generator=g), torch.randn(3, 2, 4, 5, generator=g)
     cache = KVCache(k, v, capacity=6)
     for step in range(5):  # grows past the capacity of 6 on the third append
-        nk, nv = torch.randn(3 if step < 2 else 2, 2, 1, 5, generator=g), torch.randn(3 if step < 2 else 2, 2, 1, 5,
-                                                                                   generator=g)
+        nk, nv = (
+            torch.randn(3 if step < 2 else 2, 2, 1, 5, generator=g),
+            torch.randn(3 if step < 2 else 2, 2, 1, 5, generator=g),
+        )
         if step == 2:  # rows 2 and 0 survive
             order = torch.tensor([2, 0])
             cache.reorder(order)
@@ -139,9 +159,9 @@ def test_batched_ngram_ban_equals_the_per_row_ban(n):
     lengths = [12, 7, 2, 1, 9]
     tokens = torch.full((len(lengths), 12), PAD, dtype=torch.long)
     for i, m in enumerate(lengths):
-        tokens[i, 12 - m:] = torch.randint(3, 5, (m,), generator=g)
+        tokens[i, 12 - m :] = torch.randint(3, 5, (m,), generator=g)
     targets = repeated_ngram_targets(tokens, n, PAD)
     for i, m in enumerate(lengths):
-        expected = set(banned_ngram_tokens(tokens[i, 12 - m:], n).tolist())
+        expected = set(banned_ngram_tokens(tokens[i, 12 - m :], n).tolist())
         assert set(targets[i].tolist()) - {PAD} == expected
     assert any(len(set(targets[i].tolist()) - {PAD}) for i in range(len(lengths)))  # the case is not empty

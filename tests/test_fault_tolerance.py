@@ -1,6 +1,7 @@
 """Fault tolerance through the real fairseq trainer (issue 7, deliverable 4): SIGKILL and restart resumes exactly,
 checkpoints are never half-written, a dead or hung rank ends the job within a bounded time, and NaN/Inf losses
 are skipped, counted and, when they persist, stop the run."""
+
 import logging
 import os
 import random
@@ -13,10 +14,11 @@ import time
 
 import pytest
 import torch
+from test_train_e2e import model_state, run, train_args
+
+from unilm_vl.fault_tolerance import NonFiniteLossGuard, TooManyNonFiniteLosses, zeroed_logging_output
 
 from conftest import BIN, REPO, write_wds
-from test_train_e2e import model_state, run, train_args
-from unilm_vl.fault_tolerance import NonFiniteLossGuard, TooManyNonFiniteLosses, zeroed_logging_output
 
 logger = logging.getLogger(__name__)
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -44,8 +46,9 @@ def logged_updates(log):
 
 def popen(cmd):
     """A training job in its own process group (so the test can kill it and its loader workers together)."""
-    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def read_until(proc, needle, lines):
@@ -77,10 +80,30 @@ def test_sigkill_at_random_update_then_same_command_resumes_exactly(data, tmp_pa
     checkpoint and reproduces the unbroken run's later losses and final weights bit for bit (same ops in the same
     order on the same data, since the iterator replays its position exactly)."""
     kill_at = random.Random(7).randint(3, 8)  # = 5
-    cmd = [f"{BIN}/fairseq-train", *train_args(data, tmp_path / "b", *COMMON, "--num-workers", "1",
-                                               "--save-interval-updates", "2", "--max-update", "10")]
-    unbroken = logged_updates(run([f"{BIN}/fairseq-train", *train_args(
-        data, tmp_path / "a", *COMMON, "--num-workers", "1", "--save-interval-updates", "2", "--max-update", "10")]))
+    cmd = [
+        f"{BIN}/fairseq-train",
+        *train_args(
+            data, tmp_path / "b", *COMMON, "--num-workers", "1", "--save-interval-updates", "2", "--max-update", "10"
+        ),
+    ]
+    unbroken = logged_updates(
+        run(
+            [
+                f"{BIN}/fairseq-train",
+                *train_args(
+                    data,
+                    tmp_path / "a",
+                    *COMMON,
+                    "--num-workers",
+                    "1",
+                    "--save-interval-updates",
+                    "2",
+                    "--max-update",
+                    "10",
+                ),
+            ]
+        )
+    )
     assert sorted(unbroken) == list(range(1, 11))
 
     proc, lines = popen(cmd), []
@@ -107,8 +130,9 @@ def test_sigkill_at_random_update_then_same_command_resumes_exactly(data, tmp_pa
     assert sorted(resumed) == list(range(start + 1, 11))
     for update in resumed:
         assert resumed[update] == unbroken[update], update
-    assert_same_weights(model_state(tmp_path / "a" / "checkpoint_last.pt"),
-                        model_state(tmp_path / "b" / "checkpoint_last.pt"))
+    assert_same_weights(
+        model_state(tmp_path / "a" / "checkpoint_last.pt"), model_state(tmp_path / "b" / "checkpoint_last.pt")
+    )
 
 
 # ------------------------------------------------------------------------------------------------ atomic save
@@ -180,8 +204,14 @@ def killed_saves(tmp_path_factory):
     import json
 
     root = tmp_path_factory.mktemp("saves")
-    proc = subprocess.run([sys.executable, "-c", SAVE_SCRIPT, str(root), *SAVE_SCENARIOS], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SAVE_SCRIPT, str(root), *SAVE_SCENARIOS],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     status = json.loads((root / "status.json").read_text())
     for name in SAVE_SCENARIOS:  # every scenario died from the injected SIGKILL
@@ -241,8 +271,16 @@ def _rank_pid(launcher_pid, rank, timeout=60):
 
 
 def _torchrun(data, save_dir, port, *extra):
-    return [f"{BIN}/torchrun", "--nproc_per_node", "2", "--master_port", str(port), "-m", "unilm_vl.train",
-            *train_args(data, save_dir, *COMMON, "--num-workers", "0", "--max-update", "40", *extra)]
+    return [
+        f"{BIN}/torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "unilm_vl.train",
+        *train_args(data, save_dir, *COMMON, "--num-workers", "0", "--max-update", "40", *extra),
+    ]
 
 
 def _kill_job(proc, pids):
@@ -371,12 +409,36 @@ def _optimizer_state(path):
 
 @pytest.mark.slow
 def test_nan_loss_on_one_rank_skips_the_update_on_every_rank(data, tmp_path, nan_plugin):
-    """Rank 1's loss is NaN at updates 3 and 5 of 6 (2 ranks x batch 2, all in epoch 1): both ranks skip those optimizer steps (weights and Adam
-    state stay those of the previous update), log nan_skipped=1 there (2 for the epoch), and the run finishes."""
+    """Rank 1's loss is NaN at updates 3 and 5 of 6 (2 ranks x batch 2, all in epoch 1): both ranks skip those
+    optimizer steps (weights and Adam state stay those of the previous update), log nan_skipped=1 there (2 for the
+    epoch), and the run finishes."""
     save = tmp_path / "ck"
-    out = run([f"{BIN}/torchrun", "--nproc_per_node", "2", "--master_port", "29575", "-m", "unilm_vl.train",
-               *_nan_args(data, save, nan_plugin, "--nan-updates", "3,5", "--nan-rank", "1",
-                          "--save-interval-updates", "1", "--max-update", "6", "--batch-size", "2")])
+    out = run(
+        [
+            f"{BIN}/torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29575",
+            "-m",
+            "unilm_vl.train",
+            *_nan_args(
+                data,
+                save,
+                nan_plugin,
+                "--nan-updates",
+                "3,5",
+                "--nan-rank",
+                "1",
+                "--save-interval-updates",
+                "1",
+                "--max-update",
+                "6",
+                "--batch-size",
+                "2",
+            ),
+        ]
+    )
     logged = logged_updates(out)
     assert sorted(logged) == [1, 2, 3, 4, 5, 6]
     # the counter appears with the first skip, then counts skips per log interval
@@ -386,12 +448,15 @@ def test_nan_loss_on_one_rank_skips_the_update_on_every_rank(data, tmp_path, nan
     states = {u: model_state(save / f"checkpoint_1_{u}.pt") for u in range(2, 7)}
     for skipped in (3, 5):
         assert_same_weights(states[skipped - 1], states[skipped])
-        before, after = _optimizer_state(save / f"checkpoint_1_{skipped - 1}.pt"), \
-            _optimizer_state(save / f"checkpoint_1_{skipped}.pt")
+        before, after = (
+            _optimizer_state(save / f"checkpoint_1_{skipped - 1}.pt"),
+            _optimizer_state(save / f"checkpoint_1_{skipped}.pt"),
+        )
         for key in before:
             for name in ("exp_avg", "exp_avg_sq", "step"):
-                torch.testing.assert_close(torch.as_tensor(after[key][name]), torch.as_tensor(before[key][name]),
-                                           atol=0, rtol=0)
+                torch.testing.assert_close(
+                    torch.as_tensor(after[key][name]), torch.as_tensor(before[key][name]), atol=0, rtol=0
+                )
     for stepped in (4, 6):  # finite updates do move the weights
         a, b = states[stepped - 1], states[stepped]
         assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
@@ -401,13 +466,33 @@ def test_nan_loss_on_one_rank_skips_the_update_on_every_rank(data, tmp_path, nan
 
 @pytest.mark.slow
 def test_repeated_nan_losses_stop_the_run_with_a_clear_message(data, tmp_path, nan_plugin):
-    proc = subprocess.run([f"{BIN}/fairseq-train", *_nan_args(
-        data, tmp_path / "ck", nan_plugin, "--nan-updates", "2,3,4,5", "--max-consecutive-nan-steps", "2",
-        "--max-update", "8")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            f"{BIN}/fairseq-train",
+            *_nan_args(
+                data,
+                tmp_path / "ck",
+                nan_plugin,
+                "--nan-updates",
+                "2,3,4,5",
+                "--max-consecutive-nan-steps",
+                "2",
+                "--max-update",
+                "8",
+            ),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert ("TooManyNonFiniteLosses: 3 consecutive updates (the last is update 4) had a NaN/Inf loss, more than "
-            "--max-consecutive-nan-steps 2; stopping") in out
+    assert (
+        "TooManyNonFiniteLosses: 3 consecutive updates (the last is update 4) had a NaN/Inf loss, more than "
+        "--max-consecutive-nan-steps 2; stopping"
+    ) in out
     logged = logged_updates(out)
     assert {u: logged[u]["nan_skipped"] for u in logged} == {1: None, 2: "1", 3: "1"}
 

@@ -2,12 +2,13 @@
 
 Sharding must not change the maths: 2 CPU ranks with ``--fsdp2`` equal 1 rank without it at the same global batch
 (loss of every update, weights after the last), for CLIP, Kosmos-2 (with activation checkpointing) and COSMOS (EMA
-teacher). COSA draws per-rank randomness and averages its token losses per rank (as its release does), so its 2-rank runs
-differ from 1 rank by design; for it ``--fsdp2`` must equal DDP at 2 ranks. Every family (BYOLIP's momentum copy
+teacher). COSA draws per-rank randomness and averages its token losses per rank (as its release does), so its 2-rank
+runs differ from 1 rank by design; for it ``--fsdp2`` must equal DDP at 2 ranks. Every family (BYOLIP's momentum copy
 and LoRA included) trains identically with ``--fsdp2`` on one rank. Sharded checkpoints resume
 bit-exactly, reshard onto 1 rank, consolidate into one file that the eval CLIs read, and bad option combinations stop
 with one ``error:`` line.
 """
+
 import json
 import os
 import re
@@ -15,14 +16,14 @@ import subprocess
 
 import pytest
 import torch
-import torch.distributed as dist
 from PIL import Image
+
+from unilm_vl import fsdp2
+from unilm_vl.consolidate import main as consolidate_main
 
 from conftest import BIN, COLOURS, REPO
 from families import family_args, write_family_data
 from trainer_harness import build_trainer, end_process_group, parameters, run_ranks, train_on_ranks, train_updates
-from unilm_vl import fsdp2
-from unilm_vl.consolidate import main as consolidate_main
 
 
 def run(cmd, timeout=600):
@@ -75,7 +76,7 @@ def test_clip_grad_norm_equals_torch_and_counts_replicated_gradients_once():
     for p in params:
         p.grad = torch.randn(p.shape, generator=g) * 4
     ref = [p.grad.clone() for p in params]
-    expected = torch.sqrt(sum((r ** 2).sum() for r in ref))
+    expected = torch.sqrt(sum((r**2).sum() for r in ref))
     norm = fsdp2.clip_grad_norm_(params, max_norm=1.0)
     assert float(norm) == pytest.approx(float(expected), rel=1e-6)
     for p, r in zip(params, ref):  # clipped to norm 1 (coefficient 1 / (norm + 1e-6))
@@ -95,8 +96,9 @@ def test_sharding_units_are_the_transformer_blocks():
 def test_optimizer_state_names_round_trip():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     container = fsdp2._state_module(model, None)
-    opt = torch.optim.Adam([{"params": [model[1].weight, model[0].weight]}, {"params": [model[0].bias],
-                                                                             "weight_decay": 0.1}])
+    opt = torch.optim.Adam(
+        [{"params": [model[1].weight, model[0].weight]}, {"params": [model[0].bias], "weight_decay": 0.1}]
+    )
     model(torch.randn(2, 3)).sum().backward()
     opt.step()
     osd = opt.state_dict()
@@ -112,12 +114,15 @@ def test_optimizer_state_names_round_trip():
             torch.testing.assert_close(back["state"][i][key], value[key])
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--fp16"], "error: --fp16 casts the whole model; with --fsdp2 keep fp32 master weights"),
-    (["--amp"], "error: --amp casts the whole model"),
-    (["--zero-sharding", "os"], "error: --zero-sharding shards the optimizer state again"),
-    (["--no-last-checkpoints"], "error: sharded checkpoints are written collectively with checkpoint_last.pt"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--fp16"], "error: --fp16 casts the whole model; with --fsdp2 keep fp32 master weights"),
+        (["--amp"], "error: --amp casts the whole model"),
+        (["--zero-sharding", "os"], "error: --zero-sharding shards the optimizer state again"),
+        (["--no-last-checkpoints"], "error: sharded checkpoints are written collectively with checkpoint_last.pt"),
+    ],
+)
 def test_incompatible_options_stop_with_one_error_line(root, tmp_path, capsys, no_process_group, flags, message):
     with pytest.raises(SystemExit) as exc:
         build_trainer(family_args("clip", str(root), str(tmp_path), "--fsdp2", *flags))
@@ -147,8 +152,9 @@ def test_bf16_and_fp16_fsdp2_policies_train_close_to_fp32(root, tmp_path, no_pro
     fp32 = [o["loss"] for o in train_updates(ref, itr, 3)]
     end_process_group()
     for precision, rel in (("bf16", 0.03), ("fp16", 0.01)):
-        trainer, itr = build_trainer(family_args(family, str(root), str(tmp_path / precision), "--fsdp2",
-                                                 "--fsdp2-precision", precision))
+        trainer, itr = build_trainer(
+            family_args(family, str(root), str(tmp_path / precision), "--fsdp2", "--fsdp2-precision", precision)
+        )
         losses = [o["loss"] for o in train_updates(trainer, itr, 3)]
         assert all(torch.isfinite(torch.tensor(losses))), (precision, losses)
         assert losses == pytest.approx(fp32, rel=rel), precision
@@ -170,8 +176,11 @@ def test_two_sharded_ranks_equal_one_plain_rank(root, tmp_path, no_process_group
     plain, itr = build_trainer(family_args(family, str(root), str(tmp_path / "plain"), *extra, batch_size=8))
     plain_losses = [o["loss"] for o in train_updates(plain, itr, 3)]
     end_process_group()
-    sharded = two_ranks(family_args(family, str(root), str(tmp_path / "fsdp2"), "--fsdp2", *extra, batch_size=4), 3,
-                        tmp_path / "fsdp2.pt")
+    sharded = two_ranks(
+        family_args(family, str(root), str(tmp_path / "fsdp2"), "--fsdp2", *extra, batch_size=4),
+        3,
+        tmp_path / "fsdp2.pt",
+    )
     assert sharded["losses"] == pytest.approx(plain_losses, rel=1e-5, abs=1e-5)
     assert_same_weights(parameters(plain), sharded["state"])
 
@@ -180,10 +189,14 @@ def test_two_sharded_ranks_equal_one_plain_rank(root, tmp_path, no_process_group
 def test_two_sharded_ranks_equal_two_ddp_ranks_for_per_rank_randomness(root, tmp_path):
     """COSA draws concatenation partners and ITM negatives per rank and averages its token losses per rank (as
     the release does), so no COSA objective gives 2 x B == 1 x 2B; with per-rank randomness FSDP2 equals DDP."""
-    ddp = two_ranks(family_args("cosa", str(root), str(tmp_path / "ddp"), "--ddp-backend", "legacy_ddp",
-                                batch_size=4), 3, tmp_path / "ddp.pt")
-    sharded = two_ranks(family_args("cosa", str(root), str(tmp_path / "fsdp2"), "--fsdp2", batch_size=4), 3,
-                        tmp_path / "fsdp2.pt")
+    ddp = two_ranks(
+        family_args("cosa", str(root), str(tmp_path / "ddp"), "--ddp-backend", "legacy_ddp", batch_size=4),
+        3,
+        tmp_path / "ddp.pt",
+    )
+    sharded = two_ranks(
+        family_args("cosa", str(root), str(tmp_path / "fsdp2"), "--fsdp2", batch_size=4), 3, tmp_path / "fsdp2.pt"
+    )
     assert len(ddp["losses"]) == 3 and sharded["losses"] == pytest.approx(ddp["losses"], rel=1e-5, abs=1e-5)
     assert_same_weights(ddp["state"], sharded["state"])
 
@@ -192,8 +205,15 @@ def write_retrieval_set(root):
     images = []
     for i, colour in enumerate(COLOURS):
         Image.new("RGB", (40, 32), COLOURS[colour]).save(root / f"{colour}.png")
-        images.append({"filepath": ".", "filename": f"{colour}.png", "split": "test", "imgid": i,
-                       "sentences": [{"raw": f"a {colour} picture"}, {"raw": f"{colour}"}]})
+        images.append(
+            {
+                "filepath": ".",
+                "filename": f"{colour}.png",
+                "split": "test",
+                "imgid": i,
+                "sentences": [{"raw": f"a {colour} picture"}, {"raw": f"{colour}"}],
+            }
+        )
     (root / "karpathy.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
     return str(root / "karpathy.json")
 
@@ -201,16 +221,19 @@ def write_retrieval_set(root):
 @pytest.mark.slow
 def test_sharded_checkpoints_resume_exactly_reshard_and_consolidate(root, tmp_path, no_process_group):
     args = ("--save-interval-updates", "2", "--num-workers", "1")
-    unbroken = torchrun(family_args("clip", str(root), str(tmp_path / "a"), "--fsdp2", "--max-update", "4", *args,
-                                    batch_size=4), 29644)
-    torchrun(family_args("clip", str(root), str(tmp_path / "b"), "--fsdp2", "--max-update", "2", *args,
-                         batch_size=4), 29645)
+    unbroken = torchrun(
+        family_args("clip", str(root), str(tmp_path / "a"), "--fsdp2", "--max-update", "4", *args, batch_size=4), 29644
+    )
+    torchrun(
+        family_args("clip", str(root), str(tmp_path / "b"), "--fsdp2", "--max-update", "2", *args, batch_size=4), 29645
+    )
     saved = torch.load(tmp_path / "b" / "checkpoint_last.pt", weights_only=False)
     shard_dir = tmp_path / "b" / saved["sharded"]["dir"]
     assert saved["model"] is None and saved["sharded"]["world_size"] == 2
     assert sorted(p.name for p in shard_dir.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    resumed = torchrun(family_args("clip", str(root), str(tmp_path / "b"), "--fsdp2", "--max-update", "4", *args,
-                                   batch_size=4), 29646)
+    resumed = torchrun(
+        family_args("clip", str(root), str(tmp_path / "b"), "--fsdp2", "--max-update", "4", *args, batch_size=4), 29646
+    )
     assert "Loaded checkpoint" in resumed and "(epoch 1 @ 2 updates)" in resumed
     assert logged_losses(resumed) == logged_losses(unbroken)[2:]
     a, b = full_model(tmp_path / "a" / "checkpoint_last.pt"), full_model(tmp_path / "b" / "checkpoint_last.pt")
@@ -246,16 +269,19 @@ def test_sharded_checkpoints_resume_exactly_reshard_and_consolidate(root, tmp_pa
     full = torch.load(out, weights_only=False)
     assert "sharded" not in full and len(full["last_optimizer_state"]["param_groups"][0]["params"]) > 0
     assert_same_weights(a, full["model"], atol=0, rtol=0)
-    plain, itr = build_trainer(family_args("clip", str(root), str(tmp_path / "plain"), "--save-interval-updates",
-                                           "4", batch_size=8))
+    plain, itr = build_trainer(
+        family_args("clip", str(root), str(tmp_path / "plain"), "--save-interval-updates", "4", batch_size=8)
+    )
     train_updates(plain, itr, 4)
     plain.consolidate_optimizer()  # as fairseq does before every save
     plain.save_checkpoint(str(tmp_path / "plain.pt"), {"train_iterator": itr.state_dict()})
     from unilm_vl.eval import retrieval
 
     data = write_retrieval_set(tmp_path)
-    metrics = [retrieval.main(["--checkpoint", str(ckpt), "--data", data, "--output", str(tmp_path / f"m{i}.json")])
-               for i, ckpt in enumerate((out, tmp_path / "plain.pt"))]
+    metrics = [
+        retrieval.main(["--checkpoint", str(ckpt), "--data", data, "--output", str(tmp_path / f"m{i}.json")])
+        for i, ckpt in enumerate((out, tmp_path / "plain.pt"))
+    ]
     got = [json.loads((tmp_path / f"m{i}.json").read_text()) for i in range(2)]
     assert got[0] == got[1] and got[0]["num_images"] == len(COLOURS)
     del metrics
@@ -266,6 +292,8 @@ def test_consolidate_refuses_a_regular_checkpoint(tmp_path, capsys):
     assert consolidate_main([str(tmp_path / "plain.pt"), "--out", str(tmp_path / "x.pt")]) == 2
     assert consolidate_main([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {tmp_path / 'plain.pt'} is not a sharded checkpoint (no 'sharded' entry)",
-                   f"error: {tmp_path / 'missing.pt'}: no such checkpoint file"]
+    assert err == [
+        f"error: {tmp_path / 'plain.pt'} is not a sharded checkpoint (no 'sharded' entry)",
+        f"error: {tmp_path / 'missing.pt'}: no such checkpoint file",
+    ]
     assert not (tmp_path / "x.pt").exists()

@@ -2,6 +2,7 @@
 ways, through every source kind (tsv, wds, frames annotation, text) and the real pipeline (:class:`StreamPlan`,
 the Kosmos-2 grounding stage that validates GRIT boxes, the image transform). The pass must finish, yield exactly
 the good samples, and count exactly the bad ones."""
+
 import base64
 import collections
 import io
@@ -42,8 +43,16 @@ def tsv_line(cells) -> bytes:
 
 
 def tsv_good(key, seed):
-    return tsv_line([key, CAPTION, base64.b64encode(jpeg(seed)).decode(), 8, 8,
-                     json.dumps({"phrase": [GOOD_BOX], "expression_v1": [GOOD_BOX]})])
+    return tsv_line(
+        [
+            key,
+            CAPTION,
+            base64.b64encode(jpeg(seed)).decode(),
+            8,
+            8,
+            json.dumps({"phrase": [GOOD_BOX], "expression_v1": [GOOD_BOX]}),
+        ]
+    )
 
 
 def _tsv_bad(key, seed, kind):
@@ -95,13 +104,38 @@ ABSURD_BOXES = {  # valid JSON where numbers go: x0, y0, x1, y1, score of a grou
     "bool_box": "true, 0.2, 0.8, 0.9, 0.9",
 }
 
-TSV_BAD = ["truncated_image", "zero_length_image", "garbage_image", "not_base64", "too_few_columns",
-           "too_many_columns", "non_utf8_caption", "bad_int", "unparsable_annotation", "unhashable_annotation",
-           "box_out_of_range", "inverted_box", "span_outside_caption", "empty_caption", *ABSURD_BOXES]
+TSV_BAD = [
+    "truncated_image",
+    "zero_length_image",
+    "garbage_image",
+    "not_base64",
+    "too_few_columns",
+    "too_many_columns",
+    "non_utf8_caption",
+    "bad_int",
+    "unparsable_annotation",
+    "unhashable_annotation",
+    "box_out_of_range",
+    "inverted_box",
+    "span_outside_caption",
+    "empty_caption",
+    *ABSURD_BOXES,
+]
 
-WDS_BAD = ["truncated_image", "zero_length_image", "missing_image", "missing_caption", "non_utf8_caption",
-           "invalid_json", "deep_json", "box_out_of_range", "empty_caption", "huge_int_json", "huge_int_box",
-           "duplicate_key"]
+WDS_BAD = [
+    "truncated_image",
+    "zero_length_image",
+    "missing_image",
+    "missing_caption",
+    "non_utf8_caption",
+    "invalid_json",
+    "deep_json",
+    "box_out_of_range",
+    "empty_caption",
+    "huge_int_json",
+    "huge_int_box",
+    "duplicate_key",
+]
 
 
 def wds_members(key, seed, kind=None):
@@ -151,8 +185,18 @@ def tar_bytes(samples) -> bytes:
     return buf.getvalue()
 
 
-FRAMES_BAD = ["missing_video", "empty_video_dir", "zero_length_frame", "truncated_frame", "no_caption",
-              "not_an_object", "empty_caption_list", "parent_video_id", "absolute_video_id", "list_video_id"]
+FRAMES_BAD = [
+    "missing_video",
+    "empty_video_dir",
+    "zero_length_frame",
+    "truncated_frame",
+    "no_caption",
+    "not_an_object",
+    "empty_caption_list",
+    "parent_video_id",
+    "absolute_video_id",
+    "list_video_id",
+]
 TEXT_BAD = ["not_json", "non_utf8", "no_text_field", "empty_text", "json_list", "deep_json"]
 
 
@@ -266,9 +310,14 @@ class World:
         shards = [self.path("videos", "train.json")]
         with open(shards[0], "w") as fh:
             json.dump(entries, fh)
-        for name, data in (("broken.json", b'[{"video_id": "x"'), ("latin1.json", b'[{"caption": "caf\xe9"}]'),
-                           ("empty.json", b""), ("object.json", b'{"video_id": "x"}'), ("empty_list.json", b"[]"),
-                           ("huge_int.json", b"[" + b"7" * 5000 + b"]")):
+        for name, data in (
+            ("broken.json", b'[{"video_id": "x"'),
+            ("latin1.json", b'[{"caption": "caf\xe9"}]'),
+            ("empty.json", b""),
+            ("object.json", b'{"video_id": "x"}'),
+            ("empty_list.json", b"[]"),
+            ("huge_int.json", b"[" + b"7" * 5000 + b"]"),
+        ):
             shards.append(self.path("videos", name))
             with open(shards[-1], "wb") as fh:
                 fh.write(data)
@@ -280,9 +329,15 @@ class World:
         lines = []
         for i in range(self.n // 2):
             kind = self.pick(TEXT_BAD)
-            line = {None: json.dumps({"text": f"document {i}\nsecond line"}).encode(), "not_json": b"{text: 1",
-                    "non_utf8": b'{"text": "caf\xe9"}', "no_text_field": b'{"txt": "x"}',
-                    "empty_text": b'{"text": "  "}', "json_list": b'["text"]', "deep_json": deep_json().encode()}[kind]
+            line = {
+                None: json.dumps({"text": f"document {i}\nsecond line"}).encode(),
+                "not_json": b"{text: 1",
+                "non_utf8": b'{"text": "caf\xe9"}',
+                "no_text_field": b'{"txt": "x"}',
+                "empty_text": b'{"text": "  "}',
+                "json_list": b'["text"]',
+                "deep_json": deep_json().encode(),
+            }[kind]
             lines.append(line + b"\n")
             if kind is None:
                 self.good.add(f"docs.jsonl:{i}")
@@ -316,8 +371,10 @@ def tokenizer(tmp_path_factory):
 
 
 def collect_keys(samples):
-    return {"keys": [s["__key__"] for s in samples],
-            "images": torch.stack([s["image"] for s in samples if "image" in s] or [torch.zeros(3, 8, 8)])}
+    return {
+        "keys": [s["__key__"] for s in samples],
+        "images": torch.stack([s["image"] for s in samples if "image" in s] or [torch.zeros(3, 8, 8)]),
+    }
 
 
 def to_tensor(image):
@@ -327,12 +384,25 @@ def to_tensor(image):
 def test_fuzzed_sources_yield_exactly_the_good_samples_and_count_every_bad_one(tmp_path, tokenizer):
     world = World(tmp_path, n_per_source=500)
     assert len(world.good) + world.bad > 1900 and world.bad > 500
-    stages = [FramesToImage(),
-              GritGroundedCaption(tokenizer, mode="phrase", num_bins=4, use_object_bbox_prob=1.0, center_crop=False),
-              ImageTransform(to_tensor, optional=True)]
-    plan = StreamPlan(sources=world.sources, stages=stages, collate=collect_keys, batch_size=16, seed=0,
-                      num_workers=2, shuffle=False, split="sample", train=False, max_bad_fraction=0.99, log_every=500,
-                      name="fuzz")
+    stages = [
+        FramesToImage(),
+        GritGroundedCaption(tokenizer, mode="phrase", num_bins=4, use_object_bbox_prob=1.0, center_crop=False),
+        ImageTransform(to_tensor, optional=True),
+    ]
+    plan = StreamPlan(
+        sources=world.sources,
+        stages=stages,
+        collate=collect_keys,
+        batch_size=16,
+        seed=0,
+        num_workers=2,
+        shuffle=False,
+        split="sample",
+        train=False,
+        max_bad_fraction=0.99,
+        log_every=500,
+        name="fuzz",
+    )
     num_batches = plan.count() // 16 + 2  # a single pass; the stream runs out before the last batch indices
     # two loader processes decode; their samples and BadSamples come back to one counter in this process
     stream = EpochStream(plan, 1, 0, num_batches, loader_workers=2)
@@ -342,8 +412,11 @@ def test_fuzzed_sources_yield_exactly_the_good_samples_and_count_every_bad_one(t
     assert stream.counter.bad == world.bad
     # reasons survive the trip from the worker processes
     assert stream.counter.reasons["duplicate sample key"] == world.kinds["duplicate_key"] > 0
-    assert stream.counter.reasons["unsafe video_id"] == world.kinds["parent_video_id"] + world.kinds[
-        "absolute_video_id"] > 0
+    assert (
+        stream.counter.reasons["unsafe video_id"]
+        == world.kinds["parent_video_id"] + world.kinds["absolute_video_id"]
+        > 0
+    )
 
 
 # ------------------------------------------------------------------------------------------- regression tests
@@ -355,12 +428,21 @@ def test_python_literal_annotation_with_unhashable_key_is_a_value_error():
 def test_deeply_nested_json_is_a_bad_sample_not_a_crash(tmp_path):
     spec = SourceSpec("t", "text", [str(tmp_path / "d.jsonl")])
     with pytest.raises(BadSample, match="not JSON"):
-        decode_record({"__source__": "t", "__url__": spec.shards[0], "__index__": 0,
-                       "line": deep_json().encode()}, spec)
+        decode_record(
+            {"__source__": "t", "__url__": spec.shards[0], "__index__": 0, "line": deep_json().encode()}, spec
+        )
     wds = SourceSpec("w", "wds", ["x.tar"])
     with pytest.raises(BadSample, match="json member"):
-        decode_record({"__source__": "w", "__url__": "x.tar", "__index__": 0, "__key__": "k",
-                       "members": dict((n.split(".", 1)[1], d) for n, d in wds_members("k", 0, "deep_json"))}, wds)
+        decode_record(
+            {
+                "__source__": "w",
+                "__url__": "x.tar",
+                "__index__": 0,
+                "__key__": "k",
+                "members": dict((n.split(".", 1)[1], d) for n, d in wds_members("k", 0, "deep_json")),
+            },
+            wds,
+        )
 
 
 def test_truncated_tar_yields_complete_samples_then_one_bad_record(tmp_path):
@@ -370,7 +452,7 @@ def test_truncated_tar_yields_complete_samples_then_one_bad_record(tmp_path):
     spec = SourceSpec("w", "wds", [str(path)])
     # cut inside the image of k2 (k1 is complete), then inside the caption of k2 (k2 is partial)
     for member in ("k2.jpg", "k2.txt"):
-        path.write_bytes(data[:data_offset(data, member) + 10])
+        path.write_bytes(data[: data_offset(data, member) + 10])
         records = list(read_tar(str(path), spec))
         good = [decode_record(r, spec)["__key__"] for r in records[:-1]]
         assert good == ["k0", "k1"]

@@ -8,6 +8,7 @@ gathered columns, so it keeps the loss value and changes the gradient. The distr
 tested on 2 ranks in test_distributed_loss.py, test_distributed_rocket.py, test_cosmos_losses.py,
 test_negatives_losses.py and test_cosa_losses.py.
 """
+
 import logging
 
 import pytest
@@ -46,14 +47,28 @@ class FakeTowers(nn.Module):
         img, txt = F.normalize(image @ self.wi.T, dim=-1), F.normalize(text @ self.wt.T, dim=-1)  # B x D
         views_i, views_t = torch.stack([img, img.flip(0)]), torch.stack([txt, txt.roll(1, 0)])  # 2 x B x D
         scale = self.log_scale.exp()
-        return {"image_features": img, "text_features": txt, "logit_scale": scale,
-                # cosmos
-                "image_cross": views_i, "text_cross": views_t, "teacher_image_features": views_i.detach(),
-                "teacher_text_features": views_t.detach(), "distill_logit_scale": scale, "num_global_crops": 1,
-                # cosa
-                "origin": {"video_features": img, "text_features": txt, "itm_logits": img[:, :2] * 3,
-                           "itm_labels": torch.tensor([1, 0, 0, 1])},
-                "contra_temp": 1 / scale, "rank": 0, "world_size": 1}
+        return {
+            "image_features": img,
+            "text_features": txt,
+            "logit_scale": scale,
+            # cosmos
+            "image_cross": views_i,
+            "text_cross": views_t,
+            "teacher_image_features": views_i.detach(),
+            "teacher_text_features": views_t.detach(),
+            "distill_logit_scale": scale,
+            "num_global_crops": 1,
+            # cosa
+            "origin": {
+                "video_features": img,
+                "text_features": txt,
+                "itm_logits": img[:, :2] * 3,
+                "itm_labels": torch.tensor([1, 0, 0, 1]),
+            },
+            "contra_temp": 1 / scale,
+            "rank": 0,
+            "world_size": 1,
+        }
 
 
 def cosmos_forward_views(out):
@@ -68,8 +83,11 @@ class FakeCosmos(FakeTowers):
 
 def sample():
     g = torch.Generator().manual_seed(1)
-    return {"net_input": {"image": torch.randn(B, D_IN, generator=g), "text": torch.randn(B, D_IN, generator=g)},
-            "nsentences": B, "ntokens": B}
+    return {
+        "net_input": {"image": torch.randn(B, D_IN, generator=g), "text": torch.randn(B, D_IN, generator=g)},
+        "nsentences": B,
+        "ntokens": B,
+    }
 
 
 CRITERIA = {  # name: (criterion, config, model with the outputs it reads)
@@ -80,10 +98,12 @@ CRITERIA = {  # name: (criterion, config, model with the outputs it reads)
     "clip_rocket": (ClipRocketCriterion, ClipRocketCriterionConfig, FakeTowers),
     "cosa": (CosaCriterion, lambda **kw: CosaCriterionConfig(cosa_tasks="ret", **kw), FakeTowers),
 }
-CONFIG_ONLY = {"siamlip": (SiamlipCriterion, SiamlipCriterionConfig),
-               "byolip": (ByolipCriterion, ByolipCriterionConfig),
-               "barlip": (BarlipCriterion, BarlipCriterionConfig),
-               "swalip": (SwalipCriterion, SwalipCriterionConfig)}
+CONFIG_ONLY = {
+    "siamlip": (SiamlipCriterion, SiamlipCriterionConfig),
+    "byolip": (ByolipCriterion, ByolipCriterionConfig),
+    "barlip": (BarlipCriterion, BarlipCriterionConfig),
+    "swalip": (SwalipCriterion, SwalipCriterionConfig),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -143,11 +163,13 @@ def test_deprecated_spellings_equal_the_new_flag_and_warn_once(name, old, new, s
 
 
 def test_contradicting_spellings_are_refused():
-    with pytest.raises(ValueError, match="--gather-with-grad means --gather-gradient own, which contradicts "
-                                         "--gather-gradient query"):
+    with pytest.raises(
+        ValueError, match="--gather-with-grad means --gather-gradient own, which contradicts --gather-gradient query"
+    ):
         ClipCriterion(ClipCriterionConfig(gather_with_grad=False, gather_gradient="query"), None)
     with pytest.raises(ValueError, match="--itc-gather-gradient reference means --gather-gradient query"):
         CosaCriterion(CosaCriterionConfig(itc_gather_gradient="reference", gather_gradient="own"), None)
     # agreeing spellings are accepted
-    assert ClipCriterion(ClipCriterionConfig(gather_with_grad=False, gather_gradient="own"), None).gather_gradient \
-        == "own"
+    assert (
+        ClipCriterion(ClipCriterionConfig(gather_with_grad=False, gather_gradient="own"), None).gather_gradient == "own"
+    )

@@ -2,6 +2,7 @@
 must record every planned step as succeeded with finite losses, and write a markdown row per step; the driver's time
 boxes, crash handling, budget and skip rules are tested with a stand-in worker; the verdicts and the re-sharding
 with known inputs."""
+
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from conftest import REPO, write_tsv, write_wds
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import gpu_check  # noqa: E402  (benchmarks/ is not a package)
+
 from _timing import mfu, peak_tflops  # noqa: E402
 
 
@@ -24,8 +26,14 @@ from _timing import mfu, peak_tflops  # noqa: E402
 def test_smoke_run_records_every_step_succeeded(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh"), "--smoke", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh"), "--smoke", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = json.loads((out / "gpu_check.json").read_text())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     names = [s["name"] for s in report["steps"]]
@@ -64,10 +72,16 @@ def test_smoke_run_records_every_step_succeeded(tmp_path):
 def test_script_stops_with_one_error_line_without_packages_or_gpu(tmp_path):
     script = os.path.join(REPO, "benchmarks", "gpu_check.sh")
     bare = tmp_path / "python"  # the same interpreter without site-packages: torch & co. are missing
-    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
     bare.chmod(0o755)
-    proc = subprocess.run(["bash", script, "--smoke", "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "PYTHON": str(bare)}, timeout=60)
+    proc = subprocess.run(
+        ["bash", script, "--smoke", "--out", str(tmp_path / "o")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": str(bare)},
+        timeout=60,
+    )
     assert proc.returncode == 2 and not (tmp_path / "o").exists()
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: gpu_check: ") and "torch" in lines[0]
@@ -76,10 +90,17 @@ def test_script_stops_with_one_error_line_without_packages_or_gpu(tmp_path):
 
     if torch.cuda.is_available():
         return
-    proc = subprocess.run(["bash", script, "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    proc = subprocess.run(
+        ["bash", script, "--out", str(tmp_path / "o")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: gpu_check: torch sees no CUDA GPU (use --smoke for the CPU run of the same steps)"]
+        "error: gpu_check: torch sees no CUDA GPU (use --smoke for the CPU run of the same steps)"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- the driver
@@ -112,19 +133,35 @@ FAKE_WORKER = textwrap.dedent("""
 def run_fake(tmp_path, plan, budget_s=60.0):
     worker = tmp_path / "fake_worker.py"
     worker.write_text(FAKE_WORKER.format(benchmarks=os.path.join(REPO, "benchmarks")))
-    runner = gpu_check.Runner(plan, str(tmp_path / "out"), [sys.executable, str(worker), "--worker"], budget_s,
-                              poll_s=0.05)
+    runner = gpu_check.Runner(
+        plan, str(tmp_path / "out"), [sys.executable, str(worker), "--worker"], budget_s, poll_s=0.05
+    )
     return {s["name"]: s for s in runner.run()}, runner
 
 
 def test_runner_time_box_crash_error_and_needs(tmp_path):
     step = gpu_check.step
-    plan = [step("setup", "ok", "a", 20), step("hang", "sleep", "a", 1.0, ["setup"]), step("b", "ok", "a", 20),
-            step("dies", "crash", "a", 20), step("c", "ok", "a", 20), step("raises", "fail", "z", 20),
-            step("after_raises", "ok", "z", 20, ["raises"]), step("d", "ok", "z", 20)]
+    plan = [
+        step("setup", "ok", "a", 20),
+        step("hang", "sleep", "a", 1.0, ["setup"]),
+        step("b", "ok", "a", 20),
+        step("dies", "crash", "a", 20),
+        step("c", "ok", "a", 20),
+        step("raises", "fail", "z", 20),
+        step("after_raises", "ok", "z", 20, ["raises"]),
+        step("d", "ok", "z", 20),
+    ]
     steps, runner = run_fake(tmp_path, plan)
-    assert [steps[s["name"]]["status"] for s in plan] == ["ok", "timeout", "ok", "crashed", "ok", "error", "skipped",
-                                                          "ok"]
+    assert [steps[s["name"]]["status"] for s in plan] == [
+        "ok",
+        "timeout",
+        "ok",
+        "crashed",
+        "ok",
+        "error",
+        "skipped",
+        "ok",
+    ]
     assert "time box of 1 s" in steps["hang"]["error"] and 1.0 <= steps["hang"]["seconds"] < 10
     assert "exit status 7" in steps["dies"]["error"]
     assert steps["raises"]["error"].startswith("ValueError: bad") and "worker log" in steps["raises"]["error"]
@@ -145,36 +182,69 @@ def test_runner_budget_cuts_the_running_step_and_skips_the_rest(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- verdicts and tables
 def test_loss_flags():
-    assert gpu_check.loss_flags([2.0, 1.5, 1.2]) == {"finite": True, "falling": True, "skipped_updates": 0,
-                                                     "first_loss": 2.0, "last_loss": 1.2}
+    assert gpu_check.loss_flags([2.0, 1.5, 1.2]) == {
+        "finite": True,
+        "falling": True,
+        "skipped_updates": 0,
+        "first_loss": 2.0,
+        "last_loss": 1.2,
+    }
     # last third of 6 losses: mean(1.9, 2.3) = 2.1 >= 2.0: not falling although the last loss is lower
     assert gpu_check.loss_flags([2.0, 1.0, 1.0, 1.0, 2.3, 1.9])["falling"] is False
     flags = gpu_check.loss_flags([None, 3.0, 2.0])  # an fp16-overflow update is counted, not judged
     assert flags["skipped_updates"] == 1 and flags["first_loss"] == 3.0 and flags["falling"] is True
     assert gpu_check.loss_flags([2.0, float("nan")])["finite"] is False
-    assert gpu_check.loss_flags([None, None]) == {"finite": False, "falling": False, "skipped_updates": 2,
-                                                  "first_loss": None, "last_loss": None}
+    assert gpu_check.loss_flags([None, None]) == {
+        "finite": False,
+        "falling": False,
+        "skipped_updates": 2,
+        "first_loss": None,
+        "last_loss": None,
+    }
 
 
 def test_compare_to_fp32_and_markdown_rows():
     def train(family, variant, first, status="ok"):
-        return {"name": f"train/{family}/{variant}", "kind": "train", "status": status, "seconds": 1.0,
-                "params": {"family": family, "variant": variant},
-                "result": {"losses": [first, first / 2], **gpu_check.loss_flags([first, first / 2]),
-                           "update_s_median": 0.01} if status == "ok" else {},
-                "error": None if status == "ok" else "RuntimeError: expected scalar type BFloat16\ntraceback"}
+        return {
+            "name": f"train/{family}/{variant}",
+            "kind": "train",
+            "status": status,
+            "seconds": 1.0,
+            "params": {"family": family, "variant": variant},
+            "result": {
+                "losses": [first, first / 2],
+                **gpu_check.loss_flags([first, first / 2]),
+                "update_s_median": 0.01,
+            }
+            if status == "ok"
+            else {},
+            "error": None if status == "ok" else "RuntimeError: expected scalar type BFloat16\ntraceback",
+        }
 
-    steps = [train("clip", "fp32", 2.0), train("clip", "fp16", 2.01), train("cosa", "fp16", 5.0),
-             train("cosa", "fsdp2_bf16", 0, status="error")]
+    steps = [
+        train("clip", "fp32", 2.0),
+        train("clip", "fp16", 2.01),
+        train("cosa", "fp16", 5.0),
+        train("cosa", "fsdp2_bf16", 0, status="error"),
+    ]
     gpu_check.compare_to_fp32(steps)
     assert steps[1]["result"]["first_loss_rel_diff_vs_fp32"] == pytest.approx(0.005)
     assert "first_loss_rel_diff_vs_fp32" not in steps[0]["result"]  # the reference itself
     assert "first_loss_rel_diff_vs_fp32" not in steps[2]["result"]  # no fp32 run of cosa
-    report = {"mode": "gpu", "machine": {"device": "test"}, "seconds": 4.0, "budget_s": 450.0, "peak_tflops": 989.0,
-              "counts": {"ok": 3, "error": 1}, "steps": steps}
+    report = {
+        "mode": "gpu",
+        "machine": {"device": "test"},
+        "seconds": 4.0,
+        "budget_s": 450.0,
+        "peak_tflops": 989.0,
+        "counts": {"ok": 3, "error": 1},
+        "steps": steps,
+    }
     table = gpu_check.markdown(report)
-    assert "| train/clip/fp16 | ok | 1.0 | loss 2.010 1.005; finite yes, falling yes; 10 ms/update; first loss vs " \
-           "fp32 5.0e-03 |" in table
+    assert (
+        "| train/clip/fp16 | ok | 1.0 | loss 2.010 1.005; finite yes, falling yes; 10 ms/update; first loss vs "
+        "fp32 5.0e-03 |" in table
+    )
     assert "| train/cosa/fsdp2_bf16 | error | 1.0 | RuntimeError: expected scalar type BFloat16 |" in table
     assert "### train/cosa/fsdp2_bf16 (error)" in table and "traceback" in table
 
@@ -193,9 +263,20 @@ def test_plans_cover_every_family_and_variant():
         assert {s["params"]["family"] for s in trains} == set(gpu_check.FAMILIES)
         assert {s["params"]["variant"] for s in trains} == set(gpu_check.VARIANTS)
     assert [s["name"] for s in gpu if s["kind"] != "train"] == [
-        "setup", "clip_vit_b16", "kosmos2_base", "kosmos2_xl", "data_workers8", "data_workers16"]
+        "setup",
+        "clip_vit_b16",
+        "kosmos2_base",
+        "kosmos2_xl",
+        "data_workers8",
+        "data_workers16",
+    ]
     assert [s["name"] for s in smoke if s["kind"] != "train"] == [
-        "setup", "clip_vit_b16", "kosmos2_base", "kosmos2_xl", "data_workers2"]
+        "setup",
+        "clip_vit_b16",
+        "kosmos2_base",
+        "kosmos2_xl",
+        "data_workers2",
+    ]
     xl = next(s for s in gpu if s["name"] == "kosmos2_xl")["params"]["argv"]
     assert xl[xl.index("--arch") + 1] == "xl" and xl[xl.index("--peak-tflops") + 1] == "989.0"
     assert sum(s["timeout_s"] for s in gpu) > 450  # the total budget, not the sum of the boxes, bounds the run
@@ -213,8 +294,11 @@ def test_reshard_keeps_every_sample_in_order(tmp_path):
     names = [[m.name for m in tarfile.open(t)] for t in tars]
     assert [len(n) for n in names] == [9, 9, 9, 3]  # ceil(10 / 4) = 3 samples of 3 members per shard
     assert [n.split(".")[0] for shard in names for n in shard[::3]] == [f"{i:06d}" for i in range(10)]
-    rows = [line.split("\t")[0] for t in sorted((tmp_path / "bench" / "train" / "grit").glob("part-*.tsv"))
-            for line in open(t)]
+    rows = [
+        line.split("\t")[0]
+        for t in sorted((tmp_path / "bench" / "train" / "grit").glob("part-*.tsv"))
+        for line in open(t)
+    ]
     assert rows == keys
     with pytest.raises(ValueError, match="cannot fill 11 shards"):
         gpu_check.reshard(str(world), str(tmp_path / "other"), 11)

@@ -1,4 +1,5 @@
 """Hard-negative caption generators (NegCLIP / FSC-CLIP, rule-based) and their type-major batch layout."""
+
 import pickle
 import random
 from collections import Counter
@@ -9,9 +10,20 @@ import torch
 from PIL import Image
 
 from unilm_vl.data import synthetic
-from unilm_vl.data.hard_negatives import (GENERATORS, CollateHardNegatives, HardNegatives, Lexicon,
-                                          TokenizeHardNegatives, load_lexicon_file, negclip_swap, ngram_shuffle,
-                                          parse_style, replace, svlc, tokenize)
+from unilm_vl.data.hard_negatives import (
+    GENERATORS,
+    CollateHardNegatives,
+    HardNegatives,
+    Lexicon,
+    TokenizeHardNegatives,
+    load_lexicon_file,
+    negclip_swap,
+    ngram_shuffle,
+    parse_style,
+    replace,
+    svlc,
+    tokenize,
+)
 from unilm_vl.data.pipeline import derive_seed
 from unilm_vl.data.tokenizers import TokenizerConfig, build_tokenizer
 
@@ -56,8 +68,10 @@ def test_negclip_reference_example(lexicon):
 
 def test_negclip_keeps_character_multiset(lexicon):
     captions = [s["caption"] for s in synthetic_samples()] + [
-        "A woman is holding an umbrella next to the old building.", "two dogs and three cats run quickly",
-        "a man riding a horse"]
+        "A woman is holding an umbrella next to the old building.",
+        "two dogs and three cats run quickly",
+        "a man riding a horse",
+    ]
     produced = 0
     for caption in captions:
         for neg in outputs(negclip_swap, caption, lexicon, range(10)) - {None}:
@@ -106,7 +120,7 @@ def test_svlc_reference_example(lexicon):
         old, new = caption.split(), neg.split()
         diff = [(a, b) for a, b in zip(old, new) if a != b]
         assert len(old) == len(new) and len(diff) == 1
-        (a, b), = diff
+        ((a, b),) = diff
         kind = next(k for k, words in lists.items() if a in words and b in words)
         kinds.add(kind)
     assert kinds == {"colour", "count", "noun"}  # red, two and table are list words; apples is not
@@ -132,25 +146,32 @@ def single_replacements(caption, lexicon):
             for k, is_plural in keys:
                 for pos in ("ADJ", "NOUN", "VERB", "NUM", "ADP"):
                     for word in lexicon.alternatives(k, pos):
-                        for new in ([word + "s", word + "es"] if is_plural else [word]):
+                        for new in [word + "s", word + "es"] if is_plural else [word]:
                             new = new[:1].upper() + new[1:] if toks[i][0][:1].isupper() else new
                             start, end = toks[i][1], toks[j - 1][2]
                             out.add(caption[:start] + new + caption[end:])
                             if i > 0 and toks[i - 1][0].lower() in ("a", "an"):
                                 article = "an" if new[0].lower() in "aeiou" else "a"
-                                out.add(caption[:toks[i - 1][1]] + article + " " + new + caption[end:])
+                                out.add(caption[: toks[i - 1][1]] + article + " " + new + caption[end:])
     return out
 
 
 def test_replace_reference_example_exact(tmp_path):
     lex = small_lexicon(tmp_path, "colour\tblack,white\nnoun\tdog,cat\nrelation\ton,under\n")
     assert outputs(replace, "a black dog on a red couch", lex) == {
-        "a white dog on a red couch", "a black cat on a red couch", "a black dog under a red couch"}
+        "a white dog on a red couch",
+        "a black cat on a red couch",
+        "a black dog under a red couch",
+    }
 
 
 def test_replace_changes_one_span_from_one_group(lexicon):
-    captions = ["a small red circle to the left of a large blue square and a green star",
-                "two red apples on a table", "a man riding a horse", "A woman holding an umbrella near a bench"]
+    captions = [
+        "a small red circle to the left of a large blue square and a green star",
+        "two red apples on a table",
+        "a man riding a horse",
+        "A woman holding an umbrella near a bench",
+    ]
     relations = set()
     for caption in captions:
         got = outputs(replace, caption, lexicon) - {None}
@@ -164,8 +185,9 @@ def test_replace_changes_one_span_from_one_group(lexicon):
 def test_replace_fixes_article_and_plural(tmp_path, lexicon):
     lex = small_lexicon(tmp_path, "colour\tred,orange\n")
     assert outputs(replace, "a red ball on a table", lex, range(5)) == {"an orange ball on a table"}
-    plural_nouns = {neg.split()[2] for neg in outputs(replace, "two red apples on a table", lexicon, range(200))
-                    - {None}} - {"apples"}
+    plural_nouns = {
+        neg.split()[2] for neg in outputs(replace, "two red apples on a table", lexicon, range(200)) - {None}
+    } - {"apples"}
     assert plural_nouns and all(w.endswith("s") for w in plural_nouns)
 
 
@@ -191,12 +213,19 @@ def test_lexicon_file(tmp_path):
     path.write_text("# extra words\n\ncolour\tteal, mauve # trailing comment\nRELATION\ton=3,in front of=0.5\n")
     groups = load_lexicon_file(str(path))
     assert [(g.category, g.words, g.weights) for g in groups] == [
-        ("colour", ("teal", "mauve"), (1.0, 1.0)), ("relation", ("on", "in front of"), (3.0, 0.5))]
+        ("colour", ("teal", "mauve"), (1.0, 1.0)),
+        ("relation", ("on", "in front of"), (3.0, 0.5)),
+    ]
     lex = Lexicon.build(str(path))
     assert lex.alternatives(("in", "front", "of"), "ADP")["on"] >= 3.0
-    bad = {"colour red,green": "expected 'category<TAB>", "colours\tred": "unknown category",
-           "colour\tred=x": "not a number", "size\tbig=0": "must be positive", "noun\t , ": "lists no words",
-           "noun\tcat,cat": "appears twice"}
+    bad = {
+        "colour red,green": "expected 'category<TAB>",
+        "colours\tred": "unknown category",
+        "colour\tred=x": "not a number",
+        "size\tbig=0": "must be positive",
+        "noun\t , ": "lists no words",
+        "noun\tcat,cat": "appears twice",
+    }
     for line, message in bad.items():
         path.write_text(f"# ok\ncolour\tred\n{line}\n")
         with pytest.raises(ValueError, match=f"lex.tsv:3: .*{message}"):
@@ -266,16 +295,25 @@ def test_synthetic_world_captions(lexicon):
     with_relation = sum(len(s["objects"]) >= 2 for s in samples)
     assert with_relation == 14
     # replace needs 2 entities; a one-object caption ("a large red circle") is one n-gram for n >= 4
-    expected = {"negclip": 20, "replace": with_relation, "svlc": 20, "ngram_shuffle_1": 20, "ngram_shuffle_2": 20,
-                "ngram_shuffle_3": 20, "ngram_shuffle_4": with_relation, "ngram_shuffle_5": with_relation}
+    expected = {
+        "negclip": 20,
+        "replace": with_relation,
+        "svlc": 20,
+        "ngram_shuffle_1": 20,
+        "ngram_shuffle_2": 20,
+        "ngram_shuffle_3": 20,
+        "ngram_shuffle_4": with_relation,
+        "ngram_shuffle_5": with_relation,
+    }
     for style, count in expected.items():
         stage = HardNegatives(style, lexicon)
         negs = [stage.generate(make_sample(s["caption"], i))[0] for i, s in enumerate(samples)]
         assert sum(n is not None for n in negs) == count, style
         assert all(n != s["caption"] for n, s in zip(negs, samples))
     stage = HardNegatives("fsc-clip", lexicon)
-    counts = Counter(sum(n is not None for n in stage.generate(make_sample(s["caption"], i)))
-                     for i, s in enumerate(samples))
+    counts = Counter(
+        sum(n is not None for n in stage.generate(make_sample(s["caption"], i))) for i, s in enumerate(samples)
+    )
     assert counts == {3: with_relation, 2: 20 - with_relation}
 
 
@@ -288,8 +326,13 @@ def test_task_collates_negatives_for_train_and_valid(tokenizer):
         stages, collate = task.build_stages(split), task.build_collater(split)
         samples = []
         for b, caption in enumerate(["a black dog chasing a white cat", "a red circle", "dog"]):
-            sample = {"__key__": str(b), "__seed__": b, "caption": caption, "image": Image.new("RGB", (40, 30)),
-                      "meta": {}}
+            sample = {
+                "__key__": str(b),
+                "__seed__": b,
+                "caption": caption,
+                "image": Image.new("RGB", (40, 30)),
+                "meta": {},
+            }
             for stage in stages:
                 sample = stage(sample)
             samples.append(sample)
@@ -315,8 +358,15 @@ def test_negatives_independent_of_worker_count(wds_dir, lexicon):
     sources = parse_data_spec(str(wds_dir / "part-*.tar"))
     results = []
     for workers in (1, 3):
-        plan = StreamPlan(sources=sources, stages=[HardNegatives("ngram_shuffle_1,svlc", lexicon)],
-                          collate=_collect_keys, batch_size=4, num_workers=workers, train=False, shuffle=False)
+        plan = StreamPlan(
+            sources=sources,
+            stages=[HardNegatives("ngram_shuffle_1,svlc", lexicon)],
+            collate=_collect_keys,
+            batch_size=4,
+            num_workers=workers,
+            train=False,
+            shuffle=False,
+        )
         merged = {}
         for worker in range(workers):
             for batch, _ in worker_batches(plan, 1, worker, 0, 100):

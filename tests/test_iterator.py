@@ -1,4 +1,5 @@
 """The checkpointable iterator: fairseq's contract, exact resume, rank/worker splits, padding, mixing."""
+
 import collections
 import logging
 import multiprocessing
@@ -19,11 +20,20 @@ def collect_keys(samples):
     return [s["__key__"] for s in samples]
 
 
-def make_iterator(sources, batch_size=4, num_batches=None, workers=0, rank=0, world=1, train=True, epoch=1,
-                  **kw):
-    plan = StreamPlan(sources=sources, stages=[], collate=collect_keys, batch_size=batch_size, seed=7, rank=rank,
-                      world_size=world, num_workers=max(1, workers), train=train, shuffle_buffer=kw.pop("buf", 16),
-                      **kw)
+def make_iterator(sources, batch_size=4, num_batches=None, workers=0, rank=0, world=1, train=True, epoch=1, **kw):
+    plan = StreamPlan(
+        sources=sources,
+        stages=[],
+        collate=collect_keys,
+        batch_size=batch_size,
+        seed=7,
+        rank=rank,
+        world_size=world,
+        num_workers=max(1, workers),
+        train=train,
+        shuffle_buffer=kw.pop("buf", 16),
+        **kw,
+    )
     if num_batches is None:
         num_batches = plan.count() // (batch_size * world)
     return CheckpointableBatchIterator(plan, num_batches, epoch=epoch, loader_workers=workers)
@@ -108,8 +118,9 @@ def test_ranks_and_workers_see_disjoint_data(wds_dir, split):
     sources = parse_data_spec(str(wds_dir / "part-*.tar"))  # 4 shards of 15
     seen = []
     for rank in range(2):
-        itr = make_iterator(sources, world=2, rank=rank, workers=2, split=split, num_batches=6, batch_size=2,
-                            shuffle=False)
+        itr = make_iterator(
+            sources, world=2, rank=rank, workers=2, split=split, num_batches=6, batch_size=2, shuffle=False
+        )
         seen.append([k for b in run_epoch(itr) for k in b])
     assert len(seen[0]) == len(seen[1]) == 12
     assert not set(seen[0]) & set(seen[1])
@@ -121,8 +132,9 @@ def test_validation_pads_ranks_to_the_same_count(tmp_path):
     # 9 samples over 2 ranks -> 5 and 4 samples -> ceil(5/2) = 3 batches on both ranks
     per_rank = []
     for rank in range(2):
-        itr = make_iterator(sources, world=2, rank=rank, train=False, shuffle=False, split="sample",
-                            num_batches=3, batch_size=2)
+        itr = make_iterator(
+            sources, world=2, rank=rank, train=False, shuffle=False, split="sample", num_batches=3, batch_size=2
+        )
         per_rank.append(run_epoch(itr))
     assert [len(b) for b in per_rank[0]] == [2, 2, 1]
     assert [len(b) for b in per_rank[1]] == [2, 2, 0]  # an empty batch = fairseq dummy batch
@@ -132,8 +144,10 @@ def test_validation_pads_ranks_to_the_same_count(tmp_path):
 def test_weighted_mixing_and_its_resume(tmp_path):
     write_wds(str(tmp_path / "a" / "part"), 40, 40)
     write_tsv(str(tmp_path / "b" / "part"), 40, 40)
-    sources = [SourceSpec(name="a", kind="wds", shards=[str(tmp_path / "a" / "part-00000.tar")], weight=3.0),
-               SourceSpec(name="b", kind="tsv", shards=[str(tmp_path / "b" / "part-00000.tsv")], weight=1.0)]
+    sources = [
+        SourceSpec(name="a", kind="wds", shards=[str(tmp_path / "a" / "part-00000.tar")], weight=3.0),
+        SourceSpec(name="b", kind="tsv", shards=[str(tmp_path / "b" / "part-00000.tsv")], weight=1.0),
+    ]
     plan_kw = dict(num_batches=50, batch_size=8)
 
     def source_of(samples):
@@ -175,8 +189,12 @@ def test_version_2_state_of_one_worker_still_replays(wds_dir):
     head = run_epoch(itr, limit=5)
     state = itr.state_dict()
     state["version"] = 2  # the layout before the worker-independent stream: one consumed count per rank x worker
-    state["stream"] = {"world_size": 1, "num_workers": 1, "consumed": [state["stream"]["consumed"]],
-                       "bad_samples": {"good": 20, "bad": 0}}
+    state["stream"] = {
+        "world_size": 1,
+        "num_workers": 1,
+        "consumed": [state["stream"]["consumed"]],
+        "bad_samples": {"good": 20, "bad": 0},
+    }
     resumed = make_iterator(sources, workers=2)
     resumed.load_state_dict(state)
     assert head + list(resumed.next_epoch_itr()) == unbroken
@@ -251,13 +269,21 @@ def test_bad_sample_counts_in_the_state_cover_every_worker(tmp_path, workers):
     run_epoch(itr, limit=3)
     state = itr.state_dict()
     assert state["stream"]["consumed"] == [13]
-    assert state["stream"]["bad_samples"] == {"good": 12, "bad": 1, "per_rank": [[12, 1]],
-                                              "reasons": {"malformed row": 1}}
+    assert state["stream"]["bad_samples"] == {
+        "good": 12,
+        "bad": 1,
+        "per_rank": [[12, 1]],
+        "reasons": {"malformed row": 1},
+    }
     resumed = make_iterator(sources, **kw)
     resumed.load_state_dict(state)
     list(resumed.next_epoch_itr())
-    assert resumed.state_dict()["stream"]["bad_samples"] == {"good": 48, "bad": 5, "per_rank": [[48, 5]],
-                                                             "reasons": {"malformed row": 5}}
+    assert resumed.state_dict()["stream"]["bad_samples"] == {
+        "good": 48,
+        "bad": 5,
+        "per_rank": [[48, 5]],
+        "reasons": {"malformed row": 5},
+    }
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -329,8 +355,9 @@ def test_no_stray_traceback_from_an_earlier_epochs_loader(wds_dir, tmp_path):
     "Exception ignored ... AssertionError: can only test a child process" on stderr."""
     script = tmp_path / "epochs.py"
     script.write_text(EPOCHS_SCRIPT)
-    run = subprocess.run([sys.executable, str(script), str(wds_dir / "part-*.tar")], capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(script), str(wds_dir / "part-*.tar")], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "epochs done" in run.stdout
     assert "can only test a child process" not in run.stderr
@@ -345,9 +372,11 @@ def test_pack_samples_round_trip():
     from unilm_vl.data.pipeline import pack_samples, unpack_samples
 
     def samples():
-        return [{"__key__": "a", "image": torch.full((3, 2, 2), 1.0), "tokens": torch.tensor([1, 2])},
-                BadSample("undecodable image", "x.tar#b", "jpg"),
-                {"__key__": "c", "image": torch.full((3, 2, 2), 3.0), "tokens": torch.tensor([3, 4, 5])}]
+        return [
+            {"__key__": "a", "image": torch.full((3, 2, 2), 1.0), "tokens": torch.tensor([1, 2])},
+            BadSample("undecodable image", "x.tar#b", "jpg"),
+            {"__key__": "c", "image": torch.full((3, 2, 2), 3.0), "tokens": torch.tensor([3, 4, 5])},
+        ]
 
     outcomes, stacked = pack_samples(samples())
     assert list(stacked) == ["image"] and stacked["image"].shape == (2, 3, 2, 2)  # token rows differ in length
@@ -366,8 +395,9 @@ def test_saved_reasons_are_capped(tmp_path):
     from unilm_vl.data.iterator import MAX_SAVED_REASONS, OTHER_REASONS
 
     write_tsv_with_bad_rows(tmp_path)
-    itr = make_iterator(parse_data_spec(str(tmp_path / "part-*.tsv")), num_batches=12, max_bad_fraction=0.5,
-                        shuffle=False)
+    itr = make_iterator(
+        parse_data_spec(str(tmp_path / "part-*.tsv")), num_batches=12, max_bad_fraction=0.5, shuffle=False
+    )
     run_epoch(itr, limit=1)  # rows 0-3 of shard 0: no bad one
     counter = itr._cur_epoch_itr.unilm_stream.counter
     counter.quiet = True

@@ -1,5 +1,6 @@
 """The one JSON reader (unilm_vl/data/jsonio.py): values, and one error type with one-line messages naming the file
 and the problem; the data streams turn the same errors into counted skips."""
+
 import json
 import math
 import os
@@ -49,11 +50,13 @@ def test_directory_cannot_be_read(tmp_path):
 
 def test_invalid_json_names_line_and_column(tmp_path):
     path = write(tmp_path / "bad.json", b"[1, 2\n, 3 4]")  # '4' is char 10: line 2 starts at char 6 -> column 5
-    assert str(read_error(path)) == (f"annotation file {path}: not valid JSON: Expecting ',' delimiter: "
-                                     "line 2 column 5 (char 10)")
+    assert str(read_error(path)) == (
+        f"annotation file {path}: not valid JSON: Expecting ',' delimiter: line 2 column 5 (char 10)"
+    )
     empty = write(tmp_path / "empty.json", b"")
-    assert str(read_error(empty)) == (f"annotation file {empty}: not valid JSON: Expecting value: "
-                                      "line 1 column 1 (char 0)")
+    assert str(read_error(empty)) == (
+        f"annotation file {empty}: not valid JSON: Expecting value: line 1 column 1 (char 0)"
+    )
 
 
 def test_not_utf8(tmp_path):
@@ -66,7 +69,8 @@ def test_not_utf8(tmp_path):
 def test_over_long_integer_and_deep_nesting(tmp_path):
     long_int = write(tmp_path / "long.json", b'{"n": ' + b"9" * 5000 + b"}")
     assert str(read_error(long_int)).startswith(
-        f"annotation file {long_int}: not valid JSON: Exceeds the limit (4300 digits) for integer string conversion")
+        f"annotation file {long_int}: not valid JSON: Exceeds the limit (4300 digits) for integer string conversion"
+    )
     deep = write(tmp_path / "deep.json", b"[" * 100_000 + b"]" * 100_000)
     assert str(read_error(deep)) == f"annotation file {deep}: not valid JSON: nested too deeply for the parser"
     with pytest.raises(JsonError, match=r"^line: not valid JSON: nested too deeply for the parser$"):

@@ -1,5 +1,6 @@
 """unilm_vl.convert kosmos2: the released key layout (strict, round trip), our fairseq checkpoints, and parity with
 HF transformers' Kosmos2ForConditionalGeneration (logits and greedy tokens; needs the test-only transformers)."""
+
 import copy
 
 import pytest
@@ -27,9 +28,9 @@ def tiny():
     with torch.no_grad():
         for name, p in net.named_parameters():
             if name.endswith("bias") or "ln" in name or "norm" in name:  # so a swapped name cannot hide behind
-                p.add_(0.1 * torch.randn_like(p))                        # a default (0 / 1) init
+                p.add_(0.1 * torch.randn_like(p))  # a default (0 / 1) init
             if name.startswith("decoder.layers.") and p.dim() == 2:  # sharper than the init: greedy decoding then
-                p.mul_(8.0)                                          # varies instead of repeating the last token
+                p.mul_(8.0)  # varies instead of repeating the last token
         net.decoder.embed_tokens.weight[cfg.decoder.pad_idx].zero_()
     return net, cfg
 
@@ -75,8 +76,13 @@ def test_release_loading_is_strict(tiny):
     release = C.to_release_state_dict(net.state_dict(), cfg)
     C.from_release_state_dict({k: v for k, v in release.items() if k not in C.RELEASE_UNUSED_KEYS}, cfg)
 
-    extra = dict(release, **{"gpt_model.decoder.layers.0.self_attn.rotary.inv_freq": torch.zeros(4),
-                             "img_model.visual.proj": torch.zeros(64, 32)})
+    extra = dict(
+        release,
+        **{
+            "gpt_model.decoder.layers.0.self_attn.rotary.inv_freq": torch.zeros(4),
+            "img_model.visual.proj": torch.zeros(64, 32),
+        },
+    )
     with pytest.raises(C.ConversionError, match="unexpected") as err:
         C.from_release_state_dict(extra, cfg)
     assert "rotary.inv_freq" in str(err.value) and "visual.proj" in str(err.value)
@@ -95,8 +101,10 @@ def test_release_loading_is_strict(tiny):
     with pytest.raises(C.ConversionError, match="wrong shapes"):
         C.from_release_state_dict(wrong, cfg)
 
-    untied = dict(release, **{"gpt_model.decoder.output_projection.weight":
-                              release["gpt_model.decoder.output_projection.weight"] + 1})
+    untied = dict(
+        release,
+        **{"gpt_model.decoder.output_projection.weight": release["gpt_model.decoder.output_projection.weight"] + 1},
+    )
     with pytest.raises(C.ConversionError, match="ties"):
         C.from_release_state_dict(untied, cfg)
 
@@ -113,8 +121,24 @@ def test_release_cli_writes_a_loadable_checkpoint(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(C, "kosmos2_xl_config", lambda: copy.deepcopy(cfg))  # the tiny stand-in for the 1.6B shape
     # vocabulary 100 = 4 specials + 80 dict.txt lines + <mask> + 11 tags + 2 x 2 patch tokens
     dict_path = write_dict(tmp_path / "dict.txt", 80)
-    assert C.main(["kosmos2", "--from-release", str(tmp_path / "kosmos-2.pt"), "--out", str(tmp_path / "ours.pt"),
-                   "--spm-model", "sp.model", "--dict-path", dict_path, "--location-bin-size", "2"]) == 0
+    assert (
+        C.main(
+            [
+                "kosmos2",
+                "--from-release",
+                str(tmp_path / "kosmos-2.pt"),
+                "--out",
+                str(tmp_path / "ours.pt"),
+                "--spm-model",
+                "sp.model",
+                "--dict-path",
+                dict_path,
+                "--location-bin-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     state = torch.load(tmp_path / "ours.pt", weights_only=True)  # our converted checkpoints need no other global
     assert state["cfg"]["model"]["_name"] == "kosmos2" and state["cfg"]["task"]["_name"] == "kosmos2"
     assert state["cfg"]["task"]["image_token_length"] == L and state["cfg"]["task"]["dict_path"] == dict_path
@@ -138,7 +162,8 @@ def test_vocab_rows_message_names_both_sizes_the_file_and_the_fitting_grid():
     assert str(err.value) == (
         "x.pt has 100 token embeddings but the kosmos2 dictionary has 88 symbols (d.txt: 72, + <mask>, 11 tags and "
         "4 patch tokens of --location-bin-size 2); 100 is what --location-bin-size 4 gives with this dict.txt: pass "
-        "the dict.txt and --location-bin-size it was made with")
+        "the dict.txt and --location-bin-size it was made with"
+    )
     with pytest.raises(VocabularyMismatchError) as err:  # 99 - 72 - 12 = 15 cells: no square grid fits
         check_vocab_rows(99, 88, "d.txt", 2, "x.pt")
     assert "gives with this dict.txt" not in str(err.value) and "has 99 token embeddings" in str(err.value)
@@ -150,12 +175,28 @@ def test_release_cli_refuses_a_vocabulary_that_is_not_the_dictionary(tiny, tmp_p
     torch.save({"model": C.to_release_state_dict(net.state_dict(), cfg)}, release)
     monkeypatch.setattr(C, "kosmos2_xl_config", lambda: copy.deepcopy(cfg))
     dict_path = write_dict(tmp_path / "dict.txt", 79)  # 83 + 12 + 4 = 99 symbols for a 100-row model
-    assert C.main(["kosmos2", "--from-release", str(release), "--out", str(tmp_path / "ours.pt"),
-                   "--dict-path", dict_path, "--location-bin-size", "2"]) == 2
+    assert (
+        C.main(
+            [
+                "kosmos2",
+                "--from-release",
+                str(release),
+                "--out",
+                str(tmp_path / "ours.pt"),
+                "--dict-path",
+                dict_path,
+                "--location-bin-size",
+                "2",
+            ]
+        )
+        == 2
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {release} has 100 token embeddings but the kosmos2 dictionary has 99 symbols "
-                      f"({dict_path}: 83, + <mask>, 11 tags and 4 patch tokens of --location-bin-size 2): pass the "
-                      "dict.txt and --location-bin-size it was made with"]
+    assert errors == [
+        f"error: {release} has 100 token embeddings but the kosmos2 dictionary has 99 symbols "
+        f"({dict_path}: 83, + <mask>, 11 tags and 4 patch tokens of --location-bin-size 2): pass the "
+        "dict.txt and --location-bin-size it was made with"
+    ]
     assert not (tmp_path / "ours.pt").exists()
 
 
@@ -188,8 +229,9 @@ def test_fairseq_config_round_trip_keeps_the_connector_options():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_dir(tiny, tmp_path_factory):
-    pytest.importorskip("transformers", reason="transformers (test-only: HF parity of the Kosmos-2 converter) "
-                                               "is not installed")
+    pytest.importorskip(
+        "transformers", reason="transformers (test-only: HF parity of the Kosmos-2 converter) is not installed"
+    )
     net, cfg = tiny
     root = tmp_path_factory.mktemp("kosmos2_convert")
     C.save_our_checkpoint(str(root / "ours.pt"), net.state_dict(), cfg)
@@ -212,8 +254,12 @@ def test_hf_logits_match(tiny, hf_model):
     tokens, mask = prompt()
     with torch.no_grad():
         ours = net(tokens, image, mask)["lm_logits"]  # 1 x T x V
-        theirs = hf_model(pixel_values=image, input_ids=tokens, image_embeds_position_mask=mask.long(),
-                          attention_mask=torch.ones_like(tokens)).logits
+        theirs = hf_model(
+            pixel_values=image,
+            input_ids=tokens,
+            image_embeds_position_mask=mask.long(),
+            attention_mask=torch.ones_like(tokens),
+        ).logits
     assert ours.shape == theirs.shape == (1, tokens.size(1), cfg.decoder.vocab_size)
     diff = (ours - theirs).abs().max().item()
     assert diff <= 1e-4, diff
@@ -242,11 +288,20 @@ def test_hf_greedy_generation_matches(tiny, hf_model, seed):
     tokens, mask = prompt()
     ours, our_scores = greedy_ours(net, image, tokens, mask, steps=8)
     with torch.no_grad():
-        out = hf_model.generate(pixel_values=image, input_ids=tokens, image_embeds_position_mask=mask.long(),
-                                attention_mask=torch.ones_like(tokens), max_new_tokens=8, do_sample=False,
-                                num_beams=1, eos_token_id=EOS, pad_token_id=1, output_logits=True,
-                                return_dict_in_generate=True)
-    new = ours[0, tokens.size(1):].tolist()
+        out = hf_model.generate(
+            pixel_values=image,
+            input_ids=tokens,
+            image_embeds_position_mask=mask.long(),
+            attention_mask=torch.ones_like(tokens),
+            max_new_tokens=8,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=EOS,
+            pad_token_id=1,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    new = ours[0, tokens.size(1) :].tolist()
     assert len(set(new)) >= 3, new  # a real sequence, not one token repeated
     assert ours.tolist() == out.sequences.tolist()
     assert len(our_scores) == len(out.logits)
@@ -268,8 +323,9 @@ def test_from_hf_cli_checks_the_vocabulary(hf_dir, tmp_path, capsys):
     argv = ["kosmos2", "--from-hf", str(hf_dir), "--out", str(tmp_path / "back.pt"), "--dict-path", dict_path]
     assert C.main(argv + ["--location-bin-size", "2"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: {hf_dir} has 100 token embeddings but the kosmos2 "
-                                                     f"dictionary has 88 symbols ({dict_path}: 72,")
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: {hf_dir} has 100 token embeddings but the kosmos2 dictionary has 88 symbols ({dict_path}: 72,"
+    )
     assert "100 is what --location-bin-size 4 gives with this dict.txt" in errors[0]
     assert not (tmp_path / "back.pt").exists()
     assert C.main(argv + ["--location-bin-size", "4"]) == 0

@@ -1,6 +1,7 @@
 """Kosmos-2 generation: the search of unilm_vl/modules/generation.py on a tiny random Kosmos-2 and on hand-made
 bigram LMs, the prompt layout of the kosmos2 task (microsoft/unilm kosmos-2/evaluation/caption_obj_few_shot.py), a
 fairseq-generate run on a saved tiny checkpoint, and the kosmos2_infer CLI."""
+
 import io
 import json
 import math
@@ -12,9 +13,8 @@ import pytest
 import torch
 from fairseq.models import ARCH_CONFIG_REGISTRY
 from PIL import Image
-
-from conftest import BIN, REPO, SHARED
 from test_train_e2e import run
+
 from unilm_vl.data import build_vocab
 from unilm_vl.data.grounding import parse_grounded_text
 from unilm_vl.inference.kosmos2 import parse_prompt_line, read_prompt_file
@@ -22,8 +22,15 @@ from unilm_vl.models.kosmos2 import Kosmos2Model, Kosmos2ModelConfig
 from unilm_vl.modules.generation import SearchConfig, banned_ngram_tokens, generate, left_pad
 from unilm_vl.tasks.kosmos2 import Kosmos2Config, Kosmos2Task
 
-CAPTIONS = ["a red dog on the grass", "two blue cats play with a ball", "a man rides a green bike",
-            "the sky is blue and the grass is green", "a yellow bus waits near the red house"] * 20
+from conftest import BIN, REPO, SHARED
+
+CAPTIONS = [
+    "a red dog on the grass",
+    "two blue cats play with a ball",
+    "a man rides a green bike",
+    "the sky is blue and the grass is green",
+    "a yellow bus waits near the red house",
+] * 20
 L = 4  # image slots of the tiny model
 RELEASED = os.path.join(SHARED, "reference", "kosmos2")
 
@@ -36,8 +43,13 @@ def vocab(tmp_path_factory):
 
 
 def make_task(vocab, **overrides):
-    cfg = dict(spm_model=str(vocab / "sentencepiece.bpe.model"), dict_path=str(vocab / "dict.txt"),
-               location_bin_size=4, image_token_length=L, seed=1)
+    cfg = dict(
+        spm_model=str(vocab / "sentencepiece.bpe.model"),
+        dict_path=str(vocab / "dict.txt"),
+        location_bin_size=4,
+        image_token_length=L,
+        seed=1,
+    )
     return Kosmos2Task(Kosmos2Config(**{**cfg, **overrides}))
 
 
@@ -98,8 +110,15 @@ def test_greedy_with_cache_equals_recomputing(tiny, min_len):
     d = task.dictionary
     for k, prompt in enumerate(PROMPTS):
         tokens, image, mask = batch(task, [prompt], seed=k)
-        hyp, = generate(net, tokens, image, mask, SearchConfig(beam=1, max_len_b=12, min_len=min_len),
-                        pad_idx=d.pad(), eos_idx=d.eos())[0]
+        (hyp,) = generate(
+            net,
+            tokens,
+            image,
+            mask,
+            SearchConfig(beam=1, max_len_b=12, min_len=min_len),
+            pad_idx=d.pad(),
+            eos_idx=d.eos(),
+        )[0]
         ref_tokens, ref_scores = naive_greedy(net, tokens, image, mask, 12, d.pad(), d.eos(), min_len)
         assert hyp.tokens.tolist() == ref_tokens
         assert hyp.tokens[-1] == d.eos() and len(hyp.tokens) == len(hyp.positional_scores)
@@ -107,8 +126,10 @@ def test_greedy_with_cache_equals_recomputing(tiny, min_len):
         assert hyp.score == pytest.approx(sum(ref_scores) / len(ref_scores), abs=1e-4)
 
 
-@pytest.mark.parametrize("cfg", [dict(beam=1), dict(beam=3, nbest=3), dict(beam=2, nbest=2, lenpen=0.5),
-                                 dict(beam=1, no_repeat_ngram_size=2)])
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(beam=1), dict(beam=3, nbest=3), dict(beam=2, nbest=2, lenpen=0.5), dict(beam=1, no_repeat_ngram_size=2)],
+)
 def test_batch_of_different_lengths_equals_each_alone(tiny, cfg):
     task, net = tiny
     d = task.dictionary
@@ -118,7 +139,7 @@ def test_batch_of_different_lengths_equals_each_alone(tiny, cfg):
     together = generate(net, tokens, image, mask, search, pad_idx=d.pad(), eos_idx=d.eos())
     for i, prompt in enumerate(PROMPTS):
         t1, _, m1 = batch(task, [prompt])
-        alone = generate(net, t1, image[i:i + 1], m1, search, pad_idx=d.pad(), eos_idx=d.eos())[0]
+        alone = generate(net, t1, image[i : i + 1], m1, search, pad_idx=d.pad(), eos_idx=d.eos())[0]
         assert len(alone) == len(together[i]) == search.nbest
         for a, b in zip(alone, together[i]):
             assert a.tokens.tolist() == b.tokens.tolist()
@@ -130,12 +151,29 @@ def test_beam_one_and_top1_sampling_equal_greedy(tiny):
     d = task.dictionary
     tokens, image, mask = batch(task, PROMPTS)
     kw = dict(pad_idx=d.pad(), eos_idx=d.eos())
-    greedy = [naive_greedy(net, tokens[i:i + 1][:, tokens[i].ne(d.pad())], image[i:i + 1],
-                           mask[i:i + 1][:, tokens[i].ne(d.pad())], 8, d.pad(), d.eos(), 1)[0]
-              for i in range(len(PROMPTS))]
+    greedy = [
+        naive_greedy(
+            net,
+            tokens[i : i + 1][:, tokens[i].ne(d.pad())],
+            image[i : i + 1],
+            mask[i : i + 1][:, tokens[i].ne(d.pad())],
+            8,
+            d.pad(),
+            d.eos(),
+            1,
+        )[0]
+        for i in range(len(PROMPTS))
+    ]
     beam1 = generate(net, tokens, image, mask, SearchConfig(beam=1, max_len_b=8), **kw)
-    top1 = generate(net, tokens, image, mask, SearchConfig(sampling=True, sampling_topk=1, max_len_b=8), **kw,
-                    generator=torch.Generator().manual_seed(3))
+    top1 = generate(
+        net,
+        tokens,
+        image,
+        mask,
+        SearchConfig(sampling=True, sampling_topk=1, max_len_b=8),
+        **kw,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert [h[0].tokens.tolist() for h in beam1] == greedy
     assert [h[0].tokens.tolist() for h in top1] == greedy
 
@@ -144,8 +182,9 @@ def test_beam_search_returns_sorted_distinct_hypotheses(tiny):
     task, net = tiny
     d = task.dictionary
     tokens, image, mask = batch(task, PROMPTS[:1])
-    hyps = generate(net, tokens, image, mask, SearchConfig(beam=4, nbest=4, max_len_b=6), pad_idx=d.pad(),
-                    eos_idx=d.eos())[0]
+    hyps = generate(
+        net, tokens, image, mask, SearchConfig(beam=4, nbest=4, max_len_b=6), pad_idx=d.pad(), eos_idx=d.eos()
+    )[0]
     assert len(hyps) == 4 and len({tuple(h.tokens.tolist()) for h in hyps}) == 4
     assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
     for h in hyps:
@@ -160,8 +199,16 @@ def test_sampling_is_reproducible_with_a_seed(tiny):
     search = SearchConfig(sampling=True, beam=2, nbest=2, temperature=3.0, sampling_topp=0.95, max_len_b=10)
 
     def draw(seed):
-        hyps = generate(net, tokens, image, mask, search, pad_idx=d.pad(), eos_idx=d.eos(),
-                        generator=torch.Generator().manual_seed(seed))
+        hyps = generate(
+            net,
+            tokens,
+            image,
+            mask,
+            search,
+            pad_idx=d.pad(),
+            eos_idx=d.eos(),
+            generator=torch.Generator().manual_seed(seed),
+        )
         return [[h.tokens.tolist() for h in hs] for hs in hyps]
 
     first = draw(7)
@@ -179,8 +226,8 @@ def test_no_repeat_ngram_holds_on_the_whole_history(tiny):
         prompt = tokens[i][tokens[i].ne(d.pad())].tolist()
         for h in hyps:
             history = prompt + h.tokens.tolist()[:-1]
-            grams = [tuple(history[j:j + 3]) for j in range(len(history) - 2)]
-            generated = grams[len(prompt) - 2:]  # trigrams that end in a generated token
+            grams = [tuple(history[j : j + 3]) for j in range(len(history) - 2)]
+            generated = grams[len(prompt) - 2 :]  # trigrams that end in a generated token
             assert all(grams.count(g) == 1 for g in generated)
 
 
@@ -234,12 +281,13 @@ def test_no_repeat_ngram_breaks_a_cycle():
     kw = dict(pad_idx=PAD, eos_idx=EOS)
     free = generate(lm, tokens, cfg=SearchConfig(max_len_b=6, min_len=6), **kw)[0][0].tokens.tolist()
     assert free == [a, b, c, a, b, c, EOS]
-    blocked = generate(lm, tokens, cfg=SearchConfig(max_len_b=6, min_len=6, no_repeat_ngram_size=3),
-                       **kw)[0][0].tokens.tolist()
+    blocked = generate(lm, tokens, cfg=SearchConfig(max_len_b=6, min_len=6, no_repeat_ngram_size=3), **kw)[0][
+        0
+    ].tokens.tolist()
     # "a b c" is in the prompt: after "... c a" the LM still wants b (c a b is new), then c would repeat a b c
     assert blocked[:3] == [a, b, x]
     history = [BOS, a, b, c] + blocked[:-1]
-    trigrams = [tuple(history[i:i + 3]) for i in range(len(history) - 2)]
+    trigrams = [tuple(history[i : i + 3]) for i in range(len(history) - 2)]
     assert len(trigrams) == len(set(trigrams))
 
 
@@ -253,15 +301,31 @@ def test_check22_same_upper_left_cell_never_follows_phrase_twice(vocab):
     assert d.unk() not in (w1, w2, conj)
     # the LM loops "is <phrase> a </phrase> <object> <p0> <p5> </object> is ..." (second choices: "the", <p1>,
     # </s>); the prompt already holds "is <phrase> a", so phrase 2 is "the", whose box may not start in <p0> again
-    lm = BigramLM(bigram(len(d), {conj: {ph: 5, EOS: 4}, ph: {w1: 5, w2: 3}, w1: {eph: 5}, w2: {eph: 5},
-                                  eph: {ob: 5}, ob: {p0: 5, p1: 3}, p0: {p5: 5}, p1: {p9: 5}, p5: {eob: 5},
-                                  p9: {eob: 5}, eob: {conj: 5}}))
+    lm = BigramLM(
+        bigram(
+            len(d),
+            {
+                conj: {ph: 5, EOS: 4},
+                ph: {w1: 5, w2: 3},
+                w1: {eph: 5},
+                w2: {eph: 5},
+                eph: {ob: 5},
+                ob: {p0: 5, p1: 3},
+                p0: {p5: 5},
+                p1: {p9: 5},
+                p5: {eob: 5},
+                p9: {eob: 5},
+                eob: {conj: 5},
+            },
+        )
+    )
     tokens = torch.tensor([[BOS, conj, ph]])
-    out = generate(lm, tokens, cfg=SearchConfig(max_len_b=30, no_repeat_ngram_size=3), pad_idx=PAD,
-                   eos_idx=EOS)[0][0].tokens.tolist()
+    out = generate(lm, tokens, cfg=SearchConfig(max_len_b=30, no_repeat_ngram_size=3), pad_idx=PAD, eos_idx=EOS)[0][
+        0
+    ].tokens.tolist()
     assert out == [w1, eph, ob, p0, p5, eob, conj, ph, w2, eph, ob, p1, p9, eob, conj, EOS]
     history = [BOS, conj, ph] + out
-    after_phrase = [history[i + 2] for i in range(len(history) - 2) if history[i:i + 2] == [eph, ob]]
+    after_phrase = [history[i + 2] for i in range(len(history) - 2) if history[i : i + 2] == [eph, ob]]
     assert after_phrase[:2] == [p0, p1]  # the second phrase may not start its box in the same cell
     assert len(after_phrase) == len(set(after_phrase))
     entities = parse_grounded_text(d.string(torch.tensor(history), "sentencepiece"), 4)[1]
@@ -271,8 +335,9 @@ def test_check22_same_upper_left_cell_never_follows_phrase_twice(vocab):
 def test_beam_search_beats_greedy_on_a_garden_path():
     a, b, c, dd = 4, 5, 6, 7
     # greedy takes a (p=.55) and then faces a flat distribution; b (p=.45) leads to a sure end
-    table = bigram(8, {BOS: {a: math.log(.55), b: math.log(.45)},
-                       a: {c: 0.0, dd: 0.0, EOS: 0.0, a: 0.0, b: 0.0}, b: {EOS: 10.0}})
+    table = bigram(
+        8, {BOS: {a: math.log(0.55), b: math.log(0.45)}, a: {c: 0.0, dd: 0.0, EOS: 0.0, a: 0.0, b: 0.0}, b: {EOS: 10.0}}
+    )
     lm = BigramLM(table)
     tokens = torch.tensor([[BOS]])
     greedy = generate(lm, tokens, cfg=SearchConfig(max_len_b=1, lenpen=0), pad_idx=PAD, eos_idx=EOS)[0][0]
@@ -289,12 +354,20 @@ def test_right_padding_is_rejected():
 # ---- prompt layout and files ----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(RELEASED, "dict.txt")),
-                    reason=f"the released vocabulary (sentencepiece.bpe.model, dict.txt) is not in {RELEASED}")
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(RELEASED, "dict.txt")),
+    reason=f"the released vocabulary (sentencepiece.bpe.model, dict.txt) is not in {RELEASED}",
+)
 def test_check12_prompt_layout_with_the_released_vocabulary():
-    task = Kosmos2Task(Kosmos2Config(spm_model=os.path.join(RELEASED, "sentencepiece.bpe.model"),
-                                     dict_path=os.path.join(RELEASED, "dict.txt"), location_bin_size=32,
-                                     image_token_length=64, seed=1))
+    task = Kosmos2Task(
+        Kosmos2Config(
+            spm_model=os.path.join(RELEASED, "sentencepiece.bpe.model"),
+            dict_path=os.path.join(RELEASED, "dict.txt"),
+            location_bin_size=32,
+            image_token_length=64,
+            seed=1,
+        )
+    )
     ids = task.prompt_tokens("<grounding>An image of")
     # The 64 slots hold the ids 4..67, as the released inference and HF's processor write them
     assert ids == [0, 64003] + list(range(4, 68)) + [64004, 64012, 712, 1648, 9]
@@ -341,32 +414,98 @@ def checkpoint(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("k2gen")
     generate_world(str(root), seed=3, num_train=16, num_val=4, num_test=4, num_videos=0, workers=1)
-    build_vocab.main(["--data", "train/grit/part-*.tsv", "--root", str(root), "--out", str(root / "vocab"),
-                      "--vocab-size", "200"])
-    vocab_args = ["--spm-model", str(root / "vocab" / "sentencepiece.bpe.model"),
-                  "--dict-path", str(root / "vocab" / "dict.txt"), "--location-bin-size", "16",
-                  "--image-token-length", "16"]
-    run([f"{BIN}/fairseq-train", "--user-dir", f"{REPO}/unilm_vl", str(root), "--task", "kosmos2",
-         "--train-data", "train/grit/part-*.tsv", *vocab_args, "--arch", "kosmos2_tiny", "--criterion",
-         "kosmos2_lm", "--optimizer", "adam", "--lr", "1e-4", "--batch-size", "4", "--num-workers", "0", "--cpu",
-         "--seed", "1", "--save-dir", str(root / "ckpt"), "--max-update", "1", "--disable-validation",
-         "--no-epoch-checkpoints", "--log-format", "simple"])
+    build_vocab.main(
+        ["--data", "train/grit/part-*.tsv", "--root", str(root), "--out", str(root / "vocab"), "--vocab-size", "200"]
+    )
+    vocab_args = [
+        "--spm-model",
+        str(root / "vocab" / "sentencepiece.bpe.model"),
+        "--dict-path",
+        str(root / "vocab" / "dict.txt"),
+        "--location-bin-size",
+        "16",
+        "--image-token-length",
+        "16",
+    ]
+    run(
+        [
+            f"{BIN}/fairseq-train",
+            "--user-dir",
+            f"{REPO}/unilm_vl",
+            str(root),
+            "--task",
+            "kosmos2",
+            "--train-data",
+            "train/grit/part-*.tsv",
+            *vocab_args,
+            "--arch",
+            "kosmos2_tiny",
+            "--criterion",
+            "kosmos2_lm",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "1e-4",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+            "--cpu",
+            "--seed",
+            "1",
+            "--save-dir",
+            str(root / "ckpt"),
+            "--max-update",
+            "1",
+            "--disable-validation",
+            "--no-epoch-checkpoints",
+            "--log-format",
+            "simple",
+        ]
+    )
     images = root / "prompts"
     images.mkdir()
     Image.new("RGB", (80, 60), (220, 30, 30)).save(images / "red.png")
     Image.new("RGB", (50, 70), (30, 30, 220)).save(images / "blue.jpg")
     (images / "prompts.tsv").write_text("red.png\t<grounding>an image of\nblue.jpg\t<grounding><phrase> a</phrase>\n")
-    return Namespace(root=root, ckpt=root / "ckpt" / "checkpoint_last.pt", vocab_args=vocab_args,
-                     prompts=images / "prompts.tsv")
+    return Namespace(
+        root=root, ckpt=root / "ckpt" / "checkpoint_last.pt", vocab_args=vocab_args, prompts=images / "prompts.tsv"
+    )
 
 
-@pytest.mark.parametrize("flags", [["--beam", "2", "--nbest", "2", "--no-repeat-ngram-size", "3", "--num-workers", "0"],
-                                   ["--sampling", "--beam", "1", "--sampling-topp", "0.9", "--temperature", "0.7"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--beam", "2", "--nbest", "2", "--no-repeat-ngram-size", "3", "--num-workers", "0"],
+        ["--sampling", "--beam", "1", "--sampling-topp", "0.9", "--temperature", "0.7"],
+    ],
+)
 def test_fairseq_generate_prints_grounded_hypotheses(checkpoint, flags):
-    out = run([f"{BIN}/fairseq-generate", str(checkpoint.root), "--user-dir", f"{REPO}/unilm_vl", "--task",
-               "kosmos2", "--path", str(checkpoint.ckpt), *checkpoint.vocab_args, "--prompts",
-               str(checkpoint.prompts), "--gen-subset", "test", "--batch-size", "2", "--max-len-b", "6", "--cpu",
-               "--post-process", "sentencepiece", *flags])
+    out = run(
+        [
+            f"{BIN}/fairseq-generate",
+            str(checkpoint.root),
+            "--user-dir",
+            f"{REPO}/unilm_vl",
+            "--task",
+            "kosmos2",
+            "--path",
+            str(checkpoint.ckpt),
+            *checkpoint.vocab_args,
+            "--prompts",
+            str(checkpoint.prompts),
+            "--gen-subset",
+            "test",
+            "--batch-size",
+            "2",
+            "--max-len-b",
+            "6",
+            "--cpu",
+            "--post-process",
+            "sentencepiece",
+            *flags,
+        ]
+    )
     hypos = re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", out, flags=re.M)
     nbest = 2 if "--nbest" in flags else 1
     assert sorted(int(i) for i, _, _ in hypos) == sorted([0, 1] * nbest), out[-3000:]
@@ -383,10 +522,28 @@ def test_infer_cli_prints_entities_and_draws(checkpoint, tmp_path):
 
     stdout = io.StringIO()
     out_jsonl = tmp_path / "out.jsonl"
-    kosmos2_infer.main(["--checkpoint", str(checkpoint.ckpt), "--input", str(checkpoint.prompts), "--cpu",
-                        "--max-len-b", "8", "--beam", "2", "--draw", str(tmp_path / "draw"),
-                        "--output", str(out_jsonl), "--spm-model", checkpoint.vocab_args[1],
-                        "--dict-path", checkpoint.vocab_args[3]], stdout=stdout)
+    kosmos2_infer.main(
+        [
+            "--checkpoint",
+            str(checkpoint.ckpt),
+            "--input",
+            str(checkpoint.prompts),
+            "--cpu",
+            "--max-len-b",
+            "8",
+            "--beam",
+            "2",
+            "--draw",
+            str(tmp_path / "draw"),
+            "--output",
+            str(out_jsonl),
+            "--spm-model",
+            checkpoint.vocab_args[1],
+            "--dict-path",
+            checkpoint.vocab_args[3],
+        ],
+        stdout=stdout,
+    )
     records = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
     assert [r["where"].rsplit(":", 1)[1] for r in records] == ["1", "2"]
     assert records[1]["text"].startswith("<grounding><phrase> a</phrase>")
@@ -404,8 +561,18 @@ def test_infer_cli_errors(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="bad.tsv:1: expected 'image_path<TAB>prompt'"):
         kosmos2_infer.main(["--checkpoint", str(checkpoint.ckpt), "--input", str(bad), "--cpu"])
     bad.write_text("missing.png\tAn image of\n")
-    proc = run_fail([f"{BIN}/python", "-m", "unilm_vl.kosmos2_infer", "--checkpoint", str(checkpoint.ckpt),
-                     "--input", str(bad), "--cpu"])
+    proc = run_fail(
+        [
+            f"{BIN}/python",
+            "-m",
+            "unilm_vl.kosmos2_infer",
+            "--checkpoint",
+            str(checkpoint.ckpt),
+            "--input",
+            str(bad),
+            "--cpu",
+        ]
+    )
     assert re.search(r"error: .*bad.tsv:1: image not found: .*missing.png", proc)
 
 
@@ -415,17 +582,30 @@ def test_inference_engine_decodes_as_the_fairseq_generate_path(checkpoint):
     from unilm_vl.checkpoint import load_kosmos2_inference
     from unilm_vl.inference.kosmos2 import grounded_string
 
-    engine = load_kosmos2_inference(str(checkpoint.ckpt), SearchConfig(beam=2, nbest=2, max_len_b=6,
-                                                                                 no_repeat_ngram_size=3), cpu=True)
+    engine = load_kosmos2_inference(
+        str(checkpoint.ckpt), SearchConfig(beam=2, nbest=2, max_len_b=6, no_repeat_ngram_size=3), cpu=True
+    )
     lines = read_prompt_file(str(checkpoint.prompts))
     records = engine.run(lines)
     task = engine.task
     dataset = task.build_prompt_dataset(lines)
-    gen_args = Namespace(beam=2, nbest=2, max_len_a=0, max_len_b=6, min_len=1, lenpen=1.0, sampling=False,
-                         sampling_topk=-1, sampling_topp=-1.0, temperature=1.0, no_repeat_ngram_size=3)
+    gen_args = Namespace(
+        beam=2,
+        nbest=2,
+        max_len_a=0,
+        max_len_b=6,
+        min_len=1,
+        lenpen=1.0,
+        sampling=False,
+        sampling_topk=-1,
+        sampling_topp=-1.0,
+        temperature=1.0,
+        no_repeat_ngram_size=3,
+    )
     with torch.no_grad():
-        hypos = task.build_generator([engine.model], gen_args).generate([engine.model], dataset.collater(
-            [dataset[i] for i in range(len(dataset))]))
+        hypos = task.build_generator([engine.model], gen_args).generate(
+            [engine.model], dataset.collater([dataset[i] for i in range(len(dataset))])
+        )
     assert [(r["where"], r["rank"]) for r in records] == [(line.where, k) for line in lines for k in range(2)]
     assert [r["text"] for r in records] == [grounded_string(task.dictionary, h["tokens"]) for hs in hypos for h in hs]
     assert [r["score"] for r in records] == [float(h["score"]) for hs in hypos for h in hs]
@@ -435,8 +615,14 @@ def test_inference_engine_decodes_as_the_fairseq_generate_path(checkpoint):
 def run_fail(cmd):
     import subprocess
 
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode != 0, proc.stdout[-2000:]
     return proc.stdout + proc.stderr
 
@@ -469,10 +655,11 @@ def test_prompt_slots_hold_4_to_L_plus_3_and_training_slots_hold_image(vocab):
     d = task.dictionary
     ids = task.prompt_tokens("<grounding>a red")
     assert ids[:2] == [d.bos(), d.index("<image>")] and ids[L + 2] == d.index("</image>")
-    assert ids[2:L + 2] == [4, 5, 6, 7]
+    assert ids[2 : L + 2] == [4, 5, 6, 7]
     train = task.build_collater("train")([{"tokens": [d.index("<grounding>"), d.eos()], "image": torch.zeros(3)}])
-    assert train["net_input"]["src_tokens"][0, :L + 3].tolist() == [d.bos()] + [d.index("<image>")] * (L + 1) + \
-        [d.index("</image>")]
+    assert train["net_input"]["src_tokens"][0, : L + 3].tolist() == [d.bos()] + [d.index("<image>")] * (L + 1) + [
+        d.index("</image>")
+    ]
     from unilm_vl.inference.kosmos2 import generation_slot_ids
 
     with pytest.raises(ValueError, match=r"2000 image slots need the ids 4\.\.2003"):
@@ -529,16 +716,25 @@ def test_no_repeat_ngram_generation_equals_hf(vocab, tmp_path):
     prompt = task.prompt_tokens("<grounding>a red") + [4, 5]
     tokens = torch.tensor([prompt])
     mask = torch.zeros_like(tokens, dtype=torch.bool)
-    mask[0, 2:L + 2] = True
+    mask[0, 2 : L + 2] = True
     image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     steps = 12
     with torch.no_grad():
-        theirs = hf_model.generate(pixel_values=image, input_ids=tokens, image_embeds_position_mask=mask.long(),
-                                   attention_mask=torch.ones_like(tokens), max_new_tokens=steps, do_sample=False,
-                                   num_beams=1, no_repeat_ngram_size=3, eos_token_id=d.eos(), pad_token_id=d.pad())
+        theirs = hf_model.generate(
+            pixel_values=image,
+            input_ids=tokens,
+            image_embeds_position_mask=mask.long(),
+            attention_mask=torch.ones_like(tokens),
+            max_new_tokens=steps,
+            do_sample=False,
+            num_beams=1,
+            no_repeat_ngram_size=3,
+            eos_token_id=d.eos(),
+            pad_token_id=d.pad(),
+        )
     search = SearchConfig(beam=1, max_len_b=steps, min_len=steps, no_repeat_ngram_size=3)
     ours = generate(net, tokens, image, mask, search, pad_idx=d.pad(), eos_idx=d.eos())[0][0].tokens.tolist()
-    hf_new = theirs[0, len(prompt):].tolist()
+    hf_new = theirs[0, len(prompt) :].tolist()
     assert ours[:steps] == hf_new
     assert hf_new[0] == 9 and 6 in hf_new  # 6 is banned only where its trigram already occurred
     former = tokens.clone()
@@ -569,8 +765,10 @@ def test_model_load_refuses_another_vocabulary_with_both_sizes(tiny, vocab):
         state[key] = torch.zeros(rows + 3, state[key].shape[1])
     with pytest.raises(VocabularyMismatchError) as err:
         model.load_state_dict(state)
-    assert str(err.value).startswith(f"the checkpoint has {rows + 3} token embeddings but the kosmos2 dictionary "
-                                     f"has {rows} symbols ({vocab / 'dict.txt'}: {rows - 12 - 16},")
+    assert str(err.value).startswith(
+        f"the checkpoint has {rows + 3} token embeddings but the kosmos2 dictionary "
+        f"has {rows} symbols ({vocab / 'dict.txt'}: {rows - 12 - 16},"
+    )
     assert "--location-bin-size 4" in str(err.value)
 
 
@@ -597,10 +795,21 @@ def test_infer_names_the_checkpoint_when_its_vocabulary_is_not_the_dictionary(ch
     bigger.write_text(lines + "extra_a 1\nextra_b 1\n")
     rows = 4 + len(lines.splitlines()) + 12 + 16 * 16  # the training dictionary, --location-bin-size 16
     with pytest.raises(VocabularyMismatchError) as err:
-        kosmos2_infer.main(["--checkpoint", str(checkpoint.ckpt), "--input", str(checkpoint.prompts), "--cpu",
-                            "--dict-path", str(bigger)])
-    assert str(err.value).startswith(f"{checkpoint.ckpt}: the checkpoint has {rows} token embeddings but the "
-                                     f"kosmos2 dictionary has {rows + 2} symbols ({bigger}: ")
+        kosmos2_infer.main(
+            [
+                "--checkpoint",
+                str(checkpoint.ckpt),
+                "--input",
+                str(checkpoint.prompts),
+                "--cpu",
+                "--dict-path",
+                str(bigger),
+            ]
+        )
+    assert str(err.value).startswith(
+        f"{checkpoint.ckpt}: the checkpoint has {rows} token embeddings but the "
+        f"kosmos2 dictionary has {rows + 2} symbols ({bigger}: "
+    )
 
 
 # ---- beam rules: fairseq's (default) and HF transformers' -------------------------------------------------------
@@ -634,7 +843,7 @@ def beam_rule_prompt(seed, slots):
     text = torch.randint(10, BEAM_V, (3,), generator=g).tolist()
     tokens = torch.tensor([[BOS, 5] + list(range(10, 10 + slots)) + [6] + text])
     mask = torch.zeros_like(tokens, dtype=torch.bool)
-    mask[0, 2:2 + slots] = True
+    mask[0, 2 : 2 + slots] = True
     return tokens, torch.randn(1, 3, 32, 32, generator=g), mask
 
 
@@ -646,10 +855,16 @@ def test_beam_rules_order_the_same_beams_differently():
     found = []
     for seed in range(8):
         tokens, image, mask = beam_rule_prompt(seed, cfg.connector.latent_query_num)
-        fs = generate(net, tokens, image, mask, SearchConfig(beam=3, nbest=3, max_len_b=3), pad_idx=PAD,
-                      eos_idx=EOS)[0]
-        hf = generate(net, tokens, image, mask, SearchConfig(beam=3, nbest=3, max_len_b=2, beam_rule="hf"),
-                      pad_idx=PAD, eos_idx=EOS)[0]
+        fs = generate(net, tokens, image, mask, SearchConfig(beam=3, nbest=3, max_len_b=3), pad_idx=PAD, eos_idx=EOS)[0]
+        hf = generate(
+            net,
+            tokens,
+            image,
+            mask,
+            SearchConfig(beam=3, nbest=3, max_len_b=2, beam_rule="hf"),
+            pad_idx=PAD,
+            eos_idx=EOS,
+        )[0]
         for h in fs + hf:  # both: sum of the positional scores / their number (lenpen 1)
             assert h.score == pytest.approx(float(h.positional_scores.sum()) / len(h.tokens), abs=1e-5)
         assert [h.score for h in fs] == sorted((h.score for h in fs), reverse=True)
@@ -681,26 +896,41 @@ def test_beam_rule_hf_reproduces_hf_generate(tmp_path):
         net, cfg = beam_rule_net(eos_bias)
         out_dir = tmp_path / f"bias{eos_bias}"
         C.save_our_checkpoint(str(out_dir / "ours.pt"), net.state_dict(), cfg)
-        assert C.main(["kosmos2", "--to-hf", "--checkpoint", str(out_dir / "ours.pt"),
-                       "--out", str(out_dir / "hf")]) == 0
+        assert (
+            C.main(["kosmos2", "--to-hf", "--checkpoint", str(out_dir / "ours.pt"), "--out", str(out_dir / "hf")]) == 0
+        )
         hf_model = Kosmos2ForConditionalGeneration.from_pretrained(str(out_dir / "hf")).eval()
         for seed, max_new, lenpen in ((0, 4, 1.0), (1, 7, 1.0), (2, 7, 0.6)):
             tokens, image, mask = beam_rule_prompt(seed, cfg.connector.latent_query_num)
             with torch.no_grad():
                 theirs = hf_model.generate(
-                    pixel_values=image, input_ids=tokens, image_embeds_position_mask=mask.long(),
-                    attention_mask=torch.ones_like(tokens), max_new_tokens=max_new, do_sample=False, num_beams=3,
-                    num_return_sequences=3, length_penalty=lenpen, early_stopping=False, min_new_tokens=1,
-                    eos_token_id=EOS, pad_token_id=PAD, output_scores=True, return_dict_in_generate=True)
+                    pixel_values=image,
+                    input_ids=tokens,
+                    image_embeds_position_mask=mask.long(),
+                    attention_mask=torch.ones_like(tokens),
+                    max_new_tokens=max_new,
+                    do_sample=False,
+                    num_beams=3,
+                    num_return_sequences=3,
+                    length_penalty=lenpen,
+                    early_stopping=False,
+                    min_new_tokens=1,
+                    eos_token_id=EOS,
+                    pad_token_id=PAD,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                )
             hf_hyps = []
-            for row in theirs.sequences[:, tokens.size(1):].tolist():
-                hf_hyps.append(row[:row.index(EOS) + 1] if EOS in row else row)  # drop the padding after </s>
+            for row in theirs.sequences[:, tokens.size(1) :].tolist():
+                hf_hyps.append(row[: row.index(EOS) + 1] if EOS in row else row)  # drop the padding after </s>
             search = dict(beam=3, nbest=3, max_len_b=max_new - 1, lenpen=lenpen)
-            ours = generate(net, tokens, image, mask, SearchConfig(**search, beam_rule="hf"), pad_idx=PAD,
-                            eos_idx=EOS)[0]
+            ours = generate(net, tokens, image, mask, SearchConfig(**search, beam_rule="hf"), pad_idx=PAD, eos_idx=EOS)[
+                0
+            ]
             assert [h.tokens.tolist() for h in ours] == hf_hyps, (eos_bias, seed)
-            torch.testing.assert_close(torch.tensor([h.score for h in ours]), theirs.sequences_scores,
-                                       atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                torch.tensor([h.score for h in ours]), theirs.sequences_scores, atol=1e-4, rtol=0
+            )
             ends = [h[-1] == EOS for h in hf_hyps]
             seen["cut"] += not any(ends)
             seen["eos"] += all(ends)
@@ -717,8 +947,19 @@ def test_beam_rule_reaches_the_generators(vocab):
     from unilm_vl.inference.kosmos2 import preset_search_options
     from unilm_vl.kosmos2_infer import build_parser, search_config
 
-    gen_args = Namespace(beam=3, nbest=1, max_len_a=0, max_len_b=5, min_len=1, lenpen=1.0, sampling=False,
-                         sampling_topk=-1, sampling_topp=-1.0, temperature=1.0, no_repeat_ngram_size=0)
+    gen_args = Namespace(
+        beam=3,
+        nbest=1,
+        max_len_a=0,
+        max_len_b=5,
+        min_len=1,
+        lenpen=1.0,
+        sampling=False,
+        sampling_topk=-1,
+        sampling_topp=-1.0,
+        temperature=1.0,
+        no_repeat_ngram_size=0,
+    )
     assert make_task(vocab).build_generator([], gen_args).search.beam_rule == "fairseq"
     assert make_task(vocab, gen_beam_rule="hf").build_generator([], gen_args).search.beam_rule == "hf"
 

@@ -2,13 +2,13 @@
 computed with the release (Peng et al. 2023; microsoft/unilm ``kosmos-2/unilm/tasks/gpt_base.py`` and
 ``kosmos-2/unilm/data/utils.py`` for the vocabulary, ``kosmos-2/unilm/data/vl/obj_utils.py`` for the box codec,
 ``kosmos-2/demo/decode_string.py`` for the parser) and with HF transformers ``models/kosmos2/processing_kosmos2.py``."""
+
 import os
 import pickle
 import random
 
 import pytest
 import sentencepiece
-from conftest import SHARED
 
 from unilm_vl.data.grounding import (
     GROUNDING_SPECIALS,
@@ -27,6 +27,8 @@ from unilm_vl.data.grounding import (
     patch_indices_to_box,
 )
 
+from conftest import SHARED
+
 REFERENCE_DIR = os.path.join(SHARED, "reference", "kosmos2")
 REFERENCE_DICT = os.path.join(REFERENCE_DIR, "dict.txt")
 REFERENCE_SPM = os.path.join(REFERENCE_DIR, "sentencepiece.bpe.model")
@@ -35,26 +37,70 @@ needs_reference = pytest.mark.skipif(
     reason=f"Kosmos-2 release vocabulary files (dict.txt, sentencepiece.bpe.model) not found in {REFERENCE_DIR}",
 )
 
-SNOWMAN = ("<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object>"
-           " warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>.")
+SNOWMAN = (
+    "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object>"
+    " warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>."
+)
 SNOWMAN_BOX = (0.390625, 0.046875, 0.984375, 0.828125)
 FIRE_BOX = (0.171875, 0.015625, 0.484375, 0.890625)
-TWO_DOGS = ("<grounding><phrase> Two dogs</phrase><object><patch_index_0000><patch_index_0527>"
-            "</delimiter_of_multi_objects/><patch_index_0016><patch_index_1023></object> play on"
-            "<object><patch_index_0900><patch_index_1023></object> grass")
-GRIT_README_IDS = [64012, 64007, 10, 6454, 31772, 64008, 64009, 64013, 65036, 64010, 23, 64007, 10, 1287, 1285,
-                   64008, 64009, 64301, 65004, 64010, 14, 6372, 46, 689, 84, 1158, 2]
-GRIT_README_TEXT = ("<grounding><phrase> a wire hanger</phrase><object><patch_index_0000><patch_index_1023></object>"
-                    " with<phrase> a paper cover</phrase><object><patch_index_0288><patch_index_0991></object>"
-                    " that reads we heart our customers</s>")
+TWO_DOGS = (
+    "<grounding><phrase> Two dogs</phrase><object><patch_index_0000><patch_index_0527>"
+    "</delimiter_of_multi_objects/><patch_index_0016><patch_index_1023></object> play on"
+    "<object><patch_index_0900><patch_index_1023></object> grass"
+)
+GRIT_README_IDS = [
+    64012,
+    64007,
+    10,
+    6454,
+    31772,
+    64008,
+    64009,
+    64013,
+    65036,
+    64010,
+    23,
+    64007,
+    10,
+    1287,
+    1285,
+    64008,
+    64009,
+    64301,
+    65004,
+    64010,
+    14,
+    6372,
+    46,
+    689,
+    84,
+    1158,
+    2,
+]
+GRIT_README_TEXT = (
+    "<grounding><phrase> a wire hanger</phrase><object><patch_index_0000><patch_index_1023></object>"
+    " with<phrase> a paper cover</phrase><object><patch_index_0288><patch_index_0991></object>"
+    " that reads we heart our customers</s>"
+)
 
 
 # ---- vocabulary ------------------------------------------------------------------------------------------------
 
 
 def test_symbol_list_order():
-    assert GROUNDING_SPECIALS == ("</doc>", "<image>", "</image>", "</chunk>", "</line>", "<phrase>", "</phrase>",
-                                  "<object>", "</object>", "</delimiter_of_multi_objects/>", "<grounding>")
+    assert GROUNDING_SPECIALS == (
+        "</doc>",
+        "<image>",
+        "</image>",
+        "</chunk>",
+        "</line>",
+        "<phrase>",
+        "</phrase>",
+        "<object>",
+        "</object>",
+        "</delimiter_of_multi_objects/>",
+        "<grounding>",
+    )
     assert patch_index_token(0) == "<patch_index_0000>" and patch_index_token(1023) == "<patch_index_1023>"
     symbols = kosmos2_added_symbols(32)
     assert len(symbols) == 1 + 11 + 1024
@@ -68,9 +114,24 @@ def test_symbol_list_order():
 def test_dictionary_ids_and_size():
     d = build_kosmos2_dictionary(REFERENCE_DICT)
     assert len(d) == 65037
-    expected = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 64001, "</doc>": 64002, "<image>": 64003,
-                "</image>": 64004, "<phrase>": 64007, "</phrase>": 64008, "<object>": 64009, "</object>": 64010,
-                "</delimiter_of_multi_objects/>": 64011, "<grounding>": 64012, "\u2581the": 5, ".": 4}
+    expected = {
+        "<s>": 0,
+        "<pad>": 1,
+        "</s>": 2,
+        "<unk>": 3,
+        "<mask>": 64001,
+        "</doc>": 64002,
+        "<image>": 64003,
+        "</image>": 64004,
+        "<phrase>": 64007,
+        "</phrase>": 64008,
+        "<object>": 64009,
+        "</object>": 64010,
+        "</delimiter_of_multi_objects/>": 64011,
+        "<grounding>": 64012,
+        "\u2581the": 5,
+        ".": 4,
+    }
     assert {s: d.index(s) for s in expected} == expected
     assert [d.index(patch_index_token(k)) for k in range(1024)] == list(range(64013, 65037))
     assert d[65036] == "<patch_index_1023>"
@@ -102,7 +163,14 @@ def test_tokenizer_matches_dictionary_and_spm():
     assert tok.encode("An image of") == [712, 1648, 9]  # check 3
     assert tok.encode(" ") == []
     assert tok.encode_pieces("Describe this image in detail:") == [
-        "\u2581Describ", "e", "\u2581this", "\u2581image", "\u2581in", "\u2581detail", ":"]
+        "\u2581Describ",
+        "e",
+        "\u2581this",
+        "\u2581image",
+        "\u2581in",
+        "\u2581detail",
+        ":",
+    ]
     assert tok.encode("<grounding>An image of", split_symbols=True) == [64012, 712, 1648, 9]  # check 12
     assert pickle.loads(pickle.dumps(tok)).encode("<grounding>", split_symbols=True) == [64012]
 
@@ -116,18 +184,23 @@ def test_grit_readme_serialisation_round_trip():
     assert tok.encode(body, split_symbols=True) + [tok.eos_id] == GRIT_README_IDS
     clean, entities = parse_grounded_text(GRIT_README_TEXT)
     assert clean == "a wire hanger with a paper cover that reads we heart our customers"
-    assert entities == [("a wire hanger", (0, 13), [(1 / 64, 1 / 64, 63 / 64, 63 / 64)]),
-                        ("a paper cover", (19, 32), [(0.015625, 0.296875, 0.984375, 0.953125)])]
+    assert entities == [
+        ("a wire hanger", (0, 13), [(1 / 64, 1 / 64, 63 / 64, 63 / 64)]),
+        ("a paper cover", (19, 32), [(0.015625, 0.296875, 0.984375, 0.953125)]),
+    ]
 
 
 # ---- box codec -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("box, release, hf", [
-    ((0, 0, 1, 1), (0, 1023), (0, 1023)),
-    ((0.1, 0.2, 0.5, 0.75), (195, 784), (195, 751)),
-    ((0.25, 0.25, 0.5, 0.5), (264, 528), (264, 495)),
-])
+@pytest.mark.parametrize(
+    "box, release, hf",
+    [
+        ((0, 0, 1, 1), (0, 1023), (0, 1023)),
+        ((0.1, 0.2, 0.5, 0.75), (195, 784), (195, 751)),
+        ((0.25, 0.25, 0.5, 0.5), (264, 528), (264, 495)),
+    ],
+)
 def test_encoders(box, release, hf):
     assert box_to_patch_indices(box) == release
     assert box_to_patch_indices(box, mode="release") == release
@@ -143,15 +216,18 @@ def test_encoders_agree_off_grid_lines():
         assert box_to_patch_indices(box) == box_to_patch_indices(box, mode="hf"), box
 
 
-@pytest.mark.parametrize("pair, box", [
-    ((44, 863), SNOWMAN_BOX),
-    ((5, 911), FIRE_BOX),
-    ((0, 1023), (1 / 64, 1 / 64, 63 / 64, 63 / 64)),
-    ((33, 33), (1 / 32, 1 / 32, 1 / 16, 1 / 16)),  # same cell: edges
-    ((0, 31), (0.0, 0.0, 1.0, 1 / 32)),  # same row: edges
-    ((0, 992), (0.0, 0.0, 1 / 32, 1.0)),  # same column: edges
-    ((264, 528), (0.265625, 0.265625, 0.515625, 0.515625)),
-])
+@pytest.mark.parametrize(
+    "pair, box",
+    [
+        ((44, 863), SNOWMAN_BOX),
+        ((5, 911), FIRE_BOX),
+        ((0, 1023), (1 / 64, 1 / 64, 63 / 64, 63 / 64)),
+        ((33, 33), (1 / 32, 1 / 32, 1 / 16, 1 / 16)),  # same cell: edges
+        ((0, 31), (0.0, 0.0, 1.0, 1 / 32)),  # same row: edges
+        ((0, 992), (0.0, 0.0, 1 / 32, 1.0)),  # same column: edges
+        ((264, 528), (0.265625, 0.265625, 0.515625, 0.515625)),
+    ],
+)
 def test_decoder(pair, box):
     assert patch_indices_to_box(*pair) == box
 
@@ -193,8 +269,9 @@ def test_box_token_box_round_trip():
 def ordered_pairs(num_bins):
     """Every ``(ul, lr)`` whose lower-right cell is neither left of nor above the upper-left one."""
     p = num_bins
-    return [(uy * p + ux, ly * p + lx) for uy in range(p) for ly in range(uy, p) for ux in range(p)
-            for lx in range(ux, p)]
+    return [
+        (uy * p + ux, ly * p + lx) for uy in range(p) for ly in range(uy, p) for ux in range(p) for lx in range(ux, p)
+    ]
 
 
 def test_token_box_token_round_trip():
@@ -216,8 +293,11 @@ def test_hf_encoder_inverts_the_decoder_on_every_grid(num_bins):
     grid that is not a power of two too, where HF's uncorrected float formula is not (test_hf_codec_bit_for_bit)."""
     pairs = ordered_pairs(num_bins)
     assert len(pairs) == (num_bins * (num_bins + 1) // 2) ** 2
-    wrong = [(ul, lr) for ul, lr in pairs
-             if box_to_patch_indices(patch_indices_to_box(ul, lr, num_bins), num_bins, mode="hf") != (ul, lr)]
+    wrong = [
+        (ul, lr)
+        for ul, lr in pairs
+        if box_to_patch_indices(patch_indices_to_box(ul, lr, num_bins), num_bins, mode="hf") != (ul, lr)
+    ]
     assert wrong == []
 
 
@@ -225,8 +305,10 @@ def test_hf_codec_bit_for_bit():
     """Against HF transformers' own ``patch_index_to_coordinate`` / ``coordinate_to_patch_index``: the decoder is
     theirs bit for bit on every grid; the hf encoder is theirs bit for bit at the released P = 32 (every decoded
     pair, random boxes, boxes on grid lines); on P = 24 their encoder does not invert their decoder, ours does."""
-    hf = pytest.importorskip("transformers.models.kosmos2.processing_kosmos2",
-                             reason="transformers (test-only: HF parity of the box codec) is not installed")
+    hf = pytest.importorskip(
+        "transformers.models.kosmos2.processing_kosmos2",
+        reason="transformers (test-only: HF parity of the box codec) is not installed",
+    )
     for num_bins in (24, 32):
         for ul, lr in ordered_pairs(num_bins):
             box = patch_indices_to_box(ul, lr, num_bins)
@@ -245,8 +327,11 @@ def test_hf_codec_bit_for_bit():
     # floor(0.29166666666666663 * 24) = floor(6.999999999999999) = 6, so the pair (7, 7) comes back as (6, 7)
     assert hf.coordinate_to_patch_index(hf.patch_index_to_coordinate(7, 7, 24), 24) == (6, 7)
     assert box_to_patch_indices(patch_indices_to_box(7, 7, 24), 24, mode="hf") == (7, 7)
-    hf_wrong = [(ul, lr) for ul, lr in ordered_pairs(24)
-                if hf.coordinate_to_patch_index(hf.patch_index_to_coordinate(ul, lr, 24), 24) != (ul, lr)]
+    hf_wrong = [
+        (ul, lr)
+        for ul, lr in ordered_pairs(24)
+        if hf.coordinate_to_patch_index(hf.patch_index_to_coordinate(ul, lr, 24), 24) != (ul, lr)
+    ]
     assert len(hf_wrong) == 2296
 
 
@@ -257,15 +342,18 @@ def test_release_encoder_accepts_degenerate_boxes():
     assert box_to_patch_indices((0.0, 0.0, 0.5, 0.5), num_bins=2, mode="hf") == (0, 0)
 
 
-@pytest.mark.parametrize("box, mode", [
-    ((-0.1, 0.0, 0.5, 0.5), "release"),
-    ((0.0, 0.0, 1.2, 0.5), "release"),
-    ((0.6, 0.0, 0.5, 0.5), "release"),  # x1 < x0
-    ((0.0, 0.6, 0.5, 0.5), "hf"),  # y1 < y0
-    ((0.5, 0.5, 0.5, 0.9), "hf"),  # zero width: hf needs x1 > x0
-    ((1.0, 0.5, 1.0, 0.9), "release"),  # upper-left corner on the right border
-    ((float("nan"), 0.0, 0.5, 0.5), "release"),
-])
+@pytest.mark.parametrize(
+    "box, mode",
+    [
+        ((-0.1, 0.0, 0.5, 0.5), "release"),
+        ((0.0, 0.0, 1.2, 0.5), "release"),
+        ((0.6, 0.0, 0.5, 0.5), "release"),  # x1 < x0
+        ((0.0, 0.6, 0.5, 0.5), "hf"),  # y1 < y0
+        ((0.5, 0.5, 0.5, 0.9), "hf"),  # zero width: hf needs x1 > x0
+        ((1.0, 0.5, 1.0, 0.9), "release"),  # upper-left corner on the right border
+        ((float("nan"), 0.0, 0.5, 0.5), "release"),
+    ],
+)
 def test_encoder_rejects_bad_boxes(box, mode):
     with pytest.raises(ValueError) as info:
         box_to_patch_indices(box, mode=mode)
@@ -291,14 +379,19 @@ def test_decoder_rejects_bad_indices(pair):
 
 
 def test_object_chunk_helpers():
-    chunk = ("<object><patch_index_0000><patch_index_0527></delimiter_of_multi_objects/>"
-             "<patch_index_0016><patch_index_1023></object>")
+    chunk = (
+        "<object><patch_index_0000><patch_index_0527></delimiter_of_multi_objects/>"
+        "<patch_index_0016><patch_index_1023></object>"
+    )
     assert format_object([(0, 527), (16, 1023)]) == chunk
     assert object_patch_pairs(chunk) == [(0, 527), (16, 1023)]
     assert object_patch_pairs("<patch_index_0044><patch_index_0863>") == [(44, 863)]
     assert object_boxes(chunk) == [(1 / 64, 1 / 64, 31 / 64, 33 / 64), (33 / 64, 1 / 64, 63 / 64, 63 / 64)]
-    for bad in ("<object><patch_index_0044></object>", "<object>x<patch_index_1><patch_index_2></object>",
-                "<object></object>"):
+    for bad in (
+        "<object><patch_index_0044></object>",
+        "<object>x<patch_index_1><patch_index_2></object>",
+        "<object></object>",
+    ):
         with pytest.raises(ValueError, match="not an object chunk"):
             object_patch_pairs(bad)
     with pytest.raises(ValueError, match="at least one"):
@@ -327,10 +420,12 @@ def test_parse_multi_box_and_unnamed():
     grass_box = (9 / 64, 57 / 64, 63 / 64, 63 / 64)
     clean, entities = parse_grounded_text(TWO_DOGS)
     assert clean == "Two dogs play on grass"
-    assert entities == [("Two dogs", (0, 8), dog_boxes),
-                        ("<patch_index_900><patch_index_1023>", (16, 16), [grass_box])]
+    assert entities == [("Two dogs", (0, 8), dog_boxes), ("<patch_index_900><patch_index_1023>", (16, 16), [grass_box])]
     assert decode_bbox_from_caption(TWO_DOGS) == [
-        [" Two dogs", *dog_boxes[0]], [" Two dogs", *dog_boxes[1]], ["<0900><1023>", *grass_box]]
+        [" Two dogs", *dog_boxes[0]],
+        [" Two dogs", *dog_boxes[1]],
+        ["<0900><1023>", *grass_box],
+    ]
 
 
 def test_parse_space_before_object_is_unnamed():
@@ -359,4 +454,5 @@ def test_parse_edge_cases():
     with pytest.raises(ValueError, match="outside"):
         parse_grounded_text("<object><patch_index_0000><patch_index_1024></object>")
     assert parse_grounded_text("<object><patch_index_0000><patch_index_0015></object>", num_bins=4)[1] == [
-        ("<patch_index_0><patch_index_15>", (0, 0), [(0.125, 0.125, 0.875, 0.875)])]
+        ("<patch_index_0><patch_index_15>", (0, 0), [(0.125, 0.125, 0.875, 0.875)])
+    ]

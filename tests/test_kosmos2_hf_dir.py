@@ -8,6 +8,7 @@ a 30 px / patch 6 / width 48 vision tower that open_clip's registry does not hav
 (``use_cache=True, max_new_tokens=64``), ``processor.batch_decode(..., skip_special_tokens=True)`` and
 ``processor.post_process_generation`` (transformers ``models/kosmos2/modeling_kosmos2.py`` docstring example).
 """
+
 import json
 import os
 import shutil
@@ -16,24 +17,34 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, SHARED
 from PIL import Image
 
+from conftest import REPO, SHARED
+
 RELEASED = os.path.join(SHARED, "reference", "kosmos2")
-SENTENCES = ["a red dog on the grass", "two blue cats play with a ball", "a man rides a green bike",
-             "the sky is blue and the grass is green", "a yellow bus waits near the red house",
-             "an image of a snowman warming himself by a fire", "two dogs run over the grass"] * 10
+SENTENCES = [
+    "a red dog on the grass",
+    "two blue cats play with a ball",
+    "a man rides a green bike",
+    "the sky is blue and the grass is green",
+    "a yellow bus waits near the red house",
+    "an image of a snowman warming himself by a fire",
+    "two dogs run over the grass",
+] * 10
 GRID = 32  # P of the P x P box grid, the release's: HF's post_process_generation assumes 32 whatever the processor
 SIZE = 30  # image side of the tiny tower (patch 6: 25 patches)
-PROMPTS = ["<grounding>An image of",
-           "<grounding><phrase> a red dog</phrase><object><patch_index_0000><patch_index_1023></object> runs",
-           "two"]
+PROMPTS = [
+    "<grounding>An image of",
+    "<grounding><phrase> a red dog</phrase><object><patch_index_0000><patch_index_1023></object> runs",
+    "two",
+]
 
 
 def hf_vision_config():
     """A ViT geometry open_clip's registry lacks: 30 px, patch 6, width 48, 2 heads, MLP 96, 1 layer."""
-    return dict(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, image_size=SIZE,
-                patch_size=6)
+    return dict(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, image_size=SIZE, patch_size=6
+    )
 
 
 def open_clip_package_configs():
@@ -41,15 +52,18 @@ def open_clip_package_configs():
     import open_clip
 
     folder = os.path.join(os.path.dirname(open_clip.__file__), "model_configs")
-    return {name: (os.stat(os.path.join(folder, name)).st_size, os.stat(os.path.join(folder, name)).st_mtime_ns)
-            for name in os.listdir(folder)}
+    return {
+        name: (os.stat(os.path.join(folder, name)).st_size, os.stat(os.path.join(folder, name)).st_mtime_ns)
+        for name in os.listdir(folder)
+    }
 
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     """``(hf_dir, model, processor, spm_path)``: the tiny HF model and processor saved with ``save_pretrained``."""
-    transformers = pytest.importorskip("transformers", reason="transformers (test-only: the HF side of the "
-                                                              "comparison) is not installed")
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers (test-only: the HF side of the comparison) is not installed"
+    )
     import sentencepiece
 
     package_configs = open_clip_package_configs()
@@ -57,18 +71,36 @@ def hf(tmp_path_factory):
     vocab = root / "vocab"
     vocab.mkdir()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES), model_prefix=str(vocab / "sentencepiece.bpe"), vocab_size=60,
-        model_type="unigram", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        hard_vocab_limit=False, minloglevel=2)
+        sentence_iterator=iter(SENTENCES),
+        model_prefix=str(vocab / "sentencepiece.bpe"),
+        vocab_size=60,
+        model_type="unigram",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     spm_path = str(vocab / "sentencepiece.bpe.model")
     tokenizer = transformers.XLMRobertaTokenizer.from_pretrained(str(vocab))
-    image_processor = transformers.CLIPImageProcessor(size={"height": SIZE, "width": SIZE}, do_center_crop=False,
-                                                      crop_size={"height": SIZE, "width": SIZE})
+    image_processor = transformers.CLIPImageProcessor(
+        size={"height": SIZE, "width": SIZE}, do_center_crop=False, crop_size={"height": SIZE, "width": SIZE}
+    )
     processor = transformers.Kosmos2Processor(image_processor, tokenizer, num_patch_index_tokens=GRID * GRID)
     config = transformers.Kosmos2Config(
-        text_config=dict(vocab_size=len(processor.tokenizer), embed_dim=32, layers=2, ffn_dim=64, attention_heads=2,
-                         max_position_embeddings=256),
-        vision_config=hf_vision_config(), latent_query_num=64)
+        text_config=dict(
+            vocab_size=len(processor.tokenizer),
+            embed_dim=32,
+            layers=2,
+            ffn_dim=64,
+            attention_heads=2,
+            max_position_embeddings=256,
+        ),
+        vision_config=hf_vision_config(),
+        latent_query_num=64,
+    )
     torch.manual_seed(0)
     model = transformers.Kosmos2ForConditionalGeneration(config).eval()
     with torch.no_grad():  # sharper than the init, so greedy decoding varies instead of repeating one token
@@ -97,10 +129,15 @@ def hf_ground(hf, picture, prompt):
     _, model, processor, _, _ = hf
     inputs = processor(text=prompt, images=picture, return_tensors="pt")
     with torch.no_grad():
-        ids = model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                             attention_mask=inputs["attention_mask"], image_embeds=None,
-                             image_embeds_position_mask=inputs["image_embeds_position_mask"], use_cache=True,
-                             max_new_tokens=64)
+        ids = model.generate(
+            pixel_values=inputs["pixel_values"],
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            image_embeds=None,
+            image_embeds_position_mask=inputs["image_embeds_position_mask"],
+            use_cache=True,
+            max_new_tokens=64,
+        )
     generated = processor.batch_decode(ids, skip_special_tokens=True)[0]
     text = processor.post_process_generation(generated, cleanup_and_extract=False)
     clean_text, entities = processor.post_process_generation(generated)
@@ -156,7 +193,7 @@ def test_hf_reference_is_not_degenerate(expected):
     """The comparisons below mean something: HF generates several distinct tokens, and the grounded prompt gives an
     entity with a box."""
     for prompt_ids, ids, text, _, _ in expected.values():
-        assert len(set(ids[len(prompt_ids):])) >= 3, ids
+        assert len(set(ids[len(prompt_ids) :])) >= 3, ids
     # cells in different rows and columns: HF's box runs from centre to centre, (k + 0.5) / 32
     assert expected[1, PROMPTS[1]][4] == [("a red dog", (0, 9), [(0.5 / 32, 0.5 / 32, 31.5 / 32, 31.5 / 32)])]
 
@@ -170,10 +207,14 @@ def test_engine_gives_hf_tokens(grounder, expected):
     for (seed, prompt), (prompt_ids, ids, _, _, _) in expected.items():
         tokens = prompt_tokens(engine.task.tokenizer, engine.task.cfg.image_token_length, prompt)
         assert tokens == prompt_ids
-        sample = collate_prompts([{"id": 0, "tokens": tokens, "image": engine.transform(image(seed))}],
-                                 engine.task.dictionary.pad(), engine.task.cfg.image_token_length)
+        sample = collate_prompts(
+            [{"id": 0, "tokens": tokens, "image": engine.transform(image(seed))}],
+            engine.task.dictionary.pad(),
+            engine.task.cfg.image_token_length,
+        )
         hypo = Kosmos2Generator(search, engine.task.dictionary, continuation_only=True).generate(
-            [engine.model], sample)[0][0]
+            [engine.model], sample
+        )[0][0]
         assert prompt_ids + hypo["tokens"].tolist() == ids
 
 
@@ -188,8 +229,23 @@ def test_kosmos2_infer_on_the_hf_dir_gives_hf_text(hf, expected, tmp_path):
         lines.append(f"{seed}.png\t{prompt}\n")
     (tmp_path / "prompts.tsv").write_text("".join(lines))
     out = tmp_path / "out.jsonl"
-    assert kosmos2_infer.main(["--checkpoint", str(hf[0]), "--preset", "hf", "--input", str(tmp_path / "prompts.tsv"),
-                               "--output", str(out), "--cpu"], stdout=open(os.devnull, "w")) == 0
+    assert (
+        kosmos2_infer.main(
+            [
+                "--checkpoint",
+                str(hf[0]),
+                "--preset",
+                "hf",
+                "--input",
+                str(tmp_path / "prompts.tsv"),
+                "--output",
+                str(out),
+                "--cpu",
+            ],
+            stdout=open(os.devnull, "w"),
+        )
+        == 0
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["hf_text"] for r in records] == [expected[seed, prompt][2] for seed, prompt in enumerate(PROMPTS)]
 
@@ -211,10 +267,12 @@ def test_batch_of_different_lengths_equals_each_alone(grounder, expected):
 def test_missing_and_mis_sized_images_are_one_line_value_errors(grounder):
     """No image for a prompt (image slots but no image), or a tensor that is not the tower's 3 x 30 x 30 input:
     one ValueError with a one-line message naming the problem, raised before anything is decoded."""
-    cases = [((None, PROMPTS[0]), "image 0 is None"),
-             (([image(0), None], PROMPTS[:2]), "image 1 is None"),
-             ((torch.zeros(3, 31, 31), PROMPTS[0]), "float 3 x 30 x 30 tensor; got torch.float32 3 x 31 x 31"),
-             ((torch.zeros(3, 30, 30, dtype=torch.uint8), PROMPTS[0]), "got torch.uint8 3 x 30 x 30")]
+    cases = [
+        ((None, PROMPTS[0]), "image 0 is None"),
+        (([image(0), None], PROMPTS[:2]), "image 1 is None"),
+        ((torch.zeros(3, 31, 31), PROMPTS[0]), "float 3 x 30 x 30 tensor; got torch.float32 3 x 31 x 31"),
+        ((torch.zeros(3, 30, 30, dtype=torch.uint8), PROMPTS[0]), "got torch.uint8 3 x 30 x 30"),
+    ]
     for args, words in cases:
         with pytest.raises(ValueError) as info:
             grounder.ground(*args)
@@ -233,19 +291,50 @@ def test_fairseq_generate_reads_the_hf_dir(hf, grounder, expected, tmp_path, mon
     hf_dir = hf[0]
     image(2).save(tmp_path / "two.png")
     (tmp_path / "prompts.tsv").write_text(f"two.png\t{PROMPTS[2]}\n")
-    monkeypatch.setattr(sys, "argv", [
-        "generate", str(tmp_path), "--task", "kosmos2", "--path", str(hf_dir), "--spm-model",
-        str(hf_dir / "sentencepiece.bpe.model"), "--location-bin-size", str(GRID), "--image-token-length", "64",
-        "--prompts", str(tmp_path / "prompts.tsv"), "--gen-subset", "test", "--batch-size", "1", "--cpu",
-        "--beam", "1", "--max-len-b", "63", "--min-len", "0", "--gen-beam-rule", "hf", "--no-repeat-ngram-size",
-        "0", "--post-process", "sentencepiece"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "generate",
+            str(tmp_path),
+            "--task",
+            "kosmos2",
+            "--path",
+            str(hf_dir),
+            "--spm-model",
+            str(hf_dir / "sentencepiece.bpe.model"),
+            "--location-bin-size",
+            str(GRID),
+            "--image-token-length",
+            "64",
+            "--prompts",
+            str(tmp_path / "prompts.tsv"),
+            "--gen-subset",
+            "test",
+            "--batch-size",
+            "1",
+            "--cpu",
+            "--beam",
+            "1",
+            "--max-len-b",
+            "63",
+            "--min-len",
+            "0",
+            "--gen-beam-rule",
+            "hf",
+            "--no-repeat-ngram-size",
+            "0",
+            "--post-process",
+            "sentencepiece",
+        ],
+    )
     generate.cli_main()
     out = capsys.readouterr().out
     [hypothesis] = [line.split("\t")[2] for line in out.splitlines() if line.startswith("D-0\t")]
     prompt_ids, ids, _, _, _ = expected[2, PROMPTS[2]]
     dictionary = grounder.engine.task.dictionary
     image_end = dictionary.index("</image>")
-    after_image = ids[len(prompt_ids) - prompt_ids[::-1].index(image_end):]
+    after_image = ids[len(prompt_ids) - prompt_ids[::-1].index(image_end) :]
     assert hypothesis == grounded_string(dictionary, torch.tensor(after_image))
 
 
@@ -273,13 +362,20 @@ def test_image_view_of_either_processor_file(hf, tmp_path):
 
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     assert hf_image_view(str(hf[0]), SIZE, mean, std) == "squash"
-    crop = {"size": {"shortest_edge": SIZE}, "do_center_crop": True, "crop_size": {"height": SIZE, "width": SIZE},
-            "image_mean": list(mean), "image_std": list(std)}
+    crop = {
+        "size": {"shortest_edge": SIZE},
+        "do_center_crop": True,
+        "crop_size": {"height": SIZE, "width": SIZE},
+        "image_mean": list(mean),
+        "image_std": list(std),
+    }
     squash = {**crop, "size": {"height": SIZE, "width": SIZE}, "do_center_crop": False}
-    for name, content, view in [("v4", {"preprocessor_config.json": crop}, "crop"),
-                                ("v5", {"processor_config.json": {"image_processor": crop}}, "crop"),
-                                ("v5_squash", {"processor_config.json": {"image_processor": squash}}, "squash"),
-                                ("none", {"processor_config.json": {"num_patch_index_tokens": 1024}}, None)]:
+    for name, content, view in [
+        ("v4", {"preprocessor_config.json": crop}, "crop"),
+        ("v5", {"processor_config.json": {"image_processor": crop}}, "crop"),
+        ("v5_squash", {"processor_config.json": {"image_processor": squash}}, "squash"),
+        ("none", {"processor_config.json": {"num_patch_index_tokens": 1024}}, None),
+    ]:
         folder = tmp_path / name
         folder.mkdir()
         for file, data in content.items():
@@ -317,27 +413,50 @@ def test_converted_checkpoint_keeps_the_tower_and_gives_hf_output(hf, expected, 
     model_cfg = torch.load(out, weights_only=True)["cfg"]["model"]
     name = model_cfg["vision_model"]
     assert json.loads(model_cfg["vision_config_json"])["vision_cfg"] == dict(
-        image_size=SIZE, layers=1, width=48, head_width=24, mlp_ratio=2.0, patch_size=6)
+        image_size=SIZE, layers=1, width=48, head_width=24, mlp_ratio=2.0, patch_size=6
+    )
     assert f"{name}.json" not in open_clip_package_configs()
 
     for seed, prompt in enumerate(PROMPTS):
         image(seed).save(tmp_path / f"{seed}.png")
     (tmp_path / "prompts.tsv").write_text("".join(f"{seed}.png\t{p}\n" for seed, p in enumerate(PROMPTS)))
     records = tmp_path / "out.jsonl"
-    assert kosmos2_infer.main(["--checkpoint", str(out), "--preset", "hf", "--input", str(tmp_path / "prompts.tsv"),
-                               "--output", str(records), "--cpu"], stdout=open(os.devnull, "w")) == 0
-    assert [json.loads(line)["hf_text"] for line in records.read_text().splitlines()] == \
-        [expected[seed, prompt][2] for seed, prompt in enumerate(PROMPTS)]
+    assert (
+        kosmos2_infer.main(
+            [
+                "--checkpoint",
+                str(out),
+                "--preset",
+                "hf",
+                "--input",
+                str(tmp_path / "prompts.tsv"),
+                "--output",
+                str(records),
+                "--cpu",
+            ],
+            stdout=open(os.devnull, "w"),
+        )
+        == 0
+    )
+    assert [json.loads(line)["hf_text"] for line in records.read_text().splitlines()] == [
+        expected[seed, prompt][2] for seed, prompt in enumerate(PROMPTS)
+    ]
 
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(out), name, str(tmp_path / "1.png"), PROMPTS[1]],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(out), name, str(tmp_path / "1.png"), PROMPTS[1]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = json.loads(proc.stdout.strip().splitlines()[-1])
     assert fresh["registered_before"] is False
     text, clean_text, entities = expected[1, PROMPTS[1]][2:]
-    assert fresh["result"] == [[text, clean_text, [[p, list(span), [list(b) for b in boxes]]
-                                                  for p, span, boxes in entities]]]
+    assert fresh["result"] == [
+        [text, clean_text, [[p, list(span), [list(b) for b in boxes]] for p, span, boxes in entities]]
+    ]
 
 
 def test_to_hf_takes_an_hf_dir(hf, tmp_path):

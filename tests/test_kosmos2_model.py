@@ -2,6 +2,7 @@
 2023; microsoft/unilm kosmos-2/unilm/models/vl/clip.py: every ln_post token L2-normalised; connector.py: latent
 queries over tokens + queries, its parameter count; torchscale architecture/decoder.py: sub-LN layers, sqrt(D)
 embedding scale; the frozen vision tower)."""
+
 import ast
 import inspect
 import math
@@ -12,8 +13,15 @@ from torchscale.architecture.config import DecoderConfig
 from torchscale.component.multihead_attention import MultiheadAttention
 
 from unilm_vl.modules import kosmos2 as k2
-from unilm_vl.modules.kosmos2 import (Kosmos2Config, Kosmos2Connector, Kosmos2Module, SdpaMultiheadAttention,
-                                      kosmos2_tiny_config, kosmos2_xl_config, sinusoid_table)
+from unilm_vl.modules.kosmos2 import (
+    Kosmos2Config,
+    Kosmos2Connector,
+    Kosmos2Module,
+    SdpaMultiheadAttention,
+    kosmos2_tiny_config,
+    kosmos2_xl_config,
+    sinusoid_table,
+)
 
 BOS, PAD, EOS, BOI, EOI = 0, 1, 2, 5, 4  # fairseq-style ids in the tiny vocabulary
 
@@ -24,7 +32,7 @@ def sample(n_text, seed, num_queries):
     text = torch.randint(10, 100, (n_text,), generator=gen)
     tokens = torch.cat([torch.tensor([BOS, BOI]), torch.arange(6, 6 + num_queries), torch.tensor([EOI]), text])
     mask = torch.zeros_like(tokens, dtype=torch.bool)
-    mask[2:2 + num_queries] = True
+    mask[2 : 2 + num_queries] = True
     return tokens, mask
 
 
@@ -107,8 +115,10 @@ def test_xl_shape():
 def layer0_input(model, tokens, mask, image, scale=None):
     """The tensor entering decoder layer 0, optionally with the connector output multiplied by ``scale``."""
     captured = {}
-    hooks = [model.decoder.layers[0].register_forward_pre_hook(lambda mod, args: captured.update(x=args[0])),
-             model.connector.register_forward_hook(lambda mod, args, out: captured.update(f=out))]
+    hooks = [
+        model.decoder.layers[0].register_forward_pre_hook(lambda mod, args: captured.update(x=args[0])),
+        model.connector.register_forward_hook(lambda mod, args, out: captured.update(f=out)),
+    ]
     if scale is not None:
         hooks.append(model.connector.register_forward_hook(lambda mod, args, out: out * scale))
     try:
@@ -146,12 +156,17 @@ def test_pad_row_zero_and_tied_output_projection(model):
 def test_decoder_layer_norms_and_no_relative_positions(model):
     """Four LayerNorms per sub-LN layer + one final LayerNorm; no xPos/rotary/relative bias."""
     d, ffn = model.cfg.decoder.embed_dim, model.cfg.decoder.ffn_embed_dim
-    expected = {"self_attn_layer_norm": d, "self_attn.inner_attn_ln": d, "ffn.ffn_layernorm": ffn,
-                "final_layer_norm": d}
+    expected = {
+        "self_attn_layer_norm": d,
+        "self_attn.inner_attn_ln": d,
+        "ffn.ffn_layernorm": ffn,
+        "final_layer_norm": d,
+    }
     assert len(model.decoder.layers) == model.cfg.decoder.layers
     for layer in model.decoder.layers:
-        norms = {name: mod.normalized_shape[0] for name, mod in layer.named_modules()
-                 if "LayerNorm" in type(mod).__name__}
+        norms = {
+            name: mod.normalized_shape[0] for name, mod in layer.named_modules() if "LayerNorm" in type(mod).__name__
+        }
         assert norms == expected
         assert layer.self_attn.xpos is None
     assert model.decoder.layer_norm.normalized_shape == (d,)
@@ -180,7 +195,7 @@ def test_padded_batch_matches_single_samples(model, side):
     with torch.no_grad():
         batched = model(tokens, image, masks)["lm_logits"]
         for i, (t, m) in enumerate(samples):
-            single = model(t[None], image[i:i + 1], m[None])["lm_logits"][0]
+            single = model(t[None], image[i : i + 1], m[None])["lm_logits"][0]
             real = tokens[i].ne(PAD)
             torch.testing.assert_close(batched[i][real], single, atol=1e-5, rtol=1e-5)
 
@@ -367,8 +382,16 @@ def test_locality_bias_values():
 
 def test_sincos_2d_values_and_query_patch_matching():
     pos = k2.sincos_2d(torch.tensor([2.0]), torch.tensor([3.0]), 8)  # omega = [1, 0.01]
-    expect = [math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02),
-              math.sin(3), math.sin(0.03), math.cos(3), math.cos(0.03)]
+    expect = [
+        math.sin(2),
+        math.sin(0.02),
+        math.cos(2),
+        math.cos(0.02),
+        math.sin(3),
+        math.sin(0.03),
+        math.cos(3),
+        math.cos(0.03),
+    ]
     assert pos[0].tolist() == pytest.approx(expect, abs=1e-6)
     assert float(pos[0] @ pos[0]) == pytest.approx(4.0)  # dim / 2: one sin^2 + cos^2 per frequency and axis
     pos_k, pos_q = k2.connector_positions(65, 16, 128, "cpu", torch.float32)
@@ -385,8 +408,9 @@ def test_connector_options_match_explicit_attention(position_embedding, sigma):
     """The connector's output equals softmax((Wq q')(Wk k')^T / sqrt(d) + bias) (Wv v) then out_proj, with
     q' = queries (+ their positions), k' = [dense(f); queries] (+ positions), v = [dense(f); queries]."""
     torch.manual_seed(0)
-    cfg = k2.Kosmos2ConnectorConfig(latent_query_num=16, attention_heads=4, position_embedding=position_embedding,
-                                    locality_sigma=sigma)
+    cfg = k2.Kosmos2ConnectorConfig(
+        latent_query_num=16, attention_heads=4, position_embedding=position_embedding, locality_sigma=sigma
+    )
     conn = Kosmos2Connector(cfg, 32, 64).eval()
     feats = torch.randn(2, 65, 32)
     x = conn.dense(feats)

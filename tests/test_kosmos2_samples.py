@@ -1,16 +1,25 @@
 """Kosmos-2 GRIT samples and batch layout against the release's loader (microsoft/unilm
 kosmos-2/unilm/data/vl/laion2b_obj_loader.py and obj_utils.py)."""
+
 import os
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED
 from unilm_vl.data.decode import BadSample
-from unilm_vl.data.kosmos2_samples import (CollateKosmos2, GritEntry, GritGroundedCaption, center_crop_box,
-                                           char_span_to_token_span, grounded_pieces, parse_grit_entries,
-                                           select_grounded_spans)
+from unilm_vl.data.kosmos2_samples import (
+    CollateKosmos2,
+    GritEntry,
+    GritGroundedCaption,
+    center_crop_box,
+    char_span_to_token_span,
+    grounded_pieces,
+    parse_grit_entries,
+    select_grounded_spans,
+)
+
+from conftest import SHARED
 
 REFERENCE = os.path.join(SHARED, "reference", "kosmos2")
 CAPTION = "a wire hanger with a paper cover that reads we heart our customers"
@@ -21,25 +30,61 @@ README_ANNOTATION = {
     "phrase": [[19, 32, *BOX_COVER, 0.79298526], [0, 13, *BOX_HANGER, 0.67520964]],
     "expression_v1": [[19, 66, *BOX_COVER, 0.79298526], [0, 66, *BOX_HANGER, 0.67520964]],
 }
-README_IDS = [64012, 64007, 10, 6454, 31772, 64008, 64009, 64013, 65036, 64010, 23, 64007, 10, 1287, 1285, 64008,
-              64009, 64301, 65004, 64010, 14, 6372, 46, 689, 84, 1158, 2]
+README_IDS = [
+    64012,
+    64007,
+    10,
+    6454,
+    31772,
+    64008,
+    64009,
+    64013,
+    65036,
+    64010,
+    23,
+    64007,
+    10,
+    1287,
+    1285,
+    64008,
+    64009,
+    64301,
+    65004,
+    64010,
+    14,
+    6372,
+    46,
+    689,
+    84,
+    1158,
+    2,
+]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     for name in ("sentencepiece.bpe.model", "dict.txt"):
         if not os.path.isfile(os.path.join(REFERENCE, name)):
-            pytest.skip(f"Kosmos-2 reference file not present: {os.path.join(REFERENCE, name)} "
-                        "(the shared reference checkout is absent)")
+            pytest.skip(
+                f"Kosmos-2 reference file not present: {os.path.join(REFERENCE, name)} "
+                "(the shared reference checkout is absent)"
+            )
     from unilm_vl.data.grounding import build_kosmos2_tokenizer
 
-    return build_kosmos2_tokenizer(os.path.join(REFERENCE, "sentencepiece.bpe.model"),
-                                   os.path.join(REFERENCE, "dict.txt"))
+    return build_kosmos2_tokenizer(
+        os.path.join(REFERENCE, "sentencepiece.bpe.model"), os.path.join(REFERENCE, "dict.txt")
+    )
 
 
 def readme_sample(annotation=README_ANNOTATION, caption=CAPTION):
-    return {"__key__": "155439", "__seed__": 7, "__where__": "readme.tsv:1", "caption": caption,
-            "image": Image.new("RGB", (1024, 693)), "meta": {"annotation": str(annotation)}}
+    return {
+        "__key__": "155439",
+        "__seed__": 7,
+        "__where__": "readme.tsv:1",
+        "caption": caption,
+        "image": Image.new("RGB", (1024, 693)),
+        "meta": {"annotation": str(annotation)},
+    }
 
 
 def test_center_crop_box_reference_case():
@@ -55,8 +100,12 @@ def test_center_crop_box_reference_case():
 
 
 def test_expression_mode_keeps_outermost_spans_and_merges_identical_ones():
-    entries = [GritEntry(19, 66, (0.1, 0.1, 0.5, 0.5), 0.9), GritEntry(0, 66, (0.0, 0.0, 1.0, 1.0), 0.8),
-               GritEntry(0, 66, (0.2, 0.2, 0.4, 0.4), 0.7), GritEntry(30, 40, (0.1, 0.1, 0.2, 0.2), 0.5)]
+    entries = [
+        GritEntry(19, 66, (0.1, 0.1, 0.5, 0.5), 0.9),
+        GritEntry(0, 66, (0.0, 0.0, 1.0, 1.0), 0.8),
+        GritEntry(0, 66, (0.2, 0.2, 0.4, 0.4), 0.7),
+        GritEntry(30, 40, (0.1, 0.1, 0.2, 0.2), 0.5),
+    ]
     spans = select_grounded_spans(entries, (224, 224), mode="expression")
     assert [(s.start, s.end) for s in spans] == [(0, 66)]
     assert spans[0].boxes == [(0.0, 0.0, 1.0, 1.0), (0.2, 0.2, 0.4, 0.4)]  # annotation order
@@ -77,10 +126,28 @@ def test_parse_grit_entries_rejects_bad_boxes_and_spans():
 def test_grounded_pieces_markup_order():
     pieces = ["\u2581a", "\u2581dog", "\u2581and", "\u2581cat"]
     out = grounded_pieces(pieces, [(0, 2, [(1, 2), (3, 4)]), (3, 4, [(5, 6)])])
-    assert out == ["<grounding>", "<phrase>", "\u2581a", "\u2581dog", "</phrase>", "<object>", "<patch_index_0001>",
-                   "<patch_index_0002>", "</delimiter_of_multi_objects/>", "<patch_index_0003>", "<patch_index_0004>",
-                   "</object>", "\u2581and", "<phrase>", "\u2581cat", "</phrase>", "<object>", "<patch_index_0005>",
-                   "<patch_index_0006>", "</object>"]
+    assert out == [
+        "<grounding>",
+        "<phrase>",
+        "\u2581a",
+        "\u2581dog",
+        "</phrase>",
+        "<object>",
+        "<patch_index_0001>",
+        "<patch_index_0002>",
+        "</delimiter_of_multi_objects/>",
+        "<patch_index_0003>",
+        "<patch_index_0004>",
+        "</object>",
+        "\u2581and",
+        "<phrase>",
+        "\u2581cat",
+        "</phrase>",
+        "<object>",
+        "<patch_index_0005>",
+        "<patch_index_0006>",
+        "</object>",
+    ]
     with pytest.raises(ValueError, match="no box"):
         grounded_pieces(pieces, [(0, 1, [])])
 
@@ -90,8 +157,10 @@ def test_readme_record_serialises_to_the_reference_ids(tokenizer):
     sample = stage(readme_sample())
     assert sample["grounded"] and sample["tokens"] == README_IDS
     text = tokenizer.dictionary.string(torch.tensor(sample["tokens"]), bpe_symbol="sentencepiece")
-    assert text.startswith("<grounding><phrase> a wire hanger</phrase><object><patch_index_0000><patch_index_1023>"
-                           "</object> with<phrase> a paper cover</phrase><object><patch_index_0288>")
+    assert text.startswith(
+        "<grounding><phrase> a wire hanger</phrase><object><patch_index_0000><patch_index_1023>"
+        "</object> with<phrase> a paper cover</phrase><object><patch_index_0288>"
+    )
 
 
 def test_readme_record_expression_mode_and_plain_caption(tokenizer):
@@ -135,8 +204,9 @@ def test_collate_masks_match_the_reference_layout():
     collate = CollateKosmos2(bos_id=0, pad_id=1, image_id=64003, image_end_id=64004, num_image_tokens=64)
     caption = [64012, 10, 6454, 2]
     text_only = [5, 6, 2]
-    batch = collate([{"__key__": "a", "tokens": caption, "image": torch.zeros(3, 8, 8)},
-                     {"__key__": "b", "tokens": text_only}])
+    batch = collate(
+        [{"__key__": "a", "tokens": caption, "image": torch.zeros(3, 8, 8)}, {"__key__": "b", "tokens": text_only}]
+    )
     n = len(caption)
     src, tgt = batch["net_input"]["src_tokens"], batch["target"]
     assert src.shape == (2, 66 + n) and batch["ntokens"] == (67 + n) + (1 + len(text_only))
@@ -156,10 +226,14 @@ def test_text_only_documents_from_jsonl_and_txt(tmp_path):
     from unilm_vl.data.grounding import build_kosmos2_tokenizer
     from unilm_vl.data.sources import READERS, decode_record, parse_data_spec
 
-    train_vocab(["a red circle", "a blue square above a green star", "two lines of text"] * 20, str(tmp_path / "v"),
-                vocab_size=60)
-    tok = build_kosmos2_tokenizer(str(tmp_path / "v" / "sentencepiece.bpe.model"), str(tmp_path / "v" / "dict.txt"),
-                                  num_bins=4)
+    train_vocab(
+        ["a red circle", "a blue square above a green star", "two lines of text"] * 20,
+        str(tmp_path / "v"),
+        vocab_size=60,
+    )
+    tok = build_kosmos2_tokenizer(
+        str(tmp_path / "v" / "sentencepiece.bpe.model"), str(tmp_path / "v" / "dict.txt"), num_bins=4
+    )
     (tmp_path / "docs.jsonl").write_text('{"text": "a red circle\\ntwo lines"}\n\nnot json\n{"txt": 1}\n')
     (tmp_path / "docs.txt").write_text("a blue square\\na green star\n")
     spec = parse_data_spec("docs.jsonl", root=str(tmp_path))[0]
@@ -182,18 +256,21 @@ def test_text_only_documents_from_jsonl_and_txt(tmp_path):
     assert short == ids[:2] + [2]
 
 
-@pytest.mark.parametrize("entry", [
-    [0, 1, 10 ** 400, 0, 1, 1, 0.9],  # float() of it raises OverflowError
-    [0, 1, float("nan"), 0, 1, 1, 0.9],
-    [0, 1, 0, 0, 1, 1, float("nan")],  # a NaN score would pass any threshold test as False and be kept by others
-    [0, 1, 0, 0, 1, 1, float("inf")],
-    [0, 1, "0.1", 0, 1, 1, 0.9],  # a string where a number goes
-    [0, 1, [0.1], 0, 1, 1, 0.9],
-    [0, 1, True, 0, 1, 1, 0.9],
-    [False, True, 0, 0, 1, 1, 0.9],  # booleans are not character offsets
-    [0, 10 ** 400, 0, 0, 1, 1, 0.9],
-    [0.0, 1, 0, 0, 1, 1, 0.9],
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        [0, 1, 10**400, 0, 1, 1, 0.9],  # float() of it raises OverflowError
+        [0, 1, float("nan"), 0, 1, 1, 0.9],
+        [0, 1, 0, 0, 1, 1, float("nan")],  # a NaN score would pass any threshold test as False and be kept by others
+        [0, 1, 0, 0, 1, 1, float("inf")],
+        [0, 1, "0.1", 0, 1, 1, 0.9],  # a string where a number goes
+        [0, 1, [0.1], 0, 1, 1, 0.9],
+        [0, 1, True, 0, 1, 1, 0.9],
+        [False, True, 0, 0, 1, 1, 0.9],  # booleans are not character offsets
+        [0, 10**400, 0, 0, 1, 1, 0.9],
+        [0.0, 1, 0, 0, 1, 1, 0.9],
+    ],
+)
 def test_parse_grit_entries_rejects_absurd_values(entry):
     with pytest.raises(ValueError):
         parse_grit_entries([entry], "a")
@@ -205,8 +282,9 @@ def tiny_tokenizer(tmp_path_factory):
     from unilm_vl.data.grounding import build_kosmos2_tokenizer
 
     root = tmp_path_factory.mktemp("vocab")
-    train_vocab(["a red circle", "a blue square above a green star", "two lines of text"] * 20, str(root),
-                vocab_size=60)
+    train_vocab(
+        ["a red circle", "a blue square above a green star", "two lines of text"] * 20, str(root), vocab_size=60
+    )
     return build_kosmos2_tokenizer(str(root / "sentencepiece.bpe.model"), str(root / "dict.txt"), num_bins=4)
 
 
@@ -214,8 +292,14 @@ def test_absurd_annotation_json_is_a_bad_sample_not_a_crash(tiny_tokenizer):
     """Valid JSON, absurd values: a 400-digit box coordinate (OverflowError before), NaN, a string."""
     stage = GritGroundedCaption(tiny_tokenizer, mode="phrase", num_bins=4, use_object_bbox_prob=1.0)
     for box in ("1" + "0" * 400 + ", 0, 1, 1", "NaN, 0, 1, 1", '"0.1", 0, 1, 1'):
-        sample = {"__key__": "k", "__seed__": 1, "__where__": "x.tsv:3", "caption": "a red circle",
-                  "image": Image.new("RGB", (8, 8)), "meta": {"annotation": '{"phrase": [[0, 5, %s, 0.9]]}' % box}}
+        sample = {
+            "__key__": "k",
+            "__seed__": 1,
+            "__where__": "x.tsv:3",
+            "caption": "a red circle",
+            "image": Image.new("RGB", (8, 8)),
+            "meta": {"annotation": '{"phrase": [[0, 5, %s, 0.9]]}' % box},
+        }
         with pytest.raises(BadSample, match=r"grounding: bad box or score.*x\.tsv:3"):
             stage(sample)
 
@@ -240,16 +324,31 @@ def test_long_captions_and_documents_are_cut_before_tokenising(tiny_tokenizer):
     from unilm_vl.data.tokenizers import MAX_CHARS_PER_TOKEN
 
     tok = RecordingTokenizer(tiny_tokenizer)
-    stage = GritGroundedCaption(tok, mode="phrase", num_bins=4, use_object_bbox_prob=1.0, center_crop=False,
-                                max_text_tokens=20)
+    stage = GritGroundedCaption(
+        tok, mode="phrase", num_bins=4, use_object_bbox_prob=1.0, center_crop=False, max_text_tokens=20
+    )
     caption = "a red circle " * 100_000
-    cut = caption[:20 * MAX_CHARS_PER_TOKEN]
+    cut = caption[: 20 * MAX_CHARS_PER_TOKEN]
     entries = [[0, 12, 0.0, 0.0, 0.5, 0.5, 0.9], [len(caption) - 7, len(caption) - 1, 0.5, 0.5, 1.0, 1.0, 0.9]]
-    sample = stage({"__key__": "k", "__seed__": 1, "caption": caption, "image": Image.new("RGB", (8, 8)),
-                    "meta": {"annotation": str({"phrase": entries})}})
+    sample = stage(
+        {
+            "__key__": "k",
+            "__seed__": 1,
+            "caption": caption,
+            "image": Image.new("RGB", (8, 8)),
+            "meta": {"annotation": str({"phrase": entries})},
+        }
+    )
     assert tok.longest == len(cut)
-    short = stage({"__key__": "k", "__seed__": 1, "caption": cut, "image": Image.new("RGB", (8, 8)),
-                   "meta": {"annotation": str({"phrase": entries[:1]})}})
+    short = stage(
+        {
+            "__key__": "k",
+            "__seed__": 1,
+            "caption": cut,
+            "image": Image.new("RGB", (8, 8)),
+            "meta": {"annotation": str({"phrase": entries[:1]})},
+        }
+    )
     assert sample["grounded"] and sample["tokens"] == short["tokens"]
     tok.longest = 0
     doc = stage({"__key__": "d", "text": caption})["tokens"]

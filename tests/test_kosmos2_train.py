@@ -1,35 +1,72 @@
 """Kosmos-2 end to end through the real fairseq trainer on a small synthetic world: a vocabulary built with
 build_vocab, grounded GRIT TSV shards, training, checkpoint save and exact resume."""
+
 import re
 
 import pytest
 import torch
-
-from conftest import BIN, REPO
 from test_train_e2e import model_state, run
-from trainer_harness import build_trainer, parameters, train_updates
+
 from unilm_vl.data import build_vocab
 from unilm_vl.data.synthetic import generate_world
+
+from conftest import BIN, REPO
+from trainer_harness import build_trainer, parameters, train_updates
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("k2world")
     generate_world(str(root), seed=2, num_train=120, num_val=16, num_test=8, num_videos=0, workers=1)
-    build_vocab.main(["--data", "train/grit/part-*.tsv", "--root", str(root), "--out", str(root / "vocab"),
-                      "--vocab-size", "300"])
+    build_vocab.main(
+        ["--data", "train/grit/part-*.tsv", "--root", str(root), "--out", str(root / "vocab"), "--vocab-size", "300"]
+    )
     return root
 
 
 def k2_args(world, save_dir, *extra):
-    return ["--user-dir", f"{REPO}/unilm_vl", str(world), "--task", "kosmos2",
-            "--train-data", "train/grit/part-*.tsv", "--valid-data", "val/grit/part-*.tsv",
-            "--spm-model", str(world / "vocab" / "sentencepiece.bpe.model"),
-            "--dict-path", str(world / "vocab" / "dict.txt"), "--location-bin-size", "16",
-            "--image-token-length", "16", "--arch", "kosmos2_tiny", "--criterion", "kosmos2_lm",
-            "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "8", "--num-workers", "1", "--cpu",
-            "--seed", "5", "--save-dir", str(save_dir), "--log-format", "simple", "--log-interval", "1",
-            "--no-epoch-checkpoints", *extra]
+    return [
+        "--user-dir",
+        f"{REPO}/unilm_vl",
+        str(world),
+        "--task",
+        "kosmos2",
+        "--train-data",
+        "train/grit/part-*.tsv",
+        "--valid-data",
+        "val/grit/part-*.tsv",
+        "--spm-model",
+        str(world / "vocab" / "sentencepiece.bpe.model"),
+        "--dict-path",
+        str(world / "vocab" / "dict.txt"),
+        "--location-bin-size",
+        "16",
+        "--image-token-length",
+        "16",
+        "--arch",
+        "kosmos2_tiny",
+        "--criterion",
+        "kosmos2_lm",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "1",
+        "--cpu",
+        "--seed",
+        "5",
+        "--save-dir",
+        str(save_dir),
+        "--log-format",
+        "simple",
+        "--log-interval",
+        "1",
+        "--no-epoch-checkpoints",
+        *extra,
+    ]
 
 
 def test_train_validate_and_resume_exactly(world, tmp_path):
@@ -49,14 +86,23 @@ def test_train_validate_and_resume_exactly(world, tmp_path):
 
 
 def test_validation_reports_caption_token_loss(world, tmp_path):
-    out = run([f"{BIN}/fairseq-train", *k2_args(world, tmp_path, "--max-update", "2", "--batch-size-valid", "8",
-                                                "--validate-interval-updates", "2")])
+    out = run(
+        [
+            f"{BIN}/fairseq-train",
+            *k2_args(
+                world, tmp_path, "--max-update", "2", "--batch-size-valid", "8", "--validate-interval-updates", "2"
+            ),
+        ]
+    )
     valid = re.search(r"\| valid on 'valid' subset \| loss ([0-9.]+) \| grit_loss ([0-9.]+)", out)
     assert valid and float(valid.group(1)) == pytest.approx(float(valid.group(2)), abs=1e-3)
-    total, trained = map(int, re.search(r"num. shared model params: ([0-9,]+) \(num. trained: ([0-9,]+)\)",
-                                        out.replace(",", "")).groups())
-    vision = sum(v.numel() for k, v in model_state(tmp_path / "checkpoint_last.pt").items()
-                 if k.startswith("net.vision."))
+    total, trained = map(
+        int,
+        re.search(r"num. shared model params: ([0-9,]+) \(num. trained: ([0-9,]+)\)", out.replace(",", "")).groups(),
+    )
+    vision = sum(
+        v.numel() for k, v in model_state(tmp_path / "checkpoint_last.pt").items() if k.startswith("net.vision.")
+    )
     assert trained == total - vision  # the image tower is frozen by default
 
 

@@ -10,6 +10,7 @@ Every import statement of every module is read from its source (function-level o
 cannot hide an upward one), resolved to a package module and checked against the floor table, plus the rules the
 issue names explicitly: ``modules/`` and ``losses/`` import no fairseq; ``data/`` imports nothing from the synthetic
 world generator except its word lists."""
+
 import ast
 import os
 
@@ -23,8 +24,22 @@ FLOORS = [
     (1, ("models", "criterions", "optim")),
     (2, ("tasks", "trainer", "fsdp2", "fault_tolerance", "distributed_cpu", "inference")),
     (3, ("checkpoint", "convert")),  # convert: checkpoint reads HF directories through it
-    (4, ("eval", "api", "demo", "consolidate", "export_open_clip", "wise_ft", "kosmos2_infer", "generate",
-         "train", "plot_log", "__init__")),
+    (
+        4,
+        (
+            "eval",
+            "api",
+            "demo",
+            "consolidate",
+            "export_open_clip",
+            "wise_ft",
+            "kosmos2_infer",
+            "generate",
+            "train",
+            "plot_log",
+            "__init__",
+        ),
+    ),
 ]
 GENERATOR = "unilm_vl.data.synthetic"
 FORBIDDEN = [  # (importer prefix, imported prefix) pairs the issue names that the floors alone allow
@@ -92,13 +107,23 @@ def test_imports_run_downwards(module, path):
                 continue  # the package itself (its __init__ registers everything): only tools import it
             if floor_of(target) > own:
                 upward.append(f"line {line}: {target} (floor {floor_of(target)} > {own})")
-            forbidden += [f"line {line}: {target}" for importer, imported in FORBIDDEN
-                          if module.startswith(importer) and target.startswith(imported)]
-            if module.startswith("unilm_vl.data.") and not module.startswith(GENERATOR) and \
-                    target.startswith(GENERATOR) and target != f"{GENERATOR}.vocabulary":
+            forbidden += [
+                f"line {line}: {target}"
+                for importer, imported in FORBIDDEN
+                if module.startswith(importer) and target.startswith(imported)
+            ]
+            if (
+                module.startswith("unilm_vl.data.")
+                and not module.startswith(GENERATOR)
+                and target.startswith(GENERATOR)
+                and target != f"{GENERATOR}.vocabulary"
+            ):
                 generator.append(f"line {line}: {target}")
-        elif own == 0 and (module.startswith("unilm_vl.modules") or module.startswith("unilm_vl.losses")) and \
-                (target == "fairseq" or target.startswith("fairseq.")):
+        elif (
+            own == 0
+            and (module.startswith("unilm_vl.modules") or module.startswith("unilm_vl.losses"))
+            and (target == "fairseq" or target.startswith("fairseq."))
+        ):
             fairseq_in_floor0.append(f"line {line}: {target}")
     assert not upward, f"{module} imports a floor above its own: {upward}"
     assert not fairseq_in_floor0, f"{module} (modules/, losses/) imports fairseq: {fairseq_in_floor0}"
@@ -117,7 +142,12 @@ def test_the_table_catches_an_upward_import(tmp_path):
 
 def test_the_explicit_rules_catch_what_floors_allow():
     """models/ -> criterions/ and eval/ -> tasks/ are on allowed floors but forbidden by name."""
-    pairs = [(m, t) for m, t in [("unilm_vl.models.cosa", "unilm_vl.criterions.cosa"),
-                                 ("unilm_vl.eval.refcoco", "unilm_vl.tasks.kosmos2")]
-             if any(m.startswith(a) and t.startswith(b) for a, b in FORBIDDEN)]
+    pairs = [
+        (m, t)
+        for m, t in [
+            ("unilm_vl.models.cosa", "unilm_vl.criterions.cosa"),
+            ("unilm_vl.eval.refcoco", "unilm_vl.tasks.kosmos2"),
+        ]
+        if any(m.startswith(a) and t.startswith(b) for a, b in FORBIDDEN)
+    ]
     assert len(pairs) == 2 and floor_of("unilm_vl.eval.refcoco") > floor_of("unilm_vl.tasks.kosmos2")

@@ -1,5 +1,6 @@
 """unilm_vl/trainer.py ``_lean_fp32_optimizer``: fairseq's fp32 ``adam`` with a foreach update, a foreach gradient
 norm and no multiplication by 1 gives bit-identical parameters, moments and gradient norms to fairseq's own loop."""
+
 import pytest
 import torch
 from fairseq import utils as fairseq_utils

@@ -1,13 +1,12 @@
 """The CLIP recipe learns: a short tiny-CLIP run on a small synthetic world retrieves held-out scenes (unseen
 colour-shape combinations) far above chance. The full recipe's numbers are in the README."""
-import os
 
 import pytest
+from test_train_e2e import run, train_args
 
 from unilm_vl.data.synthetic import generate_world
 
 from conftest import BIN
-from test_train_e2e import run, train_args
 
 
 @pytest.mark.slow
@@ -15,10 +14,34 @@ def test_tiny_clip_learns_held_out_retrieval(tmp_path):
     world = tmp_path / "world"
     generate_world(str(world), seed=1, num_train=3000, num_val=100, num_test=100, num_videos=0, workers=2)
     save = tmp_path / "ckpt"
-    run([f"{BIN}/fairseq-train", *train_args(
-        world, save, "--train-data", "train/wds/part-*.tar", "--optimizer", "adam", "--adam-betas", "(0.9,0.98)",
-        "--lr", "1e-3", "--lr-scheduler", "cosine", "--warmup-updates", "15", "--max-update", "160",
-        "--batch-size", "64", "--num-workers", "1")], timeout=900)
+    run(
+        [
+            f"{BIN}/fairseq-train",
+            *train_args(
+                world,
+                save,
+                "--train-data",
+                "train/wds/part-*.tar",
+                "--optimizer",
+                "adam",
+                "--adam-betas",
+                "(0.9,0.98)",
+                "--lr",
+                "1e-3",
+                "--lr-scheduler",
+                "cosine",
+                "--warmup-updates",
+                "15",
+                "--max-update",
+                "160",
+                "--batch-size",
+                "64",
+                "--num-workers",
+                "1",
+            ),
+        ],
+        timeout=900,
+    )
     from unilm_vl.eval.common import load_encoder
     from unilm_vl.eval.retrieval import evaluate_retrieval
 

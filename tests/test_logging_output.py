@@ -1,6 +1,7 @@
 """What a run prints and writes besides its results: fairseq's ``--tensorboard-logdir`` writes event files (the set-up
 installs tensorboardX), and building towers does not warn "No pretrained weights loaded ... Model initialized
 randomly" before the real weights load (unilm_vl.modules.clip.create_open_clip_model)."""
+
 import glob
 import logging
 import os
@@ -48,9 +49,9 @@ def read_event_scalars(path):
     out, data = [], open(path, "rb").read()
     pos = 0
     while pos < len(data):
-        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        (length,) = struct.unpack("<Q", data[pos : pos + 8])
         event = event_pb2.Event()
-        event.ParseFromString(data[pos + 12:pos + 12 + length])
+        event.ParseFromString(data[pos + 12 : pos + 12 + length])
         pos += 12 + length + 4
         for value in event.summary.value:
             out.append((value.tag, event.step, value.simple_value))
@@ -63,12 +64,43 @@ def test_tensorboard_logdir_writes_the_training_curves(tmp_path, monkeypatch, ca
     from unilm_vl import train
 
     write_wds(str(tmp_path / "data" / "part"), 8, 8)
-    monkeypatch.setattr(sys, "argv", [
-        "train", str(tmp_path / "data"), "--task", "image_text_contrastive", "--train-data", "part-*.tar",
-        "--valid-data", "part-00000.tar", "--arch", "clip_tiny", "--criterion", "clip", "--optimizer", "sgd",
-        "--lr", "0.01", "--batch-size", "4", "--num-workers", "0", "--max-update", "2", "--cpu", "--no-save",
-        "--disable-validation", "--log-format", "simple", "--log-interval", "1",
-        "--tensorboard-logdir", str(tmp_path / "tb")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "train",
+            str(tmp_path / "data"),
+            "--task",
+            "image_text_contrastive",
+            "--train-data",
+            "part-*.tar",
+            "--valid-data",
+            "part-00000.tar",
+            "--arch",
+            "clip_tiny",
+            "--criterion",
+            "clip",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.01",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+            "--max-update",
+            "2",
+            "--cpu",
+            "--no-save",
+            "--disable-validation",
+            "--log-format",
+            "simple",
+            "--log-interval",
+            "1",
+            "--tensorboard-logdir",
+            str(tmp_path / "tb"),
+        ],
+    )
     with caplog.at_level(logging.INFO):
         train.cli_main()
     from fairseq.logging import progress_bar

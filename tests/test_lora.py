@@ -1,5 +1,6 @@
 """LoRA for open_clip towers (FSC-CLIP, ytaek-oh/fsc-clip src/training/models/lora_utils/): targets, init values, frozen
 parameters, merge into a plain open_clip state dict, and WiSE-FT interpolation."""
+
 import copy
 
 import open_clip
@@ -7,8 +8,15 @@ import pytest
 import torch
 
 import unilm_vl.modules.clip  # noqa: F401  (registers unilm-vl-clip-tiny)
-from unilm_vl.modules.lora import (LoraConfig, LoraConv2d, LoraLinear, LoraMultiheadAttention, apply_lora,
-                                   mark_only_lora_as_trainable, merge_lora_state_dict)
+from unilm_vl.modules.lora import (
+    LoraConfig,
+    LoraConv2d,
+    LoraLinear,
+    LoraMultiheadAttention,
+    apply_lora,
+    mark_only_lora_as_trainable,
+    merge_lora_state_dict,
+)
 from unilm_vl.wise_ft import wise_ft_state_dict
 
 NAME = "unilm-vl-clip-tiny"

@@ -1,11 +1,21 @@
 """unilm_vl.eval.metrics against hand-computed values."""
+
 import numpy as np
 import pytest
 import torch
 
-from unilm_vl.eval.metrics import (ensemble_scores, mean_per_class_accuracy, mean_rank, median_rank, per_class_accuracy,
-                                   recall_at_k, retrieval_metrics, retrieval_ranks, topk_accuracy,
-                                   zeroshot_classifier)
+from unilm_vl.eval.metrics import (
+    ensemble_scores,
+    mean_per_class_accuracy,
+    mean_rank,
+    median_rank,
+    per_class_accuracy,
+    recall_at_k,
+    retrieval_metrics,
+    retrieval_ranks,
+    topk_accuracy,
+    zeroshot_classifier,
+)
 
 # 3 images x 6 texts; texts 0,1 -> image 0, texts 2,3 -> image 1, texts 4,5 -> image 2.
 SIM = [
@@ -47,9 +57,7 @@ def test_retrieval_ranks_ties_count_against_the_ground_truth():
     # Column of text 0: image 0 (GT) .5 ties with image 1 .5, image 2 has .7 -> rank 2 (the tie counts above it).
     # Column of text 1: image 1 (GT) .5, the others .2 and .3 -> 0.  Column of text 2: image 2 (GT) .1 is the top -> 0.
     # Row of image 1 (GT text 1 at .5): text 0 .5 ties -> rank 1.  Row of image 2 (GT text 2 .1): .7, .3 above -> 2.
-    sim = [[0.5, 0.2, 0.0],
-           [0.5, 0.5, 0.0],
-           [0.7, 0.3, 0.1]]
+    sim = [[0.5, 0.2, 0.0], [0.5, 0.5, 0.0], [0.7, 0.3, 0.1]]
     i2t, t2i = retrieval_ranks(sim, [0, 1, 2])
     assert t2i.tolist() == [2, 0, 0]
     assert i2t.tolist() == [0, 1, 2]
@@ -71,14 +79,28 @@ def test_constant_scores_score_at_most_chance():
         i2t, t2i = retrieval_ranks(sim, t2i_gt)
         assert i2t.tolist() == [6] * 4 and t2i.tolist() == [3] * 8
         m = retrieval_metrics(sim, t2i_gt)
-        assert m == pytest.approx({"i2t_R@1": 0.0, "i2t_R@5": 0.0, "i2t_R@10": 100.0,
-                                   "t2i_R@1": 0.0, "t2i_R@5": 100.0, "t2i_R@10": 100.0,
-                                   "i2t_mean_rank": 7.0, "i2t_median_rank": 7.0,
-                                   "t2i_mean_rank": 4.0, "t2i_median_rank": 4.0, "rsum": 300.0})
+        assert m == pytest.approx(
+            {
+                "i2t_R@1": 0.0,
+                "i2t_R@5": 0.0,
+                "i2t_R@10": 100.0,
+                "t2i_R@1": 0.0,
+                "t2i_R@5": 100.0,
+                "t2i_R@10": 100.0,
+                "i2t_mean_rank": 7.0,
+                "i2t_median_rank": 7.0,
+                "t2i_mean_rank": 4.0,
+                "t2i_median_rank": 4.0,
+                "rsum": 300.0,
+            }
+        )
         assert m["t2i_R@1"] <= 100 / 4 and m["i2t_R@1"] <= 100 * 2 / 8  # at most chance
     # constant logits: top-1 = 0 of chance 1/3, top-3 = 100 (k >= C), per-class 0
-    assert topk_accuracy(torch.zeros(6, 3), [0, 1, 2, 0, 1, 2], ks=(1, 2, 3)) == {"top1": 0.0, "top2": 0.0,
-                                                                                   "top3": 100.0}
+    assert topk_accuracy(torch.zeros(6, 3), [0, 1, 2, 0, 1, 2], ks=(1, 2, 3)) == {
+        "top1": 0.0,
+        "top2": 0.0,
+        "top3": 100.0,
+    }
     assert mean_per_class_accuracy(torch.zeros(6, 3), [0, 1, 2, 0, 1, 2], 3) == 0.0
 
 
@@ -88,8 +110,10 @@ def test_ranks_equal_the_sort_based_rank_without_ties_and_are_its_worst_case_wit
     with it, i.e. the largest position any tie-breaking order gives it."""
     gen = torch.Generator().manual_seed(0)
     t2i_gt = torch.arange(12) % 5  # 5 images, 12 texts
-    for sim, gt_last in ((torch.rand(5, 12, generator=gen, dtype=torch.float64), False),
-                         (torch.randint(0, 3, (5, 12), generator=gen).double(), True)):
+    for sim, gt_last in (
+        (torch.rand(5, 12, generator=gen, dtype=torch.float64), False),
+        (torch.randint(0, 3, (5, 12), generator=gen).double(), True),
+    ):
         i2t, t2i = retrieval_ranks(sim, t2i_gt)
         for j in range(12):
             col = sim[:, j].tolist()
@@ -128,10 +152,16 @@ def test_recall_mean_median_rank():
 def test_retrieval_metrics_hand_case():
     m = retrieval_metrics(torch.tensor(SIM), T2I)
     expected = {
-        "i2t_R@1": 100 / 3, "i2t_R@5": 100.0, "i2t_R@10": 100.0,
-        "t2i_R@1": 100 / 3, "t2i_R@5": 100.0, "t2i_R@10": 100.0,
-        "i2t_mean_rank": 2.0, "i2t_median_rank": 2.0,
-        "t2i_mean_rank": 11 / 6, "t2i_median_rank": 2.0,
+        "i2t_R@1": 100 / 3,
+        "i2t_R@5": 100.0,
+        "i2t_R@10": 100.0,
+        "t2i_R@1": 100 / 3,
+        "t2i_R@5": 100.0,
+        "t2i_R@10": 100.0,
+        "i2t_mean_rank": 2.0,
+        "i2t_median_rank": 2.0,
+        "t2i_mean_rank": 11 / 6,
+        "t2i_median_rank": 2.0,
         "rsum": 2 * (100 / 3) + 400.0,
     }
     assert m == pytest.approx(expected)
@@ -139,7 +169,7 @@ def test_retrieval_metrics_hand_case():
 
 def test_retrieval_metrics_cosa_case():
     # the release's metric, TXH-mercury/COSA test.py (texts x videos there; transposed here to images x texts).
-    s_text_video = torch.tensor([[.9, .1, .3], [.2, .5, .4], [.1, .8, .7], [.6, .2, .5]])
+    s_text_video = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.5, 0.4], [0.1, 0.8, 0.7], [0.6, 0.2, 0.5]])
     m = retrieval_metrics(s_text_video.T, [0, 0, 1, 2])
     assert m["t2i_R@1"] == pytest.approx(50.0)
     assert (m["t2i_R@5"], m["t2i_R@10"]) == (100.0, 100.0)
@@ -160,9 +190,9 @@ LABELS = [1, 5, 4, 0]
 
 def test_topk_accuracy_hand_case():
     assert topk_accuracy(torch.tensor(LOGITS), LABELS) == pytest.approx({"top1": 25.0, "top5": 75.0})
-    assert topk_accuracy(np.array(LOGITS), np.array(LABELS), ks=(2, 3, 6)) == pytest.approx({"top2": 25.0,
-                                                                                             "top3": 50.0,
-                                                                                             "top6": 100.0})
+    assert topk_accuracy(np.array(LOGITS), np.array(LABELS), ks=(2, 3, 6)) == pytest.approx(
+        {"top2": 25.0, "top3": 50.0, "top6": 100.0}
+    )
 
 
 def test_mean_per_class_accuracy_imbalanced():
@@ -182,9 +212,12 @@ class FixedTextEncoder:
     """encode_texts returning fixed, unnormalised vectors per prompt."""
 
     VECTORS = {
-        "a cat": [3.0, 4.0], "a photo of cat": [0.0, 2.0],
-        "a dog": [1.0, 0.0], "a photo of dog": [0.0, -5.0],
-        "a hound": [0.0, 1.0], "a photo of hound": [0.0, 1.0],
+        "a cat": [3.0, 4.0],
+        "a photo of cat": [0.0, 2.0],
+        "a dog": [1.0, 0.0],
+        "a photo of dog": [0.0, -5.0],
+        "a hound": [0.0, 1.0],
+        "a photo of hound": [0.0, 1.0],
     }
 
     def __call__(self, texts):
@@ -194,12 +227,11 @@ class FixedTextEncoder:
 def test_zeroshot_classifier_normalises_each_prompt_then_the_mean():
     w = zeroshot_classifier(FixedTextEncoder(), ["cat", "dog"], ["a {}", "a photo of {}"])
     # cat: [.6,.8] and [0,1] -> mean [.3,.9] -> / sqrt(.9);  dog: [1,0] and [0,-1] -> mean [.5,-.5] -> / sqrt(.5)
-    expected = torch.tensor([[0.3 / 0.9 ** 0.5, 0.5 / 0.5 ** 0.5],
-                             [0.9 / 0.9 ** 0.5, -0.5 / 0.5 ** 0.5]])
+    expected = torch.tensor([[0.3 / 0.9**0.5, 0.5 / 0.5**0.5], [0.9 / 0.9**0.5, -0.5 / 0.5**0.5]])
     assert w.shape == (2, 2)
     torch.testing.assert_close(w, expected)
     # Averaging raw embeddings instead would give cat = [3, 6] / |.| = [.447, .894]: the test tells them apart.
-    assert abs(w[0, 0].item() - 3 / 45 ** 0.5) > 0.1
+    assert abs(w[0, 0].item() - 3 / 45**0.5) > 0.1
 
 
 def test_zeroshot_classifier_single_template_and_synonyms():
@@ -207,7 +239,7 @@ def test_zeroshot_classifier_single_template_and_synonyms():
     torch.testing.assert_close(w[:, 0], torch.tensor([0.6, 0.8]))
     # Synonyms: prompts of "dog" and "hound" over both templates: [1,0], [0,-1], [0,1], [0,1] -> mean [.25,.25].
     w = zeroshot_classifier(FixedTextEncoder(), [["dog", "hound"]], ["a {}", "a photo of {}"])
-    torch.testing.assert_close(w[:, 0], torch.tensor([0.5 ** 0.5, 0.5 ** 0.5]))
+    torch.testing.assert_close(w[:, 0], torch.tensor([0.5**0.5, 0.5**0.5]))
 
 
 def test_two_head_ensemble():

@@ -14,6 +14,7 @@ and 2% for the Kosmos-2 token NLL (measured: about 0.5% and 0.2%).
 fairseq's own switches do not give mixed precision on CPU: ``--bf16`` implies ``--tpu`` (needs torch_xla),
 ``--fp16`` allocates CUDA buffers, ``--amp`` uses ``torch.cuda.amp`` and is a no-op on CPU (see benchmarks/README.md).
 """
+
 import re
 import types
 
@@ -22,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from unilm_vl.criterions.clip import ClipCriterion, ClipCriterionConfig
+from unilm_vl.criterions.kosmos2_lm import Kosmos2LmCriterion, Kosmos2LmCriterionConfig
 from unilm_vl.losses import rocket
 from unilm_vl.losses.clip import clip_loss
 from unilm_vl.losses.cosa import itc_loss
 from unilm_vl.losses.kosmos2 import masked_token_nll
 from unilm_vl.losses.negatives import negclip_loss
-from unilm_vl.criterions.clip import ClipCriterion, ClipCriterionConfig
-from unilm_vl.criterions.kosmos2_lm import Kosmos2LmCriterion, Kosmos2LmCriterionConfig
 from unilm_vl.models.clip import ClipConfig, ClipModel
 from unilm_vl.modules.kosmos2 import Kosmos2Module, kosmos2_tiny_config
 
@@ -73,15 +74,20 @@ def loss_cases():
     img, txt = features(32, 64)
     views_i, views_t = features(2, 32, 64, seed=1)
     scale = torch.tensor(100.0)  # CLIP's maximum: bf16 logits would step by 0.5 near it
-    return {
-        "clip": lambda i, t: clip_loss(i, t, scale, label_smoothing=0.1)["clip_loss"],
-        "cl2l": lambda i, t: rocket.cl2l_loss(i, t, scale, views_i.to(i.dtype), views_t.to(i.dtype), scale,
-                                              label_smoothing=0.1)["clip_loss"],
-        "swalip": lambda i, t: rocket.swalip_loss(views_i.to(i.dtype), views_t.to(i.dtype), torch.tensor(10.0)),
-        "barlow_twins": lambda i, t: rocket.barlow_twins_loss(4 * i, 4 * t),
-        "cosa_itc": lambda i, t: itc_loss(i, t, torch.tensor(0.07)),  # 1/0.07: like CLIP's scale
-        "negclip": lambda i, t: negclip_loss(i, t, scale, t.roll(1, 0))["clip_loss"],
-    }, img, txt
+    return (
+        {
+            "clip": lambda i, t: clip_loss(i, t, scale, label_smoothing=0.1)["clip_loss"],
+            "cl2l": lambda i, t: rocket.cl2l_loss(
+                i, t, scale, views_i.to(i.dtype), views_t.to(i.dtype), scale, label_smoothing=0.1
+            )["clip_loss"],
+            "swalip": lambda i, t: rocket.swalip_loss(views_i.to(i.dtype), views_t.to(i.dtype), torch.tensor(10.0)),
+            "barlow_twins": lambda i, t: rocket.barlow_twins_loss(4 * i, 4 * t),
+            "cosa_itc": lambda i, t: itc_loss(i, t, torch.tensor(0.07)),  # 1/0.07: like CLIP's scale
+            "negclip": lambda i, t: negclip_loss(i, t, scale, t.roll(1, 0))["clip_loss"],
+        },
+        img,
+        txt,
+    )
 
 
 @pytest.mark.parametrize("name", ["clip", "cl2l", "swalip", "barlow_twins", "cosa_itc", "negclip"])
@@ -129,9 +135,14 @@ def test_clip_criterion_under_bf16_autocast():
     with torch.no_grad():
         model.towers.clip.logit_scale.fill_(torch.log(torch.tensor(50.0)))
     g = torch.Generator().manual_seed(1)
-    sample = {"net_input": {"image": torch.randn(8, 3, 64, 64, generator=g),
-                            "text": torch.randint(1, 4000, (8, 32), generator=g)},
-              "nsentences": 8, "ntokens": 128}
+    sample = {
+        "net_input": {
+            "image": torch.randn(8, 3, 64, 64, generator=g),
+            "text": torch.randint(1, 4000, (8, 32), generator=g),
+        },
+        "nsentences": 8,
+        "ntokens": 128,
+    }
     criterion = ClipCriterion(ClipCriterionConfig(), task=None)
     fp32_loss, _, _ = criterion(model, sample)
     with bf16_autocast(), DtypeRecorder() as rec:
@@ -155,17 +166,22 @@ def test_kosmos2_lm_loss_under_bf16_autocast():
     L, V, pad = model.num_image_tokens, model.cfg.decoder.vocab_size, model.cfg.decoder.pad_idx
     g = torch.Generator().manual_seed(2)
     text = torch.randint(10, V, (2, 7), generator=g)
-    tokens = torch.cat([torch.tensor([[0, 5]] * 2), torch.arange(6, 6 + L).repeat(2, 1), torch.tensor([[4]] * 2),
-                        text], dim=1)  # B x T: <s> <image> [L slots] </image> text
+    tokens = torch.cat(
+        [torch.tensor([[0, 5]] * 2), torch.arange(6, 6 + L).repeat(2, 1), torch.tensor([[4]] * 2), text], dim=1
+    )  # B x T: <s> <image> [L slots] </image> text
     tokens[1, -2:] = pad  # right padding on the second row
     image_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    image_mask[:, 2:2 + L] = True
+    image_mask[:, 2 : 2 + L] = True
     target = torch.cat([tokens[:, 1:], torch.full((2, 1), pad)], dim=1)
     loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    loss_mask[:, 2 + L:] = True  # caption tokens only
-    sample = {"net_input": {"src_tokens": tokens, "image": torch.randn(2, 3, 32, 32, generator=g),
-                            "image_mask": image_mask},
-              "target": target, "loss_mask": loss_mask, "ntokens": int(tokens.ne(pad).sum()), "nsentences": 2}
+    loss_mask[:, 2 + L :] = True  # caption tokens only
+    sample = {
+        "net_input": {"src_tokens": tokens, "image": torch.randn(2, 3, 32, 32, generator=g), "image_mask": image_mask},
+        "target": target,
+        "loss_mask": loss_mask,
+        "ntokens": int(tokens.ne(pad).sum()),
+        "nsentences": 2,
+    }
     task = types.SimpleNamespace(target_dictionary=types.SimpleNamespace(pad=lambda: pad))
     criterion = Kosmos2LmCriterion(Kosmos2LmCriterionConfig(), task)
     fp32_loss, fp32_size, _ = criterion(model, sample)
@@ -185,8 +201,9 @@ def test_bf16_autocast_training_through_fairseq(tmp_path):
     """``--bf16-autocast``: the first update's loss (same weights) is within 1% of fp32, later ones within 6% (Adam
     at lr 1e-3 amplifies the bf16 forward's differences), none bit-identical (autocast really ran), and the saved
     weights stay fp32."""
-    from conftest import BIN, write_wds
     from test_train_e2e import model_state, run, train_args
+
+    from conftest import BIN, write_wds
 
     write_wds(str(tmp_path / "train" / "part"), 24, 24)
     common = ["--optimizer", "adam", "--lr", "1e-3", "--batch-size", "8", "--num-workers", "0", "--max-update", "3"]

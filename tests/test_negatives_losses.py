@@ -1,6 +1,7 @@
 """NegCLIP / FSC-CLIP loss maths against values computed with the reference's ``src/training/losses/loss.py``
 (``ytaek-oh/fsc-clip``), NegCLIP == CLIP without negatives, and 2 gloo ranks x B == 1 rank x 2B (loss and
 gradients)."""
+
 import math
 import os
 
@@ -9,16 +10,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from two_ranks import run_ranks
 from unilm_vl.losses import negatives as fn
 from unilm_vl.losses.clip import clip_loss
+
+from two_ranks import run_ranks
 
 ONE = torch.tensor(1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------- SCR
-@pytest.mark.parametrize("gamma,eps,expected", [(0, None, 0.493812), (0, 0.02, 0.513812), (2, None, 0.074995),
-                                                (2, 0.02, 0.093976), (2, 0.0, 0.074995)])
+@pytest.mark.parametrize(
+    "gamma,eps,expected",
+    [(0, None, 0.493812), (0, 0.02, 0.513812), (2, None, 0.074995), (2, 0.02, 0.093976), (2, 0.0, 0.074995)],
+)
 def test_scr_hand_case_keeps_the_missing_column_in_the_softmax(gamma, eps, expected):
     logits = torch.tensor([[2.0, 1.0, 0.0, 0.0]])  # the 3rd negative is missing: zero-filled, logit 0
     valid = torch.tensor([[1, 1, 0]])
@@ -29,7 +33,7 @@ def test_scr_with_mask_missing_drops_the_column():
     logits = torch.tensor([[2.0, 1.0, 0.0, 0.0]])
     p = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)  # 3-way softmax, the missing column gone
     y = torch.tensor([0.98 + 0.02 / 3, 0.02 / 3, 0.02 / 3])
-    expected = (y * -(1 - p) ** 2 * p.log()).sum().item()
+    expected = (y * -((1 - p) ** 2) * p.log()).sum().item()
     got = fn.selective_calibrated_loss(logits.requires_grad_(True), torch.tensor([[1, 1, 0]]), 2, 0.02, True)
     assert got.item() == pytest.approx(expected, abs=1e-6)
     got.backward()
@@ -230,8 +234,9 @@ def _negclip_by_hand(img, txt, s, neg, label_smoothing=0.0):
     return 0.5 * (i2t + t2i)
 
 
-@pytest.mark.parametrize("b,t,d,seed,scale,smoothing", [(2, 1, 3, 0, 1.0, 0.0), (5, 3, 8, 1, 14.3, 0.0),
-                                                          (7, 2, 16, 2, 100.0, 0.1)])
+@pytest.mark.parametrize(
+    "b,t,d,seed,scale,smoothing", [(2, 1, 3, 0, 1.0, 0.0), (5, 3, 8, 1, 14.3, 0.0), (7, 2, 16, 2, 100.0, 0.1)]
+)
 def test_negclip_batch_without_any_valid_negative_is_exactly_clip(b, t, d, seed, scale, smoothing):
     """The reference appends no column when the batch holds no valid negative: plain CLIP, not CLIP plus T*B
     logit-0 columns."""
@@ -241,8 +246,11 @@ def test_negclip_batch_without_any_valid_negative_is_exactly_clip(b, t, d, seed,
     ref = clip_loss(img, txt, s, label_smoothing=smoothing)["clip_loss"]
     ref_grads = torch.autograd.grad(ref, [img, txt])
     none = torch.zeros(t * b, dtype=torch.long)
-    for neg, mask_missing in ((torch.zeros(t * b, d), False), (torch.zeros(t * b, d), True),
-                              (features(seed + 20, t * b, d), False)):  # rows the mask calls missing are ignored
+    for neg, mask_missing in (
+        (torch.zeros(t * b, d), False),
+        (torch.zeros(t * b, d), True),
+        (features(seed + 20, t * b, d), False),
+    ):  # rows the mask calls missing are ignored
         got = fn.negclip_loss(img, txt, s, neg, none, label_smoothing=smoothing, mask_missing=mask_missing)
         assert got["clip_loss"].item() == ref.item()
         for g, r in zip(torch.autograd.grad(got["clip_loss"], [img, txt]), ref_grads):
@@ -251,8 +259,10 @@ def test_negclip_batch_without_any_valid_negative_is_exactly_clip(b, t, d, seed,
     assert abs(zero_columns.item() - ref.item()) > 1e-4
 
 
-@pytest.mark.parametrize("b,t,d,seed,valid", [(3, 1, 4, 3, [0, 1, 0]), (4, 2, 6, 4, [1, 0, 0, 0, 0, 0, 0, 1]),
-                                              (2, 3, 5, 5, [0, 0, 0, 0, 1, 0])])
+@pytest.mark.parametrize(
+    "b,t,d,seed,valid",
+    [(3, 1, 4, 3, [0, 1, 0]), (4, 2, 6, 4, [1, 0, 0, 0, 0, 0, 0, 1]), (2, 3, 5, 5, [0, 0, 0, 0, 1, 0])],
+)
 def test_negclip_partial_batch_keeps_the_zero_columns(b, t, d, seed, valid):
     """Some valid negative in the batch: every missing one stays a logit-0 column (the documented default), or is
     dropped with ``mask_missing``."""
@@ -298,9 +308,14 @@ def encoders():
 def global_batch():
     g = torch.Generator().manual_seed(1)
     n = W * B
-    data = {"img": torch.randn(n, D_IN, generator=g), "txt": torch.randn(n, D_IN, generator=g),
-            "neg": torch.randn(T, n, D_IN, generator=g), "patches": torch.randn(n, P, D_IN, generator=g),
-            "tok": torch.randn(n, L, D_IN, generator=g), "neg_tok": torch.randn(T, n, L, D_IN, generator=g)}
+    data = {
+        "img": torch.randn(n, D_IN, generator=g),
+        "txt": torch.randn(n, D_IN, generator=g),
+        "neg": torch.randn(T, n, D_IN, generator=g),
+        "patches": torch.randn(n, P, D_IN, generator=g),
+        "tok": torch.randn(n, L, D_IN, generator=g),
+        "neg_tok": torch.randn(T, n, L, D_IN, generator=g),
+    }
     # the same number of valid negatives on each rank's half (per-rank means then average to the full mean)
     data["mask"] = torch.tensor([[1, 0, 1, 1, 1, 0], [1, 1, 0, 0, 1, 1]])  # T x n
     data["tok_mask"] = torch.tensor([0, 1, 1, 0]).repeat(n, 1)
@@ -367,8 +382,13 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path):
 # ------------------------------------------------------------------- 2 ranks: no valid negative on one or all ranks
 # (B, T, D, seed) per configuration; rank r holds samples r*B .. r*B + B - 1 of the global batch
 EMPTY_CONFIGS = [(3, 2, 4, 7), (2, 1, 5, 8)]
-NEGCLIP_MODES = {"default": {}, "local": {"local_loss": True}, "masked": {"mask_missing": True},
-                 "own": {"gradient": "own"}, "query": {"gradient": "query"}}
+NEGCLIP_MODES = {
+    "default": {},
+    "local": {"local_loss": True},
+    "masked": {"mask_missing": True},
+    "own": {"gradient": "own"},
+    "query": {"gradient": "query"},
+}
 
 
 def empty_batch(b, t, d, seed, scenario):
@@ -379,8 +399,13 @@ def empty_batch(b, t, d, seed, scenario):
     mask = torch.zeros(t, n, dtype=torch.long)
     if scenario == "one_empty":
         mask[0, 0] = mask[t - 1, b - 1] = 1
-    return {"img": torch.randn(n, D_IN, generator=g), "txt": torch.randn(n, D_IN, generator=g),
-            "neg": torch.randn(t, n, D_IN, generator=g), "mask": mask, "d": d}
+    return {
+        "img": torch.randn(n, D_IN, generator=g),
+        "txt": torch.randn(n, D_IN, generator=g),
+        "neg": torch.randn(t, n, D_IN, generator=g),
+        "mask": mask,
+        "d": d,
+    }
 
 
 def negclip_modes(data, rank=0, world=1, clip_too=False):
@@ -400,8 +425,10 @@ def negclip_modes(data, rank=0, world=1, clip_too=False):
         if clip_too:
             gather = {k: v for k, v in kwargs.items() if k != "mask_missing"}
             loss = clip_loss(img, txt, scale, rank, world, **gather)["clip_loss"]
-            results["clip_" + mode] = (loss.detach(), list(torch.autograd.grad(loss, [wi, wt, scale],
-                                                                                retain_graph=True)))
+            results["clip_" + mode] = (
+                loss.detach(),
+                list(torch.autograd.grad(loss, [wi, wt, scale], retain_graph=True)),
+            )
     return results
 
 
@@ -417,8 +444,16 @@ def _empty_worker(rank, out_dir):
         b = config[0]
         for scenario in ("all_empty", "one_empty"):
             data = empty_batch(*config, scenario)
-            local = {k: (v[:, rank * b:(rank + 1) * b] if k in ("neg", "mask") else v[rank * b:(rank + 1) * b]
-                         if torch.is_tensor(v) else v) for k, v in data.items()}
+            local = {
+                k: (
+                    v[:, rank * b : (rank + 1) * b]
+                    if k in ("neg", "mask")
+                    else v[rank * b : (rank + 1) * b]
+                    if torch.is_tensor(v)
+                    else v
+                )
+                for k, v in data.items()
+            }
             per_rank = negclip_modes(local, rank, W, clip_too=True)
             # this rank's own values, before averaging: negclip == clip, bit for bit, when no rank has a negative
             exact = torch.tensor([float(all(_identical(per_rank[m], per_rank["clip_" + m]) for m in NEGCLIP_MODES))])

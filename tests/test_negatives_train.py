@@ -1,22 +1,24 @@
 """The negclip / fsc_clip criteria on the tiny clip model: wiring against the pure functions, flag errors, and
 ``fairseq-train`` runs with hard negatives (NegCLIP full fine-tuning; FSC-CLIP with LoRA, save/resume exactly),
 export of the merged weights to open_clip and WiSE-FT checkpoints that the eval loader reads."""
+
 import re
 from types import SimpleNamespace
 
 import open_clip
 import pytest
 import torch
-
-from conftest import BIN, COLOURS, jpeg_bytes
 from test_train_e2e import model_state, run, train_args
-from trainer_harness import build_trainer, parameters, train_updates
+
 from unilm_vl.criterions.clip import ClipCriterion, ClipCriterionConfig
 from unilm_vl.criterions.fsc_clip import FscClipCriterion, FscClipCriterionConfig
 from unilm_vl.criterions.negclip import NegclipCriterion, NegclipCriterionConfig
 from unilm_vl.data.formats import WdsShardWriter
 from unilm_vl.losses import negatives as fn
 from unilm_vl.models.clip import ClipConfig, ClipModel
+
+from conftest import BIN, COLOURS, jpeg_bytes
+from trainer_harness import build_trainer, parameters, train_updates
 
 TASK = SimpleNamespace(tokenizer=SimpleNamespace(pad_id=0))
 SHAPES = ["circle", "square", "triangle"]
@@ -81,8 +83,9 @@ def test_fsc_clip_terms_are_the_weighted_pure_functions():
         s = m.towers.clip.logit_scale.exp()
     mask, neg_mask = net["neg_mask"], fn.dense_token_mask(net["neg_text"], 0)
     g = fn.global_hn_loss(img, txt, neg, mask, s, 2.0, 0.02)
-    loc = fn.local_hn_loss(img_tokens, txt_tokens, fn.dense_token_mask(net["text"], 0), neg_tokens, neg_mask,
-                           mask, s, 2.0, 0.02)
+    loc = fn.local_hn_loss(
+        img_tokens, txt_tokens, fn.dense_token_mask(net["text"], 0), neg_tokens, neg_mask, mask, s, 2.0, 0.02
+    )
     assert log["clip_neg_loss"] == pytest.approx(0.5 * g.item(), abs=1e-5)
     assert log["local_neg_loss"] == pytest.approx(0.2 * loc.item(), abs=1e-5)
     assert loss.item() == pytest.approx(log["clip_loss"] + log["clip_neg_loss"] + log["local_neg_loss"], abs=1e-5)
@@ -128,8 +131,9 @@ def world(tmp_path_factory):
         for i in range(24):
             c1, c2 = colours[i % 4], colours[(i + 1 + i // 4) % 4]
             s1, s2 = SHAPES[i % 3], SHAPES[(i + 1) % 3]
-            writer.write(f"{i:06d}", jpeg_bytes(COLOURS[c1]), "jpg", f"a {c1} {s1} above a {c2} {s2}",
-                         {"key": f"{i:06d}"})
+            writer.write(
+                f"{i:06d}", jpeg_bytes(COLOURS[c1]), "jpg", f"a {c1} {s1} above a {c2} {s2}", {"key": f"{i:06d}"}
+            )
     torch.manual_seed(0)
     pretrained = root / "pretrained.pt"
     torch.save(open_clip.create_model("unilm-vl-clip-tiny", pretrained=None).state_dict(), pretrained)
@@ -137,10 +141,23 @@ def world(tmp_path_factory):
 
 
 def neg_args(data, save_dir, pretrained, *extra):
-    args = train_args(data, save_dir, "--pretrained", str(pretrained), "--optimizer", "adam", "--lr", "1e-3",
-                      "--batch-size", "6", "--num-workers", "1", *extra)
+    args = train_args(
+        data,
+        save_dir,
+        "--pretrained",
+        str(pretrained),
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "6",
+        "--num-workers",
+        "1",
+        *extra,
+    )
     i = args.index("--criterion")
-    del args[i:i + 2]
+    del args[i : i + 2]
     return args
 
 
@@ -154,8 +171,19 @@ def test_train_negclip_two_updates(world, tmp_path):
     """fairseq's trainer in the test process (tests/trainer_harness.py); the fairseq-train CLI of this family runs in
     test_train_fsc_clip_lora_resume_export_and_wise_ft."""
     data, pretrained = world
-    args = neg_args(data, tmp_path / "ckpt", pretrained, "--criterion", "negclip", "--hard-negatives", "negclip",
-                    "--max-update", "2", "--num-workers", "0")
+    args = neg_args(
+        data,
+        tmp_path / "ckpt",
+        pretrained,
+        "--criterion",
+        "negclip",
+        "--hard-negatives",
+        "negclip",
+        "--max-update",
+        "2",
+        "--num-workers",
+        "0",
+    )
     trainer, itr = build_trainer(args[2:])  # build_trainer adds the --user-dir pair
     outputs = train_updates(trainer, itr, 2)
     assert trainer.get_num_updates() == 2 and all(o["clip_loss"] > 0 for o in outputs)
@@ -163,8 +191,19 @@ def test_train_negclip_two_updates(world, tmp_path):
     assert not torch.equal(parameters(trainer)["towers.clip.visual.conv1.weight"], start["visual.conv1.weight"])
 
 
-FSC = ["--criterion", "fsc_clip", "--hard-negatives", "fsc-clip", "--apply-global-neg-loss",
-       "--apply-local-neg-loss", "--return-dense-tokens", "--lora-rank", "4", "--save-interval-updates", "1"]
+FSC = [
+    "--criterion",
+    "fsc_clip",
+    "--hard-negatives",
+    "fsc-clip",
+    "--apply-global-neg-loss",
+    "--apply-local-neg-loss",
+    "--return-dense-tokens",
+    "--lora-rank",
+    "4",
+    "--save-interval-updates",
+    "1",
+]
 
 
 @pytest.mark.slow
@@ -196,10 +235,12 @@ def test_train_fsc_clip_lora_resume_export_and_wise_ft(world, tmp_path):
     g = torch.Generator().manual_seed(1)
     image, text = torch.randn(2, 3, 64, 64, generator=g), torch.randint(1, 400, (2, 32), generator=g)
     with torch.no_grad():
-        torch.testing.assert_close(plain.encode_image(image, normalize=True), fine.encode_image(image), atol=1e-5,
-                                   rtol=1e-4)
-        torch.testing.assert_close(plain.encode_text(text, normalize=True), fine.encode_text(text), atol=1e-5,
-                                   rtol=1e-4)
+        torch.testing.assert_close(
+            plain.encode_image(image, normalize=True), fine.encode_image(image), atol=1e-5, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            plain.encode_text(text, normalize=True), fine.encode_text(text), atol=1e-5, rtol=1e-4
+        )
     base = open_clip.create_model("unilm-vl-clip-tiny", pretrained=None).eval()
     base.load_state_dict(start)
     for alpha, ref in [("0", base), ("1", plain)]:  # alpha 0: every LoRA delta 0, the pretrained towers
@@ -208,5 +249,6 @@ def test_train_fsc_clip_lora_resume_export_and_wise_ft(world, tmp_path):
         assert torch.load(out, weights_only=False)["cfg"]["model"]["pretrained"] is None
         wise, _, _ = load_model(out)
         with torch.no_grad():
-            torch.testing.assert_close(wise.encode_image(image), ref.encode_image(image, normalize=True), atol=1e-5,
-                                       rtol=1e-4)
+            torch.testing.assert_close(
+                wise.encode_image(image), ref.encode_image(image, normalize=True), atol=1e-5, rtol=1e-4
+            )

@@ -1,22 +1,35 @@
 """The package metadata (pyproject.toml) declares the runtime dependencies, and the set-up's environment satisfies
 every one of them: `pip install` of the package brings what it imports (issue: packaging)."""
+
 import ast
 import os
 import sys
-import tomllib
 from importlib import metadata
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 from conftest import REPO
 
 PYPROJECT = os.path.join(REPO, "pyproject.toml")
 # distributions the package itself imports at run time -> the top-level modules it imports from them
-IMPORTED = {"torch": "torch", "open_clip_torch": "open_clip", "webdataset": "webdataset",
-            "sentencepiece": "sentencepiece", "tiktoken": "tiktoken", "pillow": "PIL", "tqdm": "tqdm",
-            "fairscale": "fairscale", "timm": "timm", "numpy": "numpy", "omegaconf": "omegaconf",
-            "hydra-core": "hydra", "pycocoevalcap": "pycocoevalcap", "matplotlib": "matplotlib"}
+IMPORTED = {
+    "torch": "torch",
+    "open_clip_torch": "open_clip",
+    "webdataset": "webdataset",
+    "sentencepiece": "sentencepiece",
+    "tiktoken": "tiktoken",
+    "pillow": "PIL",
+    "tqdm": "tqdm",
+    "fairscale": "fairscale",
+    "timm": "timm",
+    "numpy": "numpy",
+    "omegaconf": "omegaconf",
+    "hydra-core": "hydra",
+    "pycocoevalcap": "pycocoevalcap",
+    "matplotlib": "matplotlib",
+}
 # imported by unilm_vl but deliberately not declared: scripts/install.sh installs them (see pyproject.toml)
 INSTALLED_BY_SCRIPT = {"fairseq-fixed", "torchscale"}
 

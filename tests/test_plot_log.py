@@ -1,5 +1,6 @@
 """``python -m unilm_vl.plot_log``: fairseq's simple and json logs parsed into exact series, the PNG written, one
 error line for a log without progress lines."""
+
 import pytest
 
 from unilm_vl.cli import run_cli
@@ -46,13 +47,19 @@ def test_simple_log_series():
 
 def test_json_log_series():
     parsed = parse_log(JSON.splitlines())
-    assert parsed == {"train_inner": {"epoch": [(2, 1.0)], "update": [(2, 0.5)], "loss": [(2, 4.158)],
-                                      "nll_loss": [(2, 3.2)], "wps": [(2, 0.0)], "bsz": [(2, 8.0)],
-                                      "lr": [(2, 0.001)]},
-                      "valid": {"epoch": [(4, 1.0)], "loss": [(4, 3.8)], "nll_loss": [(4, 3.0)],
-                                "best_loss": [(4, 3.8)]},
-                      "train": {"epoch": [(4, 1.0)], "loss": [(4, 4.029)], "nll_loss": [(4, 3.1)],
-                                "lr": [(4, 0.001)]}}
+    assert parsed == {
+        "train_inner": {
+            "epoch": [(2, 1.0)],
+            "update": [(2, 0.5)],
+            "loss": [(2, 4.158)],
+            "nll_loss": [(2, 3.2)],
+            "wps": [(2, 0.0)],
+            "bsz": [(2, 8.0)],
+            "lr": [(2, 0.001)],
+        },
+        "valid": {"epoch": [(4, 1.0)], "loss": [(4, 3.8)], "nll_loss": [(4, 3.0)], "best_loss": [(4, 3.8)]},
+        "train": {"epoch": [(4, 1.0)], "loss": [(4, 4.029)], "nll_loss": [(4, 3.1)], "lr": [(4, 0.001)]},
+    }
     assert default_metrics(parsed) == ["loss", "nll_loss"]
 
 
@@ -65,11 +72,14 @@ def test_cli_writes_the_png(tmp_path):
     assert run_cli(main, [str(log), "-o", str(tmp_path / "lr.png"), "--metrics", "lr", "gnorm"]) == 0
 
 
-@pytest.mark.parametrize("content,argv,expected", [
-    ("no progress here\n", [], "error: {log}: no fairseq progress lines (train_inner / train / valid stats"),
-    (SIMPLE, ["--metrics", "accuracy"], "error: --metrics accuracy: not in the log; it has bsz, clip_loss, "),
-    (None, [], "error: log file not found: {log}"),
-])
+@pytest.mark.parametrize(
+    "content,argv,expected",
+    [
+        ("no progress here\n", [], "error: {log}: no fairseq progress lines (train_inner / train / valid stats"),
+        (SIMPLE, ["--metrics", "accuracy"], "error: --metrics accuracy: not in the log; it has bsz, clip_loss, "),
+        (None, [], "error: log file not found: {log}"),
+    ],
+)
 def test_errors_are_one_line(tmp_path, capsys, content, argv, expected):
     log = tmp_path / "train.log"
     if content is not None:

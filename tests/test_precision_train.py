@@ -4,6 +4,7 @@ the code that runs on GPUs run here): ``--fp16`` (``FP16Optimizer``: fp16 weight
 ``--bf16-autocast`` and FSDP2's bf16 policy. Each trains K updates with finite losses within the half-precision
 rounding of the fp32 run; an fp16 gradient overflow skips the update (weights and update count unchanged) and
 halves the loss scale, as fairseq's ``DynamicLossScaler`` specifies."""
+
 import math
 
 import pytest
@@ -46,8 +47,9 @@ def fp32_run(root, tmp_path_factory):
 
     def get(family):
         if family not in cache:
-            trainer, itr = build_trainer(family_args(family, str(root), str(tmp_path_factory.mktemp(family)), *ADAM,
-                                                     batch_size=4))
+            trainer, itr = build_trainer(
+                family_args(family, str(root), str(tmp_path_factory.mktemp(family)), *ADAM, batch_size=4)
+            )
             start = parameters(trainer)
             losses = [o["loss"] for o in train_updates(trainer, itr, UPDATES)]
             cache[family] = (losses, start, parameters(trainer))
@@ -73,8 +75,9 @@ def update_error(start, ref, got):
 def test_half_precision_trains_close_to_fp32(root, tmp_path, fp32_run, family, variant):
     reference, start, ref_weights = fp32_run(family)
     try:
-        trainer, itr = build_trainer(family_args(family, str(root), str(tmp_path), *ADAM, *VARIANTS[variant],
-                                                 batch_size=4))
+        trainer, itr = build_trainer(
+            family_args(family, str(root), str(tmp_path), *ADAM, *VARIANTS[variant], batch_size=4)
+        )
         outputs = train_updates(trainer, itr, UPDATES)
         assert all(o is not None for o in outputs), "an update overflowed at the default loss scale"
         losses = [o["loss"] for o in outputs]
@@ -97,33 +100,46 @@ def test_half_precision_trains_close_to_fp32(root, tmp_path, fp32_run, family, v
 def test_fp16_overflow_skips_the_update_and_halves_the_scale(root, tmp_path, flag):
     """A loss scale of 2^30 overflows fp16 gradients: the update is skipped (weights and update count unchanged,
     nothing logged) and the scale halves; at 2^13 the next batch's update goes through."""
-    trainer, itr = build_trainer(family_args("clip", str(root), str(tmp_path), *ADAM, flag, "--fp16-init-scale",
-                                             str(2 ** 30), batch_size=4))
+    trainer, itr = build_trainer(
+        family_args("clip", str(root), str(tmp_path), *ADAM, flag, "--fp16-init-scale", str(2**30), batch_size=4)
+    )
     before = parameters(trainer)
     epoch = itr.next_epoch_itr(shuffle=True)
     assert trainer.train_step([next(epoch)]) is None
-    assert trainer.optimizer.scaler.loss_scale == 2 ** 29 and trainer.get_num_updates() == 0
+    assert trainer.optimizer.scaler.loss_scale == 2**29 and trainer.get_num_updates() == 0
     after = parameters(trainer)
     for key in before:
         assert torch.equal(before[key], after[key]), key
-    trainer.optimizer.scaler.loss_scale = 2 ** 13
+    trainer.optimizer.scaler.loss_scale = 2**13
     out = trainer.train_step([next(epoch)])
     assert out is not None and math.isfinite(out["loss"]) and trainer.get_num_updates() == 1
-    assert trainer.optimizer.scaler.loss_scale == 2 ** 13
+    assert trainer.optimizer.scaler.loss_scale == 2**13
     assert any(not torch.equal(before[k], v) for k, v in parameters(trainer).items())
 
 
 def test_amp_overflow_skips_the_step_and_lowers_the_scale(root, tmp_path):
     """``--amp`` on CPU: torch's GradScaler finds the inf gradients, skips the optimizer step and halves its scale
     (fairseq then retries the batch, ``--amp-batch-retries``)."""
-    trainer, itr = build_trainer(family_args("clip", str(root), str(tmp_path), *ADAM, "--amp", "--fp16-init-scale",
-                                             str(2 ** 30), "--amp-batch-retries", "0", batch_size=4))
+    trainer, itr = build_trainer(
+        family_args(
+            "clip",
+            str(root),
+            str(tmp_path),
+            *ADAM,
+            "--amp",
+            "--fp16-init-scale",
+            str(2**30),
+            "--amp-batch-retries",
+            "0",
+            batch_size=4,
+        )
+    )
     scaler = trainer.optimizer._grad_scaler
     assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
     before = parameters(trainer)
     epoch = itr.next_epoch_itr(shuffle=True)
     trainer.train_step([next(epoch)])
-    assert scaler.get_scale() < 2 ** 30
+    assert scaler.get_scale() < 2**30
     assert trainer.get_num_updates() == 0
     for key, value in parameters(trainer).items():
         assert torch.equal(before[key], value), key

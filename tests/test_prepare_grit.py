@@ -1,4 +1,5 @@
 """prepare_grit: img2dataset folders and tars of GRIT -> GRIT TSV shards, sizes.json and json/train.json."""
+
 import base64
 import hashlib
 import io
@@ -26,9 +27,18 @@ def image_bytes(size=(40, 30), color=(200, 30, 30), fmt="JPEG") -> bytes:
 
 
 def grit_record(caption, key, width=1024, height=693, **extra):
-    record = {"caption": caption, "width": width, "height": height, "noun_chunks": NOUN_CHUNKS,
-              "ref_exps": REF_EXPS, "id": 1000 + int(key), "url": f"http://example.com/{key}.jpg",
-              "clip_similarity_vitb32": 0.3, "key": key, "status": "success"}
+    record = {
+        "caption": caption,
+        "width": width,
+        "height": height,
+        "noun_chunks": NOUN_CHUNKS,
+        "ref_exps": REF_EXPS,
+        "id": 1000 + int(key),
+        "url": f"http://example.com/{key}.jpg",
+        "clip_similarity_vitb32": 0.3,
+        "key": key,
+        "status": "success",
+    }
     record.update(extra)
     return record
 
@@ -39,10 +49,21 @@ def build_samples():
     no_size = grit_record("a blue png without size", "000000002")
     del no_size["width"], no_size["height"]
     return [
-        ("000000000", {"jpg": image_bytes(), "json": grit_record("a wire hanger with a paper cover", "000000000"),
-                       "txt": b"a wire hanger with a paper cover"}),
-        ("000000001", {"jpg": image_bytes((30, 30), (10, 200, 10)),
-                       "json": grit_record("tab\there and a\nnewline \\t literal", "000000001", 640, 480)}),
+        (
+            "000000000",
+            {
+                "jpg": image_bytes(),
+                "json": grit_record("a wire hanger with a paper cover", "000000000"),
+                "txt": b"a wire hanger with a paper cover",
+            },
+        ),
+        (
+            "000000001",
+            {
+                "jpg": image_bytes((30, 30), (10, 200, 10)),
+                "json": grit_record("tab\there and a\nnewline \\t literal", "000000001", 640, 480),
+            },
+        ),
         ("000000002", {"png": good_png, "json": no_size}),
         ("000000003", {"jpg": b"\xff\xd8 this is not a jpeg", "json": grit_record("corrupt image", "000000003")}),
         ("000000004", {"jpg": image_bytes()}),  # missing json
@@ -124,16 +145,24 @@ def test_files_layout(tmp_path, caplog):
     config, rows = read_rows(out)
     check_good_rows(rows)
 
-    assert config == [{"source": ["../tsv/grit-00000.tsv", "../tsv/grit-00001.tsv"], "source_lang": "grit",
-                       "weight": 1.0, "name": "grit"}]
+    assert config == [
+        {
+            "source": ["../tsv/grit-00000.tsv", "../tsv/grit-00001.tsv"],
+            "source_lang": "grit",
+            "weight": 1.0,
+            "name": "grit",
+        }
+    ]
     sizes = json.loads((out / "tsv" / "sizes.json").read_text())
     assert sizes == {"grit-00000.tsv": 2, "grit-00001.tsv": 1}
     # One physical line per row although a caption holds a newline.
     assert len((out / "tsv" / "grit-00000.tsv").read_text(encoding="utf-8").splitlines()) == 2
 
     log = caplog.text
-    assert "converted 3, skipped 5 (bad json: 1, missing caption: 1, missing image: 1, missing json: 1, " \
-           "undecodable image: 1)" in log
+    assert (
+        "converted 3, skipped 5 (bad json: 1, missing caption: 1, missing image: 1, missing json: 1, "
+        "undecodable image: 1)" in log
+    )
     for key in ("000000003", "000000004", "000000005", "000000006", "000000007"):
         assert key in log, f"the skip of {key} is not logged with its path"
     assert "00000_stats" not in log
@@ -151,8 +180,9 @@ def test_tar_layout_and_determinism(tmp_path):
 
     # A tar file given directly, twice into another folder: byte-identical shards.
     convert([str(tars / "00000.tar")], str(tmp_path / "b"))
-    assert (tmp_path / "a" / "tsv" / "grit-00000.tsv").read_bytes() == \
-        (tmp_path / "b" / "tsv" / "grit-00000.tsv").read_bytes()
+    assert (tmp_path / "a" / "tsv" / "grit-00000.tsv").read_bytes() == (
+        tmp_path / "b" / "tsv" / "grit-00000.tsv"
+    ).read_bytes()
 
 
 def test_several_inputs_keep_order_and_count(tmp_path):
@@ -250,7 +280,9 @@ def test_module_cli(tmp_path):
     src = write_files_layout(tmp_path / "download")
     proc = subprocess.run(
         [sys.executable, "-m", "unilm_vl.data.prepare_grit", "--input", str(src), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "converted 3, skipped 5" in proc.stderr
@@ -261,10 +293,14 @@ def test_deeply_nested_json_is_a_counted_skip(tmp_path):
     a bad sample like any other; the rest converts."""
     folder = tmp_path / "download" / "00000"
     folder.mkdir(parents=True)
-    for key, meta in (("000000000", json.dumps(grit_record("a good one", "000000000", width=float("inf"),
-                                                             height=float("nan"))).encode()),
-                      ("000000001", b"[" * 100_000 + b"]" * 100_000),
-                      ("000000002", b'{"caption": "x", "width": ' + b"9" * 5000 + b"}")):
+    for key, meta in (
+        (
+            "000000000",
+            json.dumps(grit_record("a good one", "000000000", width=float("inf"), height=float("nan"))).encode(),
+        ),
+        ("000000001", b"[" * 100_000 + b"]" * 100_000),
+        ("000000002", b'{"caption": "x", "width": ' + b"9" * 5000 + b"}"),
+    ):
         (folder / f"{key}.jpg").write_bytes(image_bytes())
         (folder / f"{key}.json").write_bytes(meta)
     summary = convert([str(tmp_path / "download")], str(tmp_path / "out"))
@@ -295,8 +331,10 @@ def test_a_failed_conversion_leaves_no_partial_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare_grit, "build_row", real_build_row)
     convert([str(src)], str(out), shard_size=2)
-    before = {p: (out / p).read_bytes() for p in ("tsv/grit-00000.tsv", "tsv/grit-00001.tsv", "tsv/sizes.json",
-                                                  "json/train.json")}
+    before = {
+        p: (out / p).read_bytes()
+        for p in ("tsv/grit-00000.tsv", "tsv/grit-00001.tsv", "tsv/sizes.json", "json/train.json")
+    }
     calls.clear()
     monkeypatch.setattr(prepare_grit, "build_row", failing_build_row)
     with pytest.raises(RuntimeError, match="disk on fire"):
@@ -316,8 +354,11 @@ def test_overwrite_with_fewer_shards_removes_the_older_ones(tmp_path):
 
 def test_repeated_tar_member_is_a_counted_skip(tmp_path):
     """A tar that holds a sample's members twice: the first copy converts, the repeats are counted."""
-    members = [(f"000000000.{ext}", _member_bytes(ext, value))
-               for ext, value in dict(build_samples())["000000000"].items() if ext != "txt"]
+    members = [
+        (f"000000000.{ext}", _member_bytes(ext, value))
+        for ext, value in dict(build_samples())["000000000"].items()
+        if ext != "txt"
+    ]
     with tarfile.open(tmp_path / "dup.tar", "w") as tar:
         for name, data in members * 2:
             info = tarfile.TarInfo(name)

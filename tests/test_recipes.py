@@ -2,6 +2,7 @@
 task, model and criterion each recipe trains, its default length, and end with the extra flags; a real run (with
 stand-ins for the set-up script and the venv's python) executes exactly the printed commands; an unknown recipe
 is one error line listing the recipes."""
+
 import json
 import os
 import shlex
@@ -14,8 +15,20 @@ import pytest
 
 from conftest import REPO
 
-RECIPES = ["barlip", "byolip", "clip", "clip_ft", "clip_rocket", "cosa", "cosmos", "fsc_clip", "kosmos2", "negclip",
-           "siamlip", "swalip"]
+RECIPES = [
+    "barlip",
+    "byolip",
+    "clip",
+    "clip_ft",
+    "clip_rocket",
+    "cosa",
+    "cosmos",
+    "fsc_clip",
+    "kosmos2",
+    "negclip",
+    "siamlip",
+    "swalip",
+]
 # recipe -> (task, arch, criterion, --max-update) of each training command it runs, in order
 TRAININGS = {
     "kosmos2": [("kosmos2", "kosmos2_tiny", "kosmos2_lm", "3000")],
@@ -29,8 +42,11 @@ TRAININGS = {
     "clip_ft": [("image_text_contrastive", "clip_tiny", "clip", "200")],
     "negclip": [("image_text_contrastive", "clip_tiny", "negclip", "200")],
     "fsc_clip": [("image_text_contrastive", "clip_tiny", "fsc_clip", "200")],
-    "cosa": [("cosa_pretrain", "cosa_tiny", "cosa", "150"), ("cosa_finetune", "cosa_tiny", "cosa", "60"),
-             ("cosa_finetune", "cosa_tiny", "cosa", "60")],
+    "cosa": [
+        ("cosa_pretrain", "cosa_tiny", "cosa", "150"),
+        ("cosa_finetune", "cosa_tiny", "cosa", "60"),
+        ("cosa_finetune", "cosa_tiny", "cosa", "60"),
+    ],
 }
 EXTRA = ["--seed", "2", "--note", "it's a test"]
 
@@ -38,8 +54,9 @@ EXTRA = ["--seed", "2", "--note", "it's a test"]
 def train_sh(*args, root=REPO, **env):
     full = {k: v for k, v in os.environ.items() if k not in ("MAX_UPDATE", "SAVE_DIR", "DATA_DIR", "CLIP_DIR")}
     full.update(env)
-    return subprocess.run(["bash", os.path.join(root, "train.sh"), *args], capture_output=True, text=True, env=full,
-                          timeout=60)
+    return subprocess.run(
+        ["bash", os.path.join(root, "train.sh"), *args], capture_output=True, text=True, env=full, timeout=60
+    )
 
 
 def commands(stdout):
@@ -50,7 +67,7 @@ def commands(stdout):
             in_heredoc = line != "EOF"
         elif not line.startswith("== "):
             in_heredoc = line.endswith("<<'EOF'")
-            out.append(shlex.split(line[:-len(" <<'EOF'")] if in_heredoc else line))
+            out.append(shlex.split(line[: -len(" <<'EOF'")] if in_heredoc else line))
     return out
 
 
@@ -66,31 +83,51 @@ def test_the_recipes_are_the_files_of_recipes():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_dry_run_prints_the_training_commands_of_each_recipe(recipe, tmp_path):
-    result = train_sh(recipe, *EXTRA, DRY_RUN="1", CLIP_DIR=str(tmp_path / "clip"), SAVE_DIR=str(tmp_path / "run"),
-                      DATA_DIR=str(tmp_path / "data"))
+    result = train_sh(
+        recipe,
+        *EXTRA,
+        DRY_RUN="1",
+        CLIP_DIR=str(tmp_path / "clip"),
+        SAVE_DIR=str(tmp_path / "run"),
+        DATA_DIR=str(tmp_path / "data"),
+    )
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # nothing ran
     argvs = commands(result.stdout)
     python = os.path.join(REPO, ".venv", "bin", "python")
     assert argvs[0] == ["bash", os.path.join(REPO, "scripts", "install.sh")]
-    assert argvs[1] == [python, "-m", "unilm_vl.data.synthetic", "--out", str(tmp_path / "data"), "--seed", "0",
-                        "--if-missing"]
+    assert argvs[1] == [
+        python,
+        "-m",
+        "unilm_vl.data.synthetic",
+        "--out",
+        str(tmp_path / "data"),
+        "--seed",
+        "0",
+        "--if-missing",
+    ]
     trainings = [argv for argv in argvs if argv[:3] == [python, "-m", "unilm_vl.train"]]
     if recipe in ("clip_ft", "negclip", "fsc_clip"):  # CLIP_DIR has no checkpoint: the clip recipe runs first
         first = trainings.pop(0)
-        assert (flag(first, "--arch"), flag(first, "--save-dir"), flag(first, "--max-update")) == \
-            ("clip_tiny", str(tmp_path / "clip"), "500")
+        assert (flag(first, "--arch"), flag(first, "--save-dir"), flag(first, "--max-update")) == (
+            "clip_tiny",
+            str(tmp_path / "clip"),
+            "500",
+        )
         assert first[-2:] == ["--validate-interval-updates", "250"]  # without this run's extra flags
-    assert [(flag(a, "--task"), flag(a, "--arch"), flag(a, "--criterion"), flag(a, "--max-update"))
-            for a in trainings] == TRAININGS[recipe]
+    assert [
+        (flag(a, "--task"), flag(a, "--arch"), flag(a, "--criterion"), flag(a, "--max-update")) for a in trainings
+    ] == TRAININGS[recipe]
     for argv in trainings:
-        assert argv[1:3] == ["-m", "unilm_vl.train"] and argv[-len(EXTRA):] == EXTRA
+        assert argv[1:3] == ["-m", "unilm_vl.train"] and argv[-len(EXTRA) :] == EXTRA
         assert str(tmp_path / "run") in flag(argv, "--save-dir")
     if recipe == "kosmos2":
         assert "--task kosmos2 --train-data 'train/grit/part-*.tsv'" in result.stdout
         assert " --arch kosmos2_tiny --decoder-layers 4 " in result.stdout
-        assert (flag(trainings[0], "--save-interval-updates"), flag(trainings[0], "--validate-interval-updates")) \
-            == ("1500", "1500")
+        assert (flag(trainings[0], "--save-interval-updates"), flag(trainings[0], "--validate-interval-updates")) == (
+            "1500",
+            "1500",
+        )
 
 
 def test_max_update_and_clip_dir_environment(tmp_path):
@@ -105,8 +142,10 @@ def test_max_update_and_clip_dir_environment(tmp_path):
     export = next(argv for argv in argvs if "unilm_vl.export_open_clip" in argv)
     assert flag(export, "--checkpoint") == str(tmp_path / "clip" / "checkpoint_last.pt")
     compositionality = [flag(a, "--checkpoint") for a in argvs if "unilm_vl.eval.compositionality" in a]
-    assert compositionality == [str(tmp_path / "clip" / "checkpoint_last.pt"),
-                                os.path.join(REPO, "checkpoints", "negclip", "checkpoint_last.pt")]
+    assert compositionality == [
+        str(tmp_path / "clip" / "checkpoint_last.pt"),
+        os.path.join(REPO, "checkpoints", "negclip", "checkpoint_last.pt"),
+    ]
 
 
 def test_unknown_recipe_is_one_error_line_listing_the_recipes():
@@ -132,11 +171,14 @@ def test_a_real_run_executes_exactly_the_dry_run_commands(recipe, tmp_path):
     shutil.copytree(os.path.join(REPO, "recipes"), root / "recipes")
     log = tmp_path / "log.jsonl"
     _stand_in(root / "scripts" / "install.sh", f"#!/usr/bin/env bash\necho '{json.dumps(['install'])}' >> {log}\n")
-    _stand_in(root / ".venv" / "bin" / "python", f"#!{sys.executable}\nimport json, sys\n"
-              "argv = sys.argv[1:]\n"
-              "stdin = sys.stdin.read() if '--input' in argv and argv[argv.index('--input') + 1] == '-' else None\n"
-              f"with open({str(log)!r}, 'a') as fh:\n"
-              "    fh.write(json.dumps(argv + ([stdin] if stdin is not None else [])) + '\\n')\n")
+    _stand_in(
+        root / ".venv" / "bin" / "python",
+        f"#!{sys.executable}\nimport json, sys\n"
+        "argv = sys.argv[1:]\n"
+        "stdin = sys.stdin.read() if '--input' in argv and argv[argv.index('--input') + 1] == '-' else None\n"
+        f"with open({str(log)!r}, 'a') as fh:\n"
+        "    fh.write(json.dumps(argv + ([stdin] if stdin is not None else [])) + '\\n')\n",
+    )
     env = dict(DATA_DIR=str(tmp_path / "data"), CLIP_DIR=str(tmp_path / "clip"), SAVE_DIR=str(tmp_path / "run"))
     (tmp_path / "data").mkdir()
     dry = train_sh(recipe, *EXTRA, root=str(root), DRY_RUN="1", **env)

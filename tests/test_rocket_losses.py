@@ -1,5 +1,6 @@
 """clip-rocket loss maths against values computed with the reference's ``losses.py``
 (``facebookresearch/clip-rocket``) and by hand."""
+
 import math
 
 import pytest
@@ -17,13 +18,23 @@ ONE = torch.tensor(1.0)
 
 def cl2l(reduction, eps, image_views=None, h_scale=ONE):
     views = torch.stack([I, I])
-    out = fn.cl2l_loss(I, I, ONE, views if image_views is None else image_views, views, h_scale,
-                       label_smoothing=eps, reduction=reduction)
+    out = fn.cl2l_loss(
+        I,
+        I,
+        ONE,
+        views if image_views is None else image_views,
+        views,
+        h_scale,
+        label_smoothing=eps,
+        reduction=reduction,
+    )
     return out
 
 
-@pytest.mark.parametrize("reduction,eps,expected", [("avg", 0.0, 0.313262), ("avg", 0.1, 0.346595),
-                                                    ("sum", 0.0, 0.626523), ("sum", 0.1, 0.693190)])
+@pytest.mark.parametrize(
+    "reduction,eps,expected",
+    [("avg", 0.0, 0.313262), ("avg", 0.1, 0.346595), ("sum", 0.0, 0.626523), ("sum", 0.1, 0.693190)],
+)
 def test_cl2l_reference_values(reduction, eps, expected):
     assert cl2l(reduction, eps)["clip_loss"].item() == pytest.approx(expected, abs=1e-5)
 
@@ -45,7 +56,8 @@ def test_cl2l_global_terms_equal_the_clip_loss():
     txt = F.normalize(torch.randn(5, 4, generator=g), dim=-1)
     s = torch.tensor(7.0)
     assert fn.cl2l_loss(img, txt, s)["clip_loss"].item() == pytest.approx(
-        clip_loss(img, txt, s)["clip_loss"].item(), abs=1e-6)
+        clip_loss(img, txt, s)["clip_loss"].item(), abs=1e-6
+    )
 
 
 def test_cl2l_rejects_unknown_reduction():

@@ -1,19 +1,22 @@
 """The clip-rocket family end to end through the real fairseq trainer: every criterion trains with its arch on
 multi-view batches, and a BYOLIP run stopped and resumed continues its EMA momentum copy exactly."""
+
 import math
 
 import pytest
 import torch
+from test_train_e2e import model_state, run, train_args
 
 from conftest import BIN, write_wds
-from test_train_e2e import model_state, run, train_args
 from trainer_harness import build_trainer, parameters, train_updates
 
-RECIPES = [("clip_rocket", "clip_rocket_tiny", "local_loss"),
-           ("siamlip", "clip_rocket_siamlip_tiny", "siamlip_loss"),
-           ("byolip", "clip_rocket_byolip_tiny", "siamlip_loss"),
-           ("barlip", "clip_rocket_barlip_tiny", "barlip_loss"),
-           ("swalip", "clip_rocket_swalip_tiny", "swalip_loss")]
+RECIPES = [
+    ("clip_rocket", "clip_rocket_tiny", "local_loss"),
+    ("siamlip", "clip_rocket_siamlip_tiny", "siamlip_loss"),
+    ("byolip", "clip_rocket_byolip_tiny", "siamlip_loss"),
+    ("barlip", "clip_rocket_barlip_tiny", "barlip_loss"),
+    ("swalip", "clip_rocket_swalip_tiny", "swalip_loss"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +27,21 @@ def data(tmp_path_factory):
 
 
 def rocket_args(data, save_dir, criterion, arch, *extra):
-    args = train_args(data, save_dir, "--num-augs", "2", "--optimizer", "adam", "--lr", "1e-3",
-                      "--batch-size", "8", "--num-workers", "1", *extra)
+    args = train_args(
+        data,
+        save_dir,
+        "--num-augs",
+        "2",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "1",
+        *extra,
+    )
     args[args.index("--arch") + 1] = arch
     args[args.index("--criterion") + 1] = criterion
     return args
@@ -48,15 +64,17 @@ def test_each_criterion_trains(data, tmp_path, criterion, arch, term):
 
 def test_wrong_arch_for_criterion_names_the_fix(data, tmp_path):
     with pytest.raises(Exception, match="ssl-head siamlip"):
-        trainer, itr = build_trainer(rocket_args(data, tmp_path, "siamlip", "clip_rocket_tiny", "--max-update", "1",
-                                                 "--num-workers", "0")[2:])
+        trainer, itr = build_trainer(
+            rocket_args(data, tmp_path, "siamlip", "clip_rocket_tiny", "--max-update", "1", "--num-workers", "0")[2:]
+        )
         train_updates(trainer, itr, 1)
 
 
 def test_byolip_resume_continues_the_momentum_copy_exactly(data, tmp_path):
     common = ["--save-interval-updates", "2", "--momentum-tau", "0.9"]
-    args = lambda d, n: rocket_args(data, tmp_path / d, "byolip", "clip_rocket_byolip_tiny", *common,
-                                    "--max-update", str(n))
+    args = lambda d, n: rocket_args(
+        data, tmp_path / d, "byolip", "clip_rocket_byolip_tiny", *common, "--max-update", str(n)
+    )
     run([f"{BIN}/fairseq-train", *args("a", 5)])
     run([f"{BIN}/fairseq-train", *args("b", 2)])
     out = run([f"{BIN}/fairseq-train", *args("b", 5)])

@@ -1,4 +1,5 @@
 """Tests of the synthetic world (package unilm_vl/data/synthetic): determinism, annotation correctness, layout."""
+
 import ast
 import base64
 import filecmp
@@ -78,8 +79,9 @@ def test_same_seed_and_any_worker_count_give_identical_bytes(world, world_one_wo
     files = all_files(a)
     assert files == all_files(b)
     assert len(files) > 200
-    differing = [f for f in files if f != "world.json" and not filecmp.cmp(os.path.join(a, f), os.path.join(b, f),
-                                                                           shallow=False)]
+    differing = [
+        f for f in files if f != "world.json" and not filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False)
+    ]
     assert differing == []
     strip = lambda m: {k: v for k, v in m.items() if k not in ("generation_seconds", "workers")}  # noqa: E731
     assert strip(ma) == strip(mb)
@@ -88,8 +90,9 @@ def test_same_seed_and_any_worker_count_give_identical_bytes(world, world_one_wo
 
 def test_different_seed_differs_and_no_heldout(tmp_path, world):
     root, manifest = world
-    other = S.generate_world(str(tmp_path), seed=4, num_train=20, num_val=5, num_test=5, num_videos=0,
-                             heldout=False, workers=1)
+    other = S.generate_world(
+        str(tmp_path), seed=4, num_train=20, num_val=5, num_test=5, num_videos=0, heldout=False, workers=1
+    )
     assert other["heldout"] == []
     with open(os.path.join(root, "train/grit/part-00000.tsv"), encoding="utf-8") as fh:
         first_a = [fh.readline() for _ in range(20)]
@@ -131,8 +134,7 @@ def test_wds_members_and_meta(world):
     metas = read_wds_meta(root, manifest, "train")
     rows = {r["id"]: r for r in read_tsv_rows(root, manifest, "train")}
     for meta in metas:
-        assert set(meta) == {"key", "caption", "width", "height", "noun_chunks", "ref_exps", "long_caption",
-                             "objects"}
+        assert set(meta) == {"key", "caption", "width", "height", "noun_chunks", "ref_exps", "long_caption", "objects"}
         row = rows[meta["key"]]
         assert meta["caption"] == row["caption"]
         assert meta["noun_chunks"] == row["annotation"]["phrase"]
@@ -165,7 +167,7 @@ def test_noun_chunks_match_objects_and_pixels(world):
         for chunk, ref in zip(chunks, refs):
             assert ref[0] == chunk[0] and ref[2:] == chunk[2:]
             if ref[1] != chunk[1]:
-                relation = caption[chunk[1]:ref[1]]
+                relation = caption[chunk[1] : ref[1]]
                 assert any(relation.startswith(f" {r} a ") for r in S.RELATIONS), relation
     assert min(scores) >= 0.5 and max(scores) <= 1.0
     assert any(s < 0.65 for s in scores) and any(s >= 0.65 for s in scores)
@@ -192,8 +194,10 @@ def test_boxes_are_tight_and_relations_follow_centres():
     c = S.SceneObject("star", "green", "small", (0, 0, 0.2, 0.2), (0, 40, 10, 50), 50)
     assert S.relation(a, c) == "above" and S.relation(c, a) == "below"
     cap = S.caption_for([a, b], np.random.default_rng(0))
-    assert cap.text in ("a small red circle to the left of a large blue square",
-                        "a large blue square to the right of a small red circle")
+    assert cap.text in (
+        "a small red circle to the left of a large blue square",
+        "a large blue square to the right of a small red circle",
+    )
 
 
 # -------------------------------------------------------------------------------------------- held-out
@@ -339,8 +343,11 @@ def test_segmentation_colour_set_labels_the_same_pixels_by_colour(world):
         ids = fh.read().splitlines()
     assert len(ids) == SMALL["num_test"]
     for image_id in ids:
-        assert filecmp.cmp(os.path.join(shape_root, "JPEGImages", f"{image_id}.jpg"),
-                           os.path.join(colour_root, "JPEGImages", f"{image_id}.jpg"), shallow=False)
+        assert filecmp.cmp(
+            os.path.join(shape_root, "JPEGImages", f"{image_id}.jpg"),
+            os.path.join(colour_root, "JPEGImages", f"{image_id}.jpg"),
+            shallow=False,
+        )
         shape = np.asarray(Image.open(os.path.join(shape_root, "SegmentationClass", f"{image_id}.png")))
         colour = np.asarray(Image.open(os.path.join(colour_root, "SegmentationClass", f"{image_id}.png")))
         assert ((shape == 0) == (colour == 0)).all() and ((shape == 255) == (colour == 255)).all()
@@ -412,8 +419,14 @@ def test_moving_clip_centres_follow_motion():
         xs = [float(np.nonzero(c)[1].mean()) for c in close]
         ys = [float(np.nonzero(c)[0].mean()) for c in close]
         areas = [int(c.sum()) for c in close]
-        series = {"moves to the right": xs, "moves to the left": [-x for x in xs], "moves down": ys,
-                  "moves up": [-y for y in ys], "grows": areas, "shrinks": [-a for a in areas]}[track.motion]
+        series = {
+            "moves to the right": xs,
+            "moves to the left": [-x for x in xs],
+            "moves down": ys,
+            "moves up": [-y for y in ys],
+            "grows": areas,
+            "shrinks": [-a for a in areas],
+        }[track.motion]
         assert all(b >= a - 1 for a, b in zip(series, series[1:])), (track.motion, series)
         assert series[-1] > series[0] + 4, (track.motion, series)
         if len(found) == len(S.MOTIONS):
@@ -440,8 +453,25 @@ def test_ensure_world_reuses_and_regenerates(tmp_path):
 
 
 def test_cli(tmp_path):
-    manifest = S.main(["--out", str(tmp_path), "--seed", "2", "--num-train", "5", "--num-val", "1", "--num-test",
-                       "2", "--num-videos", "0", "--no-heldout", "--workers", "1"])
+    manifest = S.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--seed",
+            "2",
+            "--num-train",
+            "5",
+            "--num-val",
+            "1",
+            "--num-test",
+            "2",
+            "--num-videos",
+            "0",
+            "--no-heldout",
+            "--workers",
+            "1",
+        ]
+    )
     assert manifest["args"]["heldout"] is False and manifest["counts"]["train"] == 5
     assert load_json(str(tmp_path), "world.json")["args"] == manifest["args"]
 
@@ -481,7 +511,8 @@ def test_the_data_layer_imports_only_the_world_vocabulary():
         if name.endswith(".py"):
             for mod in _imported_modules(os.path.join(data_dir, name), "unilm_vl.data"):
                 if mod.startswith("unilm_vl.data.synthetic") and not mod.startswith(
-                        "unilm_vl.data.synthetic.vocabulary"):
+                    "unilm_vl.data.synthetic.vocabulary"
+                ):
                     offenders.append((name, mod))
     assert offenders == []
     vocab = os.path.join(os.path.dirname(S.__file__), "vocabulary.py")
@@ -492,12 +523,16 @@ def test_the_data_layer_imports_only_the_world_vocabulary():
 def test_importing_the_plugin_loads_no_generator_module():
     """A fresh interpreter that imports unilm_vl (every task, model, criterion, hence data.hard_negatives) has loaded
     the synthetic package and its vocabulary only."""
-    code = ("import json, sys, unilm_vl, unilm_vl.data.hard_negatives; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('unilm_vl.data.synthetic'))))")
+    code = (
+        "import json, sys, unilm_vl, unilm_vl.data.hard_negatives; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('unilm_vl.data.synthetic'))))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["unilm_vl.data.synthetic",
-                                                                "unilm_vl.data.synthetic.vocabulary"]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [
+        "unilm_vl.data.synthetic",
+        "unilm_vl.data.synthetic.vocabulary",
+    ]
 
 
 def test_package_reexports_its_public_names_from_their_modules():
@@ -516,8 +551,12 @@ def test_python_dash_m_writes_the_same_world_and_no_runpy_warning(tmp_path):
     args = dict(seed=5, num_train=6, num_val=2, num_test=3, num_videos=2)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
     out, ref = tmp_path / "cli", tmp_path / "ref"
-    proc = subprocess.run([sys.executable, "-m", "unilm_vl.data.synthetic", "--out", str(out), "--workers", "2",
-                           *flags], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "unilm_vl.data.synthetic", "--out", str(out), "--workers", "2", *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "RuntimeWarning" not in proc.stderr and "found in sys.modules" not in proc.stderr
     S.generate_world(str(ref), workers=1, **args)

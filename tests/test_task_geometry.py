@@ -1,5 +1,6 @@
 """The geometry handshake of the task base class: ``build_model`` reads the model's image size, normalisation,
 text context length and image slots once (:class:`ModelGeometry`) and every task builds its transforms from it."""
+
 from argparse import Namespace
 
 import open_clip
@@ -23,8 +24,7 @@ def arch_args(arch, model, **overrides):
 
 
 def test_model_geometry_reads_what_the_model_exposes():
-    model = Namespace(image_size=96, image_mean=[0.5, 0.25, 0.125], image_std=(1.0, 2.0, 4.0),
-                      context_length=77)
+    model = Namespace(image_size=96, image_mean=[0.5, 0.25, 0.125], image_std=(1.0, 2.0, 4.0), context_length=77)
     assert ModelGeometry.of(model) == ModelGeometry(96, (0.5, 0.25, 0.125), (1.0, 2.0, 4.0), 77, None)
     model = Namespace(image_size=64, image_mean=(0.0,) * 3, image_std=(1.0,) * 3, num_image_tokens=16)
     assert ModelGeometry.of(model) == ModelGeometry(64, (0.0,) * 3, (1.0,) * 3, None, 16)
@@ -48,9 +48,12 @@ def test_contrastive_task_takes_geometry_and_context_length_from_the_model():
     assert (task.image_size, task.image_mean, task.image_std, task.context_length) == (64, OPENAI_MEAN, OPENAI_STD, 32)
     image = task.image_transform(train=False)(Image.new("RGB", (80, 40), (255, 0, 0)))
     assert image.shape == (3, 64, 64)
-    torch.testing.assert_close(image[:, 32, 32], torch.tensor([(1 - OPENAI_MEAN[0]) / OPENAI_STD[0],
-                                                               -OPENAI_MEAN[1] / OPENAI_STD[1],
-                                                               -OPENAI_MEAN[2] / OPENAI_STD[2]]))
+    torch.testing.assert_close(
+        image[:, 32, 32],
+        torch.tensor(
+            [(1 - OPENAI_MEAN[0]) / OPENAI_STD[0], -OPENAI_MEAN[1] / OPENAI_STD[1], -OPENAI_MEAN[2] / OPENAI_STD[2]]
+        ),
+    )
 
     shorter = ImageTextContrastiveTask(ImageTextContrastiveConfig(seed=1, context_length=16))
     shorter.set_geometry(ModelGeometry(64, OPENAI_MEAN, OPENAI_STD, context_length=32))
@@ -63,10 +66,18 @@ def test_contrastive_task_takes_geometry_and_context_length_from_the_model():
 @pytest.fixture
 def kosmos2_task(tmp_path_factory):
     out = tmp_path_factory.mktemp("k2vocab")
-    build_vocab.train_vocab([f"a {c} {s} left of a {s}" for c in ("red", "green", "blue") for s in ("cat", "box")],
-                            str(out), vocab_size=60)
-    return Kosmos2Task(Kosmos2Config(spm_model=str(out / "sentencepiece.bpe.model"), dict_path=str(out / "dict.txt"),
-                                     location_bin_size=4, image_token_length=4, seed=1))
+    build_vocab.train_vocab(
+        [f"a {c} {s} left of a {s}" for c in ("red", "green", "blue") for s in ("cat", "box")], str(out), vocab_size=60
+    )
+    return Kosmos2Task(
+        Kosmos2Config(
+            spm_model=str(out / "sentencepiece.bpe.model"),
+            dict_path=str(out / "dict.txt"),
+            location_bin_size=4,
+            image_token_length=4,
+            seed=1,
+        )
+    )
 
 
 def test_kosmos2_task_checks_image_slots_and_takes_geometry(kosmos2_task):

@@ -1,4 +1,5 @@
 """Caption augmentation and multi-view stages of the improved CLIP recipe (no downloads, seeded)."""
+
 import collections
 import random
 
@@ -16,8 +17,15 @@ WORDS = "a small red circle to the left of a large blue square".split()
 
 def test_clean_and_stopwords():
     assert ta.clean_caption("A &amp;amp; B\n\tC") == "a & b c"
-    assert ta.remove_stopwords(WORDS, random.Random(0), prob=1.0) == ["small", "red", "circle", "left", "large",
-                                                                       "blue", "square"]
+    assert ta.remove_stopwords(WORDS, random.Random(0), prob=1.0) == [
+        "small",
+        "red",
+        "circle",
+        "left",
+        "large",
+        "blue",
+        "square",
+    ]
     assert ta.remove_stopwords(WORDS, random.Random(0), prob=0.0) == WORDS
     assert ta.remove_stopwords(["the", "a"], random.Random(0), prob=1.0) == ["the", "a"]  # never empties a caption
 

@@ -1,5 +1,6 @@
 """Tokenisers: known ids from the Kosmos-2 release files, equality with open_clip, a tiny sentencepiece model trained
 here, hand-computed WordPiece splits, pickling, and the config factory."""
+
 import dataclasses
 import os
 import pickle
@@ -24,11 +25,20 @@ REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "
 REFERENCE_SPM = os.path.join(REFERENCE_DIR, "sentencepiece.bpe.model")
 REFERENCE_DICT = os.path.join(REFERENCE_DIR, "dict.txt")
 
-KOSMOS2_SYMBOLS = (
-    ["<mask>", "</doc>", "<image>", "</image>", "</chunk>", "</line>", "<phrase>", "</phrase>", "<object>",
-     "</object>", "</delimiter_of_multi_objects/>", "<grounding>"]
-    + [f"<patch_index_{i:04d}>" for i in range(32 * 32)]
-)
+KOSMOS2_SYMBOLS = [
+    "<mask>",
+    "</doc>",
+    "<image>",
+    "</image>",
+    "</chunk>",
+    "</line>",
+    "<phrase>",
+    "</phrase>",
+    "<object>",
+    "</object>",
+    "</delimiter_of_multi_objects/>",
+    "<grounding>",
+] + [f"<patch_index_{i:04d}>" for i in range(32 * 32)]
 
 
 # ---- sentencepiece + dict.txt: the Kosmos-2 release files ------------------------------------------------------
@@ -44,11 +54,22 @@ def kosmos_tokenizer():
 
 def test_kosmos_dictionary_ids(kosmos_tokenizer):
     index = kosmos_tokenizer.dictionary.index
-    expected = {"\u2581the": 5, ".": 4, "\u2581An": 712, "\u2581image": 1648, "\u2581of": 9, ":": 55,
-                "\u2581Answer": 20032}
+    expected = {
+        "\u2581the": 5,
+        ".": 4,
+        "\u2581An": 712,
+        "\u2581image": 1648,
+        "\u2581of": 9,
+        ":": 55,
+        "\u2581Answer": 20032,
+    }
     assert {piece: index(piece) for piece in expected} == expected
-    assert (kosmos_tokenizer.bos_id, kosmos_tokenizer.pad_id, kosmos_tokenizer.eos_id,
-            kosmos_tokenizer.unk_id) == (0, 1, 2, 3)
+    assert (kosmos_tokenizer.bos_id, kosmos_tokenizer.pad_id, kosmos_tokenizer.eos_id, kosmos_tokenizer.unk_id) == (
+        0,
+        1,
+        2,
+        3,
+    )
 
 
 def test_kosmos_encode_caption(kosmos_tokenizer):
@@ -82,8 +103,28 @@ def test_kosmos_grounding_vocabulary():
 
 def _corpus(n_lines: int = 400, seed: int = 0):
     rng = random.Random(seed)
-    words = ["the", "dog", "cat", "runs", "jumps", "over", "a", "red", "ball", "image", "of", "snowman", "tree",
-             "blue", "sky", "with", "two", "dogs", "grass", "photo"]
+    words = [
+        "the",
+        "dog",
+        "cat",
+        "runs",
+        "jumps",
+        "over",
+        "a",
+        "red",
+        "ball",
+        "image",
+        "of",
+        "snowman",
+        "tree",
+        "blue",
+        "sky",
+        "with",
+        "two",
+        "dogs",
+        "grass",
+        "photo",
+    ]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + "." for _ in range(n_lines)]
 
 
@@ -96,8 +137,16 @@ def tiny_spm(tmp_path_factory):
     corpus.write_text("\n".join(_corpus()) + "\n", encoding="utf-8")
     prefix = str(root / "tiny")
     sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=prefix, vocab_size=80, model_type="bpe", character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        input=str(corpus),
+        model_prefix=prefix,
+        vocab_size=80,
+        model_type="bpe",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
     )
     dict_path = str(root / "dict.txt")
     n_lines = write_fairseq_dict_from_spm(prefix + ".model", dict_path)
@@ -135,7 +184,8 @@ def test_tiny_spm_encode_decode(tiny_spm):
     long_row = [tok.bos_id] + tok.encode(text)[:6] + [tok.eos_id]
     assert batch[0].tolist() == long_row
     assert batch[1].tolist() == [tok.bos_id] + tok.encode("dog") + [tok.eos_id] + [tok.pad_id] * (
-        8 - 2 - len(tok.encode("dog")))
+        8 - 2 - len(tok.encode("dog"))
+    )
 
 
 def test_tiny_spm_add_symbols_and_pickle(tiny_spm):
@@ -209,7 +259,7 @@ OPEN_CLIP_TEXTS = [
     "a photo of a cat",
     "Hello, World!  It's   2024 &amp; CAFÉ naïve",
     "",
-    "\u65e5\u672c\u8a9e \U0001F600 emoji",
+    "\u65e5\u672c\u8a9e \U0001f600 emoji",
     " ".join(["a long caption that keeps going"] * 30),  # far longer than 77 tokens
 ]
 
@@ -238,8 +288,30 @@ def test_open_clip_ids_and_decode():
 
 # ---- WordPiece ----------------------------------------------------------------------------------------------
 
-WORDPIECE_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##aff", "##able", "the", "dog", "run",
-                   "##ning", "##s", ",", "!", "cafe", "\u65e5", "\u672c", "a", "##b", "$", "5"]
+WORDPIECE_VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "un",
+    "##aff",
+    "##able",
+    "the",
+    "dog",
+    "run",
+    "##ning",
+    "##s",
+    ",",
+    "!",
+    "cafe",
+    "\u65e5",
+    "\u672c",
+    "a",
+    "##b",
+    "$",
+    "5",
+]
 
 
 @pytest.fixture
@@ -335,8 +407,9 @@ def test_tokenizer_config_through_fairseq_argparse(wordpiece_vocab):
 
     parser = argparse.ArgumentParser()
     gen_parser_from_dataclass(parser, TokenizerConfig())
-    args = parser.parse_args(["--text-tokenizer", "wordpiece", "--vocab-file", wordpiece_vocab,
-                              "--context-length", "5"])
+    args = parser.parse_args(
+        ["--text-tokenizer", "wordpiece", "--vocab-file", wordpiece_vocab, "--context-length", "5"]
+    )
     assert build_tokenizer(args).encode_batch(["dog"]).tolist() == [[2, 9, 3, 0, 0]]
     with pytest.raises(SystemExit):
         parser.parse_args(["--text-tokenizer", "no_such_kind"])
@@ -345,8 +418,8 @@ def test_tokenizer_config_through_fairseq_argparse(wordpiece_vocab):
 def test_task_configs_inherit_the_one_tokenizer_declaration():
     """The contrastive task's tokeniser options are TokenizerConfig's fields (same defaults and help), not a copy;
     they sit after the stream options, as before, and the task builds its tokenizer from its own config."""
-    from unilm_vl.tasks.image_text_contrastive import ImageTextContrastiveConfig
     from unilm_vl.tasks._base import StreamDataConfig
+    from unilm_vl.tasks.image_text_contrastive import ImageTextContrastiveConfig
 
     ours = {f.name: f for f in dataclasses.fields(ImageTextContrastiveConfig)}
     for f in dataclasses.fields(TokenizerConfig):

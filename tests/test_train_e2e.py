@@ -1,4 +1,5 @@
 """End to end through the real fairseq trainer: train, save, resume exactly; 2 CPU ranks equal 1 rank."""
+
 import os
 import re
 import subprocess
@@ -18,11 +19,31 @@ def run(cmd, env_extra=None, timeout=600):
 
 def train_args(data, save_dir, *extra):
     return [
-        "--user-dir", os.path.join(REPO, "unilm_vl"), "--task", "image_text_contrastive", str(data),
-        "--train-data", "train/part-*.tar", "--valid-data", "train/part-00000.tar",
-        "--arch", "clip_tiny", "--criterion", "clip", "--cpu", "--seed", "3",
-        "--save-dir", str(save_dir), "--log-format", "simple", "--log-interval", "1",
-        "--no-epoch-checkpoints", "--disable-validation", *extra,
+        "--user-dir",
+        os.path.join(REPO, "unilm_vl"),
+        "--task",
+        "image_text_contrastive",
+        str(data),
+        "--train-data",
+        "train/part-*.tar",
+        "--valid-data",
+        "train/part-00000.tar",
+        "--arch",
+        "clip_tiny",
+        "--criterion",
+        "clip",
+        "--cpu",
+        "--seed",
+        "3",
+        "--save-dir",
+        str(save_dir),
+        "--log-format",
+        "simple",
+        "--log-interval",
+        "1",
+        "--no-epoch-checkpoints",
+        "--disable-validation",
+        *extra,
     ]
 
 
@@ -38,8 +59,18 @@ def data(tmp_path_factory):
 
 
 def test_resume_after_interruption_matches_unbroken_run(data, tmp_path):
-    common = ["--optimizer", "adam", "--lr", "1e-3", "--batch-size", "8", "--num-workers", "2",
-              "--save-interval-updates", "2"]
+    common = [
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "2",
+        "--save-interval-updates",
+        "2",
+    ]
     # 56 samples / 8 = 7 batches per epoch: stopping at 4 is mid-epoch, 9 crosses into epoch 2
     run([f"{BIN}/fairseq-train", *train_args(data, tmp_path / "a", *common, "--max-update", "9")])
     out = run([f"{BIN}/fairseq-train", *train_args(data, tmp_path / "b", *common, "--max-update", "4")])
@@ -55,11 +86,32 @@ def test_resume_after_interruption_matches_unbroken_run(data, tmp_path):
 
 @pytest.mark.slow
 def test_two_cpu_ranks_equal_one_rank_with_twice_the_batch(data, tmp_path):
-    common = ["--optimizer", "sgd", "--lr", "0.5", "--max-update", "1", "--no-shuffle", "--split-by", "sample",
-              "--clip-norm", "0"]
+    common = [
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.5",
+        "--max-update",
+        "1",
+        "--no-shuffle",
+        "--split-by",
+        "sample",
+        "--clip-norm",
+        "0",
+    ]
     one = run([f"{BIN}/fairseq-train", *train_args(data, tmp_path / "one", *common, "--batch-size", "8")])
-    two = run([f"{BIN}/torchrun", "--nproc_per_node", "2", "--master_port", "29531", "-m", "unilm_vl.train",
-               *train_args(data, tmp_path / "two", *common, "--batch-size", "4")])
+    two = run(
+        [
+            f"{BIN}/torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            "-m",
+            "unilm_vl.train",
+            *train_args(data, tmp_path / "two", *common, "--batch-size", "4"),
+        ]
+    )
     assert "distributed init (rank 1)" in two
     loss_one = re.search(r"clip_loss=([0-9.]+)", one).group(1)
     loss_two = re.search(r"clip_loss=([0-9.]+)", two).group(1)
@@ -74,8 +126,10 @@ def test_two_cpu_ranks_equal_one_rank_with_twice_the_batch(data, tmp_path):
 def test_fully_sharded_on_cpu_stops_with_a_clear_message():
     from unilm_vl.train import check_cpu_backend, with_torchrun_cpu
 
-    for argv in (["train", "--cpu", "--ddp-backend", "fully_sharded"],
-                 ["train", "--ddp-backend=fully_sharded", "--cpu"]):
+    for argv in (
+        ["train", "--cpu", "--ddp-backend", "fully_sharded"],
+        ["train", "--ddp-backend=fully_sharded", "--cpu"],
+    ):
         with pytest.raises(ValueError, match="fully_sharded .*needs CUDA GPUs"):
             check_cpu_backend(argv)
     check_cpu_backend(["train", "--cpu", "--ddp-backend", "legacy_ddp"])  # fine

@@ -3,6 +3,7 @@ criterion and :class:`unilm_vl.trainer.UnilmTrainer` up as ``fairseq_cli.train.m
 
 In-process runs cost the model build and the steps only (no interpreter start and fairseq import per run), so the
 precision tests can cover every family; the subprocess tests (``fairseq-train``, ``torchrun``) cover the CLI."""
+
 import os
 from typing import List, Sequence, Tuple
 
@@ -12,9 +13,10 @@ from fairseq import checkpoint_utils, options, tasks, utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.logging import metrics
 
+from unilm_vl.trainer import UnilmTrainer
+
 from conftest import REPO
 from two_ranks import end_process_group, run_ranks  # noqa: F401  (re-exported for the tests)
-from unilm_vl.trainer import UnilmTrainer
 
 
 def build_trainer(argv: Sequence[str]) -> Tuple[UnilmTrainer, object]:
@@ -30,8 +32,9 @@ def build_trainer(argv: Sequence[str]) -> Tuple[UnilmTrainer, object]:
     model = task.build_model(cfg.model)
     criterion = task.build_criterion(cfg.criterion)
     trainer = UnilmTrainer(cfg, task, model, criterion)
-    _, epoch_itr = checkpoint_utils.load_checkpoint(cfg.checkpoint, trainer,
-                                                    disable_iterator_cache=task.has_sharded_data("train"))
+    _, epoch_itr = checkpoint_utils.load_checkpoint(
+        cfg.checkpoint, trainer, disable_iterator_cache=task.has_sharded_data("train")
+    )
     return trainer, epoch_itr
 
 
@@ -61,8 +64,13 @@ def train_on_ranks(rank: int, argv: Sequence[str], num_updates: int, out: str) -
     let rank 0 save ``{"losses", "state"}`` (full tensors) to ``out``."""
     import torch.distributed as dist
 
-    world = ["--distributed-world-size", str(dist.get_world_size()), "--distributed-rank", str(rank),
-             "--distributed-no-spawn"]  # fairseq's trainer reads its world size from the config
+    world = [
+        "--distributed-world-size",
+        str(dist.get_world_size()),
+        "--distributed-rank",
+        str(rank),
+        "--distributed-no-spawn",
+    ]  # fairseq's trainer reads its world size from the config
     trainer, epoch_itr = build_trainer([*argv, *world])
     losses = [o["loss"] for o in train_updates(trainer, epoch_itr, num_updates)]
     state = parameters(trainer)  # collective under FSDP2 (full_tensor)

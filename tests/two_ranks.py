@@ -3,6 +3,7 @@
 Processes fork from a fork server that has imported the harness modules (fairseq, torch, unilm_vl) once per test
 session: an interpreter per rank spends most of a two-rank test importing, and forking the test process itself would
 copy the thread pools and process-group state earlier tests left in it (a forked child can then block forever)."""
+
 import multiprocessing
 import os
 import socket
@@ -35,8 +36,7 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
 
     try:
         torch.set_num_threads(1)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         fn(rank, *args)
         dist.barrier()
@@ -70,5 +70,6 @@ def run_ranks(fn: Callable, args: tuple = (), world_size: int = 2, timeout: floa
     while not errors.empty():
         messages.append(errors.get())
     if alive or any(p.exitcode != 0 for p in procs) or messages:
-        raise AssertionError(f"ranks failed (exit codes {[p.exitcode for p in procs]}, {len(alive)} hung):\n"
-                             + "\n".join(messages))
+        raise AssertionError(
+            f"ranks failed (exit codes {[p.exitcode for p in procs]}, {len(alive)} hung):\n" + "\n".join(messages)
+        )

@@ -4,6 +4,7 @@ Use as ``fairseq-train --user-dir unilm_vl ...``. fairseq imports only ``tasks/`
 so the criteria and optimizers are imported here. The Python API, ``unilm_vl.Kosmos2Grounder``
 (:mod:`unilm_vl.api`), is imported on first use.
 """
+
 from . import criterions, models, optim, tasks  # noqa: F401  (registers everything)
 
 __version__ = "0.1.0"

@@ -33,6 +33,7 @@ before anything is decoded: no image for a prompt (``None``: every prompt has im
 placeholder ids as text would be silent nonsense), counts of images and prompts that do not pair up, a tensor
 image that is not the model's ``3 x S x S`` input, an empty or unreadable image.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,9 +42,9 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .checkpoint import load_kosmos2_inference
 from .data.decode import BadSample, load_image
 from .data.grounding import Entity, parse_grounded_text
-from .checkpoint import load_kosmos2_inference
 from .inference.kosmos2 import DECODING_PRESETS, Kosmos2Inference, preset_search_options
 from .modules.generation import SearchConfig
 
@@ -78,9 +79,18 @@ class Kosmos2Grounder:
         self.batch_size = max(1, int(batch_size))
 
     @classmethod
-    def load(cls, path_or_hf_dir: str, device: Optional[str] = None, *, image_view: Optional[str] = None,
-             spm_model: Optional[str] = None, dict_path: Optional[str] = None, fp16: bool = False,
-             batch_size: int = 8, seed: int = 1) -> "Kosmos2Grounder":
+    def load(
+        cls,
+        path_or_hf_dir: str,
+        device: Optional[str] = None,
+        *,
+        image_view: Optional[str] = None,
+        spm_model: Optional[str] = None,
+        dict_path: Optional[str] = None,
+        fp16: bool = False,
+        batch_size: int = 8,
+        seed: int = 1,
+    ) -> "Kosmos2Grounder":
         """A grounder for ``path_or_hf_dir``: our ``kosmos2`` checkpoint (``.pt``) or a directory written by HF's
         ``save_pretrained`` of ``Kosmos2ForConditionalGeneration`` and its processor (converted on load, nothing
         written; see :func:`unilm_vl.checkpoint.read_hf_dir_state`).
@@ -94,9 +104,16 @@ class Kosmos2Grounder:
         if not os.path.exists(path_or_hf_dir):
             raise FileNotFoundError(f"checkpoint not found: {path_or_hf_dir}")
         # the engine's own search settings are unused: ground() passes its decoding to each call
-        engine = load_kosmos2_inference(path_or_hf_dir, SearchConfig(**preset_search_options("release")),
-                                                  image_view=image_view, seed=seed, fp16=fp16, spm_model=spm_model,
-                                                  dict_path=dict_path, device=device)
+        engine = load_kosmos2_inference(
+            path_or_hf_dir,
+            SearchConfig(**preset_search_options("release")),
+            image_view=image_view,
+            seed=seed,
+            fp16=fp16,
+            spm_model=spm_model,
+            dict_path=dict_path,
+            device=device,
+        )
         return cls(engine, batch_size)
 
     # ---- decoding options ----------------------------------------------------------------------------------------
@@ -117,17 +134,25 @@ class Kosmos2Grounder:
             options["max_len_b"] = max_new - 1
         unknown = sorted(set(options) - set(_SEARCH_FIELDS))
         if unknown:
-            raise ValueError(f"unknown decoding option(s) {', '.join(unknown)}; known: max_new_tokens, "
-                             f"{', '.join(_SEARCH_FIELDS)}")
+            raise ValueError(
+                f"unknown decoding option(s) {', '.join(unknown)}; known: max_new_tokens, {', '.join(_SEARCH_FIELDS)}"
+            )
         if options.get("nbest", 1) != 1:
-            raise ValueError("ground() returns the best hypothesis of each prompt (nbest 1); use "
-                             "Kosmos2Inference.decode or python -m unilm_vl.kosmos2_infer --nbest for more")
+            raise ValueError(
+                "ground() returns the best hypothesis of each prompt (nbest 1); use "
+                "Kosmos2Inference.decode or python -m unilm_vl.kosmos2_infer --nbest for more"
+            )
         fields.update(options)
         return SearchConfig(**fields)
 
     # ---- grounding ------------------------------------------------------------------------------------------------
-    def ground(self, images: Union[ImageInput, Sequence[ImageInput]], prompts: Union[str, Sequence[str], None] = None,
-               decoding: str = HF_GREEDY, **options: Any) -> List[GroundingResult]:
+    def ground(
+        self,
+        images: Union[ImageInput, Sequence[ImageInput]],
+        prompts: Union[str, Sequence[str], None] = None,
+        decoding: str = HF_GREEDY,
+        **options: Any,
+    ) -> List[GroundingResult]:
         """``[(text, clean_text, entities)]``, one per (image, prompt) pair, in input order.
 
         ``images``: one image or a list (paths, PIL images, ``H x W x 3`` uint8 arrays, or transformed
@@ -143,15 +168,18 @@ class Kosmos2Grounder:
             raise ValueError("ground() needs at least one image and one prompt")
         bad_prompts = [i for i, p in enumerate(prompt_list) if not isinstance(p, str)]
         if bad_prompts:
-            raise ValueError(f"prompts must be strings; prompt {bad_prompts[0]} is a "
-                             f"{type(prompt_list[bad_prompts[0]]).__name__}")
+            raise ValueError(
+                f"prompts must be strings; prompt {bad_prompts[0]} is a {type(prompt_list[bad_prompts[0]]).__name__}"
+            )
         if len(image_list) == 1 and len(prompt_list) > 1:
             image_list = image_list * len(prompt_list)
         elif len(prompt_list) == 1 and len(image_list) > 1:
             prompt_list = prompt_list * len(image_list)
         elif len(image_list) != len(prompt_list):
-            raise ValueError(f"{len(image_list)} images for {len(prompt_list)} prompts: give one image per prompt "
-                             "(or one image, or one prompt)")
+            raise ValueError(
+                f"{len(image_list)} images for {len(prompt_list)} prompts: give one image per prompt "
+                "(or one image, or one prompt)"
+            )
         pixels = torch.stack([self._pixels(image, i) for i, image in enumerate(image_list)])  # N x 3 x S x S
         results: List[GroundingResult] = []
         for start in range(0, len(prompt_list), self.batch_size):
@@ -166,13 +194,17 @@ class Kosmos2Grounder:
         """The model input (3 x S x S) of one image argument; ``ValueError`` naming ``index`` when it cannot be."""
         size = int(self.engine.task.image_size)
         if image is None:
-            raise ValueError(f"image {index} is None: every Kosmos-2 prompt holds image slots, so each needs an "
-                             "image (a path, PIL image, H x W x 3 uint8 array or 3 x S x S tensor)")
+            raise ValueError(
+                f"image {index} is None: every Kosmos-2 prompt holds image slots, so each needs an "
+                "image (a path, PIL image, H x W x 3 uint8 array or 3 x S x S tensor)"
+            )
         if isinstance(image, torch.Tensor):
             if image.dim() != 3 or tuple(image.shape) != (3, size, size) or not image.is_floating_point():
-                raise ValueError(f"image {index}: a tensor image must be the model's transformed input, a float "
-                                 f"3 x {size} x {size} tensor; got {image.dtype} {' x '.join(map(str, image.shape))}"
-                                 " (pass a PIL image or a path to have it resized)")
+                raise ValueError(
+                    f"image {index}: a tensor image must be the model's transformed input, a float "
+                    f"3 x {size} x {size} tensor; got {image.dtype} {' x '.join(map(str, image.shape))}"
+                    " (pass a PIL image or a path to have it resized)"
+                )
             return image.float()
         if isinstance(image, (str, os.PathLike)):
             try:
@@ -198,8 +230,10 @@ def _as_pil(image: Any, index: int):
         np = None
     if np is not None and isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-            raise ValueError(f"image {index}: an array image must be H x W x 3 (or 4, or H x W) uint8, got "
-                             f"{image.dtype} {' x '.join(map(str, image.shape))}")
+            raise ValueError(
+                f"image {index}: an array image must be H x W x 3 (or 4, or H x W) uint8, got "
+                f"{image.dtype} {' x '.join(map(str, image.shape))}"
+            )
         return Image.fromarray(image)
     raise ValueError(f"image {index}: expected a path, PIL image, uint8 array or tensor, got {type(image).__name__}")
 

@@ -37,6 +37,7 @@ is allowed: rebuilding one only sets attributes.
 torch is newer); a refused file then stops with torch's message instead of our one-line error.
 ``python -m unilm_vl.generate`` (fairseq-generate with this package) reads through :func:`load_fairseq_checkpoint`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,14 +45,13 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
+from .safe_load import SAFE_GLOBALS, UnsafeCheckpointError, load_checkpoint_file  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # annotations only: inference/ is a floor below, imported where it is used
     from .inference.kosmos2 import Kosmos2Inference
     from .modules.generation import SearchConfig
 
 logger = logging.getLogger(__name__)
-
-from .safe_load import SAFE_GLOBALS, UnsafeCheckpointError, load_checkpoint_file  # noqa: F401  (re-exported)
 
 
 def check_fairseq_state(state: Any, path: str) -> Dict[str, Any]:
@@ -61,8 +61,10 @@ def check_fairseq_state(state: Any, path: str) -> Dict[str, Any]:
     if not isinstance(state, dict) or not ("cfg" in state or "args" in state) or "model" not in state:
         raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' and 'cfg' or 'args' entries)")
     if isinstance(state.get("sharded"), dict) and state["model"] is None:
-        raise ValueError(f"{path} is a sharded --fsdp2 checkpoint (its weights are in {state['sharded'].get('dir')}/ "
-                         f"beside it); make one file first: python -m unilm_vl.consolidate {path} --out FULL.pt")
+        raise ValueError(
+            f"{path} is a sharded --fsdp2 checkpoint (its weights are in {state['sharded'].get('dir')}/ "
+            f"beside it); make one file first: python -m unilm_vl.consolidate {path} --out FULL.pt"
+        )
     return state
 
 
@@ -127,14 +129,20 @@ def hf_image_view(hf_dir: str, image_size: int, mean: Sequence[float], std: Sequ
     size, crop = p.get("size") or {}, p.get("crop_size") or {}
     view, problems = None, []
     if size.get("height") == size.get("width") == image_size and (
-            not p.get("do_center_crop", True) or crop.get("height") == crop.get("width") == image_size):
+        not p.get("do_center_crop", True) or crop.get("height") == crop.get("width") == image_size
+    ):
         view = "squash"
-    elif size.get("shortest_edge") == image_size and p.get("do_center_crop", True) and \
-            crop.get("height", image_size) == crop.get("width", image_size) == image_size:
+    elif (
+        size.get("shortest_edge") == image_size
+        and p.get("do_center_crop", True)
+        and crop.get("height", image_size) == crop.get("width", image_size) == image_size
+    ):
         view = "crop"
     else:
-        problems.append(f"size {size} / crop {crop if p.get('do_center_crop', True) else None} (the model takes "
-                        f"{image_size} x {image_size})")
+        problems.append(
+            f"size {size} / crop {crop if p.get('do_center_crop', True) else None} (the model takes "
+            f"{image_size} x {image_size})"
+        )
     if p.get("resample", _PIL_BICUBIC) != _PIL_BICUBIC:
         problems.append(f"resample {p.get('resample')} (ours: bicubic)")
     if not p.get("do_resize", True) or not p.get("do_rescale", True) or not p.get("do_normalize", True):
@@ -146,8 +154,13 @@ def hf_image_view(hf_dir: str, image_size: int, mean: Sequence[float], std: Sequ
         if theirs is not None and any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(theirs, ours)):
             problems.append(f"{name} {theirs} (ours: {list(ours)})")
     if problems:
-        logger.warning("%s: the image processor's %s differ from what decoding uses (%s view): images reach the "
-                       "model differently than through HF's processor", path, "; ".join(problems), view or "squash")
+        logger.warning(
+            "%s: the image processor's %s differ from what decoding uses (%s view): images reach the "
+            "model differently than through HF's processor",
+            path,
+            "; ".join(problems),
+            view or "squash",
+        )
     return view
 
 
@@ -160,11 +173,17 @@ def read_hf_dir_state(path: str, overrides: Optional[Mapping[str, Any]] = None) 
     from .convert import hf_dir_checkpoint_state
 
     if not is_hf_dir(path):
-        raise ValueError(f"{path} is a directory without config.json: a checkpoint is a .pt file or a directory "
-                         "written by HF's save_pretrained")
+        raise ValueError(
+            f"{path} is a directory without config.json: a checkpoint is a .pt file or a directory "
+            "written by HF's save_pretrained"
+        )
     overrides = overrides or {}
-    return hf_dir_checkpoint_state(path, spm_model=overrides.get("spm_model"), dict_path=overrides.get("dict_path"),
-                                   location_bin_size=overrides.get("location_bin_size"))
+    return hf_dir_checkpoint_state(
+        path,
+        spm_model=overrides.get("spm_model"),
+        dict_path=overrides.get("dict_path"),
+        location_bin_size=overrides.get("location_bin_size"),
+    )
 
 
 def load_fairseq_checkpoint(path: str, arg_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -187,8 +206,7 @@ def load_fairseq_checkpoint(path: str, arg_overrides: Optional[Dict[str, Any]] =
     return checkpoint_utils._upgrade_state_dict(state)
 
 
-def load_model(path: str, overrides: Optional[Mapping[str, Any]] = None,
-               device: str = "cpu") -> Tuple[Any, Any, Any]:
+def load_model(path: str, overrides: Optional[Mapping[str, Any]] = None, device: str = "cpu") -> Tuple[Any, Any, Any]:
     """``(model, cfg, task)`` of the unilm_vl checkpoint at ``path``: the task and model that fairseq builds from
     its config (``overrides`` replace config fields by name, e.g. ``{"vision_pretrained": None}``), the weights
     loaded, the model on ``device`` in eval mode. ``path`` may also be an HF Kosmos-2 directory
@@ -203,8 +221,7 @@ def load_model(path: str, overrides: Optional[Mapping[str, Any]] = None,
     overrides = dict(overrides) if overrides else None
     state = load_fairseq_checkpoint(path, overrides)
     try:
-        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides=overrides,
-                                                                          state=state)
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides=overrides, state=state)
     except ValueError as exc:
         named = _naming(exc, path)
         if named is exc:
@@ -245,9 +262,17 @@ def fairseq_reads_safely() -> Iterator[None]:
         checkpoint_utils.load_checkpoint_to_cpu = original
 
 
-def load_kosmos2_inference(checkpoint: str, search: "SearchConfig", image_view: Optional[str] = None, seed: int = 1,
-                           cpu: bool = False, fp16: bool = False, spm_model: Optional[str] = None,
-                           dict_path: Optional[str] = None, device: Optional[str] = None) -> "Kosmos2Inference":
+def load_kosmos2_inference(
+    checkpoint: str,
+    search: "SearchConfig",
+    image_view: Optional[str] = None,
+    seed: int = 1,
+    cpu: bool = False,
+    fp16: bool = False,
+    spm_model: Optional[str] = None,
+    dict_path: Optional[str] = None,
+    device: Optional[str] = None,
+) -> "Kosmos2Inference":
     """The :class:`~unilm_vl.inference.kosmos2.Kosmos2Inference` engine of a ``kosmos2`` checkpoint (a ``.pt``
     file or an HF Kosmos-2 directory, converted on load) on ``device`` (default: CUDA when available, unless
     ``cpu``), in half precision with ``fp16``; ``spm_model`` / ``dict_path`` replace the vocabulary files the
@@ -271,9 +296,9 @@ def load_kosmos2_inference(checkpoint: str, search: "SearchConfig", image_view: 
         model.half()
     hf_dir = is_hf_dir(checkpoint)
     if image_view is None:
-        image_view = (hf_dir and hf_image_view(checkpoint, task.image_size, task.image_mean, task.image_std)
-                      or "squash")
+        image_view = hf_dir and hf_image_view(checkpoint, task.image_size, task.image_mean, task.image_std) or "squash"
     generation_config = hf_generation_config(checkpoint) if hf_dir else None
     clean_up_spaces = bool(hf_tokenizer_config(checkpoint).get("clean_up_tokenization_spaces")) if hf_dir else False
-    return Kosmos2Inference(model, task, search, image_view, seed, torch.device(device), generation_config,
-                            clean_up_spaces)
+    return Kosmos2Inference(
+        model, task, search, image_view, seed, torch.device(device), generation_config, clean_up_spaces
+    )

@@ -15,6 +15,7 @@ traceback. ``LOGLEVEL=DEBUG`` also logs the traceback of a user mistake. argpars
 ``error:`` and exit 2 by themselves; ``SystemExit`` passes through untouched.
 
 Floor 0 (tests/test_layering.py): the data tools use it, so it imports nothing from the package."""
+
 import logging
 import os
 import sys
@@ -91,5 +92,6 @@ def progress(iterable: Iterable, desc: str, total: Optional[int] = None, unit: s
 
     forced = os.environ.get("UNILM_VL_PROGRESS")
     disable = None if forced is None else forced.strip() in ("0", "", "false", "no")
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, leave=False, dynamic_ncols=True,
-                file=sys.stderr)
+    return tqdm(
+        iterable, desc=desc, total=total, unit=unit, disable=disable, leave=False, dynamic_ncols=True, file=sys.stderr
+    )

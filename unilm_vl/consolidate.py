@@ -5,6 +5,7 @@ The result holds the full fp32 ``model`` (and ``criterion``) state, the config, 
 state and, unless ``--no-optimizer``, the optimizer state in fairseq's index-keyed form, so it loads in every eval,
 convert and export tool and resumes a run without ``--fsdp2`` (or with it, on any number of ranks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m unilm_vl.consolidate", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="sharded checkpoint file written with --fsdp2 (e.g. checkpoint_last.pt)")
     parser.add_argument("--out", required=True, help="path of the regular checkpoint to write")
-    parser.add_argument("--no-optimizer", action="store_true",
-                        help="leave the optimizer state out (a smaller file for evaluation and export)")
+    parser.add_argument(
+        "--no-optimizer",
+        action="store_true",
+        help="leave the optimizer state out (a smaller file for evaluation and export)",
+    )
     return parser.parse_args(argv)
 
 
@@ -42,8 +46,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return report_error(exc)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch_persistent_save(state, args.out)
-    logger.info("wrote %s (%d model tensors%s)", args.out, len(state["model"]),
-                ", optimizer state" if "last_optimizer_state" in state else "")
+    logger.info(
+        "wrote %s (%d model tensors%s)",
+        args.out,
+        len(state["model"]),
+        ", optimizer state" if "last_optimizer_state" in state else "",
+    )
     return 0
 
 

@@ -49,6 +49,7 @@ and safetensors files directly. Unlike HF's own conversion script, ``--to-hf`` d
 ``no_repeat_ngram_size=3`` (the original demo's decoding setting) into the config: decoding options are the
 caller's, passed to ``generate``. No image processor or tokenizer files are written (weights and config only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,13 @@ import torch
 from .checkpoint import HF_PROCESSOR_CONFIG, HF_SPM_NAME, is_hf_dir, load_checkpoint_file, read_fairseq_state
 from .data.grounding import DEFAULT_NUM_BINS, build_kosmos2_dictionary
 from .data.jsonio import read_json
-from .modules.kosmos2 import (Kosmos2Config, Kosmos2ConnectorConfig, Kosmos2DecoderConfig, Kosmos2VisionConfig,
-                              kosmos2_xl_config)
+from .modules.kosmos2 import (
+    Kosmos2Config,
+    Kosmos2ConnectorConfig,
+    Kosmos2DecoderConfig,
+    Kosmos2VisionConfig,
+    kosmos2_xl_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +93,37 @@ _HF_TO_TORCHSCALE_ACT = {"gelu": "gelu", "relu": "relu", "silu": "swish", "swish
 # Defaults of transformers 5.23.0's Kosmos2TextConfig / Kosmos2VisionConfig (models/kosmos2/configuration_kosmos2.py):
 # a saved config.json may leave out values equal to these.
 HF_TEXT_DEFAULTS: Dict[str, Any] = dict(
-    vocab_size=65037, max_position_embeddings=2048, embed_dim=2048, layers=24, ffn_dim=8192, attention_heads=32,
-    activation_function="gelu", dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, layerdrop=0.0,
-    layer_norm_eps=1e-5, scale_embedding=True, tie_word_embeddings=True, pad_token_id=1, bos_token_id=0,
-    eos_token_id=2, add_cross_attention=False)
+    vocab_size=65037,
+    max_position_embeddings=2048,
+    embed_dim=2048,
+    layers=24,
+    ffn_dim=8192,
+    attention_heads=32,
+    activation_function="gelu",
+    dropout=0.1,
+    attention_dropout=0.1,
+    activation_dropout=0.0,
+    layerdrop=0.0,
+    layer_norm_eps=1e-5,
+    scale_embedding=True,
+    tie_word_embeddings=True,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    add_cross_attention=False,
+)
 HF_VISION_DEFAULTS: Dict[str, Any] = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, num_channels=3,
-    image_size=224, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, attention_dropout=0.0)
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_channels=3,
+    image_size=224,
+    patch_size=14,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    attention_dropout=0.0,
+)
 HF_LATENT_QUERY_DEFAULT = 64
 
 
@@ -148,17 +178,23 @@ def vision_geometry(cfg: Kosmos2VisionConfig) -> VisionGeometry:
     vcfg = model_cfg.get("vision_cfg", {})
     extra = sorted(set(vcfg) - _PLAIN_VIT_KEYS)
     if extra:
-        raise ConversionError(f"open_clip tower {cfg.model_name!r} uses {extra}: not a plain ViT that HF's Kosmos-2 "
-                              "vision model (or the released layout) can express")
+        raise ConversionError(
+            f"open_clip tower {cfg.model_name!r} uses {extra}: not a plain ViT that HF's Kosmos-2 "
+            "vision model (or the released layout) can express"
+        )
     width = int(vcfg["width"])
     head_width = int(vcfg.get("head_width", 64))
     if width % head_width:
         raise ConversionError(f"{cfg.model_name}: width {width} is not a multiple of head_width {head_width}")
-    return VisionGeometry(width=width, layers=int(vcfg["layers"]), heads=width // head_width,
-                          mlp_dim=int(width * float(vcfg.get("mlp_ratio", 4.0))),
-                          patch_size=_square(vcfg["patch_size"], "patch_size"),
-                          image_size=_square(vcfg["image_size"], "image_size"),
-                          quick_gelu=bool(cfg.force_quick_gelu or model_cfg.get("quick_gelu", False)))
+    return VisionGeometry(
+        width=width,
+        layers=int(vcfg["layers"]),
+        heads=width // head_width,
+        mlp_dim=int(width * float(vcfg.get("mlp_ratio", 4.0))),
+        patch_size=_square(vcfg["patch_size"], "patch_size"),
+        image_size=_square(vcfg["image_size"], "image_size"),
+        quick_gelu=bool(cfg.force_quick_gelu or model_cfg.get("quick_gelu", False)),
+    )
 
 
 def expected_shapes(cfg: Kosmos2Config) -> Dict[str, Tuple[int, ...]]:
@@ -212,8 +248,7 @@ def check_state_dict(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, what
     want = expected_shapes(cfg)
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]
-    bad = [f"{k} {tuple(state[k].shape)} != {want[k]}" for k in want if k in state
-           and tuple(state[k].shape) != want[k]]
+    bad = [f"{k} {tuple(state[k].shape)} != {want[k]}" for k in want if k in state and tuple(state[k].shape) != want[k]]
     problems = []
     if missing:
         problems.append(f"missing keys: {_listing(missing)}")
@@ -225,8 +260,9 @@ def check_state_dict(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, what
         raise ConversionError(f"{what} does not match the Kosmos-2 config: " + "; ".join(problems))
     emb, out = state["decoder.embed_tokens.weight"], state["decoder.output_projection.weight"]
     if emb is not out and not torch.equal(emb, out):
-        raise ConversionError(f"{what}: decoder.output_projection.weight differs from decoder.embed_tokens.weight "
-                              "but Kosmos-2 ties them")
+        raise ConversionError(
+            f"{what}: decoder.output_projection.weight differs from decoder.embed_tokens.weight but Kosmos-2 ties them"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,38 +280,61 @@ class _Layout:
 
 @functools.lru_cache(maxsize=None)
 def _pattern(template: str) -> "re.Pattern[str]":
-    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{w\}", r"(?P<w>weight|bias)")
-                      .replace(r"\{p\}", r"(?P<p>q|k|v)").replace(r"\{rest\}", r"(?P<rest>.+)") + r"$")
+    return re.compile(
+        re.escape(template)
+        .replace(r"\{i\}", r"(?P<i>\d+)")
+        .replace(r"\{w\}", r"(?P<w>weight|bias)")
+        .replace(r"\{p\}", r"(?P<p>q|k|v)")
+        .replace(r"\{rest\}", r"(?P<rest>.+)")
+        + r"$"
+    )
 
 
-_VIT_BLOCK_RENAMES = (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
-                      ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj"))
+_VIT_BLOCK_RENAMES = (
+    ("ln_1", "layer_norm1"),
+    ("ln_2", "layer_norm2"),
+    ("mlp.c_fc", "mlp.fc1"),
+    ("mlp.c_proj", "mlp.fc2"),
+    ("attn.out_proj", "self_attn.out_proj"),
+)
 
 RELEASE_LAYOUT = _Layout(
     name="release",
-    renames=(("vision.visual.transformer.resblocks.{i}.attn.out_proj.",
-              "img_model.visual.transformer.resblocks.{i}.ts_attn.out_proj."),
-             ("vision.visual.", "img_model.visual."),
-             ("connector.", "img_connector."),
-             ("decoder.", "gpt_model.decoder.")),
-    qkv=("vision.visual.transformer.resblocks.{i}.attn.in_proj_{w}",
-         "img_model.visual.transformer.resblocks.{i}.ts_attn.{p}_proj.{w}"),
+    renames=(
+        (
+            "vision.visual.transformer.resblocks.{i}.attn.out_proj.",
+            "img_model.visual.transformer.resblocks.{i}.ts_attn.out_proj.",
+        ),
+        ("vision.visual.", "img_model.visual."),
+        ("connector.", "img_connector."),
+        ("decoder.", "gpt_model.decoder."),
+    ),
+    qkv=(
+        "vision.visual.transformer.resblocks.{i}.attn.in_proj_{w}",
+        "img_model.visual.transformer.resblocks.{i}.ts_attn.{p}_proj.{w}",
+    ),
 )
 
 HF_LAYOUT = _Layout(
     name="HF",
-    renames=(("vision.visual.class_embedding", "vision_model.model.embeddings.class_embedding"),
-             ("vision.visual.positional_embedding", "vision_model.model.embeddings.position_embedding.weight"),
-             ("vision.visual.conv1.weight", "vision_model.model.embeddings.patch_embedding.weight"),
-             ("vision.visual.ln_pre.", "vision_model.model.pre_layrnorm."),
-             ("vision.visual.ln_post.", "vision_model.model.post_layernorm."),
-             *((f"vision.visual.transformer.resblocks.{{i}}.{a}.", f"vision_model.model.encoder.layers.{{i}}.{b}.")
-               for a, b in _VIT_BLOCK_RENAMES),
-             ("connector.", "image_to_text_projection."),
-             ("decoder.output_projection.weight", "text_model.lm_head.weight"),
-             ("decoder.", "text_model.model.")),
-    qkv=("vision.visual.transformer.resblocks.{i}.attn.in_proj_{w}",
-         "vision_model.model.encoder.layers.{i}.self_attn.{p}_proj.{w}"),
+    renames=(
+        ("vision.visual.class_embedding", "vision_model.model.embeddings.class_embedding"),
+        ("vision.visual.positional_embedding", "vision_model.model.embeddings.position_embedding.weight"),
+        ("vision.visual.conv1.weight", "vision_model.model.embeddings.patch_embedding.weight"),
+        ("vision.visual.ln_pre.", "vision_model.model.pre_layrnorm."),
+        ("vision.visual.ln_post.", "vision_model.model.post_layernorm."),
+        *(
+            (f"vision.visual.transformer.resblocks.{{i}}.{a}.", f"vision_model.model.encoder.layers.{{i}}.{b}.")
+            for a, b in _VIT_BLOCK_RENAMES
+        ),
+        ("connector.", "image_to_text_projection."),
+        ("decoder.output_projection.weight", "text_model.lm_head.weight"),
+        ("decoder.", "text_model.model."),
+    ),
+    qkv=(
+        "vision.visual.transformer.resblocks.{i}.attn.in_proj_{w}",
+        "vision_model.model.encoder.layers.{i}.self_attn.{p}_proj.{w}",
+    ),
 )
 
 
@@ -355,8 +414,9 @@ def from_release_state_dict(release: Mapping[str, torch.Tensor], cfg: Optional[K
     return ours
 
 
-def to_release_state_dict(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config,
-                          include_unused: bool = True) -> StateDict:
+def to_release_state_dict(
+    state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, include_unused: bool = True
+) -> StateDict:
     """Inverse of :func:`from_release_state_dict`. With ``include_unused`` the two unused release buffers are added
     with the values their modules would hold (fairseq's 1-element ``_float_tensor``, written as 0, and torchscale's
     xPos ``scale`` for the decoder's head width), so the key set is the release's exactly."""
@@ -394,31 +454,58 @@ def hf_config_dict(cfg: Kosmos2Config) -> Dict[str, Any]:
     for what HF's Kosmos-2 cannot express."""
     d, c, g = cfg.decoder, cfg.connector, vision_geometry(cfg.vision)
     if c.position_embedding != "none" or c.locality_sigma > 0:
-        raise ConversionError(f"HF's Kosmos-2 connector has neither position embeddings nor a locality prior; this "
-                              f"model's are {c.position_embedding!r} and sigma {c.locality_sigma}")
+        raise ConversionError(
+            f"HF's Kosmos-2 connector has neither position embeddings nor a locality prior; this "
+            f"model's are {c.position_embedding!r} and sigma {c.locality_sigma}"
+        )
     if not d.subln:
         raise ConversionError("HF Kosmos-2 text blocks always have the sub-LN norms; a subln=False decoder has none")
     if c.attention_heads != d.attention_heads:
-        raise ConversionError(f"HF's connector uses the text model's {d.attention_heads} heads; ours has "
-                              f"{c.attention_heads}")
+        raise ConversionError(
+            f"HF's connector uses the text model's {d.attention_heads} heads; ours has {c.attention_heads}"
+        )
     if d.activation_fn not in _TORCHSCALE_TO_HF_ACT:
         raise ConversionError(f"decoder activation {d.activation_fn!r} has no HF name")
     if c.attention_dropout != d.attention_dropout:
-        logger.warning("HF's connector attention dropout is the text attention dropout %s (ours: %s); this only "
-                       "matters in training", d.attention_dropout, c.attention_dropout)
-    text = dict(vocab_size=d.vocab_size, max_position_embeddings=d.max_positions, embed_dim=d.embed_dim,
-                layers=d.layers, ffn_dim=d.ffn_embed_dim, attention_heads=d.attention_heads,
-                activation_function=_TORCHSCALE_TO_HF_ACT[d.activation_fn], dropout=d.dropout,
-                attention_dropout=d.attention_dropout, activation_dropout=d.activation_dropout, layerdrop=0.0,
-                layer_norm_eps=d.layernorm_eps, scale_embedding=True, tie_word_embeddings=True,
-                pad_token_id=d.pad_idx, bos_token_id=FAIRSEQ_BOS, eos_token_id=FAIRSEQ_EOS,
-                add_cross_attention=False)
-    vision = dict(hidden_size=g.width, intermediate_size=g.mlp_dim, num_hidden_layers=g.layers,
-                  num_attention_heads=g.heads, num_channels=3, image_size=g.image_size, patch_size=g.patch_size,
-                  hidden_act="quick_gelu" if g.quick_gelu else "gelu", layer_norm_eps=g.layer_norm_eps,
-                  attention_dropout=0.0)
-    return dict(text_config=text, vision_config=vision, latent_query_num=c.latent_query_num,
-                tie_word_embeddings=True)
+        logger.warning(
+            "HF's connector attention dropout is the text attention dropout %s (ours: %s); this only "
+            "matters in training",
+            d.attention_dropout,
+            c.attention_dropout,
+        )
+    text = dict(
+        vocab_size=d.vocab_size,
+        max_position_embeddings=d.max_positions,
+        embed_dim=d.embed_dim,
+        layers=d.layers,
+        ffn_dim=d.ffn_embed_dim,
+        attention_heads=d.attention_heads,
+        activation_function=_TORCHSCALE_TO_HF_ACT[d.activation_fn],
+        dropout=d.dropout,
+        attention_dropout=d.attention_dropout,
+        activation_dropout=d.activation_dropout,
+        layerdrop=0.0,
+        layer_norm_eps=d.layernorm_eps,
+        scale_embedding=True,
+        tie_word_embeddings=True,
+        pad_token_id=d.pad_idx,
+        bos_token_id=FAIRSEQ_BOS,
+        eos_token_id=FAIRSEQ_EOS,
+        add_cross_attention=False,
+    )
+    vision = dict(
+        hidden_size=g.width,
+        intermediate_size=g.mlp_dim,
+        num_hidden_layers=g.layers,
+        num_attention_heads=g.heads,
+        num_channels=3,
+        image_size=g.image_size,
+        patch_size=g.patch_size,
+        hidden_act="quick_gelu" if g.quick_gelu else "gelu",
+        layer_norm_eps=g.layer_norm_eps,
+        attention_dropout=0.0,
+    )
+    return dict(text_config=text, vision_config=vision, latent_query_num=c.latent_query_num, tie_word_embeddings=True)
 
 
 def open_clip_vit_config(geometry: VisionGeometry) -> Dict[str, Any]:
@@ -429,23 +516,32 @@ def open_clip_vit_config(geometry: VisionGeometry) -> Dict[str, Any]:
     heads, an MLP width that ``width * mlp_ratio`` does not give back)."""
     if geometry.width % geometry.heads:
         raise ConversionError(f"vision width {geometry.width} is not a multiple of its {geometry.heads} heads")
-    vision = dict(image_size=geometry.image_size, layers=geometry.layers, width=geometry.width,
-                  head_width=geometry.width // geometry.heads, mlp_ratio=geometry.mlp_dim / geometry.width,
-                  patch_size=geometry.patch_size)
+    vision = dict(
+        image_size=geometry.image_size,
+        layers=geometry.layers,
+        width=geometry.width,
+        head_width=geometry.width // geometry.heads,
+        mlp_ratio=geometry.mlp_dim / geometry.width,
+        patch_size=geometry.patch_size,
+    )
     if int(geometry.width * vision["mlp_ratio"]) != geometry.mlp_dim:
-        raise ConversionError(f"open_clip's ViT cannot have an MLP width of {geometry.mlp_dim} with width "
-                              f"{geometry.width} (it computes int(width * mlp_ratio))")
+        raise ConversionError(
+            f"open_clip's ViT cannot have an MLP width of {geometry.mlp_dim} with width "
+            f"{geometry.width} (it computes int(width * mlp_ratio))"
+        )
     # one text layer: open_clip's init divides by the layer count (layers=0 raised ZeroDivisionError)
-    return dict(embed_dim=geometry.width, vision_cfg=vision,
-                text_cfg=dict(context_length=1, vocab_size=1, width=8, heads=1, layers=1))
+    return dict(
+        embed_dim=geometry.width,
+        vision_cfg=vision,
+        text_cfg=dict(context_length=1, vocab_size=1, width=8, heads=1, layers=1),
+    )
 
 
 def open_clip_vit_name(geometry: VisionGeometry) -> str:
     """The open_clip name under which :func:`open_clip_vit_config` of ``geometry`` is registered (one name per
     geometry, so a registered name always means the same tower)."""
     g = geometry
-    return (f"unilm-vl-kosmos2-vit-w{g.width}-l{g.layers}-h{g.heads}-m{g.mlp_dim}-p{g.patch_size}-"
-            f"s{g.image_size}")
+    return f"unilm-vl-kosmos2-vit-w{g.width}-l{g.layers}-h{g.heads}-m{g.mlp_dim}-p{g.patch_size}-s{g.image_size}"
 
 
 def find_open_clip_tower(geometry: VisionGeometry, prefer: Optional[str] = None) -> Kosmos2VisionConfig:
@@ -477,12 +573,16 @@ def find_open_clip_tower(geometry: VisionGeometry, prefer: Optional[str] = None)
     if prefer:
         raise ConversionError(f"open_clip model {prefer!r} does not have the vision geometry {geometry}")
     model_cfg = open_clip_vit_config(geometry)
-    candidate = Kosmos2VisionConfig(model_name=generated, pretrained=None,
-                                    force_quick_gelu=geometry.quick_gelu, open_clip_config=model_cfg)
+    candidate = Kosmos2VisionConfig(
+        model_name=generated, pretrained=None, force_quick_gelu=geometry.quick_gelu, open_clip_config=model_cfg
+    )
     if vision_geometry(candidate) != geometry:
         raise ConversionError(f"no open_clip ViT config expresses the vision geometry {geometry}")
-    logger.info("no open_clip registry config has the vision geometry %s: using %s, built from it (stored with the "
-                "checkpoint)", geometry, candidate.model_name)
+    logger.info(
+        "no open_clip registry config has the vision geometry %s: using %s, built from it (stored with the checkpoint)",
+        geometry,
+        candidate.model_name,
+    )
     return candidate
 
 
@@ -511,24 +611,37 @@ def config_from_hf(hf_config: Mapping[str, Any], vision_model: Optional[str] = N
     if float(text.get("layerdrop") or 0.0) > 0:
         logger.warning("HF layerdrop %s is dropped (training only; our decoder has none)", text["layerdrop"])
     width, heads = int(vision["hidden_size"]), int(vision["num_attention_heads"])
-    geometry = VisionGeometry(width=width, layers=int(vision["num_hidden_layers"]), heads=heads,
-                              mlp_dim=int(vision["intermediate_size"]),
-                              patch_size=_square(vision["patch_size"], "patch_size"),
-                              image_size=_square(vision["image_size"], "image_size"),
-                              quick_gelu=vision["hidden_act"] == "quick_gelu")
+    geometry = VisionGeometry(
+        width=width,
+        layers=int(vision["num_hidden_layers"]),
+        heads=heads,
+        mlp_dim=int(vision["intermediate_size"]),
+        patch_size=_square(vision["patch_size"], "patch_size"),
+        image_size=_square(vision["image_size"], "image_size"),
+        quick_gelu=vision["hidden_act"] == "quick_gelu",
+    )
     return Kosmos2Config(
         vision=find_open_clip_tower(geometry, vision_model),
-        connector=Kosmos2ConnectorConfig(latent_query_num=int(hf_config.get("latent_query_num",
-                                                                            HF_LATENT_QUERY_DEFAULT)),
-                                         attention_heads=int(text["attention_heads"]),
-                                         attention_dropout=float(text["attention_dropout"])),
-        decoder=Kosmos2DecoderConfig(
-            vocab_size=int(text["vocab_size"]), embed_dim=int(text["embed_dim"]), layers=int(text["layers"]),
-            attention_heads=int(text["attention_heads"]), ffn_embed_dim=int(text["ffn_dim"]),
-            activation_fn=_HF_TO_TORCHSCALE_ACT[text["activation_function"]], dropout=float(text["dropout"]),
+        connector=Kosmos2ConnectorConfig(
+            latent_query_num=int(hf_config.get("latent_query_num", HF_LATENT_QUERY_DEFAULT)),
+            attention_heads=int(text["attention_heads"]),
             attention_dropout=float(text["attention_dropout"]),
-            activation_dropout=float(text["activation_dropout"]), subln=True, pad_idx=int(text["pad_token_id"]),
-            max_positions=int(text["max_position_embeddings"]), layernorm_eps=float(text["layer_norm_eps"])),
+        ),
+        decoder=Kosmos2DecoderConfig(
+            vocab_size=int(text["vocab_size"]),
+            embed_dim=int(text["embed_dim"]),
+            layers=int(text["layers"]),
+            attention_heads=int(text["attention_heads"]),
+            ffn_embed_dim=int(text["ffn_dim"]),
+            activation_fn=_HF_TO_TORCHSCALE_ACT[text["activation_function"]],
+            dropout=float(text["dropout"]),
+            attention_dropout=float(text["attention_dropout"]),
+            activation_dropout=float(text["activation_dropout"]),
+            subln=True,
+            pad_idx=int(text["pad_token_id"]),
+            max_positions=int(text["max_position_embeddings"]),
+            layernorm_eps=float(text["layer_norm_eps"]),
+        ),
     )
 
 
@@ -543,8 +656,10 @@ def save_hf(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, out_dir: str)
     result = model.load_state_dict(hf_state, strict=False)
     missing = [k for k in result.missing_keys]
     if missing or result.unexpected_keys:
-        raise ConversionError(f"HF model rejected the converted weights: missing {_listing(missing)}; "
-                              f"unexpected {_listing(result.unexpected_keys)}")
+        raise ConversionError(
+            f"HF model rejected the converted weights: missing {_listing(missing)}; "
+            f"unexpected {_listing(result.unexpected_keys)}"
+        )
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
 
@@ -557,8 +672,11 @@ def read_hf_dir(hf_dir: str) -> Tuple[Dict[str, Any], StateDict]:
     if os.path.isfile(single) or os.path.isfile(index):
         from safetensors.torch import load_file
 
-        files = [single] if os.path.isfile(single) else sorted(
-            {os.path.join(hf_dir, f) for f in read_json(index, "safetensors index")["weight_map"].values()})
+        files = (
+            [single]
+            if os.path.isfile(single)
+            else sorted({os.path.join(hf_dir, f) for f in read_json(index, "safetensors index")["weight_map"].values()})
+        )
         state: StateDict = {}
         for path in files:
             state.update(load_file(path))
@@ -594,8 +712,10 @@ def check_spm_layout(spm_model: str) -> None:
     spm = sentencepiece.SentencePieceProcessor(model_file=spm_model)
     found = tuple(spm.id_to_piece(i) for i in range(min(3, spm.get_piece_size())))
     if found != SPM_SPECIAL_PIECES:
-        raise ConversionError(f"{spm_model}: pieces 0-2 are {found}, not {SPM_SPECIAL_PIECES}: its ids would not be "
-                              "the HF Kosmos-2 tokenizer's (spm id + 1)")
+        raise ConversionError(
+            f"{spm_model}: pieces 0-2 are {found}, not {SPM_SPECIAL_PIECES}: its ids would not be "
+            "the HF Kosmos-2 tokenizer's (spm id + 1)"
+        )
 
 
 def infer_location_bin_size(vocab_size: int, spm_model: Optional[str], dict_path: Optional[str], what: str) -> int:
@@ -609,15 +729,22 @@ def infer_location_bin_size(vocab_size: int, spm_model: Optional[str], dict_path
     cells = vocab_size - base - non_patch
     side = math.isqrt(cells) if cells > 0 else 0
     if side < 1 or side * side != cells:
-        raise ConversionError(f"{what} has {vocab_size} token embeddings: {dict_path or spm_model} gives {base} "
-                              f"symbols + <mask> and {non_patch - 1} tags, which leaves {cells} for the patch "
-                              "tokens, not a square number: not this vocabulary's model")
+        raise ConversionError(
+            f"{what} has {vocab_size} token embeddings: {dict_path or spm_model} gives {base} "
+            f"symbols + <mask> and {non_patch - 1} tags, which leaves {cells} for the patch "
+            "tokens, not a square number: not this vocabulary's model"
+        )
     return side
 
 
-def hf_dir_checkpoint_state(hf_dir: str, spm_model: Optional[str] = None, dict_path: Optional[str] = None,
-                            location_bin_size: Optional[int] = None, vision_model: Optional[str] = None,
-                            require_vocabulary: bool = True) -> Dict[str, Any]:
+def hf_dir_checkpoint_state(
+    hf_dir: str,
+    spm_model: Optional[str] = None,
+    dict_path: Optional[str] = None,
+    location_bin_size: Optional[int] = None,
+    vision_model: Optional[str] = None,
+    require_vocabulary: bool = True,
+) -> Dict[str, Any]:
     """The fairseq checkpoint dict (:func:`our_checkpoint_state`) of the HF Kosmos-2 directory ``hf_dir``, built in
     memory: what :func:`unilm_vl.checkpoint.load_model` loads for a directory and ``convert --from-hf`` writes.
 
@@ -633,21 +760,28 @@ def hf_dir_checkpoint_state(hf_dir: str, spm_model: Optional[str] = None, dict_p
     if spm_model is None and os.path.isfile(os.path.join(hf_dir, HF_SPM_NAME)):
         spm_model = os.path.join(hf_dir, HF_SPM_NAME)
     if spm_model is None and require_vocabulary:
-        raise ConversionError(f"{hf_dir} has no {HF_SPM_NAME} and no sentencepiece model was given (HF's "
-                              "tokenizer.json alone is not read, and transformers >= 5 save_pretrained writes only "
-                              f"that: copy in the {HF_SPM_NAME} the processor was made from, as HF's hub "
-                              "directories have it, or pass --spm-model / spm_model=)")
+        raise ConversionError(
+            f"{hf_dir} has no {HF_SPM_NAME} and no sentencepiece model was given (HF's "
+            "tokenizer.json alone is not read, and transformers >= 5 save_pretrained writes only "
+            f"that: copy in the {HF_SPM_NAME} the processor was made from, as HF's hub "
+            "directories have it, or pass --spm-model / spm_model=)"
+        )
     if spm_model is not None:
         check_spm_layout(spm_model)
     if location_bin_size is None:
-        location_bin_size = (infer_location_bin_size(cfg.decoder.vocab_size, spm_model, dict_path, hf_dir)
-                             if spm_model is not None or dict_path is not None else DEFAULT_NUM_BINS)
+        location_bin_size = (
+            infer_location_bin_size(cfg.decoder.vocab_size, spm_model, dict_path, hf_dir)
+            if spm_model is not None or dict_path is not None
+            else DEFAULT_NUM_BINS
+        )
     processor_path = os.path.join(hf_dir, HF_PROCESSOR_CONFIG)
     if os.path.isfile(processor_path):
         patch_tokens = read_json(processor_path, "HF processor config").get("num_patch_index_tokens")
-        if patch_tokens is not None and int(patch_tokens) != location_bin_size ** 2:
-            raise ConversionError(f"{processor_path}: num_patch_index_tokens {patch_tokens} is not "
-                                  f"{location_bin_size} x {location_bin_size}, the grid of the model's vocabulary")
+        if patch_tokens is not None and int(patch_tokens) != location_bin_size**2:
+            raise ConversionError(
+                f"{processor_path}: num_patch_index_tokens {patch_tokens} is not "
+                f"{location_bin_size} x {location_bin_size}, the grid of the model's vocabulary"
+            )
     return our_checkpoint_state(state, cfg, spm_model, dict_path, location_bin_size, what=hf_dir)
 
 
@@ -662,22 +796,35 @@ def config_from_fairseq(model_cfg: Mapping[str, Any], vocab_size: int, pad_idx: 
     m = dataclasses.asdict(Kosmos2ModelConfig())
     m.update({k: v for k, v in model_cfg.items() if k in fields})
     return Kosmos2Config(
-        vision=Kosmos2VisionConfig(model_name=m["vision_model"], pretrained=None,
-                                   force_quick_gelu=bool(m["vision_quick_gelu"]),
-                                   open_clip_config=(json.loads(m["vision_config_json"])
-                                                     if m.get("vision_config_json") else None)),
-        connector=Kosmos2ConnectorConfig(latent_query_num=m["latent_query_num"],
-                                         attention_heads=m["connector_attention_heads"],
-                                         attention_dropout=m["connector_attention_dropout"],
-                                         position_embedding=str(m["connector_position_embedding"]),
-                                         locality_sigma=float(m["connector_locality_sigma"])),
+        vision=Kosmos2VisionConfig(
+            model_name=m["vision_model"],
+            pretrained=None,
+            force_quick_gelu=bool(m["vision_quick_gelu"]),
+            open_clip_config=(json.loads(m["vision_config_json"]) if m.get("vision_config_json") else None),
+        ),
+        connector=Kosmos2ConnectorConfig(
+            latent_query_num=m["latent_query_num"],
+            attention_heads=m["connector_attention_heads"],
+            attention_dropout=m["connector_attention_dropout"],
+            position_embedding=str(m["connector_position_embedding"]),
+            locality_sigma=float(m["connector_locality_sigma"]),
+        ),
         decoder=Kosmos2DecoderConfig(
-            vocab_size=vocab_size, embed_dim=m["decoder_embed_dim"], layers=m["decoder_layers"],
-            attention_heads=m["decoder_attention_heads"], ffn_embed_dim=m["decoder_ffn_embed_dim"],
-            activation_fn=m["activation_fn"], dropout=m["dropout"], attention_dropout=m["attention_dropout"],
-            activation_dropout=m["activation_dropout"], subln=not m["no_subln"], pad_idx=pad_idx,
-            max_positions=m["max_target_positions"]),
-        freeze_vision=not m["train_vision"])
+            vocab_size=vocab_size,
+            embed_dim=m["decoder_embed_dim"],
+            layers=m["decoder_layers"],
+            attention_heads=m["decoder_attention_heads"],
+            ffn_embed_dim=m["decoder_ffn_embed_dim"],
+            activation_fn=m["activation_fn"],
+            dropout=m["dropout"],
+            attention_dropout=m["attention_dropout"],
+            activation_dropout=m["activation_dropout"],
+            subln=not m["no_subln"],
+            pad_idx=pad_idx,
+            max_positions=m["max_target_positions"],
+        ),
+        freeze_vision=not m["train_vision"],
+    )
 
 
 def fairseq_model_cfg(cfg: Kosmos2Config) -> Dict[str, Any]:
@@ -688,17 +835,29 @@ def fairseq_model_cfg(cfg: Kosmos2Config) -> Dict[str, Any]:
     if d.layernorm_eps != 1e-5:
         raise ConversionError(f"the kosmos2 fairseq model has LayerNorm eps 1e-5; this one {d.layernorm_eps}")
     vision_json = json.dumps(cfg.vision.open_clip_config) if cfg.vision.open_clip_config is not None else None
-    return dict(vision_model=cfg.vision.model_name, vision_pretrained=None,
-                vision_quick_gelu=bool(cfg.vision.force_quick_gelu), vision_config_json=vision_json,
-                train_vision=not cfg.freeze_vision,
-                latent_query_num=c.latent_query_num, connector_attention_heads=c.attention_heads,
-                connector_attention_dropout=c.attention_dropout,
-                connector_position_embedding=c.position_embedding, connector_locality_sigma=c.locality_sigma,
-                decoder_embed_dim=d.embed_dim,
-                decoder_layers=d.layers, decoder_attention_heads=d.attention_heads,
-                decoder_ffn_embed_dim=d.ffn_embed_dim, activation_fn=d.activation_fn, dropout=d.dropout,
-                attention_dropout=d.attention_dropout, activation_dropout=d.activation_dropout,
-                no_subln=not d.subln, max_target_positions=d.max_positions, checkpoint_activations=False)
+    return dict(
+        vision_model=cfg.vision.model_name,
+        vision_pretrained=None,
+        vision_quick_gelu=bool(cfg.vision.force_quick_gelu),
+        vision_config_json=vision_json,
+        train_vision=not cfg.freeze_vision,
+        latent_query_num=c.latent_query_num,
+        connector_attention_heads=c.attention_heads,
+        connector_attention_dropout=c.attention_dropout,
+        connector_position_embedding=c.position_embedding,
+        connector_locality_sigma=c.locality_sigma,
+        decoder_embed_dim=d.embed_dim,
+        decoder_layers=d.layers,
+        decoder_attention_heads=d.attention_heads,
+        decoder_ffn_embed_dim=d.ffn_embed_dim,
+        activation_fn=d.activation_fn,
+        dropout=d.dropout,
+        attention_dropout=d.attention_dropout,
+        activation_dropout=d.activation_dropout,
+        no_subln=not d.subln,
+        max_target_positions=d.max_positions,
+        checkpoint_activations=False,
+    )
 
 
 def _plain(obj):
@@ -729,16 +888,21 @@ def load_our_checkpoint(path: str) -> Tuple[StateDict, Kosmos2Config]:
         model_cfg = _plain(state["args"])
     if not model_cfg:
         raise ConversionError(f"{path} holds no model config (state['cfg']['model'] or state['args'])")
-    ours = {k[len("net."):]: v for k, v in model_state.items()}
+    ours = {k[len("net.") :]: v for k, v in model_state.items()}
     vocab = ours["decoder.embed_tokens.weight"].shape[0]
     cfg = config_from_fairseq(model_cfg, vocab)
     check_state_dict(ours, cfg, path)
     return ours, cfg
 
 
-def our_checkpoint_state(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, spm_model: Optional[str] = None,
-                         dict_path: Optional[str] = None, location_bin_size: int = DEFAULT_NUM_BINS,
-                         what: str = "the converted model") -> Dict[str, Any]:
+def our_checkpoint_state(
+    state: Mapping[str, torch.Tensor],
+    cfg: Kosmos2Config,
+    spm_model: Optional[str] = None,
+    dict_path: Optional[str] = None,
+    location_bin_size: int = DEFAULT_NUM_BINS,
+    what: str = "the converted model",
+) -> Dict[str, Any]:
     """A fairseq checkpoint dict of the ``kosmos2`` model (``--task kosmos2``; ``spm_model``/``dict_path``/
     ``location_bin_size`` go into the task config, which needs them to load) holding ``state``, with no optimizer
     state. With ``dict_path`` or ``spm_model`` (the dictionary then derived from it), the token embedding must have
@@ -755,30 +919,52 @@ def our_checkpoint_state(state: Mapping[str, torch.Tensor], cfg: Kosmos2Config, 
         check_vocabulary(cfg.decoder.vocab_size, dict_path, location_bin_size, what, spm_model)
     model_cfg = Kosmos2ModelConfig(**fairseq_model_cfg(cfg))
     model_cfg._name = "kosmos2"
-    task_cfg = Kosmos2TaskConfig(spm_model=spm_model, dict_path=dict_path, location_bin_size=location_bin_size,
-                                 image_token_length=cfg.connector.latent_query_num)
+    task_cfg = Kosmos2TaskConfig(
+        spm_model=spm_model,
+        dict_path=dict_path,
+        location_bin_size=location_bin_size,
+        image_token_length=cfg.connector.latent_query_num,
+    )
     task_cfg._name = "kosmos2"
     root = OmegaConf.structured(FairseqConfig())
     root.model, root.task = OmegaConf.structured(model_cfg), OmegaConf.structured(task_cfg)
     # the tied output projection is stored under both names, as the model's own state_dict() does
     model_state = {f"net.{k}": v.contiguous() for k, v in state.items()}
-    return {"args": None, "cfg": OmegaConf.to_container(root, resolve=True, enum_to_str=True),
-            "model": model_state,
-            "optimizer_history": [{"criterion_name": "Kosmos2LmCriterion", "optimizer_name": "none",
-                                   "lr_scheduler_state": {"best": None}, "num_updates": 0}],
-            "task_state": {}, "extra_state": {"converted_by": "unilm_vl.convert"}, "last_optimizer_state": None}
+    return {
+        "args": None,
+        "cfg": OmegaConf.to_container(root, resolve=True, enum_to_str=True),
+        "model": model_state,
+        "optimizer_history": [
+            {
+                "criterion_name": "Kosmos2LmCriterion",
+                "optimizer_name": "none",
+                "lr_scheduler_state": {"best": None},
+                "num_updates": 0,
+            }
+        ],
+        "task_state": {},
+        "extra_state": {"converted_by": "unilm_vl.convert"},
+        "last_optimizer_state": None,
+    }
 
 
-def save_our_checkpoint(path: str, state: Mapping[str, torch.Tensor], cfg: Kosmos2Config,
-                        spm_model: Optional[str] = None, dict_path: Optional[str] = None,
-                        location_bin_size: int = DEFAULT_NUM_BINS, what: str = "the converted model") -> None:
+def save_our_checkpoint(
+    path: str,
+    state: Mapping[str, torch.Tensor],
+    cfg: Kosmos2Config,
+    spm_model: Optional[str] = None,
+    dict_path: Optional[str] = None,
+    location_bin_size: int = DEFAULT_NUM_BINS,
+    what: str = "the converted model",
+) -> None:
     checkpoint = our_checkpoint_state(state, cfg, spm_model, dict_path, location_bin_size, what)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(checkpoint, path)
 
 
-def check_vocabulary(vocab_size: int, dict_path: Optional[str], location_bin_size: int, what: str,
-                     spm_model: Optional[str] = None) -> None:
+def check_vocabulary(
+    vocab_size: int, dict_path: Optional[str], location_bin_size: int, what: str, spm_model: Optional[str] = None
+) -> None:
     """Raise :class:`ConversionError` unless ``vocab_size`` token embeddings are the kosmos2 dictionary of
     ``dict_path`` (None: derived from ``spm_model``) and ``location_bin_size`` (message of
     :func:`unilm_vl.models.kosmos2.check_vocab_rows`)."""
@@ -811,27 +997,47 @@ def build_parser() -> argparse.ArgumentParser:
     mode = k.add_mutually_exclusive_group(required=True)
     mode.add_argument("--to-hf", action="store_true", help="our checkpoint (--checkpoint) -> HF directory (--out)")
     mode.add_argument("--from-hf", metavar="HF_DIR", help="HF Kosmos-2 directory -> our checkpoint (--out)")
-    mode.add_argument("--from-release", metavar="KOSMOS2_PT",
-                      help="the released kosmos-2.pt (the 1.6B kosmos2_xl shape) -> our checkpoint (--out)")
-    mode.add_argument("--write-dict", action="store_true",
-                      help="write the fairseq dict.txt of --spm-model to --out (its pieces but <unk> <s> </s>, in id "
-                           "order, count 1: the released dict.txt for the released sentencepiece model)")
+    mode.add_argument(
+        "--from-release",
+        metavar="KOSMOS2_PT",
+        help="the released kosmos-2.pt (the 1.6B kosmos2_xl shape) -> our checkpoint (--out)",
+    )
+    mode.add_argument(
+        "--write-dict",
+        action="store_true",
+        help="write the fairseq dict.txt of --spm-model to --out (its pieces but <unk> <s> </s>, in id "
+        "order, count 1: the released dict.txt for the released sentencepiece model)",
+    )
     k.add_argument("--checkpoint", help="our kosmos2 fairseq checkpoint or an HF Kosmos-2 directory (with --to-hf)")
-    k.add_argument("--out", required=True,
-                   help="output: an HF directory (--to-hf), our checkpoint .pt, or dict.txt (--write-dict)")
-    k.add_argument("--spm-model", default=None,
-                   help="sentencepiece model recorded in the written checkpoint's task config (needed to load it; "
-                        "--from-hf: default the directory's sentencepiece.bpe.model when it has one)")
-    k.add_argument("--dict-path", default=None,
-                   help="fairseq dict.txt recorded in the written checkpoint's task config (default: derived from "
-                        "--spm-model when it is loaded); the model's vocabulary size is checked against it")
-    k.add_argument("--location-bin-size", type=int, default=None,
-                   help="P of the P x P box grid recorded in the written checkpoint's task config (default 32, the "
-                        "released model's; --from-hf with a vocabulary: the P the model's token embeddings leave "
-                        "room for); with a vocabulary, it must be dict.txt + <mask> + 11 tags + P*P")
-    k.add_argument("--vision-model", default=None,
-                   help="open_clip name for the vision tower with --from-hf (default: the first registry config "
-                        "with the HF geometry)")
+    k.add_argument(
+        "--out", required=True, help="output: an HF directory (--to-hf), our checkpoint .pt, or dict.txt (--write-dict)"
+    )
+    k.add_argument(
+        "--spm-model",
+        default=None,
+        help="sentencepiece model recorded in the written checkpoint's task config (needed to load it; "
+        "--from-hf: default the directory's sentencepiece.bpe.model when it has one)",
+    )
+    k.add_argument(
+        "--dict-path",
+        default=None,
+        help="fairseq dict.txt recorded in the written checkpoint's task config (default: derived from "
+        "--spm-model when it is loaded); the model's vocabulary size is checked against it",
+    )
+    k.add_argument(
+        "--location-bin-size",
+        type=int,
+        default=None,
+        help="P of the P x P box grid recorded in the written checkpoint's task config (default 32, the "
+        "released model's; --from-hf with a vocabulary: the P the model's token embeddings leave "
+        "room for); with a vocabulary, it must be dict.txt + <mask> + 11 tags + P*P",
+    )
+    k.add_argument(
+        "--vision-model",
+        default=None,
+        help="open_clip name for the vision tower with --from-hf (default: the first registry config "
+        "with the HF geometry)",
+    )
     return parser
 
 
@@ -865,21 +1071,39 @@ def convert_kosmos2(args: argparse.Namespace) -> None:
         logger.info("wrote HF Kosmos2ForConditionalGeneration to %s", args.out)
         return
     if args.from_hf:
-        checkpoint = hf_dir_checkpoint_state(args.from_hf, args.spm_model, args.dict_path, args.location_bin_size,
-                                             args.vision_model, require_vocabulary=False)
+        checkpoint = hf_dir_checkpoint_state(
+            args.from_hf,
+            args.spm_model,
+            args.dict_path,
+            args.location_bin_size,
+            args.vision_model,
+            require_vocabulary=False,
+        )
     else:
         state, cfg = load_release(args.from_release)
-        checkpoint = our_checkpoint_state(state, cfg, args.spm_model, args.dict_path,
-                                          args.location_bin_size or DEFAULT_NUM_BINS, what=args.from_release)
+        checkpoint = our_checkpoint_state(
+            state,
+            cfg,
+            args.spm_model,
+            args.dict_path,
+            args.location_bin_size or DEFAULT_NUM_BINS,
+            what=args.from_release,
+        )
     task = checkpoint["cfg"]["task"]
     if task["spm_model"] is None:
-        logger.warning("no --spm-model: the vocabulary size (%d) is not checked and the written checkpoint needs "
-                       "--spm-model (and --dict-path, or the dictionary derived from it) when it is loaded",
-                       len(checkpoint["model"]["net.decoder.embed_tokens.weight"]))
+        logger.warning(
+            "no --spm-model: the vocabulary size (%d) is not checked and the written checkpoint needs "
+            "--spm-model (and --dict-path, or the dictionary derived from it) when it is loaded",
+            len(checkpoint["model"]["net.decoder.embed_tokens.weight"]),
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.save(checkpoint, args.out)
-    logger.info("wrote %s (%d tensors, vision tower %s)", args.out, len(checkpoint["model"]),
-                checkpoint["cfg"]["model"]["vision_model"])
+    logger.info(
+        "wrote %s (%d tensors, vision tower %s)",
+        args.out,
+        len(checkpoint["model"]),
+        checkpoint["cfg"]["model"]["vision_model"],
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ The page serves 127.0.0.1 only unless ``--host`` says otherwise; it makes no net
 analytics are off, no share link is made, and the theme's fonts ship with Gradio. Gradio is an optional
 dependency (``pip install gradio "numpy<2"``); without it the command stops with one ``error:`` line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,6 +69,7 @@ def css_rgb(colour: Sequence[int]) -> str:
 def ink(colour: Sequence[int]) -> str:
     """Black or white text, whichever contrasts more with ``colour``: black above WCAG 2 relative luminance 0.179,
     where the two contrast ratios are equal (``1.05 / (L + 0.05) = (L + 0.05) / 0.05``)."""
+
     def channel(v: int) -> float:
         v = v / 255
         return v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4
@@ -78,9 +80,11 @@ def ink(colour: Sequence[int]) -> str:
 
 def _mark(text: str, k: int, title: str) -> str:
     colour = entity_colour(k)
-    return (f'<mark class="k2-phrase" data-entity="{k}" title="{html.escape(title)}" '
-            f'style="background-color: {css_rgb(colour)}; color: {ink(colour)}; padding: 0 2px; '
-            f'border-radius: 3px">{html.escape(text)}</mark>')
+    return (
+        f'<mark class="k2-phrase" data-entity="{k}" title="{html.escape(title)}" '
+        f'style="background-color: {css_rgb(colour)}; color: {ink(colour)}; padding: 0 2px; '
+        f'border-radius: 3px">{html.escape(text)}</mark>'
+    )
 
 
 def caption_html(clean_text: str, entities) -> str:
@@ -109,8 +113,9 @@ def caption_html(clean_text: str, entities) -> str:
     for k, (phrase, _, boxes) in enumerate(entities):
         coords = "; ".join("(" + ", ".join(f"{v:.4g}" for v in box) + ")" for box in boxes)
         rows.append(f"<li>{_mark(phrase, k, phrase)} {html.escape(coords)}</li>")
-    entity_list = f'<ul class="k2-entities">{"".join(rows)}</ul>' if rows else \
-        '<p class="k2-entities">no grounded phrase</p>'
+    entity_list = (
+        f'<ul class="k2-entities">{"".join(rows)}</ul>' if rows else '<p class="k2-entities">no grounded phrase</p>'
+    )
     return f'<div class="k2-caption"><p>{"".join(pieces)}</p>{entity_list}</div>'
 
 
@@ -132,8 +137,7 @@ def ground_image(grounder, image, prompt: str, options: Optional[dict] = None):
 # ---- the page -------------------------------------------------------------------------------------------------
 
 
-def build_demo(grounder, examples: Sequence[str] = (), options: Optional[dict] = None,
-               prompt: str = PROMPTS[0]):
+def build_demo(grounder, examples: Sequence[str] = (), options: Optional[dict] = None, prompt: str = PROMPTS[0]):
     """The Gradio page over a loaded :class:`unilm_vl.Kosmos2Grounder`; ``examples`` are image paths offered under
     the input, ``options`` the keyword arguments of every ``ground`` call (:func:`ground_options`), ``prompt`` the
     prompt it starts with. Element ids (for tests and styling): ``input-image``, ``prompt``, ``run``,
@@ -148,22 +152,35 @@ def build_demo(grounder, examples: Sequence[str] = (), options: Optional[dict] =
 
     prompts = list(PROMPTS) if prompt in PROMPTS else [prompt, *PROMPTS]
     with gr.Blocks(title="Kosmos-2 grounding (unilm_vl)", analytics_enabled=False) as demo:
-        gr.Markdown("## Kosmos-2 grounded captions\nUpload or pick an image, choose or write a prompt, press "
-                    "**Ground**: each grounded phrase and its box share a colour.")
+        gr.Markdown(
+            "## Kosmos-2 grounded captions\nUpload or pick an image, choose or write a prompt, press "
+            "**Ground**: each grounded phrase and its box share a colour."
+        )
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", image_mode="RGB", label="Image", elem_id="input-image",
-                                 sources=["upload", "clipboard"], height=IMAGE_HEIGHT)
+                image = gr.Image(
+                    type="pil",
+                    image_mode="RGB",
+                    label="Image",
+                    elem_id="input-image",
+                    sources=["upload", "clipboard"],
+                    height=IMAGE_HEIGHT,
+                )
                 text = gr.Dropdown(prompts, value=prompt, allow_custom_value=True, label="Prompt", elem_id="prompt")
                 button = gr.Button("Ground", variant="primary", elem_id="run")
                 if examples:
                     gr.Examples([[path, prompt] for path in examples], inputs=[image, text], label="Examples")
             with gr.Column():
-                drawing = gr.Image(type="pil", format="png", label="Boxes", elem_id="output-image",
-                                   interactive=False, height=IMAGE_HEIGHT)
+                drawing = gr.Image(
+                    type="pil",
+                    format="png",
+                    label="Boxes",
+                    elem_id="output-image",
+                    interactive=False,
+                    height=IMAGE_HEIGHT,
+                )
                 caption = gr.HTML(label="Grounded caption", elem_id="caption")
-                grounded = gr.Textbox(label="Grounded text (raw)", elem_id="grounded-text", lines=3,
-                                      interactive=False)
+                grounded = gr.Textbox(label="Grounded text (raw)", elem_id="grounded-text", lines=3, interactive=False)
         button.click(run, inputs=[image, text], outputs=[drawing, caption, grounded])
     return demo
 
@@ -172,28 +189,42 @@ def build_demo(grounder, examples: Sequence[str] = (), options: Optional[dict] =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m unilm_vl.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None,
-                   help=f"kosmos2 checkpoint (.pt) or HF Kosmos-2 directory (default: {DEFAULT_CHECKPOINT}, the "
-                        "default recipe's, in the current directory or the package's checkout)")
+    p = argparse.ArgumentParser(
+        prog="python -m unilm_vl.demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help=f"kosmos2 checkpoint (.pt) or HF Kosmos-2 directory (default: {DEFAULT_CHECKPOINT}, the "
+        "default recipe's, in the current directory or the package's checkout)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
     where.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--prompt", default=PROMPTS[0], help="the prompt the page starts with")
-    p.add_argument("--examples", default=None,
-                   help=f"folder of example images (default: {DEFAULT_EXAMPLES} when it exists); the first "
-                        f"{MAX_EXAMPLES} in name order are offered")
+    p.add_argument(
+        "--examples",
+        default=None,
+        help=f"folder of example images (default: {DEFAULT_EXAMPLES} when it exists); the first "
+        f"{MAX_EXAMPLES} in name order are offered",
+    )
     g = p.add_argument_group("decoding (Kosmos2Grounder.ground's options; unset: the preset's value)")
-    g.add_argument("--decoding", choices=("release", "hf"), default="release",
-                   help="preset: the released demo's (greedy, no repeated trigram, up to 500 new tokens) or HF "
-                        "generate's as HF's Kosmos-2 example calls it (greedy, 64 new tokens)")
+    g.add_argument(
+        "--decoding",
+        choices=("release", "hf"),
+        default="release",
+        help="preset: the released demo's (greedy, no repeated trigram, up to 500 new tokens) or HF "
+        "generate's as HF's Kosmos-2 example calls it (greedy, 64 new tokens)",
+    )
     g.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens generated after the prompt")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=None,
-                   help="never repeat an n-gram of the prompt + output (0 = off)")
+    g.add_argument(
+        "--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of the prompt + output (0 = off)"
+    )
     return p
 
 
@@ -216,8 +247,11 @@ def example_images(folder: str, limit: int = MAX_EXAMPLES) -> List[str]:
 
 def ground_options(args) -> dict:
     """The ``ground`` keyword arguments of the parsed command line: the preset and the settings given."""
-    given = {"beam": args.beam, "max_new_tokens": args.max_new_tokens,
-             "no_repeat_ngram_size": args.no_repeat_ngram_size}
+    given = {
+        "beam": args.beam,
+        "max_new_tokens": args.max_new_tokens,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+    }
     return {"decoding": args.decoding, **{k: v for k, v in given.items() if v is not None}}
 
 
@@ -226,14 +260,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_cli_logging(sys.stderr)
     checkpoint, tried = _find(args.checkpoint, DEFAULT_CHECKPOINT)
     if not os.path.exists(checkpoint):
-        print(f"error: checkpoint not found: {' or '.join(tried)}; train one with `bash train.sh` (the default "
-              f"kosmos2 recipe writes {DEFAULT_CHECKPOINT}) or pass --checkpoint CKPT_OR_HF_DIR", file=sys.stderr)
+        print(
+            f"error: checkpoint not found: {' or '.join(tried)}; train one with `bash train.sh` (the default "
+            f"kosmos2 recipe writes {DEFAULT_CHECKPOINT}) or pass --checkpoint CKPT_OR_HF_DIR",
+            file=sys.stderr,
+        )
         return 2
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported (and by each Blocks)
     try:
         import gradio  # noqa: F401  (optional dependency: checked before the model loads)
     except ImportError:
-        print("error: the demo needs gradio: pip install gradio \"numpy<2\"", file=sys.stderr)
+        print('error: the demo needs gradio: pip install gradio "numpy<2"', file=sys.stderr)
         return 2
     from unilm_vl import Kosmos2Grounder
 
@@ -252,8 +289,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.info("checkpoint %s; no example images (looked in %s): upload images", checkpoint, " and ".join(looked))
     demo = build_demo(grounder, examples, options, args.prompt)
     # example images are copied into Gradio's cache when the page is built: no folder is opened to the browser
-    demo.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False, mcp_server=False,
-                enable_monitoring=False)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=False,
+        ssr_mode=False,
+        mcp_server=False,
+        enable_monitoring=False,
+    )
     return 0
 
 

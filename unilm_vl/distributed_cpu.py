@@ -12,6 +12,7 @@ Limit: the buffers hold ``CPU_ALL_GATHER_MAX_SIZE`` bytes per rank, 4x fairseq's
 ``--all-gather-list-size`` 16384; a larger ``--all-gather-list-size`` on CPU would make fairseq reallocate on CUDA
 and fail as before.
 """
+
 import logging
 
 import torch

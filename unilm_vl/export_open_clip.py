@@ -10,6 +10,7 @@ recipe's checkpoint. The checkpoint is read without running code from it
 (:func:`unilm_vl.checkpoint.read_fairseq_state`); a refused or unusable file (a sharded ``--fsdp2`` one included)
 stops with one ``error:`` line and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,18 +38,20 @@ def checkpoint_model_cfg(state: dict) -> Mapping:
 
 def towers_state_dict(model_state: Mapping[str, torch.Tensor], what: str = "checkpoint") -> Dict[str, torch.Tensor]:
     """The open_clip part (keys without the ``towers.clip.`` prefix) of a ``clip`` model state dict."""
-    out = {k[len(TOWERS_PREFIX):]: v for k, v in model_state.items() if k.startswith(TOWERS_PREFIX)}
+    out = {k[len(TOWERS_PREFIX) :]: v for k, v in model_state.items() if k.startswith(TOWERS_PREFIX)}
     if not out:
         raise ValueError(f"{what} has no '{TOWERS_PREFIX}*' weights: not a checkpoint of the clip model")
     others = [k for k in model_state if not k.startswith(TOWERS_PREFIX)]
     if others:
-        logger.info("%s: %d tensors outside the open_clip towers are not exported (e.g. %s)", what, len(others),
-                    others[0])
+        logger.info(
+            "%s: %d tensors outside the open_clip towers are not exported (e.g. %s)", what, len(others), others[0]
+        )
     return out
 
 
-def open_clip_state_dict(model_state: Mapping[str, torch.Tensor], lora_alpha: float = 1.0,
-                         what: str = "checkpoint") -> Dict[str, torch.Tensor]:
+def open_clip_state_dict(
+    model_state: Mapping[str, torch.Tensor], lora_alpha: float = 1.0, what: str = "checkpoint"
+) -> Dict[str, torch.Tensor]:
     """A plain open_clip state dict from a ``clip`` model state dict, LoRA merged when present."""
     towers = towers_state_dict(model_state, what)
     return merge_lora_state_dict(towers, lora_alpha) if is_lora_state_dict(towers) else towers

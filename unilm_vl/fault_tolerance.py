@@ -27,6 +27,7 @@ NaN/Inf losses
     Non-finite *gradients* of a finite loss keep fairseq's handling (FloatingPointError in fp32, a smaller loss
     scale in fp16/AMP).
 """
+
 from __future__ import annotations
 
 import logging
@@ -139,8 +140,12 @@ class NonFiniteLossGuard:
             return sample_size, logging_output
         if self._skip_update != update_num:
             where = "this rank's" if local_bad else "another rank's"
-            logger.warning("update %d: %s loss is %s; skipping the update", update_num + 1, where,
-                           loss.detach().float().item() if local_bad else "NaN/Inf")
+            logger.warning(
+                "update %d: %s loss is %s; skipping the update",
+                update_num + 1,
+                where,
+                loss.detach().float().item() if local_bad else "NaN/Inf",
+            )
         self._skip_update = update_num
         optimizer.zero_grad()  # also drops earlier micro-batches of this update: the whole update is skipped
         return sample_size * 0, zeroed_logging_output(logging_output)
@@ -164,5 +169,6 @@ class NonFiniteLossGuard:
                 f"{self.consecutive} consecutive updates (the last is update {update_num + 1}) had a NaN/Inf loss, "
                 f"more than --max-consecutive-nan-steps {self.max_consecutive}; stopping. The weights are those of "
                 f"the last finite update; lower the learning rate or check the data, then resume from the last "
-                f"checkpoint")
+                f"checkpoint"
+            )
         return False

@@ -28,6 +28,7 @@ completely (``dcp.save`` ends with its metadata file) before rank 0 writes the s
 save leaves the previous checkpoint intact; fairseq's copies (``checkpoint_last.pt`` from ``checkpoint_3_60.pt``)
 copy only the small file, which names the same directory; directories no file names any more are removed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -100,12 +101,14 @@ def mixed_precision_policy(precision: str):
     if precision == "fp32":
         return MixedPrecisionPolicy()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=None,
-                                cast_forward_inputs=True)
+    return MixedPrecisionPolicy(
+        param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=None, cast_forward_inputs=True
+    )
 
 
-def shard_module(module: nn.Module, mesh, precision: str = "fp32", reshard_after_forward: bool = True
-                 ) -> Tuple[int, List[nn.Parameter]]:
+def shard_module(
+    module: nn.Module, mesh, precision: str = "fp32", reshard_after_forward: bool = True
+) -> Tuple[int, List[nn.Parameter]]:
     """``fully_shard`` every block of ``module`` (:func:`sharding_units`), then ``module`` itself. Returns the number
     of units and the parameters left replicated: FSDP2 cannot shard 0-dim parameters (CLIP's ``logit_scale``), so
     they stay plain tensors whose gradients :func:`all_reduce_replicated_grads` averages. Sharded parameters keep
@@ -121,18 +124,26 @@ def shard_module(module: nn.Module, mesh, precision: str = "fp32", reshard_after
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         low = policy.param_dtype
-        norm_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=low,
-                                           cast_forward_inputs=True)
+        norm_policy = MixedPrecisionPolicy(
+            param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=low, cast_forward_inputs=True
+        )
         for norm in [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
             if any(True for _ in norm.parameters(recurse=False)):
-                fully_shard(norm, mesh=mesh, mp_policy=norm_policy, reshard_after_forward=reshard_after_forward,
-                            ignored_params=ignored)
+                fully_shard(
+                    norm,
+                    mesh=mesh,
+                    mp_policy=norm_policy,
+                    reshard_after_forward=reshard_after_forward,
+                    ignored_params=ignored,
+                )
     units = sharding_units(module)
     for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
-                    ignored_params=ignored)
-    fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
-                ignored_params=ignored)
+        fully_shard(
+            unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward, ignored_params=ignored
+        )
+    fully_shard(
+        module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward, ignored_params=ignored
+    )
     return len(units) + 1, replicated
 
 
@@ -147,7 +158,7 @@ def all_reduce_replicated_grads(params: Sequence[torch.Tensor], group=None) -> N
     flat /= dist.get_world_size(group)
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
@@ -209,8 +220,9 @@ def _state_module(model: nn.Module, criterion: Optional[nn.Module]) -> nn.Module
     return container
 
 
-def sharded_state(model: nn.Module, criterion: Optional[nn.Module], optimizer, with_optimizer: bool = True
-                  ) -> Dict[str, Any]:
+def sharded_state(
+    model: nn.Module, criterion: Optional[nn.Module], optimizer, with_optimizer: bool = True
+) -> Dict[str, Any]:
     """``{"model": {name: DTensor}, "optim": {...}}`` keyed by parameter names (resharding-safe)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -229,8 +241,14 @@ def new_shard_dir_name(num_updates: int) -> str:
     return f"{SHARD_DIR_PREFIX}u{num_updates}-{token[0]}"
 
 
-def save_sharded(save_dir: str, num_updates: int, model: nn.Module, criterion: Optional[nn.Module], optimizer,
-                 with_optimizer: bool = True) -> Dict[str, Any]:
+def save_sharded(
+    save_dir: str,
+    num_updates: int,
+    model: nn.Module,
+    criterion: Optional[nn.Module],
+    optimizer,
+    with_optimizer: bool = True,
+) -> Dict[str, Any]:
     """Collective: every rank writes its shards into a new directory of ``save_dir``; returns the ``"sharded"``
     entry of the small checkpoint file."""
     import torch.distributed.checkpoint as dcp
@@ -242,21 +260,33 @@ def save_sharded(save_dir: str, num_updates: int, model: nn.Module, criterion: O
     # replicated tensors (buffers such as BatchNorm statistics, which no backend synchronises, and the 0-dim
     # parameters) are saved from rank 0, as fairseq saves rank 0's state under DDP
     dcp.save(state, checkpoint_id=path, planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
-    return {"format": "torch.distributed.checkpoint", "dir": name, "world_size": dist.get_world_size(),
-            "optimizer": with_optimizer and optimizer is not None}
+    return {
+        "format": "torch.distributed.checkpoint",
+        "dir": name,
+        "world_size": dist.get_world_size(),
+        "optimizer": with_optimizer and optimizer is not None,
+    }
 
 
 def shard_dir_of(checkpoint_path: str, entry: Dict[str, Any]) -> str:
     """The shards directory a small checkpoint file names (relative to the file's directory)."""
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), entry["dir"])
     if not os.path.isfile(os.path.join(path, ".metadata")):
-        raise FileNotFoundError(f"{checkpoint_path} is a sharded checkpoint whose shards directory {path} is missing "
-                                f"or incomplete (no .metadata); copy the directory along with the file")
+        raise FileNotFoundError(
+            f"{checkpoint_path} is a sharded checkpoint whose shards directory {path} is missing "
+            f"or incomplete (no .metadata); copy the directory along with the file"
+        )
     return path
 
 
-def load_sharded(checkpoint_path: str, entry: Dict[str, Any], model: nn.Module, criterion: Optional[nn.Module],
-                 optimizer, load_optimizer: bool = True) -> None:
+def load_sharded(
+    checkpoint_path: str,
+    entry: Dict[str, Any],
+    model: nn.Module,
+    criterion: Optional[nn.Module],
+    optimizer,
+    load_optimizer: bool = True,
+) -> None:
     """Collective: load (and reshard to this run's ranks) the model, criterion and optionally optimizer state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -321,7 +351,7 @@ def _fairseq_optimizer_state(optim_state: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _split_names(flat: Dict[str, Any], prefix: str) -> Dict[str, Any]:
-    return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
 
 
 def consolidated_state(checkpoint_path: str, with_optimizer: bool = True) -> Dict[str, Any]:
@@ -375,11 +405,21 @@ class ShardingPlan:
 def check_options(cfg, plan: ShardingPlan) -> None:
     """Options that cannot work with FSDP2: one line each (raised as :class:`ShardingError`)."""
     common, dt, opt, ck = cfg.common, cfg.distributed_training, cfg.optimization, cfg.checkpoint
-    half = [flag for flag, on in (("--fp16", common.fp16), ("--memory-efficient-fp16", common.memory_efficient_fp16),
-                                  ("--amp", common.amp), ("--bf16", common.bf16)) if on]
+    half = [
+        flag
+        for flag, on in (
+            ("--fp16", common.fp16),
+            ("--memory-efficient-fp16", common.memory_efficient_fp16),
+            ("--amp", common.amp),
+            ("--bf16", common.bf16),
+        )
+        if on
+    ]
     if half:
-        raise ShardingError(f"{half[0]} casts the whole model; with --fsdp2 keep fp32 master weights and choose the "
-                            f"compute precision with --fsdp2-precision bf16|fp16 (fp16 adds dynamic loss scaling)")
+        raise ShardingError(
+            f"{half[0]} casts the whole model; with --fsdp2 keep fp32 master weights and choose the "
+            f"compute precision with --fsdp2-precision bf16|fp16 (fp16 adds dynamic loss scaling)"
+        )
     if dt.ddp_backend == "fully_sharded":
         raise ShardingError("--fsdp2 and --ddp-backend fully_sharded are two sharding backends; use one of them")
     if dt.zero_sharding != "none":
@@ -389,10 +429,14 @@ def check_options(cfg, plan: ShardingPlan) -> None:
     if dt.cpu_offload:
         raise ShardingError("--cpu-offload belongs to fairscale's FSDP; FSDP2 here keeps shards on the device")
     if getattr(cfg, "ema", None) is not None and cfg.ema.store_ema:
-        raise ShardingError("--store-ema keeps a full unsharded model copy; use the model's own EMA (COSMOS "
-                            "teacher, BYOLIP momentum), which FSDP2 shards")
+        raise ShardingError(
+            "--store-ema keeps a full unsharded model copy; use the model's own EMA (COSMOS "
+            "teacher, BYOLIP momentum), which FSDP2 shards"
+        )
     if not plan.full_checkpoint and ck.no_last_checkpoints:
-        raise ShardingError("sharded checkpoints are written collectively with checkpoint_last.pt; drop "
-                            "--no-last-checkpoints or pass --fsdp2-full-checkpoint")
+        raise ShardingError(
+            "sharded checkpoints are written collectively with checkpoint_last.pt; drop "
+            "--no-last-checkpoints or pass --fsdp2-full-checkpoint"
+        )
     if plan.precision not in PRECISIONS:
         raise ShardingError(f"--fsdp2-precision must be one of {', '.join(PRECISIONS)}, got {plan.precision!r}")

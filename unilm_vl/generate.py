@@ -1,6 +1,7 @@
 """``python -m unilm_vl.generate ARGS``: ``fairseq-generate`` with ``--user-dir`` pointing at this package, reading
 ``--path`` checkpoints through :mod:`unilm_vl.checkpoint` (no code from the file runs; a refused, foreign or sharded
 ``--fsdp2`` file stops with one ``error:`` line and exit code 2)."""
+
 import sys
 
 from .checkpoint import fairseq_reads_safely

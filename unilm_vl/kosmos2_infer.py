@@ -32,6 +32,7 @@ checkpoint is read without running code from it (:func:`unilm_vl.checkpoint.load
 a missing image, a checkpoint that is refused or whose vocabulary is not the dictionary's) stops with one
 ``error:`` line and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,60 +41,102 @@ import os
 import sys
 from typing import Any, Dict, Iterator, Optional, Sequence, TextIO, Tuple
 
+from unilm_vl.checkpoint import load_kosmos2_inference
 from unilm_vl.cli import progress
 from unilm_vl.data.decode import load_image
 from unilm_vl.data.grounding import box_to_pixels
-from unilm_vl.checkpoint import load_kosmos2_inference
-from unilm_vl.inference.kosmos2 import (DECODING_PRESETS, IMAGE_VIEWS, Kosmos2Inference, parse_prompt_line,
-                                        read_prompt_file)
+from unilm_vl.inference.kosmos2 import (
+    DECODING_PRESETS,
+    IMAGE_VIEWS,
+    Kosmos2Inference,
+    parse_prompt_line,
+    read_prompt_file,
+)
 from unilm_vl.logging_utils import setup_cli_logging
 from unilm_vl.modules.generation import BEAM_RULES, SearchConfig
 
 MIN_DRAW_SIDE = 256
 """Drawings of images with a shorter side below this are enlarged by an integer factor (boxes are normalised)."""
-PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-           (240, 50, 230), (210, 245, 60))
+PALETTE = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m unilm_vl.kosmos2_infer", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="kosmos2 fairseq checkpoint (.pt) or HF Kosmos-2 directory (save_pretrained of the model and "
-                        "its processor)")
+    p = argparse.ArgumentParser(
+        prog="python -m unilm_vl.kosmos2_infer",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="kosmos2 fairseq checkpoint (.pt) or HF Kosmos-2 directory (save_pretrained of the model and "
+        "its processor)",
+    )
     p.add_argument("--input", default="-", help="file of image_path<TAB>prompt lines, or - for stdin")
     p.add_argument("--output", default=None, help="also write one json line per hypothesis to this file")
     p.add_argument("--draw", default=None, metavar="OUT_DIR", help="write a PNG per input with its boxes drawn")
     p.add_argument("--spm-model", default=None, help="override the checkpoint's sentencepiece model path")
-    p.add_argument("--dict-path", default=None,
-                   help="override the checkpoint's dict.txt path (none: derived from the sentencepiece model)")
-    p.add_argument("--image-view", choices=IMAGE_VIEWS, default=None,
-                   help="squash the image to S x S (released inference) or resize + centre-crop (training view); "
-                        "default: an HF directory's image processor, else squash")
+    p.add_argument(
+        "--dict-path",
+        default=None,
+        help="override the checkpoint's dict.txt path (none: derived from the sentencepiece model)",
+    )
+    p.add_argument(
+        "--image-view",
+        choices=IMAGE_VIEWS,
+        default=None,
+        help="squash the image to S x S (released inference) or resize + centre-crop (training view); "
+        "default: an HF directory's image processor, else squash",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (file input)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
     p.add_argument("--fp16", action="store_true", help="run the model in half precision (CUDA)")
     g = p.add_argument_group("decoding (fairseq's flags; unset ones take the --preset's value)")
-    g.add_argument("--preset", choices=DECODING_PRESETS, default="release",
-                   help="decoding settings to start from: release (the released demo: greedy, "
-                        "--no-repeat-ngram-size 3, --max-len-b 500, --min-len 1, fairseq's beam rule) or hf (HF's "
-                        "generate as its Kosmos-2 example calls it: greedy, 64 new tokens = --max-len-b 63, "
-                        "--min-len 0, --beam-rule hf, no_repeat_ngram_size of the HF directory's "
-                        "generation_config.json)")
+    g.add_argument(
+        "--preset",
+        choices=DECODING_PRESETS,
+        default="release",
+        help="decoding settings to start from: release (the released demo: greedy, "
+        "--no-repeat-ngram-size 3, --max-len-b 500, --min-len 1, fairseq's beam rule) or hf (HF's "
+        "generate as its Kosmos-2 example calls it: greedy, 64 new tokens = --max-len-b 63, "
+        "--min-len 0, --beam-rule hf, no_repeat_ngram_size of the HF directory's "
+        "generation_config.json)",
+    )
     g.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; preset: 1)")
     g.add_argument("--nbest", type=int, default=None, help="hypotheses printed per input (preset: 1)")
     g.add_argument("--max-len-a", type=float, default=None, help="max new tokens = a * prompt length + b (preset: 0)")
-    g.add_argument("--max-len-b", type=int, default=None,
-                   help="max new tokens = a * prompt length + b (preset: release 500, hf 63)")
+    g.add_argument(
+        "--max-len-b",
+        type=int,
+        default=None,
+        help="max new tokens = a * prompt length + b (preset: release 500, hf 63)",
+    )
     g.add_argument("--min-len", type=int, default=None, help="minimum new tokens before </s> (preset: release 1, hf 0)")
     g.add_argument("--lenpen", type=float, default=None, help="score = sum log-prob / length ** lenpen (preset: 1)")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=None,
-                   help="never repeat an n-gram of the prompt + output (0 = off; preset: release 3 as released, hf "
-                        "the HF directory's generation_config.json, else 0)")
-    g.add_argument("--beam-rule", choices=BEAM_RULES, default=None,
-                   help="how beam search ends and ranks its hypotheses: fairseq's (</s> forced and scored at the "
-                        "length limit, as released; the release preset's) or HF transformers' generate (HF "
-                        "max_new_tokens = --max-len-b + 1; the hf preset's); see unilm_vl.modules.generation")
+    g.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=None,
+        help="never repeat an n-gram of the prompt + output (0 = off; preset: release 3 as released, hf "
+        "the HF directory's generation_config.json, else 0)",
+    )
+    g.add_argument(
+        "--beam-rule",
+        choices=BEAM_RULES,
+        default=None,
+        help="how beam search ends and ranks its hypotheses: fairseq's (</s> forced and scored at the "
+        "length limit, as released; the release preset's) or HF transformers' generate (HF "
+        "max_new_tokens = --max-len-b + 1; the hf preset's); see unilm_vl.modules.generation",
+    )
     g.add_argument("--sampling", action="store_true", help="sample instead of beam search")
     g.add_argument("--sampling-topk", type=int, default=-1, help="sample from the k most likely tokens")
     g.add_argument("--sampling-topp", type=float, default=-1.0, help="sample from the top-p nucleus")
@@ -152,25 +195,43 @@ PRESET_FLAGS = ("beam", "nbest", "max_len_a", "max_len_b", "min_len", "lenpen", 
 def search_config(args, preset: Dict[str, Any]) -> SearchConfig:
     """The decoding options of the parsed command line: ``preset`` (SearchConfig fields) with the flags given."""
     fields = {**preset, **{name: getattr(args, name) for name in PRESET_FLAGS if getattr(args, name) is not None}}
-    return SearchConfig(**{**fields, "sampling": args.sampling, "sampling_topk": args.sampling_topk,
-                           "sampling_topp": args.sampling_topp, "temperature": args.temperature})
+    return SearchConfig(
+        **{
+            **fields,
+            "sampling": args.sampling,
+            "sampling_topk": args.sampling_topk,
+            "sampling_topp": args.sampling_topp,
+            "temperature": args.temperature,
+        }
+    )
 
 
 def load_engine(args) -> Kosmos2Inference:
     """The decoding engine of the parsed command line's checkpoint and options (the ``hf`` preset reads the HF
     directory's generation config, so the search is set once the checkpoint is loaded)."""
-    engine = load_kosmos2_inference(args.checkpoint, SearchConfig(), image_view=args.image_view,
-                                              seed=args.seed, cpu=args.cpu, fp16=args.fp16,
-                                              spm_model=args.spm_model, dict_path=args.dict_path)
+    engine = load_kosmos2_inference(
+        args.checkpoint,
+        SearchConfig(),
+        image_view=args.image_view,
+        seed=args.seed,
+        cpu=args.cpu,
+        fp16=args.fp16,
+        spm_model=args.spm_model,
+        dict_path=args.dict_path,
+    )
     engine.set_search(search_config(args, engine.preset(args.preset)))
     return engine
 
 
 def format_record(record: dict) -> str:
-    entities = ", ".join(f"({phrase!r}, {span}, [{', '.join(str(tuple(round(v, 4) for v in b)) for b in boxes)}])"
-                         for phrase, span, boxes in record["entities"])
-    return (f"[{record['where']}] {record['image']}  (hypothesis {record['rank']}, score {record['score']:.4f})\n"
-            f"  text:     {record['text']}\n  clean:    {record['clean_text']}\n  entities: [{entities}]")
+    entities = ", ".join(
+        f"({phrase!r}, {span}, [{', '.join(str(tuple(round(v, 4) for v in b)) for b in boxes)}])"
+        for phrase, span, boxes in record["entities"]
+    )
+    return (
+        f"[{record['where']}] {record['image']}  (hypothesis {record['rank']}, score {record['score']:.4f})\n"
+        f"  text:     {record['text']}\n  clean:    {record['clean_text']}\n  entities: [{entities}]"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None, stdout: TextIO = None) -> int:

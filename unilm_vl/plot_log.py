@@ -14,6 +14,7 @@ Reads what ``fairseq-train`` (and ``python -m unilm_vl.train`` / ``bash train.sh
 Every series is plotted against ``num_updates``, one subplot per metric: ``loss`` and every other numeric key except
 bookkeeping ones (throughput, learning rate, gradient norm, batch sizes, timings; see :data:`BOOKKEEPING`), or the
 keys named with ``--metrics``. A log without such lines stops with one ``error:`` line."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,28 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 Series = Dict[str, List[Tuple[int, float]]]  # metric -> [(num_updates, value)], in log order
 
-BOOKKEEPING = frozenset({
-    "epoch", "update", "num_updates", "wps", "ups", "wpb", "bsz", "lr", "gnorm", "clip", "loss_scale", "train_wall",
-    "gb_free", "wall", "ntokens", "nsentences", "sample_size", "logit_scale_raw"})
+BOOKKEEPING = frozenset(
+    {
+        "epoch",
+        "update",
+        "num_updates",
+        "wps",
+        "ups",
+        "wpb",
+        "bsz",
+        "lr",
+        "gnorm",
+        "clip",
+        "loss_scale",
+        "train_wall",
+        "gb_free",
+        "wall",
+        "ntokens",
+        "nsentences",
+        "sample_size",
+        "logit_scale_raw",
+    }
+)
 
 _LINE = re.compile(r"\| [A-Z]+ \| (?P<tag>[A-Za-z0-9_.\-]+) \| (?P<rest>.*)$")  # after "| INFO |"
 _INNER = re.compile(r"^epoch \d+:\s+\d+ / \d+ (?P<stats>.*)$")
@@ -58,7 +78,7 @@ def _record(tag: str, rest: str) -> Optional[Dict[str, float]]:
         for key, value in raw.items():
             number = _number(value)
             if number is not None:
-                stats[key[len(prefix):] if key.startswith(prefix) else key] = number
+                stats[key[len(prefix) :] if key.startswith(prefix) else key] = number
     else:
         inner = _INNER.match(rest)
         if inner:  # log(): "epoch 001:      2 / 7 loss=4.158, num_updates=2, ..."
@@ -125,7 +145,7 @@ def plot_curves(parsed: Dict[str, Series], metrics: Sequence[str], out: str, tit
         ax.set_xlabel("num_updates")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
@@ -136,11 +156,19 @@ def plot_curves(parsed: Dict[str, Series], metrics: Sequence[str], out: str, tit
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Plot loss / metric curves of fairseq training logs.")
-    parser.add_argument("logs", nargs="+", help="fairseq log file(s) (--log-format simple, tqdm or json); several "
-                        "files are read in order, as one run (e.g. a resumed training)")
+    parser.add_argument(
+        "logs",
+        nargs="+",
+        help="fairseq log file(s) (--log-format simple, tqdm or json); several "
+        "files are read in order, as one run (e.g. a resumed training)",
+    )
     parser.add_argument("-o", "--output", default="curves.png", help="image to write (the suffix picks the format)")
-    parser.add_argument("--metrics", nargs="+", default=None,
-                        help="metrics to plot (default: loss and every numeric key except bookkeeping ones)")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        help="metrics to plot (default: loss and every numeric key except bookkeeping ones)",
+    )
     parser.add_argument("--title", default=None, help="figure title (default: the log file names)")
     return parser
 
@@ -161,8 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Series]:
             lines.extend(fh)
     parsed = parse_log(lines)
     if not parsed:
-        raise ValueError(f"{', '.join(args.logs)}: no fairseq progress lines (train_inner / train / valid stats with "
-                         "num_updates) found; pass the stdout of fairseq-train or python -m unilm_vl.train")
+        raise ValueError(
+            f"{', '.join(args.logs)}: no fairseq progress lines (train_inner / train / valid stats with "
+            "num_updates) found; pass the stdout of fairseq-train or python -m unilm_vl.train"
+        )
     metrics = args.metrics or default_metrics(parsed)
     known = {key for series in parsed.values() for key in series}
     missing = [m for m in metrics if m not in known]

@@ -10,6 +10,7 @@ It imports only torch, so that ``modules/`` and ``models/`` (released COSA / BER
 sharded backend read files through it without importing :mod:`unilm_vl.checkpoint`, which builds models and tasks
 (see that module for the fairseq checkpoint and HF-directory levels).
 """
+
 import argparse
 import os
 import pickle
@@ -57,9 +58,11 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
             raise UnsafeCheckpointError(
                 f"{path}: refused: it needs the global(s) {', '.join(names)}, which loading without running code "
                 "(torch.load weights_only=True) does not build; checkpoints written by unilm_vl or fairseq-train "
-                "never need them") from None
+                "never need them"
+            ) from None
         reason = re.search(r"WeightsUnpickler error: (.*)", str(exc))
-        raise ValueError(f"{path}: not a readable torch checkpoint: "
-                         f"{reason.group(1) if reason else type(exc).__name__}") from exc
+        raise ValueError(
+            f"{path}: not a readable torch checkpoint: {reason.group(1) if reason else type(exc).__name__}"
+        ) from exc
     except Exception as exc:  # a truncated or foreign file fails in many ways; each is reported, chained
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc

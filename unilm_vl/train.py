@@ -1,6 +1,7 @@
 """``python -m unilm_vl.train ARGS``: ``fairseq-train`` with ``--user-dir`` pointing at this package, so it works
 from any directory once unilm_vl is installed. Under ``torchrun ... -m unilm_vl.train ... --cpu`` it also adds the
 flags CPU multi-process training needs (see :func:`with_torchrun_cpu`)."""
+
 import os
 import sys
 
@@ -16,8 +17,13 @@ def with_torchrun_cpu(argv, env=os.environ):
     divides by the CUDA device count): gloo, env:// init, no spawn, legacy DDP, and this process's rank."""
     if "--cpu" not in argv or "RANK" not in env or "WORLD_SIZE" not in env or int(env["WORLD_SIZE"]) < 2:
         return list(argv)
-    wanted = {"--distributed-backend": "gloo", "--distributed-init-method": "env://", "--ddp-backend": "legacy_ddp",
-              "--distributed-rank": env["RANK"], "--distributed-world-size": env["WORLD_SIZE"]}
+    wanted = {
+        "--distributed-backend": "gloo",
+        "--distributed-init-method": "env://",
+        "--ddp-backend": "legacy_ddp",
+        "--distributed-rank": env["RANK"],
+        "--distributed-world-size": env["WORLD_SIZE"],
+    }
     out = list(argv)
     for flag, value in wanted.items():
         if not any(a == flag or a.startswith(flag + "=") for a in argv):
@@ -37,8 +43,10 @@ def check_cpu_backend(argv):
         elif arg.startswith("--ddp-backend="):
             backend = arg.split("=", 1)[1]
     if "--cpu" in argv and backend == "fully_sharded":
-        raise ValueError("--ddp-backend fully_sharded (fairscale FSDP) needs CUDA GPUs; on CPU use legacy_ddp (the "
-                         "default under torchrun --cpu) or pytorch_ddp")
+        raise ValueError(
+            "--ddp-backend fully_sharded (fairscale FSDP) needs CUDA GPUs; on CPU use legacy_ddp (the "
+            "default under torchrun --cpu) or pytorch_ddp"
+        )
 
 
 def _flag_values(argv, flag):

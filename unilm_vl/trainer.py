@@ -18,6 +18,7 @@ SHIMs (CPU precision), narrow and only where CUDA is absent, so that the tests r
   ``torch.cuda.amp.autocast``, a no-op on CPU; on CPU the scaler is ``torch.amp.GradScaler("cpu")`` with the same
   settings and :meth:`unilm_vl.tasks._base.StreamTaskBase.train_step` autocasts to fp16 on CPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,8 @@ from fairseq import checkpoint_utils, optim
 from fairseq.trainer import Trainer
 
 from . import fsdp2
-from .safe_load import SAFE_GLOBALS
 from .optim.open_clip_adamw import tag_parameter_names
+from .safe_load import SAFE_GLOBALS
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,11 @@ def install() -> None:
 def sharding_plan(task_cfg) -> Optional[fsdp2.ShardingPlan]:
     if not getattr(task_cfg, "fsdp2", False):
         return None
-    return fsdp2.ShardingPlan(precision=str(getattr(task_cfg, "fsdp2_precision", "fp32")),
-                              reshard_after_forward=not getattr(task_cfg, "fsdp2_no_reshard_after_forward", False),
-                              full_checkpoint=bool(getattr(task_cfg, "fsdp2_full_checkpoint", False)))
+    return fsdp2.ShardingPlan(
+        precision=str(getattr(task_cfg, "fsdp2_precision", "fp32")),
+        reshard_after_forward=not getattr(task_cfg, "fsdp2_no_reshard_after_forward", False),
+        full_checkpoint=bool(getattr(task_cfg, "fsdp2_full_checkpoint", False)),
+    )
 
 
 def user_error(message: str) -> SystemExit:
@@ -102,9 +105,13 @@ class UnilmTrainer(Trainer):
         # FSDP2 replaced the parameter objects: re-tag the names open_clip_adamw's weight-decay rule reads
         tag_parameter_names(self._model)
         tag_parameter_names(self._criterion, prefix="criterion.")
-        logger.info("FSDP2: %d units over %d ranks, compute %s, fp32 master weights and gradient reduction%s", units,
-                    torch.distributed.get_world_size(), plan.precision,
-                    ", reshard after forward" if plan.reshard_after_forward else "")
+        logger.info(
+            "FSDP2: %d units over %d ranks, compute %s, fp32 master weights and gradient reduction%s",
+            units,
+            torch.distributed.get_world_size(),
+            plan.precision,
+            ", reshard after forward" if plan.reshard_after_forward else "",
+        )
 
     @property
     def use_distributed_wrapper(self) -> bool:
@@ -150,8 +157,8 @@ class UnilmTrainer(Trainer):
         if scaler is None or isinstance(scaler, torch.amp.GradScaler) and scaler._device == "cpu":
             return
         self._optimizer._grad_scaler = torch.amp.GradScaler(
-            "cpu", init_scale=self.cfg.common.fp16_init_scale, growth_interval=self.cfg.common.fp16_scale_window or
-            2000)
+            "cpu", init_scale=self.cfg.common.fp16_init_scale, growth_interval=self.cfg.common.fp16_scale_window or 2000
+        )
 
     def _sharded_gradient_hooks(self):
         """The optimizer's gradient all-reduce (a no-op for a plain module) averages the replicated 0-dim
@@ -203,18 +210,21 @@ class UnilmTrainer(Trainer):
         state = {
             "args": None,
             "cfg": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
-            if OmegaConf.is_config(self.cfg) else self.cfg,
+            if OmegaConf.is_config(self.cfg)
+            else self.cfg,
             "model": None,
             "criterion": None,
-            "optimizer_history": (self._optim_history or []) + [{
-                "criterion_name": self.get_criterion().__class__.__name__,
-                "optimizer_name": self.optimizer.__class__.__name__,
-                "lr_scheduler_state": self.lr_scheduler.state_dict(),
-                "num_updates": self.get_num_updates(),
-            }],
+            "optimizer_history": (self._optim_history or [])
+            + [
+                {
+                    "criterion_name": self.get_criterion().__class__.__name__,
+                    "optimizer_name": self.optimizer.__class__.__name__,
+                    "lr_scheduler_state": self.lr_scheduler.state_dict(),
+                    "num_updates": self.get_num_updates(),
+                }
+            ],
             "task_state": self.task.state_dict() if self.task is not None else {},
-            "extra_state": {"metrics": metrics.state_dict(),
-                            "previous_training_time": self.cumulative_training_time()},
+            "extra_state": {"metrics": metrics.state_dict(), "previous_training_time": self.cumulative_training_time()},
         }
         with_optimizer = not self.cfg.checkpoint.no_save_optimizer_state
         scaler = getattr(self.optimizer, "scaler", None)
@@ -223,14 +233,18 @@ class UnilmTrainer(Trainer):
             if self.data_parallel_rank == 0:
                 os.makedirs(save_dir, exist_ok=True)
                 fsdp2.remove_orphan_shard_dirs(save_dir)
-            entry = fsdp2.save_sharded(save_dir, self.get_num_updates(), self.model, self.criterion,
-                                       self.optimizer.optimizer, with_optimizer)
+            entry = fsdp2.save_sharded(
+                save_dir, self.get_num_updates(), self.model, self.criterion, self.optimizer.optimizer, with_optimizer
+            )
             if scaler is not None:
                 entry["loss_scale"] = scaler.loss_scale
             state[fsdp2.SHARDED_KEY] = entry
         else:  # --fsdp2-full-checkpoint: gather full tensors (collective), rank 0 keeps them
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             container = fsdp2._state_module(self.model, self.criterion)
@@ -239,7 +253,8 @@ class UnilmTrainer(Trainer):
             state["criterion"] = fsdp2._split_names(tensors, "criterion.") or None
             if with_optimizer:
                 osd = fsdp2._fairseq_optimizer_state(
-                    get_optimizer_state_dict(container, self.optimizer.optimizer, options=options))
+                    get_optimizer_state_dict(container, self.optimizer.optimizer, options=options)
+                )
                 if scaler is not None:
                     osd["loss_scale"] = scaler.loss_scale
                 state["last_optimizer_state"] = osd
@@ -267,26 +282,33 @@ class UnilmTrainer(Trainer):
             return self.is_data_parallel_master  # the others join through state_dict()
         return super().should_save_checkpoint_on_current_rank
 
-    def load_checkpoint(self, filename, reset_optimizer=False, reset_lr_scheduler=False, optimizer_overrides=None,
-                        reset_meters=False):
+    def load_checkpoint(
+        self, filename, reset_optimizer=False, reset_lr_scheduler=False, optimizer_overrides=None, reset_meters=False
+    ):
         # fairseq reads with torch.load's weights-only default, which refuses the argparse.Namespace that fairseq
         # itself stores for components configured without a dataclass (``cfg.optimizer`` of --optimizer sgd):
         # allow exactly the classes unilm_vl.checkpoint allows, so such runs resume
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             if self.sharding is None:
-                return super().load_checkpoint(filename, reset_optimizer, reset_lr_scheduler, optimizer_overrides,
-                                               reset_meters)
-            return self._load_sharded_checkpoint(filename, reset_optimizer, reset_lr_scheduler, optimizer_overrides,
-                                                 reset_meters)
+                return super().load_checkpoint(
+                    filename, reset_optimizer, reset_lr_scheduler, optimizer_overrides, reset_meters
+                )
+            return self._load_sharded_checkpoint(
+                filename, reset_optimizer, reset_lr_scheduler, optimizer_overrides, reset_meters
+            )
 
-    def _load_sharded_checkpoint(self, filename, reset_optimizer, reset_lr_scheduler, optimizer_overrides,
-                                 reset_meters):
+    def _load_sharded_checkpoint(
+        self, filename, reset_optimizer, reset_lr_scheduler, optimizer_overrides, reset_meters
+    ):
         """Every rank reads the small file; model and optimizer state come from the shards directory (resharded to
         this run's ranks) or, for a regular checkpoint, from its full tensors."""
         from fairseq.file_io import PathManager
         from fairseq.logging import meters, metrics
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         logger.info(f"Preparing to load checkpoint {filename}")
         if not PathManager.isfile(filename):
@@ -296,21 +318,32 @@ class UnilmTrainer(Trainer):
         history = state["optimizer_history"]
         if history and "num_updates" in history[-1]:
             self.model.set_num_updates(history[-1]["num_updates"])
-        load_optimizer = not reset_optimizer and (state.get("last_optimizer_state") is not None
-                                                   or state.get(fsdp2.SHARDED_KEY, {}).get("optimizer", False))
+        load_optimizer = not reset_optimizer and (
+            state.get("last_optimizer_state") is not None or state.get(fsdp2.SHARDED_KEY, {}).get("optimizer", False)
+        )
         container = fsdp2._state_module(self.model, self.criterion)
         entry = state.get(fsdp2.SHARDED_KEY)
         if load_optimizer:
             self._build_optimizer()  # fresh optimizer for these (sharded) parameters, as fairseq does
             last = history[-1]
-            if last["criterion_name"] != self.get_criterion().__class__.__name__ or \
-                    last["optimizer_name"] != self.optimizer.__class__.__name__:
-                raise user_error(f"{filename}: saved with {last['criterion_name']} / {last['optimizer_name']}, this "
-                                 f"run uses {self.get_criterion().__class__.__name__} / "
-                                 f"{self.optimizer.__class__.__name__}; pass --reset-optimizer to start a new one")
+            if (
+                last["criterion_name"] != self.get_criterion().__class__.__name__
+                or last["optimizer_name"] != self.optimizer.__class__.__name__
+            ):
+                raise user_error(
+                    f"{filename}: saved with {last['criterion_name']} / {last['optimizer_name']}, this "
+                    f"run uses {self.get_criterion().__class__.__name__} / "
+                    f"{self.optimizer.__class__.__name__}; pass --reset-optimizer to start a new one"
+                )
         if entry:
-            fsdp2.load_sharded(filename, entry, self.model, self.criterion, self.optimizer.optimizer
-                               if load_optimizer else None, load_optimizer)
+            fsdp2.load_sharded(
+                filename,
+                entry,
+                self.model,
+                self.criterion,
+                self.optimizer.optimizer if load_optimizer else None,
+                load_optimizer,
+            )
             loss_scale = entry.get("loss_scale")
         else:
             options = StateDictOptions(full_state_dict=True, strict=True)
@@ -322,8 +355,12 @@ class UnilmTrainer(Trainer):
             if load_optimizer:
                 osd = state["last_optimizer_state"]
                 loss_scale = osd.pop("loss_scale", None)
-                set_optimizer_state_dict(container, self.optimizer.optimizer, _named_optimizer_state(osd, container,
-                                         self.optimizer.optimizer), options=options)
+                set_optimizer_state_dict(
+                    container,
+                    self.optimizer.optimizer,
+                    _named_optimizer_state(osd, container, self.optimizer.optimizer),
+                    options=options,
+                )
         if load_optimizer:
             if loss_scale is not None and getattr(self.optimizer, "scaler", None) is not None:
                 self.optimizer.scaler.loss_scale = loss_scale
@@ -398,8 +435,11 @@ def _lean_fp32_optimizer(optimizer) -> None:
     def lean_clip_grad_norm(max_norm, aggregate_norm_fn=None):
         params = [p for p in optimizer.params if p.grad is not None]
         grads = [p.grad.detach() for p in params]
-        if (len(grads) < 2 or any(hasattr(p, "expert") for p in params)
-                or any(g.dtype != torch.float32 or g.is_sparse or g.device != grads[0].device for g in grads)):
+        if (
+            len(grads) < 2
+            or any(hasattr(p, "expert") for p in params)
+            or any(g.dtype != torch.float32 or g.is_sparse or g.device != grads[0].device for g in grads)
+        ):
             return clip_grad_norm(max_norm, aggregate_norm_fn)
         total_norm = torch.norm(torch.stack(torch._foreach_norm(grads, 2)))  # fairseq_utils.clip_grad_norm_'s value
         if aggregate_norm_fn is not None:
@@ -431,13 +471,19 @@ def _foreach_adam_step(adam) -> bool:
         if not params:
             continue
         if group.get("amsgrad", False) or any(
-                p.dtype != torch.float32 or p.grad.dtype != torch.float32 or p.grad.is_sparse
-                or p.device != params[0].device for p in params):
+            p.dtype != torch.float32
+            or p.grad.dtype != torch.float32
+            or p.grad.is_sparse
+            or p.device != params[0].device
+            for p in params
+        ):
             return False
         states = [adam.state[p] for p in params]
         steps = {s.get("step", 0) for s in states}
-        if len(steps) != 1 or any(s and ("exp_avg" not in s or s["exp_avg"].dtype != torch.float32
-                                         or s["exp_avg"].device != p.device) for s, p in zip(states, params)):
+        if len(steps) != 1 or any(
+            s and ("exp_avg" not in s or s["exp_avg"].dtype != torch.float32 or s["exp_avg"].device != p.device)
+            for s, p in zip(states, params)
+        ):
             return False
         groups.append((group, params, states))
     for group, params, states in groups:
@@ -459,7 +505,7 @@ def _foreach_adam_step(adam) -> bool:
         torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
         denom = torch._foreach_sqrt(exp_avg_sq)
         torch._foreach_add_(denom, group["eps"])
-        step_size = group["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+        step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         if group["weight_decay"] != 0:
             torch._foreach_add_(data, data, alpha=-group["weight_decay"] * group["lr"])
         torch._foreach_addcdiv_(data, exp_avg, denom, value=-step_size)

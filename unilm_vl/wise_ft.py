@@ -16,6 +16,7 @@ are read without running code from them (:func:`unilm_vl.checkpoint.read_fairseq
 :func:`~unilm_vl.checkpoint.load_checkpoint_file`); a refused or unusable file (a sharded ``--fsdp2`` one included)
 stops with one ``error:`` line and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,11 +45,12 @@ def load_pretrained_model_state(path: str) -> Dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is neither a fairseq checkpoint nor an open_clip state dict")
-    return {TOWERS_PREFIX + (k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    return {TOWERS_PREFIX + (k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
-def wise_ft_state_dict(finetuned: Mapping[str, torch.Tensor], pretrained: Optional[Mapping[str, torch.Tensor]],
-                       alpha: float) -> Dict[str, torch.Tensor]:
+def wise_ft_state_dict(
+    finetuned: Mapping[str, torch.Tensor], pretrained: Optional[Mapping[str, torch.Tensor]], alpha: float
+) -> Dict[str, torch.Tensor]:
     """The interpolated state dict (see the module docstring). Raises when the two full-fine-tuning state dicts do
     not have the same keys and shapes."""
     if is_lora_state_dict(finetuned):
@@ -58,8 +60,10 @@ def wise_ft_state_dict(finetuned: Mapping[str, torch.Tensor], pretrained: Option
     missing = sorted(set(finetuned) - set(pretrained))
     extra = sorted(set(pretrained) - set(finetuned))
     if missing or extra:
-        raise ValueError(f"fine-tuned and pretrained weights differ: missing in pretrained {missing[:5]}, "
-                         f"only in pretrained {extra[:5]}")
+        raise ValueError(
+            f"fine-tuned and pretrained weights differ: missing in pretrained {missing[:5]}, "
+            f"only in pretrained {extra[:5]}"
+        )
     out = {}
     for key, theta1 in finetuned.items():
         theta0 = pretrained[key]
@@ -77,8 +81,9 @@ def wise_ft(finetuned: str, pretrained: Optional[str], alpha: float, out: str) -
     state = read_fairseq_state(finetuned)
     if is_lora_state_dict(state["model"]):
         if pretrained:
-            logger.info("%s is a LoRA checkpoint: only its lora_* tensors are scaled, --pretrained is not read",
-                        finetuned)
+            logger.info(
+                "%s is a LoRA checkpoint: only its lora_* tensors are scaled, --pretrained is not read", finetuned
+            )
         pretrained = None
     theta0 = load_pretrained_model_state(pretrained) if pretrained else None
     state["model"] = wise_ft_state_dict(state["model"], theta0, alpha)
@@ -96,8 +101,12 @@ def main(argv=None) -> int:
     """CLI entry point. Exit codes: 0 written, 2 bad arguments or inputs (one ``error:`` line on stderr)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--finetuned", required=True, help="fine-tuned fairseq checkpoint of a clip model")
-    parser.add_argument("--pretrained", default=None, help="its starting point: a fairseq clip checkpoint or an "
-                        "open_clip state dict (not needed for LoRA checkpoints)")
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="its starting point: a fairseq clip checkpoint or an "
+        "open_clip state dict (not needed for LoRA checkpoints)",
+    )
     parser.add_argument("--alpha", type=float, required=True, help="weight of the fine-tuned model (0 = pretrained)")
     parser.add_argument("--out", required=True, help="output fairseq checkpoint")
     args = parser.parse_args(argv)

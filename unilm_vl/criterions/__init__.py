@@ -1,5 +1,6 @@
 """Registered criteria, one module per key: adapters over the pure maths of :mod:`unilm_vl.losses`. Modules whose
 name starts with ``_`` hold shared criterion code and register nothing."""
+
 import importlib
 import os
 

@@ -8,6 +8,7 @@ Deprecated spellings (they keep working, with one warning per spelling and proce
 - ``--gather-gradient reference`` (clip_rocket, siamlip, byolip, barlip, swalip): ``--gather-gradient query``;
 - ``--itc-gather-gradient full|reference`` (cosa): ``--gather-gradient full|query``.
 """
+
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -25,7 +26,8 @@ GATHER_GRADIENT_HELP = (
     "rank back-props only its own rows: 1/world_size of the full gradient for N x N logits; open_clip's "
     "gather_with_grad=False), query (every gathered row is a constant, own rows included, at every world size, and "
     "only the local rows are scored: query-side gradients, the clip-rocket and COSA gathers); table in "
-    "unilm_vl/losses/distributed.py")
+    "unilm_vl/losses/distributed.py"
+)
 
 _warned = set()
 
@@ -42,13 +44,21 @@ def warn_deprecated(spelling: str, replacement: str) -> None:
 class GatherConfig(FairseqDataclass):
     """The gathering fields of the CLIP-style criteria (clip, cosmos, negclip, fsc_clip)."""
 
-    local_loss: bool = field(default=False, metadata={
-        "help": "score only the local rows against all gathered columns (B x N logits instead of N x N, labels "
-                "offset by B * rank); same gradients as N x N under --gather-gradient full"})
+    local_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "score only the local rows against all gathered columns (B x N logits instead of N x N, labels "
+            "offset by B * rank); same gradients as N x N under --gather-gradient full"
+        },
+    )
     gather_gradient: GATHER_GRADIENT_CHOICES = field(default="full", metadata={"help": GATHER_GRADIENT_HELP})
-    gather_with_grad: bool = field(default=True, metadata={
-        "help": "deprecated: use --gather-gradient own (query with --local-loss); a store-false flag: passing it "
-                "still switches the gradient-carrying gather off"})
+    gather_with_grad: bool = field(
+        default=True,
+        metadata={
+            "help": "deprecated: use --gather-gradient own (query with --local-loss); a store-false flag: passing it "
+            "still switches the gradient-carrying gather off"
+        },
+    )
 
 
 def resolve_gather_gradient(cfg, criterion: str) -> str:
@@ -71,7 +81,9 @@ def resolve_gather_gradient(cfg, criterion: str) -> str:
         warn_deprecated("--itc-gather-gradient", "--gather-gradient full|query (reference = query)")
     if alias is not None:
         if mode not in ("full", alias):
-            raise ValueError(f"criterion {criterion}: {spelling} means --gather-gradient {alias}, which contradicts "
-                             f"--gather-gradient {mode}; pass only --gather-gradient")
+            raise ValueError(
+                f"criterion {criterion}: {spelling} means --gather-gradient {alias}, which contradicts "
+                f"--gather-gradient {mode}; pass only --gather-gradient"
+            )
         mode = alias
     return mode

@@ -8,6 +8,7 @@ C_ij^2]``, averaged over the global pair and all A x A view pairs; ``loss = L + 
 ``own`` and ``query`` all-reduce in place as the reference does (gradients 1/W of those); ``query`` is the
 reference's setting for the CL2L gathers as well.
 """
+
 from dataclasses import dataclass, field
 from typing import Dict
 
@@ -15,7 +16,7 @@ import torch
 from fairseq.criterions import register_criterion
 
 from ..losses.rocket import barlip_loss
-from .clip_rocket import ClipRocketCriterionConfig, ClipRocketCriterion, require_outputs
+from .clip_rocket import ClipRocketCriterion, ClipRocketCriterionConfig, require_outputs
 
 
 @dataclass
@@ -27,9 +28,21 @@ class BarlipCriterionConfig(ClipRocketCriterionConfig):
 @register_criterion("barlip", dataclass=BarlipCriterionConfig)
 class BarlipCriterion(ClipRocketCriterion):
     def extra_losses(self, out: Dict[str, torch.Tensor], rank: int, world: int) -> Dict[str, torch.Tensor]:
-        require_outputs("barlip", out, ["ssl_image", "ssl_text"],
-                        "use a clip_rocket arch with --ssl-head barlip (e.g. clip_rocket_barlip_tiny)")
-        return {"barlip_loss": barlip_loss(
-            out["ssl_image"], out["ssl_text"], out.get("ssl_image_views"), out.get("ssl_text_views"),
-            lamb=self.cfg.barlip_lamb, scale=self.cfg.barlip_scale_loss, world_size=world,
-            gradient=self.gather_gradient)}
+        require_outputs(
+            "barlip",
+            out,
+            ["ssl_image", "ssl_text"],
+            "use a clip_rocket arch with --ssl-head barlip (e.g. clip_rocket_barlip_tiny)",
+        )
+        return {
+            "barlip_loss": barlip_loss(
+                out["ssl_image"],
+                out["ssl_text"],
+                out.get("ssl_image_views"),
+                out.get("ssl_text_views"),
+                lamb=self.cfg.barlip_lamb,
+                scale=self.cfg.barlip_scale_loss,
+                world_size=world,
+                gradient=self.gather_gradient,
+            )
+        }

@@ -8,11 +8,12 @@ optimiser step the model applies ``theta_m <- tau theta_m + (1 - tau) theta`` wi
 checkpoint and restored on resume; every rank applies the same update to the same (all-reduced) parameters, so
 the copies stay identical across ranks.
 """
+
 from dataclasses import dataclass
 
 from fairseq.criterions import register_criterion
 
-from .siamlip import SiamlipCriterionConfig, SiamlipCriterion
+from .siamlip import SiamlipCriterion, SiamlipCriterionConfig
 
 
 @dataclass

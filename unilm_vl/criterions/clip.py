@@ -46,8 +46,16 @@ class ClipCriterion(ContrastiveCriterion):
     def forward(self, model, sample, reduce=True):
         out = model(**sample["net_input"])
         rank, world = data_parallel_rank_world() if model.training else (0, 1)
-        losses = clip_loss(out["image_features"], out["text_features"], out["logit_scale"], rank, world,
-                           self.cfg.local_loss, self.gather_gradient, label_smoothing=self.cfg.label_smoothing)
+        losses = clip_loss(
+            out["image_features"],
+            out["text_features"],
+            out["logit_scale"],
+            rank,
+            world,
+            self.cfg.local_loss,
+            self.gather_gradient,
+            label_smoothing=self.cfg.label_smoothing,
+        )
         loss = sum(losses.values())
         return loss, 1, contrastive_logging_output(loss, losses, out, sample)
 
@@ -80,8 +88,8 @@ def reduce_contrastive_metrics(logging_outputs) -> None:
     keys = set().union(*(log.keys() for log in logging_outputs)) if logging_outputs else set()
     for key in sorted(keys):
         if key == "loss" or key.endswith("_loss") or key.endswith("logit_scale"):
-            metrics.log_scalar(key, sum(log.get(key, 0) for log in logging_outputs) / sample_size,
-                               sample_size, round=4)
+            metrics.log_scalar(key, sum(log.get(key, 0) for log in logging_outputs) / sample_size, sample_size, round=4)
         elif key.endswith("_acc"):
-            metrics.log_scalar(key, 100.0 * sum(log.get(key, 0) for log in logging_outputs) / nsentences,
-                               nsentences, round=2)
+            metrics.log_scalar(
+                key, 100.0 * sum(log.get(key, 0) for log in logging_outputs) / nsentences, nsentences, round=2
+            )

@@ -16,6 +16,7 @@ clip-rocket skips the gather on one process, where it trains as ``full``); ``own
 The non-contrastive criteria ``siamlip``, ``byolip``, ``barlip`` and ``swalip`` subclass this one and add their
 term to the CL2L loss, as the reference does.
 """
+
 from dataclasses import dataclass, field
 from typing import Dict
 
@@ -31,14 +32,24 @@ from .clip import ContrastiveCriterion, contrastive_logging_output
 
 @dataclass
 class ClipRocketCriterionConfig(FairseqDataclass):
-    label_smoothing: float = field(default=0.1, metadata={
-        "help": "label smoothing of the augmented-view (l2l) terms only; the global terms have none "
-                "(CLIP-rocket recipe: 0.1, reference default and SwALIP: 0)"})
-    loss_avg_or_sum: ChoiceEnum(["avg", "sum"]) = field(default="avg", metadata={
-        "help": "avg: (L_img + L_txt) / 2; sum: L_img + L_txt (the CLIP-rocket recipe on YFCC15M)"})
-    gather_gradient: ChoiceEnum([*GATHER_GRADIENTS, "reference"]) = field(default="full", metadata={
-        "help": GATHER_GRADIENT_HELP + "; an all-reduced statistic (BarLIP's C) keeps its own summand live under "
-                "own and query; reference: deprecated, use query"})
+    label_smoothing: float = field(
+        default=0.1,
+        metadata={
+            "help": "label smoothing of the augmented-view (l2l) terms only; the global terms have none "
+            "(CLIP-rocket recipe: 0.1, reference default and SwALIP: 0)"
+        },
+    )
+    loss_avg_or_sum: ChoiceEnum(["avg", "sum"]) = field(
+        default="avg",
+        metadata={"help": "avg: (L_img + L_txt) / 2; sum: L_img + L_txt (the CLIP-rocket recipe on YFCC15M)"},
+    )
+    gather_gradient: ChoiceEnum([*GATHER_GRADIENTS, "reference"]) = field(
+        default="full",
+        metadata={
+            "help": GATHER_GRADIENT_HELP + "; an all-reduced statistic (BarLIP's C) keeps its own summand live under "
+            "own and query; reference: deprecated, use query"
+        },
+    )
 
 
 @register_criterion("clip_rocket", dataclass=ClipRocketCriterionConfig)
@@ -50,10 +61,19 @@ class ClipRocketCriterion(ContrastiveCriterion):
     def forward(self, model, sample, reduce=True):
         out = model(**sample["net_input"])
         rank, world = data_parallel_rank_world() if model.training else (0, 1)
-        cl2l = cl2l_loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("image_views"),
-                         out.get("text_views"), out.get("l2l_logit_scale"), label_smoothing=self.cfg.label_smoothing,
-                         reduction=str(self.cfg.loss_avg_or_sum), rank=rank, world_size=world,
-                         gradient=self.gather_gradient)
+        cl2l = cl2l_loss(
+            out["image_features"],
+            out["text_features"],
+            out["logit_scale"],
+            out.get("image_views"),
+            out.get("text_views"),
+            out.get("l2l_logit_scale"),
+            label_smoothing=self.cfg.label_smoothing,
+            reduction=str(self.cfg.loss_avg_or_sum),
+            rank=rank,
+            world_size=world,
+            gradient=self.gather_gradient,
+        )
         extra = self.extra_losses(out, rank, world)
         loss = cl2l["clip_loss"] + sum(extra.values())
         return loss, 1, contrastive_logging_output(loss, {**cl2l, **extra}, out, sample)

@@ -23,6 +23,7 @@ then equals that of one rank holding the whole global batch. ``--gather-gradient
 at every world size, one process included, as the release (always under torch.distributed) does; ``own`` keeps the
 own rows live (table in :mod:`unilm_vl.losses.distributed`). Maths: :mod:`unilm_vl.losses.cosa`.
 """
+
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,16 +39,24 @@ LOSS_NAMES = {"mlm": "mlm_loss", "cap": "caption_loss", "qa": "vqa_loss"}
 
 @dataclass
 class CosaCriterionConfig(FairseqDataclass):
-    cosa_tasks: str = field(default="ret_cret_ccap_cmlm", metadata={
-        "help": "objectives, '_'-separated: ret, mlm, cap, qa on the batch; cret, cmlm, ccap on the concatenated "
-                "batch (release pretraining: ret_cret_ccap_cmlm; large: ret_ccap_cmlm; finetuning: ret, cap or qa)"})
-    itm_ratio: float = field(default=1.0, metadata={
-        "help": "weight of the ITM terms (release: 1.0 pretraining, 0.1 retrieval finetuning)"})
+    cosa_tasks: str = field(
+        default="ret_cret_ccap_cmlm",
+        metadata={
+            "help": "objectives, '_'-separated: ret, mlm, cap, qa on the batch; cret, cmlm, ccap on the concatenated "
+            "batch (release pretraining: ret_cret_ccap_cmlm; large: ret_ccap_cmlm; finetuning: ret, cap or qa)"
+        },
+    )
+    itm_ratio: float = field(
+        default=1.0, metadata={"help": "weight of the ITM terms (release: 1.0 pretraining, 0.1 retrieval finetuning)"}
+    )
     itc_label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of both ITC cross-entropies"})
-    gather_gradient: GATHER_GRADIENT_CHOICES = field(default="full", metadata={
-        "help": GATHER_GRADIENT_HELP + " (the ITC features; query is the release's ddp_allgather)"})
-    itc_gather_gradient: Optional[ChoiceEnum(["full", "reference"])] = field(default=None, metadata={
-        "help": "deprecated: use --gather-gradient full|query (reference = query)"})
+    gather_gradient: GATHER_GRADIENT_CHOICES = field(
+        default="full",
+        metadata={"help": GATHER_GRADIENT_HELP + " (the ITC features; query is the release's ddp_allgather)"},
+    )
+    itc_gather_gradient: Optional[ChoiceEnum(["full", "reference"])] = field(
+        default=None, metadata={"help": "deprecated: use --gather-gradient full|query (reference = query)"}
+    )
 
 
 @register_criterion("cosa", dataclass=CosaCriterionConfig)
@@ -66,13 +75,21 @@ class CosaCriterion(FairseqCriterion):
             for objective in objectives:
                 if objective == "ret":
                     losses[f"itc_loss_{suffix}"] = itc_loss(
-                        res["video_features"], res["text_features"], out["contra_temp"], out["rank"],
-                        out["world_size"], self.cfg.itc_label_smoothing, self.gather_gradient, out.get("local_sizes"))
+                        res["video_features"],
+                        res["text_features"],
+                        out["contra_temp"],
+                        out["rank"],
+                        out["world_size"],
+                        self.cfg.itc_label_smoothing,
+                        self.gather_gradient,
+                        out.get("local_sizes"),
+                    )
                     losses[f"itm_loss_{suffix}"] = itm_loss(res["itm_logits"], res["itm_labels"], self.cfg.itm_ratio)
                 else:
                     name = {"mlm": "mlm", "cap": "caption", "qa": "qa"}[objective]
                     losses[f"{LOSS_NAMES[objective]}_{suffix}"] = token_loss(
-                        res[f"{name}_logits"], res[f"{name}_labels"])
+                        res[f"{name}_logits"], res[f"{name}_labels"]
+                    )
         return losses
 
     def forward(self, model, sample, reduce=True):
@@ -97,8 +114,9 @@ class CosaCriterion(FairseqCriterion):
         keys = set().union(*(log.keys() for log in logging_outputs)) if logging_outputs else set()
         for key in sorted(keys):
             if key == "loss" or "_loss_" in key or key == "contra_temp":
-                metrics.log_scalar(key, sum(log.get(key, 0) for log in logging_outputs) / sample_size,
-                                   sample_size, round=4)
+                metrics.log_scalar(
+                    key, sum(log.get(key, 0) for log in logging_outputs) / sample_size, sample_size, round=4
+                )
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

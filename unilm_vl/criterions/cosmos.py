@@ -15,6 +15,7 @@ prototypes). Features are gathered across ranks as in criterion ``clip`` (``--ga
 default; the reference recipes gather as ``own``); validation uses each rank's local batch. ``sample_size`` is 1 per
 rank.
 """
+
 from dataclasses import dataclass
 
 from fairseq.criterions import register_criterion
@@ -38,10 +39,20 @@ class CosmosCriterion(ContrastiveCriterion):
             assert key in out, f"criterion cosmos needs the cosmos model (--arch cosmos_tiny, ...); no {key!r}"
         rank, world = data_parallel_rank_world() if model.training else (0, 1)
         losses = cosmos_loss(
-            out["image_features"], out["text_features"], out["image_cross"], out["text_cross"],
-            out["teacher_image_features"], out["teacher_text_features"], out["logit_scale"],
-            out["distill_logit_scale"], num_global_crops=out["num_global_crops"], rank=rank, world_size=world,
-            local_loss=self.cfg.local_loss, gradient=self.gather_gradient)
+            out["image_features"],
+            out["text_features"],
+            out["image_cross"],
+            out["text_cross"],
+            out["teacher_image_features"],
+            out["teacher_text_features"],
+            out["logit_scale"],
+            out["distill_logit_scale"],
+            num_global_crops=out["num_global_crops"],
+            rank=rank,
+            world_size=world,
+            local_loss=self.cfg.local_loss,
+            gradient=self.gather_gradient,
+        )
         loss = sum(losses.values())
         # accuracies of the first global crop against the first (global) caption
         first = {**out, "image_features": out["image_features"][0], "text_features": out["text_features"][0]}

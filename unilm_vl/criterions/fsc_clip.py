@@ -31,6 +31,7 @@ Numeric defaults are the README recipe values (argparse defaults of the referenc
 neg-label-smoothing 0.02 [None = 0 here]. The three switches are off by default, as the reference's store-true
 flags, and the recipe passes them (``--apply-global-neg-loss --apply-local-neg-loss --return-dense-tokens``).
 """
+
 from dataclasses import dataclass, field
 from typing import Dict
 
@@ -46,37 +47,80 @@ from .clip import ClipCriterionConfig, ContrastiveCriterion, contrastive_logging
 
 @dataclass
 class FscClipCriterionConfig(ClipCriterionConfig):
-    neg_loss_weight: float = field(default=0.5, metadata={
-        "help": "lambda_g, weight of the global hard-negative loss (README recipes 0.5, CC3M 1.0; reference "
-                "argparse default 1.0)"})
-    local_neg_weight: float = field(default=0.2, metadata={
-        "help": "lambda_l, weight of the local hard-negative loss (README B/32 recipes 0.2, B/16 and L/14 0.5; "
-                "reference argparse default 1.0)"})
-    neg_loss_name: ChoiceEnum(["cross_entropy", "focal_loss"]) = field(default="focal_loss", metadata={
-        "help": "hard-negative loss: focal_loss (focal modulation with --focal-gamma) or cross_entropy (gamma 0); "
-                "reference argparse default cross_entropy, README focal_loss"})
-    focal_gamma: float = field(default=2.0, metadata={
-        "help": "focal exponent gamma of the hard-negative losses (README 2.0, reference argparse default 1.0)"})
-    neg_label_smoothing: float = field(default=0.02, metadata={
-        "help": "calibrated negative-side label smoothing eps of the hard-negative losses (README 0.02; 0 = hard "
-                "label, the reference's default None)"})
-    apply_global_neg_loss: bool = field(default=False, metadata={
-        "help": "add the global hard-negative loss (every FSC-CLIP recipe passes it)"})
-    apply_local_neg_loss: bool = field(default=False, metadata={
-        "help": "add the local (token-patch) hard-negative loss; needs --return-dense-tokens (every FSC-CLIP "
-                "recipe passes both)"})
-    return_dense_tokens: bool = field(default=False, metadata={
-        "help": "compute projected patch and token outputs in the training forward (needed by the local loss)"})
-    sim_normalizer: ChoiceEnum(["minmax", "softmax"]) = field(default="minmax", metadata={
-        "help": "token->patch weights of the local loss: min-max normalised similarities (reference default) or "
-                "their softmax over patches"})
-    sim_sparsify: bool = field(default=False, metadata={
-        "help": "minmax only: zero the normalised token->patch similarities below 1/num_patches"})
-    sim_eps: float = field(default=0.0, metadata={
-        "help": "0 reproduces the reference (NaN when a token's similarities to all patches are equal); > 0 clamps "
-                "the min-max range to at least this and gives such tokens uniform patch weights"})
-    mask_missing_negatives: bool = field(default=False, metadata={
-        "help": "drop missing hard negatives from the HN softmaxes; the reference keeps them with logit/score 0"})
+    neg_loss_weight: float = field(
+        default=0.5,
+        metadata={
+            "help": "lambda_g, weight of the global hard-negative loss (README recipes 0.5, CC3M 1.0; reference "
+            "argparse default 1.0)"
+        },
+    )
+    local_neg_weight: float = field(
+        default=0.2,
+        metadata={
+            "help": "lambda_l, weight of the local hard-negative loss (README B/32 recipes 0.2, B/16 and L/14 0.5; "
+            "reference argparse default 1.0)"
+        },
+    )
+    neg_loss_name: ChoiceEnum(["cross_entropy", "focal_loss"]) = field(
+        default="focal_loss",
+        metadata={
+            "help": "hard-negative loss: focal_loss (focal modulation with --focal-gamma) or cross_entropy (gamma 0); "
+            "reference argparse default cross_entropy, README focal_loss"
+        },
+    )
+    focal_gamma: float = field(
+        default=2.0,
+        metadata={
+            "help": "focal exponent gamma of the hard-negative losses (README 2.0, reference argparse default 1.0)"
+        },
+    )
+    neg_label_smoothing: float = field(
+        default=0.02,
+        metadata={
+            "help": "calibrated negative-side label smoothing eps of the hard-negative losses (README 0.02; 0 = hard "
+            "label, the reference's default None)"
+        },
+    )
+    apply_global_neg_loss: bool = field(
+        default=False, metadata={"help": "add the global hard-negative loss (every FSC-CLIP recipe passes it)"}
+    )
+    apply_local_neg_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "add the local (token-patch) hard-negative loss; needs --return-dense-tokens (every FSC-CLIP "
+            "recipe passes both)"
+        },
+    )
+    return_dense_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "compute projected patch and token outputs in the training forward (needed by the local loss)"
+        },
+    )
+    sim_normalizer: ChoiceEnum(["minmax", "softmax"]) = field(
+        default="minmax",
+        metadata={
+            "help": "token->patch weights of the local loss: min-max normalised similarities (reference default) or "
+            "their softmax over patches"
+        },
+    )
+    sim_sparsify: bool = field(
+        default=False,
+        metadata={"help": "minmax only: zero the normalised token->patch similarities below 1/num_patches"},
+    )
+    sim_eps: float = field(
+        default=0.0,
+        metadata={
+            "help": "0 reproduces the reference (NaN when a token's similarities to all patches are equal); > 0 clamps "
+            "the min-max range to at least this and gives such tokens uniform patch weights"
+        },
+    )
+    mask_missing_negatives: bool = field(
+        default=False,
+        metadata={
+            "help": "drop missing hard negatives from the HN softmaxes; the reference keeps them with logit/score 0"
+        },
+    )
 
 
 @register_criterion("fsc_clip", dataclass=FscClipCriterionConfig)
@@ -84,8 +128,10 @@ class FscClipCriterion(ContrastiveCriterion):
     def __init__(self, cfg: FscClipCriterionConfig, task):
         super().__init__(cfg, task)
         if cfg.apply_local_neg_loss and not cfg.return_dense_tokens:
-            raise ValueError("criterion fsc_clip: --apply-local-neg-loss needs --return-dense-tokens (the local loss "
-                             "works on the projected patch and token outputs)")
+            raise ValueError(
+                "criterion fsc_clip: --apply-local-neg-loss needs --return-dense-tokens (the local loss "
+                "works on the projected patch and token outputs)"
+            )
         if cfg.sim_sparsify and str(cfg.sim_normalizer) != "minmax":
             raise ValueError("criterion fsc_clip: --sim-sparsify applies to --sim-normalizer minmax only")
         tokenizer = getattr(task, "tokenizer", None)
@@ -99,16 +145,33 @@ class FscClipCriterion(ContrastiveCriterion):
         if cfg.apply_global_neg_loss:
             negatives = fill_missing(out["neg_text_features"], neg_mask)  # (T*B) x D
             losses["clip_neg_loss"] = cfg.neg_loss_weight * global_hn_loss(
-                out["image_features"], out["text_features"], negatives, neg_mask, scale, self.gamma,
-                cfg.neg_label_smoothing, cfg.mask_missing_negatives)
+                out["image_features"],
+                out["text_features"],
+                negatives,
+                neg_mask,
+                scale,
+                self.gamma,
+                cfg.neg_label_smoothing,
+                cfg.mask_missing_negatives,
+            )
         if cfg.apply_local_neg_loss:
             neg_text = net_input["neg_text"]
             neg_tokens = fill_missing(out["neg_text_tokens"], neg_mask)  # (T*B) x L x D
             losses["local_neg_loss"] = cfg.local_neg_weight * local_hn_loss(
-                out["image_tokens"], out["text_tokens"], dense_token_mask(net_input["text"], self.pad_id), neg_tokens,
-                dense_token_mask(neg_text, self.pad_id), neg_mask, scale, self.gamma,
-                cfg.neg_label_smoothing, str(cfg.sim_normalizer), cfg.sim_sparsify, cfg.sim_eps,
-                cfg.mask_missing_negatives)
+                out["image_tokens"],
+                out["text_tokens"],
+                dense_token_mask(net_input["text"], self.pad_id),
+                neg_tokens,
+                dense_token_mask(neg_text, self.pad_id),
+                neg_mask,
+                scale,
+                self.gamma,
+                cfg.neg_label_smoothing,
+                str(cfg.sim_normalizer),
+                cfg.sim_sparsify,
+                cfg.sim_eps,
+                cfg.mask_missing_negatives,
+            )
         return losses
 
     def forward(self, model, sample, reduce=True):
@@ -117,8 +180,16 @@ class FscClipCriterion(ContrastiveCriterion):
         dense = has_negatives and self.cfg.apply_local_neg_loss
         out = model(**net_input, return_dense_tokens=dense)
         rank, world = data_parallel_rank_world() if model.training else (0, 1)
-        losses = clip_loss(out["image_features"], out["text_features"], out["logit_scale"], rank, world,
-                           self.cfg.local_loss, self.gather_gradient, label_smoothing=self.cfg.label_smoothing)
+        losses = clip_loss(
+            out["image_features"],
+            out["text_features"],
+            out["logit_scale"],
+            rank,
+            world,
+            self.cfg.local_loss,
+            self.gather_gradient,
+            label_smoothing=self.cfg.label_smoothing,
+        )
         if has_negatives:
             losses.update(self.hard_negative_losses(out, net_input))
         else:  # validation batches: the enabled HN terms are 0

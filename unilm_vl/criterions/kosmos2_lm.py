@@ -11,6 +11,7 @@ fairseq's division gives the token mean over all ranks and micro-batches of an u
 Logged, in bits per token as fairseq's language-model criteria: ``loss`` and, per data source, ``<source>_loss``
 over that source's own caption tokens (the reference divided by all tokens, image placeholders included).
 """
+
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -40,8 +41,12 @@ class Kosmos2LmCriterion(FairseqCriterion):
         nll = masked_token_nll(out["lm_logits"], target, mask)  # B x T
         loss = nll.sum()
         sample_size = int(mask.sum())
-        logging_output = {"loss": loss.detach().item(), "ntokens": sample["ntokens"],
-                          "nsentences": sample["nsentences"], "sample_size": sample_size}
+        logging_output = {
+            "loss": loss.detach().item(),
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["nsentences"],
+            "sample_size": sample_size,
+        }
         per_row_loss, per_row_tokens = nll.detach().sum(1).tolist(), mask.sum(1).tolist()
         by_source = defaultdict(lambda: [0.0, 0])
         for source, row_loss, row_tokens in zip(sample.get("source", []), per_row_loss, per_row_tokens):

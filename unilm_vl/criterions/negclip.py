@@ -18,6 +18,7 @@ reference's behaviour); ``--mask-missing-negatives`` drops them instead. Gatheri
 through any gathered slot); here it is exact in every mode (local rows against all columns, labels offset by
 ``B * rank``; with ``query`` only the local rows get a gradient).
 """
+
 from dataclasses import dataclass, field
 
 from fairseq.criterions import register_criterion
@@ -29,8 +30,12 @@ from .clip import ClipCriterionConfig, ContrastiveCriterion, contrastive_logging
 
 @dataclass
 class NegclipCriterionConfig(ClipCriterionConfig):
-    mask_missing_negatives: bool = field(default=False, metadata={
-        "help": "drop missing hard negatives from the softmax; the reference keeps them as zero vectors (logit 0)"})
+    mask_missing_negatives: bool = field(
+        default=False,
+        metadata={
+            "help": "drop missing hard negatives from the softmax; the reference keeps them as zero vectors (logit 0)"
+        },
+    )
 
 
 @register_criterion("negclip", dataclass=NegclipCriterionConfig)
@@ -42,8 +47,17 @@ class NegclipCriterion(ContrastiveCriterion):
         if "neg_text_features" in out:
             negatives = fill_missing(out["neg_text_features"], out["neg_mask"])  # (T*B) x D
         losses = negclip_loss(
-            out["image_features"], out["text_features"], out["logit_scale"], negatives, out.get("neg_mask"),
-            rank, world, self.cfg.local_loss, self.gather_gradient, self.cfg.label_smoothing,
-            self.cfg.mask_missing_negatives)
+            out["image_features"],
+            out["text_features"],
+            out["logit_scale"],
+            negatives,
+            out.get("neg_mask"),
+            rank,
+            world,
+            self.cfg.local_loss,
+            self.gather_gradient,
+            self.cfg.label_smoothing,
+            self.cfg.mask_missing_negatives,
+        )
         loss = sum(losses.values())
         return loss, 1, contrastive_logging_output(loss, losses, out, sample)

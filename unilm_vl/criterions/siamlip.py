@@ -7,6 +7,7 @@ text->image predictor outputs and ``v`` the projector outputs of the other modal
 with ``D(p, v) = 2 - 2 cos(p, sg(v))``; ``loss = L + CL2L``. No cross-rank operation: each rank's mean over its
 batch, averaged over ranks, is the full-batch value (the heads' BatchNorm is per rank unless SyncBatchNorm).
 """
+
 from dataclasses import dataclass
 from typing import Dict
 
@@ -14,7 +15,7 @@ import torch
 from fairseq.criterions import register_criterion
 
 from ..losses.rocket import siamlip_loss
-from .clip_rocket import ClipRocketCriterionConfig, ClipRocketCriterion, require_outputs
+from .clip_rocket import ClipRocketCriterion, ClipRocketCriterionConfig, require_outputs
 
 
 @dataclass
@@ -29,8 +30,16 @@ class SiamlipCriterion(ClipRocketCriterion):
 
     def extra_losses(self, out: Dict[str, torch.Tensor], rank: int, world: int) -> Dict[str, torch.Tensor]:
         t = self.target_prefix
-        require_outputs(self.__class__.__name__, out, ["pred_image", "pred_text", f"{t}_image", f"{t}_text"],
-                        self.hint)
-        return {"siamlip_loss": siamlip_loss(
-            out["pred_image"], out["pred_text"], out[f"{t}_image"], out[f"{t}_text"], out.get("pred_image_views"),
-            out.get("pred_text_views"), out.get(f"{t}_image_views"), out.get(f"{t}_text_views"))}
+        require_outputs(self.__class__.__name__, out, ["pred_image", "pred_text", f"{t}_image", f"{t}_text"], self.hint)
+        return {
+            "siamlip_loss": siamlip_loss(
+                out["pred_image"],
+                out["pred_text"],
+                out[f"{t}_image"],
+                out[f"{t}_text"],
+                out.get("pred_image_views"),
+                out.get("pred_text_views"),
+                out.get(f"{t}_image_views"),
+                out.get(f"{t}_text_views"),
+            )
+        }

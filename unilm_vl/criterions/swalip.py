@@ -8,6 +8,7 @@ equal single-process SK on the global batch) of the other pair (a+1, a'+1 mod A;
 its fixed A = 2); ``loss = swalip_weight * L_sw + CL2L``. Validation batches have no views and skip the term.
 The reference asserts label smoothing 0 for SwALIP; here it is only the default.
 """
+
 from dataclasses import dataclass, field
 from typing import Dict
 
@@ -15,13 +16,14 @@ import torch
 from fairseq.criterions import register_criterion
 
 from ..losses.rocket import swalip_loss
-from .clip_rocket import ClipRocketCriterionConfig, ClipRocketCriterion
+from .clip_rocket import ClipRocketCriterion, ClipRocketCriterionConfig
 
 
 @dataclass
 class SwalipCriterionConfig(ClipRocketCriterionConfig):
-    label_smoothing: float = field(default=0.0, metadata={
-        "help": "label smoothing of the l2l terms (the reference's SwALIP runs use 0)"})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "label smoothing of the l2l terms (the reference's SwALIP runs use 0)"}
+    )
     swalip_weight: float = field(default=0.2, metadata={"help": "weight of the SwALIP term added to CL2L"})
     sk_iters: int = field(default=3, metadata={"help": "Sinkhorn-Knopp iterations"})
     target_epsilon: float = field(default=0.05, metadata={"help": "Sinkhorn-Knopp entropy temperature epsilon"})
@@ -32,6 +34,14 @@ class SwalipCriterion(ClipRocketCriterion):
     def extra_losses(self, out: Dict[str, torch.Tensor], rank: int, world: int) -> Dict[str, torch.Tensor]:
         if "image_views" not in out:
             return {}
-        loss = swalip_loss(out["image_views"], out["text_views"], out["l2l_logit_scale"], iterations=self.cfg.sk_iters,
-                           epsilon=self.cfg.target_epsilon, rank=rank, world_size=world, gradient=self.gather_gradient)
+        loss = swalip_loss(
+            out["image_views"],
+            out["text_views"],
+            out["l2l_logit_scale"],
+            iterations=self.cfg.sk_iters,
+            epsilon=self.cfg.target_epsilon,
+            rank=rank,
+            world_size=world,
+            gradient=self.gather_gradient,
+        )
         return {"swalip_loss": self.cfg.swalip_weight * loss}

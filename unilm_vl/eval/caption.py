@@ -27,6 +27,7 @@ CLI::
     python -m unilm_vl.eval.caption --predictions pred.json --references captions.json [--split test]
         [--tokenizer auto|ptb|simple] [--no-meteor] [--output out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,10 @@ def load_caption_predictions(path: str) -> Dict[str, str]:
                 raise ValueError(f"{path}: entry {n} is not {{'image_id', 'caption'}}: {entry!r}")
             items.append((entry["image_id"], entry["caption"]))
     else:
-        raise ValueError(f"{path}: predictions must be a list of {{'image_id', 'caption'}} or an {{id: caption}} "
-                         f"mapping, got {type(data).__name__}")
+        raise ValueError(
+            f"{path}: predictions must be a list of {{'image_id', 'caption'}} or an {{id: caption}} "
+            f"mapping, got {type(data).__name__}"
+        )
     out: Dict[str, str] = {}
     for image_id, caption in items:
         key = str(image_id)
@@ -82,8 +85,7 @@ def _karpathy_ids(entry: Dict[str, Any]) -> Dict[str, str]:
     return ids
 
 
-def _karpathy_references(data: Dict[str, Any], path: str, split: str,
-                         wanted: Sequence[str]) -> Dict[str, List[str]]:
+def _karpathy_references(data: Dict[str, Any], path: str, split: str, wanted: Sequence[str]) -> Dict[str, List[str]]:
     entries = [e for e in data["images"] if isinstance(e, dict) and e.get("split") == split]
     if not entries:
         splits = sorted({str(e.get("split")) for e in data["images"] if isinstance(e, dict)})
@@ -91,8 +93,9 @@ def _karpathy_references(data: Dict[str, Any], path: str, split: str,
     by_kind: Dict[str, Dict[str, List[str]]] = {kind: {} for kind in _KARPATHY_ID_KINDS}
     for e in entries:
         sentences = e.get("sentences")
-        if not isinstance(sentences, list) or not all(isinstance(s, dict) and isinstance(s.get("raw"), str)
-                                                      for s in sentences):
+        if not isinstance(sentences, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("raw"), str) for s in sentences
+        ):
             raise ValueError(f"{path}: image {e.get('filename', e)!r} needs 'sentences': [{{'raw': str}}, ...]")
         for kind, key in _karpathy_ids(e).items():
             by_kind[kind][key] = [s["raw"] for s in sentences]
@@ -107,8 +110,7 @@ def _karpathy_references(data: Dict[str, Any], path: str, split: str,
     return by_kind[max(kinds, key=lambda kind: sum(w in by_kind[kind] for w in wanted))]
 
 
-def load_caption_references(path: str, split: str = "test",
-                            wanted: Sequence[str] = ()) -> Dict[str, List[str]]:
+def load_caption_references(path: str, split: str = "test", wanted: Sequence[str] = ()) -> Dict[str, List[str]]:
     """``{image id as str: [captions]}`` from COCO captions annotations or a Karpathy split file.
 
     ``wanted`` (the predicted ids) picks the Karpathy id field (see the module docstring).
@@ -125,22 +127,27 @@ def load_caption_references(path: str, split: str = "test",
     elif isinstance(data, dict) and isinstance(data.get("images"), list):
         refs = _karpathy_references(data, path, split, wanted)
     else:
-        raise ValueError(f"{path}: unrecognised references; expected COCO captions ({{'annotations': [{{'image_id', "
-                         "'caption'}]}) or a Karpathy split file ({'images': [{'split', 'sentences'}]})")
+        raise ValueError(
+            f"{path}: unrecognised references; expected COCO captions ({{'annotations': [{{'image_id', "
+            "'caption'}]}) or a Karpathy split file ({'images': [{'split', 'sentences'}]})"
+        )
     if not refs:
         raise ValueError(f"{path}: no reference captions")
     return refs
 
 
-def evaluate_caption_files(predictions_path: str, references_path: str, split: str = "test",
-                           tokenizer: str = "auto", meteor: bool = True) -> Dict[str, Any]:
+def evaluate_caption_files(
+    predictions_path: str, references_path: str, split: str = "test", tokenizer: str = "auto", meteor: bool = True
+) -> Dict[str, Any]:
     """:func:`~unilm_vl.eval.metrics.caption_metrics` of a prediction file against a reference file."""
     predictions = load_caption_predictions(predictions_path)
     references = load_caption_references(references_path, split, wanted=list(predictions))
     unknown = [key for key in predictions if key not in references]
     if unknown:
-        raise ValueError(f"{predictions_path}: {len(unknown)} predicted image ids are not in {references_path}: "
-                         f"{preview_ids(unknown)}")
+        raise ValueError(
+            f"{predictions_path}: {len(unknown)} predicted image ids are not in {references_path}: "
+            f"{preview_ids(unknown)}"
+        )
     logger.info("captioning: %d predictions, %d reference images", len(predictions), len(references))
     return caption_metrics(predictions, references, tokenizer=tokenizer, meteor=meteor)
 
@@ -148,21 +155,35 @@ def evaluate_caption_files(predictions_path: str, references_path: str, split: s
 def format_caption_table(metrics: Dict[str, Any]) -> str:
     """One line of names and one of values (2 decimals, as coco-caption reports)."""
     names = [n for n in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if n in metrics]
-    return ("".join(f"{n:>9}" for n in names) + "\n" + "".join(f"{metrics[n]:>9.2f}" for n in names)
-            + f"\n({metrics['num_images']} images, {metrics['tokenizer']} tokenizer"
-            + ("" if "METEOR" in metrics else ", no METEOR") + ")")
+    return (
+        "".join(f"{n:>9}" for n in names)
+        + "\n"
+        + "".join(f"{metrics[n]:>9.2f}" for n in names)
+        + f"\n({metrics['num_images']} images, {metrics['tokenizer']} tokenizer"
+        + ("" if "METEOR" in metrics else ", no METEOR")
+        + ")"
+    )
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Score generated captions with the coco-caption metrics.")
-    parser.add_argument("--predictions", required=True,
-                        help="json: COCO results [{'image_id', 'caption'}] or an {image_id: caption} mapping")
-    parser.add_argument("--references", required=True,
-                        help="json: COCO captions annotations {'annotations': [...]} or a Karpathy split file")
+    parser.add_argument(
+        "--predictions",
+        required=True,
+        help="json: COCO results [{'image_id', 'caption'}] or an {image_id: caption} mapping",
+    )
+    parser.add_argument(
+        "--references",
+        required=True,
+        help="json: COCO captions annotations {'annotations': [...]} or a Karpathy split file",
+    )
     parser.add_argument("--split", default="test", help="Karpathy split to score against (ignored for COCO files)")
-    parser.add_argument("--tokenizer", choices=("auto", "ptb", "simple"), default="auto",
-                        help="ptb = coco-caption's Java PTBTokenizer, simple = the Python stand-in, "
-                             "auto = ptb when java is on PATH")
+    parser.add_argument(
+        "--tokenizer",
+        choices=("auto", "ptb", "simple"),
+        default="auto",
+        help="ptb = coco-caption's Java PTBTokenizer, simple = the Python stand-in, auto = ptb when java is on PATH",
+    )
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (a Java process, ~10 s to start)")
     parser.add_argument("--output", default=None, help="write the metrics to this json file")
     return parser
@@ -171,8 +192,9 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = get_parser().parse_args(argv)
     setup_cli_logging()
-    metrics = evaluate_caption_files(args.predictions, args.references, split=args.split,
-                                     tokenizer=args.tokenizer, meteor=not args.no_meteor)
+    metrics = evaluate_caption_files(
+        args.predictions, args.references, split=args.split, tokenizer=args.tokenizer, meteor=not args.no_meteor
+    )
     print(format_caption_table(metrics))
     write_metrics(metrics, args.output)
     return metrics

@@ -4,6 +4,7 @@
 :class:`ImageTextEncoder` (through :func:`unilm_vl.checkpoint.load_model`, the loader of every tool); benchmark
 code depends only on this protocol, so it can be tested with a fake encoder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,8 +92,10 @@ class FairseqContrastiveEncoder:
         ``TypeError`` naming the model class when the model has no dense image output."""
         dense = getattr(self.model, "encode_image_dense", None)
         if dense is None:
-            raise TypeError(f"{type(self.model).__name__} has no dense image output (encode_image_dense); zero-shot "
-                            "segmentation needs patch tokens, e.g. from a clip or cosmos model")
+            raise TypeError(
+                f"{type(self.model).__name__} has no dense image output (encode_image_dense); zero-shot "
+                "segmentation needs patch tokens, e.g. from a clip or cosmos model"
+            )
         from unilm_vl.modules.clip import csa_last_block
 
         with csa_last_block(self.model) if self.dense_csa else contextlib.nullcontext():

@@ -54,6 +54,7 @@ CLI::
 
 A directory given to ``--data`` stands for all its ``*.json`` files (sorted).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,13 +111,19 @@ def _text(value: Any, where: str) -> str:
 
 
 def _is_sugarcrepe(data: Any) -> bool:
-    return (isinstance(data, dict) and bool(data)
-            and all(isinstance(e, dict) and "caption" in e and "negative_caption" in e for e in data.values()))
+    return (
+        isinstance(data, dict)
+        and bool(data)
+        and all(isinstance(e, dict) and "caption" in e and "negative_caption" in e for e in data.values())
+    )
 
 
 def _is_aro_pairs(data: Any) -> bool:
-    return (isinstance(data, list) and bool(data)
-            and all(isinstance(e, dict) and "true_caption" in e and "false_caption" in e for e in data))
+    return (
+        isinstance(data, list)
+        and bool(data)
+        and all(isinstance(e, dict) and "true_caption" in e and "false_caption" in e for e in data)
+    )
 
 
 def _is_aro_order(data: Any) -> bool:
@@ -132,8 +139,9 @@ def _sugarcrepe_items(data: Dict[str, Any], root: str, where: str) -> Iterator[C
         negatives = [negatives] if isinstance(negatives, str) else list(negatives)
         if not negatives:
             raise ValueError(f"{at}: 'negative_caption' is an empty list")
-        yield CompositionalItem(os.path.join(root, entry["filename"]), _text(entry["caption"], at),
-                                [_text(n, at) for n in negatives])
+        yield CompositionalItem(
+            os.path.join(root, entry["filename"]), _text(entry["caption"], at), [_text(n, at) for n in negatives]
+        )
 
 
 def _aro_box(entry: Dict[str, Any], at: str) -> Optional[Box]:
@@ -162,8 +170,13 @@ def _aro_pair_items(data: List[Dict[str, Any]], root: str, where: str) -> Iterat
         at = f"{where} item {index}"
         if "image_path" not in entry:
             raise ValueError(f"{at}: no 'image_path' field")
-        yield CompositionalItem(os.path.join(root, entry["image_path"]), _text(entry["true_caption"], at),
-                                [_text(entry["false_caption"], at)], box=_aro_box(entry, at), group=_aro_group(entry))
+        yield CompositionalItem(
+            os.path.join(root, entry["image_path"]),
+            _text(entry["true_caption"], at),
+            [_text(entry["false_caption"], at)],
+            box=_aro_box(entry, at),
+            group=_aro_group(entry),
+        )
 
 
 def _aro_order_items(data: List[Dict[str, Any]], root: str, where: str) -> Iterator[CompositionalItem]:
@@ -174,8 +187,9 @@ def _aro_order_items(data: List[Dict[str, Any]], root: str, where: str) -> Itera
             raise ValueError(f"{at}: no 'image' (or 'image_path') field")
         options = entry["caption_options"]
         if not isinstance(options, list) or len(options) < 2:
-            raise ValueError(f"{at}: 'caption_options' must list the positive first and at least one negative, "
-                             f"got {options!r}")
+            raise ValueError(
+                f"{at}: 'caption_options' must list the positive first and at least one negative, got {options!r}"
+            )
         captions = [_text(c, at) for c in options]
         yield CompositionalItem(os.path.join(root, image), captions[0], captions[1:], box=_aro_box(entry, at))
 
@@ -193,9 +207,11 @@ def load_compositional_set(path: str, image_root: Optional[str] = None, fmt: str
     elif _is_aro_order(data):
         found, items = "aro_order", _aro_order_items(data, root, path)
     else:
-        raise ValueError(f"{path}: unrecognised annotation format; expected SugarCrepe ({{id: {{'filename', "
-                         "'caption', 'negative_caption'}}}), ARO VG ([{'image_path', 'true_caption', "
-                         "'false_caption', ...}]) or ARO order ([{'image', 'caption_options'}])")
+        raise ValueError(
+            f"{path}: unrecognised annotation format; expected SugarCrepe ({{id: {{'filename', "
+            "'caption', 'negative_caption'}}}), ARO VG ([{'image_path', 'true_caption', "
+            "'false_caption', ...}]) or ARO order ([{'image', 'caption_options'}])"
+        )
     if fmt != "auto" and not found.startswith(fmt):
         raise ValueError(f"{path} is in {found} format but --format {fmt} was asked for")
     name = os.path.splitext(os.path.basename(path))[0]
@@ -231,14 +247,21 @@ def drop_missing_images(data: CompositionalSet, skip_missing: bool) -> int:
         return 0
     if not skip_missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise FileNotFoundError(f"{data.source}: {len(missing)} image files are missing: {shown} "
-                                "(pass --skip-missing to drop their items)")
+        raise FileNotFoundError(
+            f"{data.source}: {len(missing)} image files are missing: {shown} (pass --skip-missing to drop their items)"
+        )
     gone = set(missing)
     before = len(data.items)
     data.items = [item for item in data.items if item.image not in gone]
     dropped = before - len(data.items)
-    logger.warning("%s: skipped %d of %d items whose image is missing (%d files, first: %s)", data.source, dropped,
-                   before, len(missing), missing[0])
+    logger.warning(
+        "%s: skipped %d of %d items whose image is missing (%d files, first: %s)",
+        data.source,
+        dropped,
+        before,
+        len(missing),
+        missing[0],
+    )
     return dropped
 
 
@@ -260,14 +283,24 @@ class _CroppedImages(torch.utils.data.Dataset):
         return self.transform(image)
 
 
-def _encode_images(encoder: ImageTextEncoder, keys: Sequence[Tuple[str, Optional[Box]]], batch_size: int,
-                   device: Optional[str], num_workers: int) -> torch.Tensor:
+def _encode_images(
+    encoder: ImageTextEncoder,
+    keys: Sequence[Tuple[str, Optional[Box]]],
+    batch_size: int,
+    device: Optional[str],
+    num_workers: int,
+) -> torch.Tensor:
     images = _CroppedImages(keys, encoder.image_transform)
     return F.normalize(encode_image_dataset(encoder, images, batch_size, device, num_workers), dim=-1)  # N x D
 
 
-def score_items(items: Sequence[CompositionalItem], image_feats: torch.Tensor, image_index: Dict[Any, int],
-                text_feats: torch.Tensor, text_index: Dict[str, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def score_items(
+    items: Sequence[CompositionalItem],
+    image_feats: torch.Tensor,
+    image_index: Dict[Any, int],
+    text_feats: torch.Tensor,
+    text_index: Dict[str, int],
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cosine scores of each item: positives (N) and negatives (N x K_max, rows padded with ``-inf``)."""
     k_max = max(len(item.negatives) for item in items)
     pos = torch.empty(len(items), dtype=torch.float64)
@@ -276,13 +309,20 @@ def score_items(items: Sequence[CompositionalItem], image_feats: torch.Tensor, i
         img = image_feats[image_index[(item.image, item.box)]].double()  # D
         pos[n] = img @ text_feats[text_index[item.positive]].double()
         rows = torch.tensor([text_index[t] for t in item.negatives])
-        neg[n, :len(item.negatives)] = text_feats[rows].double() @ img  # K
+        neg[n, : len(item.negatives)] = text_feats[rows].double() @ img  # K
     return pos, neg
 
 
-def evaluate_compositionality(encoder: ImageTextEncoder, data: Sequence[str], image_root: Optional[str] = None,
-                              fmt: str = "auto", skip_missing: bool = False, batch_size: int = 64,
-                              device: Optional[str] = None, num_workers: int = 0) -> Dict[str, Any]:
+def evaluate_compositionality(
+    encoder: ImageTextEncoder,
+    data: Sequence[str],
+    image_root: Optional[str] = None,
+    fmt: str = "auto",
+    skip_missing: bool = False,
+    batch_size: int = 64,
+    device: Optional[str] = None,
+    num_workers: int = 0,
+) -> Dict[str, Any]:
     """Per-category accuracy of ``encoder`` on SugarCrepe / ARO files (paths or directories of json files).
 
     Returns the report described in the module docstring. Every distinct (image, crop) and every distinct caption
@@ -295,8 +335,13 @@ def evaluate_compositionality(encoder: ImageTextEncoder, data: Sequence[str], im
             raise ValueError(f"{s.source}: no item left to evaluate ({skipped[s.name]} skipped for missing images)")
     image_keys = list(dict.fromkeys((item.image, item.box) for s in sets for item in s.items))
     texts = list(dict.fromkeys(t for s in sets for item in s.items for t in (item.positive, *item.negatives)))
-    logger.info("compositionality: %d categories, %d items, %d distinct images, %d distinct captions", len(sets),
-                sum(len(s.items) for s in sets), len(image_keys), len(texts))
+    logger.info(
+        "compositionality: %d categories, %d items, %d distinct images, %d distinct captions",
+        len(sets),
+        sum(len(s.items) for s in sets),
+        len(image_keys),
+        len(texts),
+    )
     image_feats = _encode_images(encoder, image_keys, batch_size, device, num_workers)  # N_img x D
     text_feats = F.normalize(encode_captions(encoder, texts, batch_size), dim=-1)  # N_txt x D
     image_index = {key: i for i, key in enumerate(image_keys)}
@@ -306,9 +351,13 @@ def evaluate_compositionality(encoder: ImageTextEncoder, data: Sequence[str], im
     for s in sets:
         pos, neg = score_items(s.items, image_feats, image_index, text_feats, text_index)
         correct = compositional_correct(pos, neg).numpy()  # N
-        report: Dict[str, Any] = {"accuracy": float(100.0 * correct.mean()), "num_items": len(s.items),
-                                  "num_skipped_missing": skipped[s.name], "format": s.format,
-                                  "max_negatives": int(neg.shape[1])}
+        report: Dict[str, Any] = {
+            "accuracy": float(100.0 * correct.mean()),
+            "num_items": len(s.items),
+            "num_skipped_missing": skipped[s.name],
+            "format": s.format,
+            "max_negatives": int(neg.shape[1]),
+        }
         groups = [item.group for item in s.items]
         if all(g is not None for g in groups):
             by_group: Dict[str, List[bool]] = {}
@@ -317,10 +366,12 @@ def evaluate_compositionality(encoder: ImageTextEncoder, data: Sequence[str], im
             report["group_accuracy"] = {g: float(100.0 * np.mean(v)) for g, v in sorted(by_group.items())}
             report["group_macro_accuracy"] = float(np.mean(list(report["group_accuracy"].values())))
         categories[s.name] = report
-    return {"categories": categories,
-            "macro_accuracy": float(np.mean([c["accuracy"] for c in categories.values()])),
-            "num_items": sum(c["num_items"] for c in categories.values()),
-            "num_categories": len(categories)}
+    return {
+        "categories": categories,
+        "macro_accuracy": float(np.mean([c["accuracy"] for c in categories.values()])),
+        "num_items": sum(c["num_items"] for c in categories.values()),
+        "num_categories": len(categories),
+    }
 
 
 def format_compositionality_table(metrics: Dict[str, Any]) -> str:
@@ -333,17 +384,33 @@ def format_compositionality_table(metrics: Dict[str, Any]) -> str:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Compositionality accuracy (SugarCrepe / ARO) of a unilm_vl "
-                                                 "checkpoint: positive caption scored above every hard negative.")
+    parser = argparse.ArgumentParser(
+        description="Compositionality accuracy (SugarCrepe / ARO) of a unilm_vl "
+        "checkpoint: positive caption scored above every hard negative."
+    )
     add_common_eval_args(parser)
-    parser.add_argument("--data", required=True, nargs="+",
-                        help="annotation json files, or directories whose *.json files are the categories")
-    parser.add_argument("--image-root", default=None,
-                        help="directory the image paths are relative to (default: the directory of each json)")
-    parser.add_argument("--format", default="auto", choices=FORMATS,
-                        help="expected annotation format; auto tells SugarCrepe and ARO apart by structure")
-    parser.add_argument("--skip-missing", action="store_true",
-                        help="drop (and count) items whose image file is missing instead of failing")
+    parser.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="annotation json files, or directories whose *.json files are the categories",
+    )
+    parser.add_argument(
+        "--image-root",
+        default=None,
+        help="directory the image paths are relative to (default: the directory of each json)",
+    )
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=FORMATS,
+        help="expected annotation format; auto tells SugarCrepe and ARO apart by structure",
+    )
+    parser.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="drop (and count) items whose image file is missing instead of failing",
+    )
     return parser
 
 
@@ -353,9 +420,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from unilm_vl.eval import common  # loads fairseq on use; only the CLI needs it
 
     encoder = common.load_encoder(args.checkpoint, device=args.device)
-    metrics = evaluate_compositionality(encoder, args.data, image_root=args.image_root, fmt=args.format,
-                                        skip_missing=args.skip_missing, batch_size=args.batch_size,
-                                        device=args.device, num_workers=args.workers)
+    metrics = evaluate_compositionality(
+        encoder,
+        args.data,
+        image_root=args.image_root,
+        fmt=args.format,
+        skip_missing=args.skip_missing,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.workers,
+    )
     logger.info("compositionality results\n%s", format_compositionality_table(metrics))
     write_metrics(metrics, args.output)
     return metrics

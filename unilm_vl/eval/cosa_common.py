@@ -5,6 +5,7 @@ annotation json, test-mode clip batches and the CLI options.
 The runners depend only on :class:`CosaEvalModel` plus a tokenizer and a clip transform, so their logic is tested
 with a fake model whose scores the test controls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,15 +28,15 @@ class CosaEvalModel(Protocol):
     def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
         """B x L ids and mask -> ``{"text_tokens": B x L x W, "text_features": B x D (L2-normalised)}``."""
 
-    def itm_logits(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
-                   ) -> torch.Tensor:
+    def itm_logits(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Fused ITM score of each (video, text) pair: B match logits (or B x 2 [no-match, match] logits)."""
 
     def generate_caption(self, frames: torch.Tensor, beam_size: int, max_len: int) -> List[List[int]]:
         """Beam-search captions, ids without special tokens."""
 
-    def generate_answer(self, frames: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
-                        max_len: int) -> List[List[int]]:
+    def generate_answer(
+        self, frames: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor, max_len: int
+    ) -> List[List[int]]:
         """Greedy answers, ids without special tokens."""
 
 
@@ -75,11 +76,21 @@ def load_eval_set(annotation: str) -> CosaEvalSet:
     return out
 
 
-def clip_batches(frames_root: str, video_ids: Sequence[str], num_frames: int, transform: Callable,
-                 batch_size: int = 16, workers: int = 0) -> Iterator[Tuple[int, torch.Tensor]]:
+def clip_batches(
+    frames_root: str,
+    video_ids: Sequence[str],
+    num_frames: int,
+    transform: Callable,
+    batch_size: int = 16,
+    workers: int = 0,
+) -> Iterator[Tuple[int, torch.Tensor]]:
     """``(start, B x T x 3 x H x W)`` test-mode clips of ``video_ids`` in order (middle frame per segment)."""
-    loader = torch.utils.data.DataLoader(EvalClips(frames_root, video_ids, num_frames, transform),
-                                         batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = torch.utils.data.DataLoader(
+        EvalClips(frames_root, video_ids, num_frames, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+    )
     start = 0
     for frames in progress(loader, "videos"):  # B x T x 3 x H x W
         yield start, frames
@@ -107,12 +118,20 @@ def load_cosa(checkpoint: str, device: str = "cpu"):
 def add_cosa_eval_args(parser: argparse.ArgumentParser) -> None:
     """Options every COSA benchmark CLI shares."""
     parser.add_argument("--checkpoint", required=True, help="unilm_vl checkpoint of a cosa model (.pt)")
-    parser.add_argument("--data", required=True,
-                        help="annotation json in the released layout ({'video_id', 'desc' | 'question'/'answer'})")
-    parser.add_argument("--frames-root", default=None,
-                        help="directory of <video_id>/ frame folders (default: frames/ beside --data)")
-    parser.add_argument("--num-frames", type=int, default=None,
-                        help="frames per clip, middle of each segment (default: the task's --num-frames-test)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="annotation json in the released layout ({'video_id', 'desc' | 'question'/'answer'})",
+    )
+    parser.add_argument(
+        "--frames-root", default=None, help="directory of <video_id>/ frame folders (default: frames/ beside --data)"
+    )
+    parser.add_argument(
+        "--num-frames",
+        type=int,
+        default=None,
+        help="frames per clip, middle of each segment (default: the task's --num-frames-test)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="clips per forward pass")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding frames")

@@ -25,6 +25,7 @@ CLI::
     python -m unilm_vl.eval.cosa_qa --checkpoint CKPT --data qa_test.json [--frames-root DIR] [--num-frames 8]
         [--max-len 40] [--seed 0] [--predictions answers.json] [--output out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,18 @@ import torch
 from unilm_vl.cli import progress
 from unilm_vl.data.cosa import EvalClips
 from unilm_vl.eval.common import write_metrics
-from unilm_vl.eval.cosa_common import (CosaEvalModel, CosaEvalSet, add_cosa_eval_args, frames_root_of, load_cosa,
-                                       load_eval_set, maybe_device, num_frames_of, round_floats, tokenize)
+from unilm_vl.eval.cosa_common import (
+    CosaEvalModel,
+    CosaEvalSet,
+    add_cosa_eval_args,
+    frames_root_of,
+    load_cosa,
+    load_eval_set,
+    maybe_device,
+    num_frames_of,
+    round_floats,
+    tokenize,
+)
 from unilm_vl.eval.metrics import vqa_accuracy
 from unilm_vl.logging_utils import setup_cli_logging
 
@@ -62,8 +73,12 @@ def qa_metrics(predictions: Sequence[str], answers: Sequence[Sequence[str]], see
         correct += int(pred == gt)
         if len(human) >= 2:
             multi_pred[i], multi_ann[i] = pred, list(human)
-    out: Dict[str, Any] = {"exact_match": 100.0 * correct / len(answers), "num_questions": len(answers),
-                           "num_vqa_questions": len(multi_ann), "vqa_accuracy": None}
+    out: Dict[str, Any] = {
+        "exact_match": 100.0 * correct / len(answers),
+        "num_questions": len(answers),
+        "num_vqa_questions": len(multi_ann),
+        "vqa_accuracy": None,
+    }
     if multi_ann:
         out["vqa_accuracy"] = vqa_accuracy(multi_pred, multi_ann)["accuracy"]
     else:
@@ -72,9 +87,19 @@ def qa_metrics(predictions: Sequence[str], answers: Sequence[Sequence[str]], see
 
 
 @torch.no_grad()
-def generate_answers(model: CosaEvalModel, tokenizer, transform: Callable, eval_set: CosaEvalSet,
-                     frames_root: str, num_frames: int, max_text_tokens: int, max_len: int = 40,
-                     batch_size: int = 16, device: Optional[str] = None, workers: int = 0) -> List[str]:
+def generate_answers(
+    model: CosaEvalModel,
+    tokenizer,
+    transform: Callable,
+    eval_set: CosaEvalSet,
+    frames_root: str,
+    num_frames: int,
+    max_text_tokens: int,
+    max_len: int = 40,
+    batch_size: int = 16,
+    device: Optional[str] = None,
+    workers: int = 0,
+) -> List[str]:
     """The decoded answer of every QA pair of the set, in order."""
     if not eval_set.qa:
         raise ValueError("the evaluation set has no question/answer entries")
@@ -84,20 +109,43 @@ def generate_answers(model: CosaEvalModel, tokenizer, transform: Callable, eval_
     answers: List[str] = []
     for frames in progress(loader, "answering"):  # B x T x 3 x H x W
         rows = slice(len(answers), len(answers) + frames.shape[0])
-        outputs = model.generate_answer(maybe_device(frames, device), maybe_device(ids[rows], device),
-                                        maybe_device(mask[rows], device), max_len)
+        outputs = model.generate_answer(
+            maybe_device(frames, device), maybe_device(ids[rows], device), maybe_device(mask[rows], device), max_len
+        )
         if len(outputs) != frames.shape[0]:
             raise ValueError(f"generate_answer returned {len(outputs)} answers for {frames.shape[0]} questions")
         answers.extend(tokenizer.decode(a) for a in outputs)
     return answers
 
 
-def evaluate_cosa_qa(model: CosaEvalModel, tokenizer, transform: Callable, eval_set: CosaEvalSet,
-                     frames_root: str, num_frames: int, max_text_tokens: int, max_len: int = 40,
-                     batch_size: int = 16, device: Optional[str] = None, workers: int = 0, seed: int = 0):
+def evaluate_cosa_qa(
+    model: CosaEvalModel,
+    tokenizer,
+    transform: Callable,
+    eval_set: CosaEvalSet,
+    frames_root: str,
+    num_frames: int,
+    max_text_tokens: int,
+    max_len: int = 40,
+    batch_size: int = 16,
+    device: Optional[str] = None,
+    workers: int = 0,
+    seed: int = 0,
+):
     """``(metrics, answers)`` (:func:`qa_metrics`, the decoded answers in annotation order)."""
-    answers = generate_answers(model, tokenizer, transform, eval_set, frames_root, num_frames, max_text_tokens,
-                               max_len, batch_size, device, workers)
+    answers = generate_answers(
+        model,
+        tokenizer,
+        transform,
+        eval_set,
+        frames_root,
+        num_frames,
+        max_text_tokens,
+        max_len,
+        batch_size,
+        device,
+        workers,
+    )
     return qa_metrics(answers, [human for _, _, human, _ in eval_set.qa], seed), answers
 
 
@@ -105,8 +153,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="COSA open-ended QA (greedy answers, exact match + VQA accuracy).")
     add_cosa_eval_args(parser)
     parser.add_argument("--max-len", type=int, default=40, help="at most this many answer tokens (released: 40)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the random human answer used as exact-match ground truth (lists of answers)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random human answer used as exact-match ground truth (lists of answers)",
+    )
     parser.add_argument("--predictions", default=None, help="write the answers to this json file")
     return parser
 
@@ -117,13 +169,29 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     model, task = load_cosa(args.checkpoint, args.device)
     eval_set = load_eval_set(args.data)
     metrics, answers = evaluate_cosa_qa(
-        model, task.tokenizer, task.clip_transform(train=False), eval_set, frames_root_of(args),
-        num_frames_of(args, task), task.cfg.max_text_tokens, args.max_len, args.batch_size, args.device,
-        args.workers, args.seed)
+        model,
+        task.tokenizer,
+        task.clip_transform(train=False),
+        eval_set,
+        frames_root_of(args),
+        num_frames_of(args, task),
+        task.cfg.max_text_tokens,
+        args.max_len,
+        args.batch_size,
+        args.device,
+        args.workers,
+        args.seed,
+    )
     if args.predictions:
         with open(args.predictions, "w", encoding="utf-8") as fh:
-            json.dump([{"question_id": qid, "video_id": eval_set.video_ids[v], "question": q, "answer": a}
-                       for (v, q, _, qid), a in zip(eval_set.qa, answers)], fh, indent=1)
+            json.dump(
+                [
+                    {"question_id": qid, "video_id": eval_set.video_ids[v], "question": q, "answer": a}
+                    for (v, q, _, qid), a in zip(eval_set.qa, answers)
+                ],
+                fh,
+                indent=1,
+            )
         logger.info("wrote %s", args.predictions)
     logger.info("QA metrics: %s", round_floats(metrics))
     write_metrics(metrics, args.output)

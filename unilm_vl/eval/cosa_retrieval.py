@@ -43,6 +43,7 @@ CLI::
     python -m unilm_vl.eval.cosa_retrieval --checkpoint CKPT --data videos/test.json [--frames-root DIR]
         [--num-frames 16] [--itm-k 50] [--no-itm] [--batch-size 16] [--device cpu] [--output out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,19 @@ import torch
 
 from unilm_vl.cli import progress
 from unilm_vl.eval.common import write_metrics
-from unilm_vl.eval.cosa_common import (CosaEvalModel, CosaEvalSet, add_cosa_eval_args, clip_batches,
-                                       frames_root_of, load_cosa, load_eval_set, maybe_device, num_frames_of,
-                                       round_floats, tokenize)
+from unilm_vl.eval.cosa_common import (
+    CosaEvalModel,
+    CosaEvalSet,
+    add_cosa_eval_args,
+    clip_batches,
+    frames_root_of,
+    load_cosa,
+    load_eval_set,
+    maybe_device,
+    num_frames_of,
+    round_floats,
+    tokenize,
+)
 from unilm_vl.eval.metrics import recall_at_k
 from unilm_vl.logging_utils import setup_cli_logging
 
@@ -89,8 +100,9 @@ def scatter_scores(shape: Sequence[int], pairs: torch.Tensor, scores: torch.Tens
     return out
 
 
-def itm_rerank(sim: torch.Tensor, k: int,
-               score_pairs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def itm_rerank(
+    sim: torch.Tensor, k: int, score_pairs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """The re-ranked matrix: ``score_pairs(text_idx, video_idx) -> P(match)`` on each text's ITC top-k, 0
     elsewhere (in-memory form of what :func:`evaluate_cosa_retrieval` does video batch by video batch)."""
     pairs = topk_pairs(sim, k)
@@ -106,12 +118,16 @@ def rerank_key(sim: torch.Tensor, itm: torch.Tensor, inside: torch.Tensor) -> to
 def _released_keys(prefix: str, ranks) -> Dict[str, Any]:
     r = recall_at_k(ranks)
     r1, r5, r10 = (round(r[f"R@{k}"], 1) for k in (1, 5, 10))
-    return {f"{prefix}_r1": r1, f"{prefix}_recall": f"{r1}/{r5}/{r10}",
-            f"{prefix}_ravg": round((r["R@1"] + r["R@5"] + r["R@10"]) / 3, 1)}
+    return {
+        f"{prefix}_r1": r1,
+        f"{prefix}_recall": f"{r1}/{r5}/{r10}",
+        f"{prefix}_ravg": round((r["R@1"] + r["R@5"] + r["R@10"]) / 3, 1),
+    }
 
 
-def cosa_retrieval_metrics(sim_t2v: torch.Tensor, text_to_video: Sequence[int],
-                           sim_v2t: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+def cosa_retrieval_metrics(
+    sim_t2v: torch.Tensor, text_to_video: Sequence[int], sim_v2t: Optional[torch.Tensor] = None
+) -> Dict[str, Any]:
     """Metrics of text x video score matrices (module docstring): ``t2v_*`` ranks from ``sim_t2v``, ``v2t_*``
     ranks from ``sim_v2t`` (default: the same matrix); keys ``R@1/5/10``, ``mean_rank``, ``median_rank``, ``rsum``
     and the release's ``video_*`` (text->video) / ``txt_*`` (video->text)."""
@@ -133,19 +149,36 @@ def cosa_retrieval_metrics(sim_t2v: torch.Tensor, text_to_video: Sequence[int],
 
 # ----------------------------------------------------------------------------------------------- runner
 @torch.no_grad()
-def evaluate_cosa_retrieval(model: CosaEvalModel, tokenizer, transform: Callable, eval_set: CosaEvalSet,
-                            frames_root: str, num_frames: int, max_text_tokens: int, itm_k: Optional[int] = 50,
-                            batch_size: int = 16, itm_batch_size: int = 25, device: Optional[str] = None,
-                            workers: int = 0, token_cache_gb: float = 2.0) -> Dict[str, Any]:
+def evaluate_cosa_retrieval(
+    model: CosaEvalModel,
+    tokenizer,
+    transform: Callable,
+    eval_set: CosaEvalSet,
+    frames_root: str,
+    num_frames: int,
+    max_text_tokens: int,
+    itm_k: Optional[int] = 50,
+    batch_size: int = 16,
+    itm_batch_size: int = 25,
+    device: Optional[str] = None,
+    workers: int = 0,
+    token_cache_gb: float = 2.0,
+) -> Dict[str, Any]:
     """``{"itc": metrics, "itm": metrics, "itm_pairs": fused pairs (both absent when itm_k is None), "num_videos",
     "num_texts", "itm_k"}``."""
     if not eval_set.texts:
         raise ValueError("the evaluation set has no texts (desc/caption) to retrieve with")
     ids, mask = tokenize(tokenizer, eval_set.texts, max_text_tokens)  # N_txt x L
-    text_feats = torch.cat([
-        model.encode_text(maybe_device(ids[i:i + batch_size], device),
-                          maybe_device(mask[i:i + batch_size], device))["text_features"].float().cpu()
-        for i in progress(range(0, len(ids), batch_size), "encoding texts")])  # N_txt x D
+    text_feats = torch.cat(
+        [
+            model.encode_text(
+                maybe_device(ids[i : i + batch_size], device), maybe_device(mask[i : i + batch_size], device)
+            )["text_features"]
+            .float()
+            .cpu()
+            for i in progress(range(0, len(ids), batch_size), "encoding texts")
+        ]
+    )  # N_txt x D
     video_feats: List[torch.Tensor] = []
     cached: Optional[List[torch.Tensor]] = [] if itm_k is not None else None
     cached_bytes = 0
@@ -154,16 +187,20 @@ def evaluate_cosa_retrieval(model: CosaEvalModel, tokenizer, transform: Callable
         video_feats.append(out["video_features"].float().cpu())  # B x D
         if cached is not None:
             cached_bytes += out["video_tokens"].numel() * out["video_tokens"].element_size()
-            if cached_bytes > token_cache_gb * 2 ** 30:
-                logger.info("video tokens exceed --token-cache-gb %.1f: videos are encoded again for ITM",
-                            token_cache_gb)
+            if cached_bytes > token_cache_gb * 2**30:
+                logger.info(
+                    "video tokens exceed --token-cache-gb %.1f: videos are encoded again for ITM", token_cache_gb
+                )
                 cached = None
             else:
                 cached.append(out["video_tokens"])  # B x N x W
     sim = text_feats @ torch.cat(video_feats).T  # N_txt x N_vid
-    metrics: Dict[str, Any] = {"itc": cosa_retrieval_metrics(sim, eval_set.text_to_video),
-                               "num_videos": len(eval_set.video_ids), "num_texts": len(eval_set.texts),
-                               "itm_k": itm_k}
+    metrics: Dict[str, Any] = {
+        "itc": cosa_retrieval_metrics(sim, eval_set.text_to_video),
+        "num_videos": len(eval_set.video_ids),
+        "num_texts": len(eval_set.texts),
+        "itm_k": itm_k,
+    }
     if itm_k is None:
         return metrics
 
@@ -173,21 +210,29 @@ def evaluate_cosa_retrieval(model: CosaEvalModel, tokenizer, transform: Callable
     inside_v2t = scatter_scores(sim.shape, v2t_pairs, torch.ones(len(v2t_pairs))).bool()
     pairs = (inside_t2v | inside_v2t).nonzero()  # P x 2, each pair scored once
     probs = torch.zeros(len(pairs), dtype=torch.float64)
-    batches = (enumerate_cached(cached) if cached is not None else
-               ((start, model.encode_video(maybe_device(frames, device))["video_tokens"])
-                for start, frames in clip_batches(frames_root, eval_set.video_ids, num_frames, transform,
-                                                  batch_size, workers)))
+    batches = (
+        enumerate_cached(cached)
+        if cached is not None
+        else (
+            (start, model.encode_video(maybe_device(frames, device))["video_tokens"])
+            for start, frames in clip_batches(
+                frames_root, eval_set.video_ids, num_frames, transform, batch_size, workers
+            )
+        )
+    )
     total = len(cached) if cached is not None else None
     for start, tokens in progress(batches, "ITM re-ranking", total=total):  # b x N x W: videos start..start+b
         in_batch = ((pairs[:, 1] >= start) & (pairs[:, 1] < start + tokens.shape[0])).nonzero().flatten()
         for chunk in in_batch.split(itm_batch_size):
             text_idx, video_idx = pairs[chunk, 0], pairs[chunk, 1] - start
-            logits = model.itm_logits(tokens[video_idx], maybe_device(ids[text_idx], device),
-                                      maybe_device(mask[text_idx], device))
+            logits = model.itm_logits(
+                tokens[video_idx], maybe_device(ids[text_idx], device), maybe_device(mask[text_idx], device)
+            )
             probs[chunk] = itm_probability(logits).cpu()
     itm = scatter_scores(sim.shape, pairs, probs)  # N_txt x N_vid
-    metrics["itm"] = cosa_retrieval_metrics(rerank_key(sim, itm, inside_t2v), eval_set.text_to_video,
-                                            rerank_key(sim, itm, inside_v2t))
+    metrics["itm"] = cosa_retrieval_metrics(
+        rerank_key(sim, itm, inside_t2v), eval_set.text_to_video, rerank_key(sim, itm, inside_v2t)
+    )
     metrics["itm_pairs"] = len(pairs)
     return metrics
 
@@ -206,8 +251,10 @@ def format_table(metrics: Dict[str, Any]) -> str:
             continue
         m = metrics[name]
         for d, label in (("t2v", "text->video"), ("v2t", "video->text")):
-            lines.append(f"{name:<6}{label:<13}{m[f'{d}_R@1']:>8.1f}{m[f'{d}_R@5']:>8.1f}{m[f'{d}_R@10']:>8.1f}"
-                         f"{m[f'{d}_median_rank']:>7.1f}{m[f'{d}_mean_rank']:>8.2f}")
+            lines.append(
+                f"{name:<6}{label:<13}{m[f'{d}_R@1']:>8.1f}{m[f'{d}_R@5']:>8.1f}{m[f'{d}_R@10']:>8.1f}"
+                f"{m[f'{d}_median_rank']:>7.1f}{m[f'{d}_mean_rank']:>8.2f}"
+            )
     lines.append(f"({metrics['num_videos']} videos, {metrics['num_texts']} texts, ITM top-k {metrics['itm_k']})")
     return "\n".join(lines)
 
@@ -218,8 +265,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--itm-k", type=int, default=50, help="videos re-ranked by ITM per text (released: 50)")
     parser.add_argument("--no-itm", action="store_true", help="ITC scores only")
     parser.add_argument("--itm-batch-size", type=int, default=25, help="(text, video) pairs per ITM forward")
-    parser.add_argument("--token-cache-gb", type=float, default=2.0,
-                        help="keep video tokens for ITM up to this size, else encode the videos again")
+    parser.add_argument(
+        "--token-cache-gb",
+        type=float,
+        default=2.0,
+        help="keep video tokens for ITM up to this size, else encode the videos again",
+    )
     return parser
 
 
@@ -229,9 +280,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     model, task = load_cosa(args.checkpoint, args.device)
     eval_set = load_eval_set(args.data)
     metrics = evaluate_cosa_retrieval(
-        model, task.tokenizer, task.clip_transform(train=False), eval_set, frames_root_of(args),
-        num_frames_of(args, task), task.cfg.max_text_tokens, None if args.no_itm else args.itm_k,
-        args.batch_size, args.itm_batch_size, args.device, args.workers, args.token_cache_gb)
+        model,
+        task.tokenizer,
+        task.clip_transform(train=False),
+        eval_set,
+        frames_root_of(args),
+        num_frames_of(args, task),
+        task.cfg.max_text_tokens,
+        None if args.no_itm else args.itm_k,
+        args.batch_size,
+        args.itm_batch_size,
+        args.device,
+        args.workers,
+        args.token_cache_gb,
+    )
     logger.info("retrieval metrics: %s\n%s", round_floats(metrics), format_table(metrics))
     write_metrics(metrics, args.output)
     return metrics

@@ -40,6 +40,7 @@ each holding ``"text"``, the full grounded text (prompt + continuation), i.e. th
 ``python -m unilm_vl.kosmos2_infer`` (records with ``"rank"`` > 0, extra n-best hypotheses, are ignored) or the
 ``--save-generations`` file of a run. ``--checkpoint`` generates them (like :mod:`unilm_vl.eval.refcoco`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,12 @@ import os
 import xml.etree.ElementTree as ET
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from unilm_vl.checkpoint import load_kosmos2_inference
 from unilm_vl.cli import progress
 from unilm_vl.data.grounding import box_to_pixels, parse_grounded_text
 from unilm_vl.data.jsonio import parse_json, read_json
 from unilm_vl.eval.common import write_metrics
 from unilm_vl.eval.metrics import phrase_grounding_recall
-from unilm_vl.checkpoint import load_kosmos2_inference
 from unilm_vl.inference.kosmos2 import IMAGE_VIEWS, PromptLine
 from unilm_vl.logging_utils import setup_cli_logging
 from unilm_vl.modules.generation import SearchConfig
@@ -87,6 +88,7 @@ class Sentence(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------------------
 # Official Flickr30k Entities files
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def parse_sentence(line: str, where: str = "<sentence>") -> Sentence:
     """One line of a ``Sentences/<id>.txt`` file -> :class:`Sentence`.
@@ -121,7 +123,7 @@ def parse_sentence(line: str, where: str = "<sentence>") -> Sentence:
 
 def _finish_phrase(current: dict, words: List[str]) -> SentencePhrase:
     text = " ".join(current["words"])
-    start = sum(len(w) + 1 for w in words[:current["first"]])
+    start = sum(len(w) + 1 for w in words[: current["first"]])
     return SentencePhrase(text, (start, start + len(text)), current["first"], current["id"], current["types"])
 
 
@@ -164,8 +166,10 @@ def parse_annotation_file(path: str) -> Dict[str, Any]:
             raise ValueError(f"{path}: object {number} has no (or an empty) <name>")
         bndbox = obj.find("bndbox")
         if bndbox is not None:
-            box = [_xml_int(bndbox.find(tag), path, f"object {number} bndbox/{tag}")
-                   for tag in ("xmin", "ymin", "xmax", "ymax")]
+            box = [
+                _xml_int(bndbox.find(tag), path, f"object {number} bndbox/{tag}")
+                for tag in ("xmin", "ymin", "xmax", "ymax")
+            ]
             for name in names:
                 boxes.setdefault(name, []).append(list(box))
             continue
@@ -190,14 +194,16 @@ def _xml_int(element, path: str, what: str) -> int:
 # MDETR json -> prompts with their GT
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def flickr_prompt(caption: str, start: int, end: int) -> str:
     """The release's phrase-grounding prompt (``evaluation/flickr_entities/cook_data.py``), verbatim:
     ``<grounding>{caption[:start]} <phrase>{caption[start:end]}</phrase>``."""
     return f"<grounding>{caption[:start]} <phrase>{caption[start:end]}</phrase>"
 
 
-def match_phrase(phrase: str, sentence: Sentence, boxes: Dict[str, List[List[int]]]
-                 ) -> Optional[Tuple[SentencePhrase, List[List[int]]]]:
+def match_phrase(
+    phrase: str, sentence: Sentence, boxes: Dict[str, List[List[int]]]
+) -> Optional[Tuple[SentencePhrase, List[List[int]]]]:
     """``(sentence phrase, its GT boxes)`` for a phrase text: the first phrase of ``sentence`` with boxes whose
     text equals ``phrase`` (the release filters box-less phrases before matching); failing that, the first
     box-less phrase with that text and ``[]`` (to be skipped); ``None`` when no phrase has that text."""
@@ -210,8 +216,9 @@ def match_phrase(phrase: str, sentence: Sentence, boxes: Dict[str, List[List[int
     return None
 
 
-def load_flickr_entities(data: str, flickr_root: str, image_root: Optional[str] = None,
-                         limit: Optional[int] = None) -> List[Dict[str, Any]]:
+def load_flickr_entities(
+    data: str, flickr_root: str, image_root: Optional[str] = None, limit: Optional[int] = None
+) -> List[Dict[str, Any]]:
     """The prompts of an MDETR ``final_flickr_separateGT_*.json`` with their GT, one dict per
     ``tokens_positive_eval`` entry in the order images x entries:
 
@@ -230,27 +237,38 @@ def load_flickr_entities(data: str, flickr_root: str, image_root: Optional[str] 
     items: List[Dict[str, Any]] = []
     for index, entry in enumerate(content["images"][:limit] if limit else content["images"]):
         key = entry.get("id", index)
-        for field in ("file_name", "caption", "width", "height", "original_img_id", "sentence_id",
-                      "tokens_positive_eval"):
+        for field in (
+            "file_name",
+            "caption",
+            "width",
+            "height",
+            "original_img_id",
+            "sentence_id",
+            "tokens_positive_eval",
+        ):
             if field not in entry:
                 raise ValueError(f"{data}: image entry {key} lacks {field!r}")
         flickr_id = str(entry["original_img_id"])
         if flickr_id not in sentences_cache:
             sentences_cache[flickr_id] = parse_sentence_file(os.path.join(flickr_root, "Sentences", f"{flickr_id}.txt"))
             boxes_cache[flickr_id] = parse_annotation_file(
-                os.path.join(flickr_root, "Annotations", f"{flickr_id}.xml"))["boxes"]
+                os.path.join(flickr_root, "Annotations", f"{flickr_id}.xml")
+            )["boxes"]
         sentences = sentences_cache[flickr_id]
         sentence_id = int(entry["sentence_id"])
         if not 0 <= sentence_id < len(sentences):
-            raise ValueError(f"{data}: image entry {key} has sentence_id {sentence_id} but "
-                             f"{os.path.join(flickr_root, 'Sentences', flickr_id + '.txt')} has {len(sentences)} "
-                             "sentences")
+            raise ValueError(
+                f"{data}: image entry {key} has sentence_id {sentence_id} but "
+                f"{os.path.join(flickr_root, 'Sentences', flickr_id + '.txt')} has {len(sentences)} "
+                "sentences"
+            )
         sentence = sentences[sentence_id]
         caption = entry["caption"]
         for j, spans in enumerate(entry["tokens_positive_eval"]):
             if not spans or len(spans[0]) != 2:
-                raise ValueError(f"{data}: image entry {key}: tokens_positive_eval[{j}] = {spans!r} has no "
-                                 "[start, end] span")
+                raise ValueError(
+                    f"{data}: image entry {key}: tokens_positive_eval[{j}] = {spans!r} has no [start, end] span"
+                )
             start, end = int(spans[0][0]), int(spans[0][1])
             phrase = caption[start:end]
             found = match_phrase(phrase, sentence, boxes_cache[flickr_id])
@@ -258,13 +276,26 @@ def load_flickr_entities(data: str, flickr_root: str, image_root: Optional[str] 
                 raise ValueError(
                     f"{data}: image entry {key}: phrase {phrase!r} is no phrase of sentence {sentence_id} of "
                     f"{os.path.join(flickr_root, 'Sentences', flickr_id + '.txt')} "
-                    f"({[p.phrase for p in sentence.phrases]})")
+                    f"({[p.phrase for p in sentence.phrases]})"
+                )
             record, gt_boxes = found
-            items.append({"id": f"{key}_{j}", "image": os.path.join(root, entry["file_name"]), "caption": caption,
-                          "span": (start, end), "phrase": phrase, "prompt": flickr_prompt(caption, start, end),
-                          "width": entry["width"], "height": entry["height"], "original_img_id": flickr_id,
-                          "sentence_id": sentence_id, "phrase_id": record.phrase_id,
-                          "phrase_type": list(record.phrase_type), "gt_boxes": gt_boxes})
+            items.append(
+                {
+                    "id": f"{key}_{j}",
+                    "image": os.path.join(root, entry["file_name"]),
+                    "caption": caption,
+                    "span": (start, end),
+                    "phrase": phrase,
+                    "prompt": flickr_prompt(caption, start, end),
+                    "width": entry["width"],
+                    "height": entry["height"],
+                    "original_img_id": flickr_id,
+                    "sentence_id": sentence_id,
+                    "phrase_id": record.phrase_id,
+                    "phrase_type": list(record.phrase_type),
+                    "gt_boxes": gt_boxes,
+                }
+            )
     if not items:
         raise ValueError(f"{data}: no phrase to ground (empty 'images' or 'tokens_positive_eval')")
     return items
@@ -274,13 +305,18 @@ def load_flickr_entities(data: str, flickr_root: str, image_root: Optional[str] 
 # Generations -> predicted boxes -> recall
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def predicted_boxes(text: str, item: Dict[str, Any], view: str = "squash", num_bins: int = 32) -> List[List[float]]:
     """Pixel boxes of every entity of ``text`` named like the item's phrase (``strip()`` on both), in generation
     order."""
     _, entities = parse_grounded_text(text, num_bins)
     name = item["phrase"].strip()
-    return [list(box_to_pixels(box, item["width"], item["height"], view))
-            for phrase, _, boxes in entities if phrase.strip() == name for box in boxes]
+    return [
+        list(box_to_pixels(box, item["width"], item["height"], view))
+        for phrase, _, boxes in entities
+        if phrase.strip() == name
+        for box in boxes
+    ]
 
 
 def read_generations(path: str) -> List[str]:
@@ -302,13 +338,20 @@ def read_generations(path: str) -> List[str]:
     return texts
 
 
-def score_generations(items: Sequence[Dict[str, Any]], texts: Sequence[str], view: str = "squash",
-                      num_bins: int = 32, source: str = "generations") -> Dict[str, Any]:
+def score_generations(
+    items: Sequence[Dict[str, Any]],
+    texts: Sequence[str],
+    view: str = "squash",
+    num_bins: int = 32,
+    source: str = "generations",
+) -> Dict[str, Any]:
     """Recall of one generated text per item (same order): :func:`phrase_grounding_recall` plus ``num_prompts``.
     ``source`` names the texts in errors."""
     if len(texts) != len(items):
-        raise ValueError(f"{source} holds {len(texts)} generations but there are {len(items)} prompts; "
-                         "expected one per prompt, in prompt order")
+        raise ValueError(
+            f"{source} holds {len(texts)} generations but there are {len(items)} prompts; "
+            "expected one per prompt, in prompt order"
+        )
     predictions: Dict[str, List[List[float]]] = {}
     ground_truth: Dict[str, Dict[str, Any]] = {}
     for number, (item, text) in enumerate(zip(items, texts), start=1):
@@ -322,17 +365,28 @@ def score_generations(items: Sequence[Dict[str, Any]], texts: Sequence[str], vie
     return metrics
 
 
-def evaluate_generations(data: str, flickr_root: str, generations: str, view: str = "squash",
-                         num_bins: int = 32, limit: Optional[int] = None) -> Dict[str, Any]:
+def evaluate_generations(
+    data: str, flickr_root: str, generations: str, view: str = "squash", num_bins: int = 32, limit: Optional[int] = None
+) -> Dict[str, Any]:
     """Score an existing generations file (see the module docstring)."""
     items = load_flickr_entities(data, flickr_root, limit=limit)
     return score_generations(items, read_generations(generations), view, num_bins, source=generations)
 
 
-def evaluate_checkpoint(checkpoint: str, data: str, flickr_root: str, image_root: Optional[str] = None,
-                        beam: int = 1, batch_size: int = 16, image_view: str = "squash", max_len_b: int = 500,
-                        no_repeat_ngram_size: int = 3, limit: Optional[int] = None,
-                        save_generations: Optional[str] = None, cpu: bool = False) -> Dict[str, Any]:
+def evaluate_checkpoint(
+    checkpoint: str,
+    data: str,
+    flickr_root: str,
+    image_root: Optional[str] = None,
+    beam: int = 1,
+    batch_size: int = 16,
+    image_view: str = "squash",
+    max_len_b: int = 500,
+    no_repeat_ngram_size: int = 3,
+    limit: Optional[int] = None,
+    save_generations: Optional[str] = None,
+    cpu: bool = False,
+) -> Dict[str, Any]:
     """Generate for every prompt with :class:`unilm_vl.inference.kosmos2.Kosmos2Inference` and score."""
     items = load_flickr_entities(data, flickr_root, image_root, limit)
     missing = sorted({it["image"] for it in items if not os.path.isfile(it["image"])})
@@ -347,14 +401,18 @@ def evaluate_checkpoint(checkpoint: str, data: str, flickr_root: str, image_root
     out = open(save_generations, "w", encoding="utf-8") if save_generations else None
     try:
         for start in progress(range(0, len(items), batch_size), "generating"):
-            chunk = items[start:start + batch_size]
+            chunk = items[start : start + batch_size]
             lines = [PromptLine(it["image"], it["prompt"], f"{data}[{it['id']}]") for it in chunk]
             records = [r for r in engine.run(lines) if r["rank"] == 0]
             for item, record in zip(chunk, records):
                 texts.append(record["text"])
                 if out is not None:
-                    out.write(json.dumps({"id": item["id"], "prompt": item["prompt"], "text": record["text"]},
-                                         ensure_ascii=False) + "\n")
+                    out.write(
+                        json.dumps(
+                            {"id": item["id"], "prompt": item["prompt"], "text": record["text"]}, ensure_ascii=False
+                        )
+                        + "\n"
+                    )
             logger.info("generated %d / %d prompts", len(texts), len(items))
     finally:
         if out is not None:
@@ -367,26 +425,37 @@ def format_metrics(metrics: Dict[str, Any]) -> str:
     rows = [("all", metrics)] + sorted(metrics.get("per_type", {}).items())
     lines = [f"{'type':<12}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'upper':>8}{'phrases':>9}"]
     for name, m in rows:
-        lines.append(f"{name:<12}{m['R@1']:8.2f}{m['R@5']:8.2f}{m['R@10']:8.2f}{m['R@upper_bound']:8.2f}"
-                     f"{m['num_phrases']:9d}")
-    lines.append(f"prompts {metrics['num_prompts']}   no box predicted {metrics['num_missing_predictions']}   "
-                 f"skipped (no GT box) {metrics['num_skipped_without_gt']}")
+        lines.append(
+            f"{name:<12}{m['R@1']:8.2f}{m['R@5']:8.2f}{m['R@10']:8.2f}{m['R@upper_bound']:8.2f}{m['num_phrases']:9d}"
+        )
+    lines.append(
+        f"prompts {metrics['num_prompts']}   no box predicted {metrics['num_missing_predictions']}   "
+        f"skipped (no GT box) {metrics['num_skipped_without_gt']}"
+    )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m unilm_vl.eval.flickr_entities",
-                                     description="Flickr30k Entities phrase-grounding recall of a kosmos2 model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m unilm_vl.eval.flickr_entities",
+        description="Flickr30k Entities phrase-grounding recall of a kosmos2 model.",
+    )
     parser.add_argument("--data", required=True, help="MDETR final_flickr_separateGT_{val,test}.json")
-    parser.add_argument("--flickr-root", required=True, help="Flickr30k Entities directory with Annotations/ and "
-                                                             "Sentences/")
+    parser.add_argument(
+        "--flickr-root", required=True, help="Flickr30k Entities directory with Annotations/ and Sentences/"
+    )
     parser.add_argument("--image-root", default=None, help="directory of the images (run mode; default: the json's)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", default=None, help="kosmos2 checkpoint: generate, then score")
-    source.add_argument("--generations", default=None,
-                        help="score these generations (json lines with 'text', one per prompt, in order)")
-    parser.add_argument("--image-view", choices=IMAGE_VIEWS, default="squash",
-                        help="the model's view of the image that the boxes are normalised to (squash as released)")
+    source.add_argument(
+        "--generations", default=None, help="score these generations (json lines with 'text', one per prompt, in order)"
+    )
+    parser.add_argument(
+        "--image-view",
+        choices=IMAGE_VIEWS,
+        default="squash",
+        help="the model's view of the image that the boxes are normalised to (squash as released)",
+    )
     parser.add_argument("--num-bins", type=int, default=32, help="patch grid side of --generations (32 as released)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N sentences (image entries)")
     parser.add_argument("--output", default=None, help="write the metrics to this json file")
@@ -396,8 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-len-b", type=int, default=500, help="max new tokens (released: 500)")
     run.add_argument("--no-repeat-ngram-size", type=int, default=3, help="3 as released; 0 = off")
     run.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
-    run.add_argument("--save-generations", default=None, help="write the generations as json lines "
-                                                              "(readable by --generations)")
+    run.add_argument(
+        "--save-generations", default=None, help="write the generations as json lines (readable by --generations)"
+    )
     return parser
 
 
@@ -405,12 +475,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
     setup_cli_logging()
     if args.generations:
-        metrics = evaluate_generations(args.data, args.flickr_root, args.generations, args.image_view,
-                                       args.num_bins, args.limit)
+        metrics = evaluate_generations(
+            args.data, args.flickr_root, args.generations, args.image_view, args.num_bins, args.limit
+        )
     else:
-        metrics = evaluate_checkpoint(args.checkpoint, args.data, args.flickr_root, args.image_root, args.beam,
-                                      args.batch_size, args.image_view, args.max_len_b, args.no_repeat_ngram_size,
-                                      args.limit, args.save_generations, args.cpu)
+        metrics = evaluate_checkpoint(
+            args.checkpoint,
+            args.data,
+            args.flickr_root,
+            args.image_root,
+            args.beam,
+            args.batch_size,
+            args.image_view,
+            args.max_len_b,
+            args.no_repeat_ngram_size,
+            args.limit,
+            args.save_generations,
+            args.cpu,
+        )
     print(format_metrics(metrics))
     if args.output:
         write_metrics(metrics, args.output)

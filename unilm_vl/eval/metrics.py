@@ -35,6 +35,7 @@ Protocols follow CLIP / OpenCLIP and the COSMOS / COSA evaluation code (Explaina
 image by its best-ranked caption, t2i ranks a caption's single GT image; mean and median ranks are reported 1-based
 (rank + 1), the median being the lower median as ``torch.median`` returns it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -108,12 +109,12 @@ def retrieval_ranks(sim: ArrayLike, text_to_image: ArrayLike) -> Tuple[np.ndarra
     i2t_ge = torch.empty(n_img, dtype=torch.long)
     i2t_gt = torch.empty(n_img, dtype=torch.long)
     for r0 in range(0, n_img, _CHUNK_ROWS):
-        block = s[r0:r0 + _CHUNK_ROWS]  # R x N_txt
+        block = s[r0 : r0 + _CHUNK_ROWS]  # R x N_txt
         t2i_ge += (block >= gt_score[None, :]).sum(0)
         t2i_gt += (block > gt_score[None, :]).sum(0)
-        best = best_gt[r0:r0 + _CHUNK_ROWS, None]  # R x 1
-        i2t_ge[r0:r0 + _CHUNK_ROWS] = (block >= best).sum(1)
-        i2t_gt[r0:r0 + _CHUNK_ROWS] = (block > best).sum(1)
+        best = best_gt[r0 : r0 + _CHUNK_ROWS, None]  # R x 1
+        i2t_ge[r0 : r0 + _CHUNK_ROWS] = (block >= best).sum(1)
+        i2t_gt[r0 : r0 + _CHUNK_ROWS] = (block > best).sum(1)
     t2i = t2i_ge - 1  # the GT image itself
     i2t = i2t_ge - gt_at_best
     _log_ties("text->image", int((t2i > t2i_gt).sum()), n_txt)
@@ -123,8 +124,13 @@ def retrieval_ranks(sim: ArrayLike, text_to_image: ArrayLike) -> Tuple[np.ndarra
 
 def _log_ties(direction: str, tied: int, total: int) -> None:
     if tied:
-        logger.info("%s: %d of %d queries have another item tied with their ground truth; the ties count "
-                    "against it (unilm_vl.eval.metrics)", direction, tied, total)
+        logger.info(
+            "%s: %d of %d queries have another item tied with their ground truth; the ties count "
+            "against it (unilm_vl.eval.metrics)",
+            direction,
+            tied,
+            total,
+        )
 
 
 def recall_at_k(ranks: ArrayLike, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
@@ -234,8 +240,9 @@ ClassName = Union[str, Sequence[str]]
 
 
 @torch.no_grad()
-def zeroshot_classifier(encode_texts: Callable[[List[str]], torch.Tensor], classnames: Sequence[ClassName],
-                        templates: Sequence[str]) -> torch.Tensor:
+def zeroshot_classifier(
+    encode_texts: Callable[[List[str]], torch.Tensor], classnames: Sequence[ClassName], templates: Sequence[str]
+) -> torch.Tensor:
     """Zero-shot classifier weights W (D x C), the CLIP prompt-ensembling protocol.
 
     For class c with prompts ``p = t.format(name)`` over all templates t (and over all synonyms when a class is
@@ -276,6 +283,7 @@ def ensemble_scores(z_scores: ArrayLike, h_scores: ArrayLike, weight: float) -> 
 # As ytaek-oh/fsc-clip src/training/eval_compo.py and ExplainableML/cosmos src/training/clip_segmentor.py score them.
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def compositional_correct(scores_pos: ArrayLike, scores_neg: ArrayLike) -> torch.Tensor:
     """Per-item correctness of a positive-vs-hard-negatives benchmark: ``s_pos[n] > max_j s_neg[n, j]``.
 
@@ -290,8 +298,10 @@ def compositional_correct(scores_pos: ArrayLike, scores_neg: ArrayLike) -> torch
     if neg.dim() == 1:
         neg = neg[:, None]  # N x 1
     if neg.dim() != 2 or neg.shape[0] != pos.numel():
-        raise ValueError(f"scores_neg must be N x K with N = {pos.numel()} (the number of positive scores), "
-                         f"got shape {tuple(neg.shape)}")
+        raise ValueError(
+            f"scores_neg must be N x K with N = {pos.numel()} (the number of positive scores), "
+            f"got shape {tuple(neg.shape)}"
+        )
     if neg.shape[1] == 0:
         raise ValueError("every item needs at least one negative score (scores_neg has K = 0 columns)")
     if bool(torch.isnan(pos).any()) or bool(torch.isnan(neg).any()):
@@ -310,8 +320,9 @@ def compositional_accuracy(scores_pos: ArrayLike, scores_neg: ArrayLike) -> floa
     return float(100.0 * correct.double().mean())
 
 
-def confusion_matrix(pred: ArrayLike, target: ArrayLike, num_classes: int, ignore_index: Optional[int] = 255
-                     ) -> np.ndarray:
+def confusion_matrix(
+    pred: ArrayLike, target: ArrayLike, num_classes: int, ignore_index: Optional[int] = 255
+) -> np.ndarray:
     """Pixel confusion matrix ``conf[t, p]`` = number of pixels of true class t predicted as class p.
 
     ``pred`` and ``target`` are integer label maps of the same shape (any number of dimensions). Pixels whose
@@ -331,8 +342,10 @@ def confusion_matrix(pred: ArrayLike, target: ArrayLike, num_classes: int, ignor
         p, t = p[keep], t[keep]
     for name, labels in (("target", t), ("pred", p)):
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"{name} labels must lie in [0, {num_classes}) (or be ignore_index={ignore_index} in "
-                             f"target), got values in [{labels.min()}, {labels.max()}]")
+            raise ValueError(
+                f"{name} labels must lie in [0, {num_classes}) (or be ignore_index={ignore_index} in "
+                f"target), got values in [{labels.min()}, {labels.max()}]"
+            )
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
@@ -361,9 +374,13 @@ def mean_iou(conf: ArrayLike) -> Dict[str, Any]:
         raise ValueError("empty confusion matrix: no counted pixel, mIoU is undefined")
     iou = np.full(c.shape[0], np.nan)
     iou[valid] = tp[valid] / union[valid]
-    return {"mIoU": float(iou[valid].mean()), "per_class_iou": [float(v) for v in iou],
-            "pixel_accuracy": float(tp.sum() / c.sum()), "num_valid_classes": int(valid.sum()),
-            "num_pixels": int(c.sum())}
+    return {
+        "mIoU": float(iou[valid].mean()),
+        "per_class_iou": [float(v) for v in iou],
+        "pixel_accuracy": float(tp.sum() / c.sum()),
+        "num_valid_classes": int(valid.sum()),
+        "num_pixels": int(c.sum()),
+    }
 
 
 logger = logging.getLogger(__name__)
@@ -441,8 +458,12 @@ def _recall_label(k: int) -> str:
     return "R@upper_bound" if k == -1 else f"R@{k}"
 
 
-def phrase_grounding_recall(predictions: Mapping[Hashable, Sequence[Box]], ground_truth: Mapping[Hashable, Any],
-                            ks: Sequence[int] = (1, 5, 10, -1), iou_threshold: float = 0.5) -> Dict[str, Any]:
+def phrase_grounding_recall(
+    predictions: Mapping[Hashable, Sequence[Box]],
+    ground_truth: Mapping[Hashable, Any],
+    ks: Sequence[int] = (1, 5, 10, -1),
+    iou_threshold: float = 0.5,
+) -> Dict[str, Any]:
     """Flickr30k Entities phrase-grounding Recall@k, the **any-box** protocol (MDETR / Kosmos-2 evaluator with
     ``merge_boxes=False``; microsoft/unilm ``kosmos-2/evaluation/flickr_entities/``).
 
@@ -484,11 +505,13 @@ def phrase_grounding_recall(predictions: Mapping[Hashable, Sequence[Box]], groun
             best = np.zeros(0)
         else:
             best = box_iou(pred, gt_arr).max(axis=1)  # K: best IoU of each prediction over the GT boxes
-        hit = np.array([bool(len(top) and top.max() >= iou_threshold)
-                        for top in (best if k == -1 else best[:k] for k in ks)], dtype=np.int64)
+        hit = np.array(
+            [bool(len(top) and top.max() >= iou_threshold) for top in (best if k == -1 else best[:k] for k in ks)],
+            dtype=np.int64,
+        )
         num_phrases += 1
         hits += hit
-        for t in ([types] if isinstance(types, str) else list(types or [])):
+        for t in [types] if isinstance(types, str) else list(types or []):
             entry = per_type.setdefault(t, [0, np.zeros(len(ks), dtype=np.int64)])
             entry[0] += 1
             entry[1] += hit
@@ -496,15 +519,20 @@ def phrase_grounding_recall(predictions: Mapping[Hashable, Sequence[Box]], groun
         raise ValueError("no phrase with GT boxes to evaluate")
     out: Dict[str, Any] = {_recall_label(k): float(100.0 * h / num_phrases) for k, h in zip(ks, hits)}
     out.update(num_phrases=num_phrases, num_missing_predictions=missing, num_skipped_without_gt=skipped)
-    out["per_type"] = {t: {**{_recall_label(k): float(100.0 * h / n) for k, h in zip(ks, type_hits)},
-                           "num_phrases": n}
-                       for t, (n, type_hits) in sorted(per_type.items())}
+    out["per_type"] = {
+        t: {**{_recall_label(k): float(100.0 * h / n) for k, h in zip(ks, type_hits)}, "num_phrases": n}
+        for t, (n, type_hits) in sorted(per_type.items())
+    }
     return out
 
 
-def rec_accuracy(predictions: Mapping[Hashable, Any], ground_truth: Mapping[Hashable, Box],
-                 groups: Optional[Mapping[Hashable, str]] = None, gt_format: str = "xyxy",
-                 iou_threshold: float = 0.5) -> Dict[str, Any]:
+def rec_accuracy(
+    predictions: Mapping[Hashable, Any],
+    ground_truth: Mapping[Hashable, Box],
+    groups: Optional[Mapping[Hashable, str]] = None,
+    gt_format: str = "xyxy",
+    iou_threshold: float = 0.5,
+) -> Dict[str, Any]:
     """Referring-expression comprehension accuracy (RefCOCO / RefCOCO+ / RefCOCOg; microsoft/unilm
     ``kosmos-2/evaluation/refcoco/refexp_evaluate.py``).
 
@@ -550,9 +578,10 @@ def rec_accuracy(predictions: Mapping[Hashable, Any], ground_truth: Mapping[Hash
         else:
             ious = box_iou(pred, gt_box[None])[:, 0]  # K
             mean_iou = box_iou(pred.mean(axis=0), gt_box)
-            hit = np.array([ious[0] >= iou_threshold, mean_iou >= iou_threshold, ious.max() >= iou_threshold],
-                           dtype=np.int64)
-        for key in ([None] if groups is None else [None, groups[sid]]):
+            hit = np.array(
+                [ious[0] >= iou_threshold, mean_iou >= iou_threshold, ious.max() >= iou_threshold], dtype=np.int64
+            )
+        for key in [None] if groups is None else [None, groups[sid]]:
             entry = counts.setdefault(key, [0, np.zeros(3, dtype=np.int64)])
             entry[0] += 1
             entry[1] += hit
@@ -645,8 +674,12 @@ def _meteor(gts: Dict[str, List[str]], res: Dict[str, List[str]]) -> Optional[fl
         return None
 
 
-def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
-                    tokenizer: str = "auto", meteor: bool = True) -> Dict[str, Any]:
+def caption_metrics(
+    predictions: Mapping[Hashable, str],
+    references: Mapping[Hashable, Sequence[str]],
+    tokenizer: str = "auto",
+    meteor: bool = True,
+) -> Dict[str, Any]:
     """Corpus captioning metrics as coco-caption (``pycocoevalcap``) computes them, in percent.
 
     ``predictions``: ``{id: caption}``, one generated caption per image; ``references``: ``{id: [caption, ...]}``.
@@ -701,8 +734,9 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
         except (OSError, RuntimeError) as err:
             if tokenizer == "ptb":
                 raise
-            logger.warning("PTBTokenizer failed (%s: %s); falling back to simple_caption_tokenize",
-                           type(err).__name__, err)
+            logger.warning(
+                "PTBTokenizer failed (%s: %s); falling back to simple_caption_tokenize", type(err).__name__, err
+            )
             used = "simple"
     if used == "simple":
         gts, res = _tokenize_captions(gts_raw, "simple"), _tokenize_captions(res_raw, "simple")
@@ -719,8 +753,7 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
     out["CIDEr"] = float(100.0 * Cider().compute_score(gts, res)[0])
     unpredicted = sum(1 for key in references if key not in predictions)
     if unpredicted:
-        logger.warning("%d of %d reference images have no prediction and are not scored", unpredicted,
-                       len(references))
+        logger.warning("%d of %d reference images have no prediction and are not scored", unpredicted, len(references))
     out.update(num_images=len(keys), num_unpredicted=unpredicted, tokenizer=used)
     return out
 
@@ -729,8 +762,20 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
 # VQA accuracy: the official VQAv2 evaluation rule (GT-Vision-Lab VQA API, vqaEval.py)
 # ---------------------------------------------------------------------------------------------------------------------
 
-_VQA_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_VQA_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _VQA_ARTICLES = frozenset(["a", "an", "the"])
 # The official contraction map restores apostrophes: each written form below is reached from every spelling
 # with exactly one of its apostrophes missing ("dont" -> "don't", "couldnt've" and "couldn'tve" -> "couldn't've",
@@ -752,14 +797,13 @@ def _contraction_map() -> Dict[str, str]:
     for written in _VQA_CONTRACTED:
         positions = [i for i, c in enumerate(written) if c == "'"]
         for i in positions:
-            table[written[:i] + written[i + 1:]] = written
+            table[written[:i] + written[i + 1 :]] = written
     table["somebody'd"] = "somebodyd"  # sic: the official table maps this one the wrong way round
     return table
 
 
 _VQA_CONTRACTIONS = _contraction_map()
-_VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
-              "!"]
+_VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 _VQA_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _VQA_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("3.5" keeps its point)
 
@@ -824,10 +868,13 @@ def vqa_question_accuracy(prediction: str, answers: Sequence[str], normalize_alw
     return float(sum(min(1.0, (same - (g == pred)) / 3.0) for g in gts) / len(gts))
 
 
-def vqa_accuracy(predictions: Mapping[Hashable, str], annotations: Mapping[Hashable, Sequence[str]],
-                 answer_types: Optional[Mapping[Hashable, str]] = None,
-                 question_types: Optional[Mapping[Hashable, str]] = None,
-                 normalize_always: bool = False) -> Dict[str, Any]:
+def vqa_accuracy(
+    predictions: Mapping[Hashable, str],
+    annotations: Mapping[Hashable, Sequence[str]],
+    answer_types: Optional[Mapping[Hashable, str]] = None,
+    question_types: Optional[Mapping[Hashable, str]] = None,
+    normalize_always: bool = False,
+) -> Dict[str, Any]:
     """Official VQAv2 accuracy in percent (:func:`vqa_question_accuracy` averaged over questions).
 
     ``predictions``: ``{question_id: answer}``; ``annotations``: ``{question_id: [the 10 human answers]}``;
@@ -855,8 +902,11 @@ def vqa_accuracy(predictions: Mapping[Hashable, str], annotations: Mapping[Hasha
         scores[qid] = vqa_question_accuracy(pred, answers, normalize_always)
     if missing:
         logger.warning("%d of %d questions have no prediction; they score 0", missing, len(annotations))
-    out: Dict[str, Any] = {"accuracy": float(100.0 * np.mean(list(scores.values()))),
-                           "num_questions": len(scores), "num_missing_predictions": missing}
+    out: Dict[str, Any] = {
+        "accuracy": float(100.0 * np.mean(list(scores.values()))),
+        "num_questions": len(scores),
+        "num_missing_predictions": missing,
+    }
     for name, types in (("per_answer_type", answer_types), ("per_question_type", question_types)):
         if types is None:
             continue

@@ -36,6 +36,7 @@ CLI::
     python -m unilm_vl.eval.retrieval --checkpoint CKPT --data KARPATHY_JSON [--image-root DIR] [--split test]
         [--batch-size 64] [--device cpu] [--workers 0] [--output out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,13 +69,16 @@ class RetrievalSet:
 
 
 def _is_coco_captions(data: Any) -> bool:
-    return isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(
-        data.get("annotations"), list)
+    return isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list)
 
 
 def _is_karpathy(data: Any) -> bool:
-    return (isinstance(data, dict) and isinstance(data.get("images"), list) and "annotations" not in data
-            and all(isinstance(e, dict) and "sentences" in e for e in data["images"]))
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("images"), list)
+        and "annotations" not in data
+        and all(isinstance(e, dict) and "sentences" in e for e in data["images"])
+    )
 
 
 def _is_flickr_list(data: Any) -> bool:
@@ -132,10 +136,10 @@ def load_retrieval_set(annotation_path: str, image_root: Optional[str] = None, s
         raise ValueError(
             f"{annotation_path}: unrecognised annotation format; expected a Karpathy split file "
             "({'images': [{'filename', 'sentences', ...}]}), COCO captions ({'images': [...], 'annotations': "
-            "[...]}) or a Flickr list ([{'image', 'caption'}])")
+            "[...]}) or a Flickr list ([{'image', 'caption'}])"
+        )
     if fmt != "karpathy" and split != "test":
-        logger.warning("%s is in %s format, which holds one split; --split %r is ignored", annotation_path, fmt,
-                       split)
+        logger.warning("%s is in %s format, which holds one split; --split %r is ignored", annotation_path, fmt, split)
 
     paths: List[str] = []
     captions: List[str] = []
@@ -160,8 +164,10 @@ def check_files_exist(paths: Sequence[str]) -> None:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         shown = ", ".join(missing[:5])
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} evaluation images are missing: {shown}"
-                                + (", ..." if len(missing) > 5 else ""))
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(paths)} evaluation images are missing: {shown}"
+            + (", ..." if len(missing) > 5 else "")
+        )
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -178,19 +184,28 @@ class _ImageFiles(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def encode_image_files(encoder: ImageTextEncoder, paths: Sequence[str], batch_size: int = 64,
-                       device: Optional[str] = None, num_workers: int = 0) -> torch.Tensor:
+def encode_image_files(
+    encoder: ImageTextEncoder,
+    paths: Sequence[str],
+    batch_size: int = 64,
+    device: Optional[str] = None,
+    num_workers: int = 0,
+) -> torch.Tensor:
     """Encode image files in order with ``encoder.image_transform`` and ``encoder.encode_images``.
 
     Batches are moved to ``device`` when it is given. Returns N x D float32 on the CPU.
     """
-    return encode_image_dataset(encoder, _ImageFiles(paths, encoder.image_transform), batch_size, device,
-                                num_workers)
+    return encode_image_dataset(encoder, _ImageFiles(paths, encoder.image_transform), batch_size, device, num_workers)
 
 
 @torch.no_grad()
-def encode_image_dataset(encoder: ImageTextEncoder, dataset: torch.utils.data.Dataset, batch_size: int = 64,
-                         device: Optional[str] = None, num_workers: int = 0) -> torch.Tensor:
+def encode_image_dataset(
+    encoder: ImageTextEncoder,
+    dataset: torch.utils.data.Dataset,
+    batch_size: int = 64,
+    device: Optional[str] = None,
+    num_workers: int = 0,
+) -> torch.Tensor:
     """Encode a map-style dataset of transformed image tensors in order with ``encoder.encode_images``; batches
     are moved to ``device`` when it is given. Returns N x D float32 on the CPU."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -206,13 +221,23 @@ def encode_image_dataset(encoder: ImageTextEncoder, dataset: torch.utils.data.Da
 def encode_captions(encoder: ImageTextEncoder, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """Encode strings in order with ``encoder.encode_texts``; returns N x D float32 on the CPU."""
     texts = list(texts)
-    return torch.cat([encoder.encode_texts(texts[i:i + batch_size]).float().cpu()
-                      for i in progress(range(0, len(texts), batch_size), "encoding texts")])
+    return torch.cat(
+        [
+            encoder.encode_texts(texts[i : i + batch_size]).float().cpu()
+            for i in progress(range(0, len(texts), batch_size), "encoding texts")
+        ]
+    )
 
 
-def evaluate_retrieval(encoder: ImageTextEncoder, karpathy_json: str, image_root: Optional[str] = None,
-                       split: str = "test", batch_size: int = 64, device: Optional[str] = None,
-                       num_workers: int = 0) -> Dict[str, float]:
+def evaluate_retrieval(
+    encoder: ImageTextEncoder,
+    karpathy_json: str,
+    image_root: Optional[str] = None,
+    split: str = "test",
+    batch_size: int = 64,
+    device: Optional[str] = None,
+    num_workers: int = 0,
+) -> Dict[str, float]:
     """Image<->text retrieval metrics of ``encoder`` on one annotation file (any format of the module docstring).
 
     Returns :func:`~unilm_vl.eval.metrics.retrieval_metrics` (``i2t_R@1/5/10``, ``t2i_R@1/5/10``, mean / median
@@ -220,8 +245,13 @@ def evaluate_retrieval(encoder: ImageTextEncoder, karpathy_json: str, image_root
     """
     data = load_retrieval_set(karpathy_json, image_root, split)
     check_files_exist(data.image_paths)
-    logger.info("retrieval on %s (%s): %d images, %d captions", karpathy_json, data.format, len(data.image_paths),
-                len(data.captions))
+    logger.info(
+        "retrieval on %s (%s): %d images, %d captions",
+        karpathy_json,
+        data.format,
+        len(data.image_paths),
+        len(data.captions),
+    )
     image_feats = encode_image_files(encoder, data.image_paths, batch_size, device, num_workers)  # N_img x D
     text_feats = encode_captions(encoder, data.captions, batch_size)  # N_txt x D
     sim = image_feats @ text_feats.T  # N_img x N_txt
@@ -236,9 +266,11 @@ def format_retrieval_table(metrics: Dict[str, float]) -> str:
     header = f"{'direction':<12}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean rank':>11}{'median rank':>13}"
     lines = [header, "-" * len(header)]
     for name, label in (("i2t", "image->text"), ("t2i", "text->image")):
-        lines.append(f"{label:<12}{metrics[f'{name}_R@1']:>8.2f}{metrics[f'{name}_R@5']:>8.2f}"
-                     f"{metrics[f'{name}_R@10']:>8.2f}{metrics[f'{name}_mean_rank']:>11.2f}"
-                     f"{metrics[f'{name}_median_rank']:>13.1f}")
+        lines.append(
+            f"{label:<12}{metrics[f'{name}_R@1']:>8.2f}{metrics[f'{name}_R@5']:>8.2f}"
+            f"{metrics[f'{name}_R@10']:>8.2f}{metrics[f'{name}_mean_rank']:>11.2f}"
+            f"{metrics[f'{name}_median_rank']:>13.1f}"
+        )
     lines.append(f"rsum {metrics['rsum']:.2f}   ({metrics['num_images']} images, {metrics['num_texts']} captions)")
     return "\n".join(lines)
 
@@ -246,10 +278,14 @@ def format_retrieval_table(metrics: Dict[str, float]) -> str:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Zero-shot image-text retrieval of a unilm_vl checkpoint.")
     add_common_eval_args(parser)
-    parser.add_argument("--data", required=True,
-                        help="annotation json: Karpathy split file, COCO captions or Flickr list")
-    parser.add_argument("--image-root", default=None,
-                        help="directory the image paths are relative to (default: the directory of --data)")
+    parser.add_argument(
+        "--data", required=True, help="annotation json: Karpathy split file, COCO captions or Flickr list"
+    )
+    parser.add_argument(
+        "--image-root",
+        default=None,
+        help="directory the image paths are relative to (default: the directory of --data)",
+    )
     parser.add_argument("--split", default="test", help="Karpathy split to evaluate (ignored by the other formats)")
     return parser
 
@@ -260,8 +296,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     from unilm_vl.eval.common import load_encoder  # loads fairseq; only the CLI needs it
 
     encoder = load_encoder(args.checkpoint, device=args.device)
-    metrics = evaluate_retrieval(encoder, args.data, image_root=args.image_root, split=args.split,
-                                 batch_size=args.batch_size, device=args.device, num_workers=args.workers)
+    metrics = evaluate_retrieval(
+        encoder,
+        args.data,
+        image_root=args.image_root,
+        split=args.split,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.workers,
+    )
     print(format_retrieval_table(metrics))
     write_metrics(metrics, args.output)
     return metrics

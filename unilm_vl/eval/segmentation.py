@@ -54,6 +54,7 @@ CLI::
         [--prob-thd 0.1] [--area-thd 0.1] [--short-side N] [--stride N] [--batch-size 64] [--device cpu]
         [--workers 0] [--output metrics.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,8 +108,7 @@ def parse_classnames(lines: Sequence[str], where: str) -> List[List[str]]:
             raise ValueError(f"{where}: class {index} has no name ({line!r})")
         classes.append(names)
     if len(classes) > IGNORE_INDEX:
-        raise ValueError(f"{where}: {len(classes)} classes, but labels must stay below the ignore label "
-                         f"{IGNORE_INDEX}")
+        raise ValueError(f"{where}: {len(classes)} classes, but labels must stay below the ignore label {IGNORE_INDEX}")
     return classes
 
 
@@ -121,8 +121,11 @@ def load_segmentation_set(root: str, split: str = "val", classnames: Optional[st
     masks = [os.path.join(root, "SegmentationClass", f"{i}.png") for i in ids]
     missing = [p for p in images + masks if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} image / mask files of split {split!r} are missing: "
-                                + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+        raise FileNotFoundError(
+            f"{len(missing)} image / mask files of split {split!r} are missing: "
+            + ", ".join(missing[:5])
+            + (", ..." if len(missing) > 5 else "")
+        )
     names_path = classnames if classnames is not None else os.path.join(root, "classnames.txt")
     return SegmentationSet(ids, images, masks, parse_classnames(read_lines(names_path), names_path))
 
@@ -132,8 +135,7 @@ def read_mask(path: str) -> np.ndarray:
     labels)."""
     with Image.open(path) as img:
         if img.mode not in ("P", "L"):
-            raise ValueError(f"{path}: segmentation masks must be palette or grey PNGs of labels, got mode "
-                             f"{img.mode}")
+            raise ValueError(f"{path}: segmentation masks must be palette or grey PNGs of labels, got mode {img.mode}")
         return np.array(img, dtype=np.uint8)
 
 
@@ -147,8 +149,9 @@ def load_templates(path: Optional[str]) -> List[str]:
         templates = read_lines(path)
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
-        raise ValueError(f"templates ({path or 'OpenAI ImageNet'}) must be non-empty and each hold '{{}}'; "
-                         f"bad: {bad[:5]}")
+        raise ValueError(
+            f"templates ({path or 'OpenAI ImageNet'}) must be non-empty and each hold '{{}}'; bad: {bad[:5]}"
+        )
     return templates
 
 
@@ -176,8 +179,15 @@ def window_starts(length: int, crop: int, stride: int) -> List[int]:
 
 
 @torch.no_grad()
-def sliding_window_logits(encoder: DenseImageTextEncoder, image: torch.Tensor, queries: torch.Tensor, crop: int,
-                          stride: int, batch_size: int = 64, device: Optional[str] = None) -> torch.Tensor:
+def sliding_window_logits(
+    encoder: DenseImageTextEncoder,
+    image: torch.Tensor,
+    queries: torch.Tensor,
+    crop: int,
+    stride: int,
+    batch_size: int = 64,
+    device: Optional[str] = None,
+) -> torch.Tensor:
     """Patch-query cosine logits of a preprocessed image (3 x H x W), Q x H x W, averaged over overlapping windows.
 
     ``queries`` is Q x D (L2-normalised). Each window's patch tokens are L2-normalised, scored against the queries,
@@ -188,8 +198,8 @@ def sliding_window_logits(encoder: DenseImageTextEncoder, image: torch.Tensor, q
     total = torch.zeros(queries.shape[0], h, w)  # Q x H x W
     count = torch.zeros(1, h, w)  # 1 x H x W
     for b0 in range(0, len(boxes), batch_size):
-        chunk = boxes[b0:b0 + batch_size]
-        crops = torch.stack([image[:, y:y + crop, x:x + crop] for y, x in chunk])  # B x 3 x S x S
+        chunk = boxes[b0 : b0 + batch_size]
+        crops = torch.stack([image[:, y : y + crop, x : x + crop] for y, x in chunk])  # B x 3 x S x S
         if device is not None:
             crops = crops.to(device)
         tokens = F.normalize(encoder.encode_image_dense(crops).float().cpu(), dim=-1)  # B x P x D
@@ -200,13 +210,19 @@ def sliding_window_logits(encoder: DenseImageTextEncoder, image: torch.Tensor, q
         logits = logits.transpose(1, 2).reshape(len(chunk), -1, grid, grid)  # B x Q x g x g
         logits = F.interpolate(logits, size=(crop, crop), mode="bilinear", align_corners=False)  # B x Q x S x S
         for (y, x), window in zip(chunk, logits):
-            total[:, y:y + crop, x:x + crop] += window
-            count[:, y:y + crop, x:x + crop] += 1
+            total[:, y : y + crop, x : x + crop] += window
+            count[:, y : y + crop, x : x + crop] += 1
     return total / count  # Q x H x W
 
 
-def logits_to_labels(logits: torch.Tensor, query_class: Sequence[int], num_classes: int, logit_scale: float = 65.0,
-                     prob_thd: float = 0.0, area_thd: float = 0.0) -> torch.Tensor:
+def logits_to_labels(
+    logits: torch.Tensor,
+    query_class: Sequence[int],
+    num_classes: int,
+    logit_scale: float = 65.0,
+    prob_thd: float = 0.0,
+    area_thd: float = 0.0,
+) -> torch.Tensor:
     """Per-pixel labels (H x W, long) from query logits (Q x H x W); step 4 of the module docstring.
 
     ``query_class[q]`` is the label of query q (several queries may share a label: synonyms). Labels without any
@@ -234,8 +250,9 @@ def logits_to_labels(logits: torch.Tensor, query_class: Sequence[int], num_class
     return labels
 
 
-def build_queries(encoder: DenseImageTextEncoder, classnames: Sequence[Sequence[str]], templates: Sequence[str],
-                  background: str) -> Tuple[torch.Tensor, List[int]]:
+def build_queries(
+    encoder: DenseImageTextEncoder, classnames: Sequence[Sequence[str]], templates: Sequence[str], background: str
+) -> Tuple[torch.Tensor, List[int]]:
     """Query embeddings (Q x D, one per name) and the label of each; class 0 is skipped unless ``query``."""
     if background not in BACKGROUND_MODES:
         raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {background!r}")
@@ -261,17 +278,28 @@ class _SegmentationItems(torch.utils.data.Dataset):
         image = load_image(image_path)
         target = read_mask(mask_path)
         if target.shape != (image.height, image.width):
-            raise ValueError(f"{mask_path}: mask size {target.shape[::-1]} differs from the image size "
-                             f"{image.size} of {image_path}")
+            raise ValueError(
+                f"{mask_path}: mask size {target.shape[::-1]} differs from the image size {image.size} of {image_path}"
+            )
         return mask_path, preprocess(image, self.short_side, self.mean, self.std), target
 
 
-def evaluate_segmentation(encoder: DenseImageTextEncoder, root: str, split: str = "val",
-                          classnames: Optional[str] = None, templates: Optional[Union[str, Sequence[str]]] = None,
-                          background: str = "query", logit_scale: float = 65.0, prob_thd: float = 0.1,
-                          area_thd: float = 0.1, short_side: Optional[int] = None, stride: Optional[int] = None,
-                          batch_size: int = 64, device: Optional[str] = None, num_workers: int = 0
-                          ) -> Dict[str, Any]:
+def evaluate_segmentation(
+    encoder: DenseImageTextEncoder,
+    root: str,
+    split: str = "val",
+    classnames: Optional[str] = None,
+    templates: Optional[Union[str, Sequence[str]]] = None,
+    background: str = "query",
+    logit_scale: float = 65.0,
+    prob_thd: float = 0.1,
+    area_thd: float = 0.1,
+    short_side: Optional[int] = None,
+    stride: Optional[int] = None,
+    batch_size: int = 64,
+    device: Optional[str] = None,
+    num_workers: int = 0,
+) -> Dict[str, Any]:
     """mIoU of ``encoder`` on the VOC-layout dataset at ``root`` (module docstring).
 
     ``templates`` is a file path, a list, or None (OpenAI's 80 ImageNet templates). Returns ``mIoU``,
@@ -289,9 +317,20 @@ def evaluate_segmentation(encoder: DenseImageTextEncoder, root: str, split: str 
         raise ValueError(f"short_side {short_side} is smaller than the model's window {crop}")
     num_classes = len(data.classnames)
     queries, query_class = build_queries(encoder, data.classnames, prompts, background)
-    logger.info("segmentation on %s/%s: %d images, %d classes (%d queries), %d templates, window %d stride %d, "
-                "short side %d, background %s", root, split, len(data.ids), num_classes, len(query_class),
-                len(prompts), crop, stride, short_side, background)
+    logger.info(
+        "segmentation on %s/%s: %d images, %d classes (%d queries), %d templates, window %d stride %d, "
+        "short side %d, background %s",
+        root,
+        split,
+        len(data.ids),
+        num_classes,
+        len(query_class),
+        len(prompts),
+        crop,
+        stride,
+        short_side,
+        background,
+    )
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     items = _SegmentationItems(data, short_side, encoder.image_mean, encoder.image_std)
     loader = torch.utils.data.DataLoader(items, batch_size=None, shuffle=False, num_workers=num_workers)
@@ -302,8 +341,10 @@ def evaluate_segmentation(encoder: DenseImageTextEncoder, root: str, split: str 
         pred = logits_to_labels(logits, query_class, num_classes, logit_scale, prob_thd, area_thd)  # H x W
         bad = (target != IGNORE_INDEX) & (target >= num_classes)
         if bad.any():
-            raise ValueError(f"{mask_path}: labels {sorted(set(target[bad].tolist()))[:5]} are not below the "
-                             f"{num_classes} classes of the class-name file")
+            raise ValueError(
+                f"{mask_path}: labels {sorted(set(target[bad].tolist()))[:5]} are not below the "
+                f"{num_classes} classes of the class-name file"
+            )
         if background == "ignore":
             target = np.where(target == 0, IGNORE_INDEX, target)
         conf += confusion_matrix(pred.numpy(), target, num_classes, IGNORE_INDEX)
@@ -314,54 +355,108 @@ def evaluate_segmentation(encoder: DenseImageTextEncoder, root: str, split: str 
         scores["per_class_iou"][0] = float("nan")
         scores["mIoU"] = float(np.mean(foreground)) if foreground else float("nan")
         scores["num_valid_classes"] = len(foreground)
-    return {"mIoU": scores["mIoU"],
-            "foreground_mIoU": float(np.mean(foreground)) if foreground else None,
-            "per_class_iou": {n: (None if math.isnan(v) else v) for n, v in zip(names, scores["per_class_iou"])},
-            "pixel_accuracy": scores["pixel_accuracy"], "num_images": len(data.ids), "num_classes": num_classes,
-            "num_valid_classes": scores["num_valid_classes"], "num_pixels": scores["num_pixels"],
-            "settings": {"background": background, "logit_scale": logit_scale, "prob_thd": prob_thd,
-                         "area_thd": area_thd, "window": crop, "stride": stride, "short_side": short_side,
-                         "num_templates": len(prompts), "csa": bool(getattr(encoder, "dense_csa", False))}}
+    return {
+        "mIoU": scores["mIoU"],
+        "foreground_mIoU": float(np.mean(foreground)) if foreground else None,
+        "per_class_iou": {n: (None if math.isnan(v) else v) for n, v in zip(names, scores["per_class_iou"])},
+        "pixel_accuracy": scores["pixel_accuracy"],
+        "num_images": len(data.ids),
+        "num_classes": num_classes,
+        "num_valid_classes": scores["num_valid_classes"],
+        "num_pixels": scores["num_pixels"],
+        "settings": {
+            "background": background,
+            "logit_scale": logit_scale,
+            "prob_thd": prob_thd,
+            "area_thd": area_thd,
+            "window": crop,
+            "stride": stride,
+            "short_side": short_side,
+            "num_templates": len(prompts),
+            "csa": bool(getattr(encoder, "dense_csa", False)),
+        },
+    }
 
 
 def format_segmentation_table(metrics: Dict[str, Any]) -> str:
     """A short text report of the metrics returned by :func:`evaluate_segmentation`."""
     fg = metrics["foreground_mIoU"]
-    lines = [f"mIoU {metrics['mIoU']:.4f}  foreground mIoU " + ("n/a" if fg is None else f"{fg:.4f}")
-             + f"  pixel accuracy {metrics['pixel_accuracy']:.4f}  "
-             f"({metrics['num_images']} images, {metrics['num_valid_classes']}/{metrics['num_classes']} classes)"]
+    lines = [
+        f"mIoU {metrics['mIoU']:.4f}  foreground mIoU "
+        + ("n/a" if fg is None else f"{fg:.4f}")
+        + f"  pixel accuracy {metrics['pixel_accuracy']:.4f}  "
+        f"({metrics['num_images']} images, {metrics['num_valid_classes']}/{metrics['num_classes']} classes)"
+    ]
     for name, iou in metrics["per_class_iou"].items():
         lines.append(f"  {name:<30} " + ("   n/a" if iou is None else f"{iou:.4f}"))
     return "\n".join(lines)
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Zero-shot semantic segmentation (patch-text similarity, mIoU) of "
-                                                 "a unilm_vl checkpoint on a VOC-layout dataset.")
+    parser = argparse.ArgumentParser(
+        description="Zero-shot semantic segmentation (patch-text similarity, mIoU) of "
+        "a unilm_vl checkpoint on a VOC-layout dataset."
+    )
     add_common_eval_args(parser)
-    parser.add_argument("--data", required=True,
-                        help="VOC-layout root: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/<split>.txt")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="VOC-layout root: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/<split>.txt",
+    )
     parser.add_argument("--split", default="val", help="ImageSets/Segmentation/<split>.txt lists the image ids")
-    parser.add_argument("--classnames", default=None,
-                        help="one class per line in label order, 'a, b' = synonyms (default: DATA/classnames.txt)")
-    parser.add_argument("--templates", default=None,
-                        help="prompt templates with {}, one per line (default: OpenAI's 80 ImageNet templates)")
-    parser.add_argument("--background", default="query", choices=BACKGROUND_MODES,
-                        help="query: class 0 is queried by its name(s); threshold: class 0 only from --prob-thd; "
-                             "ignore: class 0 neither queried nor scored (the reference's VOC-20 setting; use "
-                             "--prob-thd 0 --area-thd 0)")
-    parser.add_argument("--logit-scale", type=float, default=65.0,
-                        help="temperature multiplying the cosine logits before the softmax (reference VOC-21: 65)")
-    parser.add_argument("--prob-thd", type=float, default=0.1,
-                        help="pixels whose winning class probability is below this become background (0)")
-    parser.add_argument("--area-thd", type=float, default=0.1,
-                        help="drop foreground classes covering at most this fraction of the foreground; 0 = off")
-    parser.add_argument("--short-side", type=int, default=None,
-                        help="resize the image's short side to this (default: 1.5 x the model's input size)")
-    parser.add_argument("--use-csa", action="store_true",
-                        help="last image block with correlative self-attention (SCLIP; the reference's --use-csa)")
-    parser.add_argument("--stride", type=int, default=None,
-                        help="sliding-window stride in pixels (default: half the model's input size)")
+    parser.add_argument(
+        "--classnames",
+        default=None,
+        help="one class per line in label order, 'a, b' = synonyms (default: DATA/classnames.txt)",
+    )
+    parser.add_argument(
+        "--templates",
+        default=None,
+        help="prompt templates with {}, one per line (default: OpenAI's 80 ImageNet templates)",
+    )
+    parser.add_argument(
+        "--background",
+        default="query",
+        choices=BACKGROUND_MODES,
+        help="query: class 0 is queried by its name(s); threshold: class 0 only from --prob-thd; "
+        "ignore: class 0 neither queried nor scored (the reference's VOC-20 setting; use "
+        "--prob-thd 0 --area-thd 0)",
+    )
+    parser.add_argument(
+        "--logit-scale",
+        type=float,
+        default=65.0,
+        help="temperature multiplying the cosine logits before the softmax (reference VOC-21: 65)",
+    )
+    parser.add_argument(
+        "--prob-thd",
+        type=float,
+        default=0.1,
+        help="pixels whose winning class probability is below this become background (0)",
+    )
+    parser.add_argument(
+        "--area-thd",
+        type=float,
+        default=0.1,
+        help="drop foreground classes covering at most this fraction of the foreground; 0 = off",
+    )
+    parser.add_argument(
+        "--short-side",
+        type=int,
+        default=None,
+        help="resize the image's short side to this (default: 1.5 x the model's input size)",
+    )
+    parser.add_argument(
+        "--use-csa",
+        action="store_true",
+        help="last image block with correlative self-attention (SCLIP; the reference's --use-csa)",
+    )
+    parser.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="sliding-window stride in pixels (default: half the model's input size)",
+    )
     return parser
 
 
@@ -372,11 +467,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     encoder = common.load_encoder(args.checkpoint, device=args.device)
     encoder.dense_csa = args.use_csa
-    metrics = evaluate_segmentation(encoder, args.data, split=args.split, classnames=args.classnames,
-                                    templates=args.templates, background=args.background,
-                                    logit_scale=args.logit_scale, prob_thd=args.prob_thd, area_thd=args.area_thd,
-                                    short_side=args.short_side, stride=args.stride, batch_size=args.batch_size,
-                                    device=args.device, num_workers=args.workers)
+    metrics = evaluate_segmentation(
+        encoder,
+        args.data,
+        split=args.split,
+        classnames=args.classnames,
+        templates=args.templates,
+        background=args.background,
+        logit_scale=args.logit_scale,
+        prob_thd=args.prob_thd,
+        area_thd=args.area_thd,
+        short_side=args.short_side,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.workers,
+    )
     logger.info("segmentation results\n%s", format_segmentation_table(metrics))
     write_metrics(metrics, args.output)
     return metrics

@@ -23,6 +23,7 @@ CLI::
     python -m unilm_vl.eval.vqa --predictions answers.json --annotations v2_mscoco_val2014_annotations.json
         [--questions v2_OpenEnded_mscoco_val2014_questions.json] [--normalize-always] [--output out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def load_vqa_predictions(path: str) -> Dict[str, str]:
                 raise ValueError(f"{path}: entry {n} is not {{'question_id', 'answer'}}: {entry!r}")
             items.append((entry["question_id"], entry["answer"]))
     else:
-        raise ValueError(f"{path}: predictions must be a list of {{'question_id', 'answer'}} or an "
-                         f"{{question_id: answer}} mapping, got {type(data).__name__}")
+        raise ValueError(
+            f"{path}: predictions must be a list of {{'question_id', 'answer'}} or an "
+            f"{{question_id: answer}} mapping, got {type(data).__name__}"
+        )
     out: Dict[str, str] = {}
     for qid, answer in items:
         if not isinstance(answer, str):
@@ -71,17 +74,25 @@ def load_vqa_annotations(path: str) -> Tuple[Dict[str, List[str]], Dict[str, str
     """
     data = read_json(path, "annotations")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise ValueError(f"{path}: expected a VQAv2 annotation file {{'annotations': [{{'question_id', "
-                         "'answers': [{'answer'}, ...]}]}")
+        raise ValueError(
+            f"{path}: expected a VQAv2 annotation file {{'annotations': [{{'question_id', "
+            "'answers': [{'answer'}, ...]}]}"
+        )
     answers: Dict[str, List[str]] = {}
     answer_types: Dict[str, str] = {}
     question_types: Dict[str, str] = {}
     for n, ann in enumerate(data["annotations"]):
         human = ann.get("answers") if isinstance(ann, dict) else None
-        if (not isinstance(human, list) or "question_id" not in ann or len(human) < 2
-                or not all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in human)):
-            raise ValueError(f"{path}: annotation {n} needs 'question_id' and 'answers': [{{'answer': str}}, ...] "
-                             f"(at least 2), got {str(ann)[:300]}")
+        if (
+            not isinstance(human, list)
+            or "question_id" not in ann
+            or len(human) < 2
+            or not all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in human)
+        ):
+            raise ValueError(
+                f"{path}: annotation {n} needs 'question_id' and 'answers': [{{'answer': str}}, ...] "
+                f"(at least 2), got {str(ann)[:300]}"
+            )
         qid = str(ann["question_id"])
         if qid in answers:
             raise ValueError(f"{path}: question {ann['question_id']!r} is annotated more than once")
@@ -108,8 +119,9 @@ def load_vqa_question_ids(path: str) -> List[str]:
     return ids
 
 
-def evaluate_vqa_files(predictions_path: str, annotations_path: str, questions_path: Optional[str] = None,
-                       normalize_always: bool = False) -> Dict[str, Any]:
+def evaluate_vqa_files(
+    predictions_path: str, annotations_path: str, questions_path: Optional[str] = None, normalize_always: bool = False
+) -> Dict[str, Any]:
     """:func:`~unilm_vl.eval.metrics.vqa_accuracy` of an answer file against VQAv2 annotations."""
     predictions = load_vqa_predictions(predictions_path)
     answers, answer_types, question_types = load_vqa_annotations(annotations_path)
@@ -118,14 +130,18 @@ def evaluate_vqa_files(predictions_path: str, annotations_path: str, questions_p
         qids = load_vqa_question_ids(questions_path)
         unannotated = [q for q in qids if q not in answers]
         if unannotated:
-            raise ValueError(f"{questions_path}: {len(unannotated)} questions are not in {annotations_path}: "
-                             f"{preview_ids(unannotated)}")
+            raise ValueError(
+                f"{questions_path}: {len(unannotated)} questions are not in {annotations_path}: "
+                f"{preview_ids(unannotated)}"
+            )
         answers = {q: answers[q] for q in qids}
         scored_from = questions_path
     unknown = [q for q in predictions if q not in answers]
     if unknown:
-        raise ValueError(f"{predictions_path}: {len(unknown)} predicted question ids are not in {scored_from}: "
-                         f"{preview_ids(unknown)}")
+        raise ValueError(
+            f"{predictions_path}: {len(unknown)} predicted question ids are not in {scored_from}: "
+            f"{preview_ids(unknown)}"
+        )
     types = {}
     for name, table in (("answer_types", answer_types), ("question_types", question_types)):
         if all(q in table for q in answers):
@@ -138,21 +154,28 @@ def evaluate_vqa_files(predictions_path: str, annotations_path: str, questions_p
 
 def format_vqa_table(metrics: Dict[str, Any]) -> str:
     """Overall and per-answer-type accuracy, 2 decimals (as the official script rounds)."""
-    lines = [f"overall {metrics['accuracy']:.2f}  ({metrics['num_questions']} questions, "
-             f"{metrics['num_missing_predictions']} without prediction)"]
+    lines = [
+        f"overall {metrics['accuracy']:.2f}  ({metrics['num_questions']} questions, "
+        f"{metrics['num_missing_predictions']} without prediction)"
+    ]
     lines += [f"  {t:<10}{acc:>8.2f}" for t, acc in metrics.get("per_answer_type", {}).items()]
     return "\n".join(lines)
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Score VQA answers with the official VQAv2 accuracy.")
-    parser.add_argument("--predictions", required=True,
-                        help="json: [{'question_id', 'answer'}] or a {question_id: answer} mapping")
+    parser.add_argument(
+        "--predictions", required=True, help="json: [{'question_id', 'answer'}] or a {question_id: answer} mapping"
+    )
     parser.add_argument("--annotations", required=True, help="VQAv2 annotation json {'annotations': [...]}")
-    parser.add_argument("--questions", default=None,
-                        help="VQAv2 question json; when given, only its questions are scored")
-    parser.add_argument("--normalize-always", action="store_true",
-                        help="normalise answers even when all humans agree (the official code does not)")
+    parser.add_argument(
+        "--questions", default=None, help="VQAv2 question json; when given, only its questions are scored"
+    )
+    parser.add_argument(
+        "--normalize-always",
+        action="store_true",
+        help="normalise answers even when all humans agree (the official code does not)",
+    )
     parser.add_argument("--output", default=None, help="write the metrics to this json file")
     return parser
 
@@ -160,8 +183,9 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = get_parser().parse_args(argv)
     setup_cli_logging()
-    metrics = evaluate_vqa_files(args.predictions, args.annotations, args.questions,
-                                 normalize_always=args.normalize_always)
+    metrics = evaluate_vqa_files(
+        args.predictions, args.annotations, args.questions, normalize_always=args.normalize_always
+    )
     print(format_vqa_table(metrics))
     write_metrics(metrics, args.output)
     return metrics

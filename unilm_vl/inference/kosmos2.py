@@ -15,6 +15,7 @@ Users: the ``kosmos2`` task's ``fairseq-generate`` path (``--prompts``, ``build_
 (:mod:`unilm_vl.eval.refcoco`, :mod:`unilm_vl.eval.flickr_entities`). The dictionary, tokenizer and image geometry
 are passed in; nothing here imports a task.
 """
+
 import os
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
@@ -40,11 +41,25 @@ max_new_tokens=64)``, the docstring of ``Kosmos2ForConditionalGeneration.forward
 ``models/kosmos2/modeling_kosmos2.py``)."""
 
 _HF_GREEDY_SETTINGS: Dict[str, Any] = {
-    "do_sample": False, "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0, "min_length": 0, "bad_words_ids": None, "force_words_ids": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
-    "renormalize_logits": False, "constraints": None, "eos_token_id": 2}
+    "do_sample": False,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "penalty_alpha": None,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "min_length": 0,
+    "bad_words_ids": None,
+    "force_words_ids": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+    "renormalize_logits": False,
+    "constraints": None,
+    "eos_token_id": 2,
+}
 """``generation_config.json`` settings (with HF's defaults) that would change HF's greedy tokens in ways the
 ``"hf"`` preset does not reproduce; a directory that sets another value is refused by name."""
 
@@ -64,19 +79,41 @@ def preset_search_options(preset: str, generation_config: Optional[Mapping[str, 
       :data:`_HF_GREEDY_SETTINGS`) raises ``ValueError`` naming them, rather than decoding differently from HF.
     """
     if preset == "release":
-        return dict(beam=1, nbest=1, max_len_a=0.0, max_len_b=500, min_len=1, lenpen=1.0, sampling=False,
-                    no_repeat_ngram_size=3, beam_rule="fairseq")
+        return dict(
+            beam=1,
+            nbest=1,
+            max_len_a=0.0,
+            max_len_b=500,
+            min_len=1,
+            lenpen=1.0,
+            sampling=False,
+            no_repeat_ngram_size=3,
+            beam_rule="fairseq",
+        )
     if preset != "hf":
         raise ValueError(f"decoding preset must be one of {', '.join(DECODING_PRESETS)}, got {preset!r}")
     gen = dict(generation_config or {})
-    other = [f"{key}={gen[key]!r}" for key, default in _HF_GREEDY_SETTINGS.items()
-             if gen.get(key, default) not in (default, [default]) and not (key == "min_length" and not gen[key])]
+    other = [
+        f"{key}={gen[key]!r}"
+        for key, default in _HF_GREEDY_SETTINGS.items()
+        if gen.get(key, default) not in (default, [default]) and not (key == "min_length" and not gen[key])
+    ]
     if other:
-        raise ValueError(f"generation_config.json sets {', '.join(other)}: the 'hf' preset reproduces HF's greedy "
-                         "generate without them; pass decoding options explicitly instead")
-    return dict(beam=1, nbest=1, max_len_a=0.0, max_len_b=HF_EXAMPLE_MAX_NEW_TOKENS - 1,
-                min_len=int(gen.get("min_new_tokens") or 0), lenpen=1.0, sampling=False,
-                no_repeat_ngram_size=int(gen.get("no_repeat_ngram_size") or 0), beam_rule="hf")
+        raise ValueError(
+            f"generation_config.json sets {', '.join(other)}: the 'hf' preset reproduces HF's greedy "
+            "generate without them; pass decoding options explicitly instead"
+        )
+    return dict(
+        beam=1,
+        nbest=1,
+        max_len_a=0.0,
+        max_len_b=HF_EXAMPLE_MAX_NEW_TOKENS - 1,
+        min_len=int(gen.get("min_new_tokens") or 0),
+        lenpen=1.0,
+        sampling=False,
+        no_repeat_ngram_size=int(gen.get("no_repeat_ngram_size") or 0),
+        beam_rule="hf",
+    )
 
 
 # ---- prompts -------------------------------------------------------------------------------------------------------
@@ -137,8 +174,10 @@ def generation_slot_ids(dictionary, num_slots: int) -> List[int]:
     ``ValueError`` when the dictionary is too small to hold them as ordinary symbols."""
     first = dictionary.unk() + 1
     if first + num_slots > len(dictionary):
-        raise ValueError(f"{num_slots} image slots need the ids {first}..{first + num_slots - 1}, but the dictionary "
-                         f"has only {len(dictionary)} symbols")
+        raise ValueError(
+            f"{num_slots} image slots need the ids {first}..{first + num_slots - 1}, but the dictionary "
+            f"has only {len(dictionary)} symbols"
+        )
     return list(range(first, first + num_slots))
 
 
@@ -148,12 +187,15 @@ def prompt_tokens(tokenizer, num_image_tokens: int, prompt: str) -> List[int]:
     :func:`generation_slot_ids`; no ``</s>``. ``tokenizer`` is the kosmos2 tokenizer
     (:func:`unilm_vl.data.grounding.build_kosmos2_tokenizer`), ``num_image_tokens`` = L."""
     d = tokenizer.dictionary
-    return [d.bos(), d.index("<image>")] + generation_slot_ids(d, num_image_tokens) + \
-        [d.index(IMAGE_END)] + tokenizer.encode(prompt, split_symbols=True)
+    return (
+        [d.bos(), d.index("<image>")]
+        + generation_slot_ids(d, num_image_tokens)
+        + [d.index(IMAGE_END)]
+        + tokenizer.encode(prompt, split_symbols=True)
+    )
 
 
-def generation_image_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                               view: str = "squash"):
+def generation_image_transform(image_size: int, mean: Sequence[float], std: Sequence[float], view: str = "squash"):
     """The image transform of generation prompts for ``view`` (one of :data:`IMAGE_VIEWS`)."""
     if view not in IMAGE_VIEWS:
         raise ValueError(f"image view must be one of {', '.join(IMAGE_VIEWS)}, got {view!r}")
@@ -169,8 +211,15 @@ class Kosmos2PromptDataset(FairseqDataset):
     ``ValueError`` naming the file line and the path). The collater LEFT-pads: ``{"id", "nsentences", "ntokens",
     "net_input": {"src_tokens" B x T, "image" B x 3 x S x S, "image_mask" B x T}, "target": None}``."""
 
-    def __init__(self, tokens: Sequence[Sequence[int]], images: Sequence[str], wheres: Sequence[str], transform,
-                 pad_idx: int, num_image_tokens: int):
+    def __init__(
+        self,
+        tokens: Sequence[Sequence[int]],
+        images: Sequence[str],
+        wheres: Sequence[str],
+        transform,
+        pad_idx: int,
+        num_image_tokens: int,
+    ):
         self.tokens = [list(t) for t in tokens]
         self.images, self.wheres, self.transform = list(images), list(wheres), transform
         self.pad, self.num_image_tokens = pad_idx, num_image_tokens
@@ -204,19 +253,31 @@ def collate_prompts(samples: Sequence[Dict[str, Any]], pad_idx: int, num_image_t
     L = num_image_tokens
     masks = [[False, False] + [True] * L + [False] * (len(s["tokens"]) - L - 2) for s in samples]
     src_tokens, image_mask = left_pad([s["tokens"] for s in samples], pad_idx, masks)
-    return {"id": torch.tensor([s["id"] for s in samples], dtype=torch.long), "nsentences": len(samples),
-            "ntokens": sum(len(s["tokens"]) for s in samples),
-            "net_input": {"src_tokens": src_tokens, "image": torch.stack([s["image"] for s in samples]),
-                          "image_mask": image_mask},
-            "target": None}
+    return {
+        "id": torch.tensor([s["id"] for s in samples], dtype=torch.long),
+        "nsentences": len(samples),
+        "ntokens": sum(len(s["tokens"]) for s in samples),
+        "net_input": {
+            "src_tokens": src_tokens,
+            "image": torch.stack([s["image"] for s in samples]),
+            "image_mask": image_mask,
+        },
+        "target": None,
+    }
 
 
-def build_prompt_dataset(lines: Sequence[PromptLine], tokenizer, num_image_tokens: int,
-                         transform) -> Kosmos2PromptDataset:
+def build_prompt_dataset(
+    lines: Sequence[PromptLine], tokenizer, num_image_tokens: int, transform
+) -> Kosmos2PromptDataset:
     """The generation dataset of parsed prompt lines (images are read when items are accessed)."""
-    return Kosmos2PromptDataset([prompt_tokens(tokenizer, num_image_tokens, line.prompt) for line in lines],
-                                [line.image for line in lines], [line.where for line in lines], transform,
-                                tokenizer.dictionary.pad(), num_image_tokens)
+    return Kosmos2PromptDataset(
+        [prompt_tokens(tokenizer, num_image_tokens, line.prompt) for line in lines],
+        [line.image for line in lines],
+        [line.where for line in lines],
+        transform,
+        tokenizer.dictionary.pad(),
+        num_image_tokens,
+    )
 
 
 # ---- the generator -----------------------------------------------------------------------------------------------
@@ -256,8 +317,9 @@ class Kosmos2Generator:
         if len(models) != 1:
             raise NotImplementedError(f"the kosmos2 generator takes one model, not an ensemble of {len(models)}")
         if prefix_tokens is not None or constraints is not None:
-            raise NotImplementedError("the kosmos2 generator takes no --prefix-size / --constraints: put the "
-                                      "prefix in the prompt")
+            raise NotImplementedError(
+                "the kosmos2 generator takes no --prefix-size / --constraints: put the prefix in the prompt"
+            )
         model = models[0]
         net = getattr(model, "net", model)
         net_input = sample["net_input"]
@@ -266,10 +328,18 @@ class Kosmos2Generator:
         image = net_input.get("image")
         if image is not None:  # fairseq-generate --fp16 halves the model, not the batch
             image = image.to(next(net.parameters()).dtype)
-        hyps = generate(net, src_tokens, image, net_input.get("image_mask"), self.search,
-                        pad_idx=d.pad(), eos_idx=d.eos(), unk_idx=d.unk(),
-                        generator=self._generator(src_tokens.device) if self.search.sampling else None,
-                        return_prompt_scores=not self.continuation_only)
+        hyps = generate(
+            net,
+            src_tokens,
+            image,
+            net_input.get("image_mask"),
+            self.search,
+            pad_idx=d.pad(),
+            eos_idx=d.eos(),
+            unk_idx=d.unk(),
+            generator=self._generator(src_tokens.device) if self.search.sampling else None,
+            return_prompt_scores=not self.continuation_only,
+        )
         out = []
         for i, sample_hyps in enumerate(hyps):
             prompt = self.prompt_text_tokens(src_tokens[i]).cpu()
@@ -278,7 +348,7 @@ class Kosmos2Generator:
                 tokens, scores = h.tokens, h.positional_scores
                 if not self.continuation_only and len(prompt):
                     tokens = torch.cat([prompt, tokens])
-                    scores = torch.cat([h.prompt_scores[-len(prompt):], scores])
+                    scores = torch.cat([h.prompt_scores[-len(prompt) :], scores])
                 rows.append({"tokens": tokens, "score": h.score, "positional_scores": scores, "alignment": None})
             out.append(rows)
         return out
@@ -299,8 +369,18 @@ def grounded_string(dictionary, tokens) -> str:
     return dictionary.string(tokens, "sentencepiece")
 
 
-HF_SPACE_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-                    (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+HF_SPACE_CLEANUP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 """The replacements, in order, of HF tokenizers' ``clean_up_tokenization`` (applied when the tokenizer config sets
 ``clean_up_tokenization_spaces``)."""
 
@@ -329,9 +409,17 @@ class Kosmos2Inference:
     ``clean_up_spaces`` its tokenizer's ``clean_up_tokenization_spaces`` (for :func:`hf_text`).
     :func:`unilm_vl.checkpoint.load_kosmos2_inference` loads one from a checkpoint."""
 
-    def __init__(self, model, task, search: SearchConfig, image_view: str = "squash", seed: int = 1,
-                 device: Optional[torch.device] = None, generation_config: Optional[Mapping[str, Any]] = None,
-                 clean_up_spaces: bool = False):
+    def __init__(
+        self,
+        model,
+        task,
+        search: SearchConfig,
+        image_view: str = "squash",
+        seed: int = 1,
+        device: Optional[torch.device] = None,
+        generation_config: Optional[Mapping[str, Any]] = None,
+        clean_up_spaces: bool = False,
+    ):
         self.model, self.task, self.search, self.view, self.seed = model, task, search, image_view, seed
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.transform = generation_image_transform(task.image_size, task.image_mean, task.image_std, image_view)
@@ -362,19 +450,29 @@ class Kosmos2Inference:
         dataset = build_prompt_dataset(lines, self.task.tokenizer, self.task.cfg.image_token_length, self.transform)
         images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])  # B x 3 x S x S
         results = self.decode([line.prompt for line in lines], images)
-        return [{"where": line.where, "image": line.image, "prompt": line.prompt, "rank": rank, **hypothesis}
-                for line, hypotheses in zip(lines, results) for rank, hypothesis in enumerate(hypotheses)]
+        return [
+            {"where": line.where, "image": line.image, "prompt": line.prompt, "rank": rank, **hypothesis}
+            for line, hypotheses in zip(lines, results)
+            for rank, hypothesis in enumerate(hypotheses)
+        ]
 
-    def decode(self, prompts: Sequence[str], images: torch.Tensor,
-               search: Optional[SearchConfig] = None) -> List[List[dict]]:
+    def decode(
+        self, prompts: Sequence[str], images: torch.Tensor, search: Optional[SearchConfig] = None
+    ) -> List[List[dict]]:
         """Decode ``prompts`` (texts such as ``"<grounding>An image of"``) with their images (B x 3 x S x S, already
         transformed: :attr:`transform`) in one left-padded batch, with ``search`` (default: the engine's). Per
         prompt, its hypotheses best first, each ``{"text", "continuation", "clean_text", "entities", "score",
         "hf_text"}`` (see :meth:`run`)."""
         tokenizer, d = self.task.tokenizer, self.task.dictionary
         L = self.task.cfg.image_token_length
-        sample = collate_prompts([{"id": i, "tokens": prompt_tokens(tokenizer, L, p), "image": image}
-                                  for i, (p, image) in enumerate(zip(prompts, images))], d.pad(), L)
+        sample = collate_prompts(
+            [
+                {"id": i, "tokens": prompt_tokens(tokenizer, L, p), "image": image}
+                for i, (p, image) in enumerate(zip(prompts, images))
+            ],
+            d.pad(),
+            L,
+        )
         net_input = sample["net_input"]
         net_input["src_tokens"] = net_input["src_tokens"].to(self.device)
         net_input["image_mask"] = net_input["image_mask"].to(self.device)
@@ -389,8 +487,15 @@ class Kosmos2Inference:
             for h in sample_hypos:
                 text = grounded_string(d, h["tokens"])
                 clean, entities = parse_grounded_text(text, self.num_bins)
-                rows.append({"text": text, "continuation": grounded_string(d, h["tokens"][prompt_len:]),
-                             "clean_text": clean, "entities": entities, "score": float(h["score"]),
-                             "hf_text": hf_text(d, h["tokens"], self.clean_up_spaces)})
+                rows.append(
+                    {
+                        "text": text,
+                        "continuation": grounded_string(d, h["tokens"][prompt_len:]),
+                        "clean_text": clean,
+                        "entities": entities,
+                        "score": float(h["score"]),
+                        "hf_text": hf_text(d, h["tokens"], self.clean_up_spaces),
+                    }
+                )
             results.append(rows)
         return results

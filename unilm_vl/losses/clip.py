@@ -1,5 +1,6 @@
 """CLIP's symmetric InfoNCE with open_clip's ``ClipLoss`` semantics (Radford et al. 2021; ``mlfoundations/open_clip``
 ``src/open_clip/loss.py``) and the in-batch retrieval accuracies. Gathering: :mod:`unilm_vl.losses.distributed`."""
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -12,9 +13,17 @@ from .precision import full_precision
 
 
 @full_precision
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-              rank: int = 0, world_size: int = 1, local_loss: bool = False, gradient: str = "full",
-              logit_bias: Optional[torch.Tensor] = None, label_smoothing: float = 0.0) -> Dict[str, torch.Tensor]:
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+    local_loss: bool = False,
+    gradient: str = "full",
+    logit_bias: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+) -> Dict[str, torch.Tensor]:
     """Symmetric InfoNCE of CLIP: ``0.5 * [CE(s I T^T, y) + CE(s T I^T, y)]`` over the (gathered) batch.
 
     Features are expected L2-normalised (B x D each); ``logit_scale`` is ``s = exp(learned scale)``. All N x N
@@ -37,8 +46,10 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     if logit_bias is not None:
         logits_per_image = logits_per_image + logit_bias
         logits_per_text = logits_per_text + logit_bias
-    loss = 0.5 * (F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
-                  + F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing))
+    loss = 0.5 * (
+        F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
+    )
     return {"clip_loss": loss}
 
 

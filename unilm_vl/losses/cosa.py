@@ -8,6 +8,7 @@ fairseq's DDP applies with sample_size 1 per rank) equal to those of one rank ho
 ``query`` is the release's detached ``ddp_allgather`` (query-side-only gradients), which runs under
 torch.distributed even on one process, so its gathered copies are detached at every world size, one included.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -37,8 +38,9 @@ def parse_cosa_tasks(tasks: str) -> Tuple[List[str], List[str]]:
         elif token in ORIGIN_TASKS:
             origin.append(token)
         else:
-            raise ValueError(f"unknown COSA task {token!r} in {tasks!r}; known: "
-                             f"{list(ORIGIN_TASKS) + list(CONCATENATED_TASKS)}")
+            raise ValueError(
+                f"unknown COSA task {token!r} in {tasks!r}; known: {list(ORIGIN_TASKS) + list(CONCATENATED_TASKS)}"
+            )
     if len(set(origin)) != len(origin) or len(set(concatenated)) != len(concatenated):
         raise ValueError(f"repeated task in {tasks!r}")
     return origin, concatenated
@@ -46,9 +48,16 @@ def parse_cosa_tasks(tasks: str) -> Tuple[List[str], List[str]]:
 
 # ------------------------------------------------------------------------------------------------------ losses
 @full_precision
-def itc_loss(video_features: torch.Tensor, text_features: torch.Tensor, temp: torch.Tensor, rank: int = 0,
-             world_size: int = 1, label_smoothing: float = 0.1, gradient: str = "full",
-             sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+def itc_loss(
+    video_features: torch.Tensor,
+    text_features: torch.Tensor,
+    temp: torch.Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+    label_smoothing: float = 0.1,
+    gradient: str = "full",
+    sizes: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
     """COSA's ITC (release ``forward_ret``): ``0.5 * [CE_ls(v T_all^T / temp, y) + CE_ls(t V_all^T / temp, y)]``
     over the local rows (B x N logits), ``y`` = global index of the local sample, label smoothing
     ``label_smoothing``, mean over the local rows. Features L2-normalised, B x E; ``temp`` is the raw learnable
@@ -63,8 +72,10 @@ def itc_loss(video_features: torch.Tensor, text_features: torch.Tensor, temp: to
     all_v = gather_uneven_rows(v, rank, world_size, sizes, gradient)  # N x E
     logits_i2t = v @ all_t.T / temp.float()  # B x N
     logits_t2i = t @ all_v.T / temp.float()  # B x N
-    return 0.5 * (F.cross_entropy(logits_i2t, labels, label_smoothing=label_smoothing)
-                  + F.cross_entropy(logits_t2i, labels, label_smoothing=label_smoothing))
+    return 0.5 * (
+        F.cross_entropy(logits_i2t, labels, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits_t2i, labels, label_smoothing=label_smoothing)
+    )
 
 
 @full_precision

@@ -13,6 +13,7 @@ B local batch, D embedding width; all features L2-normalised.
     clip    = CLIP(f_img[global crops], f_txt[all K captions]) with s = exp(logit_scale)
     total   = distill + clip
 """
+
 from __future__ import annotations
 
 from typing import Dict, Sequence
@@ -22,23 +23,42 @@ import torch
 from .clip import clip_loss
 
 
-def multi_view_clip_loss(image_views: Sequence[torch.Tensor], text_views: Sequence[torch.Tensor],
-                         logit_scale: torch.Tensor, rank: int = 0, world_size: int = 1, local_loss: bool = False,
-                         gradient: str = "full") -> torch.Tensor:
+def multi_view_clip_loss(
+    image_views: Sequence[torch.Tensor],
+    text_views: Sequence[torch.Tensor],
+    logit_scale: torch.Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+    local_loss: bool = False,
+    gradient: str = "full",
+) -> torch.Tensor:
     """The reference's ``ClipLoss`` over lists of views: the mean over all ``len(image_views) x len(text_views)``
     pairs of the symmetric InfoNCE between image view a and text view b (each B x D, rows aligned by sample)."""
     if len(image_views) == 0 or len(text_views) == 0:
         raise ValueError("multi_view_clip_loss needs at least one image view and one text view")
-    terms = [clip_loss(a, b, logit_scale, rank, world_size, local_loss, gradient)["clip_loss"]
-             for a in image_views for b in text_views]
+    terms = [
+        clip_loss(a, b, logit_scale, rank, world_size, local_loss, gradient)["clip_loss"]
+        for a in image_views
+        for b in text_views
+    ]
     return torch.stack(terms).mean()
 
 
-def cosmos_loss(image_features: torch.Tensor, text_features: torch.Tensor, image_cross: torch.Tensor,
-                text_cross: torch.Tensor, teacher_image: torch.Tensor, teacher_text: torch.Tensor,
-                logit_scale: torch.Tensor, distill_logit_scale: torch.Tensor, num_global_crops: int = 2,
-                rank: int = 0, world_size: int = 1, local_loss: bool = False, gradient: str = "full"
-                ) -> Dict[str, torch.Tensor]:
+def cosmos_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    image_cross: torch.Tensor,
+    text_cross: torch.Tensor,
+    teacher_image: torch.Tensor,
+    teacher_text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    distill_logit_scale: torch.Tensor,
+    num_global_crops: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    local_loss: bool = False,
+    gradient: str = "full",
+) -> Dict[str, torch.Tensor]:
     """COSMOS loss terms (reference ``COSMOSLoss``); the total is their sum.
 
     Args:
@@ -59,10 +79,13 @@ def cosmos_loss(image_features: torch.Tensor, text_features: torch.Tensor, image
     opts = dict(rank=rank, world_size=world_size, local_loss=local_loss, gradient=gradient)
     s_img, s_txt = list(image_cross.unbind(0)), list(text_cross.unbind(0))
     t_img, t_txt = list(teacher_image.detach().unbind(0)), list(teacher_text.detach().unbind(0))
-    distill = 0.25 * (multi_view_clip_loss(s_img, t_img, distill_logit_scale, **opts)
-                      + multi_view_clip_loss(s_img, t_txt, distill_logit_scale, **opts)
-                      + multi_view_clip_loss(s_txt, t_img, distill_logit_scale, **opts)
-                      + multi_view_clip_loss(s_txt, t_txt, distill_logit_scale, **opts))
-    clip = multi_view_clip_loss(list(image_features[:num_global_crops].unbind(0)), list(text_features.unbind(0)),
-                                logit_scale, **opts)
+    distill = 0.25 * (
+        multi_view_clip_loss(s_img, t_img, distill_logit_scale, **opts)
+        + multi_view_clip_loss(s_img, t_txt, distill_logit_scale, **opts)
+        + multi_view_clip_loss(s_txt, t_img, distill_logit_scale, **opts)
+        + multi_view_clip_loss(s_txt, t_txt, distill_logit_scale, **opts)
+    )
+    clip = multi_view_clip_loss(
+        list(image_features[:num_global_crops].unbind(0)), list(text_features.unbind(0)), logit_scale, **opts
+    )
     return {"distill_loss": distill, "clip_loss": clip}

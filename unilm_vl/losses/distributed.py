@@ -35,6 +35,7 @@ What the references do, in this vocabulary:
 - COSA's ``ddp_allgather`` (``TXH-mercury/COSA`` ``utils/distributed.py``) runs even on one rank: ``query`` at every
   world size.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -86,16 +87,20 @@ def gather_rows(x: torch.Tensor, rank: int, world_size: int, gradient: str = "fu
     return torch.cat(parts, dim=0)
 
 
-def gather_features(image_features: torch.Tensor, text_features: torch.Tensor, rank: int, world_size: int,
-                    gradient: str = "full") -> Tuple[torch.Tensor, torch.Tensor]:
+def gather_features(
+    image_features: torch.Tensor, text_features: torch.Tensor, rank: int, world_size: int, gradient: str = "full"
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """All ranks' image and text features (N x D each), gathered as :func:`gather_rows` in that order: the same
     collectives as open_clip's ``gather_features``."""
-    return (gather_rows(image_features, rank, world_size, gradient),
-            gather_rows(text_features, rank, world_size, gradient))
+    return (
+        gather_rows(image_features, rank, world_size, gradient),
+        gather_rows(text_features, rank, world_size, gradient),
+    )
 
 
-def gather_uneven_rows(x: torch.Tensor, rank: int, world_size: int, sizes: Optional[Sequence[int]] = None,
-                       gradient: str = "full") -> torch.Tensor:
+def gather_uneven_rows(
+    x: torch.Tensor, rank: int, world_size: int, sizes: Optional[Sequence[int]] = None, gradient: str = "full"
+) -> torch.Tensor:
     """:func:`gather_rows` when ranks hold different row counts ``sizes`` (None: all equal): padded to the largest,
     gathered and cropped back."""
     check_gradient(gradient)

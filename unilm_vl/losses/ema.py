@@ -1,6 +1,7 @@
 """Exponential moving averages of parameters: BYOL's momentum update (clip-rocket's BYOLIP,
 ``facebookresearch/clip-rocket`` ``main.py``) and the COSMOS teacher's rate schedules (``ExplainableML/cosmos``
 ``src/training/train.py``, ``src/training/scheduler.py``). No fairseq import."""
+
 from __future__ import annotations
 
 import math

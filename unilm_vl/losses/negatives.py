@@ -25,6 +25,7 @@ Reference quirks and what these functions do (``mask_missing`` / ``sim_eps`` are
   (``neg_text_features``, set only when the text batch holds negatives) and fail; here the HN losses are 0 (with a
   graph, so that backward works).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -56,8 +57,13 @@ def fill_missing(values: torch.Tensor, neg_mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _negatives_anywhere(neg_text_features: Optional[torch.Tensor], neg_mask: Optional[torch.Tensor], rank: int,
-                        world_size: int, device: torch.device) -> bool:
+def _negatives_anywhere(
+    neg_text_features: Optional[torch.Tensor],
+    neg_mask: Optional[torch.Tensor],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> bool:
     """Whether any rank holds a valid negative; the same answer on every rank.
 
     Each rank contributes ``(negative rows, valid negatives)`` (``neg_mask = None``: every row valid; no negatives:
@@ -72,16 +78,27 @@ def _negatives_anywhere(neg_text_features: Optional[torch.Tensor], neg_mask: Opt
     counts = torch.tensor([[rows, valid]], dtype=torch.long, device=device)  # 1 x 2
     counts = gather_rows(counts, rank, world_size, "query").tolist()  # W x 2
     if len({r for r, _ in counts}) > 1:
-        raise ValueError(f"negative rows per rank {[r for r, _ in counts]}: every rank must hold T*B rows with the "
-                         "same T and B (zero rows where a negative is missing), or no rank any")
+        raise ValueError(
+            f"negative rows per rank {[r for r, _ in counts]}: every rank must hold T*B rows with the "
+            "same T and B (zero rows where a negative is missing), or no rank any"
+        )
     return sum(v for _, v in counts) > 0
 
 
 @full_precision
-def negclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                 neg_text_features: Optional[torch.Tensor] = None, neg_mask: Optional[torch.Tensor] = None,
-                 rank: int = 0, world_size: int = 1, local_loss: bool = False, gradient: str = "full",
-                 label_smoothing: float = 0.0, mask_missing: bool = False) -> Dict[str, torch.Tensor]:
+def negclip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    neg_text_features: Optional[torch.Tensor] = None,
+    neg_mask: Optional[torch.Tensor] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    local_loss: bool = False,
+    gradient: str = "full",
+    label_smoothing: float = 0.0,
+    mask_missing: bool = False,
+) -> Dict[str, torch.Tensor]:
     """CLIP loss with hard-negative captions added to the image->text softmax (NegCLIP; reference ``ClipLoss``
     under ``--loss-name clip`` with negatives, ``ytaek-oh/fsc-clip`` ``src/training/losses/loss.py``).
 
@@ -97,8 +114,16 @@ def negclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     :func:`unilm_vl.losses.clip.clip_loss`.
     """
     if not _negatives_anywhere(neg_text_features, neg_mask, rank, world_size, image_features.device):
-        return clip_loss(image_features, text_features, logit_scale, rank, world_size, local_loss, gradient,
-                         label_smoothing=label_smoothing)
+        return clip_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            rank,
+            world_size,
+            local_loss,
+            gradient,
+            label_smoothing=label_smoothing,
+        )
     image_features, text_features, scale = image_features.float(), text_features.float(), logit_scale.float()
     all_image, all_text = gather_features(image_features, text_features, rank, world_size, gradient)
     local_rows = scores_local_rows(local_loss, world_size, gradient)
@@ -120,14 +145,21 @@ def negclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     if column_valid is not None:
         logits_per_image = logits_per_image.masked_fill(~column_valid, float("-inf"))
     logits_per_text = scale * rows_text @ all_image.T  # R x N
-    loss = 0.5 * (F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
-                  + F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing))
+    loss = 0.5 * (
+        F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
+    )
     return {"clip_loss": loss}
 
 
 @full_precision
-def selective_calibrated_loss(logits: torch.Tensor, valid: torch.Tensor, gamma: float = 0.0,
-                              label_smoothing: Optional[float] = None, mask_missing: bool = False) -> torch.Tensor:
+def selective_calibrated_loss(
+    logits: torch.Tensor,
+    valid: torch.Tensor,
+    gamma: float = 0.0,
+    label_smoothing: Optional[float] = None,
+    mask_missing: bool = False,
+) -> torch.Tensor:
     """SCR, the hard-negative loss of FSC-CLIP (reference ``_focal_loss_with_nsr`` / ``_cross_entropy_loss_with_nsr``):
     a (1+T)-way classification of the positive (column 0) against the negatives.
 
@@ -162,8 +194,12 @@ def selective_calibrated_loss(logits: torch.Tensor, valid: torch.Tensor, gamma: 
 
 
 @full_precision
-def global_hn_logits(image_features: torch.Tensor, text_features: torch.Tensor, neg_text_features: torch.Tensor,
-                     logit_scale: torch.Tensor) -> torch.Tensor:
+def global_hn_logits(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    neg_text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
     """``z_b = s [<i_b, t_b>, <i_b, n_b1>, ..., <i_b, n_bT>]`` (B x (1+T)) for the local batch; negatives (T*B) x D
     type-major, zero rows for missing ones (logit 0)."""
     image_features, text_features = image_features.float(), text_features.float()
@@ -173,9 +209,16 @@ def global_hn_logits(image_features: torch.Tensor, text_features: torch.Tensor, 
 
 
 @full_precision
-def global_hn_loss(image_features: torch.Tensor, text_features: torch.Tensor, neg_text_features: torch.Tensor,
-                   neg_mask: torch.Tensor, logit_scale: torch.Tensor, gamma: float = 0.0,
-                   label_smoothing: Optional[float] = None, mask_missing: bool = False) -> torch.Tensor:
+def global_hn_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    neg_text_features: torch.Tensor,
+    neg_mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+    gamma: float = 0.0,
+    label_smoothing: Optional[float] = None,
+    mask_missing: bool = False,
+) -> torch.Tensor:
     """FSC-CLIP's global hard-negative loss (reference ``Global_HNLoss``): :func:`selective_calibrated_loss` of
     :func:`global_hn_logits`, per local sample (no gather), rows without valid negatives dropped. Unweighted."""
     logits = global_hn_logits(image_features, text_features, neg_text_features, logit_scale)  # B x (1+T)
@@ -184,8 +227,13 @@ def global_hn_loss(image_features: torch.Tensor, text_features: torch.Tensor, ne
 
 
 @full_precision
-def token_patch_weights(text_tokens: torch.Tensor, image_tokens: torch.Tensor, normalizer: str = "minmax",
-                        sparsify: bool = False, sim_eps: float = 0.0) -> torch.Tensor:
+def token_patch_weights(
+    text_tokens: torch.Tensor,
+    image_tokens: torch.Tensor,
+    normalizer: str = "minmax",
+    sparsify: bool = False,
+    sim_eps: float = 0.0,
+) -> torch.Tensor:
     """Detached weights ``w`` (B x L x P) of each text token over the image patches (reference
     ``get_per_token_visual_patches``).
 
@@ -213,8 +261,9 @@ def token_patch_weights(text_tokens: torch.Tensor, image_tokens: torch.Tensor, n
             sim = sim.masked_fill(sim < 1.0 / num_patches, 0.0)
         total = sim.sum(dim=-1, keepdim=True)  # B x L x 1
         if sim_eps > 0:
-            return torch.where(total > 0, sim / total.clamp_min(torch.finfo(sim.dtype).tiny),
-                               torch.full_like(sim, 1.0 / num_patches))
+            return torch.where(
+                total > 0, sim / total.clamp_min(torch.finfo(sim.dtype).tiny), torch.full_like(sim, 1.0 / num_patches)
+            )
         return sim / total
 
 
@@ -224,9 +273,15 @@ def token_grouped_visual_features(image_tokens: torch.Tensor, weights: torch.Ten
 
 
 @full_precision
-def local_alignment_score(image_tokens: torch.Tensor, text_tokens: torch.Tensor, token_mask: torch.Tensor,
-                          logit_scale: torch.Tensor, normalizer: str = "minmax", sparsify: bool = False,
-                          sim_eps: float = 0.0) -> torch.Tensor:
+def local_alignment_score(
+    image_tokens: torch.Tensor,
+    text_tokens: torch.Tensor,
+    token_mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+    normalizer: str = "minmax",
+    sparsify: bool = False,
+    sim_eps: float = 0.0,
+) -> torch.Tensor:
     """``sigma(I, X) = logsumexp_{t: m_t = 1} s <v_t, ||x_t||>`` per pair (B,), reference
     ``get_aggregated_local_score``.
 
@@ -242,36 +297,72 @@ def local_alignment_score(image_tokens: torch.Tensor, text_tokens: torch.Tensor,
 
 
 @full_precision
-def local_hn_logits(image_tokens: torch.Tensor, text_tokens: torch.Tensor, token_mask: torch.Tensor,
-                    neg_text_tokens: torch.Tensor, neg_token_mask: torch.Tensor, neg_mask: torch.Tensor,
-                    logit_scale: torch.Tensor, normalizer: str = "minmax", sparsify: bool = False,
-                    sim_eps: float = 0.0) -> torch.Tensor:
+def local_hn_logits(
+    image_tokens: torch.Tensor,
+    text_tokens: torch.Tensor,
+    token_mask: torch.Tensor,
+    neg_text_tokens: torch.Tensor,
+    neg_token_mask: torch.Tensor,
+    neg_mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+    normalizer: str = "minmax",
+    sparsify: bool = False,
+    sim_eps: float = 0.0,
+) -> torch.Tensor:
     """``[sigma(I_b, X_b), sigma(I_b, N_b1), ..., sigma(I_b, N_bT)]`` (B x (1+T)).
 
     Negatives: ``neg_text_tokens`` (T*B) x L x D and ``neg_token_mask`` (T*B) x L type-major; only the rows with
     ``neg_mask`` = 1 are scored (each against its own sample's patches), missing ones score 0.
     """
     batch = image_tokens.shape[0]
-    positive = local_alignment_score(image_tokens, text_tokens, token_mask, logit_scale, normalizer, sparsify,
-                                     sim_eps)  # B
+    positive = local_alignment_score(
+        image_tokens, text_tokens, token_mask, logit_scale, normalizer, sparsify, sim_eps
+    )  # B
     valid = neg_mask > 0  # T*B
     owner = torch.arange(neg_mask.shape[0], device=neg_mask.device) % batch  # T*B: the sample of each row
-    negative = local_alignment_score(image_tokens[owner[valid]], neg_text_tokens[valid], neg_token_mask[valid],
-                                     logit_scale, normalizer, sparsify, sim_eps)  # M
+    negative = local_alignment_score(
+        image_tokens[owner[valid]],
+        neg_text_tokens[valid],
+        neg_token_mask[valid],
+        logit_scale,
+        normalizer,
+        sparsify,
+        sim_eps,
+    )  # M
     negative = fill_missing(negative, neg_mask)  # T*B
     return torch.cat([positive.unsqueeze(1), split_type_major(negative, batch)], dim=1)  # B x (1+T)
 
 
 @full_precision
-def local_hn_loss(image_tokens: torch.Tensor, text_tokens: torch.Tensor, token_mask: torch.Tensor,
-                  neg_text_tokens: torch.Tensor, neg_token_mask: torch.Tensor, neg_mask: torch.Tensor,
-                  logit_scale: torch.Tensor, gamma: float = 0.0, label_smoothing: Optional[float] = None,
-                  normalizer: str = "minmax", sparsify: bool = False, sim_eps: float = 0.0,
-                  mask_missing: bool = False) -> torch.Tensor:
+def local_hn_loss(
+    image_tokens: torch.Tensor,
+    text_tokens: torch.Tensor,
+    token_mask: torch.Tensor,
+    neg_text_tokens: torch.Tensor,
+    neg_token_mask: torch.Tensor,
+    neg_mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+    gamma: float = 0.0,
+    label_smoothing: Optional[float] = None,
+    normalizer: str = "minmax",
+    sparsify: bool = False,
+    sim_eps: float = 0.0,
+    mask_missing: bool = False,
+) -> torch.Tensor:
     """FSC-CLIP's local hard-negative loss (reference ``Local_HNLoss``): :func:`selective_calibrated_loss` of
     :func:`local_hn_logits`, per local sample, rows without valid negatives dropped. Unweighted."""
-    logits = local_hn_logits(image_tokens, text_tokens, token_mask, neg_text_tokens, neg_token_mask, neg_mask,
-                             logit_scale, normalizer, sparsify, sim_eps)  # B x (1+T)
+    logits = local_hn_logits(
+        image_tokens,
+        text_tokens,
+        token_mask,
+        neg_text_tokens,
+        neg_token_mask,
+        neg_mask,
+        logit_scale,
+        normalizer,
+        sparsify,
+        sim_eps,
+    )  # B x (1+T)
     valid = split_type_major(neg_mask, image_tokens.shape[0])  # B x T
     return selective_calibrated_loss(logits, valid, gamma, label_smoothing, mask_missing)
 

@@ -1,4 +1,5 @@
 """Precision guard shared by every loss: logits, softmaxes and statistics are computed in float32 (or float64)."""
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,7 @@ def full_precision(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        device = next((a.device for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)),
-                      None)
+        device = next((a.device for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if device is None or not torch.is_autocast_enabled(device.type):
             return fn(*args, **kwargs)
         with torch.autocast(device.type, enabled=False):

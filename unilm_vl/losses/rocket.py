@@ -3,6 +3,7 @@
 terms. Tensors in, tensors out, rank and world size passed in; ``gradient`` as in
 :mod:`unilm_vl.losses.distributed` (the reference's detached gathers are ``query``, its in-place all-reduce ``own``).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -14,18 +15,27 @@ from .distributed import all_reduce_sum, gather_rows
 from .precision import full_precision
 
 
-def _local_vs_global_ce(query: torch.Tensor, keys_all: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor,
-                        label_smoothing: float = 0.0) -> torch.Tensor:
+def _local_vs_global_ce(
+    query: torch.Tensor, keys_all: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     logits = scale * query @ keys_all.T  # B_local x N
     return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
 @full_precision
-def cl2l_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-              image_views: Optional[torch.Tensor] = None, text_views: Optional[torch.Tensor] = None,
-              l2l_logit_scale: Optional[torch.Tensor] = None, label_smoothing: float = 0.0,
-              reduction: str = "avg", rank: int = 0, world_size: int = 1, gradient: str = "full"
-              ) -> Dict[str, torch.Tensor]:
+def cl2l_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    image_views: Optional[torch.Tensor] = None,
+    text_views: Optional[torch.Tensor] = None,
+    l2l_logit_scale: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "avg",
+    rank: int = 0,
+    world_size: int = 1,
+    gradient: str = "full",
+) -> Dict[str, torch.Tensor]:
     """The CL2L contrastive loss of clip-rocket (reference ``losses.py`` ``CL2LLoss``).
 
     Global terms (no label smoothing), local rows against gathered columns with labels ``B*rank + arange(B)``::
@@ -59,10 +69,20 @@ def cl2l_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         hs = (l2l_logit_scale if l2l_logit_scale is not None else logit_scale).float()
         h_img_all = [gather_rows(h_img[a], rank, world_size, gradient) for a in range(A)]
         h_txt_all = [gather_rows(h_txt[a], rank, world_size, gradient) for a in range(A)]
-        ll_img = torch.stack([_local_vs_global_ce(h_img[a], h_txt_all[b], hs, labels, label_smoothing)
-                              for a in range(A) for b in range(A)]).mean()
-        ll_txt = torch.stack([_local_vs_global_ce(h_txt[a], h_img_all[b], hs, labels, label_smoothing)
-                              for a in range(A) for b in range(A)]).mean()
+        ll_img = torch.stack(
+            [
+                _local_vs_global_ce(h_img[a], h_txt_all[b], hs, labels, label_smoothing)
+                for a in range(A)
+                for b in range(A)
+            ]
+        ).mean()
+        ll_txt = torch.stack(
+            [
+                _local_vs_global_ce(h_txt[a], h_img_all[b], hs, labels, label_smoothing)
+                for a in range(A)
+                for b in range(A)
+            ]
+        ).mean()
         l_img = (lg_img + A * ll_img) / (1 + A)
         l_txt = (lg_txt + A * ll_txt) / (1 + A)
         loss = 0.5 * (l_img + l_txt)
@@ -73,8 +93,14 @@ def cl2l_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
 
 @full_precision
-def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lamb: float = 5e-3, scale: float = 0.025,
-                      world_size: int = 1, gradient: str = "full") -> torch.Tensor:
+def barlow_twins_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    lamb: float = 5e-3,
+    scale: float = 0.025,
+    world_size: int = 1,
+    gradient: str = "full",
+) -> torch.Tensor:
     """Barlow Twins redundancy reduction between two batch-standardised embeddings (BarLIP; reference
     ``losses.py`` ``BarLIPLoss``).
 
@@ -96,10 +122,16 @@ def simsiam_distance(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return 2 - 2 * F.cosine_similarity(p.float(), v.detach().float(), dim=-1).mean()
 
 
-def siamlip_loss(pred_image: torch.Tensor, pred_text: torch.Tensor, target_image: torch.Tensor,
-                 target_text: torch.Tensor, pred_image_views: Optional[torch.Tensor] = None,
-                 pred_text_views: Optional[torch.Tensor] = None, target_image_views: Optional[torch.Tensor] = None,
-                 target_text_views: Optional[torch.Tensor] = None) -> torch.Tensor:
+def siamlip_loss(
+    pred_image: torch.Tensor,
+    pred_text: torch.Tensor,
+    target_image: torch.Tensor,
+    target_text: torch.Tensor,
+    pred_image_views: Optional[torch.Tensor] = None,
+    pred_text_views: Optional[torch.Tensor] = None,
+    target_image_views: Optional[torch.Tensor] = None,
+    target_text_views: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """SiamLIP (and BYOLIP, whose targets come from the momentum model): the mean of the cross-modal distances
     ``D(p_img, v_txt) + D(p_txt, v_img)`` of the global pair and of every pair (a, a') of augmented views,
     ``D(p_img[a], v_txt[a'])``, ``D(p_txt[a], v_img[a'])``: 2 + 2 A^2 terms. ``p_img`` is the image->text
@@ -114,23 +146,34 @@ def siamlip_loss(pred_image: torch.Tensor, pred_text: torch.Tensor, target_image
     return torch.stack(terms).mean()
 
 
-def barlip_loss(image: torch.Tensor, text: torch.Tensor, image_views: Optional[torch.Tensor] = None,
-                text_views: Optional[torch.Tensor] = None, lamb: float = 5e-3, scale: float = 0.025,
-                world_size: int = 1, gradient: str = "full") -> torch.Tensor:
+def barlip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    image_views: Optional[torch.Tensor] = None,
+    text_views: Optional[torch.Tensor] = None,
+    lamb: float = 5e-3,
+    scale: float = 0.025,
+    world_size: int = 1,
+    gradient: str = "full",
+) -> torch.Tensor:
     """BarLIP: the mean of :func:`barlow_twins_loss` over the global image-text pair and every augmented pair
     (image view a, text view a'): 1 + A^2 terms, image-text only."""
     terms = [barlow_twins_loss(image, text, lamb, scale, world_size, gradient)]
     if image_views is not None:
         A = image_views.shape[0]
-        terms += [barlow_twins_loss(image_views[a], text_views[b], lamb, scale, world_size, gradient)
-                  for a in range(A) for b in range(A)]
+        terms += [
+            barlow_twins_loss(image_views[a], text_views[b], lamb, scale, world_size, gradient)
+            for a in range(A)
+            for b in range(A)
+        ]
     return torch.stack(terms).mean()
 
 
 @torch.no_grad()
 @full_precision
-def sinkhorn_knopp(scores: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, world_size: int = 1
-                   ) -> torch.Tensor:
+def sinkhorn_knopp(
+    scores: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, world_size: int = 1
+) -> torch.Tensor:
     """Sinkhorn-Knopp soft assignments of a B_local x K score matrix (SwAV; clip-rocket ``losses.py`` SK).
 
     ``Q = exp(S / eps)^T`` normalised to total mass 1, then ``iterations`` rounds of: rows (prototypes) to mass
@@ -157,9 +200,16 @@ def _soft_cross_entropy(targets: torch.Tensor, logits: torch.Tensor) -> torch.Te
 
 
 @full_precision
-def swalip_loss(image_views: torch.Tensor, text_views: torch.Tensor, l2l_logit_scale: torch.Tensor,
-                iterations: int = 3, epsilon: float = 0.05, rank: int = 0, world_size: int = 1,
-                gradient: str = "full") -> torch.Tensor:
+def swalip_loss(
+    image_views: torch.Tensor,
+    text_views: torch.Tensor,
+    l2l_logit_scale: torch.Tensor,
+    iterations: int = 3,
+    epsilon: float = 0.05,
+    rank: int = 0,
+    world_size: int = 1,
+    gradient: str = "full",
+) -> torch.Tensor:
     """SwALIP: swapped prediction between pairs of augmented views, the other modality's gathered embeddings
     acting as prototypes (reference ``losses.py`` ``SwALIPLoss``).
 
@@ -186,6 +236,7 @@ def swalip_loss(image_views: torch.Tensor, text_views: torch.Tensor, l2l_logit_s
             oa, ob = (a + 1) % A, (b + 1) % A
             q_img = sinkhorn_knopp(s_img[oa][ob].detach(), iterations, epsilon, world_size)
             q_txt = sinkhorn_knopp(s_txt[oa][ob].detach(), iterations, epsilon, world_size)
-            terms.append(0.5 * (_soft_cross_entropy(q_img, hs * s_img[a][b])
-                                + _soft_cross_entropy(q_txt, hs * s_txt[a][b])))
+            terms.append(
+                0.5 * (_soft_cross_entropy(q_img, hs * s_img[a][b]) + _soft_cross_entropy(q_txt, hs * s_txt[a][b]))
+            )
     return torch.stack(terms).mean()

@@ -1,4 +1,5 @@
 """Registered models, one module per key (fairseq imports this package from the --user-dir)."""
+
 import importlib
 import os
 

@@ -21,24 +21,40 @@ from ..modules.lora import LoraConfig, apply_lora, mark_only_lora_as_trainable
 
 @dataclass
 class ClipConfig(FairseqDataclass):
-    open_clip_model: str = field(default="unilm-vl-clip-tiny", metadata={
-        "help": "open_clip registry name of the towers (e.g. ViT-B-32, ViT-B-16, or our unilm-vl-clip-tiny)"})
-    pretrained: Optional[str] = field(default=None, metadata={
-        "help": "local path of open_clip weights to start from (no hub downloads)"})
-    init_logit_scale: float = field(default=CLIP_INIT_LOGIT_SCALE, metadata={
-        "help": "initial learned log logit scale, ln(1/0.07) as in CLIP (ignored when loading --pretrained)"})
-    max_logit_scale: float = field(default=CLIP_MAX_LOGIT_SCALE, metadata={
-        "help": "exp(logit_scale) is clamped to at most this after each optimiser step"})
-    force_quick_gelu: bool = field(default=False, metadata={
-        "help": "use QuickGELU activations (needed for OpenAI-trained weights)"})
-    lora_rank: int = field(default=-1, metadata={
-        "help": "LoRA rank r of FSC-CLIP's LoRA fine-tuning (reference: 4): adapts every MLP Linear, the patch "
-                "Conv2d and every attention block of both towers after loading --pretrained and freezes all other "
-                "weights (logit_scale included); -1 = off"})
+    open_clip_model: str = field(
+        default="unilm-vl-clip-tiny",
+        metadata={"help": "open_clip registry name of the towers (e.g. ViT-B-32, ViT-B-16, or our unilm-vl-clip-tiny)"},
+    )
+    pretrained: Optional[str] = field(
+        default=None, metadata={"help": "local path of open_clip weights to start from (no hub downloads)"}
+    )
+    init_logit_scale: float = field(
+        default=CLIP_INIT_LOGIT_SCALE,
+        metadata={"help": "initial learned log logit scale, ln(1/0.07) as in CLIP (ignored when loading --pretrained)"},
+    )
+    max_logit_scale: float = field(
+        default=CLIP_MAX_LOGIT_SCALE,
+        metadata={"help": "exp(logit_scale) is clamped to at most this after each optimiser step"},
+    )
+    force_quick_gelu: bool = field(
+        default=False, metadata={"help": "use QuickGELU activations (needed for OpenAI-trained weights)"}
+    )
+    lora_rank: int = field(
+        default=-1,
+        metadata={
+            "help": "LoRA rank r of FSC-CLIP's LoRA fine-tuning (reference: 4): adapts every MLP Linear, the patch "
+            "Conv2d and every attention block of both towers after loading --pretrained and freezes all other "
+            "weights (logit_scale included); -1 = off"
+        },
+    )
     lora_alpha: float = field(default=1.0, metadata={"help": "LoRA updates are scaled by lora_alpha / lora_rank"})
-    lora_zero_init: bool = field(default=False, metadata={
-        "help": "zero-initialise the LoRA B of the attention in-projections too; the reference draws it "
-                "xavier-uniform, so that the LoRA model differs from the pretrained one at initialisation"})
+    lora_zero_init: bool = field(
+        default=False,
+        metadata={
+            "help": "zero-initialise the LoRA B of the attention in-projections too; the reference draws it "
+            "xavier-uniform, so that the LoRA model differs from the pretrained one at initialisation"
+        },
+    )
 
 
 @register_model("clip", dataclass=ClipConfig)
@@ -46,9 +62,15 @@ class ClipModel(BaseFairseqModel):
     def __init__(self, cfg: ClipConfig):
         super().__init__()
         self.cfg = cfg
-        self.towers = ClipModule(ClipTowersConfig(
-            model_name=cfg.open_clip_model, pretrained=cfg.pretrained, init_logit_scale=cfg.init_logit_scale,
-            max_logit_scale=cfg.max_logit_scale, force_quick_gelu=cfg.force_quick_gelu))
+        self.towers = ClipModule(
+            ClipTowersConfig(
+                model_name=cfg.open_clip_model,
+                pretrained=cfg.pretrained,
+                init_logit_scale=cfg.init_logit_scale,
+                max_logit_scale=cfg.max_logit_scale,
+                force_quick_gelu=cfg.force_quick_gelu,
+            )
+        )
         self.image_mean, self.image_std = tower_norm(self.towers.clip)
         if getattr(cfg, "lora_rank", -1) > 0:
             lora_cfg = LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, zero_init=cfg.lora_zero_init)

@@ -10,6 +10,7 @@ PyTorch's SyncBatchNorm needs CUDA).
 ``--ssl-head siamlip|barlip`` adds the non-contrastive heads of the reference's SiamLIP/BarLIP models (and
 ``--momentum`` the EMA copy of BYOLIP); the archs ``clip_rocket_{siamlip,byolip,barlip,swalip}_*`` set them.
 """
+
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -27,33 +28,53 @@ SSL_HEAD_CHOICES = ChoiceEnum(["none", "siamlip", "barlip"])
 
 @dataclass
 class ClipRocketModelConfig(FairseqDataclass):
-    open_clip_model: str = field(default="unilm-vl-clip-tiny", metadata={
-        "help": "open_clip registry name of the towers (a ViT image tower)"})
+    open_clip_model: str = field(
+        default="unilm-vl-clip-tiny", metadata={"help": "open_clip registry name of the towers (a ViT image tower)"}
+    )
     pretrained: Optional[str] = field(default=None, metadata={"help": "local path of open_clip weights to start from"})
-    init_logit_scale: float = field(default=CLIP_INIT_LOGIT_SCALE, metadata={
-        "help": "initial log logit scale of the CLIP (global) term"})
-    max_logit_scale: float = field(default=CLIP_MAX_LOGIT_SCALE, metadata={
-        "help": "both exp(logit scales) are clamped to at most this after each optimiser step"})
-    separate_proj: bool = field(default=True, metadata={
-        "help": "separate l2l MLP projectors (and logit scale) for the augmented views (--separate-proj)"})
+    init_logit_scale: float = field(
+        default=CLIP_INIT_LOGIT_SCALE, metadata={"help": "initial log logit scale of the CLIP (global) term"}
+    )
+    max_logit_scale: float = field(
+        default=CLIP_MAX_LOGIT_SCALE,
+        metadata={"help": "both exp(logit scales) are clamped to at most this after each optimiser step"},
+    )
+    separate_proj: bool = field(
+        default=True,
+        metadata={"help": "separate l2l MLP projectors (and logit scale) for the augmented views (--separate-proj)"},
+    )
     l2l_hidden_dim: int = field(default=4096, metadata={"help": "hidden width of the l2l MLP projectors"})
     l2l_dim: int = field(default=256, metadata={"help": "output width of the l2l MLP projectors"})
     force_quick_gelu: bool = field(default=False, metadata={"help": "QuickGELU activations (OpenAI weights)"})
-    ssl_head: SSL_HEAD_CHOICES = field(default="none", metadata={
-        "help": "non-contrastive heads on the pooled features: siamlip (SimSiam projector + image->text and "
-                "text->image predictors, for the siamlip/byolip criteria) or barlip (Barlow Twins projector)"})
-    ssl_hidden_dim: int = field(default=2048, metadata={
-        "help": "hidden width of the non-contrastive heads (reference: 2048 SiamLIP, 3000 BarLIP)"})
-    ssl_dim: int = field(default=128, metadata={
-        "help": "output width of the non-contrastive heads (reference: 128 SiamLIP, 8192 BarLIP)"})
-    separate_proj_child: bool = field(default=False, metadata={
-        "help": "separate non-contrastive heads for the augmented views (else shared with the global views)"})
-    siamlip_no_last_bn: bool = field(default=False, metadata={
-        "help": "drop the final non-affine BatchNorm of the SiamLIP projector"})
-    momentum: bool = field(default=False, metadata={
-        "help": "BYOLIP: SiamLIP targets from an EMA copy of the whole model (saved in the checkpoint)"})
-    momentum_tau: float = field(default=0.99, metadata={
-        "help": "constant EMA rate of the momentum copy, applied after every optimiser step"})
+    ssl_head: SSL_HEAD_CHOICES = field(
+        default="none",
+        metadata={
+            "help": "non-contrastive heads on the pooled features: siamlip (SimSiam projector + image->text and "
+            "text->image predictors, for the siamlip/byolip criteria) or barlip (Barlow Twins projector)"
+        },
+    )
+    ssl_hidden_dim: int = field(
+        default=2048,
+        metadata={"help": "hidden width of the non-contrastive heads (reference: 2048 SiamLIP, 3000 BarLIP)"},
+    )
+    ssl_dim: int = field(
+        default=128,
+        metadata={"help": "output width of the non-contrastive heads (reference: 128 SiamLIP, 8192 BarLIP)"},
+    )
+    separate_proj_child: bool = field(
+        default=False,
+        metadata={"help": "separate non-contrastive heads for the augmented views (else shared with the global views)"},
+    )
+    siamlip_no_last_bn: bool = field(
+        default=False, metadata={"help": "drop the final non-affine BatchNorm of the SiamLIP projector"}
+    )
+    momentum: bool = field(
+        default=False,
+        metadata={"help": "BYOLIP: SiamLIP targets from an EMA copy of the whole model (saved in the checkpoint)"},
+    )
+    momentum_tau: float = field(
+        default=0.99, metadata={"help": "constant EMA rate of the momentum copy, applied after every optimiser step"}
+    )
 
 
 @register_model("clip_rocket", dataclass=ClipRocketModelConfig)
@@ -61,16 +82,30 @@ class ClipRocketModel(BaseFairseqModel):
     def __init__(self, cfg: ClipRocketModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.net = ClipRocketModule(ClipRocketConfig(
-            towers=ClipTowersConfig(model_name=cfg.open_clip_model, pretrained=cfg.pretrained,
-                                    init_logit_scale=cfg.init_logit_scale, max_logit_scale=cfg.max_logit_scale,
-                                    force_quick_gelu=cfg.force_quick_gelu),
-            separate_proj=cfg.separate_proj, l2l_hidden_dim=cfg.l2l_hidden_dim, l2l_dim=cfg.l2l_dim,
-            max_logit_scale=cfg.max_logit_scale,
-            ssl=SslHeadsConfig(kind=str(cfg.ssl_head), hidden_dim=cfg.ssl_hidden_dim, dim=cfg.ssl_dim,
-                               separate_child=cfg.separate_proj_child, siamlip_last_bn=not cfg.siamlip_no_last_bn,
-                               momentum=cfg.momentum),
-            momentum_tau=cfg.momentum_tau))
+        self.net = ClipRocketModule(
+            ClipRocketConfig(
+                towers=ClipTowersConfig(
+                    model_name=cfg.open_clip_model,
+                    pretrained=cfg.pretrained,
+                    init_logit_scale=cfg.init_logit_scale,
+                    max_logit_scale=cfg.max_logit_scale,
+                    force_quick_gelu=cfg.force_quick_gelu,
+                ),
+                separate_proj=cfg.separate_proj,
+                l2l_hidden_dim=cfg.l2l_hidden_dim,
+                l2l_dim=cfg.l2l_dim,
+                max_logit_scale=cfg.max_logit_scale,
+                ssl=SslHeadsConfig(
+                    kind=str(cfg.ssl_head),
+                    hidden_dim=cfg.ssl_hidden_dim,
+                    dim=cfg.ssl_dim,
+                    separate_child=cfg.separate_proj_child,
+                    siamlip_last_bn=not cfg.siamlip_no_last_bn,
+                    momentum=cfg.momentum,
+                ),
+                momentum_tau=cfg.momentum_tau,
+            )
+        )
         self.image_mean, self.image_std = tower_norm(self.net.clip)
 
     @classmethod

@@ -24,6 +24,7 @@ masked-causal formulation: the next token is read at an appended ``[MASK]``), :m
 Weights: ``--pretrained-bert`` (local HF BERT dir), ``--pretrained-vision`` (local open_clip / timm file) and
 ``--pretrained-cosa`` (a released COSA ``model_step_*.pt``, keys mapped by :func:`convert_release_state`).
 """
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -31,13 +32,24 @@ import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
 
-from ..safe_load import load_checkpoint_file
 from ..losses.cosa import parse_cosa_tasks
 from ..losses.distributed import data_parallel_rank_world
-from ..modules.cosa import (CosaBertConfig, CosaConfig, CosaModule, CosaVisionConfig, PassContext, causal_mask,
-                            concatenate_samples, draw_partners, gather_batch, paragraph_length, prefix_causal_mask,
-                            resize_frame_embedding)
+from ..modules.cosa import (
+    CosaBertConfig,
+    CosaConfig,
+    CosaModule,
+    CosaVisionConfig,
+    PassContext,
+    causal_mask,
+    concatenate_samples,
+    draw_partners,
+    gather_batch,
+    paragraph_length,
+    prefix_causal_mask,
+    resize_frame_embedding,
+)
 from ..modules.generation import SearchConfig, generate
+from ..safe_load import load_checkpoint_file
 from .clip import set_default_arg
 
 DEFAULT_MAX_TEXT_TOKENS = 40  # the release's caption length, when the task does not say
@@ -49,54 +61,103 @@ ATTN_CHOICES = ChoiceEnum(["sdpa", "eager"])
 
 @dataclass
 class CosaModelConfig(FairseqDataclass):
-    vision_kind: VISION_KIND_CHOICES = field(default="open_clip", metadata={
-        "help": "vision tower family: open_clip (a ViT, all tokens after ln_post) or timm (e.g. a Swin, final-stage "
-                "tokens)"})
-    vision_model: str = field(default="unilm-vl-clip-tiny", metadata={
-        "help": "open_clip registry name or timm model name of the per-frame vision tower"})
-    pretrained_vision: Optional[str] = field(default=None, metadata={
-        "help": "local weight file of the vision tower (open_clip state dict, or timm/original Swin checkpoint)"})
-    vision_image_size: int = field(default=0, metadata={
-        "help": "input resolution of the vision tower (0: the tower's default); positional embeddings of loaded "
-                "weights are resized"})
+    vision_kind: VISION_KIND_CHOICES = field(
+        default="open_clip",
+        metadata={
+            "help": "vision tower family: open_clip (a ViT, all tokens after ln_post) or timm (e.g. "
+            "a Swin, final-stage "
+            "tokens)"
+        },
+    )
+    vision_model: str = field(
+        default="unilm-vl-clip-tiny",
+        metadata={"help": "open_clip registry name or timm model name of the per-frame vision tower"},
+    )
+    pretrained_vision: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "local weight file of the vision tower (open_clip state dict, or timm/original Swin checkpoint)"
+        },
+    )
+    vision_image_size: int = field(
+        default=0,
+        metadata={
+            "help": "input resolution of the vision tower (0: the tower's default); positional embeddings of loaded "
+            "weights are resized"
+        },
+    )
     force_quick_gelu: bool = field(default=False, metadata={"help": "QuickGELU in the ViT (OpenAI CLIP weights)"})
-    pretrained_bert: Optional[str] = field(default=None, metadata={
-        "help": "local HF BERT directory (config.json + weights); its shape wins over the --bert-* sizes and its "
-                "vocabulary must match the task's"})
+    pretrained_bert: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "local HF BERT directory (config.json + weights); its shape wins over the --bert-* sizes and its "
+            "vocabulary must match the task's"
+        },
+    )
     bert_hidden_size: int = field(default=768, metadata={"help": "BERT width D"})
     bert_layers: int = field(default=12, metadata={"help": "BERT layers (each: self-attn, cross-attn, FFN)"})
     bert_heads: int = field(default=12, metadata={"help": "BERT attention heads"})
     bert_ffn_dim: int = field(default=3072, metadata={"help": "BERT feed-forward width"})
     bert_max_positions: int = field(default=512, metadata={"help": "BERT absolute positions"})
     bert_dropout: float = field(default=0.1, metadata={"help": "BERT hidden and attention dropout"})
-    attn_implementation: ATTN_CHOICES = field(default="sdpa", metadata={
-        "help": "HF attention kernel of the BERT (both honour COSA's explicit masks)"})
-    num_frame_embeddings: int = field(default=4, metadata={
-        "help": "rows of the learned per-frame embedding (release: frames per sample x K = 1 x 4 in pretraining, "
-                "the finetuning frame count when finetuning); nearest-resized to other frame counts and on load"})
+    attn_implementation: ATTN_CHOICES = field(
+        default="sdpa", metadata={"help": "HF attention kernel of the BERT (both honour COSA's explicit masks)"}
+    )
+    num_frame_embeddings: int = field(
+        default=4,
+        metadata={
+            "help": "rows of the learned per-frame embedding (release: frames per sample x K = 1 x 4 in pretraining, "
+            "the finetuning frame count when finetuning); nearest-resized to other frame counts and on load"
+        },
+    )
     contra_dim: int = field(default=512, metadata={"help": "width of the ITC projections"})
-    init_contra_temp: float = field(default=0.07, metadata={
-        "help": "initial raw learnable ITC temperature (logits = sim / temp; not clamped, as released)"})
-    concatenated_nums: int = field(default=4, metadata={
-        "help": "K: samples per concatenated sample (own + K-1 partners) of the cret/cmlm/ccap objectives"})
-    concat_partners: CONCAT_PARTNER_CHOICES = field(default="global", metadata={
-        "help": "global: partners from the all-gathered global batch (as released); local: from this rank's batch "
-                "only (no all-gather of frames and text)"})
+    init_contra_temp: float = field(
+        default=0.07,
+        metadata={"help": "initial raw learnable ITC temperature (logits = sim / temp; not clamped, as released)"},
+    )
+    concatenated_nums: int = field(
+        default=4,
+        metadata={"help": "K: samples per concatenated sample (own + K-1 partners) of the cret/cmlm/ccap objectives"},
+    )
+    concat_partners: CONCAT_PARTNER_CHOICES = field(
+        default="global",
+        metadata={
+            "help": "global: partners from the all-gathered global batch (as released); local: from this rank's batch "
+            "only (no all-gather of frames and text)"
+        },
+    )
     mlm_prob: float = field(default=0.15, metadata={"help": "MLM masking probability"})
     caption_prob: float = field(default=0.6, metadata={"help": "masked-causal captioning masking probability"})
     answer_prob: float = field(default=0.99, metadata={"help": "QA answer masking probability"})
-    mask_random_low: int = field(default=-1, metadata={
-        "help": "random replacements (10%% of the masked tokens) are ids in [mask_random_low, vocab); -1: the first "
-                "id after the special tokens ([PAD]/[UNK]/[CLS]/[SEP]/[MASK]); release (bert-base-uncased): 106"})
-    frozen_vision: bool = field(default=False, metadata={
-        "help": "freeze the vision tower; the concatenated pass then reuses the origin pass's vision tokens "
-                "(all-gathered, no gradient) instead of re-encoding the partner pixels, as released"})
-    checkpoint_activations: bool = field(default=False, metadata={
-        "help": "recompute every ViT block and BERT layer in the backward pass instead of storing its activations "
-                "(less memory for the large shapes, about one more forward of compute; same gradients)"})
-    pretrained_cosa: Optional[str] = field(default=None, metadata={
-        "help": "local released COSA checkpoint (model_step_*.pt) to start from; keys are mapped, the frame "
-                "embedding is resized"})
+    mask_random_low: int = field(
+        default=-1,
+        metadata={
+            "help": "random replacements (10%% of the masked tokens) are ids in [mask_random_low, "
+            "vocab); -1: the first "
+            "id after the special tokens ([PAD]/[UNK]/[CLS]/[SEP]/[MASK]); release (bert-base-uncased): 106"
+        },
+    )
+    frozen_vision: bool = field(
+        default=False,
+        metadata={
+            "help": "freeze the vision tower; the concatenated pass then reuses the origin pass's vision tokens "
+            "(all-gathered, no gradient) instead of re-encoding the partner pixels, as released"
+        },
+    )
+    checkpoint_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute every ViT block and BERT layer in the backward pass instead of storing its activations "
+            "(less memory for the large shapes, about one more forward of compute; same gradients)"
+        },
+    )
+    pretrained_cosa: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "local released COSA checkpoint (model_step_*.pt) to start from; keys are mapped, the frame "
+            "embedding is resized"
+        },
+    )
     caption_beam: int = field(default=3, metadata={"help": "beam size of generate_caption (release: 3)"})
     caption_lenpen: float = field(default=0.6, metadata={"help": "length penalty of caption beam search"})
     max_generation_len: int = field(default=40, metadata={"help": "max new tokens of caption/answer decoding"})
@@ -117,8 +178,14 @@ def special_ids_from_tokenizer(tokenizer) -> CosaSpecialIds:
     for name in ("vocab_size", "pad_id", "bos_id", "eos_id", "mask_id", "unk_id"):
         if not hasattr(tokenizer, name):
             raise TypeError(f"the cosa model needs a WordPiece tokenizer with {name}; got {type(tokenizer).__name__}")
-    return CosaSpecialIds(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, cls_id=tokenizer.bos_id,
-                          sep_id=tokenizer.eos_id, mask_id=tokenizer.mask_id, unk_id=tokenizer.unk_id)
+    return CosaSpecialIds(
+        vocab_size=tokenizer.vocab_size,
+        pad_id=tokenizer.pad_id,
+        cls_id=tokenizer.bos_id,
+        sep_id=tokenizer.eos_id,
+        mask_id=tokenizer.mask_id,
+        unk_id=tokenizer.unk_id,
+    )
 
 
 @register_model("cosa", dataclass=CosaModelConfig)
@@ -131,17 +198,32 @@ class CosaModel(BaseFairseqModel):
         self.max_text_tokens = int(max_text_tokens or DEFAULT_MAX_TEXT_TOKENS)
         if cfg.concatenated_nums < 1:
             raise ValueError(f"--concatenated-nums must be >= 1, got {cfg.concatenated_nums}")
-        self.net = CosaModule(CosaConfig(
-            vision=CosaVisionConfig(kind=str(cfg.vision_kind), model_name=cfg.vision_model,
-                                    pretrained=cfg.pretrained_vision, image_size=cfg.vision_image_size or None,
-                                    force_quick_gelu=cfg.force_quick_gelu),
-            bert=CosaBertConfig(vocab_size=special.vocab_size, hidden_size=cfg.bert_hidden_size,
-                                num_layers=cfg.bert_layers, num_heads=cfg.bert_heads,
-                                intermediate_size=cfg.bert_ffn_dim, max_positions=cfg.bert_max_positions,
-                                dropout=cfg.bert_dropout, pad_id=special.pad_id, pretrained=cfg.pretrained_bert,
-                                attn_implementation=str(cfg.attn_implementation)),
-            num_frame_embeddings=cfg.num_frame_embeddings, contra_dim=cfg.contra_dim,
-            init_contra_temp=cfg.init_contra_temp))
+        self.net = CosaModule(
+            CosaConfig(
+                vision=CosaVisionConfig(
+                    kind=str(cfg.vision_kind),
+                    model_name=cfg.vision_model,
+                    pretrained=cfg.pretrained_vision,
+                    image_size=cfg.vision_image_size or None,
+                    force_quick_gelu=cfg.force_quick_gelu,
+                ),
+                bert=CosaBertConfig(
+                    vocab_size=special.vocab_size,
+                    hidden_size=cfg.bert_hidden_size,
+                    num_layers=cfg.bert_layers,
+                    num_heads=cfg.bert_heads,
+                    intermediate_size=cfg.bert_ffn_dim,
+                    max_positions=cfg.bert_max_positions,
+                    dropout=cfg.bert_dropout,
+                    pad_id=special.pad_id,
+                    pretrained=cfg.pretrained_bert,
+                    attn_implementation=str(cfg.attn_implementation),
+                ),
+                num_frame_embeddings=cfg.num_frame_embeddings,
+                contra_dim=cfg.contra_dim,
+                init_contra_temp=cfg.init_contra_temp,
+            )
+        )
         low = cfg.mask_random_low
         if low < 0:
             low = max(special.pad_id, special.cls_id, special.sep_id, special.mask_id, special.unk_id) + 1
@@ -179,16 +261,27 @@ class CosaModel(BaseFairseqModel):
     def pass_context(self, rank: int, world: int, local_size: int, device) -> PassContext:
         """Distributed position, the per-rank generator (seeded from the global RNG, which fairseq seeds with seed +
         update number before every step) and the masking settings."""
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        seed = int(torch.randint(0, 2**62, (1,)).item())
         generator = torch.Generator().manual_seed(seed + 1_000_003 * rank)
         sizes = None
         if world > 1:
             sizes = [int(s) for s in gather_batch([torch.tensor([local_size], device=device)], world, [0])[0]]
         sp = self.special
-        return PassContext(rank=rank, world_size=world, generator=generator, local_sizes=sizes, pad_id=sp.pad_id,
-                           cls_id=sp.cls_id, sep_id=sp.sep_id, mask_id=sp.mask_id, random_low=self.random_low,
-                           random_high=sp.vocab_size, mlm_prob=self.cfg.mlm_prob, caption_prob=self.cfg.caption_prob,
-                           answer_prob=self.cfg.answer_prob)
+        return PassContext(
+            rank=rank,
+            world_size=world,
+            generator=generator,
+            local_sizes=sizes,
+            pad_id=sp.pad_id,
+            cls_id=sp.cls_id,
+            sep_id=sp.sep_id,
+            mask_id=sp.mask_id,
+            random_low=self.random_low,
+            random_high=sp.vocab_size,
+            mlm_prob=self.cfg.mlm_prob,
+            caption_prob=self.cfg.caption_prob,
+            answer_prob=self.cfg.answer_prob,
+        )
 
     def concatenate(self, frames, text_ids, text_mask, ctx: PassContext, partners: Optional[torch.Tensor] = None):
         """The concatenated batch (frames B x K*T x 3 x H x W, paragraph ids/mask B x Lp) and the partner indices
@@ -198,18 +291,38 @@ class CosaModel(BaseFairseqModel):
         if str(self.cfg.concat_partners) == "local" or ctx.world_size == 1:
             all_frames, all_ids, all_mask = frames, text_ids, text_mask
         else:
-            all_frames, all_ids, all_mask = gather_batch([frames, text_ids, text_mask], ctx.world_size,
-                                                         [None, self.special.pad_id, 0])
+            all_frames, all_ids, all_mask = gather_batch(
+                [frames, text_ids, text_mask], ctx.world_size, [None, self.special.pad_id, 0]
+            )
         if partners is None:
             partners = draw_partners(frames.shape[0], all_frames.shape[0], k, ctx.generator)
-        out = concatenate_samples(frames, text_ids, text_mask, all_frames, all_ids, all_mask, partners,
-                                  paragraph_length(self.max_text_tokens, k), self.special.cls_id,
-                                  self.special.sep_id, self.special.pad_id)
+        out = concatenate_samples(
+            frames,
+            text_ids,
+            text_mask,
+            all_frames,
+            all_ids,
+            all_mask,
+            partners,
+            paragraph_length(self.max_text_tokens, k),
+            self.special.cls_id,
+            self.special.sep_id,
+            self.special.pad_id,
+        )
         return (*out, partners)
 
-    def forward(self, frames, text_ids, text_mask, question_ids=None, question_mask=None, answer_ids=None,
-                answer_mask=None, tasks: str = "ret", partners: Optional[torch.Tensor] = None
-                ) -> Dict[str, object]:
+    def forward(
+        self,
+        frames,
+        text_ids,
+        text_mask,
+        question_ids=None,
+        question_mask=None,
+        answer_ids=None,
+        answer_mask=None,
+        tasks: str = "ret",
+        partners: Optional[torch.Tensor] = None,
+    ) -> Dict[str, object]:
         """Outputs of the objectives named by ``tasks`` (see the module docstring); ``partners`` fixes the partner
         draw (tests)."""
         origin, concatenated = parse_cosa_tasks(tasks)
@@ -217,10 +330,18 @@ class CosaModel(BaseFairseqModel):
         ctx = self.pass_context(rank, world, frames.shape[0], frames.device)
         qa = None
         if question_ids is not None:
-            qa = {"question_ids": question_ids, "question_mask": question_mask, "answer_ids": answer_ids,
-                  "answer_mask": answer_mask}
-        out: Dict[str, object] = {"contra_temp": self.net.contra_temp, "rank": rank, "world_size": world,
-                                  "local_sizes": ctx.local_sizes}
+            qa = {
+                "question_ids": question_ids,
+                "question_mask": question_mask,
+                "answer_ids": answer_ids,
+                "answer_mask": answer_mask,
+            }
+        out: Dict[str, object] = {
+            "contra_temp": self.net.contra_temp,
+            "rank": rank,
+            "world_size": world,
+            "local_sizes": ctx.local_sizes,
+        }
         tokens = None
         if self.cfg.frozen_vision:  # the feature path: encode once, concatenate vision tokens
             with torch.no_grad():
@@ -251,8 +372,7 @@ class CosaModel(BaseFairseqModel):
         tokens, features = self.net.text_feature(text_ids, text_mask)
         return {"text_tokens": tokens, "text_features": features}
 
-    def itm_logits(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
-                   ) -> torch.Tensor:
+    def itm_logits(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Match logit per pair (B): ``l_match - l_nomatch`` of the ITM head, so ``sigmoid`` of it equals the
         release's ``softmax(itm_logits)[:, 1]``."""
         logits = self.net.itm_logits(text_ids, text_mask, video_tokens)  # B x 2
@@ -269,8 +389,9 @@ class CosaModel(BaseFairseqModel):
         return out
 
     @torch.no_grad()
-    def generate_caption(self, frames: torch.Tensor, beam_size: Optional[int] = None,
-                         max_len: Optional[int] = None) -> List[List[int]]:
+    def generate_caption(
+        self, frames: torch.Tensor, beam_size: Optional[int] = None, max_len: Optional[int] = None
+    ) -> List[List[int]]:
         """Beam search (release: beam 3, length penalty 0.6, captions of at most 40 tokens) from ``[CLS]``; each step
         appends ``[MASK]`` to the causal prefix and reads the next token's logits there. A hypothesis scores
         sum(log p) / len ** lenpen with len counting [SEP], like HF's with the 1-token prompt; at ``max_len`` tokens
@@ -278,15 +399,30 @@ class CosaModel(BaseFairseqModel):
         video = self.encode_video(frames)["video_tokens"]  # B x N x D
         b = frames.shape[0]
         prompt = torch.full((b, 1), self.special.cls_id, dtype=torch.long, device=frames.device)  # B x 1
-        search = SearchConfig(beam=beam_size or self.cfg.caption_beam, lenpen=self.cfg.caption_lenpen,
-                              max_len_b=max_len or self.cfg.max_generation_len)
-        hyps = generate(_MaskedCausalStep(self), prompt, video, None, search, pad_idx=self.special.pad_id,
-                        eos_idx=self.special.sep_id)
+        search = SearchConfig(
+            beam=beam_size or self.cfg.caption_beam,
+            lenpen=self.cfg.caption_lenpen,
+            max_len_b=max_len or self.cfg.max_generation_len,
+        )
+        hyps = generate(
+            _MaskedCausalStep(self),
+            prompt,
+            video,
+            None,
+            search,
+            pad_idx=self.special.pad_id,
+            eos_idx=self.special.sep_id,
+        )
         return [self._strip(h[0].tokens.tolist()) if h else [] for h in hyps]
 
     @torch.no_grad()
-    def generate_answer(self, frames: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
-                        max_len: Optional[int] = None) -> List[List[int]]:
+    def generate_answer(
+        self,
+        frames: torch.Tensor,
+        question_ids: torch.Tensor,
+        question_mask: torch.Tensor,
+        max_len: Optional[int] = None,
+    ) -> List[List[int]]:
         """Greedy decoding after ``[question ; [CLS]]`` with the prefix-causal mask (release: beam 1, 40 new tokens,
         stop at [SEP]); each step reads the logits at an appended ``[MASK]``. Ids without specials."""
         video = self.encode_video(frames)["video_tokens"]  # B x N x D
@@ -324,8 +460,9 @@ class CosaModel(BaseFairseqModel):
         converted = convert_release_state(state, self.net)
         missing, unexpected = self.net.load_state_dict(converted, strict=False)
         if unexpected or missing:
-            raise ValueError(f"{path}: keys do not match the cosa model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"{path}: keys do not match the cosa model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
 
 
 def convert_release_state(state: Dict[str, torch.Tensor], net: CosaModule) -> Dict[str, torch.Tensor]:
@@ -333,15 +470,17 @@ def convert_release_state(state: Dict[str, torch.Tensor], net: CosaModule) -> Di
     non-vision keys are shared (``multimodal_encoder.*``, ``video_frame_embedding``, ...); ``clip_model.visual.*``
     -> ``vision.visual.*`` (the unused ``proj`` and CLIP text tower are dropped); ``video_encoder.*`` (Swin) goes
     through timm's checkpoint filter into ``vision.backbone.*``. The frame embedding is resized to the model's."""
-    state = {(k[len("module."):] if k.startswith("module.") else k): v.float() if v.is_floating_point() else v
-             for k, v in state.items()}
+    state = {
+        (k[len("module.") :] if k.startswith("module.") else k): v.float() if v.is_floating_point() else v
+        for k, v in state.items()
+    }
     out, swin = {}, {}
     for key, value in state.items():
         if key.startswith("clip_model."):
             if key.startswith("clip_model.visual.") and key != "clip_model.visual.proj":  # proj is unused
-                out["vision." + key[len("clip_model."):]] = value
+                out["vision." + key[len("clip_model.") :]] = value
         elif key.startswith("video_encoder."):
-            swin[key[len("video_encoder."):]] = value
+            swin[key[len("video_encoder.") :]] = value
         elif key.endswith("embeddings.position_ids"):
             continue  # a buffer older transformers saved
         else:
@@ -354,8 +493,9 @@ def convert_release_state(state: Dict[str, torch.Tensor], net: CosaModule) -> Di
             if not key.startswith("head."):
                 out["vision.backbone." + key] = value
     if "video_frame_embedding" in out:
-        out["video_frame_embedding"] = resize_frame_embedding(out["video_frame_embedding"],
-                                                              net.video_frame_embedding.shape[1])
+        out["video_frame_embedding"] = resize_frame_embedding(
+            out["video_frame_embedding"], net.video_frame_embedding.shape[1]
+        )
     return out
 
 

@@ -17,6 +17,7 @@ The teacher is part of the state dict, so checkpoints carry it and resume contin
 Evaluation: ``encode_image``/``encode_text`` use the student (``--eval-net teacher``: the teacher; the reference
 evaluates both), ``encode_image_dense`` the teacher as the reference's segmentation (``--dense-eval-net``).
 """
+
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -37,34 +38,67 @@ EVAL_NETS = ChoiceEnum(["student", "teacher"])
 
 @dataclass
 class CosmosModelConfig(FairseqDataclass):
-    open_clip_model: str = field(default="unilm-vl-clip-tiny", metadata={
-        "help": "open_clip registry name of the towers (a plain ViT image tower and the built-in text tower)"})
-    pretrained: Optional[str] = field(default=None, metadata={
-        "help": "local path of open_clip weights to start student and teacher from"})
-    init_logit_scale: float = field(default=CLIP_INIT_LOGIT_SCALE, metadata={
-        "help": "initial log logit scale of the CLIP term; the distillation scale starts at the same value"})
-    max_logit_scale: float = field(default=CLIP_MAX_LOGIT_SCALE, metadata={
-        "help": "exp of both logit scales is clamped to at most this after each optimiser step"})
+    open_clip_model: str = field(
+        default="unilm-vl-clip-tiny",
+        metadata={
+            "help": "open_clip registry name of the towers (a plain ViT image tower and the built-in text tower)"
+        },
+    )
+    pretrained: Optional[str] = field(
+        default=None, metadata={"help": "local path of open_clip weights to start student and teacher from"}
+    )
+    init_logit_scale: float = field(
+        default=CLIP_INIT_LOGIT_SCALE,
+        metadata={"help": "initial log logit scale of the CLIP term; the distillation scale starts at the same value"},
+    )
+    max_logit_scale: float = field(
+        default=CLIP_MAX_LOGIT_SCALE,
+        metadata={"help": "exp of both logit scales is clamped to at most this after each optimiser step"},
+    )
     force_quick_gelu: bool = field(default=False, metadata={"help": "QuickGELU activations (OpenAI weights)"})
-    cross_attn_heads: int = field(default=8, metadata={
-        "help": "heads of the two attentional cross poolers (reference: 8 at width 512)"})
-    mask_text_padding: bool = field(default=False, metadata={
-        "help": "mask text positions after EOT out of the image-query cross attention (a fix; the reference "
-                "attends to all context positions, padding included)"})
-    momentum_teacher: float = field(default=0.999, metadata={
-        "help": "EMA rate m of the teacher (reference recipes: 0.999 on CC3M, 0.99 on larger data)"})
-    momentum_schedule: MOMENTUM_SCHEDULES = field(default="fixed", metadata={
-        "help": "fixed m (the reference's --fix-momentum, every released recipe) or cosine from m to 1 over "
-                "--max-update updates"})
-    momentum_total_updates: int = field(default=II("optimization.max_update"), metadata={
-        "help": "length T of the cosine momentum schedule (fairseq's --max-update)"})
-    ema_order: EMA_ORDERS = field(default="before_step", metadata={
-        "help": "before_step: EMA after backward and before the optimiser step (the reference); after_step: "
-                "after it (BYOL/DINO)"})
-    eval_net: EVAL_NETS = field(default="student", metadata={
-        "help": "network behind encode_image/encode_text (retrieval, zero-shot classification)"})
-    dense_eval_net: EVAL_NETS = field(default="teacher", metadata={
-        "help": "network behind encode_image_dense (zero-shot segmentation; the reference segments with the teacher)"})
+    cross_attn_heads: int = field(
+        default=8, metadata={"help": "heads of the two attentional cross poolers (reference: 8 at width 512)"}
+    )
+    mask_text_padding: bool = field(
+        default=False,
+        metadata={
+            "help": "mask text positions after EOT out of the image-query cross attention (a fix; the reference "
+            "attends to all context positions, padding included)"
+        },
+    )
+    momentum_teacher: float = field(
+        default=0.999,
+        metadata={"help": "EMA rate m of the teacher (reference recipes: 0.999 on CC3M, 0.99 on larger data)"},
+    )
+    momentum_schedule: MOMENTUM_SCHEDULES = field(
+        default="fixed",
+        metadata={
+            "help": "fixed m (the reference's --fix-momentum, every released recipe) or cosine from m to 1 over "
+            "--max-update updates"
+        },
+    )
+    momentum_total_updates: int = field(
+        default=II("optimization.max_update"),
+        metadata={"help": "length T of the cosine momentum schedule (fairseq's --max-update)"},
+    )
+    ema_order: EMA_ORDERS = field(
+        default="before_step",
+        metadata={
+            "help": "before_step: EMA after backward and before the optimiser step (the reference); after_step: "
+            "after it (BYOL/DINO)"
+        },
+    )
+    eval_net: EVAL_NETS = field(
+        default="student",
+        metadata={"help": "network behind encode_image/encode_text (retrieval, zero-shot classification)"},
+    )
+    dense_eval_net: EVAL_NETS = field(
+        default="teacher",
+        metadata={
+            "help": "network behind encode_image_dense (zero-shot segmentation; the reference "
+            "segments with the teacher)"
+        },
+    )
 
 
 @register_model("cosmos", dataclass=CosmosModelConfig)
@@ -76,12 +110,21 @@ class CosmosModel(BaseFairseqModel):
             raise ValueError("--momentum-schedule cosine needs --max-update (the schedule's length)")
         if not 0.0 <= cfg.momentum_teacher <= 1.0:
             raise ValueError(f"--momentum-teacher must be in [0, 1], got {cfg.momentum_teacher}")
-        self.net = CosmosModule(CosmosConfig(
-            towers=ClipTowersConfig(model_name=cfg.open_clip_model, pretrained=cfg.pretrained,
-                                    init_logit_scale=cfg.init_logit_scale, max_logit_scale=cfg.max_logit_scale,
-                                    force_quick_gelu=cfg.force_quick_gelu),
-            cross_attn_heads=cfg.cross_attn_heads, init_distill_logit_scale=cfg.init_logit_scale,
-            max_logit_scale=cfg.max_logit_scale, mask_text_padding=cfg.mask_text_padding))
+        self.net = CosmosModule(
+            CosmosConfig(
+                towers=ClipTowersConfig(
+                    model_name=cfg.open_clip_model,
+                    pretrained=cfg.pretrained,
+                    init_logit_scale=cfg.init_logit_scale,
+                    max_logit_scale=cfg.max_logit_scale,
+                    force_quick_gelu=cfg.force_quick_gelu,
+                ),
+                cross_attn_heads=cfg.cross_attn_heads,
+                init_distill_logit_scale=cfg.init_logit_scale,
+                max_logit_scale=cfg.max_logit_scale,
+                mask_text_padding=cfg.mask_text_padding,
+            )
+        )
         self.image_mean, self.image_std = tower_norm(self.net.student.clip)
 
     @classmethod
@@ -121,8 +164,9 @@ class CosmosModel(BaseFairseqModel):
         return float(self.eval_net.logit_scale.detach().exp())
 
     def momentum(self, update_num: int) -> float:
-        return teacher_momentum(update_num, self.cfg.momentum_teacher, self.cfg.momentum_total_updates or 0,
-                                str(self.cfg.momentum_schedule))
+        return teacher_momentum(
+            update_num, self.cfg.momentum_teacher, self.cfg.momentum_total_updates or 0, str(self.cfg.momentum_schedule)
+        )
 
     def before_optimizer_step(self, update_num: int) -> None:
         """The reference's order: the teacher EMA runs on the pre-step student weights."""

@@ -4,6 +4,7 @@ Named towers come from open_clip's model registry (``ViT-B-32``, ``ViT-L-14``, .
 ``open_clip_configs/`` (registered with ``open_clip.add_model_config``). Pretrained weights load from a local file
 path only (no hub access at run time).
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,8 +56,9 @@ def register_open_clip_config(name: str, model_cfg: Dict) -> None:
             json.dump(model_cfg, fh)
         open_clip.add_model_config(path)
     if open_clip.get_model_config(name) is None:
-        raise ValueError(f"open_clip did not register {name!r}: a model config needs embed_dim, vision_cfg and "
-                         "text_cfg")
+        raise ValueError(
+            f"open_clip did not register {name!r}: a model config needs embed_dim, vision_cfg and text_cfg"
+        )
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -83,8 +85,10 @@ def create_open_clip_model(model_name: str, **kwargs) -> nn.Module:
 def build_open_clip(cfg: ClipTowersConfig) -> nn.Module:
     """An open_clip CLIP model returning dict outputs. Raises on unknown names or missing weight files."""
     if cfg.model_name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {cfg.model_name!r}; known include "
-                         f"{[m for m in open_clip.list_models() if 'ViT' in m][:8]} and unilm-vl-clip-tiny")
+        raise ValueError(
+            f"unknown open_clip model {cfg.model_name!r}; known include "
+            f"{[m for m in open_clip.list_models() if 'ViT' in m][:8]} and unilm-vl-clip-tiny"
+        )
     if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
         raise FileNotFoundError(f"pretrained weights not found: {cfg.pretrained} (only local files are supported)")
     model = create_open_clip_model(cfg.model_name, force_quick_gelu=cfg.force_quick_gelu, output_dict=True)
@@ -119,11 +123,13 @@ def correlative_self_attention(x: torch.Tensor, attn: nn.MultiheadAttention) -> 
         raise ValueError("correlative_self_attention expects a batch-first nn.MultiheadAttention")
     b, n, w = x.shape
     heads = attn.num_heads
-    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).reshape(b, n, 3, heads, w // heads).permute(
-        2, 0, 3, 1, 4)  # 3 x (B x H x N x d)
+    q, k, v = (
+        F.linear(x, attn.in_proj_weight, attn.in_proj_bias).reshape(b, n, 3, heads, w // heads).permute(2, 0, 3, 1, 4)
+    )  # 3 x (B x H x N x d)
     scale = (w // heads) ** -0.5
-    weights = (torch.softmax(q @ q.transpose(-1, -2) * scale, dim=-1)
-               + torch.softmax(k @ k.transpose(-1, -2) * scale, dim=-1))  # B x H x N x N
+    weights = torch.softmax(q @ q.transpose(-1, -2) * scale, dim=-1) + torch.softmax(
+        k @ k.transpose(-1, -2) * scale, dim=-1
+    )  # B x H x N x N
     return attn.out_proj((weights @ v).transpose(1, 2).reshape(b, n, w))  # B x N x W
 
 

@@ -7,6 +7,7 @@ Batch contract: ``neg_text`` (T*B) x L, type-major (row ``t*B + b`` = negative t
 all-padding rows), ``neg_mask`` (T*B,) 0/1. Only the rows with ``neg_mask = 1`` are encoded; the criterion puts
 zeros where the others were (:func:`unilm_vl.losses.negatives.fill_missing`).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -16,9 +17,14 @@ import torch
 from .clip import ClipModule
 
 
-def forward_with_negatives(towers: ClipModule, image: torch.Tensor, text: torch.Tensor,
-                           neg_text: Optional[torch.Tensor] = None, neg_mask: Optional[torch.Tensor] = None,
-                           return_dense_tokens: bool = False) -> Dict[str, torch.Tensor]:
+def forward_with_negatives(
+    towers: ClipModule,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    neg_text: Optional[torch.Tensor] = None,
+    neg_mask: Optional[torch.Tensor] = None,
+    return_dense_tokens: bool = False,
+) -> Dict[str, torch.Tensor]:
     """``{"image_features", "text_features" (positives), "logit_scale"}`` plus, with negatives,
     ``"neg_text_features"`` (M x D, the M = neg_mask.sum() valid negatives in type-major order) and ``"neg_mask"``,
     and with ``return_dense_tokens`` ``"image_tokens"`` (B x P x D), ``"text_tokens"`` (B x L x D) and
@@ -29,8 +35,10 @@ def forward_with_negatives(towers: ClipModule, image: torch.Tensor, text: torch.
         if neg_mask is None:
             raise ValueError("net_input has neg_text but no neg_mask")
         if neg_text.shape[0] != neg_mask.shape[0] or neg_text.shape[0] % batch:
-            raise ValueError(f"neg_text {tuple(neg_text.shape)} / neg_mask {tuple(neg_mask.shape)} must hold T x B "
-                             f"type-major rows for a batch of {batch}")
+            raise ValueError(
+                f"neg_text {tuple(neg_text.shape)} / neg_mask {tuple(neg_mask.shape)} must hold T x B "
+                f"type-major rows for a batch of {batch}"
+            )
         texts = torch.cat([text, neg_text[neg_mask > 0]], dim=0)  # (B + M) x L
     out: Dict[str, torch.Tensor] = {"logit_scale": towers.clip.logit_scale.exp()}
     if return_dense_tokens:

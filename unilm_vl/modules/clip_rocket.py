@@ -12,8 +12,9 @@ Outputs (dict): ``image_features``/``text_features`` (B x D, L2-normalised, glob
 projectors), ``logit_scale`` (exp), and with views ``image_views``/``text_views`` (A x B x D_l2l, L2-normalised)
 and ``l2l_logit_scale`` (exp).
 """
-import math
+
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
@@ -26,8 +27,9 @@ from ..losses.ema import ema_update_
 from .clip import ClipTowersConfig, build_open_clip
 
 
-def mlp_head(dims: Sequence[int], last_bn: bool = False, last_bn_affine: bool = True, bias: bool = True,
-             last_bias: bool = True) -> nn.Sequential:
+def mlp_head(
+    dims: Sequence[int], last_bn: bool = False, last_bn_affine: bool = True, bias: bool = True, last_bias: bool = True
+) -> nn.Sequential:
     """``Linear - BN - ReLU`` for every hidden layer, a plain final ``Linear`` and optionally a final BN.
     ``bias``/``last_bias``: biases of the hidden and of the final ``Linear``."""
     layers = []
@@ -74,8 +76,12 @@ class SiamLipHeads(nn.Module):
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
         v_img, v_txt = self.image_projector(image), self.text_projector(text)  # B x D
-        return {"ssl_image": v_img, "ssl_text": v_txt, "pred_image": self.image_text_predictor(v_img),
-                "pred_text": self.text_image_predictor(v_txt)}
+        return {
+            "ssl_image": v_img,
+            "ssl_text": v_txt,
+            "pred_image": self.image_text_predictor(v_img),
+            "pred_text": self.text_image_predictor(v_txt),
+        }
 
 
 class BarLipHeads(nn.Module):
@@ -125,8 +131,10 @@ class ClipRocketModule(nn.Module):
         self.cfg = cfg
         clip = build_open_clip(cfg.towers)
         if getattr(clip.visual, "proj", None) is None or not isinstance(clip.text_projection, nn.Parameter):
-            raise ValueError(f"{cfg.towers.model_name}: clip-rocket needs a ViT tower with a `proj` parameter and a "
-                             "text tower with a `text_projection` parameter")
+            raise ValueError(
+                f"{cfg.towers.model_name}: clip-rocket needs a ViT tower with a `proj` parameter and a "
+                "text tower with a `text_projection` parameter"
+            )
         self.image_projector = _move_projection(clip.visual.proj, clip.visual.proj.shape[0])
         self.text_projector = _move_projection(clip.text_projection, clip.text_projection.shape[0])
         clip.visual.proj = None
@@ -195,12 +203,19 @@ class ClipRocketModule(nn.Module):
         # heads hold BatchNorm: one call per view keeps per-view batch statistics, as the reference does
         return torch.stack([head(f) for f in feats.unbind(0)])
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, image_views: Optional[torch.Tensor] = None,
-                text_views: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        image_views: Optional[torch.Tensor] = None,
+        text_views: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
         img, txt = self.image_pooled(image), self.text_pooled(text)  # B x W
-        out = {"image_features": F.normalize(self.image_projector(img), dim=-1),
-               "text_features": F.normalize(self.text_projector(txt), dim=-1),
-               "logit_scale": self.logit_scale.exp()}
+        out = {
+            "image_features": F.normalize(self.image_projector(img), dim=-1),
+            "text_features": F.normalize(self.text_projector(txt), dim=-1),
+            "logit_scale": self.logit_scale.exp(),
+        }
         has_views = image_views is not None and text_views is not None
         if has_views:
             img_v = self._pooled_views(image_views, self.image_pooled)  # A x B x W

@@ -25,6 +25,7 @@ each layer holds self-attention -> cross-attention -> FFN, the layout of the rel
 encoder directly with an explicit additive B x 1 x L x L mask instead of ``BertModel.forward``: the latter would
 build a causal mask from ``is_decoder`` on its own. Parameter names equal the release's ``multimodal_encoder.*`` keys.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..safe_load import load_checkpoint_file
 from ..losses.cosa import IGNORE_INDEX
+from ..safe_load import load_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
@@ -220,18 +221,27 @@ def _hf_bert_config(cfg: CosaBertConfig):
 
     if cfg.pretrained is not None:
         if not os.path.isdir(cfg.pretrained) or not os.path.isfile(os.path.join(cfg.pretrained, "config.json")):
-            raise FileNotFoundError(f"--pretrained-bert must be a local HF BERT directory with config.json: "
-                                    f"{cfg.pretrained}")
+            raise FileNotFoundError(
+                f"--pretrained-bert must be a local HF BERT directory with config.json: {cfg.pretrained}"
+            )
         config = BertConfig.from_pretrained(cfg.pretrained, local_files_only=True)
         if config.vocab_size != cfg.vocab_size:
-            raise ValueError(f"{cfg.pretrained}: vocab_size {config.vocab_size} differs from the tokenizer's "
-                             f"{cfg.vocab_size}")
+            raise ValueError(
+                f"{cfg.pretrained}: vocab_size {config.vocab_size} differs from the tokenizer's {cfg.vocab_size}"
+            )
     else:
-        config = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                            num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-                            max_position_embeddings=cfg.max_positions, hidden_dropout_prob=cfg.dropout,
-                            attention_probs_dropout_prob=cfg.dropout, pad_token_id=cfg.pad_id,
-                            layer_norm_eps=1e-12)
+        config = BertConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.max_positions,
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
+            pad_token_id=cfg.pad_id,
+            layer_norm_eps=1e-12,
+        )
     config.is_decoder = True  # HF builds cross-attention only for decoders; we pass our own masks
     config.add_cross_attention = True
     config.use_cache = False
@@ -284,8 +294,11 @@ class CosaBert(nn.Module):
     def load_hf_weights(self, path: str) -> None:
         """Load ``bert.*`` and ``cls.predictions.*`` from a HF BERT directory; the cross-attention stays random
         (it is not in BERT), the pooler and NSP head are dropped."""
-        state = {k: v for k, v in read_hf_bert_state(path).items()
-                 if k.startswith("bert.") and not k.startswith("bert.pooler.") or k.startswith("cls.predictions.")}
+        state = {
+            k: v
+            for k, v in read_hf_bert_state(path).items()
+            if k.startswith("bert.") and not k.startswith("bert.pooler.") or k.startswith("cls.predictions.")
+        }
         if "cls.predictions.decoder.weight" not in state and "bert.embeddings.word_embeddings.weight" in state:
             state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
         if "cls.predictions.decoder.bias" not in state and "cls.predictions.bias" in state:
@@ -293,11 +306,11 @@ class CosaBert(nn.Module):
         missing, unexpected = self.load_state_dict(state, strict=False)
         if unexpected:
             raise ValueError(f"{path}: unexpected BERT keys {unexpected[:5]}")
-        logger.info("loaded BERT from %s; %d tensors left at random init (e.g. %s)", path, len(missing),
-                    missing[:2])
+        logger.info("loaded BERT from %s; %d tensors left at random init (e.g. %s)", path, len(missing), missing[:2])
 
-    def forward(self, input_ids: torch.Tensor, attention: torch.Tensor,
-                video: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention: torch.Tensor, video: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """``attention``: B x L key padding mask or B x L x L mode mask (1 = visible); ``video``: B x N x D tokens
         for cross-attention (all visible) or None for the text-only encoder. Returns B x L x D."""
         x = self.bert.embeddings(input_ids=input_ids)  # B x L x D
@@ -335,9 +348,17 @@ class ItmHead(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------ masker
-def mask_tokens(ids: torch.Tensor, prob: float, *, mask_id: int, pad_id: int, random_low: int, random_high: int,
-                protected_ids: Sequence[int] = (), generator: Optional[torch.Generator] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    ids: torch.Tensor,
+    prob: float,
+    *,
+    mask_id: int,
+    pad_id: int,
+    random_low: int,
+    random_high: int,
+    protected_ids: Sequence[int] = (),
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The release's TokenMasker (``model/modeling.py``) on B x L ids: candidates are positions >= 1 that are not pad
     (nor one of ``protected_ids``); each is selected with probability ``prob``, rows with no selection are redrawn
     until one is selected (rows without candidates stay unselected). Selected tokens become [MASK] (80%), a uniform
@@ -374,8 +395,7 @@ def paragraph_length(max_text_tokens: int, k: int) -> int:
     return max_text_tokens * int(math.ceil(k / 2))
 
 
-def draw_partners(num_local: int, num_global: int, k: int, generator: Optional[torch.Generator] = None
-                  ) -> torch.Tensor:
+def draw_partners(num_local: int, num_global: int, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """B x (K-1) global indices of the partners: per row without replacement, the own index not excluded (as the
     release's ``random.sample(range(N), K-1)``); with replacement when the global batch has fewer than K-1."""
     if k < 1:
@@ -383,7 +403,7 @@ def draw_partners(num_local: int, num_global: int, k: int, generator: Optional[t
     if k == 1:
         return torch.zeros(num_local, 0, dtype=torch.long)
     if num_global >= k - 1:
-        return torch.rand(num_local, num_global, generator=generator).argsort(dim=1)[:, :k - 1]  # B x (K-1)
+        return torch.rand(num_local, num_global, generator=generator).argsort(dim=1)[:, : k - 1]  # B x (K-1)
     return torch.randint(0, num_global, (num_local, k - 1), generator=generator)  # B x (K-1)
 
 
@@ -396,10 +416,19 @@ def caption_tokens(ids: torch.Tensor, mask: torch.Tensor, special_ids: Sequence[
     return rows
 
 
-def concatenate_samples(frames: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
-                        all_frames: torch.Tensor, all_ids: torch.Tensor, all_mask: torch.Tensor,
-                        partners: torch.Tensor, max_len: int, cls_id: int, sep_id: int, pad_id: int
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def concatenate_samples(
+    frames: torch.Tensor,
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    all_frames: torch.Tensor,
+    all_ids: torch.Tensor,
+    all_mask: torch.Tensor,
+    partners: torch.Tensor,
+    max_len: int,
+    cls_id: int,
+    sep_id: int,
+    pad_id: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """COSA's concatenated samples (``model/pretrain.py``): sample i followed by its partners ``partners[i]``
     (indices into the ``all_*`` global batch).
 
@@ -421,8 +450,8 @@ def concatenate_samples(frames: torch.Tensor, text_ids: torch.Tensor, text_mask:
         pieces = list(own[i])
         for j in partners[i].tolist():
             pieces += others[j]
-        row = [cls_id] + pieces[:max_len - 2] + [sep_id]
-        out_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        row = [cls_id] + pieces[: max_len - 2] + [sep_id]
+        out_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     out_ids = out_ids.to(text_ids.device)
     return out_frames, out_ids, out_ids.ne(pad_id).long()
 
@@ -445,8 +474,9 @@ def all_gather_padded(x: torch.Tensor, world_size: int) -> List[torch.Tensor]:
     return [p[tuple(slice(0, int(s)) for s in shp.tolist())] for p, shp in zip(parts, shapes)]
 
 
-def gather_batch(tensors: Sequence[torch.Tensor], world_size: int, pad_values: Sequence[Optional[int]]
-                 ) -> List[torch.Tensor]:
+def gather_batch(
+    tensors: Sequence[torch.Tensor], world_size: int, pad_values: Sequence[Optional[int]]
+) -> List[torch.Tensor]:
     """The global batch of each tensor (rank order, rows of rank r after those of ranks < r). Tensors whose trailing
     sizes differ across ranks (text lengths) are right-padded with their ``pad_values`` entry; ``None`` pads dim 1
     by repeating the last entry (clips with fewer frames repeat their last frame, as the collater does)."""
@@ -479,8 +509,7 @@ def hard_negative_weights(sim: torch.Tensor, offset: int) -> torch.Tensor:
     return weights
 
 
-def sample_hard_negatives(sim: torch.Tensor, offset: int, generator: Optional[torch.Generator] = None
-                          ) -> torch.Tensor:
+def sample_hard_negatives(sim: torch.Tensor, offset: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One negative global index per row, drawn with :func:`hard_negative_weights` (never the own positive)."""
     weights = hard_negative_weights(sim, offset).cpu()
     return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(sim.device)  # n
@@ -554,9 +583,16 @@ class CosaModule(nn.Module):
         return self.multimodal_encoder.lm_logits(hidden)  # ... x V
 
     # -- objectives of one pass (origin or concatenated batch)
-    def forward_pass(self, frames: Optional[torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
-                     objectives: Sequence[str], ctx: "PassContext", qa: Optional[Dict[str, torch.Tensor]] = None,
-                     tokens: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward_pass(
+        self,
+        frames: Optional[torch.Tensor],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        objectives: Sequence[str],
+        ctx: "PassContext",
+        qa: Optional[Dict[str, torch.Tensor]] = None,
+        tokens: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
         """Model outputs of the objectives of one batch (``model/pretrain.py``); the losses are the criterion's.
 
         ``ret``: ``video_features``/``text_features`` (B x E, normalised, local rows) and the ITM batch
@@ -589,7 +625,7 @@ class CosaModule(nn.Module):
             masked, labels = ctx.mask(qa["answer_ids"], ctx.answer_prob, protect_sep=False)
             joint = torch.cat([qa["question_ids"], masked], dim=1)  # B x (Lq+La)
             attention = prefix_causal_mask(qa["question_mask"], qa["answer_mask"])  # B x (Lq+La) x (Lq+La)
-            hidden = self.fuse(joint, attention, video)[:, qa["question_ids"].shape[1]:]  # B x La x D
+            hidden = self.fuse(joint, attention, video)[:, qa["question_ids"].shape[1] :]  # B x La x D
             out.update(self._selected_logits("qa", hidden, labels))
         return out
 
@@ -604,7 +640,8 @@ class CosaModule(nn.Module):
         out = {"video_features": video_features, "text_features": text_features}
         n = max(1, b // ctx.itm_divisor)
         all_video_features, all_text_features, all_video, all_ids, all_mask = ctx.gather(
-            [video_features, text_features, video, ids, mask], [0, 0, 0, ctx.pad_id, 0])
+            [video_features, text_features, video, ids, mask], [0, 0, 0, ctx.pad_id, 0]
+        )
         offset = ctx.offset(b)
         width = all_ids.shape[1]  # the longest text of all ranks
         ids = F.pad(ids, (0, width - ids.shape[1]), value=ctx.pad_id)  # B x L'
@@ -653,11 +690,18 @@ class PassContext:
         if self.world_size == 1:
             return 0
         sizes = self.local_sizes if self.local_sizes is not None else [local_size] * self.world_size
-        return int(sum(sizes[:self.rank]))
+        return int(sum(sizes[: self.rank]))
 
     def mask(self, ids: torch.Tensor, prob: float, protect_sep: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         """:func:`mask_tokens` with this context's ids. ``protect_sep``: [SEP] is never selected (MLM); captioning
         and QA keep it maskable, as released, so that the model learns to emit [SEP] and stop."""
-        return mask_tokens(ids, prob, mask_id=self.mask_id, pad_id=self.pad_id, random_low=self.random_low,
-                           random_high=self.random_high, protected_ids=(self.cls_id, self.sep_id) if protect_sep
-                           else (self.cls_id,), generator=self.generator)
+        return mask_tokens(
+            ids,
+            prob,
+            mask_id=self.mask_id,
+            pad_id=self.pad_id,
+            random_low=self.random_low,
+            random_high=self.random_high,
+            protected_ids=(self.cls_id, self.sep_id) if protect_sep else (self.cls_id,),
+            generator=self.generator,
+        )

@@ -14,6 +14,7 @@ Student outputs for V image views (2 global crops, then local crops) and K capti
 The teacher (a deep copy of the student, no gradients) sees only the global crops and the global captions and
 returns their normalised pooled features. It is updated by EMA over *all* student parameters.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,11 +58,13 @@ class AttentionalCrossPooler(nn.Module):
         self.ln_k = nn.LayerNorm(key_dim)
         self.attn = nn.MultiheadAttention(dim, heads, kdim=key_dim, vdim=key_dim, bias=True, batch_first=True)
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor,
-                key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         kv = self.ln_k(keys)  # N x T x D
-        out, _ = self.attn(self.ln_q(query).unsqueeze(1), kv, kv, key_padding_mask=key_padding_mask,
-                           need_weights=False)  # N x 1 x D
+        out, _ = self.attn(
+            self.ln_q(query).unsqueeze(1), kv, kv, key_padding_mask=key_padding_mask, need_weights=False
+        )  # N x 1 x D
         return out.squeeze(1)  # N x D
 
 
@@ -115,8 +118,9 @@ class CosmosNet(nn.Module):
         if not hasattr(visual, "conv1") or getattr(visual, "attn_pool", None) is not None:
             raise ValueError(f"{cfg.towers.model_name}: COSMOS needs a plain open_clip ViT image tower")
         if not hasattr(clip, "token_embedding"):
-            raise ValueError(f"{cfg.towers.model_name}: COSMOS needs open_clip's built-in text tower (CLIP, not "
-                             "CustomTextCLIP)")
+            raise ValueError(
+                f"{cfg.towers.model_name}: COSMOS needs open_clip's built-in text tower (CLIP, not CustomTextCLIP)"
+            )
         self.clip = clip
         embed_dim = int(visual.output_dim)
         self.embed_dim = embed_dim
@@ -185,8 +189,10 @@ class CosmosNet(nn.Module):
         """Teacher path: G x B x 3 x H x W crops and G' x B x L captions -> normalised pooled features."""
         img, _ = self.image_tower([images])  # G x B x D
         txt, _ = self.text_tower(texts.flatten(0, 1))  # (G' B) x D
-        return {"image_features": F.normalize(img, dim=-1),
-                "text_features": F.normalize(txt, dim=-1).view(*texts.shape[:2], -1)}
+        return {
+            "image_features": F.normalize(img, dim=-1),
+            "text_features": F.normalize(txt, dim=-1).view(*texts.shape[:2], -1),
+        }
 
     def forward(self, image_views: Sequence[torch.Tensor], texts: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Student path. ``image_views``: groups of equal resolution, each G x B x 3 x H x W, the global crops
@@ -201,13 +207,17 @@ class CosmosNet(nn.Module):
         image_keys = self.image_token_mapping(patches[0])  # B x P x D: crop g1
         mask = self.text_padding_mask(texts[0])  # B x L or None
         img_pool = self.text_cross_pool(
-            f_img.flatten(0, 1), text_keys.repeat(V, 1, 1),
-            None if mask is None else mask.repeat(V, 1)).view(V, B, D)  # V x B x D
+            f_img.flatten(0, 1), text_keys.repeat(V, 1, 1), None if mask is None else mask.repeat(V, 1)
+        ).view(V, B, D)  # V x B x D
         txt_pool = self.image_cross_pool(f_txt.flatten(0, 1), image_keys.repeat(K, 1, 1)).view(K, B, D)
-        return {"image_features": F.normalize(f_img, dim=-1), "text_features": F.normalize(f_txt, dim=-1),
-                "image_cross": F.normalize(f_img + img_pool, dim=-1),
-                "text_cross": F.normalize(f_txt + txt_pool, dim=-1),
-                "logit_scale": self.logit_scale.exp(), "distill_logit_scale": self.distill_logit_scale.exp()}
+        return {
+            "image_features": F.normalize(f_img, dim=-1),
+            "text_features": F.normalize(f_txt, dim=-1),
+            "image_cross": F.normalize(f_img + img_pool, dim=-1),
+            "text_cross": F.normalize(f_txt + txt_pool, dim=-1),
+            "logit_scale": self.logit_scale.exp(),
+            "distill_logit_scale": self.distill_logit_scale.exp(),
+        }
 
     @torch.no_grad()
     def clamp_logit_scales(self) -> None:
@@ -240,8 +250,9 @@ class CosmosModule(nn.Module):
         """Plain batches (B x 3 x H x W, B x L) become one view each."""
         return (image.unsqueeze(0) if image.dim() == 4 else image), (text.unsqueeze(0) if text.dim() == 2 else text)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor,
-                image_local: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, image_local: Optional[torch.Tensor] = None
+    ) -> Dict[str, torch.Tensor]:
         """``image``: G x B x 3 x S x S global crops (or B x 3 x S x S), ``image_local``: N x B x 3 x s x s,
         ``text``: K x B x L caption views (or B x L). The teacher sees the G global crops and the first
         min(G, K) captions (the global ones)."""
@@ -249,7 +260,7 @@ class CosmosModule(nn.Module):
         groups: List[torch.Tensor] = [image] + ([image_local] if image_local is not None and len(image_local) else [])
         out = self.student(groups, text)
         with torch.no_grad():
-            teacher = self.teacher.global_features(image, text[:image.shape[0]])
+            teacher = self.teacher.global_features(image, text[: image.shape[0]])
         out["teacher_image_features"] = teacher["image_features"]  # G x B x D
         out["teacher_text_features"] = teacher["text_features"]  # G' x B x D
         out["num_global_crops"] = image.shape[0]

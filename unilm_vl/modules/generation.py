@@ -55,6 +55,7 @@ at the length limit (the token after ``max_len`` generated ones) and in when an 
 The two rules return different hypotheses, or the same ones in another order, when beams reach the length
 limit: there fairseq adds ``log p(</s>)`` to them while HF ranks them by what they have.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-
 
 BEAM_RULES = ("fairseq", "hf")
 """Values of :attr:`SearchConfig.beam_rule`."""
@@ -133,17 +133,18 @@ class Hypothesis:
     (length ``prompt_len - 1``; image placeholder positions included)."""
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_idx: int,
-             masks: Optional[Sequence[Sequence[bool]]] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_idx: int, masks: Optional[Sequence[Sequence[bool]]] = None
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Stack token lists into a LEFT-padded B x T LongTensor (and their bool masks, False on the pads)."""
     width = max(len(s) for s in sequences)
     tokens = torch.full((len(sequences), width), pad_idx, dtype=torch.long)
     mask = torch.zeros(len(sequences), width, dtype=torch.bool) if masks is not None else None
     for i, seq in enumerate(sequences):
         if len(seq):
-            tokens[i, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
+            tokens[i, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
             if mask is not None:
-                mask[i, width - len(seq):] = torch.as_tensor(list(masks[i]), dtype=torch.bool)
+                mask[i, width - len(seq) :] = torch.as_tensor(list(masks[i]), dtype=torch.bool)
     return tokens, mask
 
 
@@ -165,7 +166,7 @@ def banned_ngram_tokens(history: torch.Tensor, n: int) -> torch.Tensor:
     if n == 1:
         return history.unique()
     grams = history.unfold(0, n, 1)  # G x n
-    match = (grams[:, :-1] == history[-(n - 1):]).all(dim=1)  # G
+    match = (grams[:, :-1] == history[-(n - 1) :]).all(dim=1)  # G
     return grams[match, -1].unique()
 
 
@@ -179,7 +180,7 @@ def repeated_ngram_targets(tokens: torch.Tensor, n: int, pad_idx: int) -> torch.
     if tokens.size(1) < n:
         return tokens[:, :1].clone().fill_(pad_idx)
     grams = tokens.unfold(1, n, 1)  # N x G x n
-    match = (grams[:, :, :-1] == tokens[:, None, -(n - 1):]).all(dim=-1)  # N x G
+    match = (grams[:, :, :-1] == tokens[:, None, -(n - 1) :]).all(dim=-1)  # N x G
     return grams[:, :, -1].masked_fill(~match, pad_idx)  # N x G
 
 
@@ -200,11 +201,19 @@ def _truncate_for_sampling(lprobs: torch.Tensor, topk: int, topp: float) -> torc
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[torch.Tensor] = None,
-             image_mask: Optional[torch.Tensor] = None, cfg: Optional[SearchConfig] = None, *,
-             pad_idx: int = 1, eos_idx: int = 2, unk_idx: Optional[int] = None,
-             generator: Optional[torch.Generator] = None,
-             return_prompt_scores: bool = False) -> List[List[Hypothesis]]:
+def generate(
+    model: torch.nn.Module,
+    src_tokens: torch.Tensor,
+    image: Optional[torch.Tensor] = None,
+    image_mask: Optional[torch.Tensor] = None,
+    cfg: Optional[SearchConfig] = None,
+    *,
+    pad_idx: int = 1,
+    eos_idx: int = 2,
+    unk_idx: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    return_prompt_scores: bool = False,
+) -> List[List[Hypothesis]]:
     """Decode a continuation of each LEFT-padded prompt row of ``src_tokens`` (B x T).
 
     ``image``/``image_mask`` are passed to the model's first forward only (the model's contract: ``image`` holds one
@@ -221,12 +230,13 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
 
     state: Dict[Any, Any] = {"max_new_tokens": max(max_lens) + 1}  # a size hint for preallocated caches
     # without prompt scores only the last position needs vocabulary logits (B x 1 x V)
-    logits = model(src_tokens, image, image_mask, incremental_state=state,
-                   last_only=not return_prompt_scores)["lm_logits"]  # B x T x V or B x 1 x V
+    logits = model(src_tokens, image, image_mask, incremental_state=state, last_only=not return_prompt_scores)[
+        "lm_logits"
+    ]  # B x T x V or B x 1 x V
     prompt_scores: List[Optional[torch.Tensor]] = [None] * bsz
     if return_prompt_scores:
         lp = log_probs(logits[:, :-1]).gather(-1, src_tokens[:, 1:, None]).squeeze(-1)  # B x T-1
-        prompt_scores = [lp[i, src_tokens.size(1) - int(prompt_lens[i]):].cpu() for i in range(bsz)]
+        prompt_scores = [lp[i, src_tokens.size(1) - int(prompt_lens[i]) :].cpu() for i in range(bsz)]
     lprobs = log_probs(logits[:, -1])  # B x V: the last column is every row's last prompt token
 
     # one row per (input, beam); the prompt ran once per input, the cache is expanded by reordering
@@ -244,8 +254,9 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
     step = 0
     identity = list(range(len(row_input)))  # rows kept in place: no cache reorder needed
     while row_input:
-        lprobs = _apply_bans(lprobs, tokens, row_input, step, max_lens, cfg, pad_idx, eos_idx, unk_idx,
-                             force_eos_at_limit=not hf_rule)
+        lprobs = _apply_bans(
+            lprobs, tokens, row_input, step, max_lens, cfg, pad_idx, eos_idx, unk_idx, force_eos_at_limit=not hf_rule
+        )
         at_limit = {b for b in row_input if step >= max_lens[b]}  # inputs whose next token is their last
         if cfg.sampling:
             probs = _truncate_for_sampling(lprobs, cfg.sampling_topk, cfg.sampling_topp)  # N x V
@@ -263,10 +274,10 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
             if token == eos_idx or b in at_limit:  # fairseq: only </s> is left at the limit; hf: any token ends
                 if taking[b] if hf_rule else len(finalized[b]) < cfg.beam:
                     pos = torch.cat([row_pos[row], row_pos.new_tensor([lp])]).cpu()
-                    toks = torch.cat([tokens[row, src_tokens.size(1):], tokens.new_tensor([token])]).cpu()
+                    toks = torch.cat([tokens[row, src_tokens.size(1) :], tokens.new_tensor([token])]).cpu()
                     finalized[b].append(Hypothesis(toks, score / (step + 1) ** cfg.lenpen, pos, prompt_scores[b]))
                     if hf_rule:  # HF keeps the best `beam` finished hypotheses seen so far
-                        finalized[b] = sorted(finalized[b], key=lambda h: -h.score)[:cfg.beam]
+                        finalized[b] = sorted(finalized[b], key=lambda h: -h.score)[: cfg.beam]
             else:
                 keep_rows.append(row)
                 keep_tokens.append(token)
@@ -281,7 +292,7 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
         order_list = [keep_rows[i] for i in live]
         new_tok = torch.tensor([keep_tokens[i] for i in live], device=device)  # N'
         new_lp = torch.tensor([keep_lp[i] for i in live], device=device)  # N'
-        if order_list != identity[:len(row_input)]:
+        if order_list != identity[: len(row_input)]:
             new_order = torch.tensor(order_list, device=device)
             model.reorder_incremental_state(state, new_order)
             tokens, row_score, row_pos = (t.index_select(0, new_order) for t in (tokens, row_score, row_pos))
@@ -291,7 +302,7 @@ def generate(model: torch.nn.Module, src_tokens: torch.Tensor, image: Optional[t
         row_pos = torch.cat([row_pos, new_lp[:, None]], dim=1)  # N' x step+1
         step += 1
         lprobs = log_probs(model(tokens, incremental_state=state)["lm_logits"][:, -1])  # N' x V
-    return [sorted(hyps, key=lambda h: -h.score)[:cfg.nbest] for hyps in finalized]
+    return [sorted(hyps, key=lambda h: -h.score)[: cfg.nbest] for hyps in finalized]
 
 
 def _update_taking(taking, finalized, keep_rows, keep_lp, row_input, row_score, step, cfg: SearchConfig):
@@ -311,8 +322,18 @@ def _update_taking(taking, finalized, keep_rows, keep_lp, row_input, row_score, 
             taking[b] = best[b] / (step + 1) ** cfg.lenpen > min(h.score for h in finalized[b])
 
 
-def _apply_bans(lprobs, tokens, row_input, step, max_lens, cfg: SearchConfig, pad_idx, eos_idx, unk_idx,
-                force_eos_at_limit: bool = True):
+def _apply_bans(
+    lprobs,
+    tokens,
+    row_input,
+    step,
+    max_lens,
+    cfg: SearchConfig,
+    pad_idx,
+    eos_idx,
+    unk_idx,
+    force_eos_at_limit: bool = True,
+):
     """The log-probs with forbidden choices at -inf: pad always; ``</s>`` before ``min_len``; anything but ``</s>``
     at an input's length limit (``force_eos_at_limit``, fairseq's rule); repeated n-grams. A row left with no
     allowed token may still end (``</s>``)."""

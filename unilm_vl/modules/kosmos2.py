@@ -29,6 +29,7 @@ prefix and our padding check reads it back to the host at every step).
 The image tower is frozen by default (as in the released training script; the paper's text says all parameters
 train): ``freeze_vision=False`` makes it trainable and lets it follow ``train()``/``eval()``.
 """
+
 from __future__ import annotations
 
 import math
@@ -145,9 +146,20 @@ def kosmos2_xl_config() -> Kosmos2Config:
     return Kosmos2Config(
         vision=Kosmos2VisionConfig(model_name="ViT-L-14", force_quick_gelu=True),
         connector=Kosmos2ConnectorConfig(latent_query_num=64, attention_heads=32, attention_dropout=0.1),
-        decoder=Kosmos2DecoderConfig(vocab_size=65037, embed_dim=2048, layers=24, attention_heads=32,
-                                     ffn_embed_dim=8192, activation_fn="gelu", dropout=0.1, attention_dropout=0.1,
-                                     activation_dropout=0.0, subln=True, pad_idx=1, max_positions=2048),
+        decoder=Kosmos2DecoderConfig(
+            vocab_size=65037,
+            embed_dim=2048,
+            layers=24,
+            attention_heads=32,
+            ffn_embed_dim=8192,
+            activation_fn="gelu",
+            dropout=0.1,
+            attention_dropout=0.1,
+            activation_dropout=0.0,
+            subln=True,
+            pad_idx=1,
+            max_positions=2048,
+        ),
         freeze_vision=True,
     )
 
@@ -168,8 +180,18 @@ class SdpaMultiheadAttention(MultiheadAttention):
     key padding mask it is run as SDPA's ``is_causal``.
     """
 
-    def forward(self, query, key, value, incremental_state=None, key_padding_mask=None, attn_mask=None,
-                rel_pos=None, is_first_step=False, attn_bias=None):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        incremental_state=None,
+        key_padding_mask=None,
+        attn_mask=None,
+        rel_pos=None,
+        is_first_step=False,
+        attn_bias=None,
+    ):
         if attn_bias is not None and (attn_mask is not None or key_padding_mask is not None):
             raise ValueError("attn_bias (additive T x S logits) cannot be combined with attn_mask/key_padding_mask")
         if self.xpos is not None or rel_pos is not None:
@@ -216,8 +238,15 @@ class _SdpaDecoderLayer(DecoderLayer):
     """torchscale ``DecoderLayer`` whose self-attention is the SDPA shim."""
 
     def build_self_attention(self, embed_dim, args):
-        return SdpaMultiheadAttention(args, embed_dim, args.decoder_attention_heads, dropout=args.attention_dropout,
-                                      self_attention=True, encoder_decoder_attention=False, subln=args.subln)
+        return SdpaMultiheadAttention(
+            args,
+            embed_dim,
+            args.decoder_attention_heads,
+            dropout=args.attention_dropout,
+            self_attention=True,
+            encoder_decoder_attention=False,
+            subln=args.subln,
+        )
 
 
 class Kosmos2Decoder(Decoder):
@@ -296,8 +325,11 @@ class Kosmos2VisionTower(nn.Module):
         super().__init__()
         if cfg.open_clip_config is not None:
             register_open_clip_config(cfg.model_name, cfg.open_clip_config)
-        clip = build_open_clip(ClipTowersConfig(model_name=cfg.model_name, pretrained=cfg.pretrained,
-                                                force_quick_gelu=cfg.force_quick_gelu))
+        clip = build_open_clip(
+            ClipTowersConfig(
+                model_name=cfg.model_name, pretrained=cfg.pretrained, force_quick_gelu=cfg.force_quick_gelu
+            )
+        )
         self.visual = clip.visual
         if getattr(self.visual, "attn_pool", None) is not None:
             raise ValueError(f"{cfg.model_name}: towers with attentional pooling have no per-patch ln_post tokens")
@@ -320,8 +352,14 @@ class Kosmos2VisionTower(nn.Module):
         return int(grid[0] * grid[1] + 1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        out = self.visual.forward_intermediates(image, indices=1, normalize_intermediates=True,
-                                                intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
+        out = self.visual.forward_intermediates(
+            image,
+            indices=1,
+            normalize_intermediates=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,
+        )
         tokens = torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)  # B x N x Dv
         return F.normalize(tokens, dim=-1)  # B x N x Dv
 
@@ -339,11 +377,20 @@ class Kosmos2Connector(nn.Module):
         self.dense = nn.Linear(input_dim, output_dim)
         self.latent_query = nn.Parameter(torch.randn(cfg.latent_query_num, output_dim))
         args = DecoderConfig(decoder_embed_dim=output_dim, multiway=False, xpos_rel_pos=False)
-        self.x_attn = SdpaMultiheadAttention(args, output_dim, cfg.attention_heads, dropout=cfg.attention_dropout,
-                                             self_attention=False, encoder_decoder_attention=True, subln=False)
+        self.x_attn = SdpaMultiheadAttention(
+            args,
+            output_dim,
+            cfg.attention_heads,
+            dropout=cfg.attention_dropout,
+            self_attention=False,
+            encoder_decoder_attention=True,
+            subln=False,
+        )
         self.x_attn.reset_parameters()  # xavier (gain 1/sqrt 2 for q/k/v), zero out bias: fairseq's MHA init
         if cfg.position_embedding not in ("none", "sincos2d"):
-            raise ValueError(f"connector position_embedding must be 'none' or 'sincos2d', got {cfg.position_embedding!r}")
+            raise ValueError(
+                f"connector position_embedding must be 'none' or 'sincos2d', got {cfg.position_embedding!r}"
+            )
         self.position_embedding = cfg.position_embedding
         self.locality_sigma = float(cfg.locality_sigma)
         self._geometry_cache: Dict[Tuple[int, torch.device, torch.dtype], Tuple[Optional[torch.Tensor], ...]] = {}
@@ -374,8 +421,9 @@ class Kosmos2Connector(nn.Module):
             if self.locality_sigma > 0:
                 bias = locality_bias(num_tokens, self.num_queries, self.locality_sigma, device, dtype)
             if self.position_embedding == "sincos2d":
-                pos_keys, pos_queries = connector_positions(num_tokens, self.num_queries, self.dense.out_features,
-                                                            device, dtype)
+                pos_keys, pos_queries = connector_positions(
+                    num_tokens, self.num_queries, self.dense.out_features, device, dtype
+                )
                 pos_memory = torch.cat([pos_keys, pos_queries], dim=0)  # (N + L) x D
             self._geometry_cache[key] = (bias, pos_queries, pos_memory)
         return self._geometry_cache[key]
@@ -386,8 +434,10 @@ def _grids(num_tokens: int, num_queries: int) -> Tuple[torch.Tensor, torch.Tenso
     in the same units, ``(r + 0.5) * sqrt(L) / sqrt(N - 1) - 0.5``: L x 2 and (N - 1) x 2 (row, column)."""
     grid_q, grid_p = math.isqrt(num_queries), math.isqrt(num_tokens - 1)
     if grid_q * grid_q != num_queries or grid_p * grid_p != num_tokens - 1:
-        raise ValueError(f"connector positions need a square number of queries ({num_queries}) and "
-                         f"[CLS] + a square patch grid ({num_tokens} tokens)")
+        raise ValueError(
+            f"connector positions need a square number of queries ({num_queries}) and "
+            f"[CLS] + a square patch grid ({num_tokens} tokens)"
+        )
     q = torch.arange(grid_q, dtype=torch.float64)
     p = (torch.arange(grid_p, dtype=torch.float64) + 0.5) * grid_q / grid_p - 0.5
     coords_q = torch.stack([q.repeat_interleave(grid_q), q.repeat(grid_q)], dim=1)  # L x 2 (row-major)
@@ -399,8 +449,14 @@ def locality_bias(num_tokens: int, num_queries: int, sigma: float, device, dtype
     """L x (N + L) additive logits: ``-d^2 / (2 sigma^2)`` from query j to patch i, 0 to CLS and to the queries."""
     coords_q, coords_p = _grids(num_tokens, num_queries)
     dist2 = (coords_q[:, None] - coords_p[None]).pow(2).sum(-1)  # L x (N - 1)
-    bias = torch.cat([torch.zeros(num_queries, 1, dtype=torch.float64), -dist2 / (2 * sigma ** 2),
-                      torch.zeros(num_queries, num_queries, dtype=torch.float64)], dim=1)  # L x (N + L)
+    bias = torch.cat(
+        [
+            torch.zeros(num_queries, 1, dtype=torch.float64),
+            -dist2 / (2 * sigma**2),
+            torch.zeros(num_queries, num_queries, dtype=torch.float64),
+        ],
+        dim=1,
+    )  # L x (N + L)
     return bias.to(device=device, dtype=dtype)
 
 
@@ -418,7 +474,9 @@ def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([axis(rows), axis(cols)], dim=1).float()  # M x dim
 
 
-def connector_positions(num_tokens: int, num_queries: int, dim: int, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def connector_positions(
+    num_tokens: int, num_queries: int, dim: int, device, dtype
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Positions of the ``sincos2d`` connector: (N x D for [CLS; patches], L x D for the queries), from
     :func:`_grids`' coordinates, so each query matches the patches it covers; CLS takes a zero row."""
     coords_q, coords_p = _grids(num_tokens, num_queries)
@@ -460,16 +518,31 @@ class Kosmos2Module(nn.Module):
         """torchscale decoder: sub-LN, no xPos / relative positions, sqrt(D)-scaled embeddings + sinusoids, tied
         output projection. The token embedding is fairseq's: N(0, D^-0.5) with a zero pad row."""
         args = DecoderConfig(
-            decoder_embed_dim=cfg.embed_dim, decoder_attention_heads=cfg.attention_heads,
-            decoder_ffn_embed_dim=cfg.ffn_embed_dim, decoder_layers=cfg.layers, decoder_normalize_before=True,
-            activation_fn=cfg.activation_fn, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-            activation_dropout=cfg.activation_dropout, no_scale_embedding=False, layernorm_embedding=False,
-            subln=cfg.subln, deepnorm=False, xpos_rel_pos=False, rel_pos_buckets=0, max_rel_pos=0,
-            share_decoder_input_output_embed=True, vocab_size=cfg.vocab_size, max_target_positions=cfg.max_positions,
-            layernorm_eps=cfg.layernorm_eps, checkpoint_activations=cfg.checkpoint_activations, multiway=False,
+            decoder_embed_dim=cfg.embed_dim,
+            decoder_attention_heads=cfg.attention_heads,
+            decoder_ffn_embed_dim=cfg.ffn_embed_dim,
+            decoder_layers=cfg.layers,
+            decoder_normalize_before=True,
+            activation_fn=cfg.activation_fn,
+            dropout=cfg.dropout,
+            attention_dropout=cfg.attention_dropout,
+            activation_dropout=cfg.activation_dropout,
+            no_scale_embedding=False,
+            layernorm_embedding=False,
+            subln=cfg.subln,
+            deepnorm=False,
+            xpos_rel_pos=False,
+            rel_pos_buckets=0,
+            max_rel_pos=0,
+            share_decoder_input_output_embed=True,
+            vocab_size=cfg.vocab_size,
+            max_target_positions=cfg.max_positions,
+            layernorm_eps=cfg.layernorm_eps,
+            checkpoint_activations=cfg.checkpoint_activations,
+            multiway=False,
         )
         embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_idx)
-        nn.init.normal_(embed_tokens.weight, mean=0.0, std=cfg.embed_dim ** -0.5)
+        nn.init.normal_(embed_tokens.weight, mean=0.0, std=cfg.embed_dim**-0.5)
         with torch.no_grad():
             embed_tokens.weight[cfg.pad_idx].zero_()
         positions = SinusoidalPositions(cfg.embed_dim, cfg.pad_idx, cfg.max_positions)
@@ -500,8 +573,9 @@ class Kosmos2Module(nn.Module):
             features = self.vision(image)  # B x N x Dv
         return self.connector(features)  # B x L x D
 
-    def embed_inputs(self, src_tokens: torch.Tensor, image: Optional[torch.Tensor],
-                     image_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def embed_inputs(
+        self, src_tokens: torch.Tensor, image: Optional[torch.Tensor], image_mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         """``E[tokens]`` with the ``image_mask`` rows replaced by the connector output, NOT yet scaled by sqrt(D)
         (torchscale's ``forward_embedding`` scales the spliced rows together with the text rows)."""
         embeds = self.decoder.embed_tokens(src_tokens)  # B x T x D
@@ -522,22 +596,30 @@ class Kosmos2Module(nn.Module):
         if not has_rows:
             raise ValueError("an image was given but image_mask marks no placeholder rows for it")
         if image_mask.dtype != torch.bool or image_mask.shape != src_tokens.shape:
-            raise ValueError(f"image_mask must be a bool tensor shaped like src_tokens {tuple(src_tokens.shape)}, "
-                             f"got {image_mask.dtype} {tuple(image_mask.shape)}")
+            raise ValueError(
+                f"image_mask must be a bool tensor shaped like src_tokens {tuple(src_tokens.shape)}, "
+                f"got {image_mask.dtype} {tuple(image_mask.shape)}"
+            )
         counts = image_mask.sum(dim=1)  # B
         with_image = int((counts > 0).sum())
         if image.dim() not in (4, 5) or image.size(0) != with_image:
-            raise ValueError(f"image must be B_img x 3 x H x W or B_img x K x 3 x H x W with B_img = {with_image} "
-                             f"(the rows whose image_mask marks slots), got {tuple(image.shape)}")
+            raise ValueError(
+                f"image must be B_img x 3 x H x W or B_img x K x 3 x H x W with B_img = {with_image} "
+                f"(the rows whose image_mask marks slots), got {tuple(image.shape)}"
+            )
         size = self.vision.image_size
         if tuple(image.shape[-3:]) != (3, size, size):
-            raise ValueError(f"images must be 3 x {size} x {size} (the image tower's input), got "
-                             f"{' x '.join(map(str, image.shape[-3:]))}")
+            raise ValueError(
+                f"images must be 3 x {size} x {size} (the image tower's input), got "
+                f"{' x '.join(map(str, image.shape[-3:]))}"
+            )
         expected = self.num_image_tokens * (image.size(1) if image.dim() == 5 else 1)
         bad = ((counts != expected) & (counts > 0)).nonzero().flatten().tolist()
         if bad:
-            raise ValueError(f"each image_mask row must mark 0 or exactly {expected} placeholder rows "
-                             f"({self.num_image_tokens} per image); rows {bad} mark {counts[bad].tolist()}")
+            raise ValueError(
+                f"each image_mask row must mark 0 or exactly {expected} placeholder rows "
+                f"({self.num_image_tokens} per image); rows {bad} mark {counts[bad].tolist()}"
+            )
 
     @staticmethod
     def _is_first_step(incremental_state: Dict[Any, Any]) -> bool:
@@ -552,9 +634,14 @@ class Kosmos2Module(nn.Module):
         return pad
 
     # -- forward --------------------------------------------------------------------------------------------------
-    def forward(self, src_tokens: torch.Tensor, image: Optional[torch.Tensor] = None,
-                image_mask: Optional[torch.Tensor] = None,
-                incremental_state: Optional[Dict[Any, Any]] = None, last_only: bool = False) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        src_tokens: torch.Tensor,
+        image: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+        incremental_state: Optional[Dict[Any, Any]] = None,
+        last_only: bool = False,
+    ) -> Dict[str, torch.Tensor]:
         """``src_tokens`` B x T (pad = ``pad_idx``), ``image`` B_img x 3 x H x W or B_img x K x 3 x H x W for the
         B_img rows that hold images (in batch order), ``image_mask`` B x T bool with K * L True on those rows and none
         on text-only rows (None/absent without images). With ``incremental_state`` (a dict
@@ -577,8 +664,13 @@ class Kosmos2Module(nn.Module):
             first_step = False
         if incremental_state is not None:
             incremental_state["is_first_step"] = first_step  # read by torchscale's Decoder
-        hidden, _ = self.decoder(src_tokens, self_attn_padding_mask=self._padding_mask(src_tokens),
-                                 incremental_state=incremental_state, token_embeddings=embeds, features_only=True)
+        hidden, _ = self.decoder(
+            src_tokens,
+            self_attn_padding_mask=self._padding_mask(src_tokens),
+            incremental_state=incremental_state,
+            token_embeddings=embeds,
+            features_only=True,
+        )
         if last_only:
             hidden = hidden[:, -1:]  # B x 1 x D
         return {"lm_logits": self.decoder.output_layer(hidden)}  # B x T x V (B x 1 x V with last_only)
@@ -587,10 +679,18 @@ class Kosmos2Module(nn.Module):
         """:meth:`decode_step` re-implements torchscale's pre-LN decoder layer without the options Kosmos-2 does
         not use; any of them (built by hand into a decoder) sends the step through torchscale instead."""
         dec = self.decoder
-        return (dec.layernorm_embedding is None and dec.self_attn_relative_position is None
-                and all(layer.normalize_before and layer.drop_path is None and not layer.is_moe_layer
-                        and layer.encoder_attn is None and isinstance(layer.self_attn, SdpaMultiheadAttention)
-                        for layer in dec.layers))
+        return (
+            dec.layernorm_embedding is None
+            and dec.self_attn_relative_position is None
+            and all(
+                layer.normalize_before
+                and layer.drop_path is None
+                and not layer.is_moe_layer
+                and layer.encoder_attn is None
+                and isinstance(layer.self_attn, SdpaMultiheadAttention)
+                for layer in dec.layers
+            )
+        )
 
     def decode_step(self, src_tokens: torch.Tensor, incremental_state: Dict[Any, Any]) -> torch.Tensor:
         """One incremental step after the first: the last token of ``src_tokens`` (the full N x S prefix) through
@@ -617,8 +717,9 @@ class Kosmos2Module(nn.Module):
             layer_state = incremental_state[idx]
             cache = layer_state.get("kv_cache")
             if cache is None:  # first fast step: move the prompt's keys/values into a buffer for the whole output
-                cache = KVCache(layer_state["prev_key"], layer_state["prev_value"],
-                                layer_state["prev_key"].size(2) + reserve)
+                cache = KVCache(
+                    layer_state["prev_key"], layer_state["prev_value"], layer_state["prev_key"].size(2) + reserve
+                )
                 layer_state["kv_cache"] = cache
             attn = layer.self_attn
             heads, head_dim = attn.num_heads, attn.head_dim

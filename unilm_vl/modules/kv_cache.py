@@ -8,6 +8,7 @@ traffic. :class:`KVCache` writes each step's keys/values into a buffer sized for
 reorders rows with one ``index_select`` into a second buffer of the same size (the two are swapped), so a step
 copies only its own keys/values.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -37,19 +38,19 @@ class KVCache:
 
     @property
     def keys(self) -> torch.Tensor:
-        return self._k[:, :, :self.length]  # N x H x length x d
+        return self._k[:, :, : self.length]  # N x H x length x d
 
     @property
     def values(self) -> torch.Tensor:
-        return self._v[:, :, :self.length]  # N x H x length x d
+        return self._v[:, :, : self.length]  # N x H x length x d
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Write ``N x H x t x d`` new keys/values after the filled positions; returns all keys and values."""
         step = keys.size(2)
         if self.length + step > self.capacity:
             self._grow(max(2 * self.capacity, self.length + step))
-        self._k[:, :, self.length:self.length + step] = keys
-        self._v[:, :, self.length:self.length + step] = values
+        self._k[:, :, self.length : self.length + step] = keys
+        self._v[:, :, self.length : self.length + step] = values
         self.length += step
         return self.keys, self.values
 
@@ -61,8 +62,8 @@ class KVCache:
             shape = (rows,) + tuple(self._k.shape[1:])
             spare = (self._k.new_empty(shape), self._v.new_empty(shape))
         new_k, new_v = spare[0][:rows], spare[1][:rows]
-        torch.index_select(self.keys, 0, order, out=new_k[:, :, :self.length])
-        torch.index_select(self.values, 0, order, out=new_v[:, :, :self.length])
+        torch.index_select(self.keys, 0, order, out=new_k[:, :, : self.length])
+        torch.index_select(self.values, 0, order, out=new_v[:, :, : self.length])
         self._spare = (self._k, self._v)
         self._k, self._v = new_k, new_v
 
@@ -70,6 +71,6 @@ class KVCache:
         old_k, old_v = self.keys, self.values
         shape = (self._k.size(0), self._k.size(1), capacity, self._k.size(3))
         self._k, self._v = self._k.new_empty(shape), self._v.new_empty(shape)
-        self._k[:, :, :self.length] = old_k
-        self._v[:, :, :self.length] = old_v
+        self._k[:, :, : self.length] = old_k
+        self._v[:, :, : self.length] = old_v
         self._spare = None

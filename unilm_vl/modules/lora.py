@@ -20,6 +20,7 @@ as every other LoRA layer).
 projections and ``logit_scale`` included). :func:`merge_lora_state_dict` folds the deltas into the base weights and
 drops the ``lora_*`` tensors: the result is a plain open_clip state dict.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,9 @@ class LoraConfig:
 class LoraLinear(nn.Linear):
     """``nn.Linear`` plus ``scaling * x A^T B^T`` (A: r x in, B: out x r; B = 0 at init)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, alpha: float, bias: bool = True, device=None, dtype=None
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.rank, self.scaling = rank, alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
@@ -67,10 +69,29 @@ class LoraConv2d(nn.Conv2d):
     """``nn.Conv2d`` with weight ``W + scaling * (B A).view(W.shape)`` (A: (r k) x (C_in k), B: (C_out k) x (r k),
     k the kernel size; B = 0 at init)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, rank: int, alpha: float,
-                 stride=1, padding=0, bias: bool = True, device=None, dtype=None):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
-                         device=device, dtype=dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        rank: int,
+        alpha: float,
+        stride=1,
+        padding=0,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
         k = self.kernel_size[0]
         self.rank, self.scaling = rank, alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank * k, in_channels * k, device=device, dtype=dtype))
@@ -89,10 +110,22 @@ class LoraMultiheadAttention(nn.MultiheadAttention):
     (r x d) shared by q, k and v and B (3d x r); ``out_proj`` is a :class:`LoraLinear`. Same call signature and
     parameter names as the base module, plus ``lora_A`` / ``lora_B``."""
 
-    def __init__(self, embed_dim: int, num_heads: int, rank: int, alpha: float, dropout: float = 0.0,
-                 bias: bool = True, batch_first: bool = False, zero_init: bool = False, device=None, dtype=None):
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=batch_first, device=device,
-                         dtype=dtype)
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = False,
+        zero_init: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=batch_first, device=device, dtype=dtype
+        )
         self.rank, self.scaling = rank, alpha / rank
         self.out_proj = LoraLinear(embed_dim, embed_dim, rank, alpha, bias=bias, device=device, dtype=dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, embed_dim, device=device, dtype=dtype))
@@ -106,16 +139,40 @@ class LoraMultiheadAttention(nn.MultiheadAttention):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * self.lora_B @ self.lora_A  # 3d x d
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
-                average_attn_weights: bool = True, is_causal: bool = False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights: bool = True,
+        attn_mask=None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
         if self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # L x B x d
         out, weights = F.multi_head_attention_forward(
-            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight + self.delta_weight(),
-            self.in_proj_bias, self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
-            self.out_proj.weight + self.out_proj.delta_weight(), self.out_proj.bias, training=self.training,
-            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights, is_causal=is_causal)
+            query,
+            key,
+            value,
+            self.embed_dim,
+            self.num_heads,
+            self.in_proj_weight + self.delta_weight(),
+            self.in_proj_bias,
+            self.bias_k,
+            self.bias_v,
+            self.add_zero_attn,
+            self.dropout,
+            self.out_proj.weight + self.out_proj.delta_weight(),
+            self.out_proj.bias,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
         if self.batch_first:
             out = out.transpose(0, 1)  # B x L x d
         return out, weights
@@ -131,8 +188,15 @@ def _share_base(new: nn.Module, old: nn.Module, names) -> nn.Module:
 
 def _lora_linear(old: nn.Linear, cfg: LoraConfig) -> LoraLinear:
     w = old.weight
-    new = LoraLinear(old.in_features, old.out_features, cfg.rank, cfg.alpha, bias=old.bias is not None,
-                     device=w.device, dtype=w.dtype)
+    new = LoraLinear(
+        old.in_features,
+        old.out_features,
+        cfg.rank,
+        cfg.alpha,
+        bias=old.bias is not None,
+        device=w.device,
+        dtype=w.dtype,
+    )
     return _share_base(new, old, ["weight", "bias"])
 
 
@@ -140,8 +204,18 @@ def _lora_conv(old: nn.Conv2d, cfg: LoraConfig) -> LoraConv2d:
     if old.kernel_size[0] != old.kernel_size[1] or old.groups != 1 or old.dilation != (1, 1):
         raise ValueError(f"LoRA Conv2d supports square, ungrouped, undilated kernels, got {old}")
     w = old.weight
-    new = LoraConv2d(old.in_channels, old.out_channels, old.kernel_size[0], cfg.rank, cfg.alpha, stride=old.stride,
-                     padding=old.padding, bias=old.bias is not None, device=w.device, dtype=w.dtype)
+    new = LoraConv2d(
+        old.in_channels,
+        old.out_channels,
+        old.kernel_size[0],
+        cfg.rank,
+        cfg.alpha,
+        stride=old.stride,
+        padding=old.padding,
+        bias=old.bias is not None,
+        device=w.device,
+        dtype=w.dtype,
+    )
     return _share_base(new, old, ["weight", "bias"])
 
 
@@ -149,9 +223,18 @@ def _lora_attention(old: nn.MultiheadAttention, cfg: LoraConfig) -> LoraMultihea
     if not old._qkv_same_embed_dim or old.bias_k is not None or old.add_zero_attn:
         raise ValueError("LoRA attention needs a packed q/k/v in-projection without bias_k/bias_v/zero_attn")
     w = old.in_proj_weight
-    new = LoraMultiheadAttention(old.embed_dim, old.num_heads, cfg.rank, cfg.alpha, dropout=old.dropout,
-                                 bias=old.in_proj_bias is not None, batch_first=old.batch_first,
-                                 zero_init=cfg.zero_init, device=w.device, dtype=w.dtype)
+    new = LoraMultiheadAttention(
+        old.embed_dim,
+        old.num_heads,
+        cfg.rank,
+        cfg.alpha,
+        dropout=old.dropout,
+        bias=old.in_proj_bias is not None,
+        batch_first=old.batch_first,
+        zero_init=cfg.zero_init,
+        device=w.device,
+        dtype=w.dtype,
+    )
     _share_base(new, old, ["in_proj_weight", "in_proj_bias"])
     _share_base(new.out_proj, old.out_proj, ["weight", "bias"])
     return new
@@ -226,8 +309,9 @@ def lora_parameter_names(state: Mapping[str, torch.Tensor]) -> list:
     return [k for k in state if "lora_" in k.rpartition(".")[2]]
 
 
-def scale_lora_state_dict(state: Mapping[str, torch.Tensor], factor: float,
-                          keys: Optional[list] = None) -> Dict[str, torch.Tensor]:
+def scale_lora_state_dict(
+    state: Mapping[str, torch.Tensor], factor: float, keys: Optional[list] = None
+) -> Dict[str, torch.Tensor]:
     """A copy of ``state`` with every LoRA tensor (or those in ``keys``) multiplied by ``factor``."""
     keys = set(lora_parameter_names(state) if keys is None else keys)
     return {k: (v * factor if k in keys else v) for k, v in state.items()}

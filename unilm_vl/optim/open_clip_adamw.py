@@ -12,6 +12,7 @@ Written here because fairseq's optimizers take a flat parameter list without nam
 ``--fp16-no-flatten-grads``, whose fp32 copies carry no names, so only the ``ndim < 2`` part applies there; ``--amp``
 and ``--memory-efficient-fp16`` keep the named parameters.
 """
+
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -51,14 +52,21 @@ def weight_decay_groups(params: Iterable[torch.Tensor], exclude: bool = True) ->
 
 @dataclass
 class OpenClipAdamWConfig(FairseqDataclass):
-    adam_betas: str = field(default="(0.9, 0.98)", metadata={
-        "help": "AdamW betas (open_clip's ViT defaults: 0.9, 0.98)"})
+    adam_betas: str = field(
+        default="(0.9, 0.98)", metadata={"help": "AdamW betas (open_clip's ViT defaults: 0.9, 0.98)"}
+    )
     adam_eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon (open_clip's ViT default 1e-6)"})
-    weight_decay: float = field(default=0.0, metadata={
-        "help": "decoupled weight decay of the weight matrices (the excluded parameters get none)"})
-    wd_exclude: ChoiceEnum(["open_clip", "none"]) = field(default="open_clip", metadata={
-        "help": "open_clip: no weight decay for ndim<2 / bn / ln / bias / logit_scale parameters; none: decay all "
-                "(fairseq adam's behaviour)"})
+    weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "decoupled weight decay of the weight matrices (the excluded parameters get none)"},
+    )
+    wd_exclude: ChoiceEnum(["open_clip", "none"]) = field(
+        default="open_clip",
+        metadata={
+            "help": "open_clip: no weight decay for ndim<2 / bn / ln / bias / logit_scale parameters; none: decay all "
+            "(fairseq adam's behaviour)"
+        },
+    )
     lr: List[float] = field(default=II("optimization.lr"), metadata={"help": "learning rate (fairseq's --lr)"})
 
 
@@ -70,14 +78,21 @@ class OpenClipAdamW(FairseqOptimizer):
         if not groups:
             raise ValueError("open_clip_adamw: no trainable parameters")
         sizes = [sum(p.numel() for p in g["params"]) for g in groups]
-        logger.info("open_clip_adamw: %s", ", ".join(
-            f"{'no ' if 'weight_decay' in g else ''}weight decay on {len(g['params'])} tensors ({n} values)"
-            for g, n in zip(groups, sizes)))
+        logger.info(
+            "open_clip_adamw: %s",
+            ", ".join(
+                f"{'no ' if 'weight_decay' in g else ''}weight decay on {len(g['params'])} tensors ({n} values)"
+                for g, n in zip(groups, sizes)
+            ),
+        )
         self._optimizer = torch.optim.AdamW(groups, **self.optimizer_config)
 
     @property
     def optimizer_config(self):
         lr = self.cfg.lr[0] if isinstance(self.cfg.lr, Collection) else self.cfg.lr
-        betas = (eval(self.cfg.adam_betas) if isinstance(self.cfg.adam_betas, str)
-                 else OmegaConf.to_container(self.cfg.adam_betas))
+        betas = (
+            eval(self.cfg.adam_betas)
+            if isinstance(self.cfg.adam_betas, str)
+            else OmegaConf.to_container(self.cfg.adam_betas)
+        )
         return {"lr": lr, "betas": tuple(betas), "eps": self.cfg.adam_eps, "weight_decay": self.cfg.weight_decay}

@@ -1,4 +1,5 @@
 """Registered tasks, one module per key (fairseq imports this package from the --user-dir)."""
+
 import importlib
 import os
 

@@ -13,9 +13,9 @@ from fairseq.tasks import FairseqTask
 from omegaconf import II
 
 from ..data.iterator import CheckpointableBatchIterator
-from ..distributed_cpu import prepare_cpu_all_gather_list
 from ..data.pipeline import StreamPlan
 from ..data.sources import SourceSpec, parse_data_spec
+from ..distributed_cpu import prepare_cpu_all_gather_list
 from ..fault_tolerance import NonFiniteLossGuard, install_atomic_checkpoint_copy, set_collective_timeout
 from ..optim.open_clip_adamw import tag_parameter_names
 from ..trainer import install as install_trainer
@@ -28,60 +28,120 @@ FSDP2_PRECISION_CHOICES = ChoiceEnum(["fp32", "bf16", "fp16"])
 
 @dataclass
 class StreamDataConfig(FairseqDataclass):
-    data: str = field(default=".", metadata={
-        "help": "root directory that relative data specs resolve against (e.g. the synthetic world's directory)"})
-    train_data: str = field(default="train/wds/part-*.tar", metadata={
-        "help": "training data spec: '::'-separated shard patterns with brace ranges ({00000..00099}) or globs "
-                "(.tar = img2dataset webdataset, .tsv = TSV), a json source config with weights, or a frames "
-                "annotation json"})
-    valid_data: str = field(default="val/wds/part-*.tar", metadata={
-        "help": "validation data spec (same forms as --train-data); used for the 'valid' subset"})
+    data: str = field(
+        default=".",
+        metadata={
+            "help": "root directory that relative data specs resolve against (e.g. the synthetic world's directory)"
+        },
+    )
+    train_data: str = field(
+        default="train/wds/part-*.tar",
+        metadata={
+            "help": "training data spec: '::'-separated shard patterns with brace ranges ({00000..00099}) or globs "
+            "(.tar = img2dataset webdataset, .tsv = TSV), a json source config with weights, or a frames "
+            "annotation json"
+        },
+    )
+    valid_data: str = field(
+        default="val/wds/part-*.tar",
+        metadata={"help": "validation data spec (same forms as --train-data); used for the 'valid' subset"},
+    )
     tsv_schema: str = field(default="grit", metadata={"help": "column schema of TSV shards (grit | image_text)"})
-    caption_key: str = field(default="txt", metadata={
-        "help": "webdataset caption: 'txt' for the .txt member, or a field name of the .json member"})
-    frames_root: Optional[str] = field(default=None, metadata={
-        "help": "directory of <video_id>/ frame folders for frames annotation sources (default: frames/ beside "
-                "the annotation json)"})
-    shuffle_buffer: int = field(default=1000, metadata={
-        "help": "records held in each rank's shuffle buffer, per source (0 or 1 disables sample shuffling)"})
+    caption_key: str = field(
+        default="txt",
+        metadata={"help": "webdataset caption: 'txt' for the .txt member, or a field name of the .json member"},
+    )
+    frames_root: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "directory of <video_id>/ frame folders for frames annotation sources (default: frames/ beside "
+            "the annotation json)"
+        },
+    )
+    shuffle_buffer: int = field(
+        default=1000,
+        metadata={"help": "records held in each rank's shuffle buffer, per source (0 or 1 disables sample shuffling)"},
+    )
     no_shuffle: bool = field(default=False, metadata={"help": "read shards and samples in order (no shuffling)"})
-    split_by: SPLIT_CHOICES = field(default="auto", metadata={
-        "help": "how ranks share the data (their loader workers only decode): whole shards, every n-th sample, or "
-                "auto (shards when there are at least as many shards as ranks)"})
-    train_num_samples: Optional[int] = field(default=None, metadata={
-        "help": "samples per epoch (default: the size of the training data from sizes.json or a scan, bad records "
-                "included); an epoch is ceil(samples / (batch size x ranks)) batches"})
-    max_bad_fraction: float = field(default=0.1, metadata={
-        "help": "stop with an error naming the last bad file once more than this fraction of samples is bad"})
+    split_by: SPLIT_CHOICES = field(
+        default="auto",
+        metadata={
+            "help": "how ranks share the data (their loader workers only decode): whole shards, every n-th sample, or "
+            "auto (shards when there are at least as many shards as ranks)"
+        },
+    )
+    train_num_samples: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "samples per epoch (default: the size of the training data from sizes.json or a scan, bad records "
+            "included); an epoch is ceil(samples / (batch size x ranks)) batches"
+        },
+    )
+    max_bad_fraction: float = field(
+        default=0.1,
+        metadata={"help": "stop with an error naming the last bad file once more than this fraction of samples is bad"},
+    )
     bad_sample_log_every: int = field(default=100, metadata={"help": "log a bad-sample summary every N skips"})
-    seed: int = field(default=II("common.seed"), metadata={
-        "help": "seed of shard order, shuffle buffers, mixing and per-sample augmentation (fairseq's --seed)"})
-    max_consecutive_nan_steps: int = field(default=10, metadata={
-        "help": "an update whose loss is NaN/Inf on any rank is skipped (no optimizer step, counted as "
-                "nan_skipped); stop the run once more than this many updates in a row were skipped (0: stop at the "
-                "first)"})
-    bf16_autocast: bool = field(default=False, metadata={
-        "help": "run forward passes under torch.autocast(bfloat16) on the model's device (CPU or GPU) with fp32 "
-                "weights and optimizer state, no loss scaling; losses still compute in fp32. fairseq 0.12's own "
-                "--bf16 needs torch_xla and --amp is fp16 only"})
-    fsdp2: bool = field(default=False, metadata={
-        "help": "shard weights, gradients and optimizer state over the data-parallel ranks with PyTorch FSDP2 "
-                "(fully_shard per transformer block, then the root) instead of DDP; checkpoints are sharded "
-                "(torch.distributed.checkpoint; python -m unilm_vl.consolidate makes one file). Works on CPU (gloo) "
-                "and GPUs (NCCL), also on one rank"})
-    fsdp2_precision: FSDP2_PRECISION_CHOICES = field(default="fp32", metadata={
-        "help": "--fsdp2 compute precision: bf16 or fp16 weights are gathered for forward/backward while the "
-                "sharded master weights, optimizer state and gradient reduction stay fp32 (fp16 adds fairseq's "
-                "dynamic loss scaling, --fp16-init-scale / --fp16-scale-window); use it instead of --fp16/--amp"})
-    fsdp2_keep_unsharded: bool = field(default=False, metadata={
-        "help": "--fsdp2: keep each block's gathered weights from its forward to its backward (one all-gather "
-                "less per block, more memory; the default reshards after forward)"})
-    fsdp2_full_checkpoint: bool = field(default=False, metadata={
-        "help": "--fsdp2: gather full weights and optimizer state to rank 0 and write one regular checkpoint "
-                "file instead of per-rank shards"})
-    collective_timeout: int = field(default=0, metadata={
-        "help": "seconds a collective (all-reduce, all-gather) waits for the other ranks before failing, so a hung "
-                "rank stops the job instead of blocking it; 0 keeps torch's default (30 min gloo, 10 min NCCL)"})
+    seed: int = field(
+        default=II("common.seed"),
+        metadata={
+            "help": "seed of shard order, shuffle buffers, mixing and per-sample augmentation (fairseq's --seed)"
+        },
+    )
+    max_consecutive_nan_steps: int = field(
+        default=10,
+        metadata={
+            "help": "an update whose loss is NaN/Inf on any rank is skipped (no optimizer step, counted as "
+            "nan_skipped); stop the run once more than this many updates in a row were skipped (0: stop at the "
+            "first)"
+        },
+    )
+    bf16_autocast: bool = field(
+        default=False,
+        metadata={
+            "help": "run forward passes under torch.autocast(bfloat16) on the model's device (CPU or GPU) with fp32 "
+            "weights and optimizer state, no loss scaling; losses still compute in fp32. fairseq 0.12's own "
+            "--bf16 needs torch_xla and --amp is fp16 only"
+        },
+    )
+    fsdp2: bool = field(
+        default=False,
+        metadata={
+            "help": "shard weights, gradients and optimizer state over the data-parallel ranks with PyTorch FSDP2 "
+            "(fully_shard per transformer block, then the root) instead of DDP; checkpoints are sharded "
+            "(torch.distributed.checkpoint; python -m unilm_vl.consolidate makes one file). Works on CPU (gloo) "
+            "and GPUs (NCCL), also on one rank"
+        },
+    )
+    fsdp2_precision: FSDP2_PRECISION_CHOICES = field(
+        default="fp32",
+        metadata={
+            "help": "--fsdp2 compute precision: bf16 or fp16 weights are gathered for forward/backward while the "
+            "sharded master weights, optimizer state and gradient reduction stay fp32 (fp16 adds fairseq's "
+            "dynamic loss scaling, --fp16-init-scale / --fp16-scale-window); use it instead of --fp16/--amp"
+        },
+    )
+    fsdp2_keep_unsharded: bool = field(
+        default=False,
+        metadata={
+            "help": "--fsdp2: keep each block's gathered weights from its forward to its backward (one all-gather "
+            "less per block, more memory; the default reshards after forward)"
+        },
+    )
+    fsdp2_full_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "--fsdp2: gather full weights and optimizer state to rank 0 and write one regular checkpoint "
+            "file instead of per-rank shards"
+        },
+    )
+    collective_timeout: int = field(
+        default=0,
+        metadata={
+            "help": "seconds a collective (all-reduce, all-gather) waits for the other ranks before failing, so a hung "
+            "rank stops the job instead of blocking it; 0 keeps torch's default (30 min gloo, 10 min NCCL)"
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -103,11 +163,17 @@ class ModelGeometry:
         """The geometry of ``model``; ``TypeError`` naming the model class when it lacks an image attribute."""
         missing = [name for name in ("image_size", "image_mean", "image_std") if not hasattr(model, name)]
         if missing:
-            raise TypeError(f"{type(model).__name__} does not expose {', '.join(missing)}: the image-text tasks "
-                            "build their transforms from the model's image geometry")
+            raise TypeError(
+                f"{type(model).__name__} does not expose {', '.join(missing)}: the image-text tasks "
+                "build their transforms from the model's image geometry"
+            )
         optional = {name: getattr(model, name, None) for name in ("context_length", "num_image_tokens")}
-        return cls(int(model.image_size), tuple(model.image_mean), tuple(model.image_std),
-                   **{name: None if value is None else int(value) for name, value in optional.items()})
+        return cls(
+            int(model.image_size),
+            tuple(model.image_mean),
+            tuple(model.image_std),
+            **{name: None if value is None else int(value) for name, value in optional.items()},
+        )
 
 
 class StreamTaskBase(FairseqTask):
@@ -169,14 +235,24 @@ class StreamTaskBase(FairseqTask):
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
         spec = self.data_spec(split)
         try:
-            sources = parse_data_spec(spec, root=self.cfg.data, schema=self.cfg.tsv_schema,
-                                      caption_key=self.cfg.caption_key, frames_root=self.cfg.frames_root)
+            sources = parse_data_spec(
+                spec,
+                root=self.cfg.data,
+                schema=self.cfg.tsv_schema,
+                caption_key=self.cfg.caption_key,
+                frames_root=self.cfg.frames_root,
+            )
         except FileNotFoundError as exc:  # one error line from the CLIs (unilm_vl.cli), naming the flag to fix
-            raise FileNotFoundError(f"--{split.replace('_', '-')}-data {spec!r}: {exc}; relative paths resolve against "
-                                    f"the data directory {self.cfg.data!r} (the first positional argument)") from exc
+            raise FileNotFoundError(
+                f"--{split.replace('_', '-')}-data {spec!r}: {exc}; relative paths resolve against "
+                f"the data directory {self.cfg.data!r} (the first positional argument)"
+            ) from exc
         self.datasets[split] = sources
-        logger.info("%s: %s", split, ", ".join(f"{s.name} ({s.kind}, {len(s.shards)} shards, weight {s.weight})"
-                                               for s in sources))
+        logger.info(
+            "%s: %s",
+            split,
+            ", ".join(f"{s.name} ({s.kind}, {len(s.shards)} shards, weight {s.weight})" for s in sources),
+        )
 
     def dataset(self, split: str) -> List[SourceSpec]:
         if split not in self.datasets:
@@ -193,33 +269,65 @@ class StreamTaskBase(FairseqTask):
         """Extra :class:`~unilm_vl.data.pipeline.StreamPlan` fields of ``split`` (e.g. ``mix_block``)."""
         return {}
 
-    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
-                           ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1, num_shards=1,
-                           shard_id=0, num_workers=0, epoch=1, data_buffer_size=0, disable_iterator_cache=False,
-                           skip_remainder_batch=False, grouped_shuffling=False, update_epoch_batch_itr=False):
+    def get_batch_iterator(
+        self,
+        dataset,
+        max_tokens=None,
+        max_sentences=None,
+        max_positions=None,
+        ignore_invalid_inputs=False,
+        required_batch_size_multiple=1,
+        seed=1,
+        num_shards=1,
+        shard_id=0,
+        num_workers=0,
+        epoch=1,
+        data_buffer_size=0,
+        disable_iterator_cache=False,
+        skip_remainder_batch=False,
+        grouped_shuffling=False,
+        update_epoch_batch_itr=False,
+    ):
         if not max_sentences:
             raise ValueError("image-text tasks batch by samples: pass --batch-size (and --batch-size-valid)")
         split = next((name for name, value in self.datasets.items() if value is dataset), "train")
         train = split == "train"
         plan = StreamPlan(
-            sources=dataset, stages=self.build_stages(split), collate=self.build_collater(split),
-            batch_size=max_sentences, seed=self.cfg.seed, rank=shard_id, world_size=num_shards,
+            sources=dataset,
+            stages=self.build_stages(split),
+            collate=self.build_collater(split),
+            batch_size=max_sentences,
+            seed=self.cfg.seed,
+            rank=shard_id,
+            world_size=num_shards,
             # validation is one small ordered pass in the main process
             num_workers=max(1, num_workers) if train else 1,
-            shuffle=train and not self.cfg.no_shuffle, shuffle_buffer=self.cfg.shuffle_buffer,
-            split=self.cfg.split_by if train else "sample", train=train,
-            max_bad_fraction=self.cfg.max_bad_fraction, log_every=self.cfg.bad_sample_log_every, name=split,
-            sizes=self._sizes.setdefault(split, {}), **self.stream_options(split, max_sentences))
+            shuffle=train and not self.cfg.no_shuffle,
+            shuffle_buffer=self.cfg.shuffle_buffer,
+            split=self.cfg.split_by if train else "sample",
+            train=train,
+            max_bad_fraction=self.cfg.max_bad_fraction,
+            log_every=self.cfg.bad_sample_log_every,
+            name=split,
+            sizes=self._sizes.setdefault(split, {}),
+            **self.stream_options(split, max_sentences),
+        )
         if train:
             total = self.cfg.train_num_samples or plan.count()
             num_batches = math.ceil(total / (max_sentences * num_shards))  # no sample of a pass left out
         else:
             total = plan.count()
             num_batches = math.ceil(math.ceil(total / num_shards) / max_sentences)
-        logger.info("%s: %d samples -> %d batches of %d per rank (%d ranks, %d loader workers)", split, total,
-                    num_batches, max_sentences, num_shards, num_workers if train else 0)
-        return CheckpointableBatchIterator(plan, num_batches, epoch=epoch,
-                                           loader_workers=num_workers if train else 0)
+        logger.info(
+            "%s: %d samples -> %d batches of %d per rank (%d ranks, %d loader workers)",
+            split,
+            total,
+            num_batches,
+            max_sentences,
+            num_shards,
+            num_workers if train else 0,
+        )
+        return CheckpointableBatchIterator(plan, num_batches, epoch=epoch, loader_workers=num_workers if train else 0)
 
     # ---- training hooks
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
@@ -238,10 +346,12 @@ class StreamTaskBase(FairseqTask):
                 loss *= 0
             optimizer.backward(loss)  # outside autocast: backward ops follow the dtypes of their forward ops
         else:
-            loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
-                                                                   ignore_grad=ignore_grad, **kwargs)
-        sample_size, logging_output = self.nan_guard.after_backward(loss, sample_size, logging_output, optimizer,
-                                                                    update_num, ignore_grad)
+            loss, sample_size, logging_output = super().train_step(
+                sample, model, criterion, optimizer, update_num, ignore_grad=ignore_grad, **kwargs
+            )
+        sample_size, logging_output = self.nan_guard.after_backward(
+            loss, sample_size, logging_output, optimizer, update_num, ignore_grad
+        )
         return loss, sample_size, logging_output
 
     def autocast(self, model, optimizer=None):

@@ -22,6 +22,7 @@ The losses of each finetuning task (ITC + itm_ratio x ITM, masked-causal caption
 ``cosa`` criterion's; the benchmark scores come from :mod:`unilm_vl.eval.cosa_retrieval`,
 :mod:`unilm_vl.eval.cosa_caption` and :mod:`unilm_vl.eval.cosa_qa`. Concatenation is off in finetuning (K = 1).
 """
+
 from dataclasses import dataclass, field
 
 from fairseq.dataclass import ChoiceEnum
@@ -34,13 +35,21 @@ FINETUNE_TASK_CHOICES = ChoiceEnum(["retrieval", "caption", "qa"])
 
 @dataclass
 class CosaFinetuneConfig(CosaPretrainConfig):
-    finetune_task: FINETUNE_TASK_CHOICES = field(default="retrieval", metadata={
-        "help": "retrieval (ITC + ITM), caption (masked-causal LM) or qa (answer generation); selects the batch "
-                "layout here and the losses in the cosa criterion"})
-    num_frames: int = field(default=8, metadata={
-        "help": "frames sampled per training clip (released video finetuning: 8; 4 for TGIF; images 1)"})
-    max_answer_tokens: int = field(default=10, metadata={
-        "help": "answer row length for --finetune-task qa, [CLS] and [SEP] included (released: 10)"})
+    finetune_task: FINETUNE_TASK_CHOICES = field(
+        default="retrieval",
+        metadata={
+            "help": "retrieval (ITC + ITM), caption (masked-causal LM) or qa (answer generation); selects the batch "
+            "layout here and the losses in the cosa criterion"
+        },
+    )
+    num_frames: int = field(
+        default=8,
+        metadata={"help": "frames sampled per training clip (released video finetuning: 8; 4 for TGIF; images 1)"},
+    )
+    max_answer_tokens: int = field(
+        default=10,
+        metadata={"help": "answer row length for --finetune-task qa, [CLS] and [SEP] included (released: 10)"},
+    )
 
 
 @register_task("cosa_finetune", dataclass=CosaFinetuneConfig)

@@ -28,6 +28,7 @@ counted skip whose first occurrence (and every ``--bad-sample-log-every``-th) is
 Vocabulary: ``--vocab-file`` is a BERT ``vocab.txt`` (bert-base-uncased as released, from a local path) or one
 written by ``python -m unilm_vl.data.cosa build-vocab`` for the synthetic world.
 """
+
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -46,24 +47,48 @@ VIDEO_TRANSFORM_CHOICES = ChoiceEnum(["none", "crop_flip"])
 
 @dataclass
 class CosaPretrainConfig(StreamDataConfig):
-    vocab_file: Optional[str] = field(default=None, metadata={
-        "help": "WordPiece vocab.txt: bert-base-uncased's (a local copy) or one from "
-                "'python -m unilm_vl.data.cosa build-vocab'"})
-    cased: bool = field(default=False, metadata={
-        "help": "keep case and accents (default: lowercase and strip accents before WordPiece, as bert-base-uncased)"})
-    max_text_tokens: int = field(default=40, metadata={
-        "help": "tokens per caption / question row, [CLS] and [SEP] included (released: 40; concatenated "
-                "paragraphs use max_text_tokens * ceil(K/2))"})
-    num_frames: int = field(default=1, metadata={
-        "help": "frames sampled per training clip (released pretraining: 1; images are always 1 frame)"})
-    num_frames_test: Optional[int] = field(default=None, metadata={
-        "help": "frames per clip in validation / evaluation (default: --num-frames)"})
-    video_transforms: VIDEO_TRANSFORM_CHOICES = field(default="none", metadata={
-        "help": "none: squash-resize to R x R (released default); crop_flip: RandomResizedCrop(0.8-1, square) + "
-                "flip in training, resize short side + centre crop in test"})
-    no_mix_per_batch: bool = field(default=False, metadata={
-        "help": "draw the source of every sample by weight instead of once per batch (the released per-step "
-                "dataset choice)"})
+    vocab_file: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "WordPiece vocab.txt: bert-base-uncased's (a local copy) or one from "
+            "'python -m unilm_vl.data.cosa build-vocab'"
+        },
+    )
+    cased: bool = field(
+        default=False,
+        metadata={
+            "help": "keep case and accents (default: lowercase and strip accents before WordPiece, "
+            "as bert-base-uncased)"
+        },
+    )
+    max_text_tokens: int = field(
+        default=40,
+        metadata={
+            "help": "tokens per caption / question row, [CLS] and [SEP] included (released: 40; concatenated "
+            "paragraphs use max_text_tokens * ceil(K/2))"
+        },
+    )
+    num_frames: int = field(
+        default=1,
+        metadata={"help": "frames sampled per training clip (released pretraining: 1; images are always 1 frame)"},
+    )
+    num_frames_test: Optional[int] = field(
+        default=None, metadata={"help": "frames per clip in validation / evaluation (default: --num-frames)"}
+    )
+    video_transforms: VIDEO_TRANSFORM_CHOICES = field(
+        default="none",
+        metadata={
+            "help": "none: squash-resize to R x R (released default); crop_flip: RandomResizedCrop(0.8-1, square) + "
+            "flip in training, resize short side + centre crop in test"
+        },
+    )
+    no_mix_per_batch: bool = field(
+        default=False,
+        metadata={
+            "help": "draw the source of every sample by weight instead of once per batch (the released per-step "
+            "dataset choice)"
+        },
+    )
 
 
 @register_task("cosa_pretrain", dataclass=CosaPretrainConfig)
@@ -77,14 +102,15 @@ class CosaPretrainTask(StreamTaskBase):
     def __init__(self, cfg: CosaPretrainConfig):
         super().__init__(cfg)
         if not cfg.vocab_file:
-            raise FileNotFoundError("--vocab-file is required: a WordPiece vocab.txt (bert-base-uncased, or one "
-                                    "from 'python -m unilm_vl.data.cosa build-vocab')")
+            raise FileNotFoundError(
+                "--vocab-file is required: a WordPiece vocab.txt (bert-base-uncased, or one "
+                "from 'python -m unilm_vl.data.cosa build-vocab')"
+            )
         if cfg.max_text_tokens < 2:
             raise ValueError(f"--max-text-tokens must hold at least [CLS] and [SEP], got {cfg.max_text_tokens}")
         if cfg.num_frames < 1 or (cfg.num_frames_test is not None and cfg.num_frames_test < 1):
             raise ValueError("--num-frames and --num-frames-test must be positive")
-        self.tokenizer = WordPieceTokenizer(cfg.vocab_file, lowercase=not cfg.cased,
-                                            context_length=cfg.max_text_tokens)
+        self.tokenizer = WordPieceTokenizer(cfg.vocab_file, lowercase=not cfg.cased, context_length=cfg.max_text_tokens)
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
@@ -106,14 +132,19 @@ class CosaPretrainTask(StreamTaskBase):
 
     def clip_transform(self, train: bool) -> ClipTransformFn:
         self.require_geometry()
-        return ClipTransformFn(self.image_size, self.image_mean, self.image_std, str(self.cfg.video_transforms),
-                               train)
+        return ClipTransformFn(self.image_size, self.image_mean, self.image_std, str(self.cfg.video_transforms), train)
 
     def build_stages(self, split: str):
         train = split == "train"
-        return cosa_stages(self.tokenizer, self.cfg.max_text_tokens,
-                           self.cfg.num_frames if train else self.num_frames_test, train,
-                           self.clip_transform(train), qa=self.qa, answer_length=self.max_answer_tokens)
+        return cosa_stages(
+            self.tokenizer,
+            self.cfg.max_text_tokens,
+            self.cfg.num_frames if train else self.num_frames_test,
+            train,
+            self.clip_transform(train),
+            qa=self.qa,
+            answer_length=self.max_answer_tokens,
+        )
 
     def build_collater(self, split: str):
         return CollateCosa(pad_id=self.tokenizer.pad_id, qa=self.qa)

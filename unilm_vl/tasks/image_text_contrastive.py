@@ -33,8 +33,15 @@ from fairseq.tasks import register_task
 
 from ..data.hard_negatives import CollateHardNegatives, HardNegatives, Lexicon, TokenizeHardNegatives, parse_style
 from ..data.multicrop import CAPTION_SAMPLING_MODES, CollateMultiCrop, multicrop_stages
-from ..data.stages import (CollateImageText, CollateMultiView, FramesToImage, ImageTransform, MultiViewImage,
-                           Tokenize, TokenizeViews)
+from ..data.stages import (
+    CollateImageText,
+    CollateMultiView,
+    FramesToImage,
+    ImageTransform,
+    MultiViewImage,
+    Tokenize,
+    TokenizeViews,
+)
 from ..data.text_augment import TextAugmentConfig, TextViews
 from ..data.tokenizers import TokenizerConfig, build_tokenizer
 from ..data.transforms import ClipTrainView, clip_image_transform, rocket_global_transform, rocket_view_transform
@@ -50,51 +57,109 @@ class ImageTextContrastiveConfig(TokenizerConfig, StreamDataConfig):
     """The stream data options, the caption tokeniser's (:class:`TokenizerConfig`: ``--text-tokenizer``,
     ``--context-length`` ...) and the contrastive batches' own."""
 
-    train_crop_scale_min: float = field(default=0.9, metadata={
-        "help": "training RandomResizedCrop scale lower bound (open_clip default 0.9); 1.0 = resize + centre crop"})
-    full_jpeg_decode: bool = field(default=False, metadata={
-        "help": "decode training JPEGs at full size, giving open_clip's training pixels exactly; by default a JPEG "
-                "is decoded at a 1/2-1/8 DCT scale when its crop keeps >= the image size on each side (faster; "
-                "pixels differ slightly, see benchmarks/README.md)"})
-    num_augs: int = field(default=0, metadata={
-        "help": "improved CLIP recipe (clip-rocket): A strong image and text views per training sample besides the "
-                "weak global view (the reference uses 2); 0 = plain CLIP batches"})
-    text_augment: bool = field(default=False, metadata={
-        "help": "apply one EDA op (synonym replacement / swap / deletion, weights .4/.4/.2) to each strong caption view"})
-    remove_stopwords_prob: float = field(default=0.8, metadata={
-        "help": "probability of dropping English stop-words from each caption view (with --num-augs > 0)"})
-    clean_before_augment: bool = field(default=False, metadata={
-        "help": "html-unescape, collapse whitespace and lowercase captions before augmenting them"})
-    synonym_lexicon: Optional[str] = field(default=None, metadata={
-        "help": "synonym file for EDA synonym replacement, 'word<TAB>syn1,syn2' per line (no WordNet download)"})
-    hard_negatives: Optional[str] = field(default=None, metadata={
-        "help": "hard-negative captions for NegCLIP / FSC-CLIP batches (net_input neg_text / neg_mask, type-major): "
-                "negclip | replace | svlc | given | ngram_shuffle_1..5 | fsc-clip (= negclip,replace,"
-                "ngram_shuffle_2) or a comma list; unset = none"})
-    negatives_lexicon: Optional[str] = field(default=None, metadata={
-        "help": "extra word groups for --hard-negatives, 'category<TAB>word1,word2=weight,...' per line "
-                "(categories: colour size material state shape noun action count relation adverb)"})
-    spacy_model: Optional[str] = field(default=None, metadata={
-        "help": "installed spaCy English model (e.g. en_core_web_sm) to parse captions for --hard-negatives "
-                "instead of the built-in rule-based tagger; never downloaded"})
-    use_imagecrop_aug: bool = field(default=False, metadata={
-        "help": "COSMOS multi-crop training batches: global + local image crops and caption views"})
-    global_crops_number: int = field(default=2, metadata={
-        "help": "global image crops at the model's image size (COSMOS: must be 2)"})
-    local_crops_number: int = field(default=0, metadata={
-        "help": "local image crops per sample (COSMOS recipes: 6)"})
-    crop_scale: float = field(default=0.14, metadata={
-        "help": "area split of the crops: global RandomResizedCrop scale (s, 1), local (0.05, s) (COSMOS recipes: 0.4)"})
-    local_crop_size: int = field(default=96, metadata={
-        "help": "side of the local crops in pixels (a multiple of the ViT patch; reference 96 at 224 px globals)"})
-    caption_sampling_mode: CAPTION_SAMPLING_CHOICES = field(default="raw", metadata={
-        "help": "caption views: raw (the caption only) or textcrop (2 global crops of 1-5 sentences + local "
-                "one-sentence crops of the raw caption and the json long caption)"})
-    num_sampled_captions: int = field(default=0, metadata={
-        "help": "caption views per sample with textcrop (COSMOS recipes: 8 = 2 global + 6 local)"})
-    long_caption_key: str = field(default="long_caption", metadata={
-        "help": "comma-separated fields of the webdataset json holding the long caption (a string, split into "
-                "sentences) or sentence lists, for textcrop"})
+    train_crop_scale_min: float = field(
+        default=0.9,
+        metadata={
+            "help": "training RandomResizedCrop scale lower bound (open_clip default 0.9); 1.0 = resize + centre crop"
+        },
+    )
+    full_jpeg_decode: bool = field(
+        default=False,
+        metadata={
+            "help": "decode training JPEGs at full size, giving open_clip's training pixels exactly; by default a JPEG "
+            "is decoded at a 1/2-1/8 DCT scale when its crop keeps >= the image size on each side (faster; "
+            "pixels differ slightly, see benchmarks/README.md)"
+        },
+    )
+    num_augs: int = field(
+        default=0,
+        metadata={
+            "help": "improved CLIP recipe (clip-rocket): A strong image and text views per training sample besides the "
+            "weak global view (the reference uses 2); 0 = plain CLIP batches"
+        },
+    )
+    text_augment: bool = field(
+        default=False,
+        metadata={
+            "help": "apply one EDA op (synonym replacement / swap / deletion, weights .4/.4/.2) to "
+            "each strong caption view"
+        },
+    )
+    remove_stopwords_prob: float = field(
+        default=0.8,
+        metadata={"help": "probability of dropping English stop-words from each caption view (with --num-augs > 0)"},
+    )
+    clean_before_augment: bool = field(
+        default=False,
+        metadata={"help": "html-unescape, collapse whitespace and lowercase captions before augmenting them"},
+    )
+    synonym_lexicon: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "synonym file for EDA synonym replacement, 'word<TAB>syn1,syn2' per line (no WordNet download)"
+        },
+    )
+    hard_negatives: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "hard-negative captions for NegCLIP / FSC-CLIP batches (net_input neg_text / "
+            "neg_mask, type-major): "
+            "negclip | replace | svlc | given | ngram_shuffle_1..5 | fsc-clip (= negclip,replace,"
+            "ngram_shuffle_2) or a comma list; unset = none"
+        },
+    )
+    negatives_lexicon: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "extra word groups for --hard-negatives, 'category<TAB>word1,word2=weight,...' per line "
+            "(categories: colour size material state shape noun action count relation adverb)"
+        },
+    )
+    spacy_model: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "installed spaCy English model (e.g. en_core_web_sm) to parse captions for --hard-negatives "
+            "instead of the built-in rule-based tagger; never downloaded"
+        },
+    )
+    use_imagecrop_aug: bool = field(
+        default=False,
+        metadata={"help": "COSMOS multi-crop training batches: global + local image crops and caption views"},
+    )
+    global_crops_number: int = field(
+        default=2, metadata={"help": "global image crops at the model's image size (COSMOS: must be 2)"}
+    )
+    local_crops_number: int = field(default=0, metadata={"help": "local image crops per sample (COSMOS recipes: 6)"})
+    crop_scale: float = field(
+        default=0.14,
+        metadata={
+            "help": "area split of the crops: global RandomResizedCrop scale (s, 1), local (0.05, s) "
+            "(COSMOS recipes: 0.4)"
+        },
+    )
+    local_crop_size: int = field(
+        default=96,
+        metadata={
+            "help": "side of the local crops in pixels (a multiple of the ViT patch; reference 96 at 224 px globals)"
+        },
+    )
+    caption_sampling_mode: CAPTION_SAMPLING_CHOICES = field(
+        default="raw",
+        metadata={
+            "help": "caption views: raw (the caption only) or textcrop (2 global crops of 1-5 sentences + local "
+            "one-sentence crops of the raw caption and the json long caption)"
+        },
+    )
+    num_sampled_captions: int = field(
+        default=0, metadata={"help": "caption views per sample with textcrop (COSMOS recipes: 8 = 2 global + 6 local)"}
+    )
+    long_caption_key: str = field(
+        default="long_caption",
+        metadata={
+            "help": "comma-separated fields of the webdataset json holding the long caption (a string, split into "
+            "sentences) or sentence lists, for textcrop"
+        },
+    )
 
 
 @register_task("image_text_contrastive", dataclass=ImageTextContrastiveConfig)
@@ -109,8 +174,10 @@ class ImageTextContrastiveTask(StreamTaskBase):
         if cfg.hard_negatives:
             parse_style(cfg.hard_negatives)
             if cfg.num_augs > 0 or getattr(cfg, "use_imagecrop_aug", False):
-                raise ValueError("--hard-negatives needs plain image-text batches: it cannot be combined with "
-                                 "--num-augs > 0 or --use-imagecrop-aug")
+                raise ValueError(
+                    "--hard-negatives needs plain image-text batches: it cannot be combined with "
+                    "--num-augs > 0 or --use-imagecrop-aug"
+                )
             self.hard_negative_lexicon = Lexicon.build(cfg.negatives_lexicon, cfg.spacy_model)
         elif cfg.negatives_lexicon or cfg.spacy_model:
             logger.warning("--negatives-lexicon / --spacy-model are ignored without --hard-negatives")
@@ -125,13 +192,15 @@ class ImageTextContrastiveTask(StreamTaskBase):
         if self.context_length is None:
             self.context_length = geometry.context_length
         elif self.context_length > geometry.context_length:
-            raise ValueError(f"--context-length {self.context_length} exceeds the text tower's "
-                             f"{geometry.context_length} positions")
+            raise ValueError(
+                f"--context-length {self.context_length} exceeds the text tower's {geometry.context_length} positions"
+            )
 
     def image_transform(self, train: bool):
         self.require_geometry()
-        return clip_image_transform(self.image_size, train, self.image_mean, self.image_std,
-                                    self.cfg.train_crop_scale_min)
+        return clip_image_transform(
+            self.image_size, train, self.image_mean, self.image_std, self.cfg.train_crop_scale_min
+        )
 
     def multiview(self, split: str) -> bool:
         return split == "train" and self.cfg.num_augs > 0
@@ -145,31 +214,50 @@ class ImageTextContrastiveTask(StreamTaskBase):
             if cfg.num_augs > 0:
                 raise ValueError("--use-imagecrop-aug (COSMOS multi-crop) cannot be combined with --num-augs > 0")
             return multicrop_stages(
-                self.image_size, cfg.local_crop_size, self.image_mean, self.image_std, self.tokenizer,
-                self.context_length, crop_scale=cfg.crop_scale, num_global=cfg.global_crops_number,
-                num_local=cfg.local_crops_number, caption_mode=str(cfg.caption_sampling_mode),
+                self.image_size,
+                cfg.local_crop_size,
+                self.image_mean,
+                self.image_std,
+                self.tokenizer,
+                self.context_length,
+                crop_scale=cfg.crop_scale,
+                num_global=cfg.global_crops_number,
+                num_local=cfg.local_crops_number,
+                caption_mode=str(cfg.caption_sampling_mode),
                 num_captions=cfg.num_sampled_captions,
-                long_caption_keys=[k.strip() for k in cfg.long_caption_key.split(",") if k.strip()])
+                long_caption_keys=[k.strip() for k in cfg.long_caption_key.split(",") if k.strip()],
+            )
         if self.multiview(split):
             size, mean, std = self.image_size, self.image_mean, self.image_std
             text_cfg = TextAugmentConfig(
-                num_augs=self.cfg.num_augs, remove_stopwords_prob=self.cfg.remove_stopwords_prob,
-                text_augment=self.cfg.text_augment, clean_before_augment=self.cfg.clean_before_augment,
-                lexicon_path=self.cfg.synonym_lexicon)
-            return [FramesToImage(),
-                    MultiViewImage(rocket_global_transform(size, mean, std), rocket_view_transform(size, mean, std),
-                                   self.cfg.num_augs),
-                    TextViews(text_cfg), TokenizeViews(self.tokenizer, self.context_length)]
+                num_augs=self.cfg.num_augs,
+                remove_stopwords_prob=self.cfg.remove_stopwords_prob,
+                text_augment=self.cfg.text_augment,
+                clean_before_augment=self.cfg.clean_before_augment,
+                lexicon_path=self.cfg.synonym_lexicon,
+            )
+            return [
+                FramesToImage(),
+                MultiViewImage(
+                    rocket_global_transform(size, mean, std), rocket_view_transform(size, mean, std), self.cfg.num_augs
+                ),
+                TextViews(text_cfg),
+                TokenizeViews(self.tokenizer, self.context_length),
+            ]
         image = self.train_view() if split == "train" else self.image_transform(train=False)
-        return [FramesToImage(), ImageTransform(image), Tokenize(self.tokenizer, self.context_length)
-                ] + self.hard_negative_stages()
+        return [
+            FramesToImage(),
+            ImageTransform(image),
+            Tokenize(self.tokenizer, self.context_length),
+        ] + self.hard_negative_stages()
 
     def train_view(self) -> ClipTrainView:
         """The plain training view: open_clip's training transform as uint8, normalised per batch by the collater;
         JPEGs decoded at a reduced DCT scale unless ``--full-jpeg-decode``."""
         self.require_geometry()
-        return ClipTrainView(self.image_size, scale=(self.cfg.train_crop_scale_min, 1.0),
-                             draft=not self.cfg.full_jpeg_decode)
+        return ClipTrainView(
+            self.image_size, scale=(self.cfg.train_crop_scale_min, 1.0), draft=not self.cfg.full_jpeg_decode
+        )
 
     def stream_options(self, split: str, batch_size: int) -> dict:
         """Plain training batches hand their JPEGs undecoded to :class:`ClipTrainView` (draft decoding)."""
@@ -180,8 +268,10 @@ class ImageTextContrastiveTask(StreamTaskBase):
         """Per-sample negative captions (seeded by the sample) and their token rows; empty without them."""
         if self.hard_negative_lexicon is None:
             return []
-        return [HardNegatives(self.cfg.hard_negatives, self.hard_negative_lexicon),
-                TokenizeHardNegatives(self.tokenizer, self.context_length)]
+        return [
+            HardNegatives(self.cfg.hard_negatives, self.hard_negative_lexicon),
+            TokenizeHardNegatives(self.tokenizer, self.context_length),
+        ]
 
     def build_collater(self, split: str):
         if self.multicrop(split):

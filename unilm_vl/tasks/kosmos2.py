@@ -32,6 +32,7 @@ inference does (``--gen-image-view``)::
         --max-len-b 500 --post-process sentencepiece
     # H-<id> <score> <grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044>...</object>.
 """
+
 import logging
 import os
 from dataclasses import dataclass, field
@@ -55,44 +56,86 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Kosmos2Config(StreamDataConfig):
-    spm_model: Optional[str] = field(default=None, metadata={
-        "help": "sentencepiece model (the released sentencepiece.bpe.model, or one from unilm_vl.data.build_vocab)"})
-    dict_path: Optional[str] = field(default=None, metadata={
-        "help": "fairseq dict.txt matching --spm-model (index = sentencepiece id + 1); default: derived from "
-                "--spm-model (its pieces but <unk> <s> </s>, in id order: the released dict.txt for the released "
-                "model; `python -m unilm_vl.convert kosmos2 --write-dict` writes it)"})
-    location_bin_size: int = field(default=DEFAULT_NUM_BINS, metadata={
-        "help": "P: boxes are coded on a P x P grid of <patch_index_k> tokens (the released checkpoint: 32)"})
-    image_token_length: int = field(default=64, metadata={
-        "help": "image slots per sample; must equal the model's --latent-query-num"})
-    phrase_mode: ChoiceEnum(["expression", "phrase"]) = field(default="expression", metadata={
-        "help": "ground GRIT referring expressions (outermost spans; the release's train.sh) or noun chunks"})
+    spm_model: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "sentencepiece model (the released sentencepiece.bpe.model, or one from unilm_vl.data.build_vocab)"
+        },
+    )
+    dict_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "fairseq dict.txt matching --spm-model (index = sentencepiece id + 1); default: derived from "
+            "--spm-model (its pieces but <unk> <s> </s>, in id order: the released dict.txt for the released "
+            "model; `python -m unilm_vl.convert kosmos2 --write-dict` writes it)"
+        },
+    )
+    location_bin_size: int = field(
+        default=DEFAULT_NUM_BINS,
+        metadata={"help": "P: boxes are coded on a P x P grid of <patch_index_k> tokens (the released checkpoint: 32)"},
+    )
+    image_token_length: int = field(
+        default=64, metadata={"help": "image slots per sample; must equal the model's --latent-query-num"}
+    )
+    phrase_mode: ChoiceEnum(["expression", "phrase"]) = field(
+        default="expression",
+        metadata={"help": "ground GRIT referring expressions (outermost spans; the release's train.sh) or noun chunks"},
+    )
     box_score_threshold: float = field(default=0.65, metadata={"help": "keep GRIT boxes with at least this score"})
-    use_object_bbox_prob: float = field(default=0.5, metadata={
-        "help": "probability that a sample with boxes trains as a grounded caption (else as its plain caption)"})
-    drop_crop_threshold: float = field(default=0.2, metadata={
-        "help": "drop a box that keeps less than this fraction of its area after the centre crop"})
-    training_image_only_resize: bool = field(default=False, metadata={
-        "help": "squash images to S x S instead of resize + centre crop (boxes are then kept as they are)"})
-    box_encoder: ChoiceEnum(["release", "hf"]) = field(default="release", metadata={
-        "help": "box -> patch-index encoder: the released training encoder or HF's (they differ for box edges "
-                "exactly on grid lines; see unilm_vl.data.grounding.box_to_patch_indices)"})
-    tokens_per_sample: int = field(default=2048, metadata={
-        "help": "longest sequence; longer samples are skipped and counted"})
-    prompts: Optional[str] = field(default=None, metadata={
-        "help": "generation: TSV of image_path<TAB>prompt lines (relative to --data; image paths relative to the "
-                "file's directory), read as any --gen-subset other than train/valid"})
-    gen_image_view: ChoiceEnum(["squash", "crop"]) = field(default="squash", metadata={
-        "help": "generation: squash images to S x S (the released inference; boxes cover the whole image) or "
-                "resize + centre-crop as in training (boxes refer to the central square)"})
-    gen_continuation_only: bool = field(default=False, metadata={
-        "help": "generation: hypotheses hold only the generated tokens (default: the prompt text after </image> "
-                "followed by them, so phrases given in the prompt stay attached to their boxes)"})
-    gen_beam_rule: ChoiceEnum(["fairseq", "hf"]) = field(default="fairseq", metadata={
-        "help": "generation: how beam search ends and ranks its hypotheses: fairseq's (</s> forced and scored at "
-                "the length limit; the release decodes with it) or HF transformers' generate (no forced </s>, its "
-                "early-stopping heuristic; HF's max_new_tokens = --max-len-b + 1); see "
-                "unilm_vl.modules.generation"})
+    use_object_bbox_prob: float = field(
+        default=0.5,
+        metadata={
+            "help": "probability that a sample with boxes trains as a grounded caption (else as its plain caption)"
+        },
+    )
+    drop_crop_threshold: float = field(
+        default=0.2,
+        metadata={"help": "drop a box that keeps less than this fraction of its area after the centre crop"},
+    )
+    training_image_only_resize: bool = field(
+        default=False,
+        metadata={"help": "squash images to S x S instead of resize + centre crop (boxes are then kept as they are)"},
+    )
+    box_encoder: ChoiceEnum(["release", "hf"]) = field(
+        default="release",
+        metadata={
+            "help": "box -> patch-index encoder: the released training encoder or HF's (they differ for box edges "
+            "exactly on grid lines; see unilm_vl.data.grounding.box_to_patch_indices)"
+        },
+    )
+    tokens_per_sample: int = field(
+        default=2048, metadata={"help": "longest sequence; longer samples are skipped and counted"}
+    )
+    prompts: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "generation: TSV of image_path<TAB>prompt lines (relative to --data; image paths relative to the "
+            "file's directory), read as any --gen-subset other than train/valid"
+        },
+    )
+    gen_image_view: ChoiceEnum(["squash", "crop"]) = field(
+        default="squash",
+        metadata={
+            "help": "generation: squash images to S x S (the released inference; boxes cover the whole image) or "
+            "resize + centre-crop as in training (boxes refer to the central square)"
+        },
+    )
+    gen_continuation_only: bool = field(
+        default=False,
+        metadata={
+            "help": "generation: hypotheses hold only the generated tokens (default: the prompt text after </image> "
+            "followed by them, so phrases given in the prompt stay attached to their boxes)"
+        },
+    )
+    gen_beam_rule: ChoiceEnum(["fairseq", "hf"]) = field(
+        default="fairseq",
+        metadata={
+            "help": "generation: how beam search ends and ranks its hypotheses: fairseq's (</s> forced and scored at "
+            "the length limit; the release decodes with it) or HF transformers' generate (no forced </s>, its "
+            "early-stopping heuristic; HF's max_new_tokens = --max-len-b + 1); see "
+            "unilm_vl.modules.generation"
+        },
+    )
 
 
 @register_task("kosmos2", dataclass=Kosmos2Config)
@@ -102,9 +145,11 @@ class Kosmos2Task(StreamTaskBase):
     def __init__(self, cfg: Kosmos2Config):
         super().__init__(cfg)
         if not cfg.spm_model:
-            raise ValueError("the kosmos2 task needs --spm-model (and --dict-path, or the dictionary is derived from "
-                             "it): the released vocabulary files, or those written by "
-                             "`python -m unilm_vl.data.build_vocab`")
+            raise ValueError(
+                "the kosmos2 task needs --spm-model (and --dict-path, or the dictionary is derived from "
+                "it): the released vocabulary files, or those written by "
+                "`python -m unilm_vl.data.build_vocab`"
+            )
         self.tokenizer = build_kosmos2_tokenizer(cfg.spm_model, cfg.dict_path, cfg.location_bin_size)
         self.dictionary = self.tokenizer.dictionary
 
@@ -115,30 +160,46 @@ class Kosmos2Task(StreamTaskBase):
     def set_geometry(self, geometry: ModelGeometry) -> None:
         """The image geometry, once the model's latent queries match ``--image-token-length``."""
         if geometry.num_image_tokens != self.cfg.image_token_length:
-            raise ValueError(f"--image-token-length {self.cfg.image_token_length} must equal the model's "
-                             f"{geometry.num_image_tokens} latent queries")
+            raise ValueError(
+                f"--image-token-length {self.cfg.image_token_length} must equal the model's "
+                f"{geometry.num_image_tokens} latent queries"
+            )
         super().set_geometry(geometry)
 
     def image_transform(self, train: bool = True):
         self.require_geometry()
-        return kosmos2_image_transform(self.image_size, self.image_mean, self.image_std,
-                                       self.cfg.training_image_only_resize)
+        return kosmos2_image_transform(
+            self.image_size, self.image_mean, self.image_std, self.cfg.training_image_only_resize
+        )
 
     def build_stages(self, split: str):
         cfg = self.cfg
-        return [FramesToImage(),
-                GritGroundedCaption(self.tokenizer, mode=str(cfg.phrase_mode), num_bins=cfg.location_bin_size,
-                                    score_threshold=cfg.box_score_threshold,
-                                    use_object_bbox_prob=cfg.use_object_bbox_prob,
-                                    center_crop=not cfg.training_image_only_resize, size=self.image_size,
-                                    drop_threshold=cfg.drop_crop_threshold, box_encoder=str(cfg.box_encoder)),
-                ImageTransform(self.image_transform(), optional=True),  # text-only documents have no image
-                SequenceLength(cfg.tokens_per_sample, cfg.image_token_length + 3)]
+        return [
+            FramesToImage(),
+            GritGroundedCaption(
+                self.tokenizer,
+                mode=str(cfg.phrase_mode),
+                num_bins=cfg.location_bin_size,
+                score_threshold=cfg.box_score_threshold,
+                use_object_bbox_prob=cfg.use_object_bbox_prob,
+                center_crop=not cfg.training_image_only_resize,
+                size=self.image_size,
+                drop_threshold=cfg.drop_crop_threshold,
+                box_encoder=str(cfg.box_encoder),
+            ),
+            ImageTransform(self.image_transform(), optional=True),  # text-only documents have no image
+            SequenceLength(cfg.tokens_per_sample, cfg.image_token_length + 3),
+        ]
 
     def build_collater(self, split: str):
         d = self.dictionary
-        return CollateKosmos2(bos_id=d.bos(), pad_id=d.pad(), image_id=d.index("<image>"),
-                              image_end_id=d.index("</image>"), num_image_tokens=self.cfg.image_token_length)
+        return CollateKosmos2(
+            bos_id=d.bos(),
+            pad_id=d.pad(),
+            image_id=d.index("<image>"),
+            image_end_id=d.index("</image>"),
+            num_image_tokens=self.cfg.image_token_length,
+        )
 
     # ---- generation
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
@@ -166,16 +227,17 @@ class Kosmos2Task(StreamTaskBase):
 
     def build_prompt_dataset(self, lines: Sequence[PromptLine]) -> Kosmos2PromptDataset:
         """The generation dataset of parsed prompt lines (images are read when items are accessed)."""
-        return inference.build_prompt_dataset(lines, self.tokenizer, self.cfg.image_token_length,
-                                              self.generation_image_transform())
+        return inference.build_prompt_dataset(
+            lines, self.tokenizer, self.cfg.image_token_length, self.generation_image_transform()
+        )
 
     def generation_image_transform(self):
         self.require_geometry("loading prompts")
-        return kosmos2_image_transform(self.image_size, self.image_mean, self.image_std,
-                                       only_resize=str(self.cfg.gen_image_view) == "squash")
+        return kosmos2_image_transform(
+            self.image_size, self.image_mean, self.image_std, only_resize=str(self.cfg.gen_image_view) == "squash"
+        )
 
-    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
-                        prefix_allowed_tokens_fn=None):
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None):
         """A :class:`Kosmos2Generator` from fairseq's generation options (beam, nbest, max_len_a/b, min_len,
         lenpen, unnormalized, unkpen, sampling, sampling_topk/topp, temperature, no_repeat_ngram_size) and the
         task's ``--gen-beam-rule``; options it cannot honour raise ``NotImplementedError``."""
@@ -193,13 +255,23 @@ class Kosmos2Task(StreamTaskBase):
         if named:
             raise NotImplementedError(f"the kosmos2 generator does not support: {', '.join(named)}")
         search = SearchConfig(
-            beam=args.beam, nbest=args.nbest, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
-            min_len=args.min_len, lenpen=0.0 if getattr(args, "unnormalized", False) else args.lenpen,
-            unkpen=getattr(args, "unkpen", 0.0), sampling=args.sampling, sampling_topk=args.sampling_topk,
-            sampling_topp=args.sampling_topp, temperature=args.temperature,
-            no_repeat_ngram_size=args.no_repeat_ngram_size, beam_rule=str(self.cfg.gen_beam_rule))
-        return Kosmos2Generator(search, self.dictionary, continuation_only=self.cfg.gen_continuation_only,
-                                seed=self.cfg.seed)
+            beam=args.beam,
+            nbest=args.nbest,
+            max_len_a=args.max_len_a,
+            max_len_b=args.max_len_b,
+            min_len=args.min_len,
+            lenpen=0.0 if getattr(args, "unnormalized", False) else args.lenpen,
+            unkpen=getattr(args, "unkpen", 0.0),
+            sampling=args.sampling,
+            sampling_topk=args.sampling_topk,
+            sampling_topp=args.sampling_topp,
+            temperature=args.temperature,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+            beam_rule=str(self.cfg.gen_beam_rule),
+        )
+        return Kosmos2Generator(
+            search, self.dictionary, continuation_only=self.cfg.gen_continuation_only, seed=self.cfg.seed
+        )
 
     @property
     def source_dictionary(self):
@@ -220,6 +292,9 @@ class SequenceLength:
     def __call__(self, sample):
         n = len(sample["tokens"]) + self.prefix_tokens
         if n > self.max_tokens:
-            raise BadSample(f"sequence of {n} tokens exceeds --tokens-per-sample {self.max_tokens}",
-                            sample.get("__where__", "?"), "caption")
+            raise BadSample(
+                f"sequence of {n} tokens exceeds --tokens-per-sample {self.max_tokens}",
+                sample.get("__where__", "?"),
+                "caption",
+            )
         return sample
