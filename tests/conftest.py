@@ -15,6 +15,37 @@ from unilm_vl.data.formats import GRIT_TSV, TsvShardWriter, WdsShardWriter
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
 BIN = os.path.dirname(sys.executable)
+# The Kosmos-2 release dictionary ids of the GRIT README record's grounded caption (noun chunks of two boxes, 32 x 32
+# grid), tokenised by the release files in SHARED (tests/test_kosmos2_grounding.py, tests/test_kosmos2_samples.py).
+GRIT_README_IDS = [
+    64012,
+    64007,
+    10,
+    6454,
+    31772,
+    64008,
+    64009,
+    64013,
+    65036,
+    64010,
+    23,
+    64007,
+    10,
+    1287,
+    1285,
+    64008,
+    64009,
+    64301,
+    65004,
+    64010,
+    14,
+    6372,
+    46,
+    689,
+    84,
+    1158,
+    2,
+]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
 
 

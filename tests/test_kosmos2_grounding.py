@@ -27,7 +27,7 @@ from unilm_vl.data.grounding import (
     patch_indices_to_box,
 )
 
-from conftest import SHARED
+from conftest import GRIT_README_IDS, SHARED
 
 REFERENCE_DIR = os.path.join(SHARED, "reference", "kosmos2")
 REFERENCE_DICT = os.path.join(REFERENCE_DIR, "dict.txt")
@@ -48,35 +48,6 @@ TWO_DOGS = (
     "</delimiter_of_multi_objects/><patch_index_0016><patch_index_1023></object> play on"
     "<object><patch_index_0900><patch_index_1023></object> grass"
 )
-GRIT_README_IDS = [
-    64012,
-    64007,
-    10,
-    6454,
-    31772,
-    64008,
-    64009,
-    64013,
-    65036,
-    64010,
-    23,
-    64007,
-    10,
-    1287,
-    1285,
-    64008,
-    64009,
-    64301,
-    65004,
-    64010,
-    14,
-    6372,
-    46,
-    689,
-    84,
-    1158,
-    2,
-]
 GRIT_README_TEXT = (
     "<grounding><phrase> a wire hanger</phrase><object><patch_index_0000><patch_index_1023></object>"
     " with<phrase> a paper cover</phrase><object><patch_index_0288><patch_index_0991></object>"

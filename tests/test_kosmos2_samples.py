@@ -19,7 +19,7 @@ from unilm_vl.data.kosmos2_samples import (
     select_grounded_spans,
 )
 
-from conftest import SHARED
+from conftest import GRIT_README_IDS, SHARED
 
 REFERENCE = os.path.join(SHARED, "reference", "kosmos2")
 CAPTION = "a wire hanger with a paper cover that reads we heart our customers"
@@ -30,35 +30,6 @@ README_ANNOTATION = {
     "phrase": [[19, 32, *BOX_COVER, 0.79298526], [0, 13, *BOX_HANGER, 0.67520964]],
     "expression_v1": [[19, 66, *BOX_COVER, 0.79298526], [0, 66, *BOX_HANGER, 0.67520964]],
 }
-README_IDS = [
-    64012,
-    64007,
-    10,
-    6454,
-    31772,
-    64008,
-    64009,
-    64013,
-    65036,
-    64010,
-    23,
-    64007,
-    10,
-    1287,
-    1285,
-    64008,
-    64009,
-    64301,
-    65004,
-    64010,
-    14,
-    6372,
-    46,
-    689,
-    84,
-    1158,
-    2,
-]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +126,7 @@ def test_grounded_pieces_markup_order():
 def test_readme_record_serialises_to_the_reference_ids(tokenizer):
     stage = GritGroundedCaption(tokenizer, mode="phrase", use_object_bbox_prob=1.0)
     sample = stage(readme_sample())
-    assert sample["grounded"] and sample["tokens"] == README_IDS
+    assert sample["grounded"] and sample["tokens"] == GRIT_README_IDS
     text = tokenizer.dictionary.string(torch.tensor(sample["tokens"]), bpe_symbol="sentencepiece")
     assert text.startswith(
         "<grounding><phrase> a wire hanger</phrase><object><patch_index_0000><patch_index_1023>"
