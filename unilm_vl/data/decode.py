@@ -44,13 +44,14 @@ def decode_image(data: bytes, source: str = "?", field: str = "image", defer_jpe
     """Decode image bytes to an upright RGB image. Raises :class:`BadSample` on any failure.
 
     With ``defer_jpeg``, a JPEG without an EXIF rotation comes back opened but not decoded (its header is read,
-    ``size`` is known): the transform decodes it, possibly at a reduced DCT scale (``Image.draft``), and finishes it
-    with :func:`finish_image`. Any other image is decoded here as without the flag."""
+    ``size`` is known; its bytes are :func:`deferred_bytes`): the transform decodes it, possibly at a reduced DCT
+    scale, or finishes it with :func:`finish_image`. Any other image is decoded here as without the flag."""
     if not data:
         raise BadSample("empty image", source, field)
     try:
         img = Image.open(io.BytesIO(data))
         if defer_jpeg and img.format == "JPEG" and img.getexif().get(_ORIENTATION, 1) == 1:
+            img.encoded_bytes = data  # for a decoder other than Pillow's (see deferred_bytes)
             return img
         img.load()  # force the full decode so a truncated file fails here
         img = ImageOps.exif_transpose(img, in_place=True) or img  # in place: no copy of an upright image
@@ -67,6 +68,11 @@ _ORIENTATION = 0x0112
 def is_deferred(img: Image.Image) -> bool:
     """Whether ``img`` is a JPEG that :func:`decode_image` opened without decoding (``defer_jpeg``)."""
     return getattr(img, "format", None) == "JPEG" and bool(getattr(img, "tile", None))
+
+
+def deferred_bytes(img: Image.Image) -> bytes:
+    """The encoded bytes of an image :func:`decode_image` deferred, for decoding it with another library."""
+    return img.encoded_bytes
 
 
 def finish_image(img: Image.Image, source: str = "?", field: str = "image") -> Image.Image:

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .decode import finish_image, is_deferred
+from .decode import BadSample, deferred_bytes, finish_image, is_deferred
 
-JPEG_SCALES = (8, 4, 2)
-"""The DCT scale reductions libjpeg decodes at (1/8, 1/4, 1/2), largest first."""
+JPEG_EIGHTHS = range(1, 9)
+"""The DCT scales libjpeg-turbo decodes at: M/8 for M = 1..8 (simplejpeg exposes all of them; Pillow's ``draft``
+only 1/8, 1/4 and 1/2)."""
 
 
 def clip_image_transform(image_size: int, train: bool, mean: Sequence[float], std: Sequence[float],
@@ -68,10 +69,34 @@ def kosmos2_image_transform(image_size: int, mean: Sequence[float], std: Sequenc
     return T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
 
 
-def draft_reduction(crop_w: int, crop_h: int, size: int, scales: Sequence[int] = JPEG_SCALES) -> int:
-    """The largest JPEG DCT reduction ``r`` (8, 4, 2, else 1) after which a ``crop_w x crop_h`` crop still has at
-    least ``size`` pixels on each side, so the resize to ``size x size`` never upsamples."""
-    return next((r for r in scales if min(crop_w, crop_h) >= size * r), 1)
+def draft_eighths(crop_w: int, crop_h: int, size: int) -> int:
+    """The smallest JPEG DCT scale ``M``/8 (M = 1..8) at which a ``crop_w x crop_h`` crop still has at least
+    ``size`` pixels on each side, so the resize to ``size x size`` never upsamples; 8 (full scale) when none is
+    smaller."""
+    return next((m for m in JPEG_EIGHTHS if min(crop_w, crop_h) * m >= size * 8), 8)
+
+
+def decode_jpeg_eighths(data: bytes, width: int, height: int, eighths: int) -> Image.Image:
+    """Decode JPEG ``data`` (``width x height``) at DCT scale ``eighths``/8 to an RGB image of
+    ``ceil(width * eighths / 8) x ceil(height * eighths / 8)``: pixel ``k`` covers source pixels
+    ``[8k / eighths, 8(k + 1) / eighths)``. Pillow's ``draft`` offers only 1/2, 1/4 and 1/8; simplejpeg (a
+    libjpeg-turbo binding) offers every eighth, and its full- and half-scale decodes are bit-identical to
+    Pillow's (tested). ``ValueError`` on a corrupt file."""
+    import simplejpeg
+
+    min_w, min_h = -(-width * eighths // 8), -(-height * eighths // 8)
+    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=min_w, min_height=min_h)
+    if pixels.shape[:2] != (min_h, min_w):
+        raise RuntimeError(f"libjpeg-turbo gave {pixels.shape[1]}x{pixels.shape[0]} for {width}x{height} at "
+                           f"{eighths}/8, expected {min_w}x{min_h}")
+    return Image.fromarray(pixels, "RGB")
+
+
+def image_planes(img: Image.Image) -> torch.Tensor:
+    """An RGB image as a contiguous ``3 x H x W`` uint8 tensor, one plane per band. A permuted view of the
+    ``H x W x 3`` array costs the same here but makes every later stack and the per-batch normalisation a strided,
+    unvectorised copy (measured in benchmarks/README.md)."""
+    return torch.from_numpy(np.stack([np.asarray(band) for band in img.split()]))
 
 
 @dataclass
@@ -83,11 +108,11 @@ class ClipTrainView:
     The crop box is drawn by torchvision's ``RandomResizedCrop.get_params`` on the full image size, so it is the
     box open_clip's transform draws from the same random state. Without ``draft`` (or for an image that is already
     decoded, or when no reduction fits) the pixels are those of open_clip's transform: crop, then bicubic resize of
-    the crop. With ``draft``, a JPEG left undecoded by ``decode_image(..., defer_jpeg=True)`` is decoded at the
-    largest DCT reduction (1/2, 1/4, 1/8) that keeps the crop at least ``size`` pixels on each side
-    (:func:`draft_reduction`), and the crop box, scaled to the reduced image, is resized in the same call
-    (``Image.resize(box=...)``, so the crop is not copied). The DCT scaling replaces part of the bicubic
-    downscaling, which changes pixels slightly: the bound measured on the real-size benchmark world is in
+    the crop. With ``draft``, an RGB or grayscale JPEG left undecoded by ``decode_image(..., defer_jpeg=True)`` is
+    decoded at the smallest DCT scale M/8 that keeps the crop at least ``size`` pixels on each side
+    (:func:`draft_eighths`, :func:`decode_jpeg_eighths`), and the crop box, scaled to the reduced image, is resized
+    in the same call (``Image.resize(box=...)``, so the crop is not copied). The DCT scaling replaces part of the
+    bicubic downscaling, which changes pixels slightly: the bound measured on the real-size benchmark world is in
     ``benchmarks/README.md`` and tested in ``tests/test_data_speed.py``."""
 
     size: int
@@ -96,27 +121,26 @@ class ClipTrainView:
     draft: bool = True
     mean: Optional[Sequence[float]] = None
     std: Optional[Sequence[float]] = None
+    planes = staticmethod(image_planes)  # PIL RGB -> 3 x H x W uint8
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         from torchvision.transforms import RandomResizedCrop
 
         top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
-        reduction = draft_reduction(w, h, self.size) if self.draft and is_deferred(img) else 1
-        if reduction > 1:
+        eighths = draft_eighths(w, h, self.size) if self.draft and is_deferred(img) and img.mode in ("RGB", "L") else 8
+        if eighths < 8:
             width, height = img.size
-            # libjpeg decodes at exactly 1/reduction: pixel k of the reduced image covers source pixels
-            # [k * reduction, (k + 1) * reduction), the last one clipped (size ceil(width / reduction))
-            img.draft("RGB", (width // reduction, height // reduction))
-            if img.size != (-(-width // reduction), -(-height // reduction)):
-                raise RuntimeError(f"JPEG draft gave {img.size} for {width}x{height} at 1/{reduction}")
-            img = finish_image(img)
-            k = 1.0 / reduction
+            try:
+                img = decode_jpeg_eighths(deferred_bytes(img), width, height, eighths)
+            except ValueError as exc:
+                raise BadSample(f"undecodable image: {exc}") from None
+            k = eighths / 8
             box = (left * k, top * k, (left + w) * k, (top + h) * k)
             out = img.resize((self.size, self.size), Image.BICUBIC, box=box)
         else:
             img = finish_image(img)
             out = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)  # 3 x size x size uint8
+        pixels = self.planes(out)
         if self.mean is None:
             return pixels
         return normalize_images(pixels[None], self.mean, self.std)[0]
