@@ -46,6 +46,7 @@ import torch
 from .decode import BadSample, BadSampleCounter
 from .shards import count_samples
 from .sources import READERS, SourceSpec, count_records, decode_record
+from .tokenizers import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +270,33 @@ def unpack_samples(packed: Tuple[List[Any], Dict[str, torch.Tensor]]) -> List[An
     return outcomes
 
 
+def stack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``, without the copy when the tensors are, in order, all the rows of one contiguous
+    tensor: a worker's packed chunk (:func:`unpack_samples`) that makes up a whole batch, the usual case since the
+    chunks are batch-sized. The packed tensor lives in the shared memory the worker handed over, and a copy of it
+    touches every page of that mapping, which costs far more per byte than a copy in private memory (on the
+    real-size world, 224 px, batch 50: 35 ms of the main process's time per batch, benchmarks/README.md)."""
+    first = tensors[0]
+    base = first._base
+    if (base is not None and base.is_contiguous() and base.dim() == first.dim() + 1 and base.shape[0] == len(tensors)
+            and base.shape[1:] == first.shape and all(
+                t._base is base and t.storage_offset() == base.storage_offset() + i * base.stride(0)
+                for i, t in enumerate(tensors))):
+        return base
+    return torch.stack(list(tensors))
+
+
+def load_tokenizers(stages: Sequence[Stage]) -> None:
+    """Build the tokenisers the stages hold (``stage.tokenizer.load()``) in this process. Called before the loader
+    forks its workers: they inherit the built vocabularies instead of each rebuilding them. The workers are fresh
+    each pass, and rebuilding open_clip's BPE tables took about 8% of a worker's time on the real-size world's CLIP
+    pass (benchmarks/README.md)."""
+    for stage in stages:
+        tokenizer = getattr(stage, "tokenizer", None)
+        if isinstance(tokenizer, TextTokenizer):
+            tokenizer.load()
+
+
 def _as_is(packed: Any) -> Any:
     """The loader's collate function: keep the worker's value (batches are collated by :class:`EpochStream`)."""
     return packed
@@ -324,6 +352,7 @@ class EpochStream:
             if next(self._records, None) is None:
                 break
         if self.loader_workers > 0:
+            load_tokenizers(plan.stages)
             loader = torch.utils.data.DataLoader(
                 DecodeChunks(plan, self.epoch), sampler=_chunks(self._records, plan.batch_size), batch_size=None,
                 collate_fn=_as_is, num_workers=self.loader_workers, prefetch_factor=self.prefetch_factor,

@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from .decode import BadSample
+from .pipeline import stack_rows
 from .transforms import normalize_images
 
 
@@ -78,7 +79,7 @@ class CollateImageText:
     image_std: Optional[Sequence[float]] = None
 
     def __call__(self, samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-        images = torch.stack([s[self.image_field] for s in samples])  # B x 3 x H x W
+        images = stack_rows([s[self.image_field] for s in samples])  # B x 3 x H x W
         if images.dtype == torch.uint8:
             if self.image_mean is None or self.image_std is None:
                 raise ValueError("uint8 images need the collater's image_mean and image_std to be normalised")

@@ -93,6 +93,11 @@ class TextTokenizer(abc.ABC):
     def _load(self) -> None:
         """Build the heavy objects named in ``_lazy_attributes``."""
 
+    def load(self) -> None:
+        """Build the heavy objects now rather than on first use (idempotent). The data pipeline calls it in the main
+        process before its loader forks workers, which then inherit them instead of each building its own."""
+        self._ensure_loaded()
+
     def _ensure_loaded(self) -> None:
         if not self._loaded:
             logger.debug("loading %r", self)
