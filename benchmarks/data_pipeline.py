@@ -22,8 +22,10 @@ quality 90, captions of 10-30 words; :mod:`unilm_vl.data.synthetic.real_size`)::
 
 ``--variants`` adds our pipeline with single steps of the speed-up undone, to measure each step (wds only):
 ``old`` (the pipeline before them: open_clip's transform on fully decoded images, normalised per sample),
-``full_decode`` (``--full-jpeg-decode``: no DCT scaling) and ``float_in_worker`` (draft decoding, normalised per
-sample in the workers instead of per batch).
+``full_decode`` (``--full-jpeg-decode``: no DCT scaling), ``float_in_worker`` (draft decoding, normalised per
+sample in the workers instead of per batch), ``pillow_scales`` (only the DCT scales Pillow's ``draft`` has: 1/2, 1/4,
+1/8) and ``permuted`` (each view a permuted H x W x 3 array rather than contiguous planes).
+``--pixel-bound N`` instead measures how far reduced-scale decoding moves the pixels on N JPEGs (no timing).
 
 open_clip_train 3.3.0 imports pandas at module level for its CSV dataset only; where pandas is not installed an
 empty stand-in module is registered before the import (the wds path never touches it).
@@ -39,6 +41,7 @@ import sys
 import time
 import types
 
+import numpy as np
 import torch
 
 from _timing import machine, report, setup_logging
@@ -143,6 +146,27 @@ def our_task(args, train_data, variant="default"):
         task.train_view = lambda: ClipTrainView(
             task.image_size, scale=(task.cfg.train_crop_scale_min, 1.0), mean=task.image_mean, std=task.image_std
         )
+    elif variant in ("pillow_scales", "permuted"):
+        from unilm_vl.data import transforms
+
+        eighths = transforms.draft_eighths
+
+        def pillow_eighths(w, h, size):  # only the DCT scales Pillow's draft has: 1/8, 1/4, 1/2 (and 1)
+            return next(m for m in (1, 2, 4, 8) if m >= eighths(w, h, size))
+
+        class View(transforms.ClipTrainView):
+            if variant == "permuted":  # the per-sample tensor as a permuted view of the H x W x 3 array
+                planes = staticmethod(lambda img: torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+            else:
+
+                def __call__(self, img):  # runs in a single-threaded worker: patch the module for this call
+                    transforms.draft_eighths = pillow_eighths
+                    try:
+                        return super().__call__(img)
+                    finally:
+                        transforms.draft_eighths = eighths
+
+        task.train_view = lambda: View(task.image_size, scale=(task.cfg.train_crop_scale_min, 1.0))
     elif variant not in ("default", "full_decode"):
         raise ValueError(f"unknown variant {variant!r}")
     task.load_dataset("train")
@@ -156,28 +180,34 @@ def our_task(args, train_data, variant="default"):
     return loader, model
 
 
-def consume(make_loader):
-    """One pass: (samples, seconds), loader construction and worker start-up included."""
+def consume(make_loader, read=True):
+    """One pass: (samples, seconds), loader construction and worker start-up included. With ``read``, each batch's
+    images are read once (a sum), as a trainer's first layer or host-to-device copy reads them: a batch that a
+    worker handed over in shared memory costs its page mappings when it is first read, and without a reader that
+    cost of the peer's float batches would never be paid in the timed pass."""
     start = time.perf_counter()
     n = 0
     for batch in make_loader():
-        n += batch["nsentences"] if isinstance(batch, dict) else len(batch[0])
+        images = batch["net_input"]["image"] if isinstance(batch, dict) else batch[0]
+        n += len(images)
+        if read:
+            float(images.sum())
     seconds = time.perf_counter() - start
     gc.collect()  # drop the finished loader now, not inside the next loader's forked workers
     return n, seconds
 
 
-def compare(loaders, warmup, iters):
+def compare(loaders, warmup, iters, read=True):
     """Interleaved passes over ``loaders`` (name -> loader factory, one of them ``peer``): median samples/s of
     each, and each one's ``ratio`` to the peer's median."""
     for _ in range(warmup):
         for make in loaders.values():
-            consume(make)
+            consume(make, read)
     rates = {name: [] for name in loaders}
     counts = {}
     for _ in range(iters):
         for name, make in loaders.items():
-            n, seconds = consume(make)
+            n, seconds = consume(make, read)
             counts[name] = n
             rates[name].append(n / seconds)
     medians = {name: statistics.median(r) for name, r in rates.items()}
@@ -186,6 +216,48 @@ def compare(loaders, warmup, iters):
         "ratio": {name: medians[name] / medians["peer"] for name in loaders},
         "samples_per_pass": counts,
         "all_rates": rates,
+    }
+
+
+def pixel_bound(data, count, image_size):
+    """Reduced-scale decoding against the full decode on the first ``count`` JPEGs of ``data``'s webdataset shards,
+    the same crop box on both sides: mean and largest absolute difference in uint8 levels, and how many images
+    each DCT scale M/8 decoded."""
+    import collections
+    import tarfile
+
+    from unilm_vl.data import transforms
+    from unilm_vl.data.decode import decode_image
+
+    wds_dir = os.path.join(data, "train", "wds")
+    images = []
+    for name in sorted(os.listdir(wds_dir)):
+        with tarfile.open(os.path.join(wds_dir, name)) as tar:
+            images += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+        if len(images) >= count:
+            break
+    full = transforms.ClipTrainView(image_size, draft=False)
+    draft = transforms.ClipTrainView(image_size, draft=True)
+    means, worst, scales = [], 0.0, collections.Counter()
+    for seed, jpeg in enumerate(images[:count]):
+        torch.manual_seed(seed)
+        expected = full(decode_image(jpeg)).float()
+        torch.manual_seed(seed)
+        img = decode_image(jpeg, defer_jpeg=True)
+        top, left, h, w = __import__("torchvision").transforms.RandomResizedCrop.get_params(
+            img, list(draft.scale), list(draft.ratio)
+        )
+        scales[f"{transforms.draft_eighths(w, h, image_size)}/8"] += 1
+        torch.manual_seed(seed)
+        diff = (draft(img).float() - expected).abs()
+        means.append(float(diff.mean()))
+        worst = max(worst, float(diff.max()))
+    return {
+        "images": len(means),
+        "mean_abs_diff": statistics.mean(means),
+        "worst_image_mean_abs_diff": max(means),
+        "max_abs_diff": worst,
+        "dct_scales": dict(sorted(scales.items())),
     }
 
 
@@ -206,10 +278,27 @@ def main(argv=None):
     parser.add_argument(
         "--variants",
         default="",
-        help="comma list of our wds variants to time as well: old, full_decode, float_in_worker (see the docstring)",
+        help="comma list of our wds variants to time as well: old, full_decode, float_in_worker, pillow_scales, "
+        "permuted (see the docstring)",
+    )
+    parser.add_argument(
+        "--no-read",
+        action="store_true",
+        help="do not read the images of each batch (the numbers before the reader was added; see consume())",
+    )
+    parser.add_argument(
+        "--pixel-bound",
+        type=int,
+        default=0,
+        help="only measure the pixel difference of reduced-scale decoding on this many JPEGs (no timing)",
     )
     args = parser.parse_args(argv)
     setup_logging()
+    if args.pixel_bound:
+        results = pixel_bound(args.data, args.pixel_bound, args.image_size)
+        logger.info("pixel bound %s", results)
+        report("data_pixel_bound", results)
+        return 0
     wds_dir = os.path.join(args.data, "train", "wds")
     shards = sorted(f for f in os.listdir(wds_dir) if f.endswith(".tar"))
     if not shards:
@@ -219,13 +308,19 @@ def main(argv=None):
 
     ours_wds, model = our_task(args, "train/wds/part-*.tar")
     loaders = {"ours_wds": ours_wds}
-    num_samples, _ = consume(ours_wds)  # samples in one of our passes: the peer's epoch is set to the same
+    num_samples, _ = consume(
+        ours_wds, not args.no_read
+    )  # samples in one of our passes: the peer's epoch is set to the same
     loaders["peer"] = open_clip_wds_loader(args, brace, args.image_size, model.image_mean, model.image_std, num_samples)
     if not args.no_tsv:
         loaders["ours_tsv"] = our_task(args, "train/grit/part-*.tsv")[0]
     for variant in filter(None, (v.strip() for v in args.variants.split(","))):
         loaders[f"ours_wds_{variant}"] = our_task(args, "train/wds/part-*.tar", variant)[0]
-    results = {"config": vars(args), "shards": len(shards), "passes": compare(loaders, args.warmup, args.iters)}
+    results = {
+        "config": vars(args),
+        "shards": len(shards),
+        "passes": compare(loaders, args.warmup, args.iters, not args.no_read),
+    }
     r = results["passes"]
     for key, name in (("wds_vs_open_clip", "ours_wds"), ("tsv_vs_open_clip", "ours_tsv")):  # per-pair summaries
         if name in loaders:
