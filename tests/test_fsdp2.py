@@ -220,40 +220,44 @@ def write_retrieval_set(root):
 
 @pytest.mark.slow
 def test_sharded_checkpoints_resume_exactly_reshard_and_consolidate(root, tmp_path, no_process_group):
+    import shutil
+
     args = ("--save-interval-updates", "2", "--num-workers", "1")
+    # the unbroken run saves a sharded checkpoint at update 2 on its way to 4; "b" starts from a copy of that one
     unbroken = torchrun(
         family_args("clip", str(root), str(tmp_path / "a"), "--fsdp2", "--max-update", "4", *args, batch_size=4), 29644
     )
-    torchrun(
-        family_args("clip", str(root), str(tmp_path / "b"), "--fsdp2", "--max-update", "2", *args, batch_size=4), 29645
-    )
-    saved = torch.load(tmp_path / "b" / "checkpoint_last.pt", weights_only=False)
-    shard_dir = tmp_path / "b" / saved["sharded"]["dir"]
-    assert saved["model"] is None and saved["sharded"]["world_size"] == 2
+    ckpt_2 = torch.load(tmp_path / "a" / "checkpoint_1_2.pt", weights_only=False)
+    shard_dir = tmp_path / "a" / ckpt_2["sharded"]["dir"]
+    assert ckpt_2["model"] is None and ckpt_2["sharded"]["world_size"] == 2
     assert sorted(p.name for p in shard_dir.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+    def start_from_update_2(save_dir):
+        os.makedirs(save_dir)
+        shutil.copy(tmp_path / "a" / "checkpoint_1_2.pt", save_dir / "checkpoint_last.pt")
+        shutil.copytree(shard_dir, save_dir / ckpt_2["sharded"]["dir"])
+
+    start_from_update_2(tmp_path / "b")
     resumed = torchrun(
         family_args("clip", str(root), str(tmp_path / "b"), "--fsdp2", "--max-update", "4", *args, batch_size=4), 29646
     )
     assert "Loaded checkpoint" in resumed and "(epoch 1 @ 2 updates)" in resumed
-    assert logged_losses(resumed) == logged_losses(unbroken)[2:]
+    assert len(logged_losses(unbroken)) == 4 and logged_losses(resumed) == logged_losses(unbroken)[2:]
     a, b = full_model(tmp_path / "a" / "checkpoint_last.pt"), full_model(tmp_path / "b" / "checkpoint_last.pt")
     assert_same_weights(a, b, atol=0, rtol=0)  # bit-identical
-    # shard directories that no checkpoint names any more are gone; checkpoint_last and checkpoint_1_2 share one
-    names = {torch.load(p, weights_only=False)["sharded"]["dir"] for p in (tmp_path / "b").glob("*.pt")}
-    assert {p.name for p in (tmp_path / "b").iterdir() if p.is_dir()} == names
+    # shard directories that no checkpoint names any more are removed before each save (never during one, so a crash
+    # keeps the last good one): "a" holds exactly the named ones; in "b" the final save un-named the copied update-2
+    # directory (checkpoint_last named it), which goes at the next save
+    for run_dir, left in ((tmp_path / "a", set()), (tmp_path / "b", {ckpt_2["sharded"]["dir"]})):
+        names = {torch.load(p, weights_only=False)["sharded"]["dir"] for p in run_dir.glob("*.pt")}
+        assert {p.name for p in run_dir.iterdir() if p.is_dir()} == names | left and not names & left
 
     # the 2-rank checkpoint at update 2 resumes on 1 rank: the weights it loads are the 2-rank run's, resharded
     # exactly, and training goes on (which samples come next is not replayed exactly across world sizes)
-    os.makedirs(tmp_path / "c")
-    ckpt_2 = torch.load(tmp_path / "b" / "checkpoint_1_2.pt", weights_only=False)
-    assert ckpt_2["sharded"]["world_size"] == 2
-    import shutil
-
-    shutil.copy(tmp_path / "b" / "checkpoint_1_2.pt", tmp_path / "c" / "checkpoint_last.pt")
-    shutil.copytree(tmp_path / "b" / ckpt_2["sharded"]["dir"], tmp_path / "c" / ckpt_2["sharded"]["dir"])
+    start_from_update_2(tmp_path / "c")
     one, itr = build_trainer(family_args("clip", str(root), str(tmp_path / "c"), "--fsdp2", *args, batch_size=8))
     assert one.get_num_updates() == 2
-    assert_same_weights(full_model(tmp_path / "b" / "checkpoint_1_2.pt"), parameters(one), atol=0, rtol=0)
+    assert_same_weights(full_model(tmp_path / "a" / "checkpoint_1_2.pt"), parameters(one), atol=0, rtol=0)
     losses = [o["loss"] for o in train_updates(one, itr, 2)]
     assert one.get_num_updates() == 4 and all(0 < v < 10 for v in losses)
     end_process_group()
