@@ -48,10 +48,15 @@ def test_draft_eighths_is_the_smallest_scale_that_never_upsamples():
         assert min(w, h) * m / 8 >= 224 and (m == 1 or min(w, h) * (m - 1) / 8 < 224)
 
 
+def resized_box(img):
+    return (1.5, 0.25, img.size[0] - 0.5, img.size[1])
+
+
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_eighths_decoding_equals_pillows_at_the_scales_pillow_has(mode):
     """simplejpeg at 8/8, 4/8, 2/8 and 1/8 gives Pillow's full decode and its 1/2, 1/4, 1/8 drafts bit for bit (RGB
-    and grayscale JPEGs); the other eighths have the sizes ceil(side * M / 8)."""
+    and grayscale JPEGs); the other eighths have the sizes ceil(side * M / 8). The RGBX image it returns resizes to
+    the same R, G, B as the RGB image."""
     data = photo_jpeg(90, 76, 0)
     if mode == "L":
         buf = io.BytesIO()
@@ -59,7 +64,13 @@ def test_eighths_decoding_equals_pillows_at_the_scales_pillow_has(mode):
         data = buf.getvalue()
     for m in range(1, 9):
         got = decode_jpeg_eighths(data, 90, 76, m)
-        assert got.mode == "RGB" and got.size == (-(-90 * m // 8), -(-76 * m // 8))
+        assert got.mode == "RGBX" and got.size == (-(-90 * m // 8), -(-76 * m // 8))
+        resized = got.resize((20, 16), Image.BICUBIC, box=resized_box(got))
+        rgb = got.convert("RGB")
+        assert np.array_equal(
+            np.asarray(resized)[..., :3], np.asarray(rgb.resize((20, 16), Image.BICUBIC, box=resized_box(got)))
+        )
+        got = rgb
         if m in (1, 2, 4, 8):
             ref = Image.open(io.BytesIO(data))
             ref.draft(mode, (90 * m // 8, 76 * m // 8))

@@ -3,6 +3,7 @@ open_clip: training = RandomResizedCrop(scale=(s_min, 1)) bicubic; evaluation = 
 both normalised with the model's mean/std. :class:`ClipTrainView` is the same training view computed with less
 work: the JPEG decoded at a reduced DCT scale where the crop allows it, crop + resize in one call, uint8 output
 normalised per batch (:func:`normalize_images`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ JPEG_EIGHTHS = range(1, 9)
 only 1/8, 1/4 and 1/2)."""
 
 
-def clip_image_transform(image_size: int, train: bool, mean: Sequence[float], std: Sequence[float],
-                         scale_min: float = 0.9):
+def clip_image_transform(
+    image_size: int, train: bool, mean: Sequence[float], std: Sequence[float], scale_min: float = 0.9
+):
     import open_clip
 
     aug = open_clip.AugmentationCfg(scale=(scale_min, 1.0)) if train else None
@@ -36,9 +38,13 @@ def rocket_global_transform(image_size: int, mean: Sequence[float], std: Sequenc
     """clip-rocket's weak global view: RandomResizedCrop(scale 0.5-1), bicubic, no flip or colour."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 def rocket_view_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
@@ -46,17 +52,20 @@ def rocket_view_transform(image_size: int, mean: Sequence[float], std: Sequence[
     blur sigma U(0.1, 2) (p .5; kernel ~10% of the side, odd), horizontal flip (p .5)."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(_odd(0.1 * image_size), sigma=(0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(_odd(0.1 * image_size), sigma=(0.1, 2.0))], p=0.5),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
-def kosmos2_image_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                            only_resize: bool = False):
+def kosmos2_image_transform(image_size: int, mean: Sequence[float], std: Sequence[float], only_resize: bool = False):
     """Kosmos-2's image view (train and eval alike, no augmentation): ``Resize(size)`` of the short side (bicubic)
     + ``CenterCrop(size)``, or with ``only_resize`` a squash to ``size x size`` (the release's
     ``--training-image-only-resize``); then ToTensor and normalisation. Box maths must match the choice
@@ -64,8 +73,11 @@ def kosmos2_image_transform(image_size: int, mean: Sequence[float], std: Sequenc
     from torchvision import transforms as T
 
     bicubic = T.InterpolationMode.BICUBIC
-    resize = ([T.Resize((image_size, image_size), interpolation=bicubic)] if only_resize
-              else [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)])
+    resize = (
+        [T.Resize((image_size, image_size), interpolation=bicubic)]
+        if only_resize
+        else [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
+    )
     return T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
 
 
@@ -77,26 +89,29 @@ def draft_eighths(crop_w: int, crop_h: int, size: int) -> int:
 
 
 def decode_jpeg_eighths(data: bytes, width: int, height: int, eighths: int) -> Image.Image:
-    """Decode JPEG ``data`` (``width x height``) at DCT scale ``eighths``/8 to an RGB image of
-    ``ceil(width * eighths / 8) x ceil(height * eighths / 8)``: pixel ``k`` covers source pixels
-    ``[8k / eighths, 8(k + 1) / eighths)``. Pillow's ``draft`` offers only 1/2, 1/4 and 1/8; simplejpeg (a
-    libjpeg-turbo binding) offers every eighth, and its full- and half-scale decodes are bit-identical to
-    Pillow's (tested). ``ValueError`` on a corrupt file."""
+    """Decode JPEG ``data`` (``width x height``) at DCT scale ``eighths``/8 to an ``RGBX`` image (RGB plus a padding
+    band: Pillow's own 4-byte pixel layout, so the decoded buffer is wrapped without a copy; resizing it gives the
+    same R, G and B as resizing the RGB image) of ``ceil(width * eighths / 8) x ceil(height * eighths / 8)``: pixel
+    ``k`` covers source pixels ``[8k / eighths, 8(k + 1) / eighths)``. Pillow's ``draft`` offers only 1/2, 1/4 and
+    1/8; simplejpeg (a libjpeg-turbo binding) offers every eighth, and its full- and half-scale decodes are
+    bit-identical to Pillow's (tested). ``ValueError`` on a corrupt file."""
     import simplejpeg
 
     min_w, min_h = -(-width * eighths // 8), -(-height * eighths // 8)
-    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=min_w, min_height=min_h)
+    pixels = simplejpeg.decode_jpeg(data, colorspace="RGBX", min_width=min_w, min_height=min_h)
     if pixels.shape[:2] != (min_h, min_w):
-        raise RuntimeError(f"libjpeg-turbo gave {pixels.shape[1]}x{pixels.shape[0]} for {width}x{height} at "
-                           f"{eighths}/8, expected {min_w}x{min_h}")
-    return Image.fromarray(pixels, "RGB")
+        raise RuntimeError(
+            f"libjpeg-turbo gave {pixels.shape[1]}x{pixels.shape[0]} for {width}x{height} at "
+            f"{eighths}/8, expected {min_w}x{min_h}"
+        )
+    return Image.frombuffer("RGBX", (min_w, min_h), pixels, "raw", "RGBX", 0, 1)
 
 
 def image_planes(img: Image.Image) -> torch.Tensor:
-    """An RGB image as a contiguous ``3 x H x W`` uint8 tensor, one plane per band. A permuted view of the
-    ``H x W x 3`` array costs the same here but makes every later stack and the per-batch normalisation a strided,
-    unvectorised copy (measured in benchmarks/README.md)."""
-    return torch.from_numpy(np.stack([np.asarray(band) for band in img.split()]))
+    """An RGB (or RGBX) image as a contiguous ``3 x H x W`` uint8 tensor, one plane per colour band. A permuted view
+    of the ``H x W x 3`` array costs the same here but makes every later stack and the per-batch normalisation a
+    strided, unvectorised copy (measured in benchmarks/README.md)."""
+    return torch.from_numpy(np.stack([np.asarray(band) for band in img.split()[:3]]))
 
 
 @dataclass

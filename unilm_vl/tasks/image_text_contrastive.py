@@ -67,8 +67,8 @@ class ImageTextContrastiveConfig(TokenizerConfig, StreamDataConfig):
         default=False,
         metadata={
             "help": "decode training JPEGs at full size, giving open_clip's training pixels exactly; by default a JPEG "
-            "is decoded at a 1/2-1/8 DCT scale when its crop keeps >= the image size on each side (faster; "
-            "pixels differ slightly, see benchmarks/README.md)"
+            "is decoded at the smallest DCT scale M/8 at which its crop keeps >= the image size on each side "
+            "(faster; pixels differ slightly, see benchmarks/README.md)"
         },
     )
     num_augs: int = field(
