@@ -13,6 +13,7 @@ CLI::
 Captions are read with the data layer (TSV, webdataset or frames sources; ``::``-separated patterns); the output is
 ``OUT/sentencepiece.bpe.model`` and ``OUT/dict.txt``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,20 @@ def train_vocab(captions: Iterable[str], out_dir: str, vocab_size: int = 1000) -
     import sentencepiece
 
     os.makedirs(out_dir, exist_ok=True)
-    prefix = os.path.join(out_dir, SPM_NAME[:-len(".model")])
+    prefix = os.path.join(out_dir, SPM_NAME[: -len(".model")])
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(captions)), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
-        minloglevel=2)
+        sentence_iterator=iter(list(captions)),
+        model_prefix=prefix,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     os.replace(prefix + ".model", os.path.join(out_dir, SPM_NAME))
     os.remove(prefix + ".vocab")
     spm = sentencepiece.SentencePieceProcessor(model_file=os.path.join(out_dir, SPM_NAME))

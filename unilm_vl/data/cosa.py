@@ -42,6 +42,7 @@ release's padding rule.
 Vocabulary: the release uses ``bert-base-uncased``'s ``vocab.txt``, which cannot be downloaded here; a local copy
 works with ``--vocab-file``. For the synthetic world, :mod:`unilm_vl.data.cosa_vocab` writes one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,11 +80,12 @@ def split_segments(num_items: int, num_segments: int) -> List[List[int]]:
     if num_items < num_segments:
         items += [num_items - 1] * (num_segments - num_items)
     k, m = divmod(len(items), num_segments)
-    return [items[i * k + min(i, m):(i + 1) * k + min(i + 1, m)] for i in range(num_segments)]
+    return [items[i * k + min(i, m) : (i + 1) * k + min(i + 1, m)] for i in range(num_segments)]
 
 
-def sample_frame_indices(num_items: int, num_segments: int, train: bool,
-                         rng: Optional[random.Random] = None) -> List[int]:
+def sample_frame_indices(
+    num_items: int, num_segments: int, train: bool, rng: Optional[random.Random] = None
+) -> List[int]:
     """One frame index per segment of :func:`split_segments`: uniform in training (``rng``), the middle one
     ``seg[(len(seg) + 1) // 2 - 1]`` in test. ``(10, 4, test) -> [1, 4, 6, 8]``, ``(3, 8) -> [0,1,2,2,2,2,2,2]``."""
     segments = split_segments(num_items, num_segments)
@@ -148,8 +150,10 @@ class ClipTransformFn:
         if self.kind == "none":
             return [T.Resize((self.size, self.size), antialias=False)]
         if self.train:
-            return [T.RandomResizedCrop(self.size, scale=(0.8, 1.0), ratio=(1.0, 1.0), antialias=False),
-                    T.RandomHorizontalFlip()]
+            return [
+                T.RandomResizedCrop(self.size, scale=(0.8, 1.0), ratio=(1.0, 1.0), antialias=False),
+                T.RandomHorizontalFlip(),
+            ]
         return [T.Resize(self.size, antialias=False), T.CenterCrop(self.size)]
 
     def __call__(self, frames: Sequence[Any], where: str = "?") -> torch.Tensor:
@@ -170,8 +174,9 @@ class ClipTransformFn:
 def _text_list(value: Any, where: str, field: str) -> List[str]:
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise BadSample(f"{field!r} must be a non-empty string or list of non-empty strings, got {value!r}", where,
-                        field)
+        raise BadSample(
+            f"{field!r} must be a non-empty string or list of non-empty strings, got {value!r}", where, field
+        )
     return [t.strip() for t in texts]
 
 
@@ -187,8 +192,9 @@ def parse_qa(entry: Dict[str, Any], where: str) -> List[Tuple[str, List[str], Op
         return [(_text_list(question, where, "question")[0], _text_list(answer, where, "answer"), qid)]
     questions = _text_list(question, where, "question")
     if not isinstance(answer, list) or len(answer) != len(questions):
-        raise BadSample(f"{len(questions)} questions need a list of {len(questions)} answers, got {answer!r}",
-                        where, "answer")
+        raise BadSample(
+            f"{len(questions)} questions need a list of {len(questions)} answers, got {answer!r}", where, "answer"
+        )
     qids = qid if isinstance(qid, list) and len(qid) == len(questions) else [None] * len(questions)
     return [(q, _text_list(a, where, "answer"), i) for q, a, i in zip(questions, answer, qids)]
 
@@ -199,8 +205,9 @@ def parse_entry(entry: Any, where: str) -> Dict[str, Any]:
     if not isinstance(entry, dict) or "video_id" not in entry:
         raise BadSample("entry lacks video_id", where, "video_id")
     if isinstance(entry["video_id"], bool) or not isinstance(entry["video_id"], (str, int)):
-        raise BadSample(f"video_id must be a string or an integer: got {type(entry['video_id']).__name__}", where,
-                        "video_id")
+        raise BadSample(
+            f"video_id must be a string or an integer: got {type(entry['video_id']).__name__}", where, "video_id"
+        )
     text = entry.get("desc", entry.get("caption"))
     captions = _text_list(text, where, "desc") if text is not None else []
     qa = parse_qa(entry, where) if ("question" in entry or "answer" in entry) else []
@@ -220,8 +227,15 @@ class CosaFramesDecoder:
         where = f"{raw['__url__']}[{raw['__index__']}]"
         parsed = parse_entry(raw["entry"], where)
         paths = list_video_frames(spec.frames_root, parsed["video_id"], where)
-        return {"__key__": parsed["video_id"], "__source__": spec.name, "__where__": where, "frame_paths": paths,
-                "captions": parsed["captions"], "qa": parsed["qa"], "meta": {}}
+        return {
+            "__key__": parsed["video_id"],
+            "__source__": spec.name,
+            "__where__": where,
+            "frame_paths": paths,
+            "captions": parsed["captions"],
+            "qa": parsed["qa"],
+            "meta": {},
+        }
 
 
 def read_annotation(path: str) -> List[Dict[str, Any]]:
@@ -258,8 +272,12 @@ class ChooseText:
             if not qa:
                 raise BadSample("QA finetuning needs 'question' and 'answer'", where, "question")
             question, answers, qid = qa[rng.randrange(len(qa))] if self.train else qa[0]
-            sample.update(question=question, answers=answers, question_id=qid,
-                          answer=answers[rng.randrange(len(answers))] if self.train else answers[0])
+            sample.update(
+                question=question,
+                answers=answers,
+                question_id=qid,
+                answer=answers[rng.randrange(len(answers))] if self.train else answers[0],
+            )
             return sample
         captions = sample.get("captions")
         if captions is None:
@@ -336,8 +354,9 @@ class TokenizeCosa:
 def stack_clips(clips: Sequence[torch.Tensor]) -> torch.Tensor:
     """``B x T x 3 x H x W`` from clips of possibly different lengths: shorter ones repeat their last frame."""
     longest = max(c.shape[0] for c in clips)
-    padded = [c if c.shape[0] == longest else torch.cat([c, c[-1:].expand(longest - c.shape[0], *c.shape[1:])])
-              for c in clips]
+    padded = [
+        c if c.shape[0] == longest else torch.cat([c, c[-1:].expand(longest - c.shape[0], *c.shape[1:])]) for c in clips
+    ]
     return torch.stack(padded)  # B x T x 3 x H x W
 
 
@@ -354,26 +373,41 @@ class CollateCosa:
         text_mask = (text_ids != self.pad_id).long()  # B x L
         net_input = {"frames": frames, "text_ids": text_ids, "text_mask": text_mask}
         batch: Dict[str, Any] = {
-            "id": [s["__key__"] for s in samples], "nsentences": len(samples), "ntokens": int(text_mask.sum()),
+            "id": [s["__key__"] for s in samples],
+            "nsentences": len(samples),
+            "ntokens": int(text_mask.sum()),
             "raw_text": [s["question"] if self.qa else s["caption"] for s in samples],
             "references": [list(s.get("references") or [s.get("caption", "")]) for s in samples],
-            "net_input": net_input}
+            "net_input": net_input,
+        }
         if self.qa:
             answer_ids = torch.stack([s["answer_tokens"] for s in samples])  # B x A
             answer_mask = (answer_ids != self.pad_id).long()  # B x A
-            net_input.update(question_ids=text_ids, question_mask=text_mask, answer_ids=answer_ids,
-                             answer_mask=answer_mask)
+            net_input.update(
+                question_ids=text_ids, question_mask=text_mask, answer_ids=answer_ids, answer_mask=answer_mask
+            )
             batch["answers"] = [list(s["answers"]) for s in samples]
             batch["question_id"] = [s.get("question_id") for s in samples]
             batch["ntokens"] += int(answer_mask.sum())
         return batch
 
 
-def cosa_stages(tokenizer, max_text_tokens: int, num_frames: int, train: bool, transform: Callable,
-                qa: bool = False, answer_length: int = MAX_ANSWER_TOKENS) -> list:
+def cosa_stages(
+    tokenizer,
+    max_text_tokens: int,
+    num_frames: int,
+    train: bool,
+    transform: Callable,
+    qa: bool = False,
+    answer_length: int = MAX_ANSWER_TOKENS,
+) -> list:
     """The stage list of the module docstring."""
-    return [ChooseText("qa" if qa else "caption", train), SampleFrames(num_frames, train), ClipTransform(transform),
-            TokenizeCosa(tokenizer, max_text_tokens, qa, answer_length)]
+    return [
+        ChooseText("qa" if qa else "caption", train),
+        SampleFrames(num_frames, train),
+        ClipTransform(transform),
+        TokenizeCosa(tokenizer, max_text_tokens, qa, answer_length),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- evaluation clips

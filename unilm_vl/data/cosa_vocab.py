@@ -13,6 +13,7 @@ CLI::
     python -m unilm_vl.data.cosa_vocab --data "videos/train.json::train/wds/part-*.tar" --root DIR \
         --out DIR/cosa_vocab.txt [--cased] [--if-missing]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def _texts_of_spec(data: str, root: str) -> Iterator[str]:
-    """Every text of a data spec (each ``::`` part may be of another kind): all desc / caption / question / answer strings of frames annotations (no frame
-    is read), captions of webdataset / TSV records."""
+    """Every text of a data spec (each ``::`` part may be of another kind): all desc / caption / question / answer
+    strings of frames annotations (no frame is read), captions of webdataset / TSV records."""
     from .build_vocab import read_captions
     from .sources import parse_data_spec
 

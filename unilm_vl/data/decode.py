@@ -8,6 +8,7 @@ image looks as a viewer shows it). Anything undecodable raises :class:`BadSample
 :class:`TooManyBadSamples` naming the last bad file and column once the bad fraction passes ``max_bad_fraction``
 (after ``min_samples`` have been seen, so one early bad row does not stop a run).
 """
+
 from __future__ import annotations
 
 import io
@@ -55,8 +56,14 @@ def decode_image(data: bytes, source: str = "?", field: str = "image", defer_jpe
             return img
         img.load()  # force the full decode so a truncated file fails here
         img = ImageOps.exif_transpose(img, in_place=True) or img  # in place: no copy of an upright image
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-            EOFError) as exc:
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+        EOFError,
+    ) as exc:
         raise BadSample(f"undecodable image: {type(exc).__name__}: {exc}", source, field) from None
     return to_rgb(img)
 
@@ -120,8 +127,14 @@ class BadSampleCounter:
     """Counts good and bad samples of one stream; see the module docstring. ``quiet`` counts without logging (a
     look-ahead such as the iterator's first batch, whose skips the real stream logs again)."""
 
-    def __init__(self, name: str = "data", log_every: int = 100, max_bad_fraction: float = 0.1,
-                 min_samples: int = 100, quiet: bool = False):
+    def __init__(
+        self,
+        name: str = "data",
+        log_every: int = 100,
+        max_bad_fraction: float = 0.1,
+        min_samples: int = 100,
+        quiet: bool = False,
+    ):
         self.name, self.log_every, self.quiet = name, log_every, quiet
         self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
         self.good = 0
@@ -137,8 +150,14 @@ class BadSampleCounter:
         self.reasons[exc.reason.split(":")[0]] += 1
         self.last = exc
         if not self.quiet and (self.bad == 1 or self.bad % self.log_every == 0):
-            logger.warning("%s: skipped %d bad samples of %d seen (%s); last: %s", self.name, self.bad,
-                           self.seen, dict(self.reasons), exc)
+            logger.warning(
+                "%s: skipped %d bad samples of %d seen (%s); last: %s",
+                self.name,
+                self.bad,
+                self.seen,
+                dict(self.reasons),
+                exc,
+            )
         self.check()
 
     @property

@@ -20,6 +20,7 @@ img2dataset webdataset layout: ``<key>.jpg|png|jpeg|webp`` (image bytes), ``<key
 Sample counts: each shard directory may hold ``sizes.json`` (``{"<shard file name>": n}``, the open_clip
 convention) so that readers know the epoch length without scanning.
 """
+
 from __future__ import annotations
 
 import ast
@@ -235,8 +236,9 @@ class WdsShardWriter(_ShardWriter):
 
     extension = "tar"
 
-    def __init__(self, prefix: str, samples_per_shard: int = 1000, keys: WdsKeys = IMG2DATASET_KEYS,
-                 mtime: Optional[int] = None):
+    def __init__(
+        self, prefix: str, samples_per_shard: int = 1000, keys: WdsKeys = IMG2DATASET_KEYS, mtime: Optional[int] = None
+    ):
         super().__init__(prefix, samples_per_shard)
         self.keys, self.mtime = keys, mtime
 
@@ -248,12 +250,14 @@ class WdsShardWriter(_ShardWriter):
     def write(self, key: str, image_bytes: bytes, image_ext: str, caption: str, meta: Mapping[str, Any]) -> None:
         if image_ext not in self.keys.image:
             raise ValueError(f"image extension {image_ext!r} is not one of {self.keys.image}")
-        self._next_handle().write({
-            "__key__": key,
-            image_ext: image_bytes,
-            self.keys.caption: caption.encode("utf-8"),
-            self.keys.meta: json.dumps(dict(meta)).encode("utf-8"),
-        })
+        self._next_handle().write(
+            {
+                "__key__": key,
+                image_ext: image_bytes,
+                self.keys.caption: caption.encode("utf-8"),
+                self.keys.meta: json.dumps(dict(meta)).encode("utf-8"),
+            }
+        )
 
 
 def update_sizes_json(directory: str, sizes: Mapping[str, int]) -> str:

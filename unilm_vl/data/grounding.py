@@ -25,6 +25,7 @@ the original image, in float, for every evaluation and drawing. Parsing: :func:`
 
 No fairseq import at module level: only :func:`build_kosmos2_dictionary` and :func:`build_kosmos2_tokenizer` need it.
 """
+
 import math
 import numbers
 import re
@@ -41,8 +42,17 @@ DEFAULT_NUM_BINS = 32
 
 MASK_TOKEN = "<mask>"
 GROUNDING_SPECIALS = (
-    "</doc>", "<image>", "</image>", "</chunk>", "</line>", "<phrase>", "</phrase>", "<object>", "</object>",
-    "</delimiter_of_multi_objects/>", "<grounding>",
+    "</doc>",
+    "<image>",
+    "</image>",
+    "</chunk>",
+    "</line>",
+    "<phrase>",
+    "</phrase>",
+    "<object>",
+    "</object>",
+    "</delimiter_of_multi_objects/>",
+    "<grounding>",
 )
 """Tag tokens in the released dictionary order (after ``<mask>``, before the patch-index tokens)."""
 
@@ -58,9 +68,18 @@ RELEASE_X1_CLAMP = 0.99999
 
 _PATCH_PAIR = r"<patch_index_\d+><patch_index_\d+>"
 OBJECT_PATTERN = re.compile(
-    r"(?:(" + re.escape(PHRASE_START) + r"([^<]+)" + re.escape(PHRASE_END) + r"))?"
+    r"(?:("
+    + re.escape(PHRASE_START)
+    + r"([^<]+)"
+    + re.escape(PHRASE_END)
+    + r"))?"
     + re.escape(OBJECT_START)
-    + r"((?:" + _PATCH_PAIR + re.escape(BOX_DELIMITER) + r")*" + _PATCH_PAIR + r")"
+    + r"((?:"
+    + _PATCH_PAIR
+    + re.escape(BOX_DELIMITER)
+    + r")*"
+    + _PATCH_PAIR
+    + r")"
     + re.escape(OBJECT_END)
 )
 """An ``<object>`` chunk, optionally right after ``<phrase>name</phrase>`` (no gap; the name holds no ``<``).
@@ -94,8 +113,9 @@ def kosmos2_added_symbols(num_bins: int = DEFAULT_NUM_BINS) -> List[str]:
     return [MASK_TOKEN, *GROUNDING_SPECIALS, *(patch_index_token(k) for k in range(num_bins * num_bins))]
 
 
-def build_kosmos2_dictionary(dict_path: Optional[str], num_bins: int = DEFAULT_NUM_BINS,
-                             spm_model_path: Optional[str] = None):
+def build_kosmos2_dictionary(
+    dict_path: Optional[str], num_bins: int = DEFAULT_NUM_BINS, spm_model_path: Optional[str] = None
+):
     """fairseq ``Dictionary`` of Kosmos-2: ``dict_path`` (the released ``dict.txt``) + :func:`kosmos2_added_symbols`.
     Without ``dict_path`` the ``dict.txt`` part is derived from ``spm_model_path``
     (:func:`unilm_vl.data.tokenizers.fairseq_dictionary_from_spm`, the released ``dict.txt`` for the released model).
@@ -115,11 +135,16 @@ def build_kosmos2_dictionary(dict_path: Optional[str], num_bins: int = DEFAULT_N
     return dictionary
 
 
-def build_kosmos2_tokenizer(spm_model_path: str, dict_path: Optional[str], num_bins: int = DEFAULT_NUM_BINS,
-                            context_length: Optional[int] = None):
+def build_kosmos2_tokenizer(
+    spm_model_path: str,
+    dict_path: Optional[str],
+    num_bins: int = DEFAULT_NUM_BINS,
+    context_length: Optional[int] = None,
+):
     """:class:`~unilm_vl.data.tokenizers.SentencePieceDictTokenizer` over the same vocabulary as
-    :func:`build_kosmos2_dictionary` (``dict_path`` None: derived from the sentencepiece model). Use ``encode(text, split_symbols=True)`` for text holding tags
-    (``"<grounding>An image of"`` -> ``[64012, 712, 1648, 9]``)."""
+    :func:`build_kosmos2_dictionary` (``dict_path`` None: derived from the sentencepiece model). Use
+    ``encode(text, split_symbols=True)`` for text holding tags (``"<grounding>An image of"`` ->
+    ``[64012, 712, 1648, 9]``)."""
     from unilm_vl.data.tokenizers import SentencePieceDictTokenizer
 
     tokenizer = SentencePieceDictTokenizer(spm_model_path, dict_path, context_length=context_length)
@@ -177,8 +202,9 @@ def _hf_last_cell(x1: float, num_bins: int) -> int:
     return k
 
 
-def box_to_patch_indices(box: Sequence[float], num_bins: int = DEFAULT_NUM_BINS,
-                         mode: str = "release") -> Tuple[int, int]:
+def box_to_patch_indices(
+    box: Sequence[float], num_bins: int = DEFAULT_NUM_BINS, mode: str = "release"
+) -> Tuple[int, int]:
     """``(ul, lr)`` cell indices of the normalised box ``(x0, y0, x1, y1)`` on a ``P x P`` grid, row-major
     (``index = row * P + col``; the row comes from the y coordinates, the column from the x ones).
 
@@ -247,14 +273,13 @@ def patch_indices_to_box(ul: int, lr: int, num_bins: int = DEFAULT_NUM_BINS) -> 
     """
     num_bins = _check_num_bins(num_bins)
     for name, value in (("ul", ul), ("lr", lr)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < num_bins ** 2:
-            raise ValueError(f"patch index {name}={value!r} is outside [0, {num_bins ** 2}) for num_bins={num_bins}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < num_bins**2:
+            raise ValueError(f"patch index {name}={value!r} is outside [0, {num_bins**2}) for num_bins={num_bins}")
     cell = 1.0 / num_bins
     ul_row, ul_col = divmod(int(ul), num_bins)
     lr_row, lr_col = divmod(int(lr), num_bins)
     if ul == lr or ul_col == lr_col or ul_row == lr_row:
-        return (_cell_start(ul_col, cell), _cell_start(ul_row, cell), _cell_end(lr_col, cell),
-                _cell_end(lr_row, cell))
+        return (_cell_start(ul_col, cell), _cell_start(ul_row, cell), _cell_end(lr_col, cell), _cell_end(lr_row, cell))
     half = cell / 2
     return ul_col * cell + half, ul_row * cell + half, lr_col * cell + half, lr_row * cell + half
 
@@ -290,7 +315,7 @@ def box_to_pixels(box: Sequence[float], width: float, height: float, view: str =
 def format_object(pairs: Sequence[Tuple[int, int]]) -> str:
     """The ``<object>`` chunk of one or more ``(ul, lr)`` pairs, without spaces, in the given order::
 
-        <object><patch_index_0044><patch_index_0863></delimiter_of_multi_objects/><patch_index_0005>...</object>
+    <object><patch_index_0044><patch_index_0863></delimiter_of_multi_objects/><patch_index_0005>...</object>
     """
     if not pairs:
         raise ValueError("an <object> chunk needs at least one (ul, lr) pair")
@@ -308,7 +333,7 @@ def object_patch_pairs(chunk: str) -> List[Tuple[int, int]]:
     """
     body = chunk
     if body.startswith(OBJECT_START) and body.endswith(OBJECT_END):
-        body = body[len(OBJECT_START):-len(OBJECT_END)]
+        body = body[len(OBJECT_START) : -len(OBJECT_END)]
     pairs = []
     for pair in body.split(BOX_DELIMITER):
         indices = _PATCH_INDEX_RE.findall(pair)
@@ -399,6 +424,7 @@ def parse_grounded_text(text: str, num_bins: int = DEFAULT_NUM_BINS) -> Tuple[st
             entities.append((name.strip(), (start, end), boxes))
         else:
             for ul, lr in obj.pairs:
-                entities.append((f"<patch_index_{ul}><patch_index_{lr}>", (start, end),
-                                 [patch_indices_to_box(ul, lr, num_bins)]))
+                entities.append(
+                    (f"<patch_index_{ul}><patch_index_{lr}>", (start, end), [patch_indices_to_box(ul, lr, num_bins)])
+                )
     return cleaned.strip(), entities

@@ -58,6 +58,7 @@ Batch contract (:class:`CollateHardNegatives`, types ``t = 0..T-1`` in style ord
     net_input["neg_text"]: (T*B) x L long, row t*B + b = negative of type t for sample b (all pad id if missing)
     net_input["neg_mask"]: (T*B,) long, 1 where that negative exists, type-major like neg_text
 """
+
 from __future__ import annotations
 
 import functools
@@ -82,11 +83,32 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ word lists
 DET, ADJ, NOUN, VERB, ADV, ADP, NUM, PUNCT, CCONJ, AUX, PRON, X = (
-    "DET", "ADJ", "NOUN", "VERB", "ADV", "ADP", "NUM", "PUNCT", "CCONJ", "AUX", "PRON", "X")
+    "DET",
+    "ADJ",
+    "NOUN",
+    "VERB",
+    "ADV",
+    "ADP",
+    "NUM",
+    "PUNCT",
+    "CCONJ",
+    "AUX",
+    "PRON",
+    "X",
+)
 
 CATEGORY_POS: Dict[str, str] = {
-    "colour": ADJ, "color": ADJ, "size": ADJ, "material": ADJ, "state": ADJ,
-    "shape": NOUN, "noun": NOUN, "action": VERB, "count": NUM, "relation": ADP, "adverb": ADV,
+    "colour": ADJ,
+    "color": ADJ,
+    "size": ADJ,
+    "material": ADJ,
+    "state": ADJ,
+    "shape": NOUN,
+    "noun": NOUN,
+    "action": VERB,
+    "count": NUM,
+    "relation": ADP,
+    "adverb": ADV,
 }
 """Lexicon categories and the part of speech of their words."""
 
@@ -95,41 +117,72 @@ SVLC_CATEGORIES: Tuple[str, ...] = ("colour", "color", "action", "size", "state"
 
 _CLOSED_CLASS: Dict[str, str] = {}
 for _tag, _words in (
-        (DET, "a an the this that these those some each every any another no both either neither several many few "
-              "its his her their my your our"),
-        (CCONJ, "and or but nor"),
-        (AUX, "is are was were be been being am has have had does do did can could will would may might should "
-              "must"),
-        (PRON, "it he she they them him me we us you i someone something somebody anyone anything who whom which "
-               "what there itself himself herself themselves"),
-        (ADP, "of on in at under above below behind beside besides near with without by over into onto inside "
-              "outside across along through against between among around from for to up down off atop beneath "
-              "underneath toward towards past within upon via like amid next"),
+    (
+        DET,
+        "a an the this that these those some each every any another no both either neither several many few "
+        "its his her their my your our",
+    ),
+    (CCONJ, "and or but nor"),
+    (AUX, "is are was were be been being am has have had does do did can could will would may might should must"),
+    (
+        PRON,
+        "it he she they them him me we us you i someone something somebody anyone anything who whom which "
+        "what there itself himself herself themselves",
+    ),
+    (
+        ADP,
+        "of on in at under above below behind beside besides near with without by over into onto inside "
+        "outside across along through against between among around from for to up down off atop beneath "
+        "underneath toward towards past within upon via like amid next",
+    ),
 ):
     _CLOSED_CLASS.update((w, _tag) for w in _words.split())
 
 NUMBER_WORDS: Tuple[str, ...] = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
-COMMON_ADJECTIVES = frozenset("""
+COMMON_ADJECTIVES = frozenset(
+    """
 beautiful pretty cute happy sad busy sunny cloudy snowy grassy sandy rocky crowded colorful colourful shiny bright
 dark light giant smiling various different same other single double large small fresh sliced green ripe modern
 vintage plain striped dotted
-""".split())
+""".split()
+)
 """Adjectives used for tagging only (the interchangeable ones are lexicon groups)."""
 
-COMMON_ADVERBS = frozenset("""
+COMMON_ADVERBS = frozenset(
+    """
 very quite too also still just almost nearly together away here rather really outdoors indoors apart not never
 always often fast
-""".split())
+""".split()
+)
 
-_NOT_ING_VERBS = frozenset("thing something nothing anything everything ceiling king ring string wing spring "
-                           "morning evening building painting clothing wedding sibling pudding icing".split())
-_NOT_LY_ADVERBS = frozenset("fly family belly jelly lily bully holy only ugly silly curly hilly friendly lonely "
-                            "daily early italy july reply supply apply".split())
+_NOT_ING_VERBS = frozenset(
+    "thing something nothing anything everything ceiling king ring string wing spring "
+    "morning evening building painting clothing wedding sibling pudding icing".split()
+)
+_NOT_LY_ADVERBS = frozenset(
+    "fly family belly jelly lily bully holy only ugly silly curly hilly friendly lonely "
+    "daily early italy july reply supply apply".split()
+)
 _IRREGULAR_PLURALS: Dict[str, str] = {
-    "men": "man", "women": "woman", "children": "child", "people": "person", "feet": "foot", "teeth": "tooth",
-    "mice": "mouse", "geese": "goose", "knives": "knife", "leaves": "leaf", "wolves": "wolf", "shelves": "shelf",
-    "skis": "ski", "buses": "bus", "glasses": "glass", "boxes": "box", "benches": "bench", "dishes": "dish",
+    "men": "man",
+    "women": "woman",
+    "children": "child",
+    "people": "person",
+    "feet": "foot",
+    "teeth": "tooth",
+    "mice": "mouse",
+    "geese": "goose",
+    "knives": "knife",
+    "leaves": "leaf",
+    "wolves": "wolf",
+    "shelves": "shelf",
+    "skis": "ski",
+    "buses": "bus",
+    "glasses": "glass",
+    "boxes": "box",
+    "benches": "bench",
+    "dishes": "dish",
 }
 _IRREGULAR_SINGULARS = {v: k for k, v in _IRREGULAR_PLURALS.items()}
 
@@ -145,15 +198,40 @@ def _builtin_groups() -> List[Tuple[str, Tuple[str, ...]]]:
     actions. Size groups pair antonyms so that no group holds synonyms (``small``/``tiny`` never swap)."""
     groups: List[Tuple[str, Tuple[str, ...]]] = [
         ("colour", tuple(COLOURS) + ("brown", "pink", "grey", "gold", "silver")),
-        ("size", tuple(SIZES)), ("size", ("big", "small")), ("size", ("big", "little")), ("size", ("tiny", "huge")),
-        ("size", ("tall", "short")), ("size", ("long", "short")), ("size", ("wide", "narrow")),
+        ("size", tuple(SIZES)),
+        ("size", ("big", "small")),
+        ("size", ("big", "little")),
+        ("size", ("tiny", "huge")),
+        ("size", ("tall", "short")),
+        ("size", ("long", "short")),
+        ("size", ("wide", "narrow")),
         ("size", ("thick", "thin")),
         ("shape", tuple(SHAPES)),
-        ("material", ("wooden", "metal", "plastic", "glass", "stone", "brick", "leather", "paper", "ceramic",
-                      "cotton", "wool", "concrete")),
-        ("state", ("open", "closed")), ("state", ("empty", "full")), ("state", ("wet", "dry")),
-        ("state", ("clean", "dirty")), ("state", ("old", "new")), ("state", ("old", "young")),
-        ("state", ("hot", "cold")), ("state", ("light", "dark")),
+        (
+            "material",
+            (
+                "wooden",
+                "metal",
+                "plastic",
+                "glass",
+                "stone",
+                "brick",
+                "leather",
+                "paper",
+                "ceramic",
+                "cotton",
+                "wool",
+                "concrete",
+            ),
+        ),
+        ("state", ("open", "closed")),
+        ("state", ("empty", "full")),
+        ("state", ("wet", "dry")),
+        ("state", ("clean", "dirty")),
+        ("state", ("old", "new")),
+        ("state", ("old", "young")),
+        ("state", ("hot", "cold")),
+        ("state", ("light", "dark")),
         ("noun", ("man", "woman", "boy", "girl", "child", "baby", "lady")),
         ("noun", ("dog", "cat", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "bird")),
         ("noun", ("car", "bus", "truck", "bicycle", "bike", "motorcycle", "train", "boat", "airplane")),
@@ -166,15 +244,47 @@ def _builtin_groups() -> List[Tuple[str, Tuple[str, ...]]]:
         ("noun", ("book", "clock", "vase", "scissors", "toothbrush", "toilet", "sink", "refrigerator", "oven")),
         ("noun", ("street", "road", "field", "beach", "room", "kitchen", "park", "building", "wall", "floor")),
         ("action", ("sitting", "standing", "lying", "walking", "running", "jumping")),
-        ("action", ("riding", "chasing", "holding", "carrying", "throwing", "catching", "eating", "drinking",
-                    "playing", "pulling", "pushing", "watching")),
+        (
+            "action",
+            (
+                "riding",
+                "chasing",
+                "holding",
+                "carrying",
+                "throwing",
+                "catching",
+                "eating",
+                "drinking",
+                "playing",
+                "pulling",
+                "pushing",
+                "watching",
+            ),
+        ),
         ("action", ("sits", "stands", "lies", "walks", "runs", "jumps")),
         ("action", ("rides", "chases", "holds", "carries", "throws", "catches", "eats", "drinks")),
         ("action", _motion_verbs()),
         ("count", NUMBER_WORDS),
         ("relation", tuple(RELATIONS)),
-        ("relation", ("on", "under", "in", "beside", "behind", "in front of", "next to", "near", "inside",
-                      "on top of", "above", "below", "over", "underneath")),
+        (
+            "relation",
+            (
+                "on",
+                "under",
+                "in",
+                "beside",
+                "behind",
+                "in front of",
+                "next to",
+                "near",
+                "inside",
+                "on top of",
+                "above",
+                "below",
+                "over",
+                "underneath",
+            ),
+        ),
     ]
     return groups
 
@@ -393,7 +503,7 @@ class Lexicon:
         out, i = [], 0
         while i < len(lows):
             for n in range(min(self._max_phrase, len(lows) - i), 1, -1):
-                pos = self._phrases.get(tuple(lows[i:i + n]))
+                pos = self._phrases.get(tuple(lows[i : i + n]))
                 if pos is not None:
                     out.append((i, i + n, pos))
                     i += n
@@ -423,8 +533,9 @@ class Lexicon:
                 is_plural = tag == NOUN and singular(low) != low
             else:
                 nxt = cands[k + 1][0] if k + 1 < len(lows) and k + 1 not in fixed else set()
-                nominal_next = bool(nxt & {NOUN, ADJ}) or (k + 1 < len(lows) and not nxt and lows[k + 1].isalpha()
-                                                            and k + 1 not in fixed)
+                nominal_next = bool(nxt & {NOUN, ADJ}) or (
+                    k + 1 < len(lows) and not nxt and lows[k + 1].isalpha() and k + 1 not in fixed
+                )
                 if ADJ in options and NOUN in options:
                     tag = ADJ if nominal_next else NOUN
                 elif ADJ in options and nominal_next:
@@ -443,6 +554,7 @@ class Lexicon:
     def _analyze_spacy(self, text: str) -> Analysis:
         if self._nlp is None:
             import spacy  # checked by check_spacy_model
+
             self._nlp = spacy.load(self.spacy_model)
         doc = self._nlp(text)
         known = {DET, ADJ, NOUN, VERB, ADV, ADP, NUM, PUNCT, CCONJ, AUX, PRON}
@@ -451,10 +563,12 @@ class Lexicon:
         phrases = self._match_phrases([t.lower_ for t in doc])
         for i, j, pos in phrases:
             tags[i:j] = [pos] * (j - i)
-        tokens = tuple(Token(t.text, t.idx, t.idx + len(t.text), tag, t.tag_ in ("NNS", "NNPS"))
-                       for t, tag in zip(doc, tags))
-        return Analysis(text, tokens, tuple((c.start, c.end) for c in doc.noun_chunks),
-                        tuple((i, j) for i, j, _ in phrases))
+        tokens = tuple(
+            Token(t.text, t.idx, t.idx + len(t.text), tag, t.tag_ in ("NNS", "NNPS")) for t, tag in zip(doc, tags)
+        )
+        return Analysis(
+            text, tokens, tuple((c.start, c.end) for c in doc.noun_chunks), tuple((i, j) for i, j, _ in phrases)
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -488,13 +602,16 @@ def check_spacy_model(name: str) -> None:
         raise ImportError(
             f"--spacy-model {name!r} needs spaCy, which is not installed. Install it and the model from spaCy's own "
             f"release with `pip install spacy && python -m spacy download {name}`, or leave --spacy-model unset to "
-            f"use the built-in rule-based tagger (this code never downloads a model).")
+            f"use the built-in rule-based tagger (this code never downloads a model)."
+        )
     import spacy
+
     if not (os.path.isdir(name) or spacy.util.is_package(name)):
         raise ImportError(
             f"--spacy-model {name!r} is not an installed spaCy model package or a model directory. Install it "
             f"from spaCy's own release with `python -m spacy download {name}`, or leave --spacy-model unset to use "
-            f"the built-in rule-based tagger (this code never downloads a model).")
+            f"the built-in rule-based tagger (this code never downloads a model)."
+        )
 
 
 # ------------------------------------------------------------------------------------------------ generators
@@ -510,7 +627,7 @@ def _splice(text: str, edits: Sequence[Tuple[int, int, str]]) -> str:
 
 
 def _span_text(a: Analysis, span: Tuple[int, int]) -> str:
-    return a.text[a.tokens[span[0]].start:a.tokens[span[1] - 1].end]
+    return a.text[a.tokens[span[0]].start : a.tokens[span[1] - 1].end]
 
 
 def _filter_spans(spans: Iterable[Tuple[int, int]]) -> List[Tuple[int, int]]:
@@ -607,8 +724,9 @@ def replace(caption: str, rng: random.Random, lexicon: Lexicon) -> Optional[str]
     if len(a.chunks) < 2 or not (relations or modifiers):
         return None
     in_phrase = {k for i, j in a.phrases for k in range(i, j)}
-    elements = list(a.phrases) + [(k, k + 1) for k, t in enumerate(toks)
-                                  if k not in in_phrase and t.tag in (NOUN, ADJ, VERB, NUM, ADV, ADP)]
+    elements = list(a.phrases) + [
+        (k, k + 1) for k, t in enumerate(toks) if k not in in_phrase and t.tag in (NOUN, ADJ, VERB, NUM, ADV, ADP)
+    ]
     options = []
     for i, j in sorted(elements):
         tag = toks[i].tag
@@ -627,7 +745,7 @@ def replace(caption: str, rng: random.Random, lexicon: Lexicon) -> Optional[str]
         article = "an" if new[0].lower() in "aeiou" else "a"
         if article != toks[i - 1].text.lower():
             start = toks[i - 1].start
-            new = _match_case(toks[i - 1].text, article) + caption[toks[i - 1].end:toks[i].start] + new
+            new = _match_case(toks[i - 1].text, article) + caption[toks[i - 1].end : toks[i].start] + new
     return _splice(caption, [(start, end, new)])
 
 
@@ -653,7 +771,7 @@ def ngram_shuffle(caption: str, rng: random.Random, lexicon: Lexicon, n: int = 2
     if n < 1:
         raise ValueError(f"ngram_shuffle needs n >= 1, got {n}")
     toks = lexicon.analyze(caption).tokens
-    grams = [list(toks[i:i + n]) for i in range(0, len(toks), n)]
+    grams = [list(toks[i : i + n]) for i in range(0, len(toks), n)]
     if len(grams) <= 1:
         return None
     punct = None
@@ -732,8 +850,9 @@ def parse_style(style: str) -> Tuple[str, ...]:
     types: List[str] = []
     for name in (s.strip() for s in style.split(",")):
         if name not in STYLES:
-            raise ValueError(f"unknown hard-negative style or type {name!r}; valid: {', '.join(STYLES)} "
-                             f"(or a comma list of them)")
+            raise ValueError(
+                f"unknown hard-negative style or type {name!r}; valid: {', '.join(STYLES)} (or a comma list of them)"
+            )
         types.extend(STYLES[name])
     repeated = [t for t, c in Counter(types).items() if c > 1]
     if repeated:
@@ -778,8 +897,9 @@ class HardNegatives:
                 try:
                     neg = given_negative(name_value[1], rng) if name_value is not None else None
                 except ValueError as exc:
-                    raise BadSample(f"unreadable precomputed negatives: {exc}", sample.get("__where__", "?"),
-                                    name_value[0]) from None
+                    raise BadSample(
+                        f"unreadable precomputed negatives: {exc}", sample.get("__where__", "?"), name_value[0]
+                    ) from None
             else:
                 neg = GENERATORS[name](caption, rng, self.lexicon)
                 if neg is not None and neg == caption:
@@ -794,8 +914,11 @@ class HardNegatives:
             (self.generated if neg is not None else self.missing)[name] += 1
         self.samples += 1
         if self.log_every and self.samples % self.log_every == 0:
-            logger.info("hard negatives after %d samples (generated/missing): %s", self.samples,
-                        ", ".join(f"{t} {self.generated[t]}/{self.missing[t]}" for t in self.types))
+            logger.info(
+                "hard negatives after %d samples (generated/missing): %s",
+                self.samples,
+                ", ".join(f"{t} {self.generated[t]}/{self.missing[t]}" for t in self.types),
+            )
         return sample
 
 
@@ -823,8 +946,8 @@ class TokenizeHardNegatives:
 class CollateHardNegatives(CollateImageText):
     """:class:`CollateImageText` plus the hard negatives, type-major::
 
-        net_input["neg_text"]: (T*B) x L long, row t*B + b = type t of sample b (all pad id if missing)
-        net_input["neg_mask"]: (T*B,) long 0/1
+    net_input["neg_text"]: (T*B) x L long, row t*B + b = type t of sample b (all pad id if missing)
+    net_input["neg_mask"]: (T*B,) long 0/1
     """
 
     def __call__(self, samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:

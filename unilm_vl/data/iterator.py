@@ -19,6 +19,7 @@ Contract (the one fairseq's trainer and ``checkpoint_utils`` rely on):
 - ``first_batch``: a real collated batch (fairseq uses it as the dummy batch for padded validation steps); its bad
   samples are counted silently, since the epoch logs them when it reads them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,8 +52,15 @@ def _all_gather_ints(values: List[int], world_size: int) -> List[List[int]]:
 
 
 class CheckpointableBatchIterator(EpochBatchIterating):
-    def __init__(self, plan: StreamPlan, num_batches: int, epoch: int = 1, loader_workers: int = 0,
-                 prefetch_factor: int = 2, sync_ranks: Optional[bool] = None):
+    def __init__(
+        self,
+        plan: StreamPlan,
+        num_batches: int,
+        epoch: int = 1,
+        loader_workers: int = 0,
+        prefetch_factor: int = 2,
+        sync_ranks: Optional[bool] = None,
+    ):
         if num_batches <= 0:
             raise ValueError(
                 f"{plan.name}: {num_batches} batches per epoch; the data has fewer samples than one global batch"
@@ -117,17 +125,24 @@ class CheckpointableBatchIterator(EpochBatchIterating):
             epoch, offset, consumed = self.epoch, self.iterations_in_epoch, [r[0] for r in ranks]
         reasons = stream.counter.reasons.most_common() if stream is not None else []
         if len(reasons) > MAX_SAVED_REASONS:  # a reason that names a file would grow the checkpoint without bound
-            rest = sum(n for _, n in reasons[MAX_SAVED_REASONS - 1:])
-            reasons = reasons[:MAX_SAVED_REASONS - 1] + [(OTHER_REASONS, rest)]
+            rest = sum(n for _, n in reasons[MAX_SAVED_REASONS - 1 :])
+            reasons = reasons[: MAX_SAVED_REASONS - 1] + [(OTHER_REASONS, rest)]
         return {
             "version": 3,
             "epoch": epoch,
             "iterations_in_epoch": offset,
             "shuffle": self.shuffle,
-            "stream": {"world_size": self.plan.world_size, "num_workers": self.plan.num_workers,
-                       "consumed": consumed,
-                       "bad_samples": {"good": sum(r[1] for r in ranks), "bad": sum(r[2] for r in ranks),
-                                       "per_rank": [r[1:] for r in ranks], "reasons": dict(reasons)}},
+            "stream": {
+                "world_size": self.plan.world_size,
+                "num_workers": self.plan.num_workers,
+                "consumed": consumed,
+                "bad_samples": {
+                    "good": sum(r[1] for r in ranks),
+                    "bad": sum(r[2] for r in ranks),
+                    "per_rank": [r[1:] for r in ranks],
+                    "reasons": dict(reasons),
+                },
+            },
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -139,15 +154,20 @@ class CheckpointableBatchIterator(EpochBatchIterating):
             self._next_epoch_itr = None
             return
         if offset > self.num_batches:
-            raise RuntimeError(f"checkpoint is at batch {offset} of an epoch of {self.num_batches} batches; the "
-                               "data or batch size changed. Relaunch with --reset-dataloader.")
+            raise RuntimeError(
+                f"checkpoint is at batch {offset} of an epoch of {self.num_batches} batches; the "
+                "data or batch size changed. Relaunch with --reset-dataloader."
+            )
         resume = self._replayable(state_dict.get("version", 2), stream)
         if resume is None:
             logger.warning(
                 "resuming epoch %d at batch %d without exact replay: the checkpoint's loader layout %s differs from "
                 "world_size=%d; some samples of this epoch may repeat or be skipped",
-                self.epoch, offset, None if stream is None else (stream["world_size"], stream.get("num_workers")),
-                self.plan.world_size)
+                self.epoch,
+                offset,
+                None if stream is None else (stream["world_size"], stream.get("num_workers")),
+                self.plan.world_size,
+            )
         self._resume = resume
         self._next_epoch_itr = self._epoch_iterator(self.epoch, offset)
 
@@ -172,8 +192,10 @@ class CheckpointableBatchIterator(EpochBatchIterating):
             return {"ranks": [[c[0], 0, 0] for c in stream["consumed"]], "reasons": {}}
         bad = stream.get("bad_samples", {})
         per_rank = bad.get("per_rank") or [[0, 0]] * self.plan.world_size
-        return {"ranks": [[c, g, b] for c, (g, b) in zip(stream["consumed"], per_rank)],
-                "reasons": bad.get("reasons", {})}
+        return {
+            "ranks": [[c, g, b] for c, (g, b) in zip(stream["consumed"], per_rank)],
+            "reasons": bad.get("reasons", {}),
+        }
 
     def _rank_positions(self, stream: Optional[EpochStream]) -> List[List[int]]:
         """``[consumed, good, bad]`` of every rank: the last all-gather (or the resumed state) for the others,
@@ -187,14 +209,22 @@ class CheckpointableBatchIterator(EpochBatchIterating):
 
     def _epoch_iterator(self, epoch: int, offset: int) -> CountingIterator:
         resume = self._resume if offset > 0 else None
-        gather = (functools.partial(_all_gather_ints, world_size=self.plan.world_size) if self.sync_ranks
-                  else None)
+        gather = functools.partial(_all_gather_ints, world_size=self.plan.world_size) if self.sync_ranks else None
         own = resume["ranks"][self.plan.rank] if resume else [0, 0, 0]
         counts = None
         if resume:  # the saved reasons are rank 0's (the rank fairseq saves from)
             counts = {"good": own[1], "bad": own[2], "reasons": resume["reasons"] if self.plan.rank == 0 else {}}
-        stream = EpochStream(self.plan, epoch, offset, self.num_batches, skip_records=own[0], counts=counts,
-                             loader_workers=self.loader_workers, prefetch_factor=self.prefetch_factor, gather=gather)
+        stream = EpochStream(
+            self.plan,
+            epoch,
+            offset,
+            self.num_batches,
+            skip_records=own[0],
+            counts=counts,
+            loader_workers=self.loader_workers,
+            prefetch_factor=self.prefetch_factor,
+            gather=gather,
+        )
         if resume:
             stream.ranks = [list(r) for r in resume["ranks"]]
         itr = CountingIterator(stream, start=offset, total=self.num_batches)

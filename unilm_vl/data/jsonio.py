@@ -16,6 +16,7 @@ Python's ``json`` accepts ``NaN`` and ``Infinity``; so do these functions (calle
 Callers that treat bad input as a counted skip (the data streams) catch :class:`JsonError`; command-line tools let it
 reach their one ``error:`` line (they catch ``ValueError``).
 """
+
 import json
 from typing import Any, Union
 
@@ -46,8 +47,8 @@ def _problem(err: BaseException) -> str:
 
 
 def parse_json(text: Union[str, bytes], where: str = "json") -> Any:
-    """The value of JSON ``text`` (``bytes`` are decoded as UTF-8). Raises :class:`JsonError` ``"<where>: <problem>"``.
-    """
+    """The value of JSON ``text`` (``bytes`` are decoded as UTF-8). Raises :class:`JsonError`
+    ``"<where>: <problem>"``."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")

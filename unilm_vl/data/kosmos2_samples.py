@@ -21,6 +21,7 @@ pipeline from the run seed, the epoch and the record's position), so a resumed r
     image_mask = True on the L placeholder rows (2 .. L+1)
     loss_mask  = True on the caption targets (L+2 .. L+1+n): not <image>, the placeholders nor </image>
 """
+
 from __future__ import annotations
 
 import math
@@ -33,12 +34,22 @@ import torch
 
 from .decode import BadSample
 from .formats import parse_annotation
-from .grounding import (BOX_DELIMITER, DEFAULT_NUM_BINS, GROUNDING, OBJECT_END, OBJECT_START, PHRASE_END,
-                        PHRASE_START, Box, box_to_patch_indices, patch_index_token)
-
-LINE_END = "</line>"
+from .grounding import (
+    BOX_DELIMITER,
+    DEFAULT_NUM_BINS,
+    GROUNDING,
+    OBJECT_END,
+    OBJECT_START,
+    PHRASE_END,
+    PHRASE_START,
+    Box,
+    box_to_patch_indices,
+    patch_index_token,
+)
 from .pipeline import derive_seed
 from .tokenizers import truncate_for_tokens
+
+LINE_END = "</line>"
 
 MODES = ("phrase", "expression")
 ANNOTATION_KEYS = {"phrase": ("phrase", "noun_chunks"), "expression": ("expression_v1", "ref_exps")}
@@ -90,8 +101,9 @@ def parse_grit_entries(entries: Any, caption: str) -> List[GritEntry]:
             raise ValueError(f"a grounding entry is [start, end, x0, y0, x1, y1, score], got {_short(entry)}")
         start, end = entry[0], entry[1]
         if not (type(start) is int and type(end) is int and 0 <= start < end <= len(caption)):
-            raise ValueError(f"span [{_short(start)}, {_short(end)}] is not inside the caption of {len(caption)} "
-                             "characters")
+            raise ValueError(
+                f"span [{_short(start)}, {_short(end)}] is not inside the caption of {len(caption)} characters"
+            )
         try:
             box = tuple(_finite_number(v) for v in entry[2:6])
             score = _finite_number(entry[6])
@@ -103,8 +115,9 @@ def parse_grit_entries(entries: Any, caption: str) -> List[GritEntry]:
     return out
 
 
-def center_crop_box(box: Box, image_size: Tuple[int, int], size: int = 224,
-                    drop_threshold: float = 0.2) -> Optional[Box]:
+def center_crop_box(
+    box: Box, image_size: Tuple[int, int], size: int = 224, drop_threshold: float = 0.2
+) -> Optional[Box]:
     """A box normalised to the original ``(width, height)`` image, in the ``size x size`` model view made by
     ``Resize(size)`` (short side; long side ``int(size * long / short)`` as torchvision) + ``CenterCrop(size)``.
 
@@ -132,9 +145,15 @@ def center_crop_box(box: Box, image_size: Tuple[int, int], size: int = 224,
     return cx0 / size, cy0 / size, cx1 / size, cy1 / size
 
 
-def select_grounded_spans(entries: Sequence[GritEntry], image_size: Tuple[int, int], mode: str = "expression",
-                          score_threshold: float = 0.65, center_crop: bool = True, size: int = 224,
-                          drop_threshold: float = 0.2) -> List[GroundedSpan]:
+def select_grounded_spans(
+    entries: Sequence[GritEntry],
+    image_size: Tuple[int, int],
+    mode: str = "expression",
+    score_threshold: float = 0.65,
+    center_crop: bool = True,
+    size: int = 224,
+    drop_threshold: float = 0.2,
+) -> List[GroundedSpan]:
     """The spans and boxes a sample is grounded with, ordered by character start (then end).
 
     Keep ``score >= score_threshold``; move boxes into the model view (:func:`center_crop_box`, or unchanged with
@@ -152,24 +171,28 @@ def select_grounded_spans(entries: Sequence[GritEntry], image_size: Tuple[int, i
         if box is not None:
             kept.append(GritEntry(e.start, e.end, box, e.score))
     if mode == "expression":
-        kept = [e for e in kept if not any(o.start <= e.start and e.end <= o.end and (o.start, o.end) != (e.start, e.end)
-                                           for o in kept)]
+        kept = [
+            e
+            for e in kept
+            if not any(o.start <= e.start and e.end <= o.end and (o.start, o.end) != (e.start, e.end) for o in kept)
+        ]
     spans: Dict[Tuple[int, int], List[Box]] = {}
     for e in kept:
         spans.setdefault((e.start, e.end), []).append(e.box)
     return [GroundedSpan(s, t, boxes) for (s, t), boxes in sorted(spans.items())]
 
 
-def char_span_to_token_span(encode_pieces: Callable[[str], List[str]], caption: str, start: int,
-                            end: int) -> Tuple[int, int]:
+def char_span_to_token_span(
+    encode_pieces: Callable[[str], List[str]], caption: str, start: int, end: int
+) -> Tuple[int, int]:
     """Token span ``[first, last)`` of the characters ``caption[start:end]`` (the release's
     ``find_substring_pairs``): with ``b = pieces(caption[:start])`` and ``a = pieces(caption[:end])``, the span is
     ``[len(b), len(a))`` when ``b`` is a prefix of ``a``, ``[len(b) - 1, len(a))`` when only ``b[:-1]`` is (the span
     starts inside a piece). Anything else raises ``ValueError``: the span does not align with the tokens."""
     before, upto = encode_pieces(caption[:start]), encode_pieces(caption[:end])
-    if upto[:len(before)] == before:
+    if upto[: len(before)] == before:
         first = len(before)
-    elif before and upto[:len(before) - 1] == before[:-1]:
+    elif before and upto[: len(before) - 1] == before[:-1]:
         first = len(before) - 1
     else:
         raise ValueError(f"span [{start}, {end}] {caption[start:end]!r} does not align with the caption's tokens")
@@ -178,8 +201,9 @@ def char_span_to_token_span(encode_pieces: Callable[[str], List[str]], caption: 
     return first, len(upto)
 
 
-def grounded_pieces(pieces: Sequence[str], token_spans: Sequence[Tuple[int, int, Sequence[Tuple[int, int]]]],
-                    grounding: bool = True) -> List[str]:
+def grounded_pieces(
+    pieces: Sequence[str], token_spans: Sequence[Tuple[int, int, Sequence[Tuple[int, int]]]], grounding: bool = True
+) -> List[str]:
     """Insert the grounding markup into a caption's pieces (notes 2.4)::
 
         [<grounding>] ... <phrase> span pieces </phrase> <object> <patch_index_UL> <patch_index_LR>
@@ -273,7 +297,7 @@ class GritGroundedCaption:
             ids += [index(p) for p in self.tokenizer.encode_pieces(line)] + [index(LINE_END)]
         ids[-1] = self.tokenizer.eos_id
         if len(ids) > self.max_text_tokens:
-            ids = ids[:self.max_text_tokens - 1] + [self.tokenizer.eos_id]
+            ids = ids[: self.max_text_tokens - 1] + [self.tokenizer.eos_id]
         return ids
 
     def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
@@ -290,8 +314,15 @@ class GritGroundedCaption:
             caption = truncate_for_tokens(caption, self.max_text_tokens)
             if raw:
                 entries = [e for e in entries if e.end <= len(caption)]
-                spans = select_grounded_spans(entries, sample["image"].size, self.mode, self.score_threshold,
-                                              self.center_crop, self.size, self.drop_threshold)
+                spans = select_grounded_spans(
+                    entries,
+                    sample["image"].size,
+                    self.mode,
+                    self.score_threshold,
+                    self.center_crop,
+                    self.size,
+                    self.drop_threshold,
+                )
             rng = random.Random(derive_seed(sample.get("__seed__", sample.get("__key__")), "grounding"))
             grounded = bool(spans) and rng.random() < self.use_object_bbox_prob
             pieces = self.caption_pieces(caption, spans, grounded)
@@ -308,9 +339,9 @@ class CollateKosmos2:
     """Batch layout of the module docstring. Samples carry ``tokens`` (caption ids ending in ``</s>``) and, when
     they hold an image, ``image`` (3 x S x S); text-only samples (no ``image``) get ``<s> ids`` and no image rows.
 
-    Output: ``{"id", "source" (each row's data source name), "nsentences", "ntokens" (all tokens of ``full``, as the release logs), "net_input":
-    {"src_tokens": B x T, "image": B_img x 3 x S x S or None, "image_mask": B x T}, "target": B x T,
-    "loss_mask": B x T}``. Images are stacked in batch order, one per image-bearing row.
+    Output: ``{"id", "source" (each row's data source name), "nsentences", "ntokens" (all tokens of ``full``, as the
+    release logs), "net_input": {"src_tokens": B x T, "image": B_img x 3 x S x S or None, "image_mask": B x T},
+    "target": B x T, "loss_mask": B x T}``. Images are stacked in batch order, one per image-bearing row.
     """
 
     bos_id: int
@@ -352,8 +383,7 @@ class CollateKosmos2:
             "source": [s.get("__source__", "data") for s in samples],
             "nsentences": len(samples),
             "ntokens": sum(len(r) for r in rows),
-            "net_input": {"src_tokens": src, "image": torch.stack(images) if images else None,
-                          "image_mask": img_mask},
+            "net_input": {"src_tokens": src, "image": torch.stack(images) if images else None, "image_mask": img_mask},
             "target": tgt,
             "loss_mask": lmask,
         }

@@ -13,6 +13,7 @@ Flow of one training sample (built by :func:`multicrop_stages`)::
 Randomness: the image crops draw from ``torch``/``random`` seeded per sample by the pipeline; the text crops keep
 their own ``random.Random`` seeded from the sample's ``__seed__``, so both replay exactly on resume.
 """
+
 from __future__ import annotations
 
 import random
@@ -62,13 +63,17 @@ def _crop_transform(size: int, scale: Tuple[float, float], extra: Sequence, mean
     (blur / solarise) -> tensor, normalised."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(p=0.5),
-        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        *extra,
-        T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            *extra,
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 @dataclass
@@ -89,15 +94,18 @@ class MultiCropTransform:
 
     def __post_init__(self):
         if self.num_global != 2:
-            raise ValueError(f"--global-crops-number must be 2 (two global crops with their own augmentations, as the "
-                             f"reference asserts), got {self.num_global}")
+            raise ValueError(
+                f"--global-crops-number must be 2 (two global crops with their own augmentations, as the "
+                f"reference asserts), got {self.num_global}"
+            )
         if not self.local_scale_min < self.crop_scale <= 1.0:
             raise ValueError(f"--crop-scale must be in ({self.local_scale_min}, 1], got {self.crop_scale}")
         mean, std = tuple(self.mean), tuple(self.std)
         global_scale, local_scale = (self.crop_scale, 1.0), (self.local_scale_min, self.crop_scale)
         self.global_1 = _crop_transform(self.global_size, global_scale, [RandomGaussianBlur(1.0)], mean, std)
-        self.global_2 = _crop_transform(self.global_size, global_scale,
-                                        [RandomGaussianBlur(0.1), RandomSolarize(0.2)], mean, std)
+        self.global_2 = _crop_transform(
+            self.global_size, global_scale, [RandomGaussianBlur(0.1), RandomSolarize(0.2)], mean, std
+        )
         self.local = _crop_transform(self.local_size, local_scale, [RandomGaussianBlur(0.5)], mean, std)
 
     def __call__(self, image: Image.Image) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -140,14 +148,12 @@ def sample_from_list(items: Sequence, m: int, rng: random.Random) -> List:
     return (m // n) * items + rng.sample(items, m % n)
 
 
-def text_crops(sentences: Sequence[str], num_captions: int, rng: random.Random,
-               num_global: int = 2) -> List[str]:
+def text_crops(sentences: Sequence[str], num_captions: int, rng: random.Random, num_global: int = 2) -> List[str]:
     """``num_global`` global captions, each ``'. '.join(sample(L, randint(1, 5)))``, then ``num_captions -
     num_global`` local captions ``sample(L, num_captions - num_global)`` (one sentence each)."""
     if num_captions < num_global:
         raise ValueError(f"text crops need at least {num_global} captions (the global ones), got {num_captions}")
-    out = ['. '.join(sample_from_list(sentences, rng.randint(1, MAX_GLOBAL_SENTENCES), rng))
-           for _ in range(num_global)]
+    out = [". ".join(sample_from_list(sentences, rng.randint(1, MAX_GLOBAL_SENTENCES), rng)) for _ in range(num_global)]
     return out + sample_from_list(sentences, num_captions - num_global, rng)
 
 
@@ -172,8 +178,9 @@ class TextCrops:
         if self.mode not in CAPTION_SAMPLING_MODES:
             raise ValueError(f"--caption-sampling-mode must be one of {CAPTION_SAMPLING_MODES}, got {self.mode!r}")
         if self.mode == "textcrop" and self.num_captions < 2:
-            raise ValueError(f"textcrop needs --num-sampled-captions >= 2 (2 global + local crops), got "
-                             f"{self.num_captions}")
+            raise ValueError(
+                f"textcrop needs --num-sampled-captions >= 2 (2 global + local crops), got {self.num_captions}"
+            )
 
     def sentences(self, sample: Dict[str, Any]) -> List[str]:
         where = sample.get("__where__", "?")
@@ -203,29 +210,49 @@ class TextCrops:
 class CollateMultiCrop(CollateImageText):
     """Stack crops and caption views view-major::
 
-        {"id": [keys], "nsentences": B, "ntokens": non-pad tokens of all views,
-         "net_input": {"image": G x B x 3 x S x S (global crops), "image_local": N x B x 3 x s x s (if N > 0),
-                       "text": K x B x L}}
+    {"id": [keys], "nsentences": B, "ntokens": non-pad tokens of all views,
+     "net_input": {"image": G x B x 3 x S x S (global crops), "image_local": N x B x 3 x s x s (if N > 0),
+                   "text": K x B x L}}
     """
 
     def __call__(self, samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         texts = torch.stack([s["text_views"] for s in samples]).transpose(0, 1).contiguous()  # K x B x L
-        net_input = {"image": torch.stack([torch.stack(v) for v in zip(*(s["global_crops"] for s in samples))]),
-                     "text": texts}  # image: G x B x 3 x S x S
+        net_input = {
+            "image": torch.stack([torch.stack(v) for v in zip(*(s["global_crops"] for s in samples))]),
+            "text": texts,
+        }  # image: G x B x 3 x S x S
         if samples[0]["local_crops"]:
             net_input["image_local"] = torch.stack(
-                [torch.stack(v) for v in zip(*(s["local_crops"] for s in samples))])  # N x B x 3 x s x s
-        return {"id": [s["__key__"] for s in samples], "nsentences": len(samples),
-                "ntokens": int((texts != self.pad_id).sum()), "net_input": net_input}
+                [torch.stack(v) for v in zip(*(s["local_crops"] for s in samples))]
+            )  # N x B x 3 x s x s
+        return {
+            "id": [s["__key__"] for s in samples],
+            "nsentences": len(samples),
+            "ntokens": int((texts != self.pad_id).sum()),
+            "net_input": net_input,
+        }
 
 
-def multicrop_stages(global_size: int, local_size: int, mean, std, tokenizer, context_length: int,
-                     crop_scale: float = 0.4, num_global: int = 2, num_local: int = 6, caption_mode: str = "textcrop",
-                     num_captions: int = 8, long_caption_keys: Sequence[str] = ("long_caption",),
-                     ) -> list:
+def multicrop_stages(
+    global_size: int,
+    local_size: int,
+    mean,
+    std,
+    tokenizer,
+    context_length: int,
+    crop_scale: float = 0.4,
+    num_global: int = 2,
+    num_local: int = 6,
+    caption_mode: str = "textcrop",
+    num_captions: int = 8,
+    long_caption_keys: Sequence[str] = ("long_caption",),
+) -> list:
     """The stage list of a COSMOS training stream (see the module docstring)."""
-    return [FramesToImage(),
-            MultiCropImage(MultiCropTransform(global_size, local_size, tuple(mean), tuple(std), crop_scale,
-                                              num_local, num_global)),
-            TextCrops(caption_mode, num_captions, tuple(long_caption_keys)),
-            TokenizeViews(tokenizer, context_length, field="captions", out="text_views")]
+    return [
+        FramesToImage(),
+        MultiCropImage(
+            MultiCropTransform(global_size, local_size, tuple(mean), tuple(std), crop_scale, num_local, num_global)
+        ),
+        TextCrops(caption_mode, num_captions, tuple(long_caption_keys)),
+        TokenizeViews(tokenizer, context_length, field="captions", out="text_views"),
+    ]

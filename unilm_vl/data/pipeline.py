@@ -32,6 +32,7 @@ with the next unseen sample, with any number of loader workers. Per-sample rando
 (seed, epoch, shard, position in shard): it replays on resume and is the same whatever the number of ranks and
 workers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -113,7 +114,7 @@ def _pass_records(plan: StreamPlan, spec: SourceSpec, shards: List[str], split: 
     """Raw records of one pass over ``shards`` that belong to this rank."""
     read = READERS[spec.kind]
     if split == "shard":
-        for path in shards[plan.rank::plan.num_slots]:
+        for path in shards[plan.rank :: plan.num_slots]:
             yield from read(path, spec)
         return
     ordinal = 0
@@ -239,8 +240,9 @@ class DecodeChunks(torch.utils.data.Dataset):
         self.plan, self.epoch = plan, epoch
 
     def __getitem__(self, chunk: List[Record]) -> Tuple[List[Any], Dict[str, torch.Tensor]]:
-        return pack_samples([decode_sample(self.plan, self.epoch, source, record, in_main_process=False)
-                             for source, record in chunk])
+        return pack_samples(
+            [decode_sample(self.plan, self.epoch, source, record, in_main_process=False) for source, record in chunk]
+        )
 
 
 def pack_samples(outcomes: List[Any]) -> Tuple[List[Any], Dict[str, torch.Tensor]]:
@@ -253,8 +255,9 @@ def pack_samples(outcomes: List[Any]) -> Tuple[List[Any], Dict[str, torch.Tensor
     if samples:
         for key, value in list(samples[0].items()):
             if torch.is_tensor(value) and all(
-                    torch.is_tensor(s.get(key)) and s[key].shape == value.shape and s[key].dtype == value.dtype
-                    for s in samples):
+                torch.is_tensor(s.get(key)) and s[key].shape == value.shape and s[key].dtype == value.dtype
+                for s in samples
+            ):
                 stacked[key] = torch.stack([s.pop(key) for s in samples])  # N x ...
     return outcomes, stacked
 
@@ -278,10 +281,17 @@ def stack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     real-size world, 224 px, batch 50: 35 ms of the main process's time per batch, benchmarks/README.md)."""
     first = tensors[0]
     base = first._base
-    if (base is not None and base.is_contiguous() and base.dim() == first.dim() + 1 and base.shape[0] == len(tensors)
-            and base.shape[1:] == first.shape and all(
-                t._base is base and t.storage_offset() == base.storage_offset() + i * base.stride(0)
-                for i, t in enumerate(tensors))):
+    if (
+        base is not None
+        and base.is_contiguous()
+        and base.dim() == first.dim() + 1
+        and base.shape[0] == len(tensors)
+        and base.shape[1:] == first.shape
+        and all(
+            t._base is base and t.storage_offset() == base.storage_offset() + i * base.stride(0)
+            for i, t in enumerate(tensors)
+        )
+    ):
         return base
     return torch.stack(list(tensors))
 
@@ -327,13 +337,24 @@ class EpochStream:
     yields ``{}`` (fairseq's dummy batch) for its remaining indices.
     """
 
-    def __init__(self, plan: StreamPlan, epoch: int, start: int, num_batches: int, skip_records: int = 0,
-                 counts: Optional[Dict[str, Any]] = None, loader_workers: int = 0, prefetch_factor: int = 2,
-                 gather: Optional[Callable[[List[int]], List[List[int]]]] = None, quiet: bool = False):
+    def __init__(
+        self,
+        plan: StreamPlan,
+        epoch: int,
+        start: int,
+        num_batches: int,
+        skip_records: int = 0,
+        counts: Optional[Dict[str, Any]] = None,
+        loader_workers: int = 0,
+        prefetch_factor: int = 2,
+        gather: Optional[Callable[[List[int]], List[List[int]]]] = None,
+        quiet: bool = False,
+    ):
         self.plan, self.epoch, self.index, self.num_batches = plan, epoch, start, num_batches
         self.consumed = skip_records
-        self.counter = BadSampleCounter(f"{plan.name}[rank {plan.rank}]", plan.log_every, plan.max_bad_fraction,
-                                        quiet=quiet)
+        self.counter = BadSampleCounter(
+            f"{plan.name}[rank {plan.rank}]", plan.log_every, plan.max_bad_fraction, quiet=quiet
+        )
         if counts:
             self.counter.load_state(counts)
         self.gather = gather
@@ -354,9 +375,14 @@ class EpochStream:
         if self.loader_workers > 0:
             load_tokenizers(plan.stages)
             loader = torch.utils.data.DataLoader(
-                DecodeChunks(plan, self.epoch), sampler=_chunks(self._records, plan.batch_size), batch_size=None,
-                collate_fn=_as_is, num_workers=self.loader_workers, prefetch_factor=self.prefetch_factor,
-                persistent_workers=False)
+                DecodeChunks(plan, self.epoch),
+                sampler=_chunks(self._records, plan.batch_size),
+                batch_size=None,
+                collate_fn=_as_is,
+                num_workers=self.loader_workers,
+                prefetch_factor=self.prefetch_factor,
+                persistent_workers=False,
+            )
             self._loader_iter = iter(loader)
             self._outcomes = itertools.chain.from_iterable(map(unpack_samples, self._loader_iter))
         else:
@@ -410,8 +436,9 @@ class EpochStream:
         return {"index": self.index, "consumed": self.consumed, **self.counter.state()}
 
 
-def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int, num_batches: int,
-                   skip_records: int = 0) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]:
+def worker_batches(
+    plan: StreamPlan, epoch: int, worker: int, start: int, num_batches: int, skip_records: int = 0
+) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]:
     """``(batch, meta)`` for the batch indices ``i`` of :class:`EpochStream` with ``i % plan.num_workers == worker``,
     decoded in this process (tests and tools: the batches of all ``worker`` values together are the epoch).
 

@@ -35,6 +35,7 @@ No partial output: shards are written into a hidden staging folder inside ``OUTD
 (with ``sizes.json`` and ``train.json``) only when the whole conversion has finished; a run that fails or is
 interrupted leaves ``OUTDIR`` as it was (with ``--overwrite``, the old shards too).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,11 +54,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from unilm_vl.data.decode import BadSample, decode_image
-from unilm_vl.data.jsonio import JsonError, parse_json, read_json
-from unilm_vl.data.sources import tar_has_end_marker
 from unilm_vl.cli import progress, report_error
-from unilm_vl.logging_utils import setup_cli_logging
+from unilm_vl.data.decode import BadSample, decode_image
 from unilm_vl.data.formats import (
     GRIT_TSV,
     IMG2DATASET_KEYS,
@@ -67,6 +65,9 @@ from unilm_vl.data.formats import (
     update_sizes_json,
     write_source_config,
 )
+from unilm_vl.data.jsonio import JsonError, parse_json, read_json
+from unilm_vl.data.sources import tar_has_end_marker
+from unilm_vl.logging_utils import setup_cli_logging
 
 logger = logging.getLogger(__name__)
 
@@ -160,15 +161,17 @@ def _iter_tar(path: str, summary: ConversionSummary) -> Iterator[RawSample]:
                 if _is_sample_member(os.path.basename(member.name), ext):
                     group = groups.setdefault(key, {})
                     if ext in group:  # the first copy is converted
-                        summary.skip(BadSample("duplicate tar member: a later copy is ignored",
-                                               f"{path}:{member.name}", "tar"))
+                        summary.skip(
+                            BadSample("duplicate tar member: a later copy is ignored", f"{path}:{member.name}", "tar")
+                        )
                         continue
                     group[ext] = member
             if not tar_has_end_marker(tar):
                 raise tarfile.ReadError("no end-of-archive marker where the members stop")
         except (tarfile.TarError, OSError, EOFError) as exc:
-            summary.skip(BadSample(f"unreadable tar: damaged or truncated after {len(groups)} keys: {exc}",
-                                   path, "tar"))
+            summary.skip(
+                BadSample(f"unreadable tar: damaged or truncated after {len(groups)} keys: {exc}", path, "tar")
+            )
 
         def reader(member: tarfile.TarInfo) -> Callable[[], bytes]:
             def read() -> bytes:
@@ -331,17 +334,25 @@ def write_train_config(config_path: str, shards: Sequence[str], name: str) -> No
         entries = [e for e in read_json(config_path, "data config") if e.get("name") != name]
         if entries:
             logger.info("%s: keeping the entries %s", config_path, [e.get("name") for e in entries])
-    entries.append({
-        "source": relative_paths(shards, os.path.dirname(os.path.abspath(config_path))),
-        "source_lang": SOURCE_LANG,
-        "weight": 1.0,
-        "name": name,
-    })
+    entries.append(
+        {
+            "source": relative_paths(shards, os.path.dirname(os.path.abspath(config_path))),
+            "source_lang": SOURCE_LANG,
+            "weight": 1.0,
+            "name": name,
+        }
+    )
     write_source_config(config_path, entries)
 
 
-def convert(inputs: Sequence[str], out_dir: str, shard_size: int = 1000, name: str = "grit",
-            reencode_jpeg: bool = False, overwrite: bool = False) -> ConversionSummary:
+def convert(
+    inputs: Sequence[str],
+    out_dir: str,
+    shard_size: int = 1000,
+    name: str = "grit",
+    reencode_jpeg: bool = False,
+    overwrite: bool = False,
+) -> ConversionSummary:
     """Convert ``inputs`` into ``out_dir``; see the module docstring. Returns the counts.
 
     Raises ``FileNotFoundError`` for an input that does not exist and ``FileExistsError`` when shards of ``name``
@@ -356,8 +367,9 @@ def convert(inputs: Sequence[str], out_dir: str, shard_size: int = 1000, name: s
     tsv_dir = os.path.join(out_dir, "tsv")
     stale = existing_shards(tsv_dir, name)
     if stale and not overwrite:
-        raise FileExistsError(f"{len(stale)} shards named {name!r} already exist in {tsv_dir} "
-                              "(pass --overwrite to replace them)")
+        raise FileExistsError(
+            f"{len(stale)} shards named {name!r} already exist in {tsv_dir} (pass --overwrite to replace them)"
+        )
 
     summary = ConversionSummary()
     os.makedirs(tsv_dir, exist_ok=True)
@@ -402,18 +414,31 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m unilm_vl.data.prepare_grit",
         description="Convert img2dataset downloads of GRIT (files or webdataset layout) into GRIT TSV shards and "
-                    "OUTDIR/json/train.json.",
+        "OUTDIR/json/train.json.",
     )
-    parser.add_argument("--input", nargs="+", required=True, metavar="DIR",
-                        help="img2dataset output folders (key.jpg + key.json pairs and/or .tar shards) or .tar files")
-    parser.add_argument("--out", required=True, metavar="OUTDIR",
-                        help="output root: shards go to OUTDIR/tsv, the data config to OUTDIR/json/train.json")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="img2dataset output folders (key.jpg + key.json pairs and/or .tar shards) or .tar files",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="OUTDIR",
+        help="output root: shards go to OUTDIR/tsv, the data config to OUTDIR/json/train.json",
+    )
     parser.add_argument("--shard-size", type=int, default=1000, help="rows per TSV shard")
     parser.add_argument("--name", default="grit", help="shard file prefix and the config entry's name")
-    parser.add_argument("--reencode-jpeg", action="store_true",
-                        help="store a JPEG re-encode (PIL default quality) instead of the original image bytes")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace shards of the same name already in OUTDIR/tsv")
+    parser.add_argument(
+        "--reencode-jpeg",
+        action="store_true",
+        help="store a JPEG re-encode (PIL default quality) instead of the original image bytes",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace shards of the same name already in OUTDIR/tsv"
+    )
     return parser
 
 
@@ -424,16 +449,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.shard_size <= 0:
         return report_error(f"--shard-size must be positive, got {args.shard_size}")
     try:
-        summary = convert(args.input, args.out, shard_size=args.shard_size, name=args.name,
-                          reencode_jpeg=args.reencode_jpeg, overwrite=args.overwrite)
+        summary = convert(
+            args.input,
+            args.out,
+            shard_size=args.shard_size,
+            name=args.name,
+            reencode_jpeg=args.reencode_jpeg,
+            overwrite=args.overwrite,
+        )
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         return report_error(exc)
     logger.info("%s", summary.line())
     if summary.converted == 0:
         logger.error("no sample was converted; nothing written to %s", args.out)
         return 1
-    logger.info("wrote %d shards to %s and %s", len(summary.shards), os.path.join(args.out, "tsv"),
-                os.path.join(args.out, "json", "train.json"))
+    logger.info(
+        "wrote %d shards to %s and %s",
+        len(summary.shards),
+        os.path.join(args.out, "tsv"),
+        os.path.join(args.out, "json", "train.json"),
+    )
     return 0
 
 

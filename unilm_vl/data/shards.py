@@ -3,6 +3,7 @@
 ``expand_urls("a/part-{00000..00009}.tar::b/*.tsv")`` returns the sorted concrete paths. A pattern that matches
 nothing raises ``FileNotFoundError`` naming it, so a typo never trains on an empty set.
 """
+
 from __future__ import annotations
 
 import glob

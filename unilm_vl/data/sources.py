@@ -23,6 +23,7 @@ error record, so it is counted and logged as a bad sample like an unreadable one
 tar sample whose members repeat (``a.jpg a.txt a.jpg a.txt``: the same key written twice back to back) is two
 records, the second an error record ("duplicate sample key"), instead of one silently merged sample.
 """
+
 from __future__ import annotations
 
 import base64
@@ -70,8 +71,14 @@ class SourceSpec:
 # ----------------------------------------------------------------------------------------------- readers
 def _empty_shard(path: str, spec: SourceSpec) -> Dict[str, Any]:
     """The error record standing for a shard without any record (counted like any bad sample)."""
-    return {"__source__": spec.name, "__url__": path, "__index__": 0, "__key__": None, "members": {},
-            "__error__": "empty shard: no record in it"}
+    return {
+        "__source__": spec.name,
+        "__url__": path,
+        "__index__": 0,
+        "__key__": None,
+        "members": {},
+        "__error__": "empty shard: no record in it",
+    }
 
 
 def read_tsv(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
@@ -143,14 +150,26 @@ def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
     except (tarfile.TarError, OSError, EOFError) as exc:
         # Emit what was complete, then one error record so the damage is counted, not silent.
         if current_key is None:
-            yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": None, "members": {},
-                   "__error__": f"unreadable tar shard: {type(exc).__name__}: {exc}"}
+            yield {
+                "__source__": spec.name,
+                "__url__": path,
+                "__index__": index,
+                "__key__": None,
+                "members": {},
+                "__error__": f"unreadable tar shard: {type(exc).__name__}: {exc}",
+            }
             return
         if reading != current_key:  # the pending sample's members were all read
             yield record(current_key, members, duplicate)
             index += 1
-        yield {"__source__": spec.name, "__url__": path, "__index__": index, "__key__": reading,
-               "members": {}, "__error__": f"truncated shard: {exc}"}
+        yield {
+            "__source__": spec.name,
+            "__url__": path,
+            "__index__": index,
+            "__key__": reading,
+            "members": {},
+            "__error__": f"truncated shard: {exc}",
+        }
         return
     if current_key is not None:
         yield record(current_key, members, duplicate)
@@ -166,8 +185,12 @@ def read_frames_annotation(path: str, spec: SourceSpec) -> Iterator[Dict[str, An
         yield {"__source__": spec.name, "__url__": path, "__index__": 0, "__error__": f"unreadable annotation: {exc}"}
         return
     if not isinstance(entries, list):
-        yield {"__source__": spec.name, "__url__": path, "__index__": 0,
-               "__error__": "annotation file must hold a JSON list"}
+        yield {
+            "__source__": spec.name,
+            "__url__": path,
+            "__index__": 0,
+            "__error__": "annotation file must hold a JSON list",
+        }
         return
     if not entries:
         yield _empty_shard(path, spec)
@@ -213,12 +236,19 @@ def decode_tsv(raw: Dict[str, Any], spec: SourceSpec, defer_jpeg: bool = False) 
         raise BadSample("empty caption", where, schema.caption_column)
     meta = {k: v for k, v in row.items() if k not in (schema.image_column, schema.caption_column)}
     key = str(row.get("id", raw["__index__"]))
-    return {"__key__": key, "__source__": spec.name, "__where__": where, "image": image, "caption": caption,
-            "meta": meta}
+    return {
+        "__key__": key,
+        "__source__": spec.name,
+        "__where__": where,
+        "image": image,
+        "caption": caption,
+        "meta": meta,
+    }
 
 
-def decode_wds(raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASET_KEYS,
-               defer_jpeg: bool = False) -> Dict[str, Any]:
+def decode_wds(
+    raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASET_KEYS, defer_jpeg: bool = False
+) -> Dict[str, Any]:
     where = _where(raw)
     if "__error__" in raw:  # read_tar's record for an unreadable, truncated or empty shard, or a duplicate key
         raise BadSample(raw["__error__"], where if raw.get("__key__") else raw["__url__"], "tar")
@@ -248,8 +278,14 @@ def decode_wds(raw: Dict[str, Any], spec: SourceSpec, keys: WdsKeys = IMG2DATASE
     if not caption.strip():
         raise BadSample("empty caption", where, spec.caption_key)
     image = decode_image(members[image_ext], where, image_ext, defer_jpeg)
-    return {"__key__": raw["__key__"], "__source__": spec.name, "__where__": where, "image": image,
-            "caption": caption.strip(), "meta": meta}
+    return {
+        "__key__": raw["__key__"],
+        "__source__": spec.name,
+        "__where__": where,
+        "image": image,
+        "caption": caption.strip(),
+        "meta": meta,
+    }
 
 
 def video_directory(frames_root: str, video_id: Any, where: str = "?") -> str:
@@ -260,17 +296,14 @@ def video_directory(frames_root: str, video_id: Any, where: str = "?") -> str:
         raise BadSample(f"video_id must be a string or an integer: got {type(video_id).__name__}", where, "video_id")
     name = str(video_id)
     parts = name.replace("\\", "/").split("/")
-    if (not name.strip() or "\0" in name or os.path.isabs(name) or ".." in parts
-            or os.path.normpath(name) == "."):
-        raise BadSample(f"unsafe video_id: {name[:200]!r} must name a folder inside the frames root", where,
-                        "video_id")
+    if not name.strip() or "\0" in name or os.path.isabs(name) or ".." in parts or os.path.normpath(name) == ".":
+        raise BadSample(f"unsafe video_id: {name[:200]!r} must name a folder inside the frames root", where, "video_id")
     return os.path.join(frames_root, name)
 
 
 def list_frames(video_dir: str) -> List[str]:
     """Sorted frame image paths of one video directory."""
-    return sorted(os.path.join(video_dir, f) for f in os.listdir(video_dir)
-                  if f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(os.path.join(video_dir, f) for f in os.listdir(video_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def decode_frames(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
@@ -295,8 +328,14 @@ def decode_frames(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
         frames = [load_image(p) for p in paths]
     except FileNotFoundError as exc:
         raise BadSample(str(exc), where, "frames") from None
-    return {"__key__": str(entry["video_id"]), "__source__": spec.name, "__where__": where, "frames": frames,
-            "caption": caption.strip(), "meta": {k: v for k, v in entry.items() if k not in ("caption", "desc")}}
+    return {
+        "__key__": str(entry["video_id"]),
+        "__source__": spec.name,
+        "__where__": where,
+        "frames": frames,
+        "caption": caption.strip(),
+        "meta": {k: v for k, v in entry.items() if k not in ("caption", "desc")},
+    }
 
 
 def decode_text(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
@@ -320,8 +359,13 @@ def decode_text(raw: Dict[str, Any], spec: SourceSpec) -> Dict[str, Any]:
         text = line.replace("\\n", "\n")
     if not text.strip():
         raise BadSample("empty document", where, "text")
-    return {"__key__": f"{os.path.basename(raw['__url__'])}:{raw['__index__']}", "__source__": spec.name,
-            "__where__": where, "text": text, "meta": {}}
+    return {
+        "__key__": f"{os.path.basename(raw['__url__'])}:{raw['__index__']}",
+        "__source__": spec.name,
+        "__where__": where,
+        "text": text,
+        "meta": {},
+    }
 
 
 DECODERS = {"tsv": decode_tsv, "wds": decode_wds, "frames": decode_frames, "text": decode_text}
@@ -347,13 +391,20 @@ _KIND_BY_EXT = {".tsv": "tsv", ".tar": "wds", ".json": "frames", ".jsonl": "text
 def _infer_kind(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext not in _KIND_BY_EXT:
-        raise ValueError(f"cannot tell the source kind of {path!r} from its extension; expected one of "
-                         f"{sorted(_KIND_BY_EXT)} (or give the kind in a json config)")
+        raise ValueError(
+            f"cannot tell the source kind of {path!r} from its extension; expected one of "
+            f"{sorted(_KIND_BY_EXT)} (or give the kind in a json config)"
+        )
     return _KIND_BY_EXT[ext]
 
 
-def parse_data_spec(spec: str, root: Optional[str] = None, schema: str = "grit", caption_key: str = "txt",
-                    frames_root: Optional[str] = None) -> List[SourceSpec]:
+def parse_data_spec(
+    spec: str,
+    root: Optional[str] = None,
+    schema: str = "grit",
+    caption_key: str = "txt",
+    frames_root: Optional[str] = None,
+) -> List[SourceSpec]:
     """Sources from a data spec string.
 
     - ``a/{00000..00009}.tar::b/*.tsv``: shard patterns (``::``-separated); all patterns must share one kind,
@@ -381,20 +432,29 @@ def parse_data_spec(spec: str, root: Optional[str] = None, schema: str = "grit",
                 entry_frames = entry.get("frames_root")
                 if entry_frames and not os.path.isabs(entry_frames):
                     entry_frames = os.path.join(base, entry_frames)
-                sources.append(SourceSpec(
-                    name=entry.get("name", f"source{i}"), kind=kind, shards=shards,
-                    weight=float(entry.get("weight", 1.0)), schema=entry.get("schema", schema),
-                    caption_key=entry.get("caption_key", caption_key),
-                    frames_root=entry_frames or (os.path.join(base, "frames") if kind == "frames" else None),
-                    num_samples=entry.get("num_samples")))
+                sources.append(
+                    SourceSpec(
+                        name=entry.get("name", f"source{i}"),
+                        kind=kind,
+                        shards=shards,
+                        weight=float(entry.get("weight", 1.0)),
+                        schema=entry.get("schema", schema),
+                        caption_key=entry.get("caption_key", caption_key),
+                        frames_root=entry_frames or (os.path.join(base, "frames") if kind == "frames" else None),
+                        num_samples=entry.get("num_samples"),
+                    )
+                )
             return sources
         if isinstance(content, list):
             if frames_root:  # a relative --frames-root resolves against root, like the data spec
                 fr = frames_root if root is None or os.path.isabs(frames_root) else os.path.join(root, frames_root)
             else:  # base already includes root
                 fr = os.path.join(base, "frames")
-            return [SourceSpec(name=os.path.splitext(os.path.basename(path))[0], kind="frames", shards=[path],
-                               frames_root=fr)]
+            return [
+                SourceSpec(
+                    name=os.path.splitext(os.path.basename(path))[0], kind="frames", shards=[path], frames_root=fr
+                )
+            ]
         raise ValueError(f"{path}: a data json must hold a list of source entries or of annotations")
     shards = expand_urls(spec, base_dir=root)
     kinds = {_infer_kind(s) for s in shards}
@@ -402,5 +462,6 @@ def parse_data_spec(spec: str, root: Optional[str] = None, schema: str = "grit",
         raise ValueError(f"data spec {spec!r} mixes kinds {sorted(kinds)}; use a json config to mix sources")
     kind = kinds.pop()
     name = os.path.basename(os.path.dirname(shards[0])) or "data"
-    return [SourceSpec(name=name, kind=kind, shards=shards, schema=schema, caption_key=caption_key,
-                       frames_root=frames_root)]
+    return [
+        SourceSpec(name=name, kind=kind, shards=shards, schema=schema, caption_key=caption_key, frames_root=frames_root)
+    ]

@@ -1,5 +1,6 @@
 """Small picklable per-sample stages and collaters. Each stage maps a sample dict to a sample dict and may raise
 :class:`~unilm_vl.data.decode.BadSample` to have the sample skipped and counted."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -136,8 +137,8 @@ class TokenizeViews:
 class CollateMultiView(CollateImageText):
     """:class:`CollateImageText` plus the augmented views, view-major (view ``a`` of sample ``b`` at ``[a, b]``)::
 
-        net_input: {"image": B x 3 x H x W (global), "text": B x L (weak caption, row 0),
-                    "image_views": A x B x 3 x H x W, "text_views": A x B x L (strong captions)}
+    net_input: {"image": B x 3 x H x W (global), "text": B x L (weak caption, row 0),
+                "image_views": A x B x 3 x H x W, "text_views": A x B x L (strong captions)}
     """
 
     def __call__(self, samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -147,5 +148,6 @@ class CollateMultiView(CollateImageText):
         batch = super().__call__(samples)
         batch["net_input"]["text_views"] = rows[:, 1:].transpose(0, 1).contiguous()  # A x B x L
         batch["net_input"]["image_views"] = torch.stack(
-            [torch.stack(views) for views in zip(*(s["image_views"] for s in samples))])  # A x B x 3 x H x W
+            [torch.stack(views) for views in zip(*(s["image_views"] for s in samples))]
+        )  # A x B x 3 x H x W
         return batch

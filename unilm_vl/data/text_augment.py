@@ -13,6 +13,7 @@ stop-words, NLTK's word tokenizer and WordNet synonyms, none of which can be dow
 Every function takes an explicit ``random.Random`` so augmentation replays on resume (the pipeline seeds it from
 the sample's identity).
 """
+
 import html
 import logging
 import random
@@ -22,14 +23,16 @@ from typing import Dict, List, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
-ENGLISH_STOPWORDS = frozenset("""
+ENGLISH_STOPWORDS = frozenset(
+    """
 a about above after again against all am an and any are as at be because been before being below between both but
 by can could did do does doing down during each few for from further had has have having he her here hers herself
 him himself his how i if in into is it its itself just me more most my myself no nor not now of off on once only or
 other our ours ourselves out over own same she should so some such than that the their theirs them themselves then
 there these they this those through to too under until up very was we were what when where which while who whom why
 will with would you your yours yourself yourselves
-""".split())
+""".split()
+)
 
 
 def clean_caption(text: str) -> str:
@@ -66,8 +69,9 @@ def remove_stopwords(words: Sequence[str], rng: random.Random, prob: float) -> L
     return kept or list(words)
 
 
-def synonym_replacement(words: Sequence[str], rng: random.Random, lexicon: Dict[str, List[str]], n: int = 1
-                        ) -> List[str]:
+def synonym_replacement(
+    words: Sequence[str], rng: random.Random, lexicon: Dict[str, List[str]], n: int = 1
+) -> List[str]:
     """Replace every occurrence of up to ``n`` distinct non-stop-words that have synonyms by one synonym each."""
     out = list(words)
     candidates = sorted({w for w in out if w not in ENGLISH_STOPWORDS and w in lexicon})

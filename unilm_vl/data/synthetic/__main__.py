@@ -1,4 +1,5 @@
 """``python -m unilm_vl.data.synthetic``: see :mod:`unilm_vl.data.synthetic.cli`."""
+
 from .cli import main
 
 if __name__ == "__main__":

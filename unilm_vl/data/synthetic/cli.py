@@ -1,4 +1,5 @@
 """The command line ``python -m unilm_vl.data.synthetic``: generate a world (see :mod:`unilm_vl.data.synthetic`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m unilm_vl.data.synthetic``."""
     defaults = WorldConfig()
     p = argparse.ArgumentParser(
-        description="Generate the synthetic shape world (see the unilm_vl.data.synthetic docstring).")
-    p.add_argument("--out", required=True,
-                   help="output directory (its train/val/eval/videos folders are replaced)")
+        description="Generate the synthetic shape world (see the unilm_vl.data.synthetic docstring)."
+    )
+    p.add_argument("--out", required=True, help="output directory (its train/val/eval/videos folders are replaced)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="master seed; same seed, same bytes")
     p.add_argument("--num-train", type=int, default=defaults.num_train, help="train images")
     p.add_argument("--num-val", type=int, default=defaults.num_val, help="val images (in distribution)")
@@ -23,8 +24,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=defaults.image_size, help="side of a square of equal area")
     p.add_argument("--no-heldout", action="store_true", help="use every colour-shape combo in train/val too")
     p.add_argument("--workers", type=int, default=2, help="processes; the output does not depend on it")
-    p.add_argument("--if-missing", action="store_true",
-                   help="keep an existing complete world made with the same arguments instead of regenerating it")
+    p.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="keep an existing complete world made with the same arguments instead of regenerating it",
+    )
     return p
 
 
@@ -33,6 +37,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     setup_cli_logging()
     args = build_arg_parser().parse_args(argv)
     make = ensure_world if args.if_missing else generate_world
-    return make(args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-                num_test=args.num_test, num_videos=args.num_videos, image_size=args.image_size,
-                heldout=not args.no_heldout, workers=args.workers)
+    return make(
+        args.out,
+        seed=args.seed,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        num_test=args.num_test,
+        num_videos=args.num_videos,
+        image_size=args.image_size,
+        heldout=not args.no_heldout,
+        workers=args.workers,
+    )

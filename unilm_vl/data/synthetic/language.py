@@ -1,6 +1,7 @@
 """Language of the synthetic world: captions with GRIT noun chunks and referring expressions, long captions,
 evaluation captions, Karpathy tokens, RefCOCO expressions, VQA questions and SugarCrepe hard negatives, all derived
 from a scene's objects."""
+
 from __future__ import annotations
 
 import re
@@ -59,12 +60,16 @@ def position_words(obj: SceneObject, width: int, height: int) -> str:
 
 def _pairs(order: Sequence[int]) -> List[Tuple[int, ...]]:
     """Objects in caption order grouped as ``(a, b)`` relation pairs and a possible leftover ``(c,)``."""
-    return [tuple(order[i: i + 2]) for i in range(0, len(order), 2)]
+    return [tuple(order[i : i + 2]) for i in range(0, len(order), 2)]
 
 
-def _compose(objects: Sequence[SceneObject], order: Sequence[int], with_size: Union[bool, Set[int]] = True,
-             words: Optional[Dict[int, Tuple[str, str, str]]] = None,
-             relations: Optional[Dict[int, str]] = None) -> Tuple[str, List[Tuple[int, int, int]], List[Tuple]]:
+def _compose(
+    objects: Sequence[SceneObject],
+    order: Sequence[int],
+    with_size: Union[bool, Set[int]] = True,
+    words: Optional[Dict[int, Tuple[str, str, str]]] = None,
+    relations: Optional[Dict[int, str]] = None,
+) -> Tuple[str, List[Tuple[int, int, int]], List[Tuple]]:
     """Relational text for ``objects`` in ``order``. ``words`` overrides (size, colour, shape) per object index and
     ``relations`` the relation of the pair led by an object, for hard negatives; ``with_size`` may be the set of
     object indices whose phrase keeps its size word. Returns the text, the phrase
@@ -113,8 +118,9 @@ def long_caption_for(objects: Sequence[SceneObject], background: Background, wid
     n = len(objects)
     sentences = [f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} shape{'s' if n != 1 else ''} in the picture."]
     for obj in objects:
-        sentences.append(f"The {obj.colour} {obj.shape} is {obj.size} and sits "
-                         f"{position_words(obj, width, height)} of the picture.")
+        sentences.append(
+            f"The {obj.colour} {obj.shape} is {obj.size} and sits {position_words(obj, width, height)} of the picture."
+        )
     sentences.append(background.describe())
     return " ".join(sentences)
 
@@ -134,8 +140,13 @@ def eval_captions(objects: Sequence[SceneObject], rng: np.random.Generator) -> L
     listing = _listing(objects, [int(k) for k in rng.permutation(n)])
     no_size = _compose(objects, [int(k) for k in rng.permutation(n)], with_size=False)[0]
     counted = _listing(objects, [int(k) for k in rng.permutation(n)])
-    return [first, f"there is {reversed_text}", f"a picture of {listing}", no_size,
-            f"{NUMBER_WORDS[n]} shape{'s' if n != 1 else ''}: {counted}"]
+    return [
+        first,
+        f"there is {reversed_text}",
+        f"a picture of {listing}",
+        no_size,
+        f"{NUMBER_WORDS[n]} shape{'s' if n != 1 else ''}: {counted}",
+    ]
 
 
 def tokenize(text: str) -> List[str]:
@@ -155,8 +166,9 @@ def referring_expressions(objects: Sequence[SceneObject], rng: np.random.Generat
             others = [j for j in range(len(objects)) if j != k]
             if others:
                 j = others[int(rng.integers(len(others)))]
-                options.append(f"the {obj.shape} {relation(obj, objects[j])} the {objects[j].colour} "
-                               f"{objects[j].shape}")
+                options.append(
+                    f"the {obj.shape} {relation(obj, objects[j])} the {objects[j].colour} {objects[j].shape}"
+                )
         out.append((options[int(rng.integers(len(options)))], k))
     return out
 
@@ -165,26 +177,50 @@ def vqa_questions(objects: Sequence[SceneObject], rng: np.random.Generator) -> L
     """Questions with one answer each: count, colour of a unique shape kind, shape of a unique colour, and a
     balanced yes/no presence question. Keys: ``question``, ``answer``, ``question_type``, ``answer_type``."""
     n = len(objects)
-    qs = [{"question": "how many shapes are there?", "answer": str(n), "question_type": "how many",
-           "answer_type": "number"}]
+    qs = [
+        {
+            "question": "how many shapes are there?",
+            "answer": str(n),
+            "question_type": "how many",
+            "answer_type": "number",
+        }
+    ]
     unique_kind = [o for o in objects if [p.shape for p in objects].count(o.shape) == 1]
     if unique_kind:
         obj = unique_kind[int(rng.integers(len(unique_kind)))]
-        qs.append({"question": f"what colour is the {obj.shape}?", "answer": obj.colour,
-                   "question_type": "what colour is the", "answer_type": "other"})
+        qs.append(
+            {
+                "question": f"what colour is the {obj.shape}?",
+                "answer": obj.colour,
+                "question_type": "what colour is the",
+                "answer_type": "other",
+            }
+        )
     unique_colour = [o for o in objects if [p.colour for p in objects].count(o.colour) == 1]
     if unique_colour:
         obj = unique_colour[int(rng.integers(len(unique_colour)))]
-        qs.append({"question": f"what shape is the {obj.colour} one?", "answer": obj.shape,
-                   "question_type": "what shape is the", "answer_type": "other"})
+        qs.append(
+            {
+                "question": f"what shape is the {obj.colour} one?",
+                "answer": obj.shape,
+                "question_type": "what shape is the",
+                "answer_type": "other",
+            }
+        )
     present = [o.combo for o in objects]
     if rng.random() < 0.5:
         combo, answer = present[int(rng.integers(n))], "yes"
     else:
         absent = [c for c in all_combos() if c not in present]
         combo, answer = absent[int(rng.integers(len(absent)))], "no"
-    qs.append({"question": f"is there {indefinite(combo)}?", "answer": answer, "question_type": "is there a",
-               "answer_type": "yes/no"})
+    qs.append(
+        {
+            "question": f"is there {indefinite(combo)}?",
+            "answer": answer,
+            "question_type": "is there a",
+            "answer_type": "yes/no",
+        }
+    )
     return qs
 
 
@@ -208,34 +244,48 @@ def sugarcrepe_pairs(objects: Sequence[SceneObject], rng: np.random.Generator) -
     obj = objects[k]
     if rng.random() < 0.3:
         flipped = SIZES[1 - SIZES.index(obj.size)]
-        out["replace_att"] = (positive, _compose(objects, order, words={**_words(objects),
-                                                                           k: (flipped, obj.colour, obj.shape)})[0])
+        out["replace_att"] = (
+            positive,
+            _compose(objects, order, words={**_words(objects), k: (flipped, obj.colour, obj.shape)})[0],
+        )
     else:
         colours = [c for c in COLOURS if (c, obj.shape) not in present]
         colour = colours[int(rng.integers(len(colours)))]
-        out["replace_att"] = (positive, _compose(objects, order, words={**_words(objects),
-                                                                           k: (obj.size, colour, obj.shape)})[0])
+        out["replace_att"] = (
+            positive,
+            _compose(objects, order, words={**_words(objects), k: (obj.size, colour, obj.shape)})[0],
+        )
     shapes = [s for s in SHAPES if (obj.colour, s) not in present]
     shape = shapes[int(rng.integers(len(shapes)))]
-    out["replace_obj"] = (positive, _compose(objects, order, words={**_words(objects),
-                                                                       k: (obj.size, obj.colour, shape)})[0])
+    out["replace_obj"] = (
+        positive,
+        _compose(objects, order, words={**_words(objects), k: (obj.size, obj.colour, shape)})[0],
+    )
     if n >= 2:
         lead = order[0]
         flipped_rel = INVERSE_RELATION[relation(objects[lead], objects[order[1]])]
         out["replace_rel"] = (positive, _compose(objects, order, relations={lead: flipped_rel})[0])
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    swappable = [(i, j) for i, j in pairs if objects[i].colour != objects[j].colour
-                 and (objects[j].colour, objects[i].shape) not in present
-                 and (objects[i].colour, objects[j].shape) not in present]
+    swappable = [
+        (i, j)
+        for i, j in pairs
+        if objects[i].colour != objects[j].colour
+        and (objects[j].colour, objects[i].shape) not in present
+        and (objects[i].colour, objects[j].shape) not in present
+    ]
     if swappable:
         i, j = swappable[int(rng.integers(len(swappable)))]
         words = _words(objects)
         words[i] = (objects[i].size, objects[j].colour, objects[i].shape)
         words[j] = (objects[j].size, objects[i].colour, objects[j].shape)
         out["swap_att"] = (positive, _compose(objects, order, words=words)[0])
-    swappable = [(i, j) for i, j in pairs if objects[i].shape != objects[j].shape
-                 and (objects[i].colour, objects[j].shape) not in present
-                 and (objects[j].colour, objects[i].shape) not in present]
+    swappable = [
+        (i, j)
+        for i, j in pairs
+        if objects[i].shape != objects[j].shape
+        and (objects[i].colour, objects[j].shape) not in present
+        and (objects[j].colour, objects[i].shape) not in present
+    ]
     if swappable:
         i, j = swappable[int(rng.integers(len(swappable)))]
         words = _words(objects)
@@ -245,6 +295,8 @@ def sugarcrepe_pairs(objects: Sequence[SceneObject], rng: np.random.Generator) -
     k = order[int(rng.integers(n))]
     wrong = SIZES[1 - SIZES.index(objects[k].size)]
     words = {**_words(objects), k: (wrong, objects[k].colour, objects[k].shape)}
-    out["add_att"] = (_compose(objects, order, with_size=False)[0],
-                      _compose(objects, order, with_size={k}, words=words)[0])
+    out["add_att"] = (
+        _compose(objects, order, with_size=False)[0],
+        _compose(objects, order, with_size={k}, words=words)[0],
+    )
     return out

@@ -15,6 +15,7 @@ Command line::
 
     python -m unilm_vl.data.synthetic.real_size --out DIR [--num 2000] [--shards 16] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ def real_size_caption(caption: str, long_caption: str, rng: np.random.Generator)
     while len(words) < target:
         words += sentences[k % len(sentences)].split()
         k += 1
-    return " ".join(words[:CAPTION_WORDS[1]])
+    return " ".join(words[: CAPTION_WORDS[1]])
 
 
 def make_real_size_sample(seed: int, index: int) -> Dict[str, Any]:
@@ -73,9 +74,18 @@ def make_real_size_sample(seed: int, index: int) -> Dict[str, Any]:
     Image.fromarray(pixels, mode="RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
     cap = caption_for(objects, rng)
     long_caption = long_caption_for(objects, spec.background, width, height)
-    return {"id": f"train_{index:07d}", "image": buf.getvalue(), "ext": "jpg", "width": width, "height": height,
-            "caption": real_size_caption(cap.text, long_caption, rng), "noun_chunks": cap.noun_chunks,
-            "ref_exps": cap.ref_exps, "long_caption": long_caption, "objects": [o.to_json() for o in objects]}
+    return {
+        "id": f"train_{index:07d}",
+        "image": buf.getvalue(),
+        "ext": "jpg",
+        "width": width,
+        "height": height,
+        "caption": real_size_caption(cap.text, long_caption, rng),
+        "noun_chunks": cap.noun_chunks,
+        "ref_exps": cap.ref_exps,
+        "long_caption": long_caption,
+        "objects": [o.to_json() for o in objects],
+    }
 
 
 def write_real_size_world(out_dir: str, num: int = 2000, shards: int = 16, seed: int = 0) -> Dict[str, Any]:
@@ -90,11 +100,21 @@ def write_real_size_world(out_dir: str, num: int = 2000, shards: int = 16, seed:
         jpeg_bytes += len(sample["image"])
         split.write(sample)
     paths = split.close(out_dir)
-    summary = {"samples": num, "shards": len(paths["wds_shards"]), "seed": seed,
-               "mean_jpeg_kib": round(jpeg_bytes / num / 1024, 1), "seconds": round(time.perf_counter() - start, 1),
-               **paths}
-    logger.info("real-size world: %d samples in %d shards, mean JPEG %.1f KiB, %.1f s", num, summary["shards"],
-                summary["mean_jpeg_kib"], summary["seconds"])
+    summary = {
+        "samples": num,
+        "shards": len(paths["wds_shards"]),
+        "seed": seed,
+        "mean_jpeg_kib": round(jpeg_bytes / num / 1024, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        **paths,
+    }
+    logger.info(
+        "real-size world: %d samples in %d shards, mean JPEG %.1f KiB, %.1f s",
+        num,
+        summary["shards"],
+        summary["mean_jpeg_kib"],
+        summary["seconds"],
+    )
     return summary
 
 

@@ -1,5 +1,6 @@
 """Scenes of the synthetic world: per-sample random generators, held-out combinations, scene sampling, shape
 placement and rendering (images, label maps, segmentation masks, encoded bytes)."""
+
 from __future__ import annotations
 
 import io
@@ -10,8 +11,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .vocabulary import (BACKGROUND_COLOURS, BACKGROUND_KINDS, COLOURS, SEGMENTATION_SETS, SHAPES, SIZE_RANGES,
-                         SIZES, all_combos)
+from .vocabulary import (
+    BACKGROUND_COLOURS,
+    BACKGROUND_KINDS,
+    COLOURS,
+    SEGMENTATION_SETS,
+    SHAPES,
+    SIZE_RANGES,
+    SIZES,
+    all_combos,
+)
 
 HELDOUT_FRACTION = 0.15
 JPEG_QUALITY = 90
@@ -140,14 +149,19 @@ def sample_background(rng: np.random.Generator) -> Background:
         second = names[int(rng.integers(len(names) - 1))]
         second = second if second != first else names[-1]
     return Background(
-        kind=kind, colour=first, rgb=_jitter(rng, BACKGROUND_COLOURS[first]), colour2=second,
-        rgb2=_jitter(rng, BACKGROUND_COLOURS[second]), angle=float(rng.uniform(0, 2 * math.pi)),
+        kind=kind,
+        colour=first,
+        rgb=_jitter(rng, BACKGROUND_COLOURS[first]),
+        colour2=second,
+        rgb2=_jitter(rng, BACKGROUND_COLOURS[second]),
+        angle=float(rng.uniform(0, 2 * math.pi)),
         noise_std=float(rng.uniform(5.0, 12.0)) if kind == "noise" else 0.0,
     )
 
 
-def sample_combos(rng: np.random.Generator, pool: Sequence[Tuple[str, str]], count: int,
-                  required: Sequence[Tuple[str, str]] = ()) -> List[Tuple[str, str]]:
+def sample_combos(
+    rng: np.random.Generator, pool: Sequence[Tuple[str, str]], count: int, required: Sequence[Tuple[str, str]] = ()
+) -> List[Tuple[str, str]]:
     """``count`` distinct combos: the ``required`` ones first, the rest drawn from ``pool``."""
     chosen = list(required)
     candidates = [c for c in pool if c not in chosen]
@@ -156,8 +170,13 @@ def sample_combos(rng: np.random.Generator, pool: Sequence[Tuple[str, str]], cou
     return chosen
 
 
-def sample_scene(rng: np.random.Generator, image_size: int, pool: Sequence[Tuple[str, str]],
-                 required: Sequence[Tuple[str, str]] = (), max_objects: int = 4) -> SceneSpec:
+def sample_scene(
+    rng: np.random.Generator,
+    image_size: int,
+    pool: Sequence[Tuple[str, str]],
+    required: Sequence[Tuple[str, str]] = (),
+    max_objects: int = 4,
+) -> SceneSpec:
     """A scene with 1..``max_objects`` shapes of distinct combos drawn from ``pool`` (``required`` ones first, so
     they are placed on an empty canvas and never dropped)."""
     width, height = sample_canvas(rng, image_size)
@@ -196,8 +215,10 @@ def place_shapes(rng: np.random.Generator, spec: SceneSpec, gap: float = 2.0, tr
         candidates[:, 1] = half + 1 + candidates[:, 1] * (spec.height - extent - 2)
         for cx, cy in candidates.tolist():
             frame = (cx - half, cy - half, cx + half, cy + half)
-            if all(frame[2] + gap <= f[0] or f[2] + gap <= frame[0] or frame[3] + gap <= f[1]
-                   or f[3] + gap <= frame[1] for f in frames):
+            if all(
+                frame[2] + gap <= f[0] or f[2] + gap <= frame[0] or frame[3] + gap <= f[1] or f[3] + gap <= frame[1]
+                for f in frames
+            ):
                 frames.append(frame)
                 placed.append(replace(sh, cx=cx, cy=cy, extent=extent))
                 break
@@ -268,8 +289,12 @@ def render_layers(rng: np.random.Generator, spec: SceneSpec) -> Tuple[np.ndarray
         ys, xs = np.nonzero(mask)
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
         rgb[mask] = COLOURS[sh.colour]
-        box = (round(x0 / spec.width, 6), round(y0 / spec.height, 6), round(x1 / spec.width, 6),
-               round(y1 / spec.height, 6))
+        box = (
+            round(x0 / spec.width, 6),
+            round(y0 / spec.height, 6),
+            round(x1 / spec.width, 6),
+            round(y1 / spec.height, 6),
+        )
         objects.append(SceneObject(sh.shape, sh.colour, sh.size, box, (x0, y0, x1, y1), int(mask.sum())))
     return rgb, labels, objects
 
@@ -312,10 +337,18 @@ def segmentation_mask(labels: np.ndarray, objects: Sequence[SceneObject], by: st
 
 def segmentation_palette() -> List[int]:
     """A 768-entry PIL palette: black background, distinct colours per class, VOC's cream for 255."""
-    colours = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
-               (128, 128, 128)]
+    colours = [
+        (0, 0, 0),
+        (128, 0, 0),
+        (0, 128, 0),
+        (128, 128, 0),
+        (0, 0, 128),
+        (128, 0, 128),
+        (0, 128, 128),
+        (128, 128, 128),
+    ]
     palette = [0] * 768
     for i, rgb in enumerate(colours):
-        palette[3 * i: 3 * i + 3] = rgb
-    palette[3 * 255: 3 * 256] = [224, 224, 192]
+        palette[3 * i : 3 * i + 3] = rgb
+    palette[3 * 255 : 3 * 256] = [224, 224, 192]
     return palette

@@ -1,4 +1,5 @@
 """Videos of the synthetic world: clips of 1-2 shapes that move, grow or shrink, their descriptions and frames."""
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,14 @@ class Track:
 
     def at(self, t: float) -> ShapeSpec:
         """The shape at time ``t`` in [0, 1]."""
-        return ShapeSpec(self.shape, self.colour, self.size, cx=self.cx0 + t * (self.cx1 - self.cx0),
-                         cy=self.cy0 + t * (self.cy1 - self.cy0),
-                         extent=self.extent0 + t * (self.extent1 - self.extent0))
+        return ShapeSpec(
+            self.shape,
+            self.colour,
+            self.size,
+            cx=self.cx0 + t * (self.cx1 - self.cx0),
+            cy=self.cy0 + t * (self.cy1 - self.cy0),
+            extent=self.extent0 + t * (self.extent1 - self.extent0),
+        )
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,13 @@ class ClipSpec:
         return first, second
 
 
-def _sample_track(rng: np.random.Generator, combo: Tuple[str, str], region: Tuple[float, float, float, float],
-                  scale: float, allow_large: bool) -> Track:
+def _sample_track(
+    rng: np.random.Generator,
+    combo: Tuple[str, str],
+    region: Tuple[float, float, float, float],
+    scale: float,
+    allow_large: bool,
+) -> Track:
     """A track confined to ``region`` (x0, y0, x1, y1) whose motion covers at least a third of the free room."""
     colour, shape = combo
     rx0, ry0, rx1, ry1 = region
@@ -86,8 +97,9 @@ def _sample_track(rng: np.random.Generator, combo: Tuple[str, str], region: Tupl
     return Track(shape, colour, size, motion, cx0, cy0, e0, cx1, cy1, e1)
 
 
-def sample_clip(rng: np.random.Generator, image_size: int, pool: Sequence[Tuple[str, str]],
-                required: Sequence[Tuple[str, str]] = ()) -> ClipSpec:
+def sample_clip(
+    rng: np.random.Generator, image_size: int, pool: Sequence[Tuple[str, str]], required: Sequence[Tuple[str, str]] = ()
+) -> ClipSpec:
     """A clip of 6-12 frames (8 half of the time) with 1-2 tracks; two tracks get one half of the canvas each so
     they never overlap."""
     width, height = sample_canvas(rng, image_size)
@@ -104,7 +116,7 @@ def sample_clip(rng: np.random.Generator, image_size: int, pool: Sequence[Tuple[
     order = rng.permutation(count)
     scale = math.sqrt(width * height)
     tracks = tuple(_sample_track(rng, combos[i], regions[int(order[i])], scale, count == 1) for i in range(count))
-    return ClipSpec(width, height, background, num_frames, tracks, int(rng.integers(2 ** 31)))
+    return ClipSpec(width, height, background, num_frames, tracks, int(rng.integers(2**31)))
 
 
 def render_clip(clip: ClipSpec) -> List[Image.Image]:

@@ -1,5 +1,6 @@
 """Generating a whole synthetic world: its config, one sample / image / clip per seeded task, the worker pool,
 :func:`generate_world` and :func:`ensure_world` (see :mod:`unilm_vl.data.synthetic` for the world and its layout)."""
+
 from __future__ import annotations
 
 import logging
@@ -15,13 +16,41 @@ from PIL import Image
 
 from ...cli import progress
 from ..jsonio import JsonError, read_json
-from .language import (caption_for, eval_captions, long_caption_for, referring_expressions, sugarcrepe_pairs,
-                       vqa_questions)
-from .scenes import (SceneSpec, ShapeSpec, encode_image, heldout_combos, render_layers, render_scene, sample_background,
-                     sample_canvas, sample_rng, sample_scene, segmentation_mask, segmentation_palette)
+from .language import (
+    caption_for,
+    eval_captions,
+    long_caption_for,
+    referring_expressions,
+    sugarcrepe_pairs,
+    vqa_questions,
+)
+from .scenes import (
+    SceneSpec,
+    ShapeSpec,
+    encode_image,
+    heldout_combos,
+    render_layers,
+    render_scene,
+    sample_background,
+    sample_canvas,
+    sample_rng,
+    sample_scene,
+    segmentation_mask,
+    segmentation_palette,
+)
 from .video import render_clip, sample_clip
-from .vocabulary import (COLOURS, MOTIONS, RELATIONS, SEGMENTATION_SETS, SHAPES, SIZES, SUGARCREPE_CATEGORIES,
-                         ZEROSHOT_TEMPLATES, all_combos, class_name)
+from .vocabulary import (
+    COLOURS,
+    MOTIONS,
+    RELATIONS,
+    SEGMENTATION_SETS,
+    SHAPES,
+    SIZES,
+    SUGARCREPE_CATEGORIES,
+    ZEROSHOT_TEMPLATES,
+    all_combos,
+    class_name,
+)
 from .writers import ShardSplit, write_eval_files, write_json, write_lines
 
 logger = logging.getLogger(__name__)
@@ -91,10 +120,18 @@ def make_train_sample(cfg: WorldConfig, heldout: Sequence[Tuple[str, str]], spli
     img, objects = render_scene(rng, spec)
     cap = caption_for(objects, rng)
     ext = "png" if index % PNG_EVERY == 1 else "jpg"
-    return {"id": f"{split}_{index:07d}", "image": encode_image(img, ext), "ext": ext, "width": spec.width,
-            "height": spec.height, "caption": cap.text, "noun_chunks": cap.noun_chunks, "ref_exps": cap.ref_exps,
-            "long_caption": long_caption_for(objects, spec.background, spec.width, spec.height),
-            "objects": [o.to_json() for o in objects]}
+    return {
+        "id": f"{split}_{index:07d}",
+        "image": encode_image(img, ext),
+        "ext": ext,
+        "width": spec.width,
+        "height": spec.height,
+        "caption": cap.text,
+        "noun_chunks": cap.noun_chunks,
+        "ref_exps": cap.ref_exps,
+        "long_caption": long_caption_for(objects, spec.background, spec.width, spec.height),
+        "objects": [o.to_json() for o in objects],
+    }
 
 
 def make_test_sample(cfg: WorldConfig, heldout: Sequence[Tuple[str, str]], index: int, out_dir: str) -> Dict:
@@ -111,11 +148,19 @@ def make_test_sample(cfg: WorldConfig, heldout: Sequence[Tuple[str, str]], index
         mask = Image.fromarray(segmentation_mask(labels, objects, by), mode="P")
         mask.putpalette(segmentation_palette())
         mask.save(os.path.join(out_dir, "eval", folder, "SegmentationClass", f"{image_id}.png"))
-    return {"index": index, "id": image_id, "width": spec.width, "height": spec.height,
-            "objects": [o.to_json() for o in objects], "box_px": [o.box_px for o in objects],
-            "area": [o.area for o in objects], "captions": eval_captions(objects, rng),
-            "refexps": referring_expressions(objects, rng), "vqa": vqa_questions(objects, rng),
-            "sugarcrepe": sugarcrepe_pairs(objects, rng)}
+    return {
+        "index": index,
+        "id": image_id,
+        "width": spec.width,
+        "height": spec.height,
+        "objects": [o.to_json() for o in objects],
+        "box_px": [o.box_px for o in objects],
+        "area": [o.area for o in objects],
+        "captions": eval_captions(objects, rng),
+        "refexps": referring_expressions(objects, rng),
+        "vqa": vqa_questions(objects, rng),
+        "sugarcrepe": sugarcrepe_pairs(objects, rng),
+    }
 
 
 def make_zeroshot_image(cfg: WorldConfig, class_index: int, n: int, out_dir: str) -> None:
@@ -123,8 +168,9 @@ def make_zeroshot_image(cfg: WorldConfig, class_index: int, n: int, out_dir: str
     rng = sample_rng(cfg.seed, "zeroshot", class_index, n)
     colour, shape = all_combos()[class_index]
     width, height = sample_canvas(rng, cfg.image_size)
-    spec = SceneSpec(width, height, sample_background(rng),
-                     (ShapeSpec(shape, colour, SIZES[int(rng.integers(len(SIZES)))]),))
+    spec = SceneSpec(
+        width, height, sample_background(rng), (ShapeSpec(shape, colour, SIZES[int(rng.integers(len(SIZES)))]),)
+    )
     img, _ = render_scene(rng, spec)
     with open(os.path.join(out_dir, "eval/zeroshot/test", f"{class_index:03d}", f"{n}.jpg"), "wb") as fh:
         fh.write(encode_image(img))
@@ -135,8 +181,9 @@ def make_video(cfg: WorldConfig, heldout: Sequence[Tuple[str, str]], index: int,
     rng = sample_rng(cfg.seed, "video", index)
     is_test = index >= cfg.num_train_videos
     train_pool, test_pool = _pools(heldout)
-    clip = sample_clip(rng, cfg.image_size, test_pool if is_test else train_pool,
-                       _required(rng, heldout) if is_test else ())
+    clip = sample_clip(
+        rng, cfg.image_size, test_pool if is_test else train_pool, _required(rng, heldout) if is_test else ()
+    )
     video_id = f"video_{index:05d}"
     folder = os.path.join(out_dir, "videos/frames", video_id)
     os.makedirs(folder, exist_ok=True)
@@ -165,12 +212,20 @@ def _run_task(task: Tuple) -> Tuple[str, List]:
 
 
 def _tasks(cfg: WorldConfig, heldout: Sequence[Tuple[str, str]], out_dir: str) -> List[Tuple]:
-    totals = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test,
-              "zeroshot": cfg.zeroshot_per_class * len(all_combos()), "video": cfg.num_videos}
+    totals = {
+        "train": cfg.num_train,
+        "val": cfg.num_val,
+        "test": cfg.num_test,
+        "zeroshot": cfg.zeroshot_per_class * len(all_combos()),
+        "video": cfg.num_videos,
+    }
     chunks = {"train": CHUNK, "val": CHUNK, "test": CHUNK // 2, "zeroshot": CHUNK, "video": 20}
     heldout = tuple(heldout)
-    return [(kind, cfg, heldout, out_dir, s, min(s + chunks[kind], total))
-            for kind, total in totals.items() for s in range(0, total, chunks[kind])]
+    return [
+        (kind, cfg, heldout, out_dir, s, min(s + chunks[kind], total))
+        for kind, total in totals.items()
+        for s in range(0, total, chunks[kind])
+    ]
 
 
 def _map_tasks(tasks: List[Tuple], workers: int) -> Iterator[Tuple[str, List]]:
@@ -211,16 +266,27 @@ def _prepare_dirs(out_dir: str, cfg: WorldConfig) -> None:
     for sub in MANAGED_DIRS:
         if os.path.isdir(os.path.join(out_dir, sub)):
             shutil.rmtree(os.path.join(out_dir, sub))
-    for sub in ("eval/images", *(f"eval/{folder}/{kind}" for folder in SEGMENTATION_SETS
-                                 for kind in ("JPEGImages", "SegmentationClass")), "videos/frames"):
+    for sub in (
+        "eval/images",
+        *(f"eval/{folder}/{kind}" for folder in SEGMENTATION_SETS for kind in ("JPEGImages", "SegmentationClass")),
+        "videos/frames",
+    ):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     for c in range(len(all_combos()) if cfg.zeroshot_per_class else 0):
         os.makedirs(os.path.join(out_dir, "eval/zeroshot/test", f"{c:03d}"), exist_ok=True)
 
 
-def generate_world(out_dir: str, seed: int = 0, num_train: int = 10000, num_val: int = 500, num_test: int = 500,
-                   num_videos: int = 400, image_size: int = 64, heldout: bool = True, workers: int = 2
-                   ) -> Dict[str, Any]:
+def generate_world(
+    out_dir: str,
+    seed: int = 0,
+    num_train: int = 10000,
+    num_val: int = 500,
+    num_test: int = 500,
+    num_videos: int = 400,
+    image_size: int = 64,
+    heldout: bool = True,
+    workers: int = 2,
+) -> Dict[str, Any]:
     """Generate the whole world under ``out_dir`` (replacing a previous one) and return the manifest, which is also
     written last to ``out_dir/world.json``; a directory without it holds an unfinished world."""
     cfg = WorldConfig(seed, num_train, num_val, num_test, num_videos, image_size, heldout)
@@ -252,31 +318,60 @@ def generate_world(out_dir: str, seed: int = 0, num_train: int = 10000, num_val:
     write_lines(os.path.join(zs, "templates.txt"), ZEROSHOT_TEMPLATES)
     write_json(os.path.join(out_dir, "videos", "train.json"), videos["train"])
     write_json(os.path.join(out_dir, "videos", "test.json"), videos["test"])
-    counts.update({"zeroshot_classes": len(all_combos()), "zeroshot_per_class": cfg.zeroshot_per_class,
-                   "zeroshot_images": cfg.zeroshot_per_class * len(all_combos()),
-                   "videos_train": len(videos["train"]), "videos_test": len(videos["test"])})
+    counts.update(
+        {
+            "zeroshot_classes": len(all_combos()),
+            "zeroshot_per_class": cfg.zeroshot_per_class,
+            "zeroshot_images": cfg.zeroshot_per_class * len(all_combos()),
+            "videos_train": len(videos["train"]),
+            "videos_test": len(videos["test"]),
+        }
+    )
     paths["eval"] = {
-        "images": "eval/images", "image_pattern": "eval/images/{:06d}.jpg", "karpathy": "eval/karpathy.json",
-        "zeroshot_classnames": "eval/zeroshot/classnames.txt", "zeroshot_templates": "eval/zeroshot/templates.txt",
-        "zeroshot_test": "eval/zeroshot/test", "refcoco": "eval/refcoco/finetune_refcoco_testA.json",
-        "vqa_questions": "eval/vqa/questions.json", "vqa_annotations": "eval/vqa/annotations.json",
+        "images": "eval/images",
+        "image_pattern": "eval/images/{:06d}.jpg",
+        "karpathy": "eval/karpathy.json",
+        "zeroshot_classnames": "eval/zeroshot/classnames.txt",
+        "zeroshot_templates": "eval/zeroshot/templates.txt",
+        "zeroshot_test": "eval/zeroshot/test",
+        "refcoco": "eval/refcoco/finetune_refcoco_testA.json",
+        "vqa_questions": "eval/vqa/questions.json",
+        "vqa_annotations": "eval/vqa/annotations.json",
         "sugarcrepe": {c: f"eval/sugarcrepe/{c}.json" for c in SUGARCREPE_CATEGORIES},
         **{folder: f"eval/{folder}" for folder in SEGMENTATION_SETS},
     }
     paths["videos"] = {"frames": "videos/frames", "train": "videos/train.json", "test": "videos/test.json"}
     seconds = round(time.perf_counter() - start, 3)
     manifest = {
-        "format_version": FORMAT_VERSION, "args": asdict(cfg), "workers": workers,
-        "vocab": {"shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES),
-                  "relations": list(RELATIONS), "motions": list(MOTIONS)},
+        "format_version": FORMAT_VERSION,
+        "args": asdict(cfg),
+        "workers": workers,
+        "vocab": {
+            "shapes": list(SHAPES),
+            "colours": list(COLOURS),
+            "sizes": list(SIZES),
+            "relations": list(RELATIONS),
+            "motions": list(MOTIONS),
+        },
         "colour_rgb": {k: list(v) for k, v in COLOURS.items()},
-        "heldout": [list(c) for c in held], "counts": counts, "paths": paths, "generation_seconds": seconds,
+        "heldout": [list(c) for c in held],
+        "counts": counts,
+        "paths": paths,
+        "generation_seconds": seconds,
     }
     tmp = os.path.join(out_dir, "world.json.tmp")
     write_json(tmp, manifest)
     os.replace(tmp, os.path.join(out_dir, "world.json"))
-    logger.info("synthetic world (seed %d): %d train, %d val, %d test images, %d videos in %.1f s -> %s",
-                seed, counts["train"], counts["val"], counts["test"], num_videos, seconds, out_dir)
+    logger.info(
+        "synthetic world (seed %d): %d train, %d val, %d test images, %d videos in %.1f s -> %s",
+        seed,
+        counts["train"],
+        counts["val"],
+        counts["test"],
+        num_videos,
+        seconds,
+        out_dir,
+    )
     return manifest
 
 
