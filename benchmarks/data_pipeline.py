@@ -226,6 +226,8 @@ def pixel_bound(data, count, image_size):
     import collections
     import tarfile
 
+    from torchvision.transforms import RandomResizedCrop
+
     from unilm_vl.data import transforms
     from unilm_vl.data.decode import decode_image
 
@@ -244,9 +246,7 @@ def pixel_bound(data, count, image_size):
         expected = full(decode_image(jpeg)).float()
         torch.manual_seed(seed)
         img = decode_image(jpeg, defer_jpeg=True)
-        top, left, h, w = __import__("torchvision").transforms.RandomResizedCrop.get_params(
-            img, list(draft.scale), list(draft.ratio)
-        )
+        top, left, h, w = RandomResizedCrop.get_params(img, list(draft.scale), list(draft.ratio))
         scales[f"{transforms.draft_eighths(w, h, image_size)}/8"] += 1
         torch.manual_seed(seed)
         diff = (draft(img).float() - expected).abs()
