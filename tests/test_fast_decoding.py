@@ -165,3 +165,18 @@ def test_batched_ngram_ban_equals_the_per_row_ban(n):
         expected = set(banned_ngram_tokens(tokens[i, 12 - m :], n).tolist())
         assert set(targets[i].tolist()) - {PAD} == expected
     assert any(len(set(targets[i].tolist()) - {PAD}) for i in range(len(lengths)))  # the case is not empty
+
+
+def test_vocab_logits_without_autograd_equal_the_output_layer(pair):
+    """The generator's projection (W h^T)^T equals torchscale's h W^T to float rounding; with autograd on it is
+    torchscale's projection itself (bitwise, and differentiable)."""
+    fast, _ = pair
+    hidden = torch.randn(3, 2, fast.decoder.embed_dim, generator=torch.Generator().manual_seed(3))
+    reference = hidden @ fast.decoder.output_projection.weight.t()  # 3 x 2 x V
+    with torch.no_grad():
+        logits = fast.vocab_logits(hidden)
+    assert logits.shape == (3, 2, 100) and logits.is_contiguous()
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    graded = fast.vocab_logits(hidden.requires_grad_())
+    assert graded.requires_grad
+    assert torch.equal(graded, fast.decoder.output_layer(hidden))
