@@ -24,7 +24,9 @@ quality 90, captions of 10-30 words; :mod:`unilm_vl.data.synthetic.real_size`)::
 ``old`` (the pipeline before them: open_clip's transform on fully decoded images, normalised per sample),
 ``full_decode`` (``--full-jpeg-decode``: no DCT scaling), ``float_in_worker`` (draft decoding, normalised per
 sample in the workers instead of per batch), ``pillow_scales`` (only the DCT scales Pillow's ``draft`` has: 1/2, 1/4,
-1/8) and ``permuted`` (each view a permuted H x W x 3 array rather than contiguous planes).
+1/8), ``permuted`` (each view a permuted H x W x 3 array rather than contiguous planes) and ``bytes_in_main``
+(the main process reads the tar members' bytes and sends them to the workers in the records, instead of their
+positions: :class:`unilm_vl.data.sources.FileSpan`).
 ``--pixel-bound N`` instead measures how far reduced-scale decoding moves the pixels on N JPEGs (no timing).
 
 open_clip_train 3.3.0 imports pandas at module level for its CSV dataset only; where pandas is not installed an
@@ -167,7 +169,7 @@ def our_task(args, train_data, variant="default"):
                         transforms.draft_eighths = eighths
 
         task.train_view = lambda: View(task.image_size, scale=(task.cfg.train_crop_scale_min, 1.0))
-    elif variant not in ("default", "full_decode"):
+    elif variant not in ("default", "full_decode", "bytes_in_main"):
         raise ValueError(f"unknown variant {variant!r}")
     task.load_dataset("train")
 
@@ -176,6 +178,24 @@ def our_task(args, train_data, variant="default"):
             task.dataset("train"), max_sentences=args.batch_size, num_workers=args.workers, epoch=1, seed=1
         )
         return itr.next_epoch_itr(shuffle=True)
+
+    if variant == "bytes_in_main":  # the main process reads the members' bytes and sends them in the records
+        from unilm_vl.data import sources
+
+        def read_bytes(path, spec, read=sources.READERS["wds"]):
+            for record in read(path, spec):
+                members = record["members"]
+                yield {**record, "members": {ext: sources.record_bytes(v, "?", ext) for ext, v in members.items()}}
+
+        def with_bytes(make=loader):
+            read = sources.READERS["wds"]
+            sources.READERS["wds"] = read_bytes  # the records are read in this process, during the pass
+            try:
+                yield from make()
+            finally:
+                sources.READERS["wds"] = read
+
+        loader = with_bytes
 
     return loader, model
 
@@ -279,7 +299,7 @@ def main(argv=None):
         "--variants",
         default="",
         help="comma list of our wds variants to time as well: old, full_decode, float_in_worker, pillow_scales, "
-        "permuted (see the docstring)",
+        "permuted, bytes_in_main (see the docstring)",
     )
     parser.add_argument(
         "--no-read",

@@ -1,5 +1,6 @@
 """Sources and decoding: every format reads, and every kind of bad input is skipped, counted and named."""
 
+import gzip
 import io
 import json
 import os
@@ -12,7 +13,7 @@ from unilm_vl.data.decode import BadSample, BadSampleCounter, TooManyBadSamples,
 from unilm_vl.data.formats import GRIT_TSV, escape_field, parse_annotation, unescape_field
 from unilm_vl.data.pipeline import StreamPlan, worker_batches
 from unilm_vl.data.shards import expand_urls
-from unilm_vl.data.sources import SourceSpec, decode_record, parse_data_spec, read_tar
+from unilm_vl.data.sources import FileSpan, SourceSpec, decode_record, parse_data_spec, read_tar, read_tsv
 
 from conftest import jpeg_bytes, tsv_row, write_tsv, write_wds
 
@@ -378,3 +379,60 @@ def test_a_megabyte_caption_is_cut_before_tokenising():
     assert Recording.lengths == [77 * MAX_CHARS_PER_TOKEN]
     uncut = tokenizer.encode(caption[:20_000])  # far more than 77 tokens, nothing of them cut
     assert sample["text"].tolist() == [tokenizer.bos_id] + uncut[:75] + [tokenizer.eos_id]
+
+
+def test_uncompressed_shards_give_positions_that_read_the_same_bytes(tmp_path):
+    """An uncompressed tar's records hold each member's position (read by the decoding process), a gzip tar's the
+    bytes; both decode to the same samples. A tsv source's lines are positions, a text source's lines bytes."""
+    write_wds(str(tmp_path / "wds" / "part"), 4, 4)
+    plain = tmp_path / "wds" / "part-00000.tar"
+    packed = tmp_path / "packed.tar.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    with tarfile.open(plain) as tar:
+        stored = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    by_position = list(read_tar(str(plain), SourceSpec("p", "wds", [str(plain)])))
+    by_stream = list(read_tar(str(packed), SourceSpec("g", "wds", [str(packed)])))
+    assert (
+        [r["__key__"] for r in by_position]
+        == [r["__key__"] for r in by_stream]
+        == ["000000", "000001", "000002", "000003"]
+    )
+    for pos, streamed in zip(by_position, by_stream):
+        assert set(pos["members"]) == set(streamed["members"]) == {"jpg", "txt", "json"}
+        for ext, span in pos["members"].items():
+            assert isinstance(span, FileSpan) and span.path == str(plain)
+            assert span.read() == streamed["members"][ext] == stored[f"{pos['__key__']}.{ext}"]
+        a, b = (
+            decode_record(pos, SourceSpec("p", "wds", [str(plain)])),
+            decode_record(streamed, SourceSpec("g", "wds", [])),
+        )
+        assert a["caption"] == b["caption"] and a["meta"] == b["meta"]
+        assert a["image"].tobytes() == b["image"].tobytes()
+
+    write_tsv(str(tmp_path / "tsv" / "part"), 3, 3)
+    tsv = tmp_path / "tsv" / "part-00000.tsv"
+    lines = tsv.read_bytes().splitlines(keepends=True)
+    records = list(read_tsv(str(tsv), SourceSpec("t", "tsv", [str(tsv)])))
+    assert [r["line"].read() for r in records] == lines
+    text = tmp_path / "docs.txt"
+    text.write_bytes(b"one document\n\nanother\n")
+    assert [r["line"] for r in read_tsv(str(text), SourceSpec("x", "text", [str(text)]))] == [
+        b"one document\n",
+        b"another\n",
+    ]
+
+
+def test_a_shard_cut_after_its_records_were_read_is_a_bad_sample_naming_it(tmp_path):
+    """Records are read (positions) before their data: a shard cut in between makes the sample whose data is
+    gone one bad sample, naming the shard, the key, the member and how many bytes were missing; earlier samples
+    still decode."""
+    write_wds(str(tmp_path / "wds" / "part"), 3, 3)
+    shard = tmp_path / "wds" / "part-00000.tar"
+    spec = SourceSpec("w", "wds", [str(shard)])
+    records = list(read_tar(str(shard), spec))
+    meta = records[2]["members"]["json"]
+    shard.write_bytes(shard.read_bytes()[: meta.offset + 5])
+    assert decode_record(records[0], spec)["__key__"] == "000000"
+    with pytest.raises(BadSample, match=rf"cannot read json: read 5 of {meta.size} bytes") as err:
+        decode_record(records[2], spec)
+    assert err.value.source == f"{shard}#000002" and err.value.field == "json"

@@ -1,8 +1,8 @@
 """Sources: read shards into *raw records* and decode raw records into samples.
 
-Reading and decoding are separate on purpose. Raw records are cheap (a TSV line, a tar member group, an
-annotation entry): the iterator can replay them to resume mid-epoch without decoding a single image, and a
-record that fails to decode is skipped and counted by the pipeline's one handler.
+Reading and decoding are separate on purpose. Raw records are cheap (where a TSV line or a tar sample's members
+lie, as :class:`FileSpan` s; an annotation entry): the iterator can replay them to resume mid-epoch without reading
+or decoding a single image, and a record that fails to decode is skipped and counted by the pipeline's one handler.
 
 Raw record: ``{"__source__": name, "__url__": shard path, "__index__": position in the shard, ...payload}``.
 Sample (after decode): ``{"__key__", "__source__", "image": PIL RGB | "frames": [PIL RGB], "caption": str,
@@ -81,15 +81,53 @@ def _empty_shard(path: str, spec: SourceSpec) -> Dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class FileSpan:
+    """``size`` bytes at ``offset`` of the file ``path``: a record field given by position instead of its bytes.
+
+    :func:`read_tar` (uncompressed shards) and :func:`read_tsv` (``tsv`` sources) give these, so the process that
+    orders the records (the main one, for exact resume) reads only tar headers or line ends, and the process that
+    decodes the record (a loader worker, as in webdataset where each worker reads its own shards) reads the data:
+    a record is a few hundred bytes to pickle to a worker instead of its image, and a shuffle buffer holds
+    positions. :func:`record_bytes` reads one."""
+
+    path: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"read {len(data)} of {self.size} bytes at offset {self.offset}: the file changed")
+        return data
+
+
+def record_bytes(value: Any, where: str, field: str) -> bytes:
+    """The bytes of a record field: as read, or read now from its :class:`FileSpan`."""
+    if not isinstance(value, FileSpan):
+        return value
+    try:
+        return value.read()
+    except OSError as exc:
+        raise BadSample(f"cannot read {field}: {exc}", where, field) from None
+
+
 def read_tsv(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
-    """Yield one raw record per line (bytes; decoding to text happens in :func:`decode_tsv`)."""
+    """Yield one raw record per line: ``line`` is its :class:`FileSpan` in a ``tsv`` source (an image per line),
+    its bytes in a ``text`` one; decoding to text happens in :func:`decode_tsv` / :func:`decode_text`."""
     empty = True
+    by_position = spec.kind == "tsv"
+    end = 0
     with open(path, "rb") as fh:
         for index, line in enumerate(fh):
+            start, end = end, end + len(line)
             if not line.strip():
                 continue
             empty = False
-            yield {"__source__": spec.name, "__url__": path, "__index__": index, "line": line}
+            value = FileSpan(path, start, len(line)) if by_position else line
+            yield {"__source__": spec.name, "__url__": path, "__index__": index, "line": value}
     if empty:
         yield _empty_shard(path, spec)
 
@@ -101,8 +139,19 @@ def tar_has_end_marker(tar: tarfile.TarFile) -> bool:
     return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
 
 
+# the first bytes of the compressed streams tarfile's "r|*" mode reads (gzip, bzip2, xz)
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def _is_compressed(path: str) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    return any(head.startswith(magic) for magic in _COMPRESSED_MAGIC)
+
+
 def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
-    """Yield one raw record per sample key of a tar shard: ``{"members": {ext: bytes}}``.
+    """Yield one raw record per sample key of a tar shard: ``{"members": {ext: FileSpan | bytes}}``: positions
+    (:class:`FileSpan`) in an uncompressed shard, the bytes in a gzip, bzip2 or xz one (read as a stream).
 
     Written on ``tarfile`` rather than webdataset's expanders because we need every problem counted with its
     path (a truncated shard yields its complete samples, then one bad record naming the shard) and exact
@@ -124,7 +173,9 @@ def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
         return out
 
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        by_position = not _is_compressed(path)
+        size = os.path.getsize(path)
+        with tarfile.open(path, mode="r:" if by_position else "r|*") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -135,7 +186,12 @@ def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
                 stem, ext = base.split(".", 1)
                 key = os.path.join(prefix, stem) if prefix else stem
                 reading = key
-                data = tar.extractfile(info).read()
+                if by_position:  # the data is not read here; a shard cut inside it fails as a stream read would
+                    if info.offset_data + info.size > size:
+                        raise tarfile.ReadError("unexpected end of data")
+                    data = FileSpan(path, info.offset_data, info.size)
+                else:
+                    data = tar.extractfile(info).read()
                 reading = None
                 ext = ext.lower()
                 if key != current_key or ext in members:
@@ -218,7 +274,7 @@ def decode_tsv(raw: Dict[str, Any], spec: SourceSpec, defer_jpeg: bool = False) 
     schema: TsvSchema = TSV_SCHEMAS[spec.schema]
     where = f"{raw['__url__']}:{raw['__index__'] + 1}"
     try:
-        line = raw["line"].decode("utf-8")
+        line = record_bytes(raw["line"], where, "line").decode("utf-8")
     except UnicodeDecodeError:
         raise BadSample("line is not UTF-8", where, "line") from None
     try:
@@ -259,7 +315,7 @@ def decode_wds(
     meta: Dict[str, Any] = {}
     if keys.meta in members:
         try:
-            meta = parse_json(members[keys.meta])
+            meta = parse_json(record_bytes(members[keys.meta], where, keys.meta))
         except JsonError:  # not UTF-8, invalid JSON, a too long integer, nested too deeply
             raise BadSample("json member is not valid UTF-8 JSON", where, keys.meta) from None
         if not isinstance(meta, dict):
@@ -268,7 +324,7 @@ def decode_wds(
         if keys.caption not in members:
             raise BadSample(f"missing {keys.caption!r} member", where, keys.caption)
         try:
-            caption = members[keys.caption].decode("utf-8")
+            caption = record_bytes(members[keys.caption], where, keys.caption).decode("utf-8")
         except UnicodeDecodeError:
             raise BadSample("caption is not UTF-8", where, keys.caption) from None
     else:
@@ -277,7 +333,7 @@ def decode_wds(
             raise BadSample(f"json lacks string field {spec.caption_key!r}", where, spec.caption_key)
     if not caption.strip():
         raise BadSample("empty caption", where, spec.caption_key)
-    image = decode_image(members[image_ext], where, image_ext, defer_jpeg)
+    image = decode_image(record_bytes(members[image_ext], where, image_ext), where, image_ext, defer_jpeg)
     return {
         "__key__": raw["__key__"],
         "__source__": spec.name,
