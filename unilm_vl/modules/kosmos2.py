@@ -679,9 +679,9 @@ class Kosmos2Module(nn.Module):
         """The decoder's output projection ``hidden W^T`` (B x T x D -> B x T x V), as torchscale's ``output_layer``.
 
         A generator's few rows on CPU without autograd are computed as ``(W hidden^T)^T`` instead: the same products
-        (summed in another order, so equal to float rounding), but MKL streams the V x D weight about 1.2-1.8x faster
-        in that orientation at 1-64 rows (V = 65037, D = 768 or 2048: 2 rows 19 vs 34 ms; V = 8000, D = 256, 8
-        rows: 2.0 vs 2.3 ms; measured in benchmarks/README.md). A decode step reads the whole V x D matrix for
+        (summed in another order, so equal to float rounding), but MKL streams the V x D weight 1.1-1.8x faster in
+        that orientation at 1-64 rows (V = 65037, D = 768, 2 rows: 19 vs 34 ms; D = 2048, 8 rows: 115 vs 157 ms;
+        V = 8000, D = 256, 8 rows: 2.0 vs 2.3 ms; benchmarks/README.md). A decode step reads the whole V x D matrix for
         a handful of rows, so this is a weight-bandwidth-bound GEMM where the kernel's access pattern decides."""
         proj = self.decoder.output_projection
         if (
