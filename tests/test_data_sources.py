@@ -436,3 +436,22 @@ def test_a_shard_cut_after_its_records_were_read_is_a_bad_sample_naming_it(tmp_p
     with pytest.raises(BadSample, match=rf"cannot read json: read 5 of {meta.size} bytes") as err:
         decode_record(records[2], spec)
     assert err.value.source == f"{shard}#000002" and err.value.field == "json"
+
+
+def test_spans_read_through_a_few_cached_descriptors(tmp_path):
+    """Spans of many files read the right bytes while this process keeps at most ``_MAX_OPEN_SHARDS`` of them open
+    (the most recent ones), closing the others."""
+    from unilm_vl.data import sources
+
+    before = len(os.listdir("/proc/self/fd"))
+    files = []
+    for i in range(3 * sources._MAX_OPEN_SHARDS):
+        path = tmp_path / f"shard{i}.bin"
+        path.write_bytes(bytes(range(i, i + 50)))
+        files.append(str(path))
+    for _ in range(2):
+        for i, path in enumerate(files):
+            assert FileSpan(path, 10, 5).read() == bytes(range(i + 10, i + 15))
+            assert len(sources._OPEN_SHARDS) <= sources._MAX_OPEN_SHARDS
+    assert list(sources._OPEN_SHARDS) == files[-sources._MAX_OPEN_SHARDS :]
+    assert len(os.listdir("/proc/self/fd")) <= before + sources._MAX_OPEN_SHARDS

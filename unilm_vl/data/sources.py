@@ -31,6 +31,7 @@ import binascii
 import logging
 import os
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -96,12 +97,27 @@ class FileSpan:
     size: int
 
     def read(self) -> bytes:
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offset)
-            data = fh.read(self.size)
+        data = os.pread(_open_shard(self.path), self.size, self.offset)
         if len(data) != self.size:
             raise OSError(f"read {len(data)} of {self.size} bytes at offset {self.offset}: the file changed")
         return data
+
+
+# this process's most recently read shards, path -> descriptor: a sample's members (and the next samples) come from
+# one shard, and an open per read would cost a metadata round trip each on a network filesystem. pread keeps no
+# file position, so descriptors inherited by forked loader workers are safe to share.
+_OPEN_SHARDS: "OrderedDict[str, int]" = OrderedDict()
+_MAX_OPEN_SHARDS = 8
+
+
+def _open_shard(path: str) -> int:
+    fd = _OPEN_SHARDS.pop(path, None)
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+        while len(_OPEN_SHARDS) >= _MAX_OPEN_SHARDS:
+            os.close(_OPEN_SHARDS.popitem(last=False)[1])
+    _OPEN_SHARDS[path] = fd
+    return fd
 
 
 def record_bytes(value: Any, where: str, field: str) -> bytes:
