@@ -159,12 +159,6 @@ def tar_has_end_marker(tar: tarfile.TarFile) -> bool:
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 
-def _is_compressed(path: str) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(6)
-    return any(head.startswith(magic) for magic in _COMPRESSED_MAGIC)
-
-
 def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
     """Yield one raw record per sample key of a tar shard: ``{"members": {ext: FileSpan | bytes}}``: positions
     (:class:`FileSpan`) in an uncompressed shard, the bytes in a gzip, bzip2 or xz one (read as a stream).
@@ -178,7 +172,7 @@ def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
     """
     index = 0
     current_key: Optional[str] = None
-    members: Dict[str, bytes] = {}
+    members: Dict[str, Any] = {}  # ext -> FileSpan, or bytes in a compressed shard
     duplicate = False  # the pending record repeats the key of the record before it
     reading: Optional[str] = None  # key of the member whose data is being read (None between members): the cut one
 
@@ -189,36 +183,38 @@ def read_tar(path: str, spec: SourceSpec) -> Iterator[Dict[str, Any]]:
         return out
 
     try:
-        by_position = not _is_compressed(path)
-        size = os.path.getsize(path)
-        with tarfile.open(path, mode="r:" if by_position else "r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                base = os.path.basename(info.name)
-                if "." not in base or base.startswith("."):
-                    continue
-                prefix = os.path.dirname(info.name)
-                stem, ext = base.split(".", 1)
-                key = os.path.join(prefix, stem) if prefix else stem
-                reading = key
-                if by_position:  # the data is not read here; a shard cut inside it fails as a stream read would
-                    if info.offset_data + info.size > size:
-                        raise tarfile.ReadError("unexpected end of data")
-                    data = FileSpan(path, info.offset_data, info.size)
-                else:
-                    data = tar.extractfile(info).read()
-                reading = None
-                ext = ext.lower()
-                if key != current_key or ext in members:
-                    if current_key is not None:
-                        yield record(current_key, members, duplicate)
-                        index += 1
-                    duplicate = key == current_key
-                    current_key, members = key, {}
-                members[ext] = data
-            if not tar_has_end_marker(tar):
-                raise tarfile.ReadError("no end-of-archive marker: the shard is truncated")
+        with open(path, "rb") as fh:  # one open: the magic bytes, the size and the archive
+            by_position = not fh.read(6).startswith(_COMPRESSED_MAGIC)
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(0)
+            with tarfile.open(fileobj=fh, mode="r:" if by_position else "r|*") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    base = os.path.basename(info.name)
+                    if "." not in base or base.startswith("."):
+                        continue
+                    prefix = os.path.dirname(info.name)
+                    stem, ext = base.split(".", 1)
+                    key = os.path.join(prefix, stem) if prefix else stem
+                    reading = key
+                    if by_position:  # the data is not read here; a shard cut inside it fails as a stream read would
+                        if info.offset_data + info.size > size:
+                            raise tarfile.ReadError("unexpected end of data")
+                        data = FileSpan(path, info.offset_data, info.size)
+                    else:
+                        data = tar.extractfile(info).read()
+                    reading = None
+                    ext = ext.lower()
+                    if key != current_key or ext in members:
+                        if current_key is not None:
+                            yield record(current_key, members, duplicate)
+                            index += 1
+                        duplicate = key == current_key
+                        current_key, members = key, {}
+                    members[ext] = data
+                if not tar_has_end_marker(tar):
+                    raise tarfile.ReadError("no end-of-archive marker: the shard is truncated")
     except (tarfile.TarError, OSError, EOFError) as exc:
         # Emit what was complete, then one error record so the damage is counted, not silent.
         if current_key is None:
