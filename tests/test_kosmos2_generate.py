@@ -969,3 +969,47 @@ def test_beam_rule_reaches_the_generators(vocab):
 
     assert infer_rule() == "fairseq" and infer_rule("--beam-rule", "hf") == "hf"
     assert infer_rule("--preset", "hf") == "hf" and infer_rule("--preset", "hf", "--beam-rule", "fairseq") == "fairseq"
+
+
+def test_bans_work_in_place_and_give_a_stuck_row_its_eos_back():
+    """Row 0 has every token banned (unigram ban on a history holding them all; </s> banned by min_len): it may
+    still end, with its raw </s> log-prob. Row 1 keeps a token, so its </s> stays banned. The bans are written
+    into the search's own buffer."""
+    from unilm_vl.modules.generation import _apply_bans
+
+    lprobs = torch.log_softmax(torch.arange(12.0).view(2, 6), dim=-1)
+    raw = lprobs.clone()
+    history = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 1, 1, 1, 3]])  # row 1 never used 4 and 5
+    cfg = SearchConfig(min_len=5, no_repeat_ngram_size=1)
+    out = _apply_bans(lprobs, history, [0, 1], 0, [9, 9], cfg, PAD, EOS, None)
+    assert out is lprobs
+    assert out[0].tolist() == [-math.inf, -math.inf, float(raw[0, EOS]), -math.inf, -math.inf, -math.inf]
+    assert out[1].tolist() == [-math.inf] * 4 + raw[1, 4:].tolist()
+
+
+@pytest.mark.parametrize("step", [0, 3])
+def test_batched_beam_step_equals_each_input_alone(step):
+    """The one-topk path over all inputs (equal row counts) picks, for each input, exactly what the beam step
+    picks for that input alone; so does the per-input path (unequal row counts, the end of a search)."""
+    from unilm_vl.modules.generation import _beam_picks
+
+    gen = torch.Generator().manual_seed(step)
+    vocab, beam = 9, 2
+    lprobs = torch.log_softmax(torch.randn(7, vocab, generator=gen), dim=-1)
+    lprobs[2, :] = -math.inf  # a row with nothing allowed but ...
+    lprobs[2, EOS] = -0.1  # ... an end that ranks first
+    lprobs[5, 3:] = -math.inf
+    score = torch.randn(7, generator=gen)
+
+    def alone(rows, last):
+        idx = torch.tensor(rows)
+        picks = _beam_picks(lprobs[idx], score[idx], [0] * len(rows), step, beam, EOS, {0} if last else set())
+        return [(rows[r], t, lp) for r, t, lp in picks]
+
+    for row_input, last in (([0, 0, 1, 1, 2, 2], {1}), ([0, 0, 0, 1, 1, 2, 2], {2})):
+        n = len(row_input)
+        together = _beam_picks(lprobs[:n], score[:n], row_input, step, beam, EOS, last)
+        expected = []
+        for b in dict.fromkeys(row_input):
+            expected += alone([r for r in range(n) if row_input[r] == b], b in last)
+        assert together == expected and len(together) >= beam * len(set(row_input))

@@ -226,7 +226,10 @@ def generate(
     max_lens = [int(cfg.max_len_a * int(n) + cfg.max_len_b) for n in prompt_lens]
 
     def log_probs(logits: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(logits.float() / cfg.temperature, dim=-1)
+        logits = logits.float()
+        if cfg.temperature != 1.0:  # x / 1 == x exactly: skip a pass over N x V at the default
+            logits = logits / cfg.temperature
+        return F.log_softmax(logits, dim=-1)
 
     state: Dict[Any, Any] = {"max_new_tokens": max(max_lens) + 1}  # a size hint for preallocated caches
     # without prompt scores only the last position needs vocabulary logits (B x 1 x V)
@@ -336,9 +339,13 @@ def _apply_bans(
 ):
     """The log-probs with forbidden choices at -inf: pad always; ``</s>`` before ``min_len``; anything but ``</s>``
     at an input's length limit (``force_eos_at_limit``, fairseq's rule); repeated n-grams. A row left with no
-    allowed token may still end (``</s>``)."""
-    raw = lprobs
-    lprobs = lprobs.clone()
+    allowed token may still end (``</s>``).
+
+    Works IN PLACE on ``lprobs`` (N x V, owned by the search) and returns it: at a decode step these N x V passes
+    are a visible share of the time (each fresh N x V buffer also costs page faults on CPU), so only the ``</s>``
+    column is kept aside, and a stuck row is found with one max-reduction instead of an ``isfinite`` mask (the
+    same rows for any log-probs without NaN, i.e. from finite logits)."""
+    raw_eos = lprobs[:, eos_idx].clone()  # N: the </s> log-probs before any ban
     lprobs[:, pad_idx] = -math.inf
     if unk_idx is not None and cfg.unkpen:
         lprobs[:, unk_idx] -= cfg.unkpen
@@ -347,13 +354,12 @@ def _apply_bans(
     at_limit = [i for i, b in enumerate(row_input) if step >= max_lens[b]] if force_eos_at_limit else []
     if at_limit:
         rows = torch.tensor(at_limit, device=lprobs.device)
-        eos = raw[rows, eos_idx].clone()
         lprobs[rows] = -math.inf
-        lprobs[rows, eos_idx] = eos
+        lprobs[rows, eos_idx] = raw_eos[rows]
     if cfg.no_repeat_ngram_size > 0:
         lprobs.scatter_(1, repeated_ngram_targets(tokens, cfg.no_repeat_ngram_size, pad_idx), -math.inf)
-    stuck = ~torch.isfinite(lprobs).any(dim=-1)  # N: rows left with no allowed token
-    lprobs[:, eos_idx] = torch.where(stuck, raw[:, eos_idx], lprobs[:, eos_idx])  # no host sync
+    stuck = lprobs.amax(dim=-1) == -math.inf  # N: rows left with no allowed token
+    lprobs[:, eos_idx] = torch.where(stuck, raw_eos, lprobs[:, eos_idx])  # no host sync
     return lprobs
 
 
@@ -375,24 +381,33 @@ def _beam_picks(lprobs, row_score, row_input, step, beam, eos_idx, last=frozense
     """fairseq's beam step for each input: the best ``2 * beam`` of its ``rows x V`` extensions by cumulative
     score; ``</s>`` candidates among the first ``beam`` finish, the first ``beam`` other candidates continue. For an
     input in ``last`` (at its length limit, HF's rule) the first ``beam`` candidates are returned, whatever their
-    token: they all finish. Returns ``(row, token, log_prob)`` triples."""
+    token: they all finish. Returns ``(row, token, log_prob)`` triples.
+
+    Rows of one input are consecutive (the search keeps them so). While every input has the same number of rows
+    (all of a search but its tail) the candidates of all inputs are ranked by one ``topk`` over a G x (rows * V)
+    view and read back with one copy each, instead of a top-k, an index and host reads per input."""
     groups: Dict[int, List[int]] = {}
     for row, b in enumerate(row_input):
         groups.setdefault(b, []).append(row)
+    vocab = lprobs.size(1)
+    width = len(row_input) // len(groups)
+    if all(rows == list(range(i * width, (i + 1) * width)) for i, rows in enumerate(groups.values())):
+        used = 1 if step == 0 else width  # all beams of an input are the same prompt at step 0
+        cand = row_score[:, None] + lprobs  # N x V
+        cand = cand.view(len(groups), width * vocab)[:, : used * vocab]  # G x used*V
+        top_scores, top_idx = cand.topk(min(2 * beam, used * vocab), dim=1)  # G x K
+        first_row = torch.arange(0, len(row_input), width, device=lprobs.device)[:, None]  # G x 1
+        top_lp = lprobs[first_row + top_idx // vocab, top_idx % vocab]  # G x K
+        ranked = zip(groups.values(), top_scores.tolist(), top_idx.tolist(), top_lp.tolist())
+    else:
+        ranked = (_rank_input(lprobs, row_score, rows[:1] if step == 0 else rows, beam) for rows in groups.values())
     picks = []
-    for rows in groups.values():
-        if step == 0:
-            rows = rows[:1]  # all beams of an input are the same prompt at step 0
-        idx = torch.tensor(rows, device=lprobs.device)
-        cand = (row_score[idx, None] + lprobs[idx]).view(-1)  # rows*V
-        vocab = lprobs.size(1)
-        top_scores, top_idx = cand.topk(min(2 * beam, cand.numel()))
+    for rows, scores, idx, lps in ranked:
         kept = 0
-        for rank, (s, j) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
+        for rank, (s, j, lp) in enumerate(zip(scores, idx, lps)):
             if s == -math.inf or kept == beam or (rank == beam and row_input[rows[0]] in last):
                 break
             row, token = rows[j // vocab], j % vocab
-            lp = float(lprobs[row, token])
             if token == eos_idx:
                 if rank < beam:
                     picks.append((row, token, lp))
@@ -400,3 +415,12 @@ def _beam_picks(lprobs, row_score, row_input, step, beam, eos_idx, last=frozense
                 picks.append((row, token, lp))
                 kept += 1
     return picks
+
+
+def _rank_input(lprobs, row_score, rows, beam):
+    """One input's best ``2 * beam`` extensions: ``(rows, scores, flat indices into rows x V, log-probs)``."""
+    idx = torch.tensor(rows, device=lprobs.device)
+    sub = lprobs[idx]  # rows x V
+    top_scores, top_idx = (row_score[idx, None] + sub).view(-1).topk(min(2 * beam, sub.numel()))
+    top_lp = sub.view(-1)[top_idx]
+    return rows, top_scores.tolist(), top_idx.tolist(), top_lp.tolist()
