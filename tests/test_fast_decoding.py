@@ -180,3 +180,39 @@ def test_vocab_logits_without_autograd_equal_the_output_layer(pair):
     graded = fast.vocab_logits(hidden.requires_grad_())
     assert graded.requires_grad
     assert torch.equal(graded, fast.decoder.output_layer(hidden))
+
+
+def test_kv_cache_leaves_shared_prompts_in_place_when_reordering_beams(monkeypatch):
+    """Two inputs x 3 beams over a 4-position prompt: while the spare buffer's rows hold the right prompts, a
+    reorder copies only the generated positions; after rows leave (other prompts in those rows) it copies all.
+    Keys and values always equal the concatenate-and-index_select reference."""
+    import unilm_vl.modules.kv_cache as kv
+
+    g = torch.Generator().manual_seed(1)
+    prompt_k, prompt_v = torch.randn(2, 2, 4, 3, generator=g), torch.randn(2, 2, 4, 3, generator=g)
+    expand = torch.tensor([0, 0, 0, 1, 1, 1])
+    k, v = prompt_k[expand], prompt_v[expand]
+    cache = KVCache(k, v, capacity=7, prefix_rows=expand.tolist())
+    copied = []
+    real = torch.index_select
+
+    def spy(src, dim, index, *, out):
+        copied.append(src.size(2))
+        return real(src, dim, index, out=out)
+
+    monkeypatch.setattr(kv.torch, "index_select", spy)
+    orders = [[1, 1, 0, 5, 3, 3], [2, 0, 1, 4, 4, 5], [0, 1, 2, 3, 5, 4], [0, 2, 4], [1, 0, 2], [1, 0, 2]]
+    for order in orders:
+        nk, nv = torch.randn(len(k), 2, 1, 3, generator=g), torch.randn(len(k), 2, 1, 3, generator=g)
+        cache.append(nk, nv)
+        k, v = torch.cat([k, nk], dim=2), torch.cat([v, nv], dim=2)
+        index = torch.tensor(order)
+        cache.reorder(index)
+        k, v = k[index], v[index]
+        assert torch.equal(cache.keys, k) and torch.equal(cache.values, v)
+    # lengths 5..10 (the buffers grow from 7 to 14 at the 4th append); per reorder: keys then values
+    # 1st: fresh spare, all 5; 2nd, 3rd: prompts in place, 6-4 and 7-4; 4th: after the growth a fresh spare, all 8;
+    # 5th: the spare's rows hold prompts 0 0 0, the new rows need 0 0 1: all 9; 6th: 0 0 1 in both, 10-4
+    assert copied == [5, 5, 2, 2, 3, 3, 8, 8, 9, 9, 6, 6]
+    with pytest.raises(ValueError, match="names 1 rows for a cache of 2"):
+        KVCache(prompt_k, prompt_v, 8, prefix_rows=[0])

@@ -654,6 +654,7 @@ class Kosmos2Module(nn.Module):
             first_step = True
             if incremental_state is not None:  # later steps mask pad keys iff the prompt has pads (one sync here)
                 incremental_state["prompt_has_pads"] = bool(src_tokens.eq(self.cfg.decoder.pad_idx).any())
+                incremental_state["prompt_rows"] = list(range(src_tokens.size(0)))  # the prompt each row holds
         else:
             if image_mask is not None and bool(image_mask[:, -1].any()):
                 raise ValueError("incremental steps after the first cannot take image placeholder rows")
@@ -662,6 +663,7 @@ class Kosmos2Module(nn.Module):
                 return {"lm_logits": self.vocab_logits(hidden)}  # B x 1 x V
             embeds = self.decoder.embed_tokens(src_tokens[:, -1:])  # B x 1 x D
             first_step = False
+            incremental_state.pop("prompt_rows", None)  # the keys now hold more than each row's prompt
         if incremental_state is not None:
             incremental_state["is_first_step"] = first_step  # read by torchscale's Decoder
         hidden, _ = self.decoder(
@@ -739,7 +741,10 @@ class Kosmos2Module(nn.Module):
             cache = layer_state.get("kv_cache")
             if cache is None:  # first fast step: move the prompt's keys/values into a buffer for the whole output
                 cache = KVCache(
-                    layer_state["prev_key"], layer_state["prev_value"], layer_state["prev_key"].size(2) + reserve
+                    layer_state["prev_key"],
+                    layer_state["prev_value"],
+                    layer_state["prev_key"].size(2) + reserve,
+                    prefix_rows=incremental_state.get("prompt_rows"),  # beams of one input share their prompt
                 )
                 layer_state["kv_cache"] = cache
             attn = layer.self_attn
@@ -760,19 +765,25 @@ class Kosmos2Module(nn.Module):
                 out = attn.inner_attn_ln(out)
             x = layer.residual_connection(layer.dropout_module(attn.out_proj(out)), residual)
             x = layer.residual_connection(layer.ffn(layer.final_layer_norm(x)), x)
+        incremental_state.pop("prompt_rows", None)  # the caches hold it now
         if dec.layer_norm is not None:
             x = dec.layer_norm(x)
         return x  # N x 1 x D
 
     @staticmethod
     def reorder_incremental_state(incremental_state: Dict[Any, Any], new_order: torch.Tensor) -> None:
-        """Reorder the cached keys/values along the batch (beam search)."""
+        """Reorder the cached keys/values along the batch (beam search). While the state holds only the prompt,
+        ``prompt_rows`` records which prompt each row now holds, so that the decode steps' :class:`KVCache` can
+        leave the prompt positions in place when it reorders beams of one input."""
+        order_list = new_order.tolist()  # one host copy for every layer's cache
+        if "prompt_rows" in incremental_state:
+            incremental_state["prompt_rows"] = [incremental_state["prompt_rows"][i] for i in order_list]
         for layer_state in incremental_state.values():
             if not isinstance(layer_state, dict):
                 continue
             cache = layer_state.get("kv_cache")
             if cache is not None:  # one index_select per buffer into the cache's spare buffer
-                cache.reorder(new_order)
+                cache.reorder(new_order, order_list)
                 layer_state["prev_key"], layer_state["prev_value"] = cache.keys, cache.values
                 continue
             for key in ("prev_key", "prev_value"):
