@@ -166,12 +166,11 @@ def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[
     ``ToTensor`` + ``Normalize`` in their order, so each element equals the per-sample result exactly."""
     m = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    if images.dim() != 4:
-        return images.to(torch.float32).div_(255).sub_(m).div_(s)
     # image by image: each image's 0.6 MB of floats is converted, divided, shifted and scaled while it is in the
     # cache, instead of four passes over the whole batch's memory (a batch of 50 at 224 px: 9.1 vs 11.2 ms with
     # the reader's sum, in the collating main process)
     out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
-    for image, row in zip(images, out):
+    planes = images.shape[-3:]
+    for image, row in zip(images.reshape(-1, *planes), out.view(-1, *planes)):
         row.copy_(image).div_(255).sub_(m).div_(s)
     return out
