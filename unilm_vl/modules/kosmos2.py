@@ -775,14 +775,16 @@ class Kosmos2Module(nn.Module):
         """Reorder the cached keys/values along the batch (beam search). While the state holds only the prompt,
         ``prompt_rows`` records which prompt each row now holds, so that the decode steps' :class:`KVCache` can
         leave the prompt positions in place when it reorders beams of one input."""
-        order_list = new_order.tolist()  # one host copy for every layer's cache
+        order_list = None  # new_order.tolist(), read once for every layer, only where needed (a sync on a GPU)
         if "prompt_rows" in incremental_state:
+            order_list = new_order.tolist()
             incremental_state["prompt_rows"] = [incremental_state["prompt_rows"][i] for i in order_list]
         for layer_state in incremental_state.values():
             if not isinstance(layer_state, dict):
                 continue
             cache = layer_state.get("kv_cache")
             if cache is not None:  # one index_select per buffer into the cache's spare buffer
+                order_list = new_order.tolist() if order_list is None else order_list
                 cache.reorder(new_order, order_list)
                 layer_state["prev_key"], layer_state["prev_value"] = cache.keys, cache.values
                 continue
