@@ -58,6 +58,33 @@ def test_shuffle_buffer_is_a_permutation_and_seeded():
     assert derive_seed(1, "x") == derive_seed(1, "x") != derive_seed(2, "x")
 
 
+def test_a_moved_dataset_draws_the_same_augmentations(wds_dir, tmp_path):
+    """Sample seeds name the shard relative to the plan's shard root, not by its absolute path, so a copy of the
+    dataset elsewhere gives every sample the same seed (and the same torch draw), while other shards and positions
+    get other seeds."""
+    import shutil
+
+    import torch
+
+    from unilm_vl.data.pipeline import decode_sample
+    from unilm_vl.data.sources import READERS
+
+    def draws(root):
+        plan = StreamPlan(parse_data_spec(str(root / "part-*.tar")), [], collect_keys, 4, seed=7)
+        plan.stages = [lambda s: {**s, "draw": torch.rand(()).item()}]
+        spec = plan.sources[0]
+        records = [(0, r) for path in spec.shards for r in READERS["wds"](path, spec)]
+        samples = [decode_sample(plan, 1, source, record) for source, record in records]
+        return plan, {s["__key__"]: (s["__seed__"], s["draw"]) for s in samples}
+
+    plan, here = draws(wds_dir)
+    moved = shutil.copytree(wds_dir, tmp_path / "elsewhere" / "deeper" / "wds")
+    moved_plan, there = draws(moved)
+    assert plan.shard_root == str(wds_dir) and moved_plan.shard_root == str(moved)
+    assert len(here) == 60 and here == there
+    assert len({seed for seed, _ in here.values()}) == 60  # 4 shards x 15 positions: all distinct
+
+
 def test_epoch_contract_and_reshuffle(wds_dir):
     sources = parse_data_spec(str(wds_dir / "part-*.tar"))
     itr = make_iterator(sources)  # 60 samples, B=4 -> 15 batches

@@ -29,15 +29,17 @@ padded with empty batches (fairseq's dummy batches) to the same count on every r
 Resume: the position of an epoch is (batch index, records of the rank's stream consumed). Rebuilding the stream and
 discarding that many records replays shuffle and mixing exactly without decoding an image, so training continues
 with the next unseen sample, with any number of loader workers. Per-sample randomness (augmentations) is seeded from
-(seed, epoch, shard, position in shard): it replays on resume and is the same whatever the number of ranks and
-workers.
+(seed, epoch, shard, position in shard), the shard named relative to the folder holding all shards of the plan: it
+replays on resume, is the same whatever the number of ranks and workers, and survives moving the dataset.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -84,6 +86,7 @@ class StreamPlan:
     sizes: Dict[str, int] = field(default_factory=dict)  # source name -> samples, filled by count()
     mix_block: int = 1  # records taken from one source per weighted choice (batch size = one source per batch)
     defer_jpeg: bool = False  # JPEGs reach the stages undecoded: the image transform decodes them (draft decoding)
+    shard_root: str = field(init=False, default="")  # set from the sources: see __post_init__
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -92,6 +95,9 @@ class StreamPlan:
             raise ValueError(f"split must be auto, shard or sample; got {self.split!r}")
         if not self.sources:
             raise ValueError("a stream needs at least one source")
+        # the deepest folder holding every shard of every source: a sample's seed names its shard relative to it
+        dirs = [os.path.dirname(os.path.abspath(p)) for spec in self.sources for p in spec.shards]
+        self.shard_root = os.path.commonpath(dirs) if dirs else ""
 
     @property
     def num_slots(self) -> int:
@@ -212,6 +218,12 @@ class _SampleSeed:
             random.setstate(self._py)
 
 
+@functools.lru_cache(maxsize=4096)
+def shard_name(path: str, root: str) -> str:
+    """``path`` relative to ``root`` with ``/`` separators: the location-free name of a shard in sample seeds."""
+    return os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
+
+
 def apply_stages(sample: Dict[str, Any], stages: Sequence[Stage]) -> Dict[str, Any]:
     for stage in stages:
         sample = stage(sample)
@@ -220,8 +232,10 @@ def apply_stages(sample: Dict[str, Any], stages: Sequence[Stage]) -> Dict[str, A
 
 def decode_sample(plan: StreamPlan, epoch: int, source: int, record: Dict[str, Any], in_main_process: bool = True):
     """Decode one raw record and run the stages: the sample, or the :class:`BadSample` that rejected it."""
-    # seeded by the sample's identity, so its augmentation does not depend on the rank/worker layout
-    sample_seed = derive_seed(plan.seed, epoch, record["__url__"], record["__index__"], "sample")
+    # seeded by the sample's identity, so its augmentation does not depend on the rank/worker layout, nor on where
+    # the dataset lies: the shard is named relative to the plan's shard root
+    shard = shard_name(record["__url__"], plan.shard_root)
+    sample_seed = derive_seed(plan.seed, epoch, shard, record["__index__"], "sample")
     try:
         with _SampleSeed(sample_seed, in_main_process):
             decoded = decode_record(record, plan.sources[source], plan.defer_jpeg)
