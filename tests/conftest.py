@@ -102,6 +102,15 @@ def pytest_configure(config):
             os.environ[var] = "1"
 
 
+def pytest_sessionstart(session):
+    """Each process that runs tests starts its fork server with the harness imported (see
+    :func:`two_ranks.start_forkserver`); an xdist controller runs none."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(session.config.option, "numprocesses", None):
+        from two_ranks import start_forkserver
+
+        start_forkserver()
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (tests/run.sh: ``--dist loadfile --no-loadscope-reorder``, a module's tests on one worker,
     so a module-scoped fixture is built once) the modules holding a test marked ``slow`` are handed out first, so
