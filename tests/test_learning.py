@@ -47,7 +47,8 @@ def test_tiny_clip_learns_held_out_retrieval(tmp_path):
 
     metrics = evaluate_retrieval(load_encoder(str(save / "checkpoint_last.pt")), str(world / "eval" / "karpathy.json"))
     assert metrics["num_images"] == 100 and metrics["num_texts"] == 500
-    # chance: t2i R@1 = 1/100 = 1%; i2t R@1 = 5 correct of 500 captions = 1%. 160 updates (measured 39.2 / 43.0;
-    # 240 updates gave 52.4 / 61.0 for a third more training time) keep the same bound, 25x chance
+    # chance: t2i R@1 = 1/100 = 1%; i2t R@1 = 5 correct of 500 captions = 1%. 160 updates (measured 39.2 / 39.0 with
+    # augmentations seeded by the shards' relative paths, 39.2 / 43.0 in one earlier temp dir; 240 updates gave
+    # 52.4 / 61.0 for a third more training time) keep the same bound, 25x chance
     assert metrics["t2i_R@1"] > 25.0, metrics  # measured 39.2
-    assert metrics["i2t_R@1"] > 25.0, metrics  # measured 43.0
+    assert metrics["i2t_R@1"] > 25.0, metrics  # measured 39.0
