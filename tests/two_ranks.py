@@ -4,9 +4,11 @@ Processes fork from a fork server that has imported the harness modules (fairseq
 session: an interpreter per rank spends most of a two-rank test importing, and forking the test process itself would
 copy the thread pools and process-group state earlier tests left in it (a forked child can then block forever)."""
 
+import io
 import multiprocessing
 import os
 import socket
+import tempfile
 import traceback
 from typing import Callable
 
@@ -31,9 +33,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, errors) -> None:
+def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, errors, log: str) -> None:
     import torch.distributed as dist
 
+    # the rank's output (fairseq's and open_clip's logging, C-level writes) goes to its log file: the fork server's
+    # descriptors are those of the pytest worker, outside the capture of the test that runs this rank
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
     try:
         torch.set_num_threads(1)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
@@ -76,7 +84,8 @@ def start_forkserver() -> None:
 
 def run_ranks(fn: Callable, args: tuple = (), world_size: int = 2, timeout: float = 300) -> None:
     """Run ``fn(rank, *args)`` in ``world_size`` processes with a gloo group initialised; raises with the ranks'
-    tracebacks if one fails. ``fn`` (a module-level function) writes what the test compares to files.
+    tracebacks and the end of their output if one fails, and prints that output (for pytest to capture)
+    otherwise. ``fn`` (a module-level function) writes what the test compares to files.
 
     The processes fork from a fork server that has imported this module (and with it fairseq and unilm_vl) once
     per test session (:func:`start_forkserver`): a torchrun launch spends most of its time importing, and forking
@@ -85,18 +94,31 @@ def run_ranks(fn: Callable, args: tuple = (), world_size: int = 2, timeout: floa
     ctx = multiprocessing.get_context("forkserver")
     errors = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, errors)) for r in range(world_size)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout)
-    alive = [p for p in procs if p.is_alive()]
-    for proc in alive:
-        proc.kill()
+    with tempfile.TemporaryDirectory(prefix="ranks-") as tmp:
+        logs = [os.path.join(tmp, f"rank{r}.log") for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, errors, logs[r]))
+            for r in range(world_size)
+        ]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout)
+        alive = [p for p in procs if p.is_alive()]
+        for proc in alive:
+            proc.kill()
+        output = []
+        for r, log in enumerate(logs):
+            with open(log, errors="replace") if os.path.exists(log) else io.StringIO() as f:
+                output.append(f"---- rank {r} output ----\n{f.read()}")
     messages = []
     while not errors.empty():
         messages.append(errors.get())
     if alive or any(p.exitcode != 0 for p in procs) or messages:
         raise AssertionError(
-            f"ranks failed (exit codes {[p.exitcode for p in procs]}, {len(alive)} hung):\n" + "\n".join(messages)
+            f"ranks failed (exit codes {[p.exitcode for p in procs]}, {len(alive)} hung):\n"
+            + "\n".join(messages)
+            + "\n"
+            + "\n".join(text[-4000:] for text in output)
         )
+    print("\n".join(output))
