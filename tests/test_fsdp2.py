@@ -151,7 +151,10 @@ def test_bf16_and_fp16_fsdp2_policies_train_close_to_fp32(root, tmp_path, no_pro
     ref, itr = build_trainer(family_args(family, str(root), str(tmp_path / "fp32"), "--fsdp2"))
     fp32 = [o["loss"] for o in train_updates(ref, itr, 3)]
     end_process_group()
-    for precision, rel in (("bf16", 0.03), ("fp16", 0.01)):
+    # bf16's rounding (2^-8) compounds through Adam's normalised steps: after 3 updates CLIP's loss is 2.9% (2 threads)
+    # to 3.2% (1 thread, as under xdist; measured on an AVX-512 EPYC) off fp32's, Kosmos-2's and COSA's under 0.1%; a
+    # policy that does not train (its first loss three times) would be 46% off for CLIP, 32% for Kosmos-2, 25% for COSA
+    for precision, rel in (("bf16", 0.05), ("fp16", 0.01)):
         trainer, itr = build_trainer(
             family_args(family, str(root), str(tmp_path / precision), "--fsdp2", "--fsdp2-precision", precision)
         )
