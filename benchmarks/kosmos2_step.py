@@ -16,6 +16,10 @@ both run HF's beam search (``num_beams=k``, length penalty 1, no early stopping)
 bans repeated n-grams on both sides (the released Kosmos-2 decodes with 3). The share of rows whose (best) tokens
 agree is logged.
 
+Ours runs its fp32 CPU GEMMs that need no gradient through oneDNN (:mod:`unilm_vl.modules.onednn`; HF's go to
+MKL); ``UNILM_VL_ONEDNN=0`` in the environment measures ours without it. The ``RESULT`` line says which
+(``ours_onednn``).
+
     .venv/bin/python benchmarks/kosmos2_step.py [--arch bench] [--batch-size 8] [--warmup 2] [--iters 8] \
         [--beam 1] [--no-repeat-ngram-size 0] [--skip-training]
 
@@ -213,7 +217,10 @@ def main(argv=None):
         opt_hf.step()
         first.setdefault("hf", loss.item())
 
-    results = {"config": vars(args)}
+    from unilm_vl.modules.onednn import onednn_enabled
+
+    # ours runs its fp32 CPU GEMMs without autograd through oneDNN unless UNILM_VL_ONEDNN=0 (modules/onednn.py)
+    results = {"config": vars(args), "ours_onednn": onednn_enabled()}
     if not args.skip_training:
         results["train_step"] = interleaved(step_ours, step_hf, args.warmup, args.iters)
         logger.info("first training loss (same weights, same batch): ours %.5f, HF %.5f", first["ours"], first["hf"])

@@ -46,6 +46,7 @@ from torchscale.component.multihead_attention import MultiheadAttention
 
 from .clip import ClipTowersConfig, build_open_clip, register_open_clip_config
 from .kv_cache import KVCache
+from .onednn import onednn_applies, use_onednn
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -503,6 +504,7 @@ class Kosmos2Module(nn.Module):
         self.connector = self.build_connector(cfg.connector, self.vision.width, cfg.decoder.embed_dim)
         self.decoder = self.build_decoder(cfg.decoder)
         self.set_vision_frozen(cfg.freeze_vision)
+        use_onednn(self)  # fp32 CPU GEMMs without autograd through oneDNN (modules/onednn.py)
 
     # -- builders -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -678,20 +680,22 @@ class Kosmos2Module(nn.Module):
         return {"lm_logits": self.decoder.output_layer(hidden)}  # B x T x V
 
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The decoder's output projection ``hidden W^T`` (B x T x D -> B x T x V), as torchscale's ``output_layer``.
+        """The decoder's output projection ``hidden W^T`` (B x T x V), as torchscale's ``output_layer``.
 
-        A generator's few rows on CPU without autograd are computed as ``(W hidden^T)^T`` instead: the same products
-        (summed in another order, so equal to float rounding), but MKL streams the V x D weight 1.1-1.8x faster in
-        that orientation at 1-64 rows (V = 65037, D = 768, 2 rows: 19 vs 34 ms; D = 2048, 8 rows: 115 vs 157 ms;
-        V = 8000, D = 256, 8 rows: 2.0 vs 2.3 ms; benchmarks/README.md). A decode step reads the whole V x D matrix for
-        a handful of rows, so this is a weight-bandwidth-bound GEMM where the kernel's access pattern decides."""
+        The projection is an :class:`~unilm_vl.modules.onednn.OneDnnLinear`, so a generator's rows on CPU without
+        autograd take oneDNN (65037 x 768: 1 row 8.4 ms against MKL's 12.3, 8 rows 14.8 against 28.4). Where that
+        path is off (``UNILM_VL_ONEDNN=0``, or a torch build without oneDNN) a few rows on CPU without autograd are
+        computed as ``(W hidden^T)^T``: the same products summed in another order, which MKL streams faster than
+        ``hidden W^T`` (65037 x 768 at 2 rows: 9.3 against 26.5 ms). A decode step reads the whole V x D matrix for a
+        handful of rows, so this GEMM is bound by reading the weight and the kernel's access pattern decides."""
         proj = self.decoder.output_projection
         if (
             hidden.device.type != "cpu"
             or torch.is_grad_enabled()
-            or type(proj) is not nn.Linear
+            or not isinstance(proj, nn.Linear)
             or proj.bias is not None
             or hidden.dtype != proj.weight.dtype
+            or onednn_applies(hidden, proj.weight)
         ):
             return self.decoder.output_layer(hidden)
         rows = hidden.reshape(-1, hidden.size(-1))  # R x D
