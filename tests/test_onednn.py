@@ -29,35 +29,44 @@ def calls(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def everywhere(calls, monkeypatch):
+    """Every fp32 GEMM without autograd takes oneDNN, however small (the tiny models' layers would not)."""
+    monkeypatch.setattr(onednn, "MIN_WORK", 1)
+    return calls
+
+
 def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("shape", [(32, 64), (2, 20, 64), (20, 2, 64)], ids=["2d", "3d", "3d-transposed"])
+@pytest.mark.parametrize("shape", [(32, 256), (2, 16, 256), (16, 2, 256)], ids=["2d", "3d", "3d-transposed"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_equals_f_linear(calls, shape, with_bias):
+    """32 rows by a 256 x 256 weight: exactly MIN_WORK multiply-adds."""
     x = randn(*shape)
-    if shape == (20, 2, 64):
+    if shape == (16, 2, 256):
         x = x.transpose(0, 1)  # a non-contiguous input
-    weight, bias = randn(48, 64, seed=1), randn(48, seed=2) if with_bias else None
+    weight, bias = randn(256, 256, seed=1), randn(256, seed=2) if with_bias else None
     with torch.no_grad():
         out = onednn.linear(x, weight, bias)
     assert len(calls) == 1
-    assert out.shape == (*x.shape[:-1], 48)
+    assert out.shape == (*x.shape[:-1], 256)
     torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_small_gemms_and_autograd_keep_f_linear(calls):
-    """Below MIN_ROWS rows with a small weight, with an input that needs a gradient, in fp64, under CPU autocast
-    and with the path switched off, the result is F.linear's bitwise; a large weight takes oneDNN from one row."""
-    weight, bias = randn(48, 64, seed=1), randn(48, seed=2)
-    few = randn(onednn.MIN_ROWS - 1, 64)
+    """One row under MIN_WORK multiply-adds with a small weight, an input that needs a gradient, fp64, CPU autocast
+    and the path switched off all give F.linear's result bitwise; a large weight takes oneDNN from one row."""
+    weight, bias = randn(256, 256, seed=1), randn(256, seed=2)
+    assert 32 * weight.numel() == onednn.MIN_WORK
+    few = randn(31, 256)
     with torch.no_grad():
         assert torch.equal(onednn.linear(few, weight, bias), F.linear(few, weight, bias))
-        double = randn(32, 64).double()
+        double = randn(32, 256).double()
         assert torch.equal(onednn.linear(double, weight.double()), F.linear(double, weight.double()))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            many = randn(32, 64)
+            many = randn(32, 256)
             assert torch.equal(onednn.linear(many, weight, bias), F.linear(many, weight, bias))
         previous = onednn.set_onednn_enabled(False)
         try:
@@ -65,11 +74,11 @@ def test_small_gemms_and_autograd_keep_f_linear(calls):
         finally:
             onednn.set_onednn_enabled(previous)
     assert calls == []
-    x = randn(32, 64).requires_grad_()
+    x = randn(32, 256).requires_grad_()
     out = onednn.linear(x, weight, bias)
     assert calls == [] and torch.equal(out, F.linear(x, weight, bias))
     out.sum().backward()
-    torch.testing.assert_close(x.grad, weight.sum(0).expand(32, 64))
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(32, 256))
     big = randn(onednn.MIN_WEIGHT // 64, 64, seed=3)
     with torch.no_grad():
         one_row = onednn.linear(randn(1, 64), big)
@@ -77,7 +86,7 @@ def test_small_gemms_and_autograd_keep_f_linear(calls):
     torch.testing.assert_close(one_row, F.linear(randn(1, 64), big), rtol=1e-5, atol=1e-5)
 
 
-def test_a_frozen_layer_takes_onednn_in_grad_mode_and_gradients_still_flow(calls):
+def test_a_frozen_layer_takes_onednn_in_grad_mode_and_gradients_still_flow(everywhere):
     """A frozen layer under an input without grad (a frozen tower in training) runs oneDNN; a trainable layer
     after it keeps autograd and gets F.linear's gradient."""
     frozen, trained = nn.Linear(64, 64), nn.Linear(64, 8)
@@ -85,9 +94,9 @@ def test_a_frozen_layer_takes_onednn_in_grad_mode_and_gradients_still_flow(calls
     onednn.use_onednn(nn.Sequential(frozen, trained))
     x = randn(32, 64)
     hidden = frozen(x)
-    assert len(calls) == 1 and not hidden.requires_grad
+    assert len(everywhere) == 1 and not hidden.requires_grad
     trained(hidden).sum().backward()
-    assert len(calls) == 1
+    assert len(everywhere) == 1
     torch.testing.assert_close(trained.weight.grad, F.linear(x, frozen.weight, frozen.bias).sum(0).expand(8, 64))
 
 
@@ -97,7 +106,7 @@ def reference_attention(seed=0):
 
 
 @pytest.mark.parametrize("mask", [None, "float", "bool"])
-def test_attention_equals_nn_multihead_attention(calls, mask):
+def test_attention_equals_nn_multihead_attention(everywhere, mask):
     """Self-attention over 2 x 20 tokens with no mask, an additive causal mask and a boolean one (True = masked)."""
     ref = reference_attention()
     ours = reference_attention()
@@ -108,11 +117,11 @@ def test_attention_equals_nn_multihead_attention(calls, mask):
     with torch.no_grad():
         expected, _ = ref(x, x, x, need_weights=False, attn_mask=attn_mask)
         out, weights = ours(x, x, x, need_weights=False, attn_mask=attn_mask)
-    assert weights is None and len(calls) == 2  # the packed in-projection and the out-projection
+    assert weights is None and len(everywhere) == 2  # the packed in-projection and the out-projection
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_other_calls_are_the_parent_forward(calls):
+def test_attention_other_calls_are_the_parent_forward(everywhere):
     """Weights asked for, a padding mask, cross-attention and training all run nn.MultiheadAttention's own code."""
     ref, ours = reference_attention(), reference_attention()
     onednn.use_onednn(ours)
@@ -129,7 +138,7 @@ def test_attention_other_calls_are_the_parent_forward(calls):
             expected, expected_weights = ref(*args, **kwargs)
             assert torch.equal(out, expected)
             assert (weights is None) == (expected_weights is None)
-    assert calls == []
+    assert everywhere == []
 
 
 def test_use_onednn_keeps_state_dicts_and_skips_subclasses():
@@ -141,9 +150,11 @@ def test_use_onednn_keeps_state_dicts_and_skips_subclasses():
     assert onednn.use_onednn(model) == 0  # already switched
 
 
-def test_kosmos2_generates_the_same_tokens_with_onednn_on_and_off(calls):
-    """A tiny random Kosmos-2 whose vision tower, connector and decoder layers all run through oneDNN (rows >=
-    MIN_ROWS): the same greedy and beam tokens as with the path off, and prompt logits equal to float rounding."""
+def test_kosmos2_generates_the_same_tokens_with_onednn_on_and_off(everywhere):
+    """A tiny random Kosmos-2 whose vision tower, connector, decoder layers and vocabulary projection all run
+    through oneDNN: the same greedy and beam tokens as with the path off, and prompt logits equal to float
+    rounding."""
+    calls = everywhere
     torch.manual_seed(0)
     model = Kosmos2Module(kosmos2_tiny_config()).eval()
     assert isinstance(model.decoder.output_projection, onednn.OneDnnLinear)

@@ -11,10 +11,12 @@ agree to float rounding (about 1e-6 relative), not bitwise.
 oneDNN's op has no backward, so it runs only where autograd does not need one: no input requires a gradient while
 grad mode is on (``torch.no_grad`` / ``inference_mode`` generation, a frozen tower during training). It is also
 skipped under CPU autocast (where ``F.linear`` runs in bf16), for dtypes other than fp32, for tensor subclasses
-(FSDP's DTensors), while ``torch.compile`` traces, and for small GEMMs, where oneDNN's fixed cost per call (about
-20 us) outweighs its faster kernel: below :data:`MIN_ROWS` rows unless the weight has at least :data:`MIN_WEIGHT`
-elements (measured: 256-wide layers at 8 rows 1.08 ms against MKL's 0.99 ms for four layers, at 16 rows 1.22 against
-1.80 ms; 768-wide layers faster from one row on). Everything else is ``F.linear`` itself.
+(FSDP's DTensors), while ``torch.compile`` traces, and for small GEMMs, where oneDNN's fixed cost per call
+(about 10 us) outweighs its faster kernel: below :data:`MIN_WORK` multiply-adds (rows x in x out) unless the weight
+has at least :data:`MIN_WEIGHT` elements (measured, one core: 16 x 256 by 256 x 256, 1M multiply-adds, 30 against
+MKL's 26 us; 8 x 256 by 256 x 1024, 2M, 52 against 64 us; 128 x 64 by 64 x 256, 2M, 30 against 42 us; the 768-wide
+layers of a decoder step, whose weights stream from memory, faster from one row on). Everything else is
+``F.linear`` itself.
 
 :func:`use_onednn` switches the plain ``nn.Linear`` and ``nn.MultiheadAttention`` modules of a model to the
 subclasses below in place (parameters, names and state dicts unchanged); ``UNILM_VL_ONEDNN=0`` in the environment
@@ -30,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_ROWS = 16
-"""GEMMs with at least this many input rows take oneDNN whatever their weight's size."""
+MIN_WORK = 1 << 21
+"""GEMMs of at least this many multiply-adds (rows x in x out) take oneDNN."""
 MIN_WEIGHT = 1 << 19
 """GEMMs whose weight has at least this many elements (2 MiB of fp32) take oneDNN from one row on."""
 
@@ -80,7 +82,7 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
     rows = x.numel() // x.size(-1)
-    return rows >= MIN_ROWS or weight.numel() >= MIN_WEIGHT
+    return rows * weight.numel() >= MIN_WORK or weight.numel() >= MIN_WEIGHT
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
