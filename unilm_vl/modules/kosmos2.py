@@ -46,7 +46,7 @@ from torchscale.component.multihead_attention import MultiheadAttention
 
 from .clip import ClipTowersConfig, build_open_clip, register_open_clip_config
 from .kv_cache import KVCache
-from .onednn import onednn_applies, use_onednn
+from .onednn import OneDnnLinear, onednn_applies, use_onednn
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -692,7 +692,7 @@ class Kosmos2Module(nn.Module):
         if (
             hidden.device.type != "cpu"
             or torch.is_grad_enabled()
-            or not isinstance(proj, nn.Linear)
+            or type(proj) not in (nn.Linear, OneDnnLinear)  # a subclass (e.g. LoRA) may add to the product
             or proj.bias is not None
             or hidden.dtype != proj.weight.dtype
             or onednn_applies(hidden, proj.weight)

@@ -45,6 +45,7 @@ def _onednn_linear_op():
 
 
 _LINEAR = _onednn_linear_op()
+_PLAIN = (torch.Tensor, nn.Parameter)
 _ENABLED = os.environ.get("UNILM_VL_ONEDNN", "1") != "0"
 
 
@@ -69,15 +70,16 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     """Whether :func:`linear` sends ``x W^T + b`` to oneDNN (see the module docstring for each condition)."""
     if not _ENABLED or _LINEAR is None:
         return False
-    if type(x) is not torch.Tensor or not isinstance(weight, torch.Tensor) or type(weight.data) is not torch.Tensor:
-        return False  # tensor subclasses (DTensor, fake or functional tensors) keep their own dispatch
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0:
-        return False
-    if bias is not None and bias.dtype != torch.float32:
-        return False
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
+        return False  # first: where a training step leaves
+    # a Parameter over a tensor subclass (DTensor, fake or functional tensors) has the subclass's type
+    if type(x) is not torch.Tensor or type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0:
+        return False
+    if bias is not None and bias.dtype != torch.float32:
         return False
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
